@@ -1,0 +1,16 @@
+"""lgd_fast: fast, faithful PyTorch LGD (Local and Global Diffusion, CVPR 2019) video networks."""
+
+from .models import FastPathUnavailableError, create_model, list_models
+from .weights import LoadReport, inflate_imagenet, load_author_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FastPathUnavailableError",
+    "LoadReport",
+    "__version__",
+    "create_model",
+    "inflate_imagenet",
+    "list_models",
+    "load_author_checkpoint",
+]

@@ -1,0 +1,24 @@
+"""Reference LGD models in plain PyTorch, and the registry that names them."""
+
+from .blocks import BasicBlock2d, Bottleneck2d, LGDBlock, P3DBasicBlock, P3DBottleneck, p3d_variant
+from .heads import KernelClassifier, TensorSketch
+from .networks import LGD2D, LGD3D, LGDNet
+from .registry import FastPathUnavailableError, create_model, list_models, model_entry
+
+__all__ = [
+    "LGD2D",
+    "LGD3D",
+    "BasicBlock2d",
+    "Bottleneck2d",
+    "FastPathUnavailableError",
+    "KernelClassifier",
+    "LGDBlock",
+    "LGDNet",
+    "P3DBasicBlock",
+    "P3DBottleneck",
+    "TensorSketch",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "p3d_variant",
+]
