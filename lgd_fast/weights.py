@@ -33,12 +33,17 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # model keys the source lacks (kept as initialised)
     unexpected: list[str] = field(default_factory=list)  # source keys the model has no place for
+    mismatched: list[str] = field(default_factory=list)  # "key: model shape vs source shape"
     initialised: dict[str, str] = field(default_factory=dict)  # model key -> how it was set instead
     skipped: dict[str, str] = field(default_factory=dict)  # source key -> why it was not used
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
-        for title, items in (("missing from the source", self.missing), ("unexpected in the source", self.unexpected)):
+        for title, items in (
+            ("missing from the source", self.missing),
+            ("unexpected in the source", self.unexpected),
+            ("with the wrong shape", self.mismatched),
+        ):
             if items:
                 lines.append(f"{len(items)} {title}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
         for title, items in (("initialised", self.initialised), ("skipped", self.skipped)):
@@ -92,16 +97,6 @@ def _unwrap(obj, path: str) -> Mapping[str, torch.Tensor]:
     )
 
 
-def _check_shapes(model_sd: StateDict, source: StateDict, keys, what: str) -> None:
-    wrong = [
-        f"{k}: model {tuple(model_sd[k].shape)} vs {what} {tuple(source[k].shape)}"
-        for k in keys
-        if model_sd[k].shape != source[k].shape
-    ]
-    if wrong:
-        raise ValueError(f"{len(wrong)} tensors have the wrong shape ({what} built for another variant?):\n  " + "\n  ".join(wrong[:10]))
-
-
 def load_author_checkpoint(
     model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True
 ) -> LoadReport:
@@ -109,8 +104,9 @@ def load_author_checkpoint(
 
     Accepts a path or a dict, with or without a wrapping training dict and a ``module.`` prefix.
     Keys only lgd_fast has (the combination classifier, ``kernel_head.*``) keep their initialisation.
-    With ``strict`` (default) any other missing key, any unexpected key or any shape mismatch raises
-    a ValueError listing them; otherwise they are logged and returned in the report.
+    A tensor of the wrong shape always raises a ValueError listing every problem; so does, with
+    ``strict`` (default), any other missing or unexpected key. Without ``strict`` those are logged and
+    returned in the report, and the matching tensors are loaded.
     """
     state = read_state_dict(source)
     model_sd = model.state_dict()
@@ -123,11 +119,15 @@ def load_author_checkpoint(
         else:
             report.missing.append(key)
     report.unexpected = [k for k in state if k not in model_sd]
-    _check_shapes(model_sd, state, report.loaded, "checkpoint")
+    report.mismatched = [
+        f"{k}: model {tuple(model_sd[k].shape)} vs checkpoint {tuple(state[k].shape)}"
+        for k in report.loaded
+        if model_sd[k].shape != state[k].shape
+    ]
+    message = f"checkpoint does not match {type(model).__name__} (built for another variant?):\n{report}"
+    if report.mismatched or (strict and (report.missing or report.unexpected)):
+        raise ValueError(message + ("" if report.mismatched else "\n(pass strict=False to load the matching part)"))
     if report.missing or report.unexpected:
-        message = f"checkpoint does not match the model:\n{report}"
-        if strict:
-            raise ValueError(message + "\n(pass strict=False to load the matching part)")
         log.warning(message)
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report

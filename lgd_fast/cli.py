@@ -1,0 +1,150 @@
+"""The ``lgd-fast`` command line.
+
+    lgd-fast models                      list the registered models
+    lgd-fast info MODEL [options]        parameters, FLOPs and output shapes of a model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import create_model, list_models, model_entry
+from .models.networks import CLASSIFIERS
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def parameter_breakdown(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter counts: backbone, global path (fc1..fc6 of every block), heads, total."""
+    groups = {"backbone": 0, "global_path": 0, "heads": 0}
+    for key, p in model.named_parameters():
+        if key.startswith(("fc.", "fc_g.", "kernel_head.")):
+            groups["heads"] += p.numel()
+        elif key.split(".")[-2] in {f"fc{i}" for i in range(1, 7)}:
+            groups["global_path"] += p.numel()
+        else:
+            groups["backbone"] += p.numel()
+    groups["total"] = _count(model.parameters())
+    groups["trainable"] = _count(p for p in model.parameters() if p.requires_grad)
+    return groups
+
+
+def model_info(name: str, *, num_classes: int, classifier: str, batch: int, input_size=None, **options) -> dict:
+    """Everything ``lgd-fast info`` prints, as a dict (eval mode, one forward pass on random input)."""
+    model = create_model(name, num_classes, classifier=classifier, **options).eval()
+    c, t, h, w = input_size or model_entry(name).input_size
+    x = torch.randn(batch, c, t, h, w)
+    flops = FlopCounterMode(display=False)
+    start = time.perf_counter()
+    with torch.no_grad(), flops:
+        local_map, g = model.forward_features(x)
+        logits = model.forward_head(local_map, g)
+    seconds = time.perf_counter() - start
+    return {
+        "model": name,
+        "description": model_entry(name).description,
+        "classifier": classifier,
+        "num_classes": num_classes,
+        "input_shape": list(x.shape),
+        "parameters": parameter_breakdown(model),
+        "gflops_per_clip": flops.get_total_flops() / batch / 1e9,
+        "outputs": {
+            "local_map": list(local_map.shape),
+            "global_vector": list(g.shape),
+            "logits": list(logits.shape),
+        },
+        "forward_seconds": seconds,
+    }
+
+
+def _print_info(info: dict) -> None:
+    p = info["parameters"]
+    rows = [
+        ("model", f"{info['model']}: {info['description']}"),
+        ("classifier", f"{info['classifier']} ({info['num_classes']} classes)"),
+        ("input", "x".join(map(str, info["input_shape"])) + "  (N, C, T, H, W)"),
+        ("parameters", f"{p['total']:,} total, {p['trainable']:,} trainable"),
+        ("  backbone", f"{p['backbone']:,}"),
+        ("  global path", f"{p['global_path']:,}  (fc1..fc6 of every LGD block)"),
+        ("  heads", f"{p['heads']:,}"),
+        ("FLOPs", f"{info['gflops_per_clip']:.2f} GFLOPs per clip (multiply-add = 2 FLOPs)"),
+        ("local map x_L", str(tuple(info["outputs"]["local_map"]))),
+        ("global vector g_L", str(tuple(info["outputs"]["global_vector"]))),
+        ("logits (eval)", str(tuple(info["outputs"]["logits"]))),
+        ("forward time", f"{info['forward_seconds'] * 1e3:.0f} ms on {torch.get_num_threads()} CPU threads (one run)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lgd-fast", description="LGD (Local and Global Diffusion) video networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list the registered models")
+    info = sub.add_parser("info", help="parameters, FLOPs and output shapes of a model")
+    info.add_argument("model", help="a registered model name (see `lgd-fast models`)")
+    info.add_argument("--num-classes", type=_positive, default=400, help="label set size (default: 400, Kinetics)")
+    info.add_argument("--classifier", choices=CLASSIFIERS, default="kernel")
+    info.add_argument("--batch", type=_positive, default=1)
+    info.add_argument("--frames", type=_positive, help="T of the input (default: the model's, e.g. 16)")
+    info.add_argument("--size", type=_positive, help="H = W of the input (default: the model's, e.g. 112)")
+    info.add_argument("--early-stride", type=_positive, help="LGD-3D stem temporal stride (default: 4; tiny: 2)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "models":
+        for name in list_models():
+            print(f"{name:<12} {model_entry(name).description}")
+        return 0
+    try:
+        entry = model_entry(args.model)
+    except ValueError as err:
+        print(f"lgd-fast: error: {err}", file=sys.stderr)
+        return 2
+    c, t, h, w = entry.input_size
+    options = {}
+    if args.early_stride is not None:
+        if args.model.startswith("lgd2d"):
+            print("lgd-fast: error: --early-stride applies to LGD-3D models only", file=sys.stderr)
+            return 2
+        options["early_stride"] = args.early_stride
+    try:
+        info = model_info(
+            args.model,
+            num_classes=args.num_classes,
+            classifier=args.classifier,
+            batch=args.batch,
+            input_size=(c, args.frames or t, args.size or h, args.size or w),
+            **options,
+        )
+    except ValueError as err:
+        print(f"lgd-fast: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The `lgd-fast` command line (run in-process and as the installed console script)."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from lgd_fast.cli import main
+
+
+def test_info_reports_parameters_flops_and_shapes(capsys):
+    assert main(["info", "lgd3d_tiny", "--num-classes", "9", "--frames", "8", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["input_shape"] == [1, 3, 8, 32, 32]
+    assert info["outputs"] == {"local_map": [1, 128, 4, 1, 1], "global_vector": [1, 128], "logits": [1, 9]}
+    p = info["parameters"]
+    assert p["total"] == p["backbone"] + p["global_path"] + p["heads"] == p["trainable"]
+    # FLOPs: the stem alone does 2 * (16 * 3 * 2 * 7 * 7) multiply-adds at each of its 4 x 16 x 16 outputs
+    assert info["gflops_per_clip"] * 1e9 > 2 * 16 * 3 * 2 * 49 * 4 * 16 * 16
+
+
+def test_info_table_and_models_listing(capsys):
+    assert main(["info", "lgd2d_r18", "--classifier", "two_heads", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOPs per clip" in out and "(1, 400)" in out and "1x3x3x64x64" in out
+    assert main(["models"]) == 0
+    assert "lgd3d_r101" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["info", "lgd3d_r5"], "Did you mean lgd3d_r50"),
+        (["info", "lgd3d_tiny", "--frames", "1"], "give at least 2 frames"),
+        (["info", "lgd2d_r18", "--early-stride", "2"], "LGD-3D models only"),
+    ],
+)
+def test_info_errors_are_clear(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_flag_value_exits_with_usage():
+    with pytest.raises(SystemExit) as exc:
+        main(["info", "lgd3d_tiny", "--batch", "0"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.skipif(shutil.which("lgd-fast") is None, reason="console script not installed (pip install -e .)")
+def test_console_script_runs():
+    done = subprocess.run(["lgd-fast", "info", "lgd3d_tiny"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "lgd3d_tiny" in done.stdout
