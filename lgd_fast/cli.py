@@ -1,7 +1,7 @@
 """The ``lgd-fast`` command line.
 
-    lgd-fast models                      list the registered models
-    lgd-fast info MODEL [options]        parameters, FLOPs and output shapes of a model
+lgd-fast models                      list the registered models
+lgd-fast info MODEL [options]        parameters, FLOPs and output shapes of a model
 """
 
 from __future__ import annotations

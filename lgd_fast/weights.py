@@ -97,9 +97,7 @@ def _unwrap(obj, path: str) -> Mapping[str, torch.Tensor]:
     )
 
 
-def load_author_checkpoint(
-    model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True
-) -> LoadReport:
+def load_author_checkpoint(model: nn.Module, source: str | os.PathLike | Mapping, *, strict: bool = True) -> LoadReport:
     """Load a checkpoint of the author's LGD-3D module (or one saved by lgd_fast) into ``model``.
 
     Accepts a path or a dict, with or without a wrapping training dict and a ``module.`` prefix.

@@ -76,35 +76,39 @@ def test_every_variant_runs_forward_and_backward(name, classifier):
         assert model(x).shape == (2, 11)
 
 
-def _bottleneck_params(cin, planes, stride, kt, reduction=16):
+def _bottleneck_params(cin, planes, stride, temporal, reduction=16):
     out = 4 * planes
     hidden = out // reduction
-    n = cin * planes + planes * planes * 9 * kt_spatial(kt) + planes * out + 2 * (planes + planes + out)
-    if kt:  # the temporal 3x1x1 conv of a P3D pair
+    n = cin * planes + planes * planes * 9 + planes * out + 2 * (planes + planes + out)
+    if temporal:  # the temporal 3x1x1 conv of the P3D pair
         n += planes * planes * 3
     if stride != 1 or cin != out:
         n += cin * out + 2 * out
     return n + 2 * (cin * hidden + hidden) + 2 * (hidden * out + out) + out * hidden + hidden + hidden * out + out
 
 
-def kt_spatial(_):
-    return 1
-
-
-def _basic_params(cin, planes, stride, variant, kt, reduction=16):
+def _basic_params(cin, planes, stride, variant, temporal, reduction=16):
     hidden = planes // reduction
     n = cin * planes * 9 + planes * planes * 9 + 2 * (2 * planes)
-    if kt:
+    if temporal:  # two temporal convs; B's first one reads the block input
         n += (cin if variant == "B" else planes) * planes * 3 + planes * planes * 3
     if stride != 1 or cin != planes:
         n += cin * planes + 2 * planes
-    return n + 2 * (cin * hidden + hidden) + 2 * (hidden * planes + planes) + planes * hidden + hidden + hidden * planes + planes
+    return (
+        n
+        + 2 * (cin * hidden + hidden)
+        + 2 * (hidden * planes + planes)
+        + planes * hidden
+        + hidden
+        + hidden * planes
+        + planes
+    )
 
 
 def _expected_params(block, layers, num_classes, *, temporal, stem_t, classifier="two_heads", sketch=4096):
     n = 3 * 64 * stem_t * 49 + 2 * 64
     cin, index = 64, 0
-    for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
+    for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
         for i in range(depth):
             stride = 2 if stage and not i else 1
             if block == "bottleneck":
@@ -123,7 +127,9 @@ def _expected_params(block, layers, num_classes, *, temporal, stem_t, classifier
 def _lgd_only_params(model):
     """Parameters a plain 2-D ResNet does not have: the global path fc1..fc6 and fc_g."""
     return sum(
-        p.numel() for k, p in model.named_parameters() if k.startswith("fc_g.") or k.split(".")[-2][:2] == "fc" and k[0] == "l"
+        p.numel()
+        for k, p in model.named_parameters()
+        if k.startswith("fc_g.") or (k.startswith("layer") and k.split(".")[-2] in {f"fc{i}" for i in range(1, 7)})
     )
 
 
@@ -196,15 +202,13 @@ def test_spec_output_shapes():
 
 def test_fresh_block_is_a_plain_residual_block():
     """fc6 starts at zero, so x' = ReLU(residual(x) + shortcut(x)) whatever g is; a non-zero fc6 changes that."""
-    for block in (
-        P3DBottleneck(24, 8, variant="B", stride=2),
-        P3DBasicBlock(16, 32, variant="C", stride=2),
-        lgd_fast.models.Bottleneck2d(16, 8),
-    ):
+    cases = [
+        (P3DBottleneck(24, 8, variant="B", stride=2), torch.randn(3, 24, 5, 9, 9)),
+        (P3DBasicBlock(16, 32, variant="C", stride=2), torch.randn(3, 16, 5, 9, 9)),
+        (lgd_fast.models.Bottleneck2d(16, 8), torch.randn(6, 16, 9, 9)),  # 3 videos x 2 frames
+    ]
+    for block, x in cases:
         block.train()
-        x = torch.randn(3, 16 if not isinstance(block, P3DBottleneck) else 24, *([5, 9, 9] if block.conv1.weight.dim() == 5 else [9, 9]))
-        if x.dim() == 4:
-            x = torch.randn(6, 16, 9, 9)  # 3 videos x 2 frames
         g1, g2 = torch.randn(3, x.shape[1]), torch.randn(3, x.shape[1]) * 5
         plain = torch.relu(block.residual(x) + block.shortcut(x))
         torch.testing.assert_close(block(x, g1)[0], plain, rtol=0, atol=0)
@@ -281,7 +285,7 @@ def test_creation_and_forward_are_deterministic():
     a = create_model("lgd3d_tiny", 6)
     torch.manual_seed(123)
     b = create_model("lgd3d_tiny", 6)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
     x = torch.randn(2, 3, 8, 32, 32)
     a.eval()

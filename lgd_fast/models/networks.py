@@ -61,7 +61,9 @@ class LGDNet(nn.Module, abc.ABC):
         self.fc_g = nn.Linear(feature_dim, num_classes)
         self.stage = 1
         if classifier == "kernel":
-            self.kernel_head = KernelClassifier(feature_dim, feature_dim, num_classes, sketch_dim=sketch_dim, dropout=dropout)
+            self.kernel_head = KernelClassifier(
+                feature_dim, feature_dim, num_classes, sketch_dim=sketch_dim, dropout=dropout
+            )
             self.stage = 2
 
     def _make_stages(
@@ -106,7 +108,9 @@ class LGDNet(nn.Module, abc.ABC):
                 f"expected a video batch of shape (N, 3, T, H, W), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
             )
         if x.shape[1] != 3:
-            raise ValueError(f"expected 3 colour channels in dimension 1 of (N, 3, T, H, W), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected 3 colour channels in dimension 1 of (N, 3, T, H, W), got shape {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point video batch, got dtype {x.dtype} (convert and normalise first)")
         param = self.fc.weight
@@ -175,7 +179,11 @@ class LGD3D(LGDNet):
             raise ValueError(f"LGD3D takes P3DBottleneck or P3DBasicBlock, got {block.__name__}")
         feature_dim = widths[-1] * block.expansion
         super().__init__(
-            num_classes=num_classes, classifier=classifier, dropout=dropout, sketch_dim=sketch_dim, feature_dim=feature_dim
+            num_classes=num_classes,
+            classifier=classifier,
+            dropout=dropout,
+            sketch_dim=sketch_dim,
+            feature_dim=feature_dim,
         )
         self.early_stride = early_stride
         self.conv1 = nn.Conv3d(
@@ -183,9 +191,7 @@ class LGD3D(LGDNet):
         )
         self.bn1 = norm_layer(stem_width)
         self.maxpool = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
-        self._make_stages(
-            block, layers, widths, stem_width, norm_layer=norm_layer, global_reduction=global_reduction
-        )
+        self._make_stages(block, layers, widths, stem_width, norm_layer=norm_layer, global_reduction=global_reduction)
         self._init_weights()
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -229,14 +235,16 @@ class LGD2D(LGDNet):
             raise ValueError(f"LGD2D takes Bottleneck2d or BasicBlock2d, got {block.__name__}")
         feature_dim = widths[-1] * block.expansion
         super().__init__(
-            num_classes=num_classes, classifier=classifier, dropout=dropout, sketch_dim=sketch_dim, feature_dim=feature_dim
+            num_classes=num_classes,
+            classifier=classifier,
+            dropout=dropout,
+            sketch_dim=sketch_dim,
+            feature_dim=feature_dim,
         )
         self.conv1 = nn.Conv2d(3, stem_width, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(stem_width)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self._make_stages(
-            block, layers, widths, stem_width, norm_layer=norm_layer, global_reduction=global_reduction
-        )
+        self._make_stages(block, layers, widths, stem_width, norm_layer=norm_layer, global_reduction=global_reduction)
         self._init_weights()
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,9 @@ def model_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, num_classes: int, *, classifier: str = "kernel", fast: bool = False, **options) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, *, classifier: str = "kernel", fast: bool = False, **options
+) -> nn.Module:
     """Build a registered LGD model.
 
     Args:
@@ -104,7 +106,13 @@ def lgd3d_r152(**kw) -> LGD3D:
 
 @register_model("lgd3d_tiny", (3, 16, 32, 32), "narrow 4-block LGD-3D (A, B, C, A) for CPU demos and tests")
 def lgd3d_tiny(**kw) -> LGD3D:
-    kw = {"widths": (16, 32, 64, 128), "stem_width": 16, "early_stride": 2, "global_reduction": 4, "sketch_dim": 512} | kw
+    kw = {
+        "widths": (16, 32, 64, 128),
+        "stem_width": 16,
+        "early_stride": 2,
+        "global_reduction": 4,
+        "sketch_dim": 512,
+    } | kw
     return LGD3D(block=P3DBasicBlock, layers=(1, 1, 1, 1), **kw)
 
 
