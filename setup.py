@@ -18,7 +18,7 @@ def _sources(pattern: str) -> list[str]:
 
 
 def _extensions():
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     exts = [
         cpp_extension.CppExtension(
             "lgd_fast._C",
@@ -35,7 +35,7 @@ def _extensions():
             cpp_extension.CUDAExtension(
                 "lgd_fast._C_cuda",
                 _sources("csrc/cuda/*.cpp") + cuda_sources,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math"]},
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "--use_fast_math"]},
             )
         )
     return exts

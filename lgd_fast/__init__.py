@@ -1,5 +1,6 @@
 """lgd_fast: fast, faithful PyTorch LGD (Local and Global Diffusion, CVPR 2019) video networks."""
 
+from . import ops  # registers the compiled ops' fake kernels and autograd with torch.library
 from .models import FastPathUnavailableError, create_model, list_models
 from .weights import LoadReport, inflate_imagenet, load_author_checkpoint
 
@@ -13,4 +14,5 @@ __all__ = [
     "inflate_imagenet",
     "list_models",
     "load_author_checkpoint",
+    "ops",
 ]

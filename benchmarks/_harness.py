@@ -1,0 +1,329 @@
+"""Shared helpers for the benchmarks in this folder: timing, roofline, machine info, result files, plots.
+
+Method (see PERF.md): candidates are timed side by side in one run, interleaved round by round so drift and
+neighbours' load hit all of them alike; every timed call takes the next input set from one rotation shared by
+all candidates, so no candidate reads data another one just pulled into cache; each reports the median of many
+repeats after a warm-up. Floors come from the bytes an op must move over the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Seconds per call of one candidate: median and spread over ``repeats`` timed calls."""
+
+    median_s: float
+    p10_s: float
+    p90_s: float
+    min_s: float
+    repeats: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def _summarise(samples: Sequence[float]) -> Timing:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+    return Timing(median_s=statistics.median(s), p10_s=q[0], p90_s=q[-1], min_s=s[0], repeats=len(s))
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    candidates: Mapping[str, Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 50,
+    device: torch.device | str | None = None,
+) -> dict[str, Timing]:
+    """Times every candidate on the same inputs, round-robin.
+
+    Args:
+        candidates: name -> function of one input set.
+        inputs: input sets; each timed call takes the next one from a single rotation shared by all candidates.
+        warmup: untimed calls per candidate first (compilation, allocator, caches).
+        repeats: timed calls per candidate; the order of candidates shifts by one each round.
+        device: synchronised around each call if it is a CUDA device.
+
+    Returns:
+        name -> Timing.
+    """
+    names = list(candidates)
+    k = 0
+    for name in names:
+        for _ in range(warmup):
+            candidates[name](inputs[k % len(inputs)])
+            k += 1
+    _sync(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            x = inputs[k % len(inputs)]
+            k += 1
+            _sync(device)
+            t0 = time.perf_counter()
+            candidates[name](x)
+            _sync(device)
+            samples[name].append(time.perf_counter() - t0)
+    return {name: _summarise(samples[name]) for name in names}
+
+
+def input_set_count(bytes_per_set: int, *, min_sets: int = 3, cache_multiple: float = 3.0) -> int:
+    """How many input sets to rotate so that together they exceed ``cache_multiple`` x the last-level cache."""
+    want = int(cache_multiple * last_level_cache_bytes() / max(bytes_per_set, 1)) + 1
+    return max(min_sets, want)
+
+
+def steady_malloc() -> bool:
+    """Makes glibc keep freed memory for reuse: no mmap for big blocks, no trimming of the heap (Linux/glibc).
+
+    By default glibc maps blocks above its (at most 32 MiB) mmap threshold fresh from the kernel and unmaps
+    them on free, so every call that allocates a big output pays page faults (tens of ms for 50 MB), and
+    whether a call does depends on what ran before it. Caching allocators (PyTorch's CUDA one, jemalloc,
+    tcmalloc) do not; with this the timings measure the kernels. Returns False where it cannot apply.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
+# ---- floors ----------------------------------------------------------------------------------------
+
+
+def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
+    """Measured memory bandwidth of ``dst.copy_(src)`` on float32 tensors of ``nbytes`` each.
+
+    Returns:
+        ``bytes_per_s`` (read + write bytes, i.e. 2 * nbytes, over the median time), ``median_s``, ``nbytes``.
+    """
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    for _ in range(warmup):
+        dst.copy_(src)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        samples.append(time.perf_counter() - t0)
+    median = statistics.median(samples)
+    return {"bytes_per_s": 2 * src.numel() * 4 / median, "median_s": median, "nbytes": float(src.numel() * 4)}
+
+
+def roofline_seconds(bytes_moved: float, bytes_per_s: float) -> float:
+    """The memory floor: the time to move ``bytes_moved`` at ``bytes_per_s``."""
+    return bytes_moved / bytes_per_s
+
+
+# ---- the machine -----------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (from sysfs), 32 MiB if unknown."""
+    best = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            best = max(best, int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return best or 32 * 2**20
+
+
+def git_commit() -> dict[str, Any]:
+    """``{"commit": sha or "uncommitted", "dirty": bool}``: dirty if any file differs from the commit or is new."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "HEAD")
+    commit = head.stdout.strip() if head.returncode == 0 else "uncommitted"
+    status = git("status", "--porcelain")
+    return {"commit": commit, "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def machine_info() -> dict[str, Any]:
+    """Device, core count, threads, versions, git commit and date, for the top of every result file."""
+    info: dict[str, Any] = {
+        "device": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **git_commit(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def _own_jiffies() -> int:
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+class ForeignLoad:
+    """Measures how many cores other processes kept busy during a ``with`` block (Linux; else None).
+
+    A shared machine's neighbours skew timings; recording their load next to the timings says how much.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    def __enter__(self) -> ForeignLoad:
+        try:
+            self._start = (*_cpu_jiffies(), _own_jiffies())
+        except OSError:
+            self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        busy0, total0, own0 = self._start
+        busy1, total1 = _cpu_jiffies()
+        own1 = _own_jiffies()
+        if total1 > total0:
+            ncpu = os.cpu_count() or 1
+            self.cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / (total1 - total0) * ncpu
+
+
+def wait_until_quiet(max_wait_s: float = 120.0, threshold_cores: float = 0.25, window_s: float = 1.0) -> float | None:
+    """Waits (up to ``max_wait_s``) until other processes use less than ``threshold_cores``; returns the last load."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        with ForeignLoad() as load:
+            time.sleep(window_s)
+        if load.cores is None or load.cores < threshold_cores or time.monotonic() > deadline:
+            return load.cores
+
+
+# ---- result files ----------------------------------------------------------------------------------
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Writes ``payload`` as indented JSON, creating the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def grouped_barh(
+    ax,
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    colors: Mapping[str, str] | None = None,
+    value_format: str = "{:.2f}",
+    reference_line: float | None = None,
+    log: bool = False,
+) -> None:
+    """Horizontal grouped bars on ``ax``: one group per label, one bar per series, values written at the bar ends."""
+    n = len(series)
+    height = 0.8 / max(n, 1)
+    for i, (name, values) in enumerate(series.items()):
+        ys = [g + (i - (n - 1) / 2) * height for g in range(len(labels))]
+        bars = ax.barh(ys, values, height=height, label=name, color=(colors or {}).get(name))
+        for bar, v in zip(bars, values, strict=True):
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                " " + value_format.format(v),
+                va="center",
+                ha="left",
+                fontsize=7,
+            )
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    if log:
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator([0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8, 16, 32, 64]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if reference_line is not None:
+        ax.axvline(reference_line, color="black", linewidth=0.8, linestyle="--")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def new_figure(nrows: int, ncols: int, *, figsize: tuple[float, float]):
+    """A matplotlib figure on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize, constrained_layout=True)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -1,0 +1,225 @@
+"""global_avg_pool on the CPU: the cpp op vs the eager reference vs torch.compile of the reference.
+
+Forward and forward+backward, fp32 and bf16, contiguous and channels_last_3d, on LGD-3D R50 shapes, measured
+side by side in one run (see benchmarks/_harness.py for the method), against the memory floor from the
+measured copy bandwidth. Writes benchmarks/results/global_avg_pool_cpu.{json,png}.
+
+    python benchmarks/run_global_avg_pool.py            # full run, a few minutes on 2 cores
+    python benchmarks/run_global_avg_pool.py --quick    # res2 shape only, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._inductor.config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast.ops import extension_available, extension_error, global_avg_pool, global_avg_pool_reference  # noqa: E402
+
+# (N, C, T, H, W) where LGD-3D R50 pools (16x112x112 clips, batch 8): res2 (the brief's shape) and res5.
+SHAPES = {"res2": (8, 256, 8, 28, 28), "res5": (8, 2048, 2, 4, 4)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+PASSES = ("forward", "forward+backward")
+IMPLS = ("cpp", "reference", "compiled", "torch_mean")
+COLORS = {"cpp": "tab:blue", "reference": "tab:gray", "compiled": "tab:orange", "torch_mean": "tab:green"}
+
+
+def bytes_moved(shape: tuple[int, ...], dtype: torch.dtype, pass_: str) -> int:
+    """Bytes the op must move: forward reads x and writes (N, C); backward reads (N, C) and writes x-sized."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    x_bytes = itemsize * torch.Size(shape).numel()
+    nc_bytes = itemsize * shape[0] * shape[1]
+    return x_bytes + nc_bytes if pass_ == "forward" else 2 * (x_bytes + nc_bytes)
+
+
+def make_inputs(shape, dtype, memory_format, pass_: str, count: int) -> list[Any]:
+    sets = []
+    for _ in range(count):
+        x = torch.randn(shape, dtype=torch.float32).to(dtype=dtype, memory_format=memory_format)
+        if pass_ == "forward":
+            sets.append(x)
+        else:
+            sets.append((x.requires_grad_(True), torch.randn(shape[:2], dtype=dtype)))
+    return sets
+
+
+def make_candidates(pass_: str) -> dict[str, Callable[[Any], Any]]:
+    torch._dynamo.reset()  # a fresh compile per configuration, no recompile limit reached
+    fns = {
+        "cpp": lambda x: global_avg_pool(x, backend="cpp"),
+        "reference": global_avg_pool_reference,
+        "compiled": torch.compile(global_avg_pool_reference, backend="inductor", dynamic=False),
+        # what one would write by hand: x.mean at x's dtype (the reference upcasts bf16 to float32 first)
+        "torch_mean": lambda x: x.mean(dim=(2, 3, 4)),
+    }
+    if pass_ == "forward":
+        return fns
+
+    def with_backward(fn):
+        def run(inputs):
+            x, g = inputs
+            return torch.autograd.grad(fn(x), x, g)
+
+        return run
+
+    return {name: with_backward(fn) for name, fn in fns.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if not extension_available():
+        raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Inductor compiles in this process: no pool of compile workers competing with the timed calls.
+    torch._inductor.config.compile_threads = 1
+    from lgd_fast import _C
+
+    steady = False if args.system_malloc else h.steady_malloc()
+    quiet = None if args.no_wait else h.wait_until_quiet(max_wait_s=args.max_wait)
+    bandwidth = h.copy_bandwidth()
+    print(f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write), cpu path {_C.cpu_isa()}")
+    shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
+    results = []
+    for shape_name, shape in shapes.items():
+        for dtype_name, dtype in DTYPES.items():
+            for format_name, memory_format in FORMATS.items():
+                for pass_ in PASSES:
+                    nbytes = bytes_moved(shape, dtype, pass_)
+                    count = h.input_set_count(nbytes // (2 if pass_ != "forward" else 1))
+                    inputs = make_inputs(shape, dtype, memory_format, pass_, count)
+                    candidates = make_candidates(pass_)
+                    for fn in candidates.values():  # compile first, then let the machine settle
+                        fn(inputs[0])
+                    if not args.no_wait:
+                        h.wait_until_quiet(max_wait_s=10.0, window_s=0.3)
+                    with h.ForeignLoad() as load:
+                        timings = h.time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats)
+                    floor = h.roofline_seconds(nbytes, bandwidth["bytes_per_s"])
+                    med = {name: t.median_s for name, t in timings.items()}
+                    row = {
+                        "shape_name": shape_name,
+                        "shape": list(shape),
+                        "dtype": dtype_name,
+                        "memory_format": format_name,
+                        "pass": pass_,
+                        "bytes_moved": nbytes,
+                        "input_sets": count,
+                        "roofline_s": floor,
+                        "timings": {name: t.to_dict() for name, t in timings.items()},
+                        "speedup_vs_reference": med["reference"] / med["cpp"],
+                        "speedup_vs_compiled": med["compiled"] / med["cpp"],
+                        "speedup_vs_torch_mean": med["torch_mean"] / med["cpp"],
+                        "copy_bw_fraction": {name: floor / m for name, m in med.items()},
+                        "foreign_load_cores": load.cores,
+                    }
+                    results.append(row)
+                    print(
+                        f"{shape_name} {dtype_name} {format_name:16s} {pass_:16s} "
+                        + " ".join(f"{n} {med[n] * 1e3:7.3f} ms" for n in IMPLS)
+                        + f" | x{row['speedup_vs_reference']:.2f} vs ref, x{row['speedup_vs_compiled']:.2f} vs"
+                        f" compiled, x{row['speedup_vs_torch_mean']:.2f} vs mean,"
+                        f" {row['copy_bw_fraction']['cpp']:.0%} of copy bw"
+                        + (f" (others' load {load.cores:.2f} cores)" if load.cores is not None else "")
+                    )
+    return {
+        "benchmark": "global_avg_pool",
+        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
+        "settings": {
+            "quick": args.quick,
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "steady_malloc": steady,
+        },
+        "copy_bandwidth": bandwidth,
+        "foreign_load_before_cores": quiet,
+        "notes": [
+            "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
+            "candidates: cpp = global_avg_pool(x, backend='cpp'); reference = global_avg_pool_reference (eager; "
+            "bf16 is averaged in float32); compiled = torch.compile(reference, inductor); torch_mean = x.mean(dim="
+            "(2, 3, 4)) at x's dtype",
+            "copy_bw_fraction = roofline_s / median, roofline_s = bytes_moved / copy bandwidth (read + write bytes "
+            "of dst.copy_(src) on 256 MiB); a read-mostly op can pass 1.0, since reads alone stream faster than a copy",
+            "steady_malloc: glibc told to reuse freed memory (no mmap, no trim; see _harness.steady_malloc). With "
+            "glibc's defaults (--system-malloc) each forward+backward's fresh x-sized gradient above 32 MiB (fp32 "
+            "res2: 51 MB) comes as new pages, every candidate pays ~10-20 ms of page faults and bf16 calls pay "
+            "them now and then, depending on what ran before",
+            "foreign_load_cores: CPU cores other processes kept busy while that row was timed (shared machine)",
+        ],
+        "results": results,
+    }
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path:
+    rows = payload["results"]
+    labels = [
+        f"{r['shape_name']} {r['dtype']} {'CL3d' if r['memory_format'] == 'channels_last_3d' else 'contig'} "
+        f"{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}"
+        for r in rows
+    ]
+    fig, (ax_speed, ax_bw) = h.new_figure(1, 2, figsize=(14, 0.42 * len(rows) + 2.0))
+    h.grouped_barh(
+        ax_speed,
+        labels,
+        {
+            "cpp": [r["speedup_vs_reference"] for r in rows],
+            "compiled reference": [
+                r["timings"]["reference"]["median_s"] / r["timings"]["compiled"]["median_s"] for r in rows
+            ],
+            "torch_mean": [
+                r["timings"]["reference"]["median_s"] / r["timings"]["torch_mean"]["median_s"] for r in rows
+            ],
+        },
+        colors={"cpp": COLORS["cpp"], "compiled reference": COLORS["compiled"], "torch_mean": COLORS["torch_mean"]},
+        value_format="{:.2f}x",
+        reference_line=1.0,
+        log=True,
+    )
+    ax_speed.set_title("speedup over the eager reference, log scale (>1: faster)")
+    h.grouped_barh(
+        ax_bw,
+        labels,
+        {name: [r["copy_bw_fraction"][name] for r in rows] for name in IMPLS},
+        colors=COLORS,
+        value_format="{:.0%}",
+        reference_line=1.0,
+    )
+    ax_bw.set_title("fraction of copy bandwidth (memory floor / median time)")
+    m = payload["machine"]
+    fig.suptitle(
+        f"global_avg_pool, {m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']}), torch {m['torch']}, "
+        f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {m['commit'][:10]}",
+        fontsize=10,
+    )
+    return h.save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="res2 shape only, 10 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per candidate (default 60, quick 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=h.RESULTS_DIR / "global_avg_pool_cpu.json", help="JSON path")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path, .png)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for other processes to go quiet")
+    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 10 if args.quick else 60
+    payload = run(args)
+    print("wrote", h.write_json(args.out, payload))
+    print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
+
+
+if __name__ == "__main__":
+    main()

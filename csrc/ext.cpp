@@ -1,0 +1,31 @@
+// lgd_fast._C: the CPU extension module and the schemas of every lgd_fast operator.
+//
+// Schemas live here (one TORCH_LIBRARY per namespace); each device's kernels register
+// themselves from their own file, e.g. csrc/cpu/global_avg_pool.cpp (TORCH_LIBRARY_IMPL).
+// Fake (shape-only) kernels and autograd are registered from Python, in lgd_fast/ops/<op>.py.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace lgd_fast {
+std::string cpu_isa();                      // csrc/cpu/global_avg_pool.cpp
+void set_cpu_isa(const std::string& name);  // csrc/cpu/global_avg_pool.cpp
+}  // namespace lgd_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lgd_fast compiled CPU operators; the ops themselves are reached through torch.ops.lgd_fast.*";
+  m.def("cpu_isa", &lgd_fast::cpu_isa, "The SIMD path the CPU kernels use: avx512, avx2 or baseline.");
+  m.def("_set_cpu_isa", &lgd_fast::set_cpu_isa, "Forces a SIMD path (avx512, avx2, baseline) or 'auto'; for tests.");
+}
+
+TORCH_LIBRARY(lgd_fast, m) {
+  // Where torch finds the fake kernels of the ops defined below, if nobody imported it yet.
+  m.set_python_module("lgd_fast.ops.global_avg_pool");
+  // x: (N, C, T, H, W) -> (N, C), the mean over (T, H, W).
+  m.def("global_avg_pool(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // grad: (N, C) -> (N, C, T, H, W) = grad / (T*H*W) broadcast, channels_last_3d if asked.
+  m.def("global_avg_pool_backward(Tensor grad, SymInt[] sizes, bool channels_last) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+}
