@@ -21,11 +21,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 
 TORCH_LIBRARY(lgd_fast, m) {
-  // Where torch finds the fake kernels of the ops defined below, if nobody imported it yet.
+  // Where torch finds the fake kernels of the ops defined after each call, if nobody imported it yet.
   m.set_python_module("lgd_fast.ops.global_avg_pool");
   // x: (N, C, T, H, W) -> (N, C), the mean over (T, H, W).
   m.def("global_avg_pool(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
   // grad: (N, C) -> (N, C, T, H, W) = grad / (T*H*W) broadcast, channels_last_3d if asked.
   m.def("global_avg_pool_backward(Tensor grad, SymInt[] sizes, bool channels_last) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.set_python_module("lgd_fast.ops.diffusion_epilogue");
+  // The fused end of an LGD block (csrc/cpu/diffusion_epilogue.cpp):
+  // r, s: (N, C, T, H, W); d: (N, C); scale, shift: (C,) -> out = ReLU(r*scale + shift + s + d), mean (N, C).
+  m.def("diffusion_epilogue(Tensor r, Tensor s, Tensor d, Tensor scale, Tensor shift) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // -> grad_r, grad_s (r's dtype and layout); grad_d (N, C), grad_scale (C,), grad_shift (C,) in float32.
+  m.def("diffusion_epilogue_backward(Tensor grad_out, Tensor grad_mean, Tensor out, Tensor r, Tensor scale)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }

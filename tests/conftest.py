@@ -1,4 +1,27 @@
 import os
 import sys
+import zlib
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers (author_fixture) import by name
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (author_fixture, op_testing) import by name
+
+from op_testing import SEED  # noqa: E402
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from this run's SEED and the test's name: fresh inputs every run, replayable."""
+    request.node.user_properties.append(("seed", SEED))
+    return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.name.encode()))
+
+
+@pytest.fixture
+def poisoned():
+    """Uninitialised memory (every torch.empty / at::empty) is filled with NaN while the test runs."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
-import zlib
 from itertools import product
 
 import pytest
 import torch
+from op_testing import SEED, assert_layout, max_err, random_input
 
 from lgd_fast.ops import _backend
 from lgd_fast.ops.global_avg_pool import global_avg_pool, global_avg_pool_reference
@@ -24,7 +23,6 @@ from lgd_fast.ops.global_avg_pool import global_avg_pool, global_avg_pool_refere
 gap_module = importlib.import_module("lgd_fast.ops.global_avg_pool")
 
 
-SEED = int(os.environ.get("LGD_FAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
 
@@ -58,23 +56,6 @@ ISAS = _isas()
 
 
 @pytest.fixture
-def gen(request) -> torch.Generator:
-    """A generator seeded from this run's SEED and the test's name: fresh inputs every run, replayable."""
-    request.node.user_properties.append(("seed", SEED))
-    return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.name.encode()))
-
-
-@pytest.fixture
-def poisoned():
-    """Uninitialised memory (every torch.empty / at::empty) is filled with NaN while the test runs."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(was)
-
-
-@pytest.fixture
 def isa(request):
     """Forces the kernels' SIMD path for one test, back to automatic afterwards."""
     from lgd_fast import _C
@@ -89,21 +70,6 @@ def fresh_backend_state(monkeypatch):
     """Forgets which fallback warnings were already logged."""
     monkeypatch.setattr(_backend, "_warned", set())
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-
-
-def random_input(shape, dtype, memory_format, gen, *, requires_grad=False) -> torch.Tensor:
-    """Normal values around 1 (sums grow with T*H*W, cancellations stay possible), never zeros or constants."""
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) + 1.0
-    x = x.to(dtype=dtype).contiguous(memory_format=memory_format)
-    return x.requires_grad_(requires_grad)
-
-
-def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).abs().max().item()
-
-
-def assert_layout(t: torch.Tensor, memory_format) -> None:
-    assert t.is_contiguous(memory_format=memory_format), f"stride {t.stride()} is not {memory_format}"
 
 
 # ---- parity: forward and gradient, fp32, bf16, fp64 -------------------------------------------------

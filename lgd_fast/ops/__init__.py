@@ -1,10 +1,13 @@
 """lgd_fast's fused ops: each has a plain PyTorch ``<op>_reference`` and a public ``<op>`` that picks a backend."""
 
 from ._backend import choose_backend, extension_available, extension_error
+from .diffusion_epilogue import diffusion_epilogue, diffusion_epilogue_reference
 from .global_avg_pool import global_avg_pool, global_avg_pool_reference
 
 __all__ = [
     "choose_backend",
+    "diffusion_epilogue",
+    "diffusion_epilogue_reference",
     "extension_available",
     "extension_error",
     "global_avg_pool",

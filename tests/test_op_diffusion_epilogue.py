@@ -1,0 +1,190 @@
+"""lgd_fast.ops.diffusion_epilogue: the cpp backend against the plain PyTorch reference, and the op's contract.
+
+Fresh random inputs every run (seed printed on failure; LGD_FAST_TEST_SEED replays one). Parity tests run
+poisoned (torch's deterministic mode fills every fresh allocation with NaN), so an output element or
+gradient the kernel forgets to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_testing import SEED, assert_layout, random_input
+
+from lgd_fast.ops import _backend, diffusion_epilogue, diffusion_epilogue_reference
+
+CL = torch.channels_last_3d
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
+# (N, C, T, H, W): odd T, H, W and channel counts, batch 1 and 3, then one shape with rows longer than
+# the kernel's float32 stretch (1024) and channels_last position chunks (256).
+SHAPES = [(1, 3, 1, 7, 7), (3, 65, 7, 9, 9), (1, 65, 1, 9, 9), (3, 3, 7, 7, 7), (2, 17, 5, 15, 15)]
+
+
+def _inputs(shape, dtype, fmt, gen):
+    """r, s around 0 so that ReLU cuts about half of the elements; d, scale, shift in float32."""
+    n, c = shape[:2]
+    r = random_input(shape, dtype, FORMATS[fmt], gen) - 1.0
+    s = random_input(shape, dtype, FORMATS[fmt], gen) - 1.0
+    d = 0.5 * torch.randn(n, c, generator=gen)
+    scale = 0.5 + torch.rand(c, generator=gen)
+    shift = 0.2 * torch.randn(c, generator=gen)
+    return [t.detach().requires_grad_(True) for t in (r, s, d, scale, shift)]
+
+
+def _upstream(shape, dtype, gen):
+    return torch.randn(shape, generator=gen).to(dtype), torch.randn(shape[:2], generator=gen).to(dtype)
+
+
+def _run(fn, inputs, gout, gmean):
+    out, mean = fn(*inputs)
+    grads = torch.autograd.grad((out * gout.to(out.dtype)).sum() + (mean * gmean.to(mean.dtype)).sum(), inputs)
+    return [out, mean, *grads]
+
+
+def _composite_eager(r, s, d, scale, shift):
+    """What a user writes in plain PyTorch at r's dtype (bf16 throughout for bf16 inputs): the yardstick."""
+    dt = r.dtype
+    out = torch.relu(
+        r * scale.to(dt)[:, None, None, None] + shift.to(dt)[:, None, None, None] + s + d.to(dt)[:, :, None, None, None]
+    )
+    return out, out.mean(dim=(2, 3, 4))
+
+
+NAMES = ["out", "mean", "grad_r", "grad_s", "grad_d", "grad_scale", "grad_shift"]
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_fp64_reference(shape, fmt, gen, poisoned):
+    inputs = _inputs(shape, torch.float32, fmt, gen)
+    gout, gmean = _upstream(shape, torch.float32, gen)
+    ours = _run(lambda *a: diffusion_epilogue(*a, backend="cpp"), inputs, gout, gmean)
+    ref = _run(diffusion_epilogue_reference, [t.detach().double().requires_grad_() for t in inputs], gout, gmean)
+    for name, a, b in zip(NAMES, ours, ref, strict=True):
+        assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements (seed {SEED})"
+        assert a.shape == b.shape and a.dtype == torch.float32, name
+        assert _rel(a, b) < 2e-6, f"{name}: relative error {_rel(a, b):.2e} (seed {SEED})"
+    for t in (ours[0], ours[2], ours[3]):
+        assert_layout(t, FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_bf16_within_twice_pytorch_error(shape, fmt, gen, poisoned):
+    """Error against fp64 on the same bf16 values is at most 2x that of the plain bf16 PyTorch composite."""
+    inputs = _inputs(shape, torch.bfloat16, fmt, gen)
+    gout, gmean = _upstream(shape, torch.bfloat16, gen)
+    ours = _run(lambda *a: diffusion_epilogue(*a, backend="cpp"), inputs, gout, gmean)
+    fresh = [t.detach().clone().requires_grad_() for t in inputs]
+    torch_bf16 = _run(_composite_eager, fresh, gout, gmean)
+    ref = _run(diffusion_epilogue_reference, [t.detach().double().requires_grad_() for t in inputs], gout, gmean)
+    for name, a, t, b in zip(NAMES, ours, torch_bf16, ref, strict=True):
+        assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements (seed {SEED})"
+        assert a.dtype == t.dtype, f"{name}: dtype {a.dtype}, PyTorch gives {t.dtype}"
+        # Floor: float32 rounding of the largest value, which both sides carry; it matters only where the
+        # bf16 composite happens to be exact (e.g. per-channel sums that land on representable values).
+        floor = 2.0**-23
+        assert _rel(a, b) <= 2 * _rel(t, b) + floor, (
+            f"{name}: error {_rel(a, b):.2e} vs PyTorch bf16 {_rel(t, b):.2e} (seed {SEED})"
+        )
+
+
+@pytest.mark.parametrize("used", ["out", "mean"])
+def test_gradients_when_only_one_output_is_used(used, gen, poisoned):
+    """Autograd hands the op None for the unused output's gradient; the backward must treat it as zero."""
+    inputs = _inputs((2, 5, 3, 7, 7), torch.float32, "contiguous", gen)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    pick = 0 if used == "out" else 1
+    grads = torch.autograd.grad(diffusion_epilogue(*inputs, backend="cpp")[pick].sum(), inputs)
+    ref_grads = torch.autograd.grad(diffusion_epilogue_reference(*ref_inputs)[pick].sum(), ref_inputs)
+    for name, a, b in zip(NAMES[2:], grads, ref_grads, strict=True):
+        assert torch.isfinite(a).all() and _rel(a, b) < 2e-6, name
+
+
+def test_bitwise_reproducible_across_thread_counts(gen):
+    threads = torch.get_num_threads()
+    for fmt in FORMATS:
+        inputs = _inputs((3, 65, 7, 9, 9), torch.float32, fmt, gen)
+        gout, gmean = _upstream((3, 65, 7, 9, 9), torch.float32, gen)
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(_run(lambda *a: diffusion_epilogue(*a, backend="cpp"), inputs, gout, gmean))
+        torch.set_num_threads(threads)
+        for name, a, b in zip(NAMES, *results, strict=True):
+            assert torch.equal(a, b), f"{name} differs between 1 and {max(2, threads)} threads"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck(fmt, dtype, gen):
+    inputs = _inputs((2, 5, 3, 7, 7), dtype, fmt, gen)
+    torch.library.opcheck(torch.ops.lgd_fast.diffusion_epilogue.default, inputs)
+
+
+def test_torch_compile_calls_the_op(gen):
+    from torch._inductor.utils import run_and_get_code
+
+    inputs = _inputs((2, 5, 3, 7, 7), torch.float32, "channels_last_3d", gen)
+    compiled = torch.compile(lambda *a: diffusion_epilogue(*a), backend="inductor", fullgraph=True)
+    (out, mean), code = run_and_get_code(compiled, *inputs)
+    assert any("lgd_fast.diffusion_epilogue" in c for c in code), "the compiled graph did not call the op"
+    ref_out, ref_mean = diffusion_epilogue_reference(*inputs)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(mean, ref_mean)
+    (out * out).sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (lambda a: [a[0][0], *a[1:]], ValueError, "r must be 5-D"),
+        (lambda a: [a[0], a[1][:, :, :1], *a[2:]], ValueError, "s has shape"),
+        (lambda a: [a[0], a[1], a[2][:, :2], *a[3:]], ValueError, r"d must have shape \(N, C\)"),
+        (lambda a: [*a[:3], a[3][:2], a[4]], ValueError, r"scale must have shape \(C,\)"),
+        (lambda a: [*a[:4], a[4][None]], ValueError, r"shift must have shape \(C,\)"),
+        (lambda a: [a[0].int(), *a[1:]], TypeError, "r must be a floating-point tensor"),
+        (lambda a: [a[0], a[1].double(), *a[2:]], TypeError, "s has dtype torch.float64 but r has dtype"),
+        (lambda a: [a[0], a[1], None, *a[3:]], TypeError, "d must be a tensor"),
+    ],
+)
+def test_bad_inputs_are_named(change, error, match, gen):
+    inputs = [t.detach() for t in _inputs((2, 5, 3, 7, 7), torch.float32, "contiguous", gen)]
+    with pytest.raises(error, match=match):
+        diffusion_epilogue(*change(inputs))
+
+
+def test_kernel_rejects_what_it_cannot_run(gen):
+    r, s, d, scale, shift = [t.detach() for t in _inputs((2, 5, 3, 7, 7), torch.float32, "contiguous", gen)]
+    with pytest.raises(RuntimeError, match="s and r must share a memory format"):
+        diffusion_epilogue(r, s.contiguous(memory_format=CL), d, scale, shift, backend="cpp")
+    with pytest.raises(RuntimeError, match="r must be contiguous or channels_last_3d"):
+        diffusion_epilogue(r.transpose(3, 4), s.transpose(3, 4), d, scale, shift, backend="cpp")
+    with pytest.raises(RuntimeError, match="must be float32 or bfloat16"):
+        torch.ops.lgd_fast.diffusion_epilogue(r.double(), s.double(), d, scale, shift)
+
+
+def test_auto_sends_unsupported_inputs_to_the_reference(gen, monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    r, s, d, scale, shift = [t.detach() for t in _inputs((2, 5, 3, 7, 7), torch.float32, "contiguous", gen)]
+    mixed = diffusion_epilogue(r, s.contiguous(memory_format=CL), d, scale, shift)
+    ref = diffusion_epilogue_reference(r, s, d, scale, shift)
+    torch.testing.assert_close(mixed, ref)
+    out64, _ = diffusion_epilogue(r.double(), s.double(), d, scale, shift)  # float64: reference
+    assert out64.dtype == torch.float64
+
+
+def test_env_var_selects_the_reference(gen, monkeypatch):
+    calls = []
+    monkeypatch.setenv(_backend.ENV_VAR, "reference")
+    monkeypatch.setattr(
+        torch.ops.lgd_fast, "diffusion_epilogue", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError)
+    )
+    inputs = [t.detach() for t in _inputs((1, 3, 2, 7, 7), torch.float32, "contiguous", gen)]
+    diffusion_epilogue(*inputs)
+    assert not calls
