@@ -37,9 +37,9 @@ def test_unknown_model_suggests_names():
         create_model("lgd3d_r5", 10)
 
 
-def test_fast_true_raises_clear_error():
+def test_fast_true_for_lgd2d_raises_clear_error():
     with pytest.raises(FastPathUnavailableError, match="not available yet.*fast=False"):
-        create_model("lgd3d_tiny", 5, fast=True)
+        create_model("lgd2d_r18", 5, fast=True)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,6 +1,7 @@
 """Reference LGD models in plain PyTorch, and the registry that names them."""
 
 from .blocks import BasicBlock2d, Bottleneck2d, LGDBlock, P3DBasicBlock, P3DBottleneck, p3d_variant
+from .fast import FastLGD3D, to_fast
 from .heads import KernelClassifier, TensorSketch
 from .networks import LGD2D, LGD3D, LGDNet
 from .registry import FastPathUnavailableError, create_model, list_models, model_entry
@@ -10,6 +11,7 @@ __all__ = [
     "LGD3D",
     "BasicBlock2d",
     "Bottleneck2d",
+    "FastLGD3D",
     "FastPathUnavailableError",
     "KernelClassifier",
     "LGDBlock",
@@ -21,4 +23,5 @@ __all__ = [
     "list_models",
     "model_entry",
     "p3d_variant",
+    "to_fast",
 ]

@@ -113,8 +113,18 @@ class LGDBlock(nn.Module, abc.ABC):
         nn.init.zeros_(self.fc6.bias)
 
     @abc.abstractmethod
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual unit up to (not including) its last BatchNorm, :attr:`last_norm`."""
+
+    @property
+    def last_norm(self) -> nn.Module | None:
+        """The BatchNorm that ends the residual unit (None where the unit ends in an addition)."""
+        return None
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The residual unit r = B(x), ending in BN without ReLU."""
+        r = self.residual_body(x)
+        return r if self.last_norm is None else self.last_norm(r)
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.downsample is None else self.downsample(x)
@@ -174,7 +184,11 @@ class P3DBottleneck(LGDBlock):
         if stride != 1 or in_channels != out_channels:
             self.downsample = _projection(conv1x1x1(in_channels, out_channels, stride), norm_layer(out_channels))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
         z = F.relu(self.bn1(self.conv1(x)))
         if self.variant == "A":
             z = F.relu(self.bn2(self.conv2_t(self.conv2(z))))
@@ -183,7 +197,7 @@ class P3DBottleneck(LGDBlock):
         else:
             u = F.relu(self.bn2(self.conv2(z)))
             z = F.relu(u + self.conv2_t(u))
-        return self.bn3(self.conv3(z))
+        return self.conv3(z)  # then bn3
 
 
 class P3DBasicBlock(LGDBlock):
@@ -226,18 +240,22 @@ class P3DBasicBlock(LGDBlock):
         if stride != 1 or in_channels != planes:
             self.downsample = _projection(conv1x1x1(in_channels, planes, stride), norm_layer(planes))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_norm(self) -> nn.Module | None:
+        return None if self.variant == "C" else self.bn2
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
         if self.variant == "A":
             z = F.relu(self.bn1(self.conv1_t(self.conv1(x))))
-            return self.bn2(self.conv2_t(self.conv2(z)))
+            return self.conv2_t(self.conv2(z))  # then bn2
         if self.variant == "B":
             t = self.conv1_t(x)
             z = F.relu(self.bn1(self.conv1(x) + t))
-            return self.bn2(self.conv2(z) + self.conv2_t(t))
+            return self.conv2(z) + self.conv2_t(t)  # then bn2
         u = F.relu(self.bn1(self.conv1(x)))
         z = F.relu(u + self.conv1_t(u))
         v = self.bn2(self.conv2(z))
-        return v + self.conv2_t(v)
+        return v + self.conv2_t(v)  # C ends in the skip addition, no norm after it
 
 
 class Bottleneck2d(LGDBlock):
@@ -270,10 +288,14 @@ class Bottleneck2d(LGDBlock):
         if stride != 1 or in_channels != out_channels:
             self.downsample = _projection(conv1x1(in_channels, out_channels, stride), norm_layer(out_channels))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn3
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
         z = F.relu(self.bn1(self.conv1(x)))
         z = F.relu(self.bn2(self.conv2(z)))
-        return self.bn3(self.conv3(z))
+        return self.conv3(z)  # then bn3
 
 
 class BasicBlock2d(LGDBlock):
@@ -298,6 +320,10 @@ class BasicBlock2d(LGDBlock):
         if stride != 1 or in_channels != planes:
             self.downsample = _projection(conv1x1(in_channels, planes, stride), norm_layer(planes))
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_norm(self) -> nn.Module:
+        return self.bn2
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
         z = F.relu(self.bn1(self.conv1(x)))
-        return self.bn2(self.conv2(z))
+        return self.conv2(z)  # then bn2

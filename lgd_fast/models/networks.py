@@ -137,11 +137,16 @@ class LGDNet(nn.Module, abc.ABC):
                 x, g = block(x, g)
         return x, g
 
-    def forward_head(self, local_map: torch.Tensor, g: torch.Tensor):
-        """Logits from the final (local map, global vector); see the module docstring for each mode."""
+    def forward_head(self, local_map: torch.Tensor, g: torch.Tensor, *, local_mean: torch.Tensor | None = None):
+        """Logits from the final (local map, global vector); see the module docstring for each mode.
+
+        ``local_mean`` (N, C), if given, is GAP(local_map) already computed (the fast model has it for free).
+        """
         if self.classifier == "kernel" and self.stage == 2:
             return self.kernel_head(local_map, g)
-        local_logits = self.fc(self.drop(video_mean(local_map, g.shape[0])))
+        if local_mean is None:
+            local_mean = video_mean(local_map, g.shape[0])
+        local_logits = self.fc(self.drop(local_mean))
         if not self.training:
             return local_logits
         return local_logits, self.fc_g(self.drop_g(g))

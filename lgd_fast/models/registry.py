@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from .blocks import BasicBlock2d, Bottleneck2d, P3DBasicBlock, P3DBottleneck
+from .fast import to_fast
 from .networks import LGD2D, LGD3D, LGDNet
 
 
 class FastPathUnavailableError(RuntimeError):
-    """Raised by ``create_model(..., fast=True)`` while the fused model is not available."""
+    """Raised by ``create_model(..., fast=True)`` for a model the fused path does not cover yet."""
 
 
 @dataclass(frozen=True)
@@ -62,17 +63,21 @@ def create_model(
         num_classes: size of the label set.
         classifier: ``"kernel"`` (local + global combination classifier, the paper's) or ``"two_heads"``
             (the author's module: local and global linear heads).
-        fast: return the fused model (same state_dict). Not available until the fused kernels land.
+        fast: return the fast model (:class:`FastLGD3D`: every block ends in the fused diffusion epilogue;
+            same modules and state_dict). LGD-3D only for now; LGD-2D raises FastPathUnavailableError.
         **options: forwarded to the network (``early_stride``, ``dropout``, ``sketch_dim``, ``widths``,
             ``global_reduction``, ``norm_layer``, ...).
     """
     entry = model_entry(name)
-    if fast:
+    model = entry.builder(num_classes=num_classes, classifier=classifier, **options)
+    if not fast:
+        return model
+    if not isinstance(model, LGD3D):
         raise FastPathUnavailableError(
-            f"fast=True is not available yet for {name!r}: the fused LGD kernels have not landed in this version "
-            "of lgd_fast. Use fast=False for the reference model (it loads the same state_dict)."
+            f"fast=True is not available yet for {name!r}: the fused block end covers LGD-3D models only. "
+            "Use fast=False for the reference model (it loads the same state_dict)."
         )
-    return entry.builder(num_classes=num_classes, classifier=classifier, **options)
+    return to_fast(model)
 
 
 _CLIP = (3, 16, 112, 112)  # LGD-3D: 16-frame clips at 112 x 112 (SPEC.md section 5)

@@ -1,0 +1,123 @@
+"""The fast LGD-3D: the reference network with every block's end fused into one pass.
+
+In the reference, each block ends with BN (of the residual), + shortcut, + broadcast diffusion vector,
+ReLU, and the next block then pools the result again (five passes over the block's largest tensor).
+Here each block ends with one :func:`~lgd_fast.ops.diffusion_epilogue`, whose second output is the
+channel mean of the block's output: the next block's GAP, so no pooling pass runs anywhere after the
+stem (SPEC.md section 1, the note).
+
+The last BatchNorm of a residual unit becomes the op's ``scale``/``shift``: from batch statistics in
+training (computed with differentiable tensor ops, so gradients flow through them as through
+BatchNorm, and the running statistics are updated as BatchNorm updates them), from running statistics in
+eval. Modules, parameters and buffers are the reference's own: the fast model loads the very same
+state_dict, and :func:`to_fast` converts a reference model in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import diffusion_epilogue, global_avg_pool
+from .blocks import LGDBlock
+from .networks import LGD3D
+
+
+def batch_norm_affine(norm: nn.Module | None, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift), float32, that ``norm`` applies to ``r`` (N, C, T, H, W).
+
+    Training mode uses the batch statistics (biased variance) and updates the running statistics with
+    the unbiased variance, as ``nn.BatchNorm3d`` does; eval mode folds the running statistics. ``None``
+    (a residual unit that ends in an addition) is the identity.
+    """
+    channels = r.shape[1]
+    if norm is None:
+        ones = torch.ones(channels, device=r.device, dtype=torch.float32)
+        return ones, torch.zeros_like(ones)
+    if not isinstance(norm, nn.BatchNorm3d):
+        raise TypeError(f"the fused block end folds BatchNorm3d only, got {type(norm).__name__}")
+    use_batch_stats = norm.training or not norm.track_running_stats
+    if use_batch_stats:
+        var, mean = torch.var_mean(r.float(), dim=(0, 2, 3, 4), unbiased=False)
+        if norm.training and norm.track_running_stats:
+            _update_running_stats(norm, mean.detach(), var.detach(), r.numel() // channels)
+    else:
+        mean, var = norm.running_mean.float(), norm.running_var.float()
+    scale = torch.rsqrt(var + norm.eps)
+    shift = -mean * scale
+    if norm.affine:
+        scale = scale * norm.weight.float()
+        shift = shift * norm.weight.float() + norm.bias.float()
+    return scale, shift
+
+
+@torch.no_grad()
+def _update_running_stats(norm: nn.BatchNorm3d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
+
+
+def fused_block_forward(
+    block: LGDBlock, x: torch.Tensor, g: torch.Tensor, x_mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LGD block with a fused end: (x, g, GAP(x)) -> (x', g', GAP(x'))."""
+    r = block.residual_body(x)
+    scale, shift = batch_norm_affine(block.last_norm, r)
+    s = block.shortcut(x)
+    if s.dtype != r.dtype:  # under autocast the shortcut may stay float32 while convs give bfloat16
+        s = s.to(r.dtype)
+    g = F.relu(block.fc2(block.fc1(x_mean.to(block.fc1.weight.dtype))) + block.fc4(block.fc3(g)))
+    d = block.fc6(block.fc5(g))
+    s = s.contiguous(memory_format=_memory_format(r))
+    out, mean = diffusion_epilogue(r, s, d, scale, shift)
+    return out, g, mean
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+class FastLGD3D(LGD3D):
+    """LGD-3D whose blocks end in the fused diffusion epilogue; same modules and state_dict as LGD3D."""
+
+    def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
+        self.check_input(x)
+        x = self.stem(x)
+        x_mean = global_avg_pool(x)
+        g = x_mean
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                x, g, x_mean = fused_block_forward(block, x, g, x_mean)
+        return x, g, x_mean
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local_map, g, _ = self.forward_features_and_mean(x)
+        return local_map, g
+
+    def forward(self, x: torch.Tensor):
+        local_map, g, local_mean = self.forward_features_and_mean(x)
+        return self.forward_head(local_map, g, local_mean=local_mean)
+
+
+def to_fast(model: nn.Module) -> FastLGD3D:
+    """Turn a reference LGD-3D into the fast model in place (same modules, parameters and buffers).
+
+    Raises a TypeError for models the fused path does not cover yet (LGD-2D, or a network whose
+    blocks end in another normalisation than BatchNorm3d).
+    """
+    if not isinstance(model, LGD3D):
+        raise TypeError(
+            f"the fast path covers LGD-3D models; got {type(model).__name__} (LGD-2D has no fused path yet)"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, LGDBlock) and not isinstance(module.last_norm, nn.BatchNorm3d | None):
+            raise TypeError(f"{name}: the fused block end folds BatchNorm3d only, got {type(module.last_norm)}")
+    model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
+    return model

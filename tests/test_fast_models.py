@@ -1,0 +1,153 @@
+"""The fast LGD-3D (fused block ends) against the reference: same state_dict, same outputs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lgd_fast import FastPathUnavailableError, create_model
+from lgd_fast.models import FastLGD3D, LGDBlock, to_fast
+
+CL = torch.channels_last_3d
+
+
+def _with_diffusion(model, gen):
+    """Non-trivial weights: random BN statistics and a non-zero global->local path (fc6)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+            elif isinstance(m, LGDBlock):
+                m.fc6.weight.copy_(0.05 * torch.randn(m.fc6.weight.shape, generator=gen))
+    return model
+
+
+def _pair(name, gen, **options):
+    ref = _with_diffusion(create_model(name, 7, **options), gen)
+    fast = create_model(name, 7, fast=True, **options)
+    fast.load_state_dict(ref.state_dict())  # strict: the very same keys and shapes
+    return ref, fast
+
+
+def _train_step(model, x, upstream, seed=1):
+    model.train()
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    out = model(x)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * u).sum() for o, u in zip(outs, upstream, strict=True))
+    loss.backward()
+    return [o.detach() for o in outs], {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def test_fast_model_is_the_reference_class_with_the_same_keys(gen):
+    ref, fast = _pair("lgd3d_tiny", gen)
+    assert isinstance(fast, FastLGD3D) and list(fast.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("classifier", ["two_heads", "kernel"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["contiguous", "channels_last_3d"])
+def test_tiny_matches_reference_eval_and_train(classifier, memory_format, gen):
+    ref, fast = _pair("lgd3d_tiny", gen, classifier=classifier)
+    ref, fast = ref.to(memory_format=memory_format), fast.to(memory_format=memory_format)
+    x = torch.randn(3, 3, 7, 33, 33, generator=gen).contiguous(memory_format=memory_format)  # odd T, H, W
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert _rel(fast(x), ref(x)) < 1e-5
+    n_out = 2 if classifier == "two_heads" else 1
+    upstream = [torch.randn(3, 7, generator=gen) for _ in range(n_out)]
+    ref_out, ref_grads = _train_step(ref, x, upstream)
+    fast_out, fast_grads = _train_step(fast, x, upstream)
+    for a, b in zip(fast_out, ref_out, strict=True):
+        assert _rel(a, b) < 1e-5
+    assert fast_grads.keys() == ref_grads.keys()
+    for key, grad in ref_grads.items():
+        assert _rel(fast_grads[key], grad) < 1e-4, key
+    for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), key
+        else:  # BatchNorm running statistics were updated alike
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_r50_matches_reference_eval_and_train_within_fp32_rounding(gen):
+    """Training gradients of a deep net with small late maps are ill-conditioned (train-mode BN over a few
+    positions): fp32 PyTorch itself is a few % off fp64 on some. The rule: the fast model's error against
+    an fp64 reference is at most 2x the fp32 reference's error (plus a 1e-6 floor)."""
+    ref, fast = _pair("lgd3d_r50", gen, classifier="two_heads")
+    ref64 = create_model("lgd3d_r50", 7, classifier="two_heads").double()
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 8, 48, 48, generator=gen)
+    for m in (ref, fast, ref64):
+        m.eval()
+    with torch.no_grad():
+        assert _rel(fast(x), ref(x)) < 1e-5
+    upstream = [torch.randn(2, 7, generator=gen) for _ in range(2)]
+    _, ref_grads = _train_step(ref, x, upstream)
+    _, fast_grads = _train_step(fast, x, upstream)
+    _, grads64 = _train_step(ref64, x.double(), [u.double() for u in upstream])
+    for key, g64 in grads64.items():
+        if g64.norm() == 0:
+            continue
+        assert _rel(fast_grads[key], g64) <= 2 * _rel(ref_grads[key], g64) + 1e-6, key
+
+
+def test_bf16_autocast_within_twice_pytorch_error(gen):
+    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        exact = ref.double()(x.double()).float()
+        ref.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_bf16, fast_bf16 = ref(x).float(), fast(x).float()
+    assert _rel(fast_bf16, exact) <= 2 * _rel(ref_bf16, exact) + 1e-3
+
+
+def test_compiled_fast_model_matches(gen):
+    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    ref.eval(), fast.eval()
+    compiled = torch.compile(fast, backend="inductor")
+    with torch.no_grad():
+        assert _rel(compiled(x), ref(x)) < 1e-5
+
+
+def test_training_converges_alike(gen):
+    """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches."""
+    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+    batches = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(6)]
+    losses = {}
+    for name, model in (("ref", ref), ("fast", fast)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        model.train()
+        losses[name] = []
+        for step, (x, y) in enumerate(batches):
+            torch.manual_seed(step)
+            local, global_ = model(x)
+            loss = nn.functional.cross_entropy(local, y) + nn.functional.cross_entropy(global_, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["ref"][-1] < losses["ref"][0], "the reference did not learn: the comparison would be empty"
+    for a, b in zip(losses["fast"], losses["ref"], strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b), (losses["fast"], losses["ref"])
+    for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+        if a.is_floating_point():
+            assert _rel(a, b) < 1e-4, key
+
+
+def test_fast_is_lgd3d_only():
+    with pytest.raises(FastPathUnavailableError, match="LGD-3D models only"):
+        create_model("lgd2d_r18", 5, fast=True)
+    with pytest.raises(TypeError, match="covers LGD-3D models"):
+        to_fast(nn.Linear(2, 2))
