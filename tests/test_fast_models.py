@@ -124,7 +124,9 @@ def test_compiled_fast_model_matches(gen):
 def test_training_converges_alike(gen):
     """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches."""
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
-    batches = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(6)]
+    batches = [
+        (torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(6)
+    ]
     losses = {}
     for name, model in (("ref", ref), ("fast", fast)):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
