@@ -122,30 +122,34 @@ def test_compiled_fast_model_matches(gen):
 
 
 def test_training_converges_alike(gen):
-    """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches."""
-    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
-    batches = [
-        (torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(6)
-    ]
+    """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches.
+
+    Per step, the fast model's gradients are within 2x of the fp32 reference's error against fp64 (tested
+    above); over several momentum-SGD steps those rounding differences grow chaotically (seen here: up to
+    1.1e-4 in the loss, 4e-5 in a weight tensor). The stated tolerance, 1e-3 relative for every loss and
+    every tensor, is ten times that, and far below what a wrong gradient does in six steps."""
+    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads", dropout=0.0)  # no dropout noise on 4 clips
+    # Two fixed batches, seen three times each: a model that learns at all lowers this loss.
+    pair = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(2)]
     losses = {}
     for name, model in (("ref", ref), ("fast", fast)):
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         model.train()
         losses[name] = []
-        for step, (x, y) in enumerate(batches):
-            torch.manual_seed(step)
+        for x, y in pair * 3:
             local, global_ = model(x)
             loss = nn.functional.cross_entropy(local, y) + nn.functional.cross_entropy(global_, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses[name].append(loss.item())
-    assert losses["ref"][-1] < losses["ref"][0], "the reference did not learn: the comparison would be empty"
+    first, last = sum(losses["ref"][:2]), sum(losses["ref"][-2:])
+    assert last < first, f"the reference did not learn ({losses['ref']}): the comparison would be empty"
     for a, b in zip(losses["fast"], losses["ref"], strict=True):
-        assert abs(a - b) <= 1e-4 * abs(b), (losses["fast"], losses["ref"])
+        assert abs(a - b) <= 1e-3 * abs(b), losses
     for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
         if a.is_floating_point():
-            assert _rel(a, b) < 1e-4, key
+            assert _rel(a, b) <= 1e-3, key
 
 
 def test_fast_is_lgd3d_only():

@@ -4,7 +4,8 @@ In the reference, each block ends with BN (of the residual), + shortcut, + broad
 ReLU, and the next block then pools the result again (five passes over the block's largest tensor).
 Here each block ends with one :func:`~lgd_fast.ops.diffusion_epilogue`, whose second output is the
 channel mean of the block's output: the next block's GAP, so no pooling pass runs anywhere after the
-stem (SPEC.md section 1, the note).
+stem (SPEC.md section 1, the note). The block's global path (six linears, an add, a ReLU) is one
+:func:`~lgd_fast.ops.global_update` call.
 
 The last BatchNorm of a residual unit becomes the op's ``scale``/``shift``: from batch statistics in
 training (computed with differentiable tensor ops, so gradients flow through them as through
@@ -16,10 +17,10 @@ state_dict, and :func:`to_fast` converts a reference model in place.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops import diffusion_epilogue, global_avg_pool
+from ..ops import diffusion_epilogue, global_avg_pool, global_update
+from ..ops.global_update import block_weights
 from .blocks import LGDBlock
 from .networks import LGD3D
 
@@ -70,8 +71,9 @@ def fused_block_forward(
     s = block.shortcut(x)
     if s.dtype != r.dtype:  # under autocast the shortcut may stay float32 while convs give bfloat16
         s = s.to(r.dtype)
-    g = F.relu(block.fc2(block.fc1(x_mean.to(block.fc1.weight.dtype))) + block.fc4(block.fc3(g)))
-    d = block.fc6(block.fc5(g))
+    # The global path in one call, in the weights' dtype (float32 under autocast too: it is (N, C) small).
+    weights = block_weights(block)
+    g, d = global_update(x_mean.to(weights[0].dtype), g.to(weights[0].dtype), *weights)
     s = s.contiguous(memory_format=_memory_format(r))
     out, mean = diffusion_epilogue(r, s, d, scale, shift)
     return out, g, mean

@@ -1,0 +1,74 @@
+// lgd_fast::global_update: the global path of an LGD block in one call (any device: ATen GEMMs).
+//
+//   g' = ReLU(W2 (W1 m + b1) + b2 + W4 (W3 g + b3) + b4)      m = GAP of the block input, (N, C_in)
+//   d  = W6 (W5 g' + b5) + b6                                 the global->local diffusion vector
+//
+// W1, W3: (H, C_in); W2, W4: (C_out, H); W5: (H, C_out); W6: (C_out, H) as nn.Linear stores them.
+// The backward is registered from Python (lgd_fast/ops/global_update.py) and recomputes the three
+// hidden (N, H) activations, which are tiny, instead of saving them.
+
+#include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace lgd_fast {
+namespace {
+
+void check_linear(const at::Tensor& w, const at::Tensor& b, const char* name, int64_t in, const at::Tensor& like) {
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == in, "global_update: ", name, " weight must have shape (out, ", in,
+              "), got ", w.sizes());
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == w.size(0), "global_update: ", name, " bias must have shape (",
+              w.size(0), ",), got ", b.sizes());
+  TORCH_CHECK(w.device() == like.device() && b.device() == like.device(), "global_update: ", name,
+              " is on ", w.device(), " but m is on ", like.device());
+  TORCH_CHECK(w.scalar_type() == like.scalar_type() && b.scalar_type() == like.scalar_type(), "global_update: ",
+              name, " has dtype ", w.scalar_type(), " but m has dtype ", like.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> global_update(const at::Tensor& m, const at::Tensor& g, const at::Tensor& w1,
+                                                 const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                                 const at::Tensor& w3, const at::Tensor& b3, const at::Tensor& w4,
+                                                 const at::Tensor& b4, const at::Tensor& w5, const at::Tensor& b5,
+                                                 const at::Tensor& w6, const at::Tensor& b6) {
+  TORCH_CHECK(m.dim() == 2, "global_update: m must be (N, C_in), got shape ", m.sizes());
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == m.size(0) && g.size(1) == m.size(1),
+              "global_update: g must have m's shape ", m.sizes(), ", got ", g.sizes());
+  TORCH_CHECK(at::isFloatingType(m.scalar_type()), "global_update: m must be floating point, got ", m.scalar_type());
+  TORCH_CHECK(g.scalar_type() == m.scalar_type() && g.device() == m.device(),
+              "global_update: g must match m's dtype and device");
+  const int64_t c_in = m.size(1);
+  check_linear(w1, b1, "fc1", c_in, m);
+  const int64_t hidden = w1.size(0);
+  check_linear(w2, b2, "fc2", hidden, m);
+  check_linear(w3, b3, "fc3", c_in, m);
+  check_linear(w4, b4, "fc4", hidden, m);
+  const int64_t c_out = w2.size(0);
+  TORCH_CHECK(w4.size(0) == c_out, "global_update: fc4 has ", w4.size(0), " outputs but fc2 has ", c_out);
+  check_linear(w5, b5, "fc5", c_out, m);
+  check_linear(w6, b6, "fc6", w5.size(0), m);
+  TORCH_CHECK(w6.size(0) == c_out, "global_update: fc6 has ", w6.size(0), " outputs, expected ", c_out);
+
+  // Computed in the inputs' dtype: autocast must not recast the GEMMs below (the caller chose the dtype).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  at::Tensor a = at::addmm(b2, at::addmm(b1, m, w1.t()), w2.t());
+  a.addmm_(at::addmm(b3, g, w3.t()), w4.t()).add_(b4);
+  at::Tensor g_new = a.clamp_min_(0);
+  at::Tensor d = at::addmm(b6, at::addmm(b5, g_new, w5.t()), w6.t());
+  return {g_new, d};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lgd_fast, m) {
+  m.set_python_module("lgd_fast.ops.global_update");
+  m.def(
+      "global_update(Tensor m, Tensor g, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
+      "Tensor w4, Tensor b4, Tensor w5, Tensor b5, Tensor w6, Tensor b6) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(lgd_fast, CompositeExplicitAutograd, m) { m.impl("global_update", &global_update); }
+
+}  // namespace lgd_fast

@@ -1,0 +1,83 @@
+"""lgd_fast.ops.global_update: the one-call global path against six nn.Linear calls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_testing import SEED
+
+from lgd_fast.models import P3DBasicBlock, P3DBottleneck
+from lgd_fast.ops import global_update, global_update_reference
+from lgd_fast.ops.global_update import block_weights
+
+
+def _case(block, n, gen, dtype=torch.float32):
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
+    weights = [w.detach().to(dtype).requires_grad_() for w in block_weights(block)]
+    m = torch.randn(n, block.in_channels, generator=gen).abs().to(dtype).requires_grad_()  # a GAP of ReLU output
+    g = torch.randn(n, block.in_channels, generator=gen).abs().to(dtype).requires_grad_()
+    return [m, g, *weights]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("block", [P3DBottleneck(65, 16, variant="A"), P3DBasicBlock(48, 32, variant="B", stride=2)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_matches_reference_forward_and_every_gradient(block, n, gen):
+    inputs = _case(block, n, gen)
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ours = global_update(*inputs, backend="cpp")
+    ref = global_update_reference(*ref_inputs)
+    up = [torch.randn(t.shape, generator=gen) for t in ref]
+    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ours, up, strict=True)), inputs)
+    ref_grads = torch.autograd.grad(sum((o * u.double()).sum() for o, u in zip(ref, up, strict=True)), ref_inputs)
+    for a, b in zip(ours, ref, strict=True):
+        assert _rel(a, b) < 1e-6, f"seed {SEED}"
+    for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert _rel(a, b) < 1e-5, f"gradient {i} (seed {SEED})"
+
+
+def test_bf16_within_twice_pytorch_error(gen):
+    block = P3DBottleneck(64, 16, variant="A")
+    inputs = _case(block, 3, gen, torch.bfloat16)
+    exact = global_update_reference(*[t.detach().double() for t in inputs])
+    ours = global_update(*inputs, backend="cpp")
+    plain = global_update_reference(*inputs)
+    for a, t, b in zip(ours, plain, exact, strict=True):
+        assert a.dtype == torch.bfloat16
+        assert _rel(a, b) <= 2 * _rel(t, b) + 2.0**-23
+
+
+def test_gradcheck_and_opcheck(gen):
+    inputs = [t.detach().double().requires_grad_() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
+    assert torch.autograd.gradcheck(torch.ops.lgd_fast.global_update, inputs)
+    torch.library.opcheck(torch.ops.lgd_fast.global_update.default, [t.float() for t in inputs])
+
+
+def test_compiles_to_one_call(gen):
+    from torch._inductor.utils import run_and_get_code
+
+    inputs = [t.detach() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
+    compiled = torch.compile(lambda *a: global_update(*a), backend="inductor", fullgraph=True)
+    out, code = run_and_get_code(compiled, *inputs)
+    assert any("lgd_fast.global_update" in c for c in code)
+    for a, b in zip(out, global_update_reference(*inputs), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_are_named(gen):
+    m, g, *w = [t.detach() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
+    with pytest.raises(ValueError, match="expected 12 weight tensors"):
+        global_update(m, g, *w[:-1])
+    with pytest.raises(RuntimeError, match="fc1 weight must have shape"):
+        global_update(m[:, :5], g[:, :5], *w, backend="cpp")
+    with pytest.raises(RuntimeError, match="g must have m's shape"):
+        global_update(m, g[:1], *w, backend="cpp")
+    with pytest.raises(RuntimeError, match="fc3 has dtype"):
+        global_update(m, g, *w[:4], w[4].double(), *w[5:], backend="cpp")
+    with pytest.raises(ValueError, match="nonsense"):
+        global_update(m, g, *w, backend="nonsense")
