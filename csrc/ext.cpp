@@ -10,8 +10,8 @@
 #include <string>
 
 namespace lgd_fast {
-std::string cpu_isa();                      // csrc/cpu/global_avg_pool.cpp
-void set_cpu_isa(const std::string& name);  // csrc/cpu/global_avg_pool.cpp
+std::string cpu_isa();                      // csrc/cpu/isa.cpp
+void set_cpu_isa(const std::string& name);  // csrc/cpu/isa.cpp
 }  // namespace lgd_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -18,6 +18,16 @@ def gen(request) -> torch.Generator:
 
 
 @pytest.fixture
+def isa(request):
+    """Forces the CPU kernels' SIMD path (indirect parameter) for one test, back to automatic afterwards."""
+    from lgd_fast import _C
+
+    _C._set_cpu_isa(request.param)
+    yield request.param
+    _C._set_cpu_isa("auto")
+
+
+@pytest.fixture
 def poisoned():
     """Uninitialised memory (every torch.empty / at::empty) is filled with NaN while the test runs."""
     was = torch.are_deterministic_algorithms_enabled()

@@ -17,6 +17,21 @@ def random_input(shape, dtype, memory_format, gen, *, requires_grad=False) -> to
     return x.requires_grad_(requires_grad)
 
 
+def usable_isas() -> list[str]:
+    """The SIMD paths of the CPU kernels this CPU runs ("avx512", "avx2", "baseline"), widest first."""
+    from lgd_fast import _C
+
+    usable = []
+    for name in ("avx512", "avx2", "baseline"):
+        try:
+            _C._set_cpu_isa(name)
+            usable.append(name)
+        except RuntimeError:  # the CPU lacks it
+            pass
+    _C._set_cpu_isa("auto")
+    return usable
+
+
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (a.double() - ref).abs().max().item()
 

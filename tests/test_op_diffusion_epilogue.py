@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_testing import SEED, assert_layout, random_input
 
 from lgd_fast.ops import _backend, diffusion_epilogue, diffusion_epilogue_reference
+from op_testing import SEED, assert_layout, random_input, usable_isas
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
 # (N, C, T, H, W): odd T, H, W and channel counts, batch 1 and 3, then one shape with rows longer than
 # the kernel's float32 stretch (1024) and channels_last position chunks (256).
 SHAPES = [(1, 3, 1, 7, 7), (3, 65, 7, 9, 9), (1, 65, 1, 9, 9), (3, 3, 7, 7, 7), (2, 17, 5, 15, 15)]
+ISAS = usable_isas()  # every SIMD path of the kernel this CPU runs (AVX-512, AVX2, baseline SSE2)
 
 
 def _inputs(shape, dtype, fmt, gen):
@@ -57,9 +58,10 @@ def _rel(a, ref):
     return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_fp32_matches_fp64_reference(shape, fmt, gen, poisoned):
+def test_fp32_matches_fp64_reference(shape, fmt, isa, gen, poisoned):
     inputs = _inputs(shape, torch.float32, fmt, gen)
     gout, gmean = _upstream(shape, torch.float32, gen)
     ours = _run(lambda *a: diffusion_epilogue(*a, backend="cpp"), inputs, gout, gmean)
@@ -72,9 +74,10 @@ def test_fp32_matches_fp64_reference(shape, fmt, gen, poisoned):
         assert_layout(t, FORMATS[fmt])
 
 
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_bf16_within_twice_pytorch_error(shape, fmt, gen, poisoned):
+def test_bf16_within_twice_pytorch_error(shape, fmt, isa, gen, poisoned):
     """Error against fp64 on the same bf16 values is at most 2x that of the plain bf16 PyTorch composite."""
     inputs = _inputs(shape, torch.bfloat16, fmt, gen)
     gout, gmean = _upstream(shape, torch.bfloat16, gen)

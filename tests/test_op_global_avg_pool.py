@@ -14,10 +14,10 @@ from itertools import product
 
 import pytest
 import torch
-from op_testing import SEED, assert_layout, max_err, random_input
 
 from lgd_fast.ops import _backend
 from lgd_fast.ops.global_avg_pool import global_avg_pool, global_avg_pool_reference
+from op_testing import SEED, assert_layout, max_err, random_input, usable_isas
 
 # The module itself (the package attribute of the same name is the function).
 gap_module = importlib.import_module("lgd_fast.ops.global_avg_pool")
@@ -38,31 +38,7 @@ def _shape_id(shape):
     return "x".join(map(str, shape))
 
 
-def _isas() -> list[str]:
-    from lgd_fast import _C
-
-    usable = []
-    for name in ("avx512", "avx2", "baseline"):
-        try:
-            _C._set_cpu_isa(name)
-            usable.append(name)
-        except RuntimeError:
-            pass
-    _C._set_cpu_isa("auto")
-    return usable
-
-
-ISAS = _isas()
-
-
-@pytest.fixture
-def isa(request):
-    """Forces the kernels' SIMD path for one test, back to automatic afterwards."""
-    from lgd_fast import _C
-
-    _C._set_cpu_isa(request.param)
-    yield request.param
-    _C._set_cpu_isa("auto")
+ISAS = usable_isas()
 
 
 @pytest.fixture

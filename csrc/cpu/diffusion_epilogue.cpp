@@ -14,32 +14,469 @@
 // out, r and writes grad_r, grad_s. Two layouts: contiguous (rows of L values per (n, c)) and
 // channels_last_3d (per n, L positions of C contiguous values). Per-channel and per-sample sums are
 // float32 over short stretches folded into float64, in an order fixed by the shape (not the thread
-// count), so results are bitwise reproducible. bfloat16 tensors are computed in float32 and rounded once.
+// count), so results are bitwise reproducible. bfloat16 tensors are computed in float32 and rounded once
+// (round to nearest even, NaN kept, as c10::BFloat16); the mean sums the values as stored.
+//
+// The loops are written with float32 vectors (GCC/Clang vector extensions) and compiled three times, for
+// AVX-512 (16 lanes), AVX2 (8) and baseline x86-64 (SSE2, 4; the only copy elsewhere); isa.h's current_isa()
+// picks one per call. bfloat16 is widened by a shift and narrowed by an integer round-to-nearest-even, both in vectors.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // wide vector types only cross always-inlined calls
 
 namespace lgd_fast {
 namespace {
 
-constexpr int64_t kStretch = 1024;    // values a float32 partial sum covers before folding into float64
-constexpr int64_t kPosChunk = 256;    // channels_last: positions one task handles
-constexpr int64_t kTaskElems = 16384; // smallest amount of work worth a thread
+constexpr int64_t kStretch = 1024;     // values a float32 partial sum covers before folding into float64
+constexpr int64_t kPosChunk = 256;     // channels_last: positions one task handles
+constexpr int64_t kTaskElems = 16384;  // smallest amount of work worth a thread
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const c10::BFloat16* p, int64_t i) { return static_cast<float>(p[i]); }
-inline void store(float* p, int64_t i, float v) { p[i] = v; }
-inline void store(c10::BFloat16* p, int64_t i, float v) { p[i] = c10::BFloat16(v); }
-// The value as stored, read back: the mean is the mean of the output the caller actually gets.
-inline float rounded(float v, float*) { return v; }
-inline float rounded(float v, c10::BFloat16*) { return static_cast<float>(c10::BFloat16(v)); }
+// ---- SIMD building blocks: float32 vectors of W lanes, W = 16 / 8 / 4 for AVX-512 / AVX2 / SSE2 -------------
+// (a vector wider than the target's registers is split by the compiler into halves kept in memory, which
+// costs several times the memory traffic here, so each path gets its native width).
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x4 __attribute__((vector_size(8)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint16_t u16x32 __attribute__((vector_size(64)));
+
+// Vec<W>: F, W float32 lanes; U, as many uint32 lanes (the bits); H, as many uint16 lanes (bfloat16 bits);
+// H2, F seen as 2W uint16 halves.
+template <int W>
+struct Vec;
+template <>
+struct Vec<4> {
+  using F = f32x4;
+  using U = u32x4;
+  using H = u16x4;
+  using H2 = u16x8;
+};
+template <>
+struct Vec<8> {
+  using F = f32x8;
+  using U = u32x8;
+  using H = u16x8;
+  using H2 = u16x16;
+};
+template <>
+struct Vec<16> {
+  using F = f32x16;
+  using U = u32x16;
+  using H = u16x16;
+  using H2 = u16x32;
+};
+
+template <int W>
+using vf = typename Vec<W>::F;
+
+template <int W>
+LGD_INLINE vf<W> load(const float* p) {
+  vf<W> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// bfloat16 is the top half of a float32: widening interleaves zeros below each value (punpcklwd and kin;
+// the plain zero-extend-and-shift compiles to slow code without AVX-512).
+template <typename H2, typename H, int W, size_t... K>
+LGD_INLINE H2 zeros_below(const H& h, std::index_sequence<K...>) {
+  return __builtin_shufflevector(H{}, h, ((K % 2) ? W + K / 2 : K / 2)...);
+}
+
+template <int W>
+LGD_INLINE vf<W> load(const c10::BFloat16* p) {
+  typename Vec<W>::H h;
+  std::memcpy(&h, p, sizeof(h));
+  const auto bits = zeros_below<typename Vec<W>::H2, typename Vec<W>::H, W>(h, std::make_index_sequence<2 * W>{});
+  vf<W> v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// The upper uint16 half of every uint32 lane: narrowing a float32 to its bfloat16 bits.
+template <typename H, typename H2, size_t... K>
+LGD_INLINE H upper_halves(const H2& v, std::index_sequence<K...>) {
+  return __builtin_shufflevector(v, v, (2 * K + 1)...);
+}
+
+// Stores v and returns the values as stored (read back), which is what the mean averages.
+template <int W>
+LGD_INLINE vf<W> store(float* p, vf<W> v) {
+  std::memcpy(p, &v, sizeof(v));
+  return v;
+}
+
+// Round to nearest even as c10::BFloat16 does: add 0x7fff plus the lowest kept bit, drop the low half;
+// NaN becomes the quiet NaN 0x7fc0.
+template <int W>
+LGD_INLINE vf<W> store(c10::BFloat16* p, vf<W> v) {
+  using U = typename Vec<W>::U;
+  U u;
+  std::memcpy(&u, &v, sizeof(u));
+  U kept = (u + (((u >> 16) & 1u) + 0x7fffu)) & 0xffff0000u;
+  const U qnan = U{} + 0x7fc00000u;
+  kept = (v != v) ? qnan : kept;
+  typename Vec<W>::H2 halves;
+  std::memcpy(&halves, &kept, sizeof(halves));
+  const auto h = upper_halves<typename Vec<W>::H>(halves, std::make_index_sequence<W>{});
+  std::memcpy(p, &h, sizeof(h));
+  vf<W> stored;
+  std::memcpy(&stored, &kept, sizeof(stored));
+  return stored;
+}
+
+template <typename V>
+LGD_INLINE V relu(V v) {
+  const V zero = {};
+  return (v < zero) ? zero : v;  // NaN stays NaN, as torch.relu
+}
+
+template <typename Half, typename Full>
+LGD_INLINE Half fold_halves(const Full& v) {
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(Half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+  return lo + hi;
+}
+
+LGD_INLINE float hsum(const f32x4& q) { return (q[0] + q[1]) + (q[2] + q[3]); }
+LGD_INLINE float hsum(const f32x8& v) { return hsum(fold_halves<f32x4>(v)); }
+LGD_INLINE float hsum(const f32x16& v) { return hsum(fold_halves<f32x8>(v)); }
+
+// Scalar versions for the tails that do not fill a vector (same arithmetic, same rounding).
+inline float load1(const float* p) { return *p; }
+inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
+inline float store1(float* p, float v) {
+  *p = v;
+  return v;
+}
+inline float store1(c10::BFloat16* p, float v) {
+  *p = c10::BFloat16(v);
+  return static_cast<float>(*p);
+}
+inline float relu1(float v) { return v < 0.f ? 0.f : v; }
+
+// ---- forward --------------------------------------------------------------------------------------
+
+// Contiguous: rows [begin, end) of L values, row = n * C + c; bias[row] = shift[c] + d[n, c].
+template <typename T, int W>
+LGD_INLINE void forward_rows_body(const T* __restrict__ r, const T* __restrict__ s, const float* scale,
+                                  const float* bias, T* __restrict__ out, float* mean, int64_t begin, int64_t end,
+                                  int64_t C, int64_t L) {
+  for (int64_t row = begin; row < end; ++row) {
+    const float a = scale[row % C], b = bias[row];
+    const T* rr = r + row * L;
+    const T* ss = s + row * L;
+    T* oo = out + row * L;
+    double total = 0.0;
+    for (int64_t start = 0; start < L; start += kStretch) {
+      const int64_t stop = std::min(L, start + kStretch);
+      using V = vf<W>;
+      V acc0 = {}, acc1 = {};
+      int64_t l = start;
+      for (; l + 2 * W <= stop; l += 2 * W) {
+        acc0 += store<W>(oo + l, relu(load<W>(rr + l) * a + b + load<W>(ss + l)));
+        acc1 += store<W>(oo + l + W, relu(load<W>(rr + l + W) * a + b + load<W>(ss + l + W)));
+      }
+      for (; l + W <= stop; l += W) acc0 += store<W>(oo + l, relu(load<W>(rr + l) * a + b + load<W>(ss + l)));
+      float tail = 0.f;
+      for (; l < stop; ++l) tail += store1(oo + l, relu1(load1(rr + l) * a + b + load1(ss + l)));
+      total += static_cast<double>(hsum(acc0 + acc1) + tail);
+    }
+    mean[row] = static_cast<float>(total / static_cast<double>(L));
+  }
+}
+
+// channels_last_3d: tasks [begin, end), task = n * chunks + chunk, each kPosChunk positions of C values;
+// partial[task, c] = float32 sum of out over the task's positions; acc is scratch for C floats.
+template <typename T, int W>
+LGD_INLINE void forward_channels_last_body(const T* __restrict__ r, const T* __restrict__ s, const float* scale,
+                                           const float* bias, T* __restrict__ out, double* partial,
+                                           float* __restrict__ acc, int64_t begin, int64_t end, int64_t C,
+                                           int64_t L, int64_t chunks) {
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, p0 = (task % chunks) * kPosChunk, p1 = std::min(L, p0 + kPosChunk);
+    const float* bn = bias + n * C;
+    std::fill(acc, acc + C, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t base = (n * L + p) * C;
+      const T* rr = r + base;
+      const T* ss = s + base;
+      T* oo = out + base;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const vf<W> v = store<W>(oo + c, relu(load<W>(rr + c) * load<W>(scale + c) + load<W>(bn + c) + load<W>(ss + c)));
+        store<W>(acc + c, load<W>(acc + c) + v);
+      }
+      for (; c < C; ++c) acc[c] += store1(oo + c, relu1(load1(rr + c) * scale[c] + bn[c] + load1(ss + c)));
+    }
+    for (int64_t c = 0; c < C; ++c) partial[task * C + c] = acc[c];
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------------
+
+// Contiguous rows [begin, end): grad_s = g, grad_r = g * scale[c]; sum_g[row] = sum g, sum_gr[row] = sum g*r.
+template <typename T, int W>
+LGD_INLINE void backward_rows_body(const T* __restrict__ gout, const float* gmean, const T* __restrict__ out,
+                                   const T* __restrict__ r, const float* scale, T* __restrict__ grad_r,
+                                   T* __restrict__ grad_s, double* sum_g, double* sum_gr, int64_t begin,
+                                   int64_t end, int64_t C, int64_t L) {
+  const float inv_L = 1.f / static_cast<float>(L);
+  using V = vf<W>;
+  const V zero = {};
+  for (int64_t row = begin; row < end; ++row) {
+    const float a = scale[row % C], gm = gmean[row] * inv_L;
+    const int64_t off = row * L;
+    const T *go = gout + off, *oo = out + off, *rr = r + off;
+    T *gr = grad_r + off, *gs = grad_s + off;
+    double tg = 0.0, tgr = 0.0;
+    for (int64_t start = 0; start < L; start += kStretch) {
+      const int64_t stop = std::min(L, start + kStretch);
+      V ag0 = {}, ag1 = {}, agr0 = {}, agr1 = {};
+      int64_t l = start;
+      for (; l + 2 * W <= stop; l += 2 * W) {
+        const V g0 = (load<W>(oo + l) > zero) ? load<W>(go + l) + gm : zero;
+        const V g1 = (load<W>(oo + l + W) > zero) ? load<W>(go + l + W) + gm : zero;
+        store<W>(gs + l, g0);
+        store<W>(gs + l + W, g1);
+        store<W>(gr + l, g0 * a);
+        store<W>(gr + l + W, g1 * a);
+        ag0 += g0;
+        ag1 += g1;
+        agr0 += g0 * load<W>(rr + l);
+        agr1 += g1 * load<W>(rr + l + W);
+      }
+      for (; l + W <= stop; l += W) {
+        const V g = (load<W>(oo + l) > zero) ? load<W>(go + l) + gm : zero;
+        store<W>(gs + l, g);
+        store<W>(gr + l, g * a);
+        ag0 += g;
+        agr0 += g * load<W>(rr + l);
+      }
+      float tail_g = 0.f, tail_gr = 0.f;
+      for (; l < stop; ++l) {
+        const float g = load1(oo + l) > 0.f ? load1(go + l) + gm : 0.f;
+        store1(gs + l, g);
+        store1(gr + l, g * a);
+        tail_g += g;
+        tail_gr += g * load1(rr + l);
+      }
+      tg += static_cast<double>(hsum(ag0 + ag1) + tail_g);
+      tgr += static_cast<double>(hsum(agr0 + agr1) + tail_gr);
+    }
+    sum_g[row] = tg;
+    sum_gr[row] = tgr;
+  }
+}
+
+// channels_last_3d tasks as in the forward; gm, ag, agr are scratch for C floats each.
+template <typename T, int W>
+LGD_INLINE void backward_channels_last_body(const T* __restrict__ gout, const float* gmean,
+                                            const T* __restrict__ out, const T* __restrict__ r, const float* scale,
+                                            T* __restrict__ grad_r, T* __restrict__ grad_s, double* part_g,
+                                            double* part_gr, float* __restrict__ gm, float* __restrict__ ag,
+                                            float* __restrict__ agr, int64_t begin, int64_t end, int64_t C,
+                                            int64_t L, int64_t chunks) {
+  const float inv_L = 1.f / static_cast<float>(L);
+  using V = vf<W>;
+  const V zero = {};
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / chunks, p0 = (task % chunks) * kPosChunk, p1 = std::min(L, p0 + kPosChunk);
+    for (int64_t c = 0; c < C; ++c) gm[c] = gmean[n * C + c] * inv_L;
+    std::fill(ag, ag + C, 0.f);
+    std::fill(agr, agr + C, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t off = (n * L + p) * C;
+      const T *go = gout + off, *oo = out + off, *rr = r + off;
+      T *gr = grad_r + off, *gs = grad_s + off;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const V g = (load<W>(oo + c) > zero) ? load<W>(go + c) + load<W>(gm + c) : zero;
+        store<W>(gs + c, g);
+        store<W>(gr + c, g * load<W>(scale + c));
+        store<W>(ag + c, load<W>(ag + c) + g);
+        store<W>(agr + c, load<W>(agr + c) + g * load<W>(rr + c));
+      }
+      for (; c < C; ++c) {
+        const float g = load1(oo + c) > 0.f ? load1(go + c) + gm[c] : 0.f;
+        store1(gs + c, g);
+        store1(gr + c, g * scale[c]);
+        ag[c] += g;
+        agr[c] += g * load1(rr + c);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      part_g[task * C + c] = ag[c];
+      part_gr[task * C + c] = agr[c];
+    }
+  }
+}
+
+// ---- one compiled copy of each loop per SIMD path, and the switch between them -----------------------
+
+#define LGD_DEFINE_EPILOGUE_LOOPS(ISA, TARGET, W)                                                                    \
+  template <typename T>                                                                                            \
+  TARGET void forward_rows_##ISA(const T* r, const T* s, const float* scale, const float* bias, T* out,           \
+                                 float* mean, int64_t begin, int64_t end, int64_t C, int64_t L) {                 \
+    forward_rows_body<T, W>(r, s, scale, bias, out, mean, begin, end, C, L);                                         \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void forward_channels_last_##ISA(const T* r, const T* s, const float* scale, const float* bias, T* out,  \
+                                          double* partial, float* acc, int64_t begin, int64_t end, int64_t C,     \
+                                          int64_t L, int64_t chunks) {                                            \
+    forward_channels_last_body<T, W>(r, s, scale, bias, out, partial, acc, begin, end, C, L, chunks);                \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void backward_rows_##ISA(const T* gout, const float* gmean, const T* out, const T* r, const float* scale, \
+                                  T* grad_r, T* grad_s, double* sum_g, double* sum_gr, int64_t begin, int64_t end, \
+                                  int64_t C, int64_t L) {                                                         \
+    backward_rows_body<T, W>(gout, gmean, out, r, scale, grad_r, grad_s, sum_g, sum_gr, begin, end, C, L);           \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void backward_channels_last_##ISA(const T* gout, const float* gmean, const T* out, const T* r,           \
+                                           const float* scale, T* grad_r, T* grad_s, double* part_g,              \
+                                           double* part_gr, float* gm, float* ag, float* agr, int64_t begin,      \
+                                           int64_t end, int64_t C, int64_t L, int64_t chunks) {                   \
+    backward_channels_last_body<T, W>(gout, gmean, out, r, scale, grad_r, grad_s, part_g, part_gr, gm, ag, agr,      \
+                                   begin, end, C, L, chunks);                                                     \
+  }
+
+LGD_DEFINE_EPILOGUE_LOOPS(baseline, , 4)
+#ifdef LGD_X86_DISPATCH
+LGD_DEFINE_EPILOGUE_LOOPS(avx2, LGD_TARGET_AVX2, 8)
+LGD_DEFINE_EPILOGUE_LOOPS(avx512, LGD_TARGET_AVX512, 16)
+// NAME##_<path><T>(args) for the path current_isa() names.
+#define LGD_CALL_FOR_ISA(NAME, T, ...)          \
+  switch (current_isa()) {                      \
+    case CpuIsa::kAvx512:                       \
+      return NAME##_avx512<T>(__VA_ARGS__);     \
+    case CpuIsa::kAvx2:                         \
+      return NAME##_avx2<T>(__VA_ARGS__);       \
+    default:                                    \
+      return NAME##_baseline<T>(__VA_ARGS__);   \
+  }
+#else
+#define LGD_CALL_FOR_ISA(NAME, T, ...) return NAME##_baseline<T>(__VA_ARGS__)
+#endif
+
+template <typename T>
+void forward_rows_isa(const T* r, const T* s, const float* scale, const float* bias, T* out, float* mean,
+                      int64_t begin, int64_t end, int64_t C, int64_t L) {
+  LGD_CALL_FOR_ISA(forward_rows, T, r, s, scale, bias, out, mean, begin, end, C, L);
+}
+
+template <typename T>
+void forward_channels_last_isa(const T* r, const T* s, const float* scale, const float* bias, T* out, double* partial,
+                               float* acc, int64_t begin, int64_t end, int64_t C, int64_t L, int64_t chunks) {
+  LGD_CALL_FOR_ISA(forward_channels_last, T, r, s, scale, bias, out, partial, acc, begin, end, C, L, chunks);
+}
+
+template <typename T>
+void backward_rows_isa(const T* gout, const float* gmean, const T* out, const T* r, const float* scale, T* grad_r,
+                       T* grad_s, double* sum_g, double* sum_gr, int64_t begin, int64_t end, int64_t C, int64_t L) {
+  LGD_CALL_FOR_ISA(backward_rows, T, gout, gmean, out, r, scale, grad_r, grad_s, sum_g, sum_gr, begin, end, C, L);
+}
+
+template <typename T>
+void backward_channels_last_isa(const T* gout, const float* gmean, const T* out, const T* r, const float* scale,
+                                T* grad_r, T* grad_s, double* part_g, double* part_gr, float* gm, float* ag,
+                                float* agr, int64_t begin, int64_t end, int64_t C, int64_t L, int64_t chunks) {
+  LGD_CALL_FOR_ISA(backward_channels_last, T, gout, gmean, out, r, scale, grad_r, grad_s, part_g, part_gr, gm, ag,
+                   agr, begin, end, C, L, chunks);
+}
+
+// ---- drivers: split the work by shape (never by thread count) and fold the partial sums -----------------
+
+// dst[n, c] = sum over chunks of partial[n, chunk, c], chunk by chunk in order (parallel over n).
+void fold_chunks(const double* partial, int64_t N, int64_t chunks, int64_t C,
+                 const std::function<void(int64_t, const double*)>& emit) {
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(static_cast<size_t>(C));
+    for (int64_t n = begin; n < end; ++n) {
+      std::fill(total.begin(), total.end(), 0.0);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const double* src = partial + (n * chunks + chunk) * C;
+        for (int64_t c = 0; c < C; ++c) total[c] += src[c];
+      }
+      emit(n, total.data());
+    }
+  });
+}
+
+template <typename T>
+void forward_rows(const T* r, const T* s, const float* scale, const float* bias, T* out, float* mean, int64_t rows,
+                  int64_t C, int64_t L) {
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(L, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    forward_rows_isa<T>(r, s, scale, bias, out, mean, begin, end, C, L);
+  });
+}
+
+template <typename T>
+void forward_channels_last(const T* r, const T* s, const float* scale, const float* bias, T* out, float* mean,
+                           int64_t N, int64_t C, int64_t L) {
+  const int64_t chunks = (L + kPosChunk - 1) / kPosChunk;
+  std::vector<double> partial(static_cast<size_t>(N * chunks * C));
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / (kPosChunk * std::max<int64_t>(C, 1)));
+  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(static_cast<size_t>(C));
+    forward_channels_last_isa<T>(r, s, scale, bias, out, partial.data(), acc.data(), begin, end, C, L, chunks);
+  });
+  fold_chunks(partial.data(), N, chunks, C, [&](int64_t n, const double* total) {
+    for (int64_t c = 0; c < C; ++c) mean[n * C + c] = static_cast<float>(total[c] / static_cast<double>(L));
+  });
+}
+
+template <typename T>
+void backward_rows(const T* gout, const float* gmean, const T* out, const T* r, const float* scale, T* grad_r,
+                   T* grad_s, double* sum_g, double* sum_gr, int64_t rows, int64_t C, int64_t L) {
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(L, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    backward_rows_isa<T>(gout, gmean, out, r, scale, grad_r, grad_s, sum_g, sum_gr, begin, end, C, L);
+  });
+}
+
+template <typename T>
+void backward_channels_last(const T* gout, const float* gmean, const T* out, const T* r, const float* scale,
+                            T* grad_r, T* grad_s, double* sum_g, double* sum_gr, int64_t N, int64_t C, int64_t L) {
+  const int64_t chunks = (L + kPosChunk - 1) / kPosChunk;
+  std::vector<double> part_g(static_cast<size_t>(N * chunks * C)), part_gr(part_g.size());
+  const int64_t grain = std::max<int64_t>(1, kTaskElems / (kPosChunk * std::max<int64_t>(C, 1)));
+  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(static_cast<size_t>(3 * C));
+    float *gm = scratch.data(), *ag = gm + C, *agr = ag + C;
+    backward_channels_last_isa<T>(gout, gmean, out, r, scale, grad_r, grad_s, part_g.data(), part_gr.data(), gm, ag,
+                                  agr, begin, end, C, L, chunks);
+  });
+  fold_chunks(part_g.data(), N, chunks, C,
+              [&](int64_t n, const double* total) { std::copy(total, total + C, sum_g + n * C); });
+  fold_chunks(part_gr.data(), N, chunks, C,
+              [&](int64_t n, const double* total) { std::copy(total, total + C, sum_gr + n * C); });
+}
+
+// ---- checks and entry points ----------------------------------------------------------------------
 
 template <typename F>
 void dispatch_float_bf16(at::ScalarType dtype, F&& fn) {
@@ -77,74 +514,6 @@ at::Tensor small_f32(const at::Tensor& t, const char* name, at::IntArrayRef shap
   return t.to(at::kFloat).contiguous();
 }
 
-// ---- forward --------------------------------------------------------------------------------------
-
-template <typename T>
-void forward_rows(const T* r, const T* s, const float* scale, const float* bias, T* out, float* mean,
-                  int64_t rows, int64_t C, int64_t L) {
-  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(L, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float a = scale[row % C], b = bias[row];
-      const T* rr = r + row * L;
-      const T* ss = s + row * L;
-      T* oo = out + row * L;
-      double total = 0.0;
-      for (int64_t start = 0; start < L; start += kStretch) {
-        const int64_t stop = std::min(L, start + kStretch);
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t l = start; l < stop; ++l) {
-          const float v = std::max(load(rr, l) * a + b + load(ss, l), 0.f);
-          store(oo, l, v);
-          acc += rounded(v, oo);
-        }
-        total += acc;
-      }
-      mean[row] = static_cast<float>(total / static_cast<double>(L));
-    }
-  });
-}
-
-template <typename T>
-void forward_channels_last(const T* r, const T* s, const float* scale, const float* bias, T* out, float* mean,
-                           int64_t N, int64_t C, int64_t L) {
-  const int64_t chunks = (L + kPosChunk - 1) / kPosChunk;
-  std::vector<double> partial(static_cast<size_t>(N * chunks * C));
-  const int64_t grain = std::max<int64_t>(1, kTaskElems / (kPosChunk * std::max<int64_t>(C, 1)));
-  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(C));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, chunk = task % chunks;
-      const int64_t p0 = chunk * kPosChunk, p1 = std::min(L, p0 + kPosChunk);
-      const float* bn = bias + n * C;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t base = (n * L + p) * C;
-        const T* rr = r + base;
-        const T* ss = s + base;
-        T* oo = out + base;
-        float* a = acc.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float v = std::max(load(rr, c) * scale[c] + bn[c] + load(ss, c), 0.f);
-          store(oo, c, v);
-          a[c] += rounded(v, oo);
-        }
-      }
-      double* dst = partial.data() + task * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] = acc[c];
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      double total = 0.0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) total += partial[(n * chunks + chunk) * C + c];
-      mean[n * C + c] = static_cast<float>(total / static_cast<double>(L));
-    }
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> diffusion_epilogue_cpu(const at::Tensor& r, const at::Tensor& s,
                                                           const at::Tensor& d, const at::Tensor& scale,
                                                           const at::Tensor& shift) {
@@ -173,85 +542,6 @@ std::tuple<at::Tensor, at::Tensor> diffusion_epilogue_cpu(const at::Tensor& r, c
     });
   }
   return {out, mean32.to(r.scalar_type())};
-}
-
-// ---- backward -------------------------------------------------------------------------------------
-
-template <typename T>
-void backward_rows(const T* gout, const float* gmean, const T* out, const T* r, const float* scale, T* grad_r,
-                   T* grad_s, double* sum_g, double* sum_gr, int64_t rows, int64_t C, int64_t L) {
-  const int64_t grain = std::max<int64_t>(1, kTaskElems / std::max<int64_t>(L, 1));
-  const float inv_L = 1.f / static_cast<float>(L);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float a = scale[row % C], gm = gmean[row] * inv_L;
-      const int64_t off = row * L;
-      double tg = 0.0, tgr = 0.0;
-      for (int64_t start = 0; start < L; start += kStretch) {
-        const int64_t stop = std::min(L, start + kStretch);
-        float ag = 0.f, agr = 0.f;
-#pragma omp simd reduction(+ : ag, agr)
-        for (int64_t l = start; l < stop; ++l) {
-          const float g = load(out + off, l) > 0.f ? load(gout + off, l) + gm : 0.f;
-          store(grad_s + off, l, g);
-          store(grad_r + off, l, g * a);
-          ag += g;
-          agr += g * load(r + off, l);
-        }
-        tg += ag;
-        tgr += agr;
-      }
-      sum_g[row] = tg;
-      sum_gr[row] = tgr;
-    }
-  });
-}
-
-template <typename T>
-void backward_channels_last(const T* gout, const float* gmean, const T* out, const T* r, const float* scale,
-                            T* grad_r, T* grad_s, double* sum_g, double* sum_gr, int64_t N, int64_t C, int64_t L) {
-  const int64_t chunks = (L + kPosChunk - 1) / kPosChunk;
-  std::vector<double> part_g(static_cast<size_t>(N * chunks * C)), part_gr(part_g.size());
-  const int64_t grain = std::max<int64_t>(1, kTaskElems / (kPosChunk * std::max<int64_t>(C, 1)));
-  const float inv_L = 1.f / static_cast<float>(L);
-  at::parallel_for(0, N * chunks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> ag(static_cast<size_t>(C)), agr(static_cast<size_t>(C)), gm(static_cast<size_t>(C));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / chunks, chunk = task % chunks;
-      const int64_t p0 = chunk * kPosChunk, p1 = std::min(L, p0 + kPosChunk);
-      for (int64_t c = 0; c < C; ++c) gm[c] = gmean[n * C + c] * inv_L;
-      std::fill(ag.begin(), ag.end(), 0.f);
-      std::fill(agr.begin(), agr.end(), 0.f);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t off = (n * L + p) * C;
-        float *a = ag.data(), *b = agr.data();
-        const float* m = gm.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const float g = load(out + off, c) > 0.f ? load(gout + off, c) + m[c] : 0.f;
-          store(grad_s + off, c, g);
-          store(grad_r + off, c, g * scale[c]);
-          a[c] += g;
-          b[c] += g * load(r + off, c);
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        part_g[task * C + c] = ag[c];
-        part_gr[task * C + c] = agr[c];
-      }
-    }
-  });
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      double tg = 0.0, tgr = 0.0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        tg += part_g[(n * chunks + chunk) * C + c];
-        tgr += part_gr[(n * chunks + chunk) * C + c];
-      }
-      sum_g[n * C + c] = tg;
-      sum_gr[n * C + c] = tgr;
-    }
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> diffusion_epilogue_backward_cpu(

@@ -12,7 +12,7 @@
 // count, so results are bitwise reproducible.
 //
 // The reductions are compiled three times (AVX-512, AVX2, baseline x86-64; baseline only elsewhere) and
-// the widest the CPU has is picked at run time; ATEN_CPU_CAPABILITY=default|avx2 caps it as it caps ATen.
+// the path isa.h's current_isa() names runs (the widest the CPU has unless capped or forced).
 // The backward is a broadcast fill (memcpy / integer fill), already at memory speed without that.
 
 #include <ATen/ATen.h>
@@ -21,102 +21,18 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "isa.h"
+
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // wide vector types only cross always-inlined calls
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define LGD_X86_DISPATCH 1
-#define LGD_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define LGD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
-#endif
-#define LGD_INLINE inline __attribute__((always_inline))
-
 namespace lgd_fast {
-
-// ---- which SIMD code path runs --------------------------------------------------------------------
-
-namespace {
-
-enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-
-const char* isa_name(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kAvx512:
-      return "avx512";
-    case CpuIsa::kAvx2:
-      return "avx2";
-    default:
-      return "baseline";
-  }
-}
-
-CpuIsa hardware_isa() {
-#ifdef LGD_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    return CpuIsa::kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::kAvx2;
-#endif
-  return CpuIsa::kBaseline;
-}
-
-CpuIsa detect_isa() {
-  CpuIsa isa = hardware_isa();
-  if (const char* cap = std::getenv("ATEN_CPU_CAPABILITY")) {  // the same cap ATen obeys
-    const std::string s(cap);
-    if (s == "default") isa = CpuIsa::kBaseline;
-    if (s == "avx2") isa = std::min(isa, CpuIsa::kAvx2);
-  }
-  return isa;
-}
-
-std::atomic<int> g_isa{-1};
-
-CpuIsa current_isa() {
-  int v = g_isa.load(std::memory_order_relaxed);
-  if (v < 0) {
-    v = static_cast<int>(detect_isa());
-    g_isa.store(v, std::memory_order_relaxed);
-  }
-  return static_cast<CpuIsa>(v);
-}
-
-}  // namespace
-
-// The SIMD path the CPU kernels use: "avx512", "avx2" or "baseline".
-std::string cpu_isa() { return isa_name(current_isa()); }
-
-// Forces a SIMD path (tests run every path); "auto" goes back to detection. Errors if the CPU lacks it.
-void set_cpu_isa(const std::string& name) {
-  if (name == "auto") {
-    g_isa.store(static_cast<int>(detect_isa()));
-    return;
-  }
-  CpuIsa want;
-  if (name == "avx512") {
-    want = CpuIsa::kAvx512;
-  } else if (name == "avx2") {
-    want = CpuIsa::kAvx2;
-  } else if (name == "baseline") {
-    want = CpuIsa::kBaseline;
-  } else {
-    TORCH_CHECK(false, "set_cpu_isa: name must be one of avx512, avx2, baseline, auto; got '", name, "'");
-  }
-  TORCH_CHECK(want <= hardware_isa(), "set_cpu_isa: this CPU cannot run the ", name, " path (it supports up to ",
-              isa_name(hardware_isa()), ")");
-  g_isa.store(static_cast<int>(want));
-}
 
 namespace {
 

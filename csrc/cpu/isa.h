@@ -1,0 +1,41 @@
+// Which SIMD code path the CPU kernels run, shared by every csrc/cpu kernel.
+//
+// A kernel that wants wide SIMD compiles its hot loops once per path (a function template marked
+// LGD_TARGET_AVX512 / LGD_TARGET_AVX2 / nothing, written with GCC/Clang vector extensions whose width the
+// target decides) and switches on current_isa() when called. setup.py passes no -march, so the baseline is
+// plain x86-64 (SSE2) and the wider paths exist only inside those target-marked functions.
+//
+// current_isa() is the widest path the CPU runs, capped by ATEN_CPU_CAPABILITY=default|avx2 as ATen is;
+// set_cpu_isa() forces one (tests run every path).
+
+#pragma once
+
+#include <string>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define LGD_X86_DISPATCH 1
+#define LGD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define LGD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#endif
+#define LGD_INLINE inline __attribute__((always_inline))
+
+namespace lgd_fast {
+
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// "avx512", "avx2" or "baseline".
+const char* isa_name(CpuIsa isa);
+
+// The widest path this CPU supports, whatever the environment or set_cpu_isa say.
+CpuIsa hardware_isa();
+
+// The path the kernels take now (detected once, then whatever set_cpu_isa last chose).
+CpuIsa current_isa();
+
+// The path the CPU kernels use, by name (lgd_fast._C.cpu_isa()).
+std::string cpu_isa();
+
+// Forces a path ("avx512", "avx2", "baseline"), or "auto" to detect again; errors if the CPU lacks it.
+void set_cpu_isa(const std::string& name);
+
+}  // namespace lgd_fast
