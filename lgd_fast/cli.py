@@ -2,6 +2,8 @@
 
 lgd-fast models                      list the registered models
 lgd-fast info MODEL [options]        parameters, FLOPs and output shapes of a model
+lgd-fast doctor [--aot sm_90a,sm_80] which backends run here and why not; compile the Triton kernels ahead
+                                     of time and print registers, spills and shared memory per kernel
 """
 
 from __future__ import annotations
@@ -106,11 +108,56 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--size", type=_positive, help="H = W of the input (default: the model's, e.g. 112)")
     info.add_argument("--early-stride", type=_positive, help="LGD-3D stem temporal stride (default: 4; tiny: 2)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    doctor = sub.add_parser(
+        "doctor",
+        help="which backends are available here (and why not); --aot compiles the Triton kernels for GPU targets",
+    )
+    doctor.add_argument(
+        "--aot",
+        metavar="TARGETS",
+        help="comma-separated GPU targets to compile every Triton kernel for, without a GPU (e.g. sm_90a,sm_80); "
+        "exits 1 on a compile failure or a register spill",
+    )
+    doctor.add_argument(
+        "--dtypes", default="bf16", help="element types of the large tensors for --aot (default: bf16; e.g. fp32,bf16)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def _doctor(args) -> int:
+    from . import doctor
+
+    info = doctor.report()
+    rows = None
+    status = 0
+    if args.aot:
+        targets = [t.strip() for t in args.aot.split(",") if t.strip()]
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        try:
+            rows = doctor.aot_compile(targets=targets, dtypes=dtypes)
+        except (RuntimeError, ValueError) as err:
+            print(f"lgd-fast doctor: error: {err}", file=sys.stderr)
+            return 1
+        spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+        if spilled:
+            status = 1
+    if args.json:
+        print(json.dumps({**info, "aot": rows}, indent=2))
+    else:
+        print(doctor.format_report(info))
+        if rows is not None:
+            print(f"\nahead-of-time compilation ({len(rows)} kernel builds):")
+            print(doctor.format_rows(rows))
+    if status:
+        print("lgd-fast doctor: error: register spills in the kernels above", file=sys.stderr)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "models":
         for name in list_models():
             print(f"{name:<12} {model_entry(name).description}")

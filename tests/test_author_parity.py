@@ -8,10 +8,10 @@ diffusion path moves these values by O(1), i.e. by 100 - 1000x the tolerance).
 
 import os
 
-import author_fixture as F
 import pytest
 import torch
 
+import author_fixture as F
 from lgd_fast import create_model
 from lgd_fast.models import P3DBasicBlock
 

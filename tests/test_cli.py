@@ -1,5 +1,6 @@
 """The `lgd-fast` command line (run in-process and as the installed console script)."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -45,6 +46,30 @@ def test_bad_flag_value_exits_with_usage():
     with pytest.raises(SystemExit) as exc:
         main(["info", "lgd3d_tiny", "--batch", "0"])
     assert exc.value.code == 2
+
+
+def test_doctor_reports_every_backend(capsys):
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["cpu"]["cpp"] == "ok"
+    assert set(info["backends"]["cuda"]) == {"cuda", "cpp", "triton", "reference"}
+    assert info["aot"] is None
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "backends on cpu:" in out and "lgd_fast._C_cuda" in out
+
+
+def test_doctor_aot_bad_target_fails(capsys):
+    assert main(["doctor", "--aot", "sm80"]) == 1
+    assert "not of the form sm_80 / sm_90a" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_doctor_aot_prints_registers_and_spills(capsys):
+    assert main(["doctor", "--aot", "sm_80", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["aot"]
+    assert rows and {r["target"] for r in rows} == {"sm_80"}
+    assert all(r["registers"] > 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
 
 
 @pytest.mark.skipif(shutil.which("lgd-fast") is None, reason="console script not installed (pip install -e .)")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_testing import SEED
 
 from lgd_fast.models import P3DBasicBlock, P3DBottleneck
 from lgd_fast.ops import global_update, global_update_reference
 from lgd_fast.ops.global_update import block_weights
+from op_testing import SEED
 
 
 def _case(block, n, gen, dtype=torch.float32):

@@ -1,17 +1,24 @@
 """Which implementation of an lgd_fast op runs: one place for every op to ask.
 
 Backends, by name:
+    "cuda"       the compiled CUDA extension ``lgd_fast._C_cuda`` (CUDA tensors; needs ``lgd_fast._C``).
     "cpp"        the compiled CPU extension ``lgd_fast._C`` (CPU tensors).
+    "triton"     the Triton kernels in ``lgd_fast.kernels`` (CUDA tensors; CPU tensors only under
+                 ``TRITON_INTERPRET=1``, and only when asked for by name).
     "reference"  the op's plain PyTorch implementation (every device, always there).
 
 Choice, first match wins: the op's ``backend=`` argument, then the ``LGD_FAST_BACKEND`` environment
-variable (``cpp``, ``reference`` or ``auto``), then ``auto``. ``auto`` takes the first fast backend the
-op implements that works for the tensor and otherwise falls back to the reference, logging a warning
-once per op, device and reason. Asking for a backend by name that cannot run raises ``RuntimeError``.
+variable (a backend name or ``auto``), then ``auto``. ``auto`` takes the first fast backend the op
+implements that runs on the tensor's device and handles the input (on CUDA tensors: cuda, then triton;
+on CPU tensors: cpp), and otherwise falls back to the reference, logging a warning once per op, device
+and reason. Asking by argument for a backend that cannot run raises ``RuntimeError``, and for one the op
+does not implement ``ValueError``; the environment variable naming a backend an op does not implement
+leaves that op on ``auto`` (so ``LGD_FAST_BACKEND=triton`` forces the ops that have Triton kernels).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -25,9 +32,13 @@ __all__ = [
     "ENV_VAR",
     "backend_unavailable_reason",
     "choose_backend",
+    "cuda_extension_available",
+    "cuda_extension_error",
     "extension_available",
     "extension_error",
+    "load_cuda_extension",
     "load_extension",
+    "triton_error",
     "requested_backend",
 ]
 
@@ -35,11 +46,16 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "LGD_FAST_BACKEND"
 AUTO = "auto"
-BACKENDS = ("cpp", "reference")
+BACKENDS = ("cuda", "cpp", "triton", "reference")
+# Devices on which ``auto`` considers each backend (a backend asked for by name is checked on its own).
+_AUTO_DEVICES = {"cuda": ("cuda",), "cpp": ("cpu",), "triton": ("cuda",)}
 
 _extension: ModuleType | None = None
 _extension_error: str | None = None
 _extension_tried = False
+_cuda_extension: ModuleType | None = None
+_cuda_extension_error: str | None = None
+_cuda_extension_tried = False
 _warned: set[tuple[str, ...]] = set()
 
 
@@ -68,10 +84,69 @@ def extension_error() -> str | None:
     return _extension_error
 
 
+def load_cuda_extension() -> ModuleType | None:
+    """Imports ``lgd_fast._C_cuda`` once, after ``lgd_fast._C`` (which defines the schemas it implements)."""
+    global _cuda_extension, _cuda_extension_error, _cuda_extension_tried
+    if not _cuda_extension_tried:
+        _cuda_extension_tried = True
+        if torch.version.cuda is None:
+            _cuda_extension_error = (
+                "not built: this torch is a CPU-only build (setup.py builds lgd_fast._C_cuda only where a CUDA "
+                "build of torch and nvcc are both present)"
+            )
+        elif load_extension() is None:
+            _cuda_extension_error = f"lgd_fast._C, which defines the op schemas, did not import ({extension_error()})"
+        else:
+            try:
+                from lgd_fast import _C_cuda
+
+                _cuda_extension = _C_cuda
+            except (ImportError, OSError, RuntimeError) as exc:  # not built (no CUDA toolkit/torch), ...
+                _cuda_extension_error = f"{type(exc).__name__}: {exc}"
+    return _cuda_extension
+
+
+def cuda_extension_available() -> bool:
+    """True if the compiled CUDA extension ``lgd_fast._C_cuda`` imported."""
+    return load_cuda_extension() is not None
+
+
+def cuda_extension_error() -> str | None:
+    """Why ``lgd_fast._C_cuda`` did not import, or None if it did."""
+    load_cuda_extension()
+    return _cuda_extension_error
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_error() -> str | None:
+    """Why the Triton kernels cannot be used at all (triton not installed), or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (`pip install triton`)"
+    return None
+
+
 def backend_unavailable_reason(backend: str, device_type: str) -> str | None:
     """None if ``backend`` can run on ``device_type`` tensors here, else a sentence saying why not."""
     if backend == "reference":
         return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors only, not {device_type}"
+        if not cuda_extension_available():
+            return (
+                f"the compiled CUDA extension lgd_fast._C_cuda did not import ({cuda_extension_error()}); "
+                "build it where CUDA torch and nvcc exist with `pip install --no-build-isolation -e .`"
+            )
+        return None
+    if backend == "triton":
+        if device_type != "cuda" and not (device_type == "cpu" and _interpreting_triton()):
+            return (
+                f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
+            )
+        return triton_error()
     if backend == "cpp":
         if device_type != "cpu":
             return f"the cpp backend runs on CPU tensors only, not {device_type}"
@@ -84,15 +159,22 @@ def backend_unavailable_reason(backend: str, device_type: str) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(BACKENDS)}")
 
 
-def requested_backend(requested: str | None = None) -> str:
-    """The backend asked for: ``requested`` if given, else ``$LGD_FAST_BACKEND``, else ``"auto"``."""
+def requested_backend(requested: str | None = None, backends: Sequence[str] = BACKENDS) -> str:
+    """The backend asked for: ``requested`` if given, else ``$LGD_FAST_BACKEND``, else ``"auto"``.
+
+    A ``requested`` name outside ``backends`` (the op's own) raises ``ValueError``; so does an environment
+    value that is no backend at all, while one naming a backend the op lacks gives ``"auto"``.
+    """
     source = "backend argument"
     if requested is None:
         requested, source = os.environ.get(ENV_VAR, AUTO), f"${ENV_VAR}"
     value = requested.strip().lower() or AUTO
-    if value != AUTO and value not in BACKENDS:
-        raise ValueError(f"{source} is {requested!r}; expected one of: {', '.join((*BACKENDS, AUTO))}")
-    return value
+    if value == AUTO or value in backends:
+        return value
+    if source != "backend argument" and value in BACKENDS:
+        return AUTO
+    known = backends if source == "backend argument" else BACKENDS
+    raise ValueError(f"{source} is {requested!r}; expected one of: {', '.join((*known, AUTO))}")
 
 
 def _log(level: int, message: str, once_key: tuple[str, ...] | None = None) -> None:
@@ -129,28 +211,30 @@ def choose_backend(
         A name from ``backends``.
 
     Raises:
-        RuntimeError: a backend was named that the op lacks or that cannot run here.
-        ValueError: the name is not a backend at all.
+        RuntimeError: a backend was named that cannot run here.
+        ValueError: the name is not one of the op's backends (or, from the environment, no backend at all).
     """
-    choice = requested_backend(requested)
+    choice = requested_backend(requested, backends)
     device_type = tensor.device.type
     if choice != AUTO:
-        if choice not in backends:
-            raise RuntimeError(
-                f"{op_name}: backend {choice!r} was requested but {op_name} has no such implementation "
-                f"(it has: {', '.join(backends)})"
-            )
         reason = backend_unavailable_reason(choice, device_type)
         if reason is not None:
             raise RuntimeError(f"{op_name}: backend {choice!r} was requested but cannot run: {reason}")
         return choice
+    missing, elsewhere = [], []  # why backends for this device cannot run; the other devices' backends
     for backend in backends:
         if backend == "reference":
+            missing = missing or elsewhere  # no backend for this device at all: say where they do run
+            if missing:
+                message = f"{op_name}: using the reference implementation because {'; '.join(missing)}"
+                _log(logging.WARNING, message, once_key=(op_name, device_type, message))
             return backend
+        if device_type not in _AUTO_DEVICES.get(backend, ()):
+            elsewhere.append(backend_unavailable_reason(backend, device_type) or f"{backend} is not automatic here")
+            continue
         reason = backend_unavailable_reason(backend, device_type)
         if reason is not None:
-            message = f"{op_name}: using the reference implementation because {reason}"
-            _log(logging.WARNING, message, once_key=(op_name, device_type, message))
+            missing.append(reason)
             continue
         reason = supports(backend, tensor) if supports is not None else None
         if reason is None:

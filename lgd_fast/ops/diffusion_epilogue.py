@@ -10,7 +10,14 @@ statistics in training (gradients flow through them as through BatchNorm), from 
 eval. One home for the op: ``diffusion_epilogue_reference`` (plain PyTorch), the public
 ``diffusion_epilogue`` (backend choice, see ``lgd_fast.ops._backend``), and the ``torch.library``
 registrations of ``torch.ops.lgd_fast.diffusion_epilogue`` (schema in ``csrc/ext.cpp``, CPU kernel in
-``csrc/cpu/diffusion_epilogue.cpp``): a fake kernel for ``torch.compile`` and autograd.
+``csrc/cpu/diffusion_epilogue.cpp``, CUDA kernel in ``csrc/cuda/diffusion_epilogue.cu``): a fake kernel for
+``torch.compile`` and autograd.
+
+The Triton kernels (``lgd_fast.kernels.diffusion_epilogue``) are a separate op,
+``torch.ops.lgd_fast.diffusion_epilogue_triton`` (and ``..._triton_backward``), registered with
+``torch.library.triton_op`` so that ``torch.compile`` sees the kernel launches (``wrap_triton``), with the
+same autograd. It is a separate op because the CUDA dispatch key of ``lgd_fast::diffusion_epilogue``
+belongs to the compiled CUDA kernel; the two GPU backends can then be chosen and compared side by side.
 """
 
 from __future__ import annotations
@@ -22,8 +29,12 @@ from . import _backend
 __all__ = ["diffusion_epilogue", "diffusion_epilogue_reference"]
 
 OP_NAME = "diffusion_epilogue"
-_BACKENDS = ("cpp", "reference")
-_DTYPES = (torch.float32, torch.bfloat16)
+_BACKENDS = ("cuda", "cpp", "triton", "reference")
+_DTYPES = {
+    "cpp": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+}
 
 
 def diffusion_epilogue_reference(
@@ -76,9 +87,9 @@ def _layout(t: torch.Tensor) -> str | None:
     return None
 
 
-def _cpp_supports(backend: str, r: torch.Tensor, s: torch.Tensor) -> str | None:
-    if r.dtype not in _DTYPES:
-        return f"dtype {r.dtype} is not float32 or bfloat16"
+def _kernel_supports(backend: str, r: torch.Tensor, s: torch.Tensor) -> str | None:
+    if r.dtype not in _DTYPES[backend]:
+        return f"dtype {r.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
     if _layout(r) is None or _layout(r) != _layout(s):
         return "r and s are not both contiguous or both channels_last_3d"
     return None
@@ -96,10 +107,11 @@ def diffusion_epilogue(
     """out = ReLU(r * scale + shift + s + d) and its mean over (T, H, W), differentiable in all five inputs.
 
     Args:
-        r, s: (N, C, T, H, W), float32 or bfloat16 (same dtype), both contiguous or both channels_last_3d
-            for the compiled kernel; ``auto`` sends anything else to the reference.
+        r, s: (N, C, T, H, W), same dtype, both contiguous or both channels_last_3d for the kernels (float32
+            or bfloat16 on CPU, also float16 on CUDA); ``auto`` sends anything else to the reference.
         d: (N, C); scale, shift: (C,); any float dtype (computed in float32).
-        backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``.
+        backend: ``"cuda"``, ``"cpp"``, ``"triton"``, ``"reference"``, ``"auto"``, or None to read
+            ``$LGD_FAST_BACKEND``.
 
     Returns:
         out in r's dtype and memory format, and mean (N, C) in r's dtype.
@@ -110,10 +122,14 @@ def diffusion_epilogue(
     """
     _check(r, s, d, scale, shift)
     choice = _backend.choose_backend(
-        OP_NAME, r, backend, backends=_BACKENDS, supports=lambda b, t: _cpp_supports(b, t, s)
+        OP_NAME, r, backend, backends=_BACKENDS, supports=lambda b, t: _kernel_supports(b, t, s)
     )
-    if choice == "cpp":
+    if choice in ("cpp", "cuda"):
         return torch.ops.lgd_fast.diffusion_epilogue(r, s, d, scale, shift)
+    if choice == "triton":
+        if not _TRITON_REGISTERED:
+            raise RuntimeError(f"{OP_NAME}: the triton op is not registered ({_backend.triton_error()})")
+        return torch.ops.lgd_fast.diffusion_epilogue_triton(r, s, d, scale, shift)
     return diffusion_epilogue_reference(r, s, d, scale, shift)
 
 
@@ -145,16 +161,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.dtypes = (s.dtype, d.dtype, scale.dtype, shift.dtype)
 
 
-def _grad(ctx, grad_out, grad_mean):
+def _grad(ctx, grad_out, grad_mean, backward=None):
     out, r, scale = ctx.saved_tensors
     n, c = r.shape[:2]
     if grad_out is None:
         grad_out = torch.zeros_like(r)
     if grad_mean is None:
         grad_mean = r.new_zeros((n, c))
-    grad_r, grad_s, grad_d, grad_scale, grad_shift = torch.ops.lgd_fast.diffusion_epilogue_backward(
-        grad_out, grad_mean, out, r, scale
-    )
+    backward = backward or torch.ops.lgd_fast.diffusion_epilogue_backward
+    grad_r, grad_s, grad_d, grad_scale, grad_shift = backward(grad_out, grad_mean, out, r, scale)
     s_dtype, d_dtype, scale_dtype, shift_dtype = ctx.dtypes
     return grad_r, grad_s.to(s_dtype), grad_d.to(d_dtype), grad_scale.to(scale_dtype), grad_shift.to(shift_dtype)
 
@@ -169,3 +184,33 @@ def _register() -> bool:
 
 
 _REGISTERED = _register()
+
+
+# ---- the Triton op (only where triton imports) ------------------------------------------------------
+
+
+def _register_triton() -> bool:
+    if _backend.triton_error() is not None:
+        return False
+    from lgd_fast.kernels import diffusion_epilogue as kernels
+
+    @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton", mutates_args=())
+    def _triton_forward(
+        r: torch.Tensor, s: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.forward(r, s, d, scale, shift)
+
+    @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton_backward", mutates_args=())
+    def _triton_backward(
+        grad_out: torch.Tensor, grad_mean: torch.Tensor, out: torch.Tensor, r: torch.Tensor, scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return kernels.backward(grad_out, grad_mean, out, r, scale)
+
+    def grad(ctx, grad_out, grad_mean):
+        return _grad(ctx, grad_out, grad_mean, torch.ops.lgd_fast.diffusion_epilogue_triton_backward)
+
+    _triton_forward.register_autograd(grad, setup_context=_setup_context)
+    return True
+
+
+_TRITON_REGISTERED = _register_triton()
