@@ -257,6 +257,44 @@ def wait_until_quiet(max_wait_s: float = 120.0, threshold_cores: float = 0.25, w
             return load.cores
 
 
+# ---- a benchmark script's command line and set-up ---------------------------------------------------
+
+
+def add_common_arguments(parser, *, default_out: Path, repeats: tuple[int, int] = (60, 10)) -> None:
+    """The flags every run_*.py script takes: --quick, --repeats, --warmup, --threads, --out, --plot, malloc, waits."""
+    full, quick = repeats
+    parser.add_argument("--quick", action="store_true", help=f"fewer shapes, {quick} repeats")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help=f"timed calls per candidate (default {full}, quick {quick})"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON path")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path, .png)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
+    parser.add_argument("--no-wait", action="store_true", help="do not wait for other processes to go quiet")
+    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    parser.set_defaults(_repeats_default=repeats)
+
+
+def prepare_run(args) -> dict[str, Any]:
+    """Applies the common flags before timing: threads, in-process compiles, malloc, a quiet machine, bandwidth.
+
+    Returns ``{"steady_malloc", "foreign_load_before_cores", "copy_bandwidth"}`` for the result file.
+    """
+    import torch._inductor.config
+
+    if args.repeats is None:
+        args.repeats = args._repeats_default[1 if args.quick else 0]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Inductor compiles in this process: no pool of compile workers competing with the timed calls.
+    torch._inductor.config.compile_threads = 1
+    steady = False if args.system_malloc else steady_malloc()
+    quiet = None if args.no_wait else wait_until_quiet(max_wait_s=args.max_wait)
+    return {"steady_malloc": steady, "foreign_load_before_cores": quiet, "copy_bandwidth": copy_bandwidth()}
+
+
 # ---- result files ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -77,15 +76,10 @@ def make_candidates(pass_: str) -> dict[str, Callable[[Any], Any]]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if not extension_available():
         raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    # Inductor compiles in this process: no pool of compile workers competing with the timed calls.
-    torch._inductor.config.compile_threads = 1
     from lgd_fast import _C
 
-    steady = False if args.system_malloc else h.steady_malloc()
-    quiet = None if args.no_wait else h.wait_until_quiet(max_wait_s=args.max_wait)
-    bandwidth = h.copy_bandwidth()
+    setup = h.prepare_run(args)
+    bandwidth = setup["copy_bandwidth"]
     print(f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write), cpu path {_C.cpu_isa()}")
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
     results = []
@@ -137,10 +131,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quick": args.quick,
             "warmup": args.warmup,
             "repeats": args.repeats,
-            "steady_malloc": steady,
+            "steady_malloc": setup["steady_malloc"],
         },
         "copy_bandwidth": bandwidth,
-        "foreign_load_before_cores": quiet,
+        "foreign_load_before_cores": setup["foreign_load_before_cores"],
         "notes": [
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
             "candidates: cpp = global_avg_pool(x, backend='cpp'); reference = global_avg_pool_reference (eager; "
@@ -204,18 +198,8 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="res2 shape only, 10 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per candidate (default 60, quick 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per candidate first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=h.RESULTS_DIR / "global_avg_pool_cpu.json", help="JSON path")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: the JSON path, .png)")
-    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc behaviour")
-    parser.add_argument("--no-wait", action="store_true", help="do not wait for other processes to go quiet")
-    parser.add_argument("--max-wait", type=float, default=120.0, help="seconds to wait for a quiet machine")
+    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "global_avg_pool_cpu.json")
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 10 if args.quick else 60
     payload = run(args)
     print("wrote", h.write_json(args.out, payload))
     print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
