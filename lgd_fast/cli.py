@@ -4,6 +4,8 @@ lgd-fast models                      list the registered models
 lgd-fast info MODEL [options]        parameters, FLOPs and output shapes of a model
 lgd-fast doctor [--aot sm_90a,sm_80] which backends run here and why not; compile the Triton kernels ahead
                                      of time and print registers, spills and shared memory per kernel
+lgd-fast make-dataset OUT [options]  write the built-in motion dataset (real video files + annotation lists)
+lgd-fast check-data LIST_OR_DIR      decode every video as training would; table of failures, exit 1 if any
 """
 
 from __future__ import annotations
@@ -122,7 +124,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtypes", default="bf16", help="element types of the large tensors for --aot (default: bf16; e.g. fp32,bf16)"
     )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    make = sub.add_parser("make-dataset", help="write the built-in dataset of time-reversal motion classes")
+    make.add_argument("out", help="output folder (created; an existing identical dataset is reused)")
+    make.add_argument("--classes", type=_positive, help="number of classes, even (twin pairs)")
+    make.add_argument("--videos-per-class", type=_positive, help="videos per class (train + val)")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default 0): same seed, same files")
+    make.add_argument("--codec", choices=("vp9", "h264"), default="vp9", help="vp9 (.webm, default) or h264 (.mp4)")
+    make.add_argument("--frames", type=_positive, help="frames per video")
+    make.add_argument("--size", type=_positive, help="frame height = width in pixels")
+
+    check = sub.add_parser("check-data", help="decode every video as training would and report failures")
+    check.add_argument("source", help="annotation list (path label), Kinetics CSV, or a folder-per-class tree")
+    check.add_argument("--root", help="folder the listed paths are relative to (default: the list's folder)")
+    check.add_argument("--class-index", help="class-index file (one class name per line)")
+    check.add_argument("--format", choices=("auto", "list", "kinetics_csv", "folder"), default="auto")
+    check.add_argument("--backend", choices=("auto", "dali", "pyav"), default="auto")
     return parser
+
+
+def _make_dataset(args) -> int:
+    from .data.synthetic import make_dataset
+
+    options = {
+        k: v
+        for k, v in (("classes", args.classes), ("videos_per_class", args.videos_per_class),
+                     ("frames", args.frames), ("size", args.size))
+        if v is not None
+    }
+    try:
+        info = make_dataset(args.out, seed=args.seed, codec=args.codec, **options)
+    except (ValueError, FileExistsError) as err:
+        print(f"lgd-fast make-dataset: error: {err}", file=sys.stderr)
+        return 2
+    print(info.summary())
+    return 0
+
+
+def _check_data(args) -> int:
+    from .data.annotations import AnnotationError, read_annotations
+    from .data.check import check_videos, format_failures
+
+    try:
+        records = read_annotations(args.source, root=args.root, class_index=args.class_index, fmt=args.format)
+    except (AnnotationError, OSError, ValueError) as err:
+        print(f"lgd-fast check-data: error: {err}", file=sys.stderr)
+        return 2
+    result = check_videos(records, backend=args.backend)
+    print(format_failures(result))
+    return 0 if result.ok else 1
 
 
 def _doctor(args) -> int:
@@ -158,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "make-dataset":
+        return _make_dataset(args)
+    if args.command == "check-data":
+        return _check_data(args)
     if args.command == "models":
         for name in list_models():
             print(f"{name:<12} {model_entry(name).description}")
