@@ -34,10 +34,10 @@ from lgd_fast import create_model  # noqa: E402
 from lgd_fast.data import ClipSpec, VideoClipLoader, probe, read_annotations, read_clip  # noqa: E402
 from lgd_fast.data.synthetic import make_dataset  # noqa: E402
 
-# name -> (frame size, frames per video, the ClipSpec a model would train on at that size)
+# name -> (frame size, frames per video, the ClipSpec a model trains on at that size, that model, its batch)
 SETS = {
-    "large-128px": (128, 64, ClipSpec(clip_len=16, resize_shorter=128, crop=112)),
-    "demo-48px": (48, 32, ClipSpec(clip_len=16, resize_shorter=40, crop=32)),
+    "large-128px": (128, 64, ClipSpec(clip_len=16, resize_shorter=128, crop=112), "lgd3d_r18", 4),
+    "demo-48px": (48, 32, ClipSpec(clip_len=16, resize_shorter=40, crop=32), "lgd3d_tiny", 16),
 }
 
 
@@ -74,8 +74,8 @@ def time_loader(records, spec: ClipSpec, backend: str, batch: int, epochs: int) 
     return {"clips_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "epochs": epochs}
 
 
-def time_train_step(spec: ClipSpec, batch: int, fast: bool, steps: int) -> dict[str, float]:
-    model = create_model("lgd3d_tiny", 8, classifier="two_heads", fast=fast).train()
+def time_train_step(name: str, spec: ClipSpec, batch: int, fast: bool, steps: int) -> dict[str, float]:
+    model = create_model(name, 8, classifier="two_heads", fast=fast).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     clips = [torch.randn(batch, 3, spec.frames, spec.crop, spec.crop, generator=gen) for _ in range(3)]
@@ -96,7 +96,7 @@ def time_train_step(spec: ClipSpec, batch: int, fast: bool, steps: int) -> dict[
         step(clips[i % 3])
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
-    return {"clips_per_s": batch / med, "step_s": med}
+    return {"model": name, "batch": batch, "clips_per_s": batch / med, "step_s": med}
 
 
 def run(args) -> dict[str, Any]:
@@ -107,7 +107,7 @@ def run(args) -> dict[str, Any]:
     rows = []
     sets = {"demo-48px": SETS["demo-48px"]} if args.quick else SETS
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (size, frames, spec) in sets.items():
+        for name, (size, frames, spec, model, model_batch) in sets.items():
             records = dataset(Path(tmp) / name, size, frames)
             with h.ForeignLoad() as load:
                 reads = time_read_clip(records, spec.clip_len, rounds=max(3, args.repeats // 10))
@@ -125,23 +125,19 @@ def run(args) -> dict[str, Any]:
                 "dali_vs_pyav_loader": loaders["dali"]["clips_per_s"] / loaders["pyav"]["clips_per_s"],
                 "foreign_load_cores": load.cores,
             }
-            if name == "demo-48px":
-                row["train_step"] = {
-                    "reference": time_train_step(spec, args.batch, fast=False, steps=args.repeats // 3 or 5),
-                    "fast": time_train_step(spec, args.batch, fast=True, steps=args.repeats // 3 or 5),
-                }
+            steps = max(3, args.repeats // (3 if model == "lgd3d_tiny" else 10))
+            row["train_step"] = {
+                "reference": time_train_step(model, spec, model_batch, fast=False, steps=steps),
+                "fast": time_train_step(model, spec, model_batch, fast=True, steps=steps),
+            }
             rows.append(row)
             print(
                 f"{name}: read_clip dali {reads['dali']['clips_per_s']:.0f} clips/s, pyav "
                 f"{reads['pyav']['clips_per_s']:.0f} (x{row['dali_vs_pyav_read_clip']:.2f}); loader dali "
                 f"{loaders['dali']['clips_per_s']:.0f}, pyav {loaders['pyav']['clips_per_s']:.0f} "
                 f"(x{row['dali_vs_pyav_loader']:.2f})"
-                + (
-                    f"; train step reference {row['train_step']['reference']['clips_per_s']:.0f} clips/s, fast "
-                    f"{row['train_step']['fast']['clips_per_s']:.0f}"
-                    if "train_step" in row
-                    else ""
-                )
+                + f"; {model} train step reference {row['train_step']['reference']['clips_per_s']:.1f} clips/s, fast "
+                f"{row['train_step']['fast']['clips_per_s']:.1f}"
             )
     return {
         "benchmark": "decode",
@@ -155,8 +151,9 @@ def run(args) -> dict[str, Any]:
             "from the start of the file up to the clip (exact frame numbers, no seeking)",
             "loader: VideoClipLoader training epochs, batch as in settings, 2 decoding threads/workers, first "
             "epoch not counted; clips/s includes resize, crop, flip, normalisation and batching",
-            "train_step: lgd3d_tiny (two_heads) forward + backward + SGD step on random clips of the loader's "
-            "shape, median step; the loader and the step are measured separately (on 2 cores they share the CPU)",
+            "train_step: the model named per set (two_heads) forward + backward + SGD step on random clips of the "
+            "loader's shape, median step; the loader and the step are measured separately (on 2 cores they share "
+            "the CPU)",
         ],
         "results": rows,
     }
@@ -166,6 +163,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     rows = payload["results"]
     fig, (ax_read, ax_loop) = h.new_figure(1, 2, figsize=(13, 1.2 * len(rows) + 2.5))
     labels = [r["set"] for r in rows]
+    h_labels = [f"{r['set']}\n({r['train_step']['fast']['model']})" for r in rows]
     h.grouped_barh(
         ax_read, labels,
         {b: [r["read_clip"][b]["clips_per_s"] for r in rows] for b in ("dali", "pyav")},
@@ -173,12 +171,10 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     )
     ax_read.set_title("read_clip, 16-frame clips/s (higher is better)")
     series = {f"loader {b}": [r["loader"][b]["clips_per_s"] for r in rows] for b in ("dali", "pyav")}
-    series["train step (fast)"] = [r.get("train_step", {}).get("fast", {}).get("clips_per_s", 0.0) for r in rows]
-    series["train step (reference)"] = [
-        r.get("train_step", {}).get("reference", {}).get("clips_per_s", 0.0) for r in rows
-    ]
-    h.grouped_barh(ax_loop, labels, series, value_format="{:.0f}")
-    ax_loop.set_title("loader vs the lgd3d_tiny training step it feeds, clips/s")
+    series["train step (fast)"] = [r["train_step"]["fast"]["clips_per_s"] for r in rows]
+    series["train step (reference)"] = [r["train_step"]["reference"]["clips_per_s"] for r in rows]
+    h.grouped_barh(ax_loop, h_labels, series, value_format="{:.1f}")
+    ax_loop.set_title("loader vs the training step it feeds (128 px: lgd3d_r18, 48 px: lgd3d_tiny), clips/s")
     m = payload["machine"]
     fig.suptitle(
         f"video decoding, {m['device']} ({m['cores']} cores), DALI {m['dali']}, PyAV {m['pyav']}, "
