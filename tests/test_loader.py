@@ -88,13 +88,29 @@ def test_file_broken_after_probing_is_skipped_in_the_epoch(records, tmp_path, ca
         write_video(tmp_path / "victim", 20, seed=9)  # restore for the next backend
 
 
-def test_sharding_partitions_the_videos(records):
+def test_test_time_sharding_partitions_the_videos(records):
     ids = []
-    for shard_id in range(3):
-        loader = VideoClipLoader(records, spec=SPEC, batch_size=8, backend="pyav", shard_id=shard_id, num_shards=3,
-                                 num_workers=0)
+    for shard_id in range(4):
+        loader = VideoClipLoader(records, spec=SPEC, batch_size=8, backend="pyav", shard_id=shard_id, num_shards=4,
+                                 num_workers=0, training=False)
         ids.append({int(i) for b in loader for i in b.video_ids})
     assert set().union(*ids) == set(range(6)) and sum(len(s) for s in ids) == 6
+
+
+@pytest.mark.parametrize("num_shards", [2, 4])
+def test_training_shards_split_each_global_batch(records, num_shards):
+    """Rank r's k-th batch (global batch / num_shards clips) is its part of the single-process k-th batch."""
+    whole = VideoClipLoader(records, spec=SPEC, batch_size=4, backend="pyav", seed=5, num_workers=0)
+    global_plans = whole._plans()
+    parts = [
+        VideoClipLoader(records, spec=SPEC, batch_size=4 // num_shards, backend="pyav", seed=5, num_workers=0,
+                        shard_id=r, num_shards=num_shards)._plans()
+        for r in range(num_shards)
+    ]
+    assert {len(p) for p in parts} == {-(-6 // num_shards)}  # padded to equal lengths
+    for k in range(len(global_plans) // 4):
+        union = sorted(p for part in parts for p in part[k * 4 // num_shards : (k + 1) * 4 // num_shards])
+        assert union == sorted(global_plans[k * 4 : (k + 1) * 4])
 
 
 def test_h264_on_cpu_falls_back_to_pyav_or_errors_when_strict(tmp_path, caplog):
@@ -107,6 +123,13 @@ def test_h264_on_cpu_falls_back_to_pyav_or_errors_when_strict(tmp_path, caplog):
     assert next(iter(loader)).clips.shape == (1, 3, 8, 32, 32)
     with pytest.raises(RuntimeError, match="DALI backend cannot decode.*h264"):
         VideoClipLoader(records, spec=SPEC, strict=True, num_workers=0)
+
+
+def test_reversed_clips_are_the_clips_played_backwards(records):
+    kwargs = dict(batch_size=6, training=False, backend="pyav", num_workers=0)
+    forward = next(iter(VideoClipLoader(records, spec=SPEC, **kwargs)))
+    backward = next(iter(VideoClipLoader(records, spec=ClipSpec(**{**SPEC.__dict__, "reverse": True}), **kwargs)))
+    assert torch.equal(backward.clips, forward.clips.flip(2))
 
 
 def test_bad_arguments():

@@ -1,7 +1,7 @@
 """Batches of clips for training and testing: DALI pipelines, or PyAV with a multi-worker DataLoader.
 
 One sampling plan for both backends: Python decides, per sample, which frames (``sampling.py``), the resize
-size, the crop offsets and the flip, from a generator seeded by (seed, epoch, shard); the backend then
+size, the crop offsets and the flip, from a generator seeded by (seed, epoch); the backend then
 decodes those frames and applies resize, crop, flip and normalisation (DALI inside its pipeline, PyAV in
 the worker with torch). So the two backends give the same clips up to resampling round-off.
 
@@ -67,6 +67,7 @@ class ClipSpec:
     flip: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    reverse: bool = False  # play every clip backwards (the demo's time-reversal control)
 
     def __post_init__(self):
         if self.kind not in ("3d", "2d"):
@@ -130,6 +131,8 @@ def plan_samples(
             size[0], size[1], spec.crop, num_crops=1 if training else spec.test_crops, training=training, rng=rng
         )
         for frames in frame_sets:
+            if spec.reverse:
+                frames = list(frames)[::-1]
             for offset in offsets:
                 flip = bool(training and spec.flip and rng.random() < 0.5)
                 plans.append(
@@ -191,7 +194,11 @@ class VideoClipLoader:
         training: random frames, crops and flips, shuffled order; else every test view in order.
         backend: ``"dali"``, ``"pyav"`` or ``"auto"``.
         strict: with ``auto``, raise instead of falling back to PyAV when DALI cannot decode the files.
-        shard_id, num_shards: this process's part of ``records`` (distributed training).
+        shard_id, num_shards: this process's part (distributed training). In training every process plans the
+            whole epoch from the same generator and takes clips ``shard_id::num_shards`` (the plan padded by
+            wrapping to a multiple of ``num_shards``), so with ``batch_size`` = global batch / ``num_shards`` the
+            processes' k-th batches together are exactly the single-process k-th batch of the global size. At
+            test, videos are split ``shard_id::num_shards`` (a video's views stay together).
         num_workers: PyAV DataLoader workers; DALI decoding threads.
         seed: with the epoch number, decides every random choice.
         progress: a progress bar while probing the files.
@@ -218,11 +225,14 @@ class VideoClipLoader:
         self.epoch = 0
         self.skipped: list[tuple[str, str]] = []
         self.dropped: list[tuple[str, str]] = []  # files found unusable when probing
+        shard(range(1), 0, self.num_shards)  # validates num_shards
+        shard(range(self.num_shards), self.shard_id, self.num_shards)  # validates shard_id
         ids = list(range(len(self.records)))
-        mine = shard(ids, self.shard_id, self.num_shards)
-        self.videos = self._probe([(i, self.records[i]) for i in mine])
+        if not self.training:
+            ids = shard(ids, self.shard_id, self.num_shards)
+        self.videos = self._probe([(i, self.records[i]) for i in ids])
         if not self.videos:
-            raise ValueError(f"no usable video among {len(mine)} records (see the warnings above)")
+            raise ValueError(f"no usable video among {len(ids)} records (see the warnings above)")
         self.backend_used = self._choose_backend()
         self._pipeline = None
 
@@ -236,7 +246,8 @@ class VideoClipLoader:
             try:
                 usable.append((video_id, record, probe(record.path)))
             except VideoError as err:
-                logger.warning("skipping %s: %s", err.path, err.reason)
+                if self.shard_id == 0 or not self.training:  # in training every process probes every file
+                    logger.warning("skipping %s: %s", err.path, err.reason)
                 self.dropped.append((err.path, err.reason))
         return usable
 
@@ -255,8 +266,10 @@ class VideoClipLoader:
     # ---- iteration ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        views = 1 if self.training else self._views_per_video()
-        n = len(self.videos) * views
+        if self.training:
+            n = math.ceil(len(self.videos) / self.num_shards)
+        else:
+            n = len(self.videos) * self._views_per_video()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def _views_per_video(self) -> int:
@@ -268,12 +281,17 @@ class VideoClipLoader:
         self.epoch = epoch
 
     def _plans(self) -> list[SamplePlan]:
-        key = zlib.crc32(f"{self.seed}/{self.epoch}/{self.shard_id}".encode())
-        rng = np.random.default_rng(key)
+        rng = np.random.default_rng(zlib.crc32(f"{self.seed}/{self.epoch}".encode()))
         videos = list(self.videos)
-        if self.training:
-            videos = [videos[i] for i in rng.permutation(len(videos))]
-        return plan_samples(videos, self.spec, training=self.training, rng=rng)
+        if not self.training:
+            return plan_samples(videos, self.spec, training=False, rng=rng)
+        videos = [videos[i] for i in rng.permutation(len(videos))]
+        plans = plan_samples(videos, self.spec, training=True, rng=rng)
+        if self.num_shards > 1:
+            padded = math.ceil(len(plans) / self.num_shards) * self.num_shards
+            plans = [plans[i % len(plans)] for i in range(padded)]
+            plans = plans[self.shard_id :: self.num_shards]
+        return plans
 
     def __iter__(self) -> Iterator[ClipBatch]:
         plans = self._plans()
