@@ -6,12 +6,17 @@ lgd-fast doctor [--aot sm_90a,sm_80] which backends run here and why not; compil
                                      of time and print registers, spills and shared memory per kernel
 lgd-fast make-dataset OUT [options]  write the built-in motion dataset (real video files + annotation lists)
 lgd-fast check-data LIST_OR_DIR      decode every video as training would; table of failures, exit 1 if any
+lgd-fast train --data DIR --model NAME --epochs N --out RUN [--config FILE.yaml] [--set key=value ...]
+                                     two-stage LGD training; the same --out again resumes from its last.pt
+lgd-fast eval --data DIR --checkpoint PATH [--out DIR]
+                                     video-level multi-view accuracy, per class, confusion matrix (PNG, JSON)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -140,7 +145,97 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--class-index", help="class-index file (one class name per line)")
     check.add_argument("--format", choices=("auto", "list", "kinetics_csv", "folder"), default="auto")
     check.add_argument("--backend", choices=("auto", "dali", "pyav"), default="auto")
+
+    train = sub.add_parser("train", help="train (or resume) an LGD model on a dataset folder")
+    train.add_argument("--data", help="dataset folder with train.txt, val.txt, classes.txt (make-dataset writes one)")
+    train.add_argument("--model", help="model name (see `lgd-fast models`)")
+    train.add_argument("--epochs", type=_positive, help="stage-1 epochs")
+    train.add_argument("--stage2-epochs", type=int, help="stage-2 epochs (kernel classifier)")
+    train.add_argument("--out", help="run folder; the same folder again resumes from checkpoints/last.pt")
+    train.add_argument("--config", help="YAML file of config values (nested like lgd_fast.engine.TrainConfig)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config value, e.g. --set optim.lr=0.01 (repeatable)")
+    train.add_argument("--batch-size", type=_positive, help="global batch size (clips)")
+    train.add_argument("--lr", type=float, help="stage-1 peak learning rate")
+    train.add_argument("--amp", choices=("none", "bf16"), help="bfloat16 autocast")
+    train.add_argument("--fast", action="store_true", default=None, help="the fused model")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    train.add_argument("--channels-last", action="store_true", default=None, help="channels_last_3d")
+    train.add_argument("--init-from", help="fine-tune from this checkpoint (heads of another label set replaced)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    evaluate = sub.add_parser("eval", help="video-level accuracy of a checkpoint on a dataset's val list")
+    evaluate.add_argument("--data", required=True, help="dataset folder (its val list and classes.txt)")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by lgd-fast train")
+    evaluate.add_argument("--list", help="annotation list to evaluate (default: the run's val list)")
+    evaluate.add_argument("--out", help="folder for eval.json and eval_confusion.png (default: the checkpoint's run)")
+    evaluate.add_argument("--reverse", action="store_true", help="play every clip backwards (time-order control)")
+    evaluate.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
     return parser
+
+
+def _train(args) -> int:
+    from .engine import ConfigError, TrainingDiverged, load_config, train
+    from .engine.config import TrainConfig
+
+    flags = {
+        "data__root": args.data, "model__name": args.model, "epochs": args.epochs,
+        "stage2_epochs": args.stage2_epochs, "out": args.out, "optim__batch_size": args.batch_size,
+        "optim__lr": args.lr, "amp": args.amp, "model__fast": args.fast, "model__compile": args.compile,
+        "model__channels_last": args.channels_last, "model__init_from": args.init_from, "seed": args.seed,
+        "progress": False if args.no_progress else None,
+    }
+    try:
+        config: TrainConfig = load_config(args.config, args.set, **flags)
+        if not config.out or not config.data.root:
+            raise ConfigError("--data and --out (or data.root and out in the config file) are required")
+        metrics = train(config)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"lgd-fast train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"lgd-fast train: {err}", file=sys.stderr)
+        return 3
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"done: epoch {metrics['epoch']}, val top-1 {metrics['val_top1']:.3f}, best "
+              f"{metrics['best_val_top1']:.3f}; run folder {config.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from .data import read_annotations
+    from .data.loader import VideoClipLoader
+    from .engine import build_model, clip_spec, load_checkpoint
+    from .engine.config import config_from_dict
+    from .engine.evaluate import evaluate, format_eval, write_eval
+
+    try:
+        state = load_checkpoint(args.checkpoint)
+        config = config_from_dict(state["config"])
+        class_names = list(state["class_names"])
+        model = build_model(config, len(class_names))
+        model.load_state_dict(state["model"])
+        if state.get("stage") == 2 and hasattr(model, "kernel_head"):
+            model.stage = 2
+        elif hasattr(model, "kernel_head"):
+            model.stage = 1
+        listing = args.list or str(Path(args.data) / config.data.val_list)
+        records = read_annotations(listing, class_index=class_names)
+        loader = VideoClipLoader(records, spec=clip_spec(config, config.model.name, reverse=args.reverse),
+                                 batch_size=config.optim.batch_size, training=False,
+                                 backend=args.backend or config.data.backend, num_workers=config.data.workers)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"lgd-fast eval: error: {err}", file=sys.stderr)
+        return 2
+    result = evaluate(model, loader, num_classes=len(class_names), class_names=class_names)
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent
+    paths = write_eval(result, out, class_names=class_names, prefix="eval_reversed" if args.reverse else "eval")
+    print(format_eval(result, class_names))
+    print("wrote", ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _make_dataset(args) -> int:
@@ -208,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "make-dataset":
         return _make_dataset(args)
     if args.command == "check-data":

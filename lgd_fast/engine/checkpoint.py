@@ -1,0 +1,71 @@
+"""Training checkpoints: written atomically, read with ``weights_only=True`` (a checkpoint is untrusted input).
+
+A checkpoint is a dict of tensors and plain values: ``model`` (state_dict), ``optimizer``, ``scheduler``,
+``rng`` (torch CPU and CUDA generator states), ``epoch`` (the last finished epoch), ``step``, ``stage``,
+``history`` (the metrics rows so far), ``best_top1``, ``config`` (the resolved TrainConfig as a dict),
+``class_names`` and ``format``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Writes ``payload`` to a temporary file in the same folder, flushes it to disk, then renames it over
+    ``path``: a run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({**payload, "format": CHECKPOINT_FORMAT}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint written by ``save_checkpoint`` (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable lgd_fast checkpoint (names the file and the reason).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ValueError(f"{path}: not an lgd_fast checkpoint (no 'model' entry)")
+    return payload
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,403 @@
+"""The LGD training loop: two stages, SGD Nesterov + cosine with warm-up, checkpoints, resume, validation.
+
+Stage 1 trains the network with the two plain heads (loss = CE(local) + CE(global)); with
+``classifier="kernel"`` stage 2 then trains with the combination classifier's loss (SPEC.md section 4),
+starting from ``optim.lr * optim.stage2_lr_scale`` with its own cosine decay. In each stage only the
+parameters that stage uses require gradients (stage 1: everything but ``kernel_head``; stage 2: everything
+but the plain heads), which also keeps DistributedDataParallel free of unused parameters.
+
+``RUN/`` (``config.out``) receives ``config.yaml`` (the resolved config), ``checkpoints/last.pt`` after
+every epoch and ``checkpoints/best.pt`` at the best validation top-1, ``metrics.json`` (``epoch``,
+``val_top1``, ``best_val_top1`` and the per-epoch ``history``) and ``curves.png``. Running again with the
+same ``out`` resumes from ``last.pt`` (epoch boundaries: the data order and every random choice depend on
+(seed, epoch) only, and the RNG state is restored, so a resumed run ends with the same weights as one that
+was never interrupted). A non-finite loss stops the run with ``TrainingDiverged`` naming the step; the
+last good checkpoint is kept.
+
+Distributed: started by ``torchrun``, each process trains on its shard with ``batch_size / world_size``
+clips (the loader splits every global batch exactly), gradients are averaged by DDP (gloo on the CPU,
+NCCL on GPUs), losses and accuracies are reduced across processes, and only rank 0 validates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..data.annotations import read_annotations, read_class_index
+from ..data.loader import ClipSpec, VideoClipLoader
+from ..models import create_model, model_entry
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig, config_dict, config_from_dict, save_config
+
+__all__ = ["TrainingDiverged", "Trainer", "build_model", "clip_spec", "train"]
+
+logger = logging.getLogger(__name__)
+
+HEAD_PREFIXES = ("fc.", "fc_g.", "kernel_head.")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the checkpoint that was kept."""
+
+
+def clip_spec(config: TrainConfig, model_name: str, *, reverse: bool = False) -> ClipSpec:
+    """The loader's ClipSpec for ``model_name`` (LGD-2D: TSN segments; LGD-3D: clips) from the data config."""
+    d = config.data
+    kind = "2d" if model_name.startswith("lgd2d") else "3d"
+    return ClipSpec(
+        kind=kind, clip_len=d.clip_len, step=d.step, num_segments=d.num_segments, test_clips=d.test_clips,
+        test_views=d.test_views, test_crops=d.test_crops, resize_shorter=d.resize_shorter, crop=d.crop,
+        flip=d.flip, reverse=reverse,
+    )
+
+
+def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The model the config names, with its dropout (and sketch dimension for the kernel classifier)."""
+    m = config.model
+    model_entry(m.name)  # a clear error for an unknown name
+    options: dict[str, Any] = {"dropout": m.dropout}
+    if m.classifier == "kernel":
+        options["sketch_dim"] = m.sketch_dim
+    return create_model(m.name, num_classes, classifier=m.classifier, fast=m.fast, **options)
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but torch sees no CUDA device")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _set_stage(model: torch.nn.Module, stage: int) -> None:
+    """Stage 1: plain heads; stage 2: the combination classifier. Unused parameters stop requiring grads."""
+    if hasattr(model, "kernel_head"):
+        model.stage = stage
+    for name, p in model.named_parameters():
+        if name.startswith("kernel_head."):
+            p.requires_grad_(stage == 2)
+        elif name.startswith(("fc.", "fc_g.")):
+            p.requires_grad_(stage == 1 or not hasattr(model, "kernel_head"))
+        else:
+            p.requires_grad_(True)
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class Trainer:
+    """Runs ``config`` to the end (or resumes it); ``run()`` returns the final metrics dict."""
+
+    def __init__(self, config: TrainConfig):
+        if not config.out:
+            raise ValueError("config.out (the run folder, --out) must be set")
+        if not config.data.root:
+            raise ValueError("config.data.root (the dataset folder, --data) must be set")
+        self.config = config
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.device = _device(config)
+        self.out = Path(config.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.distributed = self.world > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if config.optim.batch_size % self.world:
+            raise ValueError(f"optim.batch_size {config.optim.batch_size} is not divisible by {self.world} processes")
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+
+    def _data(self):
+        c = self.config
+        root = Path(c.data.root)
+        self.class_names = read_class_index(root / c.data.class_index)
+        num_classes = len(self.class_names)
+        train_records = read_annotations(root / c.data.train_list, class_index=self.class_names)
+        val_records = read_annotations(root / c.data.val_list, class_index=self.class_names)
+        spec = clip_spec(c, c.model.name)
+        common = dict(spec=spec, backend=c.data.backend, strict=c.data.strict, num_workers=c.data.workers,
+                      progress=c.progress and self.rank == 0)
+        self.train_loader = VideoClipLoader(
+            train_records, batch_size=c.optim.batch_size // self.world, training=True, seed=c.seed,
+            shard_id=self.rank, num_shards=self.world, drop_last=False, **common,
+        )
+        self.val_loader = (
+            VideoClipLoader(val_records, batch_size=c.optim.batch_size, training=False, **common)
+            if self.rank == 0 else None
+        )
+        return num_classes
+
+    def _optimizer(self, stage: int, steps_per_epoch: int):
+        o, c = self.config.optim, self.config
+        lr = o.lr if stage == 1 else o.lr * o.stage2_lr_scale
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
+                                    weight_decay=o.weight_decay)
+        epochs = c.epochs if stage == 1 else c.stage2_epochs
+        warmup = int(round(o.warmup_epochs * steps_per_epoch)) if stage == 1 else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * steps_per_epoch, warmup))
+        return optimizer, scheduler
+
+    def _wrap(self):
+        run = self.model
+        if self.distributed:
+            run = torch.nn.parallel.DistributedDataParallel(
+                run, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if self.config.model.compile:
+            run = torch.compile(run)
+        self.run_model = run
+
+    # ---- the run ------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        c = self.config
+        torch.manual_seed(c.seed)
+        num_classes = self._data()
+        self.model = build_model(c, num_classes).to(self.device)
+        if c.model.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        total_epochs = c.epochs + (c.stage2_epochs if c.model.classifier == "kernel" else 0)
+        steps_per_epoch = len(self.train_loader)
+        if c.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, c.max_steps_per_epoch)
+        self.history: list[dict[str, Any]] = []
+        self.best_top1 = -1.0
+        start_epoch, self.step = 0, 0
+        resume = self.ckpt_dir / "last.pt"
+        state = load_checkpoint(resume) if resume.exists() else None
+        if state is None and c.model.init_from:
+            self._init_from(c.model.init_from)
+        stage = 1
+        if state is not None:
+            self._check_resumable(state, num_classes)
+            self.model.load_state_dict(state["model"])
+            start_epoch, self.step, stage = state["epoch"], state["step"], state["stage"]
+            self.history, self.best_top1 = list(state["history"]), state["best_top1"]
+            if start_epoch >= c.epochs and c.model.classifier == "kernel":
+                stage = 2
+        _set_stage(self.model, stage)
+        optimizer, scheduler = self._optimizer(stage, steps_per_epoch)
+        if state is not None and state["stage"] == stage:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        if state is not None:
+            set_rng_state(state["rng"])
+            if self.rank == 0:
+                logger.info("resuming %s at epoch %d (stage %d)", self.out, start_epoch + 1, stage)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(c, self.out / "config.yaml")
+        self._wrap()
+        for epoch in range(start_epoch, total_epochs):
+            if c.model.classifier == "kernel" and epoch == c.epochs and stage == 1:
+                stage = 2
+                _set_stage(self.model, stage)
+                optimizer, scheduler = self._optimizer(stage, steps_per_epoch)
+                self._wrap()
+            row = self._train_epoch(epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch)
+            if (epoch + 1) % c.eval_every == 0 or epoch + 1 == total_epochs:
+                row.update(self._validate())
+            self.history.append(row)
+            if self.rank == 0:
+                self._save(epoch + 1, stage, optimizer, scheduler, row)
+        return self._metrics()
+
+    def _train_epoch(self, epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.run_model.train()
+        self.train_loader.set_epoch(epoch)
+        amp = c.amp == "bf16"
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * clips, correct, clips
+        start = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs} (stage {stage})", unit="step",
+                   disable=not (c.progress and self.rank == 0), leave=False)
+        for i, batch in enumerate(self.train_loader):
+            if i >= steps_per_epoch:
+                break
+            clips = batch.clips.to(self.device, non_blocking=True)
+            if c.model.channels_last:
+                clips = clips.contiguous(memory_format=torch.channels_last_3d)
+            labels = batch.labels.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                out = self.run_model(clips)
+                if stage == 1:
+                    local, global_ = out
+                    loss = F.cross_entropy(local.float(), labels) + F.cross_entropy(global_.float(), labels)
+                    logits = local
+                else:
+                    logits = out
+                    loss = F.cross_entropy(logits.float(), labels)
+            if not torch.isfinite(loss):
+                kept = self.ckpt_dir / "last.pt"
+                where = f"{kept} (epoch {epoch})" if kept.exists() else "none (no epoch had finished)"
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, stage {stage}); "
+                    f"stopping. Last good checkpoint: {where}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if c.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               c.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            self.step += 1
+            n = labels.numel()
+            sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{sums[2].item() * self.world / elapsed:.1f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.update(1)
+        bar.close()
+        if self.distributed:
+            dist.all_reduce(sums)
+        seconds = time.perf_counter() - start
+        clips = max(sums[2].item(), 1.0)
+        skipped = len(self.train_loader.skipped)
+        return {
+            "epoch": epoch + 1,
+            "stage": stage,
+            "step": self.step,
+            "train_loss": sums[0].item() / clips,
+            "train_top1": sums[1].item() / clips,
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": seconds,
+            "clips_per_s": clips / seconds,
+            "skipped_clips": skipped,
+        }
+
+    def _validate(self) -> dict[str, Any]:
+        if self.rank != 0:
+            return {}
+        from .evaluate import evaluate
+
+        c = self.config
+        result = evaluate(self.model, self.val_loader, num_classes=len(self.class_names), device=self.device,
+                          amp_dtype=torch.bfloat16 if c.amp == "bf16" else None, progress=c.progress)
+        return {"val_top1": result.top1, "val_top5": result.top5, "val_videos": result.num_videos}
+
+    def _save(self, epoch, stage, optimizer, scheduler, row) -> None:
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "epoch": epoch,
+            "step": self.step,
+            "stage": stage,
+            "history": self.history,
+            "best_top1": self.best_top1,
+            "config": config_dict(self.config),
+            "class_names": self.class_names,
+        }
+        top1 = row.get("val_top1")
+        if top1 is not None and top1 > self.best_top1:
+            self.best_top1 = payload["best_top1"] = top1
+            save_checkpoint(payload, self.ckpt_dir / "best.pt")
+        save_checkpoint(payload, self.ckpt_dir / "last.pt")
+        metrics = self._metrics()
+        tmp = self.out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, self.out / "metrics.json")
+        _plot_curves(self.history, self.out / "curves.png")
+
+    def _metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        evaluated = [r for r in self.history if "val_top1" in r]
+        return {
+            "epoch": last.get("epoch", 0),
+            "stage": last.get("stage"),
+            "val_top1": evaluated[-1]["val_top1"] if evaluated else None,
+            "best_val_top1": max((r["val_top1"] for r in evaluated), default=None),
+            "num_classes": len(self.class_names),
+            "history": self.history,
+        }
+
+    def _check_resumable(self, state, num_classes) -> None:
+        saved = config_from_dict(state["config"])
+        now = self.config
+        for key in ("name", "classifier"):
+            if getattr(saved.model, key) != getattr(now.model, key):
+                raise ValueError(
+                    f"{self.ckpt_dir / 'last.pt'} was written for model.{key}={getattr(saved.model, key)!r}, this "
+                    f"run asks for {getattr(now.model, key)!r}: use another --out to start a new run"
+                )
+        if len(state["class_names"]) != num_classes:
+            raise ValueError(f"{self.ckpt_dir / 'last.pt'} has {len(state['class_names'])} classes, the data "
+                             f"{num_classes}: use another --out to start a new run")
+
+    def _init_from(self, path: str) -> None:
+        """Fine-tuning: loads every tensor of ``path`` whose name and shape fit; heads of another label set
+        keep their initialisation. Logs what was loaded, replaced and left."""
+        source = load_checkpoint(path)["model"] if str(path).endswith(".pt") else torch.load(path, weights_only=True)
+        own = self.model.state_dict()
+        loaded, replaced, unexpected = {}, [], []
+        for key, value in source.items():
+            key = key.removeprefix("module.")
+            if key not in own:
+                unexpected.append(key)
+            elif own[key].shape != value.shape:
+                replaced.append(f"{key} {tuple(value.shape)} -> {tuple(own[key].shape)}")
+            else:
+                loaded[key] = value
+        missing = [k for k in own if k not in loaded and not any(k in r for r in replaced)]
+        self.model.load_state_dict(loaded, strict=False)
+        if self.rank == 0:
+            logger.warning(
+                "init from %s: %d tensors loaded; replaced (new shape, kept initialised): %s; not in the "
+                "checkpoint: %s; unused: %s", path, len(loaded), replaced or "none", missing or "none",
+                unexpected or "none",
+            )
+        self.init_report = {"loaded": len(loaded), "replaced": replaced, "missing": missing, "unexpected": unexpected}
+
+
+def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss")
+    ax_acc.plot(epochs, [r["train_top1"] for r in history], marker="o", label="train clips top-1")
+    val = [(r["epoch"], r["val_top1"]) for r in history if "val_top1" in r]
+    if val:
+        ax_acc.plot(*zip(*val, strict=True), marker="s", label="val videos top-1")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
+    ax_acc.legend()
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Trains (or resumes) the run ``config`` describes; returns the final metrics."""
+    return Trainer(config).run()

@@ -1,0 +1,170 @@
+"""The training engine: loss goes down, resume equals uninterrupted, SIGKILL then resume, NaN stop, configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lgd_fast.cli import main
+from lgd_fast.data.synthetic import make_dataset
+from lgd_fast.engine import ConfigError, TrainingDiverged, load_checkpoint, load_config, train
+
+SMALL = [
+    "data.resize_shorter=32", "data.crop=24", "data.clip_len=8", "data.test_clips=2", "data.workers=0",
+    "data.backend=pyav", "optim.batch_size=8", "optim.lr=0.05", "optim.warmup_epochs=0.5", "model.name=lgd3d_tiny",
+    "model.sketch_dim=64", "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("motion")
+    make_dataset(root, classes=4, videos_per_class=6, frames=16, size=32, seed=1, progress=False)
+    return str(root)
+
+
+def _config(dataset, out, *extra, **flags):
+    return load_config(None, [*SMALL, f"data.root={dataset}", f"out={out}", *extra], **flags)
+
+
+def test_loss_goes_down_and_run_folder_is_complete(dataset, tmp_path):
+    metrics = train(_config(dataset, tmp_path / "run", "epochs=4", "stage2_epochs=1"))
+    losses = [row["train_loss"] for row in metrics["history"] if row["stage"] == 1]
+    assert losses[-1] < losses[0] * 0.8, losses
+    assert metrics["epoch"] == 5 and metrics["history"][-1]["stage"] == 2
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["epoch"] == 5 and saved["val_top1"] == metrics["val_top1"] is not None
+    for name in ("config.yaml", "curves.png", "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 5 and state["stage"] == 2 and len(state["class_names"]) == 4
+    assert load_config(tmp_path / "run" / "config.yaml").epochs == 4  # the resolved config reads back
+
+
+@pytest.mark.parametrize("stop_at", [1, 2])  # in stage 1, and at the start of stage 2
+def test_resume_ends_with_the_same_weights(dataset, tmp_path, monkeypatch, stop_at):
+    from lgd_fast.engine.train import Trainer
+
+    train(_config(dataset, tmp_path / "full", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    real = Trainer._train_epoch
+
+    def interrupted(self, epoch, *args):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        return real(self, epoch, *args)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(dataset, tmp_path / "split", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    monkeypatch.setattr(Trainer, "_train_epoch", real)
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == stop_at
+    train(_config(dataset, tmp_path / "split", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_sigkill_then_resume_finishes(dataset, tmp_path):
+    out = tmp_path / "killed"
+    argv = ["train", "--data", dataset, "--out", str(out), "--epochs", "6", "--stage2-epochs", "0", "--no-progress"]
+    argv += [a for item in SMALL for a in ("--set", item)]
+    command = [sys.executable, "-m", "lgd_fast", *argv]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 6
+    assert [row["epoch"] for row in state["history"]] == [1, 2, 3, 4, 5, 6]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(dataset, tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("lgd_fast.engine.train")  # the package re-exports train()
+    real = train_module.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] > 2 * 4 else loss  # two losses a step: step 5 turns NaN
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    config = _config(dataset, tmp_path / "nan", "epochs=3", "stage2_epochs=0")
+    # 16 training videos (4 classes x 4), batch 8: 2 steps an epoch, so step 5 is the first of epoch 3
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 5 \(epoch 3, stage 1\).*last.pt \(epoch 2\)"):
+        train(config)
+    assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 7\noptim:\n  lr: 0.5\n  batch_size: 4\nmodel:\n  name: lgd3d_r18\n")
+    config = load_config(path, ["optim.lr=0.25"], model__name="lgd3d_tiny")
+    assert (config.epochs, config.optim.lr, config.optim.batch_size, config.model.name) == (7, 0.25, 4, "lgd3d_tiny")
+    assert config.optim.momentum == 0.9 and config.optim.nesterov  # untouched defaults stay
+
+
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        ("optim:\n  lrr: 0.1\n", [], "unknown config key 'optim.lrr'.*c.yaml"),
+        ("", ["optim.lr=fast"], "optim.lr .*must be float, got 'fast'"),
+        ("", ["amp=fp8"], "amp must be none or bf16"),
+        ("epochs: [1, 2]\n", [], "epochs .*must be int"),
+        ("- 1\n", [], "must hold a mapping"),
+        ("", ["optim"], "--set takes key=value"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path, text, overrides, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides)
+
+
+def test_cli_train_then_eval(dataset, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", "--data", dataset, "--out", str(out), "--epochs", "1", "--stage2-epochs", "1"]
+    assert main(argv + [a for item in SMALL for a in ("--set", item)]) == 0
+    assert "val top-1" in capsys.readouterr().out
+    assert main(["eval", "--data", dataset, "--checkpoint", str(out / "checkpoints" / "last.pt")]) == 0
+    assert (out / "eval.json").exists() and (out / "eval_confusion.png").exists()
+    result = json.loads((out / "eval.json").read_text())
+    assert result["num_videos"] == 8 and 0.0 <= result["top1"] <= 1.0
+    assert main(["train", "--data", dataset, "--out", str(tmp_path / "x"), "--set", "optim.bogus=1"]) == 2
+    assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
+
+
+def test_resuming_with_another_model_is_refused(dataset, tmp_path):
+    train(_config(dataset, tmp_path / "r", "epochs=1", "stage2_epochs=0"))
+    with pytest.raises(ValueError, match="model.classifier='kernel'.*another --out"):
+        train(_config(dataset, tmp_path / "r", "epochs=2", "model.classifier=two_heads"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_init_from_replaces_heads_of_another_label_set(dataset, tmp_path, caplog):
+    train(_config(dataset, tmp_path / "src", "epochs=1", "stage2_epochs=0"))
+    other = tmp_path / "two"
+    make_dataset(other, classes=2, videos_per_class=4, frames=16, size=32, seed=2, progress=False)
+    config = _config(str(other), tmp_path / "dst", "epochs=1", "stage2_epochs=0",
+                     f"model.init_from={tmp_path / 'src' / 'checkpoints' / 'last.pt'}")
+    caplog.set_level("WARNING")
+    train(config)
+    assert "replaced (new shape, kept initialised)" in caplog.text and "fc.weight" in caplog.text
