@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -47,6 +49,47 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _float64_copies(ref, fast):
+    """float64 copies of both models (the ops compute in float64 for float64 inputs), same weights and mode."""
+    ref64, fast64 = copy.deepcopy(ref).double(), copy.deepcopy(fast).double()
+    return ref64, fast64
+
+
+def _assert_fp32_gradients_close(fast_grads, ref_grads, grads64, *, factor: float, per_tensor: float = 5e-2):
+    """fp32 gradients, both models against fp64: over all parameters together, the fast model's error is at
+    most ``factor`` x the reference's (+1e-6); every tensor within ``per_tensor`` (a wrong gradient is O(1))."""
+    keys = [k for k, g in grads64.items() if g.norm() > 0]
+
+    def flat(grads):
+        return torch.cat([grads[k].double().flatten() for k in keys])
+
+    fast_err, ref_err = _rel(flat(fast_grads), flat(grads64)), _rel(flat(ref_grads), flat(grads64))
+    assert fast_err <= factor * ref_err + 1e-6, f"all gradients: fast {fast_err:.2e}, reference {ref_err:.2e}"
+    for key in keys:
+        assert _rel(fast_grads[key], grads64[key]) < per_tensor, key
+
+
+@pytest.mark.parametrize("classifier", ["two_heads", "kernel"])
+def test_float64_fast_model_equals_reference_exactly(classifier, gen):
+    """In float64 rounding vanishes: the fused model's algebra (BatchNorm folded into scale/shift, the epilogue,
+    the global path in one op, the epilogue's mean as the next GAP) equals the reference's to 1e-9."""
+    ref, fast = _pair("lgd3d_tiny", gen, classifier=classifier)
+    ref64, fast64 = _float64_copies(ref, fast)
+    x = torch.randn(3, 3, 7, 33, 33, generator=gen, dtype=torch.float64)
+    heads = 2 if classifier == "two_heads" else 1
+    upstream = [torch.randn(3, 7, generator=gen, dtype=torch.float64) for _ in range(heads)]
+    ref_out, ref_grads = _train_step(ref64, x, upstream)
+    fast_out, fast_grads = _train_step(fast64, x, upstream)
+    for a, b in zip(fast_out, ref_out, strict=True):
+        assert _rel(a, b) < 1e-9
+    assert fast_grads.keys() == ref_grads.keys()
+    for key, grad in ref_grads.items():
+        assert _rel(fast_grads[key], grad) < 1e-9, key
+    ref64.eval(), fast64.eval()
+    with torch.no_grad():
+        assert _rel(fast64(x), ref64(x)) < 1e-9
+
+
 def test_fast_model_is_the_reference_class_with_the_same_keys(gen):
     ref, fast = _pair("lgd3d_tiny", gen)
     assert isinstance(fast, FastLGD3D) and list(fast.state_dict()) == list(ref.state_dict())
@@ -63,13 +106,14 @@ def test_tiny_matches_reference_eval_and_train(classifier, memory_format, gen):
         assert _rel(fast(x), ref(x)) < 1e-5
     n_out = 2 if classifier == "two_heads" else 1
     upstream = [torch.randn(3, 7, generator=gen) for _ in range(n_out)]
+    ref64, fast64 = _float64_copies(ref, fast)
+    _, grads64 = _train_step(ref64, x.double(), [u.double() for u in upstream])
     ref_out, ref_grads = _train_step(ref, x, upstream)
     fast_out, fast_grads = _train_step(fast, x, upstream)
     for a, b in zip(fast_out, ref_out, strict=True):
         assert _rel(a, b) < 1e-5
-    assert fast_grads.keys() == ref_grads.keys()
-    for key, grad in ref_grads.items():
-        assert _rel(fast_grads[key], grad) < 1e-4, key
+    assert fast_grads.keys() == ref_grads.keys() == grads64.keys()
+    _assert_fp32_gradients_close(fast_grads, ref_grads, grads64, factor=2.0)
     for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
         if key.endswith("num_batches_tracked"):
             assert torch.equal(a, b), key
@@ -80,11 +124,12 @@ def test_tiny_matches_reference_eval_and_train(classifier, memory_format, gen):
 @pytest.mark.slow
 def test_r50_matches_reference_eval_and_train_within_fp32_rounding(gen):
     """Training gradients of a deep net with small late maps are ill-conditioned (train-mode BN over a few
-    positions): fp32 PyTorch itself is a few % off fp64 on some. The rule: the fast model's error against
-    an fp64 reference is at most 2x the fp32 reference's error (plus a 1e-6 floor)."""
+    positions): fp32 is chaotic here. Measured over seeds (python, 2x3x8x48x48): the fp32 reference's error
+    against fp64 over all gradients 0.9-3%, the fast model's 0.9-3.1%, up to 3.2x the reference's on one seed;
+    single tensors up to 5%. So: in float64 the two models agree to 1e-9 (the algebra is exact); in float32
+    the fast model's error over all gradients is within 4x the reference's and every tensor within 10%."""
     ref, fast = _pair("lgd3d_r50", gen, classifier="two_heads")
-    ref64 = create_model("lgd3d_r50", 7, classifier="two_heads").double()
-    ref64.load_state_dict(ref.state_dict())
+    ref64, fast64 = _float64_copies(ref, fast)
     x = torch.randn(2, 3, 8, 48, 48, generator=gen)
     for m in (ref, fast, ref64):
         m.eval()
@@ -94,10 +139,10 @@ def test_r50_matches_reference_eval_and_train_within_fp32_rounding(gen):
     _, ref_grads = _train_step(ref, x, upstream)
     _, fast_grads = _train_step(fast, x, upstream)
     _, grads64 = _train_step(ref64, x.double(), [u.double() for u in upstream])
+    _, fast_grads64 = _train_step(fast64, x.double(), [u.double() for u in upstream])
     for key, g64 in grads64.items():
-        if g64.norm() == 0:
-            continue
-        assert _rel(fast_grads[key], g64) <= 2 * _rel(ref_grads[key], g64) + 1e-6, key
+        assert _rel(fast_grads64[key], g64) < 1e-9, key
+    _assert_fp32_gradients_close(fast_grads, ref_grads, grads64, factor=4.0, per_tensor=0.1)
 
 
 def test_bf16_autocast_within_twice_pytorch_error(gen):
@@ -124,20 +169,23 @@ def test_compiled_fast_model_matches(gen):
 def test_training_converges_alike(gen):
     """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches.
 
-    Per step, the fast model's gradients are within 2x of the fp32 reference's error against fp64 (tested
-    above); over several momentum-SGD steps those rounding differences grow chaotically (seen here: up to
-    1.1e-4 in the loss, 4e-5 in a weight tensor). The stated tolerance, 1e-3 relative for every loss and
-    every tensor, is ten times that, and far below what a wrong gradient does in six steps."""
+    The yardstick is the same run in float64. Usually both float32 runs stay within ~5e-7 of it (the
+    weight updates of all six steps, all tensors together); now and then a rounding-level difference flips
+    a ReLU or max-pool decision and a float32 run, the reference's or the fast one's, moves ~1e-3..6e-3 away
+    (measured over 20 seeds). So: the fast model's updates are within max(3x the reference's error, 2%) of
+    the float64 run's, and every loss within 1% of the reference's; wrong updates are O(1) off."""
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads", dropout=0.0)  # no dropout noise on 4 clips
+    ref64 = copy.deepcopy(ref).double()
+    start = {k: v.detach().clone().double() for k, v in ref.state_dict().items()}
     # Two fixed batches, seen three times each: a model that learns at all lowers this loss.
     pair = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(2)]
     losses = {}
-    for name, model in (("ref", ref), ("fast", fast)):
+    for name, model in (("ref", ref), ("fast", fast), ("ref64", ref64)):
         opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         model.train()
         losses[name] = []
         for x, y in pair * 3:
-            local, global_ = model(x)
+            local, global_ = model(x.double() if name == "ref64" else x)
             loss = nn.functional.cross_entropy(local, y) + nn.functional.cross_entropy(global_, y)
             opt.zero_grad()
             loss.backward()
@@ -146,10 +194,15 @@ def test_training_converges_alike(gen):
     first, last = sum(losses["ref"][:2]), sum(losses["ref"][-2:])
     assert last < first, f"the reference did not learn ({losses['ref']}): the comparison would be empty"
     for a, b in zip(losses["fast"], losses["ref"], strict=True):
-        assert abs(a - b) <= 1e-3 * abs(b), losses
-    for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
-        if a.is_floating_point():
-            assert _rel(a, b) <= 1e-3, key
+        assert abs(a - b) <= 1e-2 * abs(b), losses
+    keys = [k for k, v in ref64.state_dict().items() if v.is_floating_point()]
+    states = {name: m.state_dict() for name, m in (("ref", ref), ("fast", fast), ("ref64", ref64))}
+
+    def updates(name):
+        return torch.cat([(states[name][k].double() - start[k]).flatten() for k in keys])
+
+    fast_err, ref_err = _rel(updates("fast"), updates("ref64")), _rel(updates("ref"), updates("ref64"))
+    assert fast_err <= max(3 * ref_err, 2e-2), f"updates of 6 steps: fast {fast_err:.2e}, reference {ref_err:.2e}"
 
 
 def test_fast_is_lgd3d_only():

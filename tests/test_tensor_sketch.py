@@ -80,7 +80,14 @@ def test_positions_layouts_agree():
 def test_kernel_classifier_shapes_and_gradients():
     head = KernelClassifier(8, 6, num_classes=4, sketch_dim=64)
     local, g = torch.randn(3, 8, 2, 3, 3, requires_grad=True), torch.randn(3, 6, requires_grad=True)
-    assert head.features(local, g).shape == (3, 128)
+    features = head.features(local, g)
+    assert features.shape == (3, 128)
+    # each path scaled to unit L2 norm; the raw sketches otherwise
+    torch.testing.assert_close(features[:, :64].norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(features[:, 64:].norm(dim=1), torch.ones(3))
+    raw = KernelClassifier(8, 6, num_classes=4, sketch_dim=64, normalize=False).features(local, g)
+    torch.testing.assert_close(raw[:, 64:], head.sketch_global(g))
+    torch.testing.assert_close(features[:, 64:], raw[:, 64:] / raw[:, 64:].norm(dim=1, keepdim=True))
     logits = head(local, g)
     assert logits.shape == (3, 4)
     logits.sum().backward()

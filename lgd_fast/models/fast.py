@@ -26,30 +26,31 @@ from .networks import LGD3D
 
 
 def batch_norm_affine(norm: nn.Module | None, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel (scale, shift), float32, that ``norm`` applies to ``r`` (N, C, T, H, W).
+    """The per-channel (scale, shift), float32 (float64 for float64 ``r``), that ``norm`` applies to ``r``.
 
     Training mode uses the batch statistics (biased variance) and updates the running statistics with
     the unbiased variance, as ``nn.BatchNorm3d`` does; eval mode folds the running statistics. ``None``
     (a residual unit that ends in an addition) is the identity.
     """
     channels = r.shape[1]
+    acc = torch.promote_types(r.dtype, torch.float32)
     if norm is None:
-        ones = torch.ones(channels, device=r.device, dtype=torch.float32)
+        ones = torch.ones(channels, device=r.device, dtype=acc)
         return ones, torch.zeros_like(ones)
     if not isinstance(norm, nn.BatchNorm3d):
         raise TypeError(f"the fused block end folds BatchNorm3d only, got {type(norm).__name__}")
     use_batch_stats = norm.training or not norm.track_running_stats
     if use_batch_stats:
-        var, mean = torch.var_mean(r.float(), dim=(0, 2, 3, 4), unbiased=False)
+        var, mean = torch.var_mean(r.to(acc), dim=(0, 2, 3, 4), unbiased=False)
         if norm.training and norm.track_running_stats:
             _update_running_stats(norm, mean.detach(), var.detach(), r.numel() // channels)
     else:
-        mean, var = norm.running_mean.float(), norm.running_var.float()
+        mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
     scale = torch.rsqrt(var + norm.eps)
     shift = -mean * scale
     if norm.affine:
-        scale = scale * norm.weight.float()
-        shift = shift * norm.weight.float() + norm.bias.float()
+        scale = scale * norm.weight.to(acc)
+        shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
     return scale, shift
 
 

@@ -14,6 +14,14 @@ By linearity of the inner product
 
 so the feature ``[mean_i phi_local(x_i), phi_global(g)]`` (2 * D values) realises k, and a linear
 classifier on it is a linear classifier in the kernel's feature space.
+
+Before the linear layer each path's sketch is scaled to unit L2 norm (``normalize=True``, the default), so
+the features realise each path's normalised kernel k(a, b) / sqrt(k(a, a) k(b, b)) and the logits no
+longer grow with the square of the activations: without it, stage 2 of the demo's training started at a
+loss of 14.6 and lost the stage-1 accuracy (100% -> 74% held-out). Compact bilinear pooling also takes a
+signed square root first; we do not: its derivative near 0 amplifies float32 rounding of the sketch by
+orders of magnitude (measured: fp32 gradients 10x further from fp64). ``normalize=False`` gives the raw
+features.
 """
 
 from __future__ import annotations
@@ -45,13 +53,13 @@ class TensorSketch(nn.Module):
 
     def count_sketch(self, x: torch.Tensor, k: int) -> torch.Tensor:
         hash_, sign = getattr(self, f"hash{k}"), getattr(self, f"sign{k}")
-        out = x.new_zeros(*x.shape[:-1], self.sketch_dim)
-        return out.index_add(-1, hash_, x * sign)
+        source = x * sign.to(x.dtype)
+        return source.new_zeros(*x.shape[:-1], self.sketch_dim).index_add(-1, hash_, source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"TensorSketch expects last dimension {self.in_dim}, got shape {tuple(x.shape)}")
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 (float64 stays float64)
         spectrum = torch.fft.rfft(self.count_sketch(x, 1)) * torch.fft.rfft(self.count_sketch(x, 2))
         return torch.fft.irfft(spectrum, n=self.sketch_dim)
 
@@ -86,17 +94,23 @@ class KernelClassifier(nn.Module):
         sketch_dim: int = 4096,
         dropout: float = 0.5,
         seed: int = 0,
+        normalize: bool = True,
     ) -> None:
         super().__init__()
+        self.normalize = normalize
         self.sketch_local = TensorSketch(local_dim, sketch_dim, seed=seed)
         self.sketch_global = TensorSketch(global_dim, sketch_dim, seed=seed + 1)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(2 * sketch_dim, num_classes)
 
     def features(self, local_map: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The kernel feature [mean_i phi(x_i), phi(g)]: (N, 2 * sketch_dim), float32."""
+        """The kernel feature [mean_i phi(x_i), phi(g)]: (N, 2 * sketch_dim), float32; each half scaled to unit
+        L2 norm when ``normalize``."""
         local = self.sketch_local(positions(local_map, g.shape[0])).mean(dim=1)
-        return torch.cat([local, self.sketch_global(g)], dim=1)
+        global_ = self.sketch_global(g)
+        if self.normalize:
+            local, global_ = nn.functional.normalize(local, dim=1), nn.functional.normalize(global_, dim=1)
+        return torch.cat([local, global_], dim=1)
 
     def forward(self, local_map: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return self.fc(self.drop(self.features(local_map, g)).to(self.fc.weight.dtype))

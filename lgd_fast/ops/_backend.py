@@ -239,5 +239,5 @@ def choose_backend(
         reason = supports(backend, tensor) if supports is not None else None
         if reason is None:
             return backend
-        _log(logging.DEBUG, f"{op_name}: backend {backend!r} skipped: {reason}")
+        missing.append(f"the {backend} backend does not handle this input ({reason})")
     raise RuntimeError(f"{op_name}: no backend can run on a {device_type} tensor (tried {', '.join(backends)})")

@@ -49,12 +49,14 @@ def diffusion_epilogue_reference(
         scale, shift: per-channel affine map, (C,).
 
     Returns:
-        out (r's shape and dtype) and mean (N, C) of out over (T, H, W). bfloat16 inputs are computed in
-        float32 and out is rounded once; mean is the float32 mean of the rounded out, cast to r's dtype.
+        out (r's shape and dtype) and mean (N, C) of out over (T, H, W). Computed in float32, or float64 for
+        float64 inputs: bfloat16 inputs are computed in float32 and out is rounded once; mean is the mean of
+        the rounded out, cast to r's dtype.
     """
-    z = r.float() * scale.float()[:, None, None, None] + shift.float()[:, None, None, None]
-    out = torch.relu(z + s.float() + d.float()[:, :, None, None, None]).to(r.dtype)
-    return out, out.float().mean(dim=(2, 3, 4)).to(r.dtype)
+    acc = torch.promote_types(r.dtype, torch.float32)
+    z = r.to(acc) * scale.to(acc)[:, None, None, None] + shift.to(acc)[:, None, None, None]
+    out = torch.relu(z + s.to(acc) + d.to(acc)[:, :, None, None, None]).to(r.dtype)
+    return out, out.to(acc).mean(dim=(2, 3, 4)).to(r.dtype)
 
 
 def _check(r, s, d, scale, shift) -> None:

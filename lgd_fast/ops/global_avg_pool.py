@@ -31,7 +31,7 @@ def global_avg_pool_reference(x: torch.Tensor) -> torch.Tensor:
         so the only rounding to low precision is the final one.
     """
     if x.dtype in _LOW_PRECISION:
-        return x.float().mean(dim=(2, 3, 4)).to(x.dtype)
+        return x.to(torch.promote_types(x.dtype, torch.float32)).mean(dim=(2, 3, 4)).to(x.dtype)
     return x.mean(dim=(2, 3, 4))
 
 
