@@ -168,3 +168,19 @@ def test_init_from_replaces_heads_of_another_label_set(dataset, tmp_path, caplog
     caplog.set_level("WARNING")
     train(config)
     assert "replaced (new shape, kept initialised)" in caplog.text and "fc.weight" in caplog.text
+
+
+def test_demo_runs_end_to_end_and_writes_metrics(tmp_path, capsys):
+    """The README's main job, shortened (2 + 1 epochs, 2 test clips): every step runs and reports."""
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--no-progress", "--set", "epochs=2", "--set", "stage2_epochs=1",
+            "--set", "data.test_clips=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "val top-1" in out and "reversed top-1" in out and "train step clips/s" in out
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert metrics["num_classes"] == 8 and metrics["val_videos"] == 80
+    for key in ("val_top1", "reversed_top1", "reversed_predicted_as_twin"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["speed"]["fast"]["inference_clips_per_s"] > 0
+    for name in ("eval.json", "eval_reversed.json", "eval_confusion.png", "run/curves.png"):
+        assert (tmp_path / "demo" / name).exists(), name

@@ -69,7 +69,7 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     grad_clip: float = 40.0  # max global gradient norm; 0 disables
     batch_size: int = 16
-    stage2_lr_scale: float = 0.1  # stage 2 starts at lr * this and decays with its own cosine
+    stage2_lr_scale: float = 1.0  # stage 2 restarts at lr * this and decays with its own cosine
 
 
 @dataclass

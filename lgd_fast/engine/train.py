@@ -2,7 +2,7 @@
 
 Stage 1 trains the network with the two plain heads (loss = CE(local) + CE(global)); with
 ``classifier="kernel"`` stage 2 then trains with the combination classifier's loss (SPEC.md section 4),
-starting from ``optim.lr * optim.stage2_lr_scale`` with its own cosine decay. In each stage only the
+restarting from ``optim.lr * optim.stage2_lr_scale`` (default 1) with its own cosine decay. In each stage only the
 parameters that stage uses require gradients (stage 1: everything but ``kernel_head``; stage 2: everything
 but the plain heads), which also keeps DistributedDataParallel free of unused parameters.
 
