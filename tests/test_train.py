@@ -184,3 +184,28 @@ def test_demo_runs_end_to_end_and_writes_metrics(tmp_path, capsys):
     assert metrics["speed"]["fast"]["inference_clips_per_s"] > 0
     for name in ("eval.json", "eval_reversed.json", "eval_confusion.png", "run/curves.png"):
         assert (tmp_path / "demo" / name).exists(), name
+
+
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, tmp_path):
+    """torchrun, 2 processes on this CPU (gloo), global batch 8 = 2 x 4, against 1 process with batch 8.
+
+    BatchNorm on running statistics (model.norm_eval) and no dropout: then each process's loss is the mean
+    over its half of the global batch and DDP's gradient average is the single-process gradient."""
+    common = [*SMALL, f"data.root={dataset}", "epochs=2", "stage2_epochs=1", "model.norm_eval=true",
+              "model.dropout=0.0", "data.backend=pyav"]
+    single = tmp_path / "single"
+    train(load_config(None, [*common, f"out={single}"]))
+    pair = tmp_path / "pair"
+    argv = ["train", "--out", str(pair), "--no-progress", *[a for item in common for a in ("--set", item)]]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               "-m", "lgd_fast", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    a = load_checkpoint(single / "checkpoints" / "last.pt")
+    b = load_checkpoint(pair / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for key, value in a["model"].items():
+        if value.is_floating_point():  # the same up to the order of float additions
+            assert ((value - b["model"][key]).norm() <= 1e-5 * value.norm() + 1e-7), key
+    losses = [(r["train_loss"], s["train_loss"]) for r, s in zip(a["history"], b["history"], strict=True)]
+    assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in losses), losses

@@ -56,6 +56,8 @@ class ModelConfig:
     compile: bool = False  # torch.compile the model
     channels_last: bool = False  # channels_last_3d activations and weights
     init_from: str = ""  # a checkpoint to fine-tune from (heads replaced when the label set differs)
+    norm_eval: bool = False  # BatchNorm layers use (and keep) their running statistics in training (mmaction2's
+    # norm_eval): for fine-tuning with small per-process batches; with it, K processes equal one exactly
 
 
 @dataclass

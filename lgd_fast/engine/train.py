@@ -17,6 +17,9 @@ last good checkpoint is kept.
 Distributed: started by ``torchrun``, each process trains on its shard with ``batch_size / world_size``
 clips (the loader splits every global batch exactly), gradients are averaged by DDP (gloo on the CPU,
 NCCL on GPUs), losses and accuracies are reduced across processes, and only rank 0 validates and writes.
+BatchNorm in training mode normalises each process's part of the batch (PyTorch's SyncBatchNorm runs on
+GPUs only); with ``model.norm_eval`` (BatchNorm on running statistics) and no dropout, K processes give
+the single-process result (``tests/test_train.py``).
 """
 
 from __future__ import annotations
@@ -230,6 +233,10 @@ class Trainer:
 
         c = self.config
         self.run_model.train()
+        if c.model.norm_eval:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         self.train_loader.set_epoch(epoch)
         amp = c.amp == "bf16"
         sums = torch.zeros(3, dtype=torch.float64)  # loss * clips, correct, clips
