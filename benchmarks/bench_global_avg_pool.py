@@ -48,7 +48,7 @@ def compiled_reference():
 def _impl(name: str, compiled_reference):
     if name == "cpp":
         if not extension_available():
-            pytest.skip(f"lgd_fast._C not built: {extension_error()}")
+            pytest.fail(f"lgd_fast._C not built: {extension_error()}")
         return lambda x: global_avg_pool(x, backend="cpp")
     return global_avg_pool_reference if name == "reference" else compiled_reference
 

@@ -150,25 +150,36 @@ def _dali_clip_pipeline(device: str):
     if cache is None:
         cache = _local.pipelines = {}
     if device not in cache:
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def(
-            batch_size=1,
-            num_threads=1,
-            device_id=torch.cuda.current_device() if device == "mixed" else None,
-            prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
-        )
-        def clip_pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-            return fn.decoders.video(encoded, frames=frames, device=device)
-
-        pipe = clip_pipeline()
-        pipe.build()
-        cache[device] = pipe
+        cache[device] = build_dali_pipeline(decode_fed_frames, batch_size=1, num_threads=1, device=device)
     return cache[device]
+
+
+def decode_fed_frames(fn, types, device: str):
+    """DALI graph: the encoded files and frame lists fed as ``"encoded"`` and ``"frames"``, decoded."""
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    return fn.decoders.video(encoded, frames=frames, device=device)
+
+
+def build_dali_pipeline(graph, *, batch_size: int, num_threads: int, device: str):
+    """A built DALI pipeline running ``graph(fn, types, device)`` on inputs given with ``feed_input`` before
+    each ``run()`` (synchronous, no prefetch: a failed batch is caught and its files checked one by one)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=torch.cuda.current_device() if device == "mixed" else None,
+        prefetch_queue_depth=1,
+        exec_async=False,
+        exec_pipelined=False,
+    )
+    def pipeline():
+        return graph(fn, types, device)
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
 
 
 def _read_dali(path: str, indices: np.ndarray) -> torch.Tensor:

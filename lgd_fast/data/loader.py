@@ -34,7 +34,17 @@ import torch.nn.functional as F
 
 from . import sampling
 from .annotations import VideoRecord, shard
-from .decode import VideoError, VideoInfo, _read_pyav, dali_codec_reason, dali_device, dali_error, probe
+from .decode import (
+    VideoError,
+    VideoInfo,
+    _read_pyav,
+    build_dali_pipeline,
+    dali_codec_reason,
+    dali_device,
+    dali_error,
+    decode_fed_frames,
+    probe,
+)
 
 __all__ = ["ClipBatch", "ClipSpec", "SamplePlan", "VideoClipLoader", "plan_samples"]
 
@@ -344,26 +354,13 @@ class VideoClipLoader:
             yield ClipBatch(clips, labels, ids), bad
 
     def _build_dali(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        device = dali_device()
         spec = self.spec
 
-        @pipeline_def(
-            batch_size=self.batch_size,
-            num_threads=max(1, self.num_workers),
-            device_id=torch.cuda.current_device() if device == "mixed" else None,
-            prefetch_queue_depth=1,
-            exec_async=False,
-            exec_pipelined=False,
-        )
-        def clip_pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+        def graph(fn, types, device):
+            video = decode_fed_frames(fn, types, device)
             size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)  # (h, w)
-            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)  # (y, x) pixels
+            anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)  # (y, x) as fractions
             flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            video = fn.decoders.video(encoded, frames=frames, device=device)
             video = fn.resize(video, size=size, antialias=True, interp_type=types.INTERP_LINEAR)
             return fn.crop_mirror_normalize(
                 video,
@@ -377,9 +374,8 @@ class VideoClipLoader:
                 dtype=types.FLOAT,
             )
 
-        pipe = clip_pipeline()
-        pipe.build()
-        return pipe
+        return build_dali_pipeline(graph, batch_size=self.batch_size, num_threads=max(1, self.num_workers),
+                                   device=dali_device())
 
     def _run_dali(self, plans: list[SamplePlan], encoded: list[np.ndarray]) -> torch.Tensor:
         if self._pipeline is None:
