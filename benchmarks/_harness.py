@@ -347,6 +347,54 @@ def grouped_barh(
     ax.grid(axis="x", alpha=0.3)
 
 
+def plot_op_benchmark(
+    payload: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    op: str,
+    fast: str,
+    impls: Sequence[str],
+    colors: Mapping[str, str],
+    extra_speedups: Sequence[str] = (),
+    bandwidth_line: float = 1.0,
+) -> Path:
+    """The two-panel PNG of an op benchmark's ``results`` rows (shape_name, dtype, memory_format, pass,
+    timings, copy_bw_fraction): speedups over the eager ``reference`` (``fast`` and the compiled reference,
+    plus ``extra_speedups`` candidates), and every candidate's fraction of copy bandwidth."""
+    rows = payload["results"]
+    labels = [
+        f"{r['shape_name']} {r['dtype']} {'CL3d' if r['memory_format'] == 'channels_last_3d' else 'contig'} "
+        f"{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}"
+        for r in rows
+    ]
+
+    def speedup(name):
+        return [r["timings"]["reference"]["median_s"] / r["timings"][name]["median_s"] for r in rows]
+
+    fig, (ax_speed, ax_bw) = new_figure(1, 2, figsize=(14, 0.42 * len(rows) + 2.0))
+    series = {fast: speedup(fast), "compiled reference": speedup("compiled")}
+    series.update({name: speedup(name) for name in extra_speedups})
+    speed_colors = {**colors, "compiled reference": colors["compiled"]}
+    grouped_barh(ax_speed, labels, series, colors=speed_colors, value_format="{:.2f}x", reference_line=1.0, log=True)
+    ax_speed.set_title("speedup over the eager reference, log scale (>1: faster)")
+    grouped_barh(
+        ax_bw,
+        labels,
+        {name: [r["copy_bw_fraction"][name] for r in rows] for name in impls},
+        colors=colors,
+        value_format="{:.0%}",
+        reference_line=bandwidth_line,
+    )
+    ax_bw.set_title(f"share of copy bandwidth (floor / median); dashed: {bandwidth_line:.0%}")
+    m = payload["machine"]
+    fig.suptitle(
+        f"{op}, {m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']}), torch {m['torch']}, "
+        f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {m['commit'][:10]}",
+        fontsize=10,
+    )
+    return save_figure(fig, path)
+
+
 def new_figure(nrows: int, ncols: int, *, figsize: tuple[float, float]):
     """A matplotlib figure on the Agg backend (no display needed)."""
     import matplotlib

@@ -199,45 +199,10 @@ def check_targets(results: list[dict]) -> list[dict]:
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:
-    rows = payload["results"]
-    labels = [
-        f"{r['shape_name']} {r['dtype']} {'CL3d' if r['memory_format'] == 'channels_last_3d' else 'contig'} "
-        f"{'fwd' if r['pass'] == 'forward' else 'fwd+bwd'}"
-        for r in rows
-    ]
-    fig, (ax_speed, ax_bw) = h.new_figure(1, 2, figsize=(14, 0.42 * len(rows) + 2.0))
-    h.grouped_barh(
-        ax_speed,
-        labels,
-        {
-            "cpp": [r["speedup_vs_reference"] for r in rows],
-            "compiled reference": [
-                r["timings"]["reference"]["median_s"] / r["timings"]["compiled"]["median_s"] for r in rows
-            ],
-        },
-        colors={"cpp": COLORS["cpp"], "compiled reference": COLORS["compiled"]},
-        value_format="{:.2f}x",
-        reference_line=1.0,
-        log=True,
+    return h.plot_op_benchmark(
+        payload, path, op="diffusion_epilogue", fast="cpp", impls=IMPLS, colors=COLORS, extra_speedups=(),
+        bandwidth_line=0.7,
     )
-    ax_speed.set_title("speedup over the eager composite, log scale (>1: faster)")
-    h.grouped_barh(
-        ax_bw,
-        labels,
-        {name: [r["copy_bw_fraction"][name] for r in rows] for name in IMPLS},
-        colors=COLORS,
-        value_format="{:.0%}",
-        reference_line=0.7,
-    )
-    ax_bw.set_title("fraction of copy bandwidth (memory floor / median time); dashed: 70% target")
-    m = payload["machine"]
-    fig.suptitle(
-        f"diffusion_epilogue, {m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']}), "
-        f"torch {m['torch']}, "
-        f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {m['commit'][:10]}",
-        fontsize=10,
-    )
-    return h.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
