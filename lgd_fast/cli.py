@@ -12,6 +12,8 @@ lgd-fast demo [--out DIR]            the built-in dataset, lgd3d_tiny trained (b
                                      backwards as a control, fast vs reference timed; DIR/metrics.json
 lgd-fast eval --data DIR --checkpoint PATH [--out DIR]
                                      video-level multi-view accuracy, per class, confusion matrix (PNG, JSON)
+lgd-fast extract --data DIR --checkpoint PATH --out FILE
+                                     per-video local (pooled) and global representations (.npz / .safetensors)
 """
 
 from __future__ import annotations
@@ -179,7 +181,38 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder for eval.json and eval_confusion.png (default: the checkpoint's run)")
     evaluate.add_argument("--reverse", action="store_true", help="play every clip backwards (time-order control)")
     evaluate.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
+
+    extract = sub.add_parser("extract", help="per-video local and global representations of a checkpoint")
+    extract.add_argument("--data", required=True, help="dataset folder (its val list and classes.txt)")
+    extract.add_argument("--checkpoint", required=True, help="a checkpoint written by lgd-fast train")
+    extract.add_argument("--list", help="annotation list to extract (default: the run's val list)")
+    extract.add_argument("--out", required=True, help="output file, .npz or .safetensors")
+    extract.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
     return parser
+
+
+def _checkpoint_and_loader(args, *, reverse: bool = False):
+    """(model, class names, test loader over --list or the run's val list) for eval and extract."""
+    from pathlib import Path
+
+    from .data import read_annotations
+    from .data.loader import VideoClipLoader
+    from .engine import build_model, clip_spec, load_checkpoint
+    from .engine.config import config_from_dict
+
+    state = load_checkpoint(args.checkpoint)
+    config = config_from_dict(state["config"])
+    class_names = list(state["class_names"])
+    model = build_model(config, len(class_names))
+    model.load_state_dict(state["model"])
+    if hasattr(model, "kernel_head"):
+        model.stage = 2 if state.get("stage") == 2 else 1
+    listing = args.list or str(Path(args.data) / config.data.val_list)
+    records = read_annotations(listing, class_index=class_names)
+    loader = VideoClipLoader(records, spec=clip_spec(config, config.model.name, reverse=reverse),
+                             batch_size=config.optim.batch_size, training=False,
+                             backend=args.backend or config.data.backend, num_workers=config.data.workers)
+    return model, class_names, loader
 
 
 def _train(args) -> int:
@@ -226,30 +259,32 @@ def _demo(args) -> int:
     return 0
 
 
+def _extract(args) -> int:
+    from .engine.evaluate import extract_features, save_features
+
+    try:
+        model, _, loader = _checkpoint_and_loader(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"lgd-fast extract: error: {err}", file=sys.stderr)
+        return 2
+    features = extract_features(model, loader)
+    try:
+        path = save_features(features, args.out)
+    except ImportError as err:
+        print(f"lgd-fast extract: error: {err}", file=sys.stderr)
+        return 2
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in features.items())
+    print(f"wrote {path}: {shapes}")
+    return 0
+
+
 def _eval(args) -> int:
     from pathlib import Path
 
-    from .data import read_annotations
-    from .data.loader import VideoClipLoader
-    from .engine import build_model, clip_spec, load_checkpoint
-    from .engine.config import config_from_dict
     from .engine.evaluate import evaluate, format_eval, write_eval
 
     try:
-        state = load_checkpoint(args.checkpoint)
-        config = config_from_dict(state["config"])
-        class_names = list(state["class_names"])
-        model = build_model(config, len(class_names))
-        model.load_state_dict(state["model"])
-        if state.get("stage") == 2 and hasattr(model, "kernel_head"):
-            model.stage = 2
-        elif hasattr(model, "kernel_head"):
-            model.stage = 1
-        listing = args.list or str(Path(args.data) / config.data.val_list)
-        records = read_annotations(listing, class_index=class_names)
-        loader = VideoClipLoader(records, spec=clip_spec(config, config.model.name, reverse=args.reverse),
-                                 batch_size=config.optim.batch_size, training=False,
-                                 backend=args.backend or config.data.backend, num_workers=config.data.workers)
+        model, class_names, loader = _checkpoint_and_loader(args, reverse=args.reverse)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lgd-fast eval: error: {err}", file=sys.stderr)
         return 2
@@ -332,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "extract":
+        return _extract(args)
     if args.command == "make-dataset":
         return _make_dataset(args)
     if args.command == "check-data":

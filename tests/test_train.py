@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,8 +149,27 @@ def test_cli_train_then_eval(dataset, tmp_path, capsys):
     assert (out / "eval.json").exists() and (out / "eval_confusion.png").exists()
     result = json.loads((out / "eval.json").read_text())
     assert result["num_videos"] == 8 and 0.0 <= result["top1"] <= 1.0
+    checkpoint = str(out / "checkpoints" / "last.pt")
+    for name in ("features.npz", "features.safetensors"):
+        assert main(["extract", "--data", dataset, "--checkpoint", checkpoint, "--out", str(out / name)]) == 0
+    features = np.load(out / "features.npz")
+    assert features["local"].shape == features["global"].shape == (8, 128)  # lgd3d_tiny: 128 channels
+    assert sorted(features["labels"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     assert main(["train", "--data", dataset, "--out", str(tmp_path / "x"), "--set", "optim.bogus=1"]) == 2
     assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["model.fast=true", "amp=bf16", "model.channels_last=true"], ["model.compile=true", "max_steps_per_epoch=2"]],
+    ids=["fast-bf16-channels_last", "compile"],
+)
+def test_training_switches_run(dataset, tmp_path, flags):
+    """--fast, --amp bf16, --channels-last and --compile train, validate and checkpoint (losses finite)."""
+    metrics = train(_config(dataset, tmp_path / "run", "epochs=1", "stage2_epochs=1", *flags))
+    assert metrics["epoch"] == 2 and all(np.isfinite(row["train_loss"]) for row in metrics["history"])
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert not any(key.startswith("_orig_mod.") for key in state["model"])  # compile does not rename the keys
 
 
 def test_resuming_with_another_model_is_refused(dataset, tmp_path):
