@@ -257,6 +257,51 @@ def wait_until_quiet(max_wait_s: float = 120.0, threshold_cores: float = 0.25, w
             return load.cores
 
 
+# ---- one measured configuration of an op ----------------------------------------------------------------
+
+
+def measure_op_row(
+    candidates: Mapping[str, Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    args,
+    *,
+    describe: Mapping[str, Any],
+    nbytes: int,
+    bytes_per_s: float,
+    fast: str = "cpp",
+    others: Sequence[str] = ("reference", "compiled"),
+) -> dict[str, Any]:
+    """Compiles/warms every candidate, waits for a quiet machine, times them interleaved and returns the result
+    row: ``describe`` (shape, dtype, ...), bytes, roofline, timings, ``speedup_vs_<other>`` (other's median /
+    ``fast``'s), ``copy_bw_fraction`` per candidate and the load other processes put on the machine. Prints it."""
+    for fn in candidates.values():  # compile first, then let the machine settle
+        fn(inputs[0])
+    if not args.no_wait:
+        wait_until_quiet(max_wait_s=10.0, window_s=0.3)
+    with ForeignLoad() as load:
+        timings = time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats)
+    floor = roofline_seconds(nbytes, bytes_per_s)
+    med = {name: t.median_s for name, t in timings.items()}
+    row = {
+        **describe,
+        "bytes_moved": nbytes,
+        "input_sets": len(inputs),
+        "roofline_s": floor,
+        "timings": {name: t.to_dict() for name, t in timings.items()},
+        **{f"speedup_vs_{other}": med[other] / med[fast] for other in others},
+        "copy_bw_fraction": {name: floor / m for name, m in med.items()},
+        "foreign_load_cores": load.cores,
+    }
+    print(
+        " ".join(str(v) for k, v in describe.items() if k != "shape")
+        + " | " + " ".join(f"{n} {m * 1e3:7.3f} ms" for n, m in med.items())
+        + " | " + ", ".join(f"x{row[f'speedup_vs_{o}']:.2f} vs {o}" for o in others)
+        + f", {row['copy_bw_fraction'][fast]:.0%} of copy bw"
+        + (f" (others' load {load.cores:.2f} cores)" if load.cores is not None else "")
+    )
+    return row
+
+
 # ---- a benchmark script's command line and set-up ---------------------------------------------------
 
 

@@ -114,36 +114,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     count = h.input_set_count(big * (2 if pass_ == "forward" else 3))
                     inputs = make_inputs(shape, dtype, memory_format, pass_, count)
                     candidates = make_candidates(pass_)
-                    for fn in candidates.values():  # compile first, then let the machine settle
-                        fn(inputs[0])
-                    if not args.no_wait:
-                        h.wait_until_quiet(max_wait_s=10.0, window_s=0.3)
-                    with h.ForeignLoad() as load:
-                        timings = h.time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats)
-                    floor = h.roofline_seconds(nbytes, bandwidth["bytes_per_s"])
-                    med = {name: t.median_s for name, t in timings.items()}
-                    row = {
-                        "shape_name": shape_name,
-                        "shape": list(shape),
-                        "dtype": dtype_name,
-                        "memory_format": format_name,
-                        "pass": pass_,
-                        "bytes_moved": nbytes,
-                        "input_sets": count,
-                        "roofline_s": floor,
-                        "timings": {name: t.to_dict() for name, t in timings.items()},
-                        "speedup_vs_reference": med["reference"] / med["cpp"],
-                        "speedup_vs_compiled": med["compiled"] / med["cpp"],
-                        "copy_bw_fraction": {name: floor / m for name, m in med.items()},
-                        "foreign_load_cores": load.cores,
-                    }
-                    results.append(row)
-                    print(
-                        f"{shape_name} {dtype_name} {format_name:16s} {pass_:16s} "
-                        + " ".join(f"{n} {med[n] * 1e3:7.3f} ms" for n in IMPLS)
-                        + f" | x{row['speedup_vs_reference']:.2f} vs eager, x{row['speedup_vs_compiled']:.2f} vs"
-                        f" compiled, {row['copy_bw_fraction']['cpp']:.0%} of copy bw"
-                        + (f" (others' load {load.cores:.2f} cores)" if load.cores is not None else "")
+                    describe = {"shape_name": shape_name, "shape": list(shape), "dtype": dtype_name,
+                                "memory_format": format_name, "pass": pass_}
+                    results.append(
+                        h.measure_op_row(candidates, inputs, args, describe=describe, nbytes=nbytes,
+                                         bytes_per_s=bandwidth["bytes_per_s"], others=("reference", "compiled"))
                     )
     return {
         "benchmark": "diffusion_epilogue",
