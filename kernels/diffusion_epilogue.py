@@ -20,39 +20,24 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with one block confi
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
-from torch._subclasses.fake_tensor import is_fake
+
+from ._common import _HAS_TRITON, available, interpreting, unavailable_reason
+from ._common import launch as _launch
 
 __all__ = ["AOT_KERNELS", "available", "backward", "forward", "interpreting", "unavailable_reason"]
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Stretch of L one program sums (a multiple of every BLOCK_L below), and the programs a launch aims for.
 _SPLIT_QUANTUM = 1024
 _TARGET_PROGRAMS = 2048
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels run on CPU tensors, one block config, no autotuning."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available() -> bool:
-    """Whether the kernels are defined here (triton imported); says nothing about a GPU."""
-    return _HAS_TRITON
-
-
-def unavailable_reason() -> str | None:
-    """None if triton imported, else why not."""
-    return None if _HAS_TRITON else "the triton package is not installed (`pip install triton`)"
-
-
 if _HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._common import rounded as _rounded
 
     # (BLOCK_R rows, BLOCK_L positions, warps) for the contiguous layout; (BLOCK_P positions, BLOCK_C
     # channels, warps) for channels_last_3d. Tiles of 2K-4K elements; autotuning picks per (L, C) shape.
@@ -63,18 +48,6 @@ if _HAS_TRITON:
 
     def _configs(tiles, names):
         return [triton.Config({names[0]: a, names[1]: b}, num_warps=w) for a, b, w in tiles]
-
-    @triton.jit
-    def _rounded(v, dtype: tl.constexpr):
-        # float32 -> dtype, rounding to nearest even. Spelled out for bfloat16 (the same bits as cvt.rn on
-        # the GPU and as torch) because the interpreter's own float32 -> bfloat16 cast truncates.
-        if dtype == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            bits = tl.where(v != v, 0x7FC0, bits)  # NaN stays NaN
-            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return v.to(dtype)
 
     @triton.jit
     def _forward_rows_kernel(
@@ -286,15 +259,6 @@ if _HAS_TRITON:
     }
 else:
     AOT_KERNELS = {}
-
-
-def _launch(kernel, grid, *args) -> None:
-    # wrap_triton lets torch.compile see the launch inside a triton_op (and skips it for fake tensors).
-    # The interpreter's kernels are not JITFunctions: launch them directly, and not on fake tensors.
-    if not interpreting():
-        torch.library.wrap_triton(kernel)[grid](*args)
-    elif not any(isinstance(a, torch.Tensor) and is_fake(a) for a in args):
-        kernel[grid](*args)
 
 
 def _split(rows: int, L: int) -> tuple[int, int]:

@@ -1,0 +1,63 @@
+"""What every Triton kernel module of lgd_fast shares: the interpreter switch, bfloat16 rounding, launching.
+
+Triton is optional: this module imports without it (``available()`` is then False).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+__all__ = ["available", "interpreting", "launch", "unavailable_reason"]
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels run on CPU tensors, one block config, no autotuning."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """Whether the kernels are defined here (triton imported); says nothing about a GPU."""
+    return _HAS_TRITON
+
+
+def unavailable_reason() -> str | None:
+    """None if triton imported, else why not."""
+    return None if _HAS_TRITON else "the triton package is not installed (`pip install triton`)"
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch ``kernel[grid](*args, **kwargs)``, visible to torch.compile inside a triton_op.
+
+    wrap_triton lets torch.compile see the launch (and skips it for fake tensors). The interpreter's kernels
+    are not JITFunctions: they are launched directly, and not on fake tensors.
+    """
+    if not interpreting():
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    elif not any(isinstance(a, torch.Tensor) and is_fake(a) for a in (*args, *kwargs.values())):
+        kernel[grid](*args, **kwargs)
+
+
+if _HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rounded(v, dtype: tl.constexpr):
+        """float32 -> dtype, rounding to nearest even.
+
+        Spelled out for bfloat16 (the same bits as cvt.rn on the GPU and as torch) because the interpreter's
+        own float32 -> bfloat16 cast truncates.
+        """
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits = tl.where(v != v, 0x7FC0, bits)  # NaN stays NaN
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return v.to(dtype)
