@@ -164,15 +164,18 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lgd_fast.kernels.diffusion_epilogue import AOT_KERNELS
+    from lgd_fast.kernels import diffusion_epilogue, p3d_conv
 
+    kernels = {**diffusion_epilogue.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
     rows = []
     for target in targets:
         gpu = GPUTarget("cuda", _capability(target), 32)
         ptxas = _ptxas(_capability(target))
-        for name, (kernel, args, configs) in AOT_KERNELS.items():
+        for name, (kernel, args, configs, *for_dtypes) in kernels.items():
             for dtype in dtypes:
-                for constexprs, num_warps in configs:
+                if for_dtypes and dtype not in for_dtypes[0]:  # configs made for other element types
+                    continue
+                for constexprs, num_warps, *stages in configs:
                     signature = {}
                     for arg in kernel.arg_names:
                         if arg in args:
@@ -185,7 +188,11 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
                         compiled = triton.compile(
                             ASTSource(kernel, signature, constexprs=dict(constexprs)),
                             target=gpu,
-                            options={"num_warps": num_warps, "enable_fp_fusion": True},
+                            options={
+                                "num_warps": num_warps,
+                                "num_stages": stages[0] if stages else 3,
+                                "enable_fp_fusion": True,
+                            },
                         )
                         arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
                         usage = _ptxas_usage(ptxas, compiled.asm["ptx"], arch)

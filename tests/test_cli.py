@@ -51,8 +51,9 @@ def test_bad_flag_value_exits_with_usage():
 def test_doctor_reports_every_backend(capsys):
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["backends"]["cpu"]["cpp"] == "ok"
-    assert set(info["backends"]["cuda"]) == {"cuda", "cpp", "triton", "reference"}
+    assert info["backends"]["cpu"]["cpp"] == "ok" and info["backends"]["cpu"]["onednn"] == "ok"
+    assert set(info["backends"]["cuda"]) == {"cuda", "cpp", "onednn", "triton", "reference"}
+    assert "CPU tensors only" in info["backends"]["cuda"]["onednn"]
     assert info["aot"] is None
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out

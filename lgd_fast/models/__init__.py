@@ -4,6 +4,7 @@ from .blocks import BasicBlock2d, Bottleneck2d, LGDBlock, P3DBasicBlock, P3DBott
 from .fast import FastLGD3D, to_fast
 from .heads import KernelClassifier, TensorSketch
 from .networks import LGD2D, LGD3D, LGDNet
+from .p3d import FastP3DBasicBlock, FastP3DBottleneck, to_fast_unit
 from .registry import FastPathUnavailableError, create_model, list_models, model_entry
 
 __all__ = [
@@ -12,6 +13,8 @@ __all__ = [
     "BasicBlock2d",
     "Bottleneck2d",
     "FastLGD3D",
+    "FastP3DBasicBlock",
+    "FastP3DBottleneck",
     "FastPathUnavailableError",
     "KernelClassifier",
     "LGDBlock",
@@ -24,4 +27,5 @@ __all__ = [
     "model_entry",
     "p3d_variant",
     "to_fast",
+    "to_fast_unit",
 ]

@@ -7,11 +7,12 @@ channel mean of the block's output: the next block's GAP, so no pooling pass run
 stem (SPEC.md section 1, the note). The block's global path (six linears, an add, a ReLU) is one
 :func:`~lgd_fast.ops.global_update` call.
 
-The last BatchNorm of a residual unit becomes the op's ``scale``/``shift``: from batch statistics in
-training (computed with differentiable tensor ops, so gradients flow through them as through
-BatchNorm, and the running statistics are updated as BatchNorm updates them), from running statistics in
-eval. Modules, parameters and buffers are the reference's own: the fast model loads the very same
-state_dict, and :func:`to_fast` converts a reference model in place.
+Each block's residual unit and projection shortcut are the fast P3D units of :mod:`.p3d` (every conv with its
+BatchNorm, ReLU and addition in one :func:`~lgd_fast.ops.p3d_conv` pass). The unit's last BatchNorm becomes
+the epilogue's ``scale``/``shift``: from the last conv's batch statistics in training (gradients flow through
+them as through BatchNorm, and the running statistics are updated as BatchNorm updates them), from running
+statistics in eval. Modules, parameters and buffers are the reference's own: the fast model loads the very
+same state_dict, and :func:`to_fast` converts a reference model in place.
 """
 
 from __future__ import annotations
@@ -23,53 +24,16 @@ from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops.global_update import block_weights
 from .blocks import LGDBlock
 from .networks import LGD3D
-
-
-def batch_norm_affine(norm: nn.Module | None, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel (scale, shift), float32 (float64 for float64 ``r``), that ``norm`` applies to ``r``.
-
-    Training mode uses the batch statistics (biased variance) and updates the running statistics with
-    the unbiased variance, as ``nn.BatchNorm3d`` does; eval mode folds the running statistics. ``None``
-    (a residual unit that ends in an addition) is the identity.
-    """
-    channels = r.shape[1]
-    acc = torch.promote_types(r.dtype, torch.float32)
-    if norm is None:
-        ones = torch.ones(channels, device=r.device, dtype=acc)
-        return ones, torch.zeros_like(ones)
-    if not isinstance(norm, nn.BatchNorm3d):
-        raise TypeError(f"the fused block end folds BatchNorm3d only, got {type(norm).__name__}")
-    use_batch_stats = norm.training or not norm.track_running_stats
-    if use_batch_stats:
-        var, mean = torch.var_mean(r.to(acc), dim=(0, 2, 3, 4), unbiased=False)
-        if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, mean.detach(), var.detach(), r.numel() // channels)
-    else:
-        mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
-    scale = torch.rsqrt(var + norm.eps)
-    shift = -mean * scale
-    if norm.affine:
-        scale = scale * norm.weight.to(acc)
-        shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
-    return scale, shift
-
-
-@torch.no_grad()
-def _update_running_stats(norm: nn.BatchNorm3d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    norm.num_batches_tracked.add_(1)
-    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
-    unbiased = var * (count / max(count - 1, 1))
-    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
-    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
+from .p3d import batch_norm_affine, check_fusable, residual_body, shortcut, to_fast_unit
 
 
 def fused_block_forward(
     block: LGDBlock, x: torch.Tensor, g: torch.Tensor, x_mean: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LGD block with a fused end: (x, g, GAP(x)) -> (x', g', GAP(x'))."""
-    r = block.residual_body(x)
-    scale, shift = batch_norm_affine(block.last_norm, r)
-    s = block.shortcut(x)
+    r, stats = residual_body(block, x)
+    scale, shift = batch_norm_affine(block.last_norm, r, stats)
+    s = shortcut(block, x)
     if s.dtype != r.dtype:  # under autocast the shortcut may stay float32 while convs give bfloat16
         s = s.to(r.dtype)
     # The global path in one call, in the weights' dtype (float32 under autocast too: it is (N, C) small).
@@ -119,8 +83,12 @@ def to_fast(model: nn.Module) -> FastLGD3D:
         raise TypeError(
             f"the fast path covers LGD-3D models; got {type(model).__name__} (LGD-2D has no fused path yet)"
         )
-    for name, module in model.named_modules():
-        if isinstance(module, LGDBlock) and not isinstance(module.last_norm, nn.BatchNorm3d | None):
+    blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, LGDBlock)]
+    for name, module in blocks:
+        if not isinstance(module.last_norm, nn.BatchNorm3d | None):
             raise TypeError(f"{name}: the fused block end folds BatchNorm3d only, got {type(module.last_norm)}")
+        check_fusable(module, name)
+    for name, module in blocks:
+        to_fast_unit(module, name)
     model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
     return model

@@ -4,6 +4,7 @@ from ._backend import choose_backend, extension_available, extension_error
 from .diffusion_epilogue import diffusion_epilogue, diffusion_epilogue_reference
 from .global_avg_pool import global_avg_pool, global_avg_pool_reference
 from .global_update import global_update, global_update_reference
+from .p3d_conv import p3d_conv, p3d_conv_reference
 
 __all__ = [
     "choose_backend",
@@ -15,4 +16,6 @@ __all__ = [
     "global_avg_pool_reference",
     "global_update",
     "global_update_reference",
+    "p3d_conv",
+    "p3d_conv_reference",
 ]

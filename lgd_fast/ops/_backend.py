@@ -3,6 +3,7 @@
 Backends, by name:
     "cuda"       the compiled CUDA extension ``lgd_fast._C_cuda`` (CUDA tensors; needs ``lgd_fast._C``).
     "cpp"        the compiled CPU extension ``lgd_fast._C`` (CPU tensors).
+    "onednn"     ATen's oneDNN primitives with fused post-ops (CPU tensors; where torch was built with oneDNN).
     "triton"     the Triton kernels in ``lgd_fast.kernels`` (CUDA tensors; CPU tensors only under
                  ``TRITON_INTERPRET=1``, and only when asked for by name).
     "reference"  the op's plain PyTorch implementation (every device, always there).
@@ -10,7 +11,7 @@ Backends, by name:
 Choice, first match wins: the op's ``backend=`` argument, then the ``LGD_FAST_BACKEND`` environment
 variable (a backend name or ``auto``), then ``auto``. ``auto`` takes the first fast backend the op
 implements that runs on the tensor's device and handles the input (on CUDA tensors: cuda, then triton;
-on CPU tensors: cpp), and otherwise falls back to the reference, logging a warning once per op, device
+on CPU tensors: cpp, then onednn), and otherwise falls back to the reference, logging a warning once per op, device
 and reason. Asking by argument for a backend that cannot run raises ``RuntimeError``, and for one the op
 does not implement ``ValueError``; the environment variable naming a backend an op does not implement
 leaves that op on ``auto`` (so ``LGD_FAST_BACKEND=triton`` forces the ops that have Triton kernels).
@@ -46,9 +47,9 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "LGD_FAST_BACKEND"
 AUTO = "auto"
-BACKENDS = ("cuda", "cpp", "triton", "reference")
+BACKENDS = ("cuda", "cpp", "onednn", "triton", "reference")
 # Devices on which ``auto`` considers each backend (a backend asked for by name is checked on its own).
-_AUTO_DEVICES = {"cuda": ("cuda",), "cpp": ("cpu",), "triton": ("cuda",)}
+_AUTO_DEVICES = {"cuda": ("cuda",), "cpp": ("cpu",), "onednn": ("cpu",), "triton": ("cuda",)}
 
 _extension: ModuleType | None = None
 _extension_error: str | None = None
@@ -57,6 +58,8 @@ _cuda_extension: ModuleType | None = None
 _cuda_extension_error: str | None = None
 _cuda_extension_tried = False
 _warned: set[tuple[str, ...]] = set()
+# A fact of the torch build, read once (torch.compile does not trace torch.backends.mkldnn.is_available).
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def load_extension() -> ModuleType | None:
@@ -147,6 +150,12 @@ def backend_unavailable_reason(backend: str, device_type: str) -> str | None:
                 f"the triton backend runs on CUDA tensors (CPU tensors only with TRITON_INTERPRET=1), not {device_type}"
             )
         return triton_error()
+    if backend == "onednn":
+        if device_type != "cpu":
+            return f"the onednn backend runs on CPU tensors only, not {device_type}"
+        if not _HAS_ONEDNN:
+            return "this torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+        return None
     if backend == "cpp":
         if device_type != "cpu":
             return f"the cpp backend runs on CPU tensors only, not {device_type}"

@@ -1,0 +1,245 @@
+"""Fast P3D units: the residual units of LGD-3D run as :func:`~lgd_fast.ops.p3d_conv` calls with fused epilogues.
+
+Each unit computes what the reference :class:`~lgd_fast.models.blocks.P3DBottleneck` /
+:class:`~lgd_fast.models.blocks.P3DBasicBlock` computes, from the very same modules and parameters, with every
+BatchNorm, ReLU and addition that follows a convolution moved into that convolution's epilogue:
+
+- eval (running statistics): a BatchNorm is folded into the conv before it as ``scale``/``shift``, and the
+  ReLU and the variant's addition ride along, so each conv is one pass (on the CPU, one oneDNN primitive).
+  Variant B's ``ReLU(BN(S(z) + T(z)))`` is ``S(z) * scale + shift`` then ``T(z) * scale + that``, ReLU.
+- training (batch statistics): each conv that feeds a BatchNorm returns the per-channel sum and sum of
+  squares of its output from its epilogue; :func:`batch_norm_affine` turns them into ``scale``/``shift``
+  (differentiably, so gradients flow as through BatchNorm, and the running statistics are updated as
+  BatchNorm updates them), and one pass applies them with the ReLU.
+
+The unit's last BatchNorm is left to the caller (the fast LGD block's diffusion epilogue folds it), so
+:func:`residual_body` returns the unit's output before it and, in training, that output's statistics.
+:class:`FastP3DBottleneck` and :class:`FastP3DBasicBlock` are the reference blocks with this body; they add no
+state, so they load the reference's state_dict, and :func:`to_fast_unit` converts a reference block in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops import p3d_conv
+from .blocks import P3DBasicBlock, P3DBottleneck
+
+__all__ = [
+    "FastP3DBasicBlock",
+    "FastP3DBottleneck",
+    "batch_norm_affine",
+    "check_fusable",
+    "residual_body",
+    "shortcut",
+    "to_fast_unit",
+]
+
+Stats = torch.Tensor | None
+
+
+# ---- BatchNorm as a per-channel affine map ----------------------------------------------------------
+
+
+def uses_batch_stats(norm: nn.Module) -> bool:
+    """Whether ``norm`` normalises with the batch's statistics (training, or no running statistics)."""
+    return norm.training or not norm.track_running_stats
+
+
+def batch_norm_affine(
+    norm: nn.Module | None, r: torch.Tensor, stats: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift), float32 (float64 for float64 ``r``), that ``norm`` applies to ``r``.
+
+    Batch statistics (training) come from ``stats`` ((2, C): sum and sum of squares over (N, T, H, W), as
+    :func:`~lgd_fast.ops.p3d_conv` returns them) where given, else from ``r``; they use the biased variance
+    and update the running statistics with the unbiased one, as ``nn.BatchNorm3d`` does. Eval folds the
+    running statistics. ``None`` (a unit that ends in an addition) is the identity.
+    """
+    channels = r.shape[1]
+    acc = torch.promote_types(r.dtype, torch.float32)
+    if norm is None:
+        ones = torch.ones(channels, device=r.device, dtype=acc)
+        return ones, torch.zeros_like(ones)
+    if not isinstance(norm, nn.BatchNorm3d):
+        raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
+    if uses_batch_stats(norm):
+        count = r.numel() // channels
+        if stats is not None:
+            mean = stats[0].to(acc) / count
+            var = (stats[1].to(acc) / count - mean * mean).clamp_min(0)
+        else:
+            var, mean = torch.var_mean(r.to(acc), dim=(0, 2, 3, 4), unbiased=False)
+        if norm.training and norm.track_running_stats:
+            _update_running_stats(norm, mean.detach(), var.detach(), count)
+    else:
+        mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
+    scale = torch.rsqrt(var + norm.eps)
+    shift = -mean * scale
+    if norm.affine:
+        scale = scale * norm.weight.to(acc)
+        shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
+    return scale, shift
+
+
+@torch.no_grad()
+def _update_running_stats(norm: nn.BatchNorm3d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    norm.num_batches_tracked.add_(1)
+    momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+    unbiased = var * (count / max(count - 1, 1))
+    norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+    norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), momentum)
+
+
+def folded_norm(norm: nn.BatchNorm3d, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval BatchNorm (running statistics), in ``like``'s accumulation dtype."""
+    return batch_norm_affine(norm, like.new_empty((0, norm.num_features)))
+
+
+def _affine(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, relu: bool) -> torch.Tensor:
+    out = torch.addcmul(shift[:, None, None, None], y, scale[:, None, None, None]).to(y.dtype)
+    return torch.relu(out) if relu else out
+
+
+# ---- convolutions with their epilogues --------------------------------------------------------------
+
+
+def _stride(conv: nn.Conv3d) -> int:
+    return conv.stride[1]
+
+
+def conv(conv: nn.Conv3d, x: torch.Tensor, **epilogue) -> torch.Tensor:
+    """``conv(x)`` (then ``epilogue``: scale, shift, residual, relu) in one pass."""
+    return p3d_conv(x, conv.weight, stride=_stride(conv), **epilogue)
+
+
+def conv_norm(
+    conv_: nn.Conv3d, norm: nn.BatchNorm3d, x: torch.Tensor, *, relu: bool, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``ReLU?(norm(conv(x) + residual))``: folded into the conv in eval, from its statistics in training."""
+    if uses_batch_stats(norm):
+        y, stats = conv(conv_, x, residual=residual, stats=True)
+        return _affine(y, *batch_norm_affine(norm, y, stats), relu)
+    scale, shift = folded_norm(norm, x)
+    if residual is not None:  # norm(c + r) = c * scale + (shift + r * scale)
+        residual = (residual * scale[:, None, None, None]).to(residual.dtype)
+    return conv(conv_, x, scale=scale, shift=shift, residual=residual, relu=relu)
+
+
+def _last(conv_: nn.Conv3d, norm: nn.Module | None, x: torch.Tensor, **epilogue) -> tuple[torch.Tensor, Stats]:
+    """The unit's last conv, whose BatchNorm the caller applies: with its statistics when ``norm`` needs them."""
+    if norm is not None and uses_batch_stats(norm):
+        return conv(conv_, x, stats=True, **epilogue)
+    return conv(conv_, x, **epilogue), None
+
+
+# ---- units ------------------------------------------------------------------------------------------
+
+
+def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """``block.residual_body(x)`` (up to bn3) and, when bn3 uses batch statistics, their sums."""
+    z = conv_norm(block.conv1, block.bn1, x, relu=True)
+    if block.variant == "A":  # ReLU(bn2(T(S(z))))
+        z = conv_norm(block.conv2_t, block.bn2, conv(block.conv2, z), relu=True)
+    elif block.variant == "B":  # ReLU(bn2(S(z) + T(z)))
+        if uses_batch_stats(block.bn2):
+            z = conv_norm(block.conv2_t, block.bn2, z, relu=True, residual=conv(block.conv2, z))
+        else:
+            scale, shift = folded_norm(block.bn2, z)
+            q = conv(block.conv2, z, scale=scale, shift=shift)
+            z = conv(block.conv2_t, z, scale=scale, residual=q, relu=True)
+    else:  # u = ReLU(bn2(S(z))); ReLU(u + T(u))
+        u = conv_norm(block.conv2, block.bn2, z, relu=True)
+        z = conv(block.conv2_t, u, residual=u, relu=True)
+    return _last(block.conv3, block.bn3, z)
+
+
+def basic_body(block: P3DBasicBlock, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """``block.residual_body(x)`` (up to bn2 for A and B; C ends in its addition) and the statistics bn2 needs."""
+    if block.variant == "A":  # z = ReLU(bn1(T1(S1(x)))); bn2(T2(S2(z)))
+        z = conv_norm(block.conv1_t, block.bn1, conv(block.conv1, x), relu=True)
+        return _last(block.conv2_t, block.bn2, conv(block.conv2, z))
+    if block.variant == "B":  # t = T1(x); z = ReLU(bn1(S1(x) + t)); bn2(S2(z) + T2(t))
+        t = conv(block.conv1_t, x)
+        z = conv_norm(block.conv1, block.bn1, x, relu=True, residual=t)
+        return _last(block.conv2_t, block.bn2, t, residual=conv(block.conv2, z))
+    # u = ReLU(bn1(S1(x))); z = ReLU(u + T1(u)); v = bn2(S2(z)); v + T2(v)
+    u = conv_norm(block.conv1, block.bn1, x, relu=True)
+    z = conv(block.conv1_t, u, residual=u, relu=True)
+    v = conv_norm(block.conv2, block.bn2, z, relu=False)
+    return conv(block.conv2_t, v, residual=v), None
+
+
+def residual_body(block: P3DBottleneck | P3DBasicBlock, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """The fused body of a P3D unit: (output before the unit's last BatchNorm, its batch sums or None)."""
+    if isinstance(block, P3DBottleneck):
+        return bottleneck_body(block, x)
+    if isinstance(block, P3DBasicBlock):
+        return basic_body(block, x)
+    raise TypeError(f"the fused P3D path takes a P3DBottleneck or P3DBasicBlock, got {type(block).__name__}")
+
+
+def shortcut(block: P3DBottleneck | P3DBasicBlock, x: torch.Tensor) -> torch.Tensor:
+    """``block.shortcut(x)``: the identity, or the projection conv with its BatchNorm fused."""
+    if block.downsample is None:
+        return x
+    conv_, norm = block.downsample
+    return conv_norm(conv_, norm, x, relu=False)
+
+
+# ---- modules ----------------------------------------------------------------------------------------
+
+
+class FastP3DBottleneck(P3DBottleneck):
+    """:class:`P3DBottleneck` whose residual unit and shortcut run fused; same modules and state_dict."""
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
+        r, _ = bottleneck_body(self, x)
+        return r
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return shortcut(self, x)
+
+
+class FastP3DBasicBlock(P3DBasicBlock):
+    """:class:`P3DBasicBlock` whose residual unit and shortcut run fused; same modules and state_dict."""
+
+    def residual_body(self, x: torch.Tensor) -> torch.Tensor:
+        r, _ = basic_body(self, x)
+        return r
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        return shortcut(self, x)
+
+
+_FAST_UNITS = {P3DBottleneck: FastP3DBottleneck, P3DBasicBlock: FastP3DBasicBlock}
+
+
+def check_fusable(block: P3DBottleneck | P3DBasicBlock, name: str = "block") -> None:
+    """Raise a TypeError naming what the fused path cannot take: another norm than BatchNorm3d, another padding."""
+    for child_name, module in block.named_modules():
+        if isinstance(module, nn.Conv3d):
+            same = tuple(k // 2 for k in module.kernel_size)
+            if module.padding != same or module.stride[0] != 1 or module.dilation != (1, 1, 1) or module.groups != 1:
+                raise TypeError(
+                    f"{name}.{child_name}: the fused P3D path takes odd kernels with same padding, temporal stride 1, "
+                    f"no dilation or groups; got padding {module.padding}, stride {module.stride}"
+                )
+    norms = {"bn1": block.bn1, "bn2": block.bn2, "bn3": getattr(block, "bn3", None)}
+    if block.downsample is not None:
+        norms["downsample.1"] = block.downsample[1]
+    for child_name, module in norms.items():
+        if module is not None and not isinstance(module, nn.BatchNorm3d):
+            kind = type(module).__name__
+            raise TypeError(f"{name}.{child_name}: the fused P3D path folds BatchNorm3d only, got {kind}")
+
+
+def to_fast_unit(block: nn.Module, name: str = "block") -> nn.Module:
+    """Turn a reference P3D block into its fast class in place (no new state); other modules are returned as is."""
+    fast = _FAST_UNITS.get(type(block))
+    if fast is None:
+        return block
+    check_fusable(block, name)
+    block.__class__ = fast
+    return block

@@ -1,0 +1,338 @@
+"""One convolution of a P3D unit with its BatchNorm, residual addition and ReLU fused into the same pass.
+
+    z     = conv(x, weight) * scale[c] + shift[c] + residual        stride (1, S, S), "same" padding
+    out   = ReLU(z) if relu else z
+    stats = (sum of z, sum of z^2) over (N, T, H, W), per channel    float32, (2, C_out), when asked
+                                                                  (of z as stored in x's dtype: what a
+                                                                  BatchNorm after the conv takes)
+
+``weight`` is (C_out, C_in, KT, KH, KW) with odd extents: the spatial 1xkxk conv, the temporal kx1x1 conv
+(variant B's takes the spatial stride too) and the pointwise 1x1x1 conv of a P3D ResNet. Folded eval
+BatchNorm is ``scale``/``shift``; in training, ``stats`` gives BatchNorm its batch statistics without a
+separate pass over ``out`` (``batch_norm_affine`` in ``lgd_fast.models.p3d``). Statistics are of
+the value before the ReLU, as BatchNorm needs, so ``stats`` with ``relu`` is refused.
+
+Backends (``lgd_fast.ops._backend``): ``triton`` (CUDA tensors; implicit-GEMM kernels in
+``lgd_fast.kernels.p3d_conv``, registered with ``torch.library.triton_op``, forward, input and weight
+gradients), ``onednn`` (CPU tensors: at inference one oneDNN convolution primitive with the scale folded into
+the weight, the shift as its bias and the residual addition and ReLU as post-ops; with autograd or
+statistics, ATen's convolution and the epilogue as tensor ops, which autograd differentiates), and
+``reference`` (plain PyTorch, below). The measured choice of layout on the CPU is the model's
+(``lgd_fast.models.p3d``), not the op's: ``onednn`` keeps ``x``'s layout, ``triton`` writes channels_last_3d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend
+
+__all__ = ["p3d_conv", "p3d_conv_reference"]
+
+OP_NAME = "p3d_conv"
+_BACKENDS = ("triton", "onednn", "reference")
+_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16), "onednn": (torch.float32, torch.bfloat16)}
+_REDUCE = (0, 2, 3, 4)
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    return v[:, None, None, None]
+
+
+def _geometry(weight: torch.Tensor, stride: int) -> tuple[list[int], list[int]]:
+    kt, kh, kw = weight.shape[2:]
+    return [kt // 2, kh // 2, kw // 2], [1, stride, stride]
+
+
+def p3d_conv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int = 1,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stats: bool = False,
+):
+    """The op in plain PyTorch: ``F.conv3d``, then the epilogue in float32 (float64 for float64 inputs).
+
+    Args:
+        x: (N, C_in, T, H, W).
+        weight: (C_out, C_in, KT, KH, KW), odd extents; padding (KT // 2, KH // 2, KW // 2).
+        stride: spatial stride S (the conv's stride is (1, S, S)).
+        scale, shift: (C_out,) per-channel affine map of the conv's output, or None.
+        residual: (N, C_out, T, H_out, W_out) added after the affine map, or None.
+        relu: apply ReLU last.
+        stats: also return the per-channel sum and sum of squares of z as returned (relu must be False).
+
+    Returns:
+        out, in x's dtype and (for the reference) x's layout; with ``stats``, ``(out, stats)`` where stats is
+        (2, C_out) float32 (float64 for float64 inputs).
+    """
+    acc = torch.promote_types(x.dtype, torch.float32)
+    padding, strides = _geometry(weight, stride)
+    z = F.conv3d(x, weight.to(x.dtype), stride=strides, padding=padding).to(acc)
+    if scale is not None:
+        z = z * _per_channel(scale.to(acc))
+    if shift is not None:
+        z = z + _per_channel(shift.to(acc))
+    if residual is not None:
+        z = z + residual.to(acc)
+    out = (torch.relu(z) if relu else z).to(x.dtype)
+    if not stats:
+        return out
+    stored = out.to(acc)  # z as returned (rounded to x's dtype): what a BatchNorm after the conv takes
+    return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
+
+
+def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
+    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift), ("residual", residual)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP_NAME}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{OP_NAME}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{OP_NAME}: {name} is on {t.device} but x is on {x.device}")
+    if x.dim() != 5:
+        raise ValueError(f"{OP_NAME}: x must be 5-D (N, C, T, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(f"{OP_NAME}: weight must be 5-D (C_out, C_in, KT, KH, KW), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{OP_NAME}: weight takes {weight.shape[1]} input channels but x has {x.shape[1]} (shape {tuple(x.shape)})"
+        )
+    if any(k % 2 == 0 for k in weight.shape[2:]):
+        raise ValueError(f"{OP_NAME}: kernel extents must be odd (same padding), got {tuple(weight.shape[2:])}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"{OP_NAME}: stride must be a positive int, got {stride!r}")
+    c = weight.shape[0]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{OP_NAME}: {name} must have shape (C_out,) = ({c},), got {tuple(t.shape)}")
+    if residual is not None:
+        n, _, t_, h, w = x.shape
+        want = (n, c, t_, (h - 1) // stride + 1, (w - 1) // stride + 1)  # odd kernel, same padding
+        if tuple(residual.shape) != want:
+            raise ValueError(f"{OP_NAME}: residual must have the output's shape {want}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{OP_NAME}: residual has dtype {residual.dtype} but x has dtype {x.dtype}")
+    if stats and relu:
+        raise ValueError(
+            f"{OP_NAME}: stats=True with relu=True is not supported: the statistics are those of the value before "
+            "the ReLU (what BatchNorm needs); apply the ReLU after normalising"
+        )
+
+
+def _supports(backend: str, x: torch.Tensor) -> str | None:
+    if x.dtype not in _DTYPES[backend]:
+        return f"dtype {x.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
+    return None
+
+
+def p3d_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride: int = 1,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stats: bool = False,
+    allow_tf32: bool = False,
+    backend: str | None = None,
+):
+    """``ReLU?(conv(x, weight) * scale + shift + residual)`` in one pass, differentiable in every tensor.
+
+    Arguments and returns as :func:`p3d_conv_reference`; ``allow_tf32`` lets the Triton kernels multiply
+    float32 operands on tf32 tensor cores (off by default). ``backend``: ``"triton"``, ``"onednn"``,
+    ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``. ``auto`` picks triton on CUDA tensors,
+    onednn on CPU tensors (float32 and bfloat16), else the reference with one warning.
+
+    Raises:
+        ValueError / TypeError: a shape, dtype, device or option that does not fit, naming the argument.
+        RuntimeError: the backend asked for cannot run here.
+    """
+    _check(x, weight, stride, scale, shift, residual, relu, stats)
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_supports)
+    if choice != "reference" and (reason := _supports(choice, x)) is not None:
+        raise TypeError(f"{OP_NAME}: backend {choice!r} does not take this input: {reason}")
+    if choice == "triton":
+        if not _TRITON_REGISTERED:
+            raise RuntimeError(f"{OP_NAME}: the triton op is not registered ({_backend.triton_error()})")
+        out, st = torch.ops.lgd_fast.p3d_conv_triton(x, weight, scale, shift, residual, stride, relu, stats, allow_tf32)
+        return (out, st) if stats else out
+    if choice == "onednn":
+        return _onednn(x, weight, stride, scale, shift, residual, relu, stats)
+    return p3d_conv_reference(
+        x, weight, stride=stride, scale=scale, shift=shift, residual=residual, relu=relu, stats=stats
+    )
+
+
+# ---- CPU: oneDNN ------------------------------------------------------------------------------------
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
+    if not stats and not _needs_grad(x, weight, scale, shift, residual):
+        return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, scale, shift, residual, stride, relu)
+    padding, strides = _geometry(weight, stride)
+    # With autograd or statistics: ATen's conv, then the epilogue in float32 (rounded once), as the reference.
+    y = F.conv3d(x, weight.to(x.dtype), stride=strides, padding=padding)
+    z = y.float() if y.dtype != torch.float32 and (stats or scale is not None or shift is not None) else y
+    if scale is not None:
+        z = z * _per_channel(scale.to(z.dtype))
+    if shift is not None:
+        z = z + _per_channel(shift.to(z.dtype))
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    out = (torch.relu(z) if relu else z).to(x.dtype)
+    if not stats:
+        return out
+    var, mean = torch.var_mean(out.float(), dim=_REDUCE, unbiased=False)  # out is z: stats refuse relu
+    count = z.numel() // z.shape[1]
+    return out, torch.stack([mean * count, (var + mean * mean) * count])
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("lgd_fast::p3d_conv_onednn", mutates_args=())
+def _onednn_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """Inference: one oneDNN primitive. conv(x, w) * scale = conv(x, w * scale); shift is its bias; the residual
+    addition and the ReLU are its post-ops. Output in x's layout. No autograd (the caller checks)."""
+    padding, strides = _geometry(weight, stride)
+    w = weight if scale is None else weight * _per_channel(scale.to(weight.dtype))[..., None]
+    w, bias = w.to(x.dtype), None if shift is None else shift.to(x.dtype)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise.default(
+            x, w, bias, padding, strides, [1, 1, 1], 1, "relu" if relu else "none", [], ""
+        )
+    layout = _layout(x)
+    # On contiguous bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16: ReLU after it.
+    fused_relu = relu and (x.dtype == torch.float32 or layout == torch.channels_last_3d)
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.contiguous(memory_format=layout), w, bias, padding, strides, [1, 1, 1], 1, "add", None,
+        "relu" if fused_relu else None, [], "",
+    )  # fmt: skip
+    return out.relu_() if relu and not fused_relu else out
+
+
+@_onednn_inference.register_fake
+def _(x, weight, scale, shift, residual, stride, relu):
+    n, _, t, h, w = x.shape
+    shape = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    return x.new_empty(shape).contiguous(memory_format=_layout(x))
+
+
+# ---- the Triton op (only where triton imports) ------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, scale, shift, residual, stride, relu, stats, allow_tf32 = inputs
+    out, _ = output
+    ctx.save_for_backward(out, x, weight, scale)
+    ctx.options = (stride, relu, stats, allow_tf32)
+    ctx.has = (scale is not None, shift is not None, residual is not None)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (scale, shift, residual))
+
+
+def _grad(ctx, grad_out, grad_stats):
+    out, x, weight, scale = ctx.saved_tensors
+    stride, relu, stats, allow_tf32 = ctx.options
+    has_scale, has_shift, has_res = ctx.has
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    needs[2:5] = [needs[2] and has_scale, needs[3] and has_shift, needs[4] and has_res]
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_stats is None:
+        grad_stats = out.new_zeros((2, 0), dtype=torch.float32)
+    grads = torch.ops.lgd_fast.p3d_conv_triton_backward(
+        grad_out, grad_stats, out, x, weight, scale, stride, relu, stats, allow_tf32, needs
+    )
+    result = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    for i, dtype in zip((2, 3, 4), ctx.dtypes, strict=True):
+        if result[i] is not None:
+            result[i] = result[i].to(dtype)
+    result[1] = result[1].to(weight.dtype) if result[1] is not None else None
+    return (*result, None, None, None, None)
+
+
+def _register_triton() -> bool:
+    if _backend.triton_error() is not None:
+        return False
+    from lgd_fast.kernels import p3d_conv as kernels
+
+    @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton", mutates_args=())
+    def _triton_forward(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        shift: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        stride: int,
+        relu: bool,
+        stats: bool,
+        allow_tf32: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernels.forward(x, weight, scale, shift, residual, stride, relu, stats, allow_tf32)
+
+    @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton_backward", mutates_args=())
+    def _triton_backward(
+        grad_out: torch.Tensor,
+        grad_stats: torch.Tensor,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        stride: int,
+        relu: bool,
+        stats: bool,
+        allow_tf32: bool,
+        needs: Sequence[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # dL/dz through the ReLU and the statistics (d sum / dz = 1, d sum z^2 / dz = 2z; z = out without ReLU)
+        gz = grad_out.float()
+        if relu:
+            gz = gz * (out > 0)
+        if stats and grad_stats.numel():
+            gz = gz + _per_channel(grad_stats[0]) + 2 * out.float() * _per_channel(grad_stats[1])
+        g_acc = gz if scale is None else gz * _per_channel(scale.float())
+        g_acc = g_acc.to(x.dtype)
+        gx = kernels.dgrad(g_acc, weight, tuple(x.shape), stride, allow_tf32) if needs[0] else gz.new_empty(0)
+        gw = kernels.wgrad(x, g_acc, tuple(weight.shape), stride, allow_tf32) if needs[1] else gz.new_empty(0)
+        if needs[2]:  # the conv's own output, recomputed: one forward GEMM rather than a saved tensor
+            acc, _ = kernels.forward(x, weight, None, None, None, stride, False, False, allow_tf32)
+            g_scale = (gz * acc.float()).sum(_REDUCE)
+        else:
+            g_scale = gz.new_empty(0)
+        g_shift = gz.sum(_REDUCE) if needs[3] else gz.new_empty(0)
+        # outputs may alias neither inputs nor each other (grad_out.float() is grad_out itself when float32)
+        g_res = (gz.clone() if gz is grad_out else gz) if needs[4] else gz.new_empty(0)
+        return gx, gw, g_scale, g_shift, g_res
+
+    _triton_forward.register_autograd(_grad, setup_context=_setup_context)
+    return True
+
+
+_TRITON_REGISTERED = _register_triton()

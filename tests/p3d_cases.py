@@ -1,0 +1,206 @@
+"""Parity cases of p3d_conv and the fast P3D units, shared by the CPU tests and the Triton interpreter run.
+
+Each case runs one backend, the plain PyTorch computation at the case's dtype (the yardstick: ``F.conv3d`` at
+that dtype, then the epilogue) and the float64 reference, forward and every gradient, and returns one row per
+output: relative errors (norm of the difference over the norm of the float64 value) of ours and of PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lgd_fast.models.blocks import P3DBasicBlock, P3DBottleneck
+from lgd_fast.models.p3d import to_fast_unit
+from lgd_fast.ops import p3d_conv, p3d_conv_reference
+from op_testing import random_input
+
+KINDS = {"spatial": (1, 3, 3), "temporal": (3, 1, 1), "pointwise": (1, 1, 1)}
+EPILOGUES = {
+    "none": {},
+    "affine_relu": {"scale": True, "shift": True, "relu": True},
+    "affine_residual_relu": {"scale": True, "shift": True, "residual": True, "relu": True},
+    "residual_stats": {"residual": True, "stats": True},
+    "affine_stats": {"scale": True, "shift": True, "stats": True},
+}
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def conv_case_id(kind, stride, shape, co, epilogue, dtype, layout) -> str:
+    return f"{kind}-s{stride}-{'x'.join(map(str, shape))}-{co}-{epilogue}-{dtype}-{layout}"
+
+
+def run_conv_case(kind, stride, shape, co, epilogue, dtype, layout, backend, gen) -> list[dict]:
+    """One p3d_conv case: rows for out, stats (if asked) and the gradient of every input."""
+    dtype = getattr(torch, dtype)
+    opts = EPILOGUES[epilogue]
+    n, ci, t, h, w = shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    x = random_input(shape, dtype, LAYOUTS[layout], gen) - 1.0
+    weight = (torch.randn(co, ci, *KINDS[kind], generator=gen) / (ci * 3) ** 0.5).to(dtype)
+    tensors = {"x": x, "weight": weight}
+    if opts.get("scale"):
+        tensors["scale"] = 0.5 + torch.rand(co, generator=gen)
+    if opts.get("shift"):
+        tensors["shift"] = 0.2 * torch.randn(co, generator=gen)
+    if opts.get("residual"):
+        tensors["residual"] = random_input((n, co, t, ho, wo), dtype, LAYOUTS[layout], gen) - 1.0
+    stats = bool(opts.get("stats"))
+    gout = torch.randn((n, co, t, ho, wo), generator=gen)
+    gstats = torch.randn((2, co), generator=gen) / (n * t * ho * wo)
+
+    def run(fn, cast):
+        leaves = {k: cast(v).detach().requires_grad_() for k, v in tensors.items()}
+        args = {k: v for k, v in leaves.items() if k not in ("x", "weight")}
+        result = fn(leaves["x"], leaves["weight"], stride=stride, relu=bool(opts.get("relu")), stats=stats, **args)
+        out, st = result if stats else (result, None)
+        loss = (out.double() * gout.double()).sum()
+        if stats:
+            loss = loss + (st.double() * gstats.double()).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        named = {"out": out, **({"stats": st} if stats else {})}
+        named.update({f"grad_{k}": g for k, g in zip(leaves, grads, strict=True)})
+        return named
+
+    ours = run(lambda *a, **k: p3d_conv(*a, backend=backend, **k), lambda v: v)
+    plain = run(p3d_conv_reference, lambda v: v)
+    ref = run(p3d_conv_reference, lambda v: v.double())
+    rows = []
+    for name, a in ours.items():
+        rows.append(
+            {
+                "name": name,
+                "finite": bool(torch.isfinite(a).all()),
+                "shape_ok": a.shape == ref[name].shape,
+                "err": rel(a, ref[name]),
+                "torch_err": rel(plain[name], ref[name]),
+            }
+        )
+    return rows
+
+
+# ---- units ------------------------------------------------------------------------------------------
+
+# global_reduction 4 keeps a global path at the small, odd channel counts of the tests
+UNITS = {
+    "bottleneck": lambda ci, planes, variant, stride: P3DBottleneck(
+        ci, planes, variant=variant, stride=stride, global_reduction=4
+    ),
+    "basic": lambda ci, planes, variant, stride: P3DBasicBlock(
+        ci, planes, variant=variant, stride=stride, global_reduction=4
+    ),
+}
+
+
+def unit_case_id(unit, variant, stride, shape, planes, mode, dtype, layout="contiguous") -> str:
+    return f"{unit}-{variant}-s{stride}-{'x'.join(map(str, shape))}-{planes}-{mode}-{dtype}-{layout}"
+
+
+def randomise_block(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Non-trivial BatchNorm parameters and running statistics, and a non-zero fc6 (so diffusion is live)."""
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+        block.fc6.weight.copy_(0.1 * torch.randn(block.fc6.weight.shape, generator=gen))
+    return block
+
+
+def run_unit_case(
+    unit, variant, stride, shape, planes, mode, dtype, gen, *, scope="block", layout="contiguous"
+) -> list[dict]:
+    """A fast P3D block against the reference block, at ``dtype`` against float64, on an input in ``layout``.
+
+    The plain PyTorch yardstick runs in the same layout: PyTorch's own kernels differ by layout (its bfloat16
+    BatchNorm backward was seen to be less accurate on channels_last_3d than on contiguous tensors).
+
+    scope "block": the whole LGD block (fused unit, fused projection shortcut, global path): outputs x' and g',
+    the gradients of x, g and every parameter, and in training the running statistics after the step.
+    scope "unit": the P3D unit and its shortcut, ``residual(x) + shortcut(x)``: that output, the gradient of x
+    and of every parameter of the unit, and in training the running statistics (the global path, the
+    reference's own code, is left out: its gradients are sums through the block's last ReLU, whose mask
+    flips with any rounding, so at bfloat16 they measure noise, not the unit).
+    """
+    dtype = getattr(torch, dtype)
+    ci = shape[1]
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    ref = randomise_block(UNITS[unit](ci, planes, variant, stride), gen).train(mode == "train")
+    x = random_input(shape, torch.float64, torch.contiguous_format, gen) - 1.0
+    g = torch.randn(shape[0], ci, generator=gen, dtype=torch.float64)
+    upstream = {}
+
+    def run(block, cast):
+        block = copy.deepcopy(block).to(cast)
+        xs = x.to(cast).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
+        gs = g.to(cast).requires_grad_()
+        if scope == "block":
+            outputs = dict(zip(("out", "g"), block(xs, gs), strict=True))
+        else:
+            outputs = {"out": block.residual(xs) + block.shortcut(xs)}
+        for k, v in outputs.items():
+            upstream.setdefault(k, torch.randn(v.shape, generator=gen, dtype=torch.float64))
+        loss = sum((v.double() * upstream[k]).sum() for k, v in outputs.items())
+        params = {k: p for k, p in block.named_parameters() if scope == "block" or not k.startswith("fc")}
+        leaves = {"x": xs, **({"g": gs} if scope == "block" else {}), **params}
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        named = {**outputs, **{f"grad_{k}": v for k, v in zip(leaves, grads, strict=True)}}
+        if mode == "train":
+            named.update({k: v for k, v in block.named_buffers() if k.endswith(("running_mean", "running_var"))})
+        return named
+
+    reference = run(ref, torch.float64)
+    plain = run(ref, dtype)
+    ours = run(to_fast_unit(copy.deepcopy(ref)), dtype)
+    return [
+        {
+            "name": name,
+            "finite": bool(torch.isfinite(a).all()),
+            "shape_ok": a.shape == reference[name].shape,
+            "err": rel(a, reference[name]),
+            "torch_err": rel(plain[name], reference[name]),
+        }
+        for name, a in ours.items()
+    ]
+
+
+def check_rows(rows: list[dict], dtype: str, case: str, *, fp32_tol: float) -> None:
+    """fp32 within ``fp32_tol``; bf16/fp16 within 2x PyTorch's own error at that dtype (plus float32 rounding)."""
+    for row in rows:
+        name = row["name"]
+        assert row["finite"], f"{case} {name}: unwritten or non-finite elements"
+        assert row["shape_ok"], f"{case} {name}: wrong shape"
+        if dtype == "float32":
+            assert row["err"] < fp32_tol, f"{case} {name}: relative error {row['err']:.2e} >= {fp32_tol:.0e}"
+        else:
+            assert row["err"] <= 2 * row["torch_err"] + 2.0**-23, (
+                f"{case} {name}: error {row['err']:.2e} vs PyTorch {dtype} {row['torch_err']:.2e}"
+            )
+
+
+def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0) -> None:
+    """The 2x-PyTorch rule over several fresh draws: per output, the sum of our errors over the draws is at most
+    ``limit`` times the sum of PyTorch's errors at the same dtype. Used for bfloat16 units, where one draw's
+    error is mostly rounding noise: ReLU masks and batch statistics move with every rounding, and single
+    draws of (ours / PyTorch's) were seen from 0.2x to 8x with a pooled ratio of 1.0 to 1.35 over 16-24 draws;
+    pooling keeps the rule able to fail on a systematic excess without failing on one noisy draw."""
+    errors: dict[str, list[tuple[float, float]]] = {}
+    for rows in draws:
+        for row in rows:
+            assert row["finite"], f"{case} {row['name']}: unwritten or non-finite elements"
+            assert row["shape_ok"], f"{case} {row['name']}: wrong shape"
+            errors.setdefault(row["name"], []).append((row["err"], row["torch_err"]))
+    for name, pairs in errors.items():
+        ours, torch_ = sum(a for a, _ in pairs), sum(b for _, b in pairs) + 2.0**-23
+        assert ours <= limit * torch_, (
+            f"{case} {name}: summed error {ours:.3e} over {len(pairs)} draws vs PyTorch's {torch_:.3e} "
+            f"(ratio {ours / torch_:.2f}); per draw: {pairs}"
+        )

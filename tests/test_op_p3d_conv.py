@@ -1,0 +1,168 @@
+"""p3d_conv on the CPU (the onednn backend): parity with the float64 reference, inference fusion, errors, compile.
+
+The Triton backend runs the same cases under the interpreter in tests/test_p3d_triton.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from p3d_cases import EPILOGUES, KINDS, LAYOUTS, check_rows, conv_case_id, rel, run_conv_case
+
+from lgd_fast.ops import p3d_conv, p3d_conv_reference
+from op_testing import random_input
+
+# (kind, stride, (N, C_in, T, H, W), C_out): every conv kind at strides 1 and 2, T = 1, 5, 7, H = W = 7, 15,
+# batch 1 and 3, odd channel counts.
+GEOMETRIES = [
+    ("spatial", 1, (3, 5, 5, 7, 7), 7),
+    ("spatial", 2, (1, 3, 7, 15, 15), 5),
+    ("temporal", 1, (1, 7, 7, 7, 7), 3),
+    ("temporal", 2, (3, 5, 5, 15, 15), 9),
+    ("temporal", 1, (2, 3, 1, 7, 7), 5),
+    ("pointwise", 1, (3, 65, 5, 7, 7), 33),
+    ("pointwise", 2, (1, 9, 7, 15, 15), 65),
+]
+CASES = [
+    (*geo, epilogue, dtype, layout)
+    for geo in GEOMETRIES
+    for epilogue in EPILOGUES
+    for dtype in ("float32", "bfloat16")
+    for layout in LAYOUTS
+    if dtype == "float32" or layout == "channels_last_3d"
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[conv_case_id(*c) for c in CASES])
+def test_onednn_matches_reference_forward_and_every_gradient(case, gen, poisoned):
+    rows = run_conv_case(*case, backend="onednn", gen=gen)
+    assert {r["name"] for r in rows} >= {"out", "grad_x", "grad_weight"}
+    check_rows(rows, case[5], conv_case_id(*case), fp32_tol=5e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind,stride", [("spatial", 2), ("temporal", 1), ("pointwise", 1)])
+@pytest.mark.parametrize("epilogue", ["none", "affine_relu", "affine_residual_relu"])
+def test_inference_runs_one_fused_onednn_primitive(kind, stride, epilogue, dtype, layout, gen, monkeypatch):
+    """Without autograd the epilogue folds into one oneDNN call (scale into the weight, shift as bias, residual
+    and ReLU as post-ops) in x's layout, and equals the reference within 2x PyTorch's error at that dtype."""
+    opts = EPILOGUES[epilogue]
+    x = random_input((2, 5, 5, 9, 9), dtype, LAYOUTS[layout], gen) - 1.0
+    weight = (torch.randn(7, 5, *KINDS[kind], generator=gen) / 4).to(dtype)
+    out_shape = (2, 7, 5, (9 - 1) // stride + 1, (9 - 1) // stride + 1)
+    kwargs = dict(stride=stride, relu=bool(opts.get("relu")))
+    if opts.get("scale"):
+        kwargs.update(scale=0.5 + torch.rand(7, generator=gen), shift=0.2 * torch.randn(7, generator=gen))
+    if opts.get("residual"):
+        kwargs["residual"] = random_input(out_shape, dtype, LAYOUTS[layout], gen) - 1.0
+    calls = []
+    for name in ("default", "binary"):
+        overload = getattr(torch.ops.mkldnn._convolution_pointwise, name)
+        monkeypatch.setattr(
+            torch.ops.mkldnn._convolution_pointwise,
+            name,
+            lambda *a, _o=overload, _n=name: calls.append(_n) or _o(*a),
+        )
+    with torch.inference_mode():
+        out = p3d_conv(x, weight, backend="onednn", **kwargs)
+    assert calls == ["binary" if opts.get("residual") else "default"]
+    assert out.is_contiguous(memory_format=LAYOUTS[layout])
+    ref = p3d_conv_reference(x.double(), weight.double(), **{k: _double(v) for k, v in kwargs.items()})
+    plain = p3d_conv_reference(x, weight, **kwargs)
+    limit = 5e-6 if dtype == torch.float32 else 2 * rel(plain, ref) + 2.0**-23
+    assert rel(out, ref) <= limit
+
+
+def _double(v):
+    return v.double() if isinstance(v, torch.Tensor) else v
+
+
+def test_statistics_are_those_before_the_relu_and_feed_batch_norm(gen):
+    """stats = (sum z, sum z^2) of z = conv * scale + shift + residual; from them, BatchNorm's mean and var."""
+    x = random_input((2, 6, 3, 7, 7), torch.float32, torch.channels_last_3d, gen)
+    weight = torch.randn(4, 6, 1, 3, 3, generator=gen)
+    res = torch.randn(2, 4, 3, 7, 7, generator=gen)
+    out, stats = p3d_conv(x, weight, residual=res, stats=True)
+    z = F.conv3d(x.double(), weight.double(), padding=(0, 1, 1)) + res.double()
+    count = z.numel() // 4
+    var, mean = torch.var_mean(z, dim=(0, 2, 3, 4), unbiased=False)
+    assert rel(stats[0] / count, mean) < 1e-6
+    assert rel(stats[1] / count - (stats[0] / count) ** 2, var) < 1e-5
+    assert rel(out, z) < 1e-6
+
+
+def _bad(**changes):
+    gen = torch.Generator().manual_seed(0)
+    args = dict(x=torch.randn(2, 4, 3, 7, 7, generator=gen), weight=torch.randn(5, 4, 1, 3, 3, generator=gen))
+    args.update(changes)
+    x, weight = args.pop("x"), args.pop("weight")
+    return lambda: p3d_conv(x, weight, **args)
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (_bad(x=torch.randn(2, 4, 7, 7)), ValueError, "x must be 5-D"),
+        (_bad(weight=torch.randn(5, 4, 3, 3)), ValueError, "weight must be 5-D"),
+        (_bad(weight=torch.randn(5, 3, 1, 3, 3)), ValueError, "takes 3 input channels but x has 4"),
+        (_bad(weight=torch.randn(5, 4, 1, 2, 2)), ValueError, "kernel extents must be odd"),
+        (_bad(x=torch.randint(0, 5, (2, 4, 3, 7, 7))), TypeError, "x must be a floating-point tensor"),
+        (_bad(stride=0), ValueError, "stride must be a positive int"),
+        (_bad(scale=torch.ones(4)), ValueError, r"scale must have shape \(C_out,\) = \(5,\)"),
+        (_bad(residual=torch.randn(2, 5, 3, 4, 4)), ValueError, r"residual must have the output's shape"),
+        (_bad(residual=torch.randn(2, 5, 3, 7, 7, dtype=torch.float64)), TypeError, "residual has dtype"),
+        (_bad(shift=torch.ones(5, device="meta")), ValueError, "shift is on meta but x is on cpu"),
+        (_bad(stats=True, relu=True), ValueError, "stats=True with relu=True is not supported"),
+        (_bad(backend="cpp"), ValueError, "expected one of: triton, onednn, reference, auto"),
+        (_bad(backend="triton"), RuntimeError, "backend 'triton' was requested but cannot run"),
+        (_bad(x=torch.randn(2, 4, 3, 7, 7, dtype=torch.float64), weight=torch.randn(5, 4, 1, 3, 3, dtype=torch.float64),
+              backend="onednn"), TypeError, "backend 'onednn' does not take this input: dtype torch.float64"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_clear_error(call, error, match, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_auto_picks_onednn_on_cpu_and_the_reference_for_float64(gen, caplog):
+    from lgd_fast.ops import _backend
+
+    x = torch.randn(1, 3, 2, 5, 5, generator=gen)
+    assert _backend.choose_backend("p3d_conv", x, backends=("triton", "onednn", "reference")) == "onednn"
+    x64, w64 = x.double(), torch.randn(4, 3, 1, 3, 3, generator=gen, dtype=torch.float64)
+    with caplog.at_level("WARNING"):
+        out = p3d_conv(x64, w64)
+    assert out.dtype == torch.float64
+    assert rel(out, F.conv3d(x64, w64, padding=(0, 1, 1))) < 1e-15
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_torch_compile_matches_eager(grad, gen):
+    x = random_input((2, 8, 3, 9, 9), torch.float32, torch.channels_last_3d, gen)
+    weight = torch.randn(8, 8, 3, 1, 1, generator=gen).requires_grad_(grad)
+    scale, shift = 0.5 + torch.rand(8, generator=gen), torch.randn(8, generator=gen)
+
+    def unit(x):
+        y = p3d_conv(x, weight, scale=scale, shift=shift, residual=x, relu=True)
+        return p3d_conv(y, weight, stats=True)
+
+    compiled = torch.compile(unit, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        (out, stats), (out_c, stats_c) = unit(x), compiled(x)
+    assert rel(out_c, out) < 1e-6 and rel(stats_c, stats) < 1e-6
+    if grad:
+        (g,) = torch.autograd.grad(out.sum() + stats.sum(), weight)
+        (g_c,) = torch.autograd.grad(out_c.sum() + stats_c.sum(), weight)
+        assert rel(g_c, g) < 1e-5
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck_onednn_inference_op(residual, gen):
+    x = random_input((2, 6, 3, 7, 7), torch.float32, torch.channels_last_3d, gen)
+    weight = torch.randn(4, 6, 1, 3, 3, generator=gen)
+    res = torch.randn(2, 4, 3, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    args = (x, weight, 0.5 + torch.rand(4, generator=gen), torch.randn(4, generator=gen), res if residual else None, 2)
+    torch.library.opcheck(torch.ops.lgd_fast.p3d_conv_onednn.default, (*args, True))

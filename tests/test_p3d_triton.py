@@ -1,0 +1,148 @@
+"""The Triton backend of p3d_conv and the fast P3D units, run by the Triton interpreter on this GPU-less machine.
+
+The interpreter must be on before triton is imported, so the cases run in a subprocess (this file run as a
+script, with TRITON_INTERPRET=1 and LGD_FAST_BACKEND=triton, which routes p3d_conv and diffusion_epilogue to
+their Triton kernels) and the test functions here check its JSON. Shapes are small: the interpreter runs
+every program of every launch in Python. Fresh allocations are NaN there (poisoned), so an element a kernel
+forgets to write shows as non-finite.
+
+- p3d_conv: every conv kind at strides 1 and 2 (T = 1, 5, 7; H = W = 7, 9, 15; batch 1 and 3; odd channel
+  counts), every epilogue, float32 (within 5e-6 of float64), bfloat16 and float16 (2x PyTorch's error),
+  forward, statistics and every gradient; and ``torch.library.opcheck`` of the op's registration.
+- fast units: bottleneck and basic blocks of each variant, eval and train: the whole block in float32 (1e-4),
+  the unit in bfloat16 (the 2x rule pooled over draws, as tests/test_p3d_units.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+CONV_GEOMETRIES = [
+    ("spatial", 1, (3, 5, 5, 9, 9), 7),  # 1215 output positions: two weight-gradient splits
+    ("spatial", 2, (1, 3, 1, 15, 15), 5),
+    ("temporal", 1, (1, 37, 7, 7, 7), 3),  # 37 input channels: two K steps of 32 (interpreter tiles)
+    ("temporal", 2, (1, 5, 5, 9, 9), 9),
+    ("pointwise", 2, (1, 19, 5, 9, 9), 67),  # 67 output channels: two column tiles of 64, and K steps in dgrad
+]
+CONV_CASES = [
+    (*geo, epilogue, dtype, "channels_last_3d")
+    for geo in CONV_GEOMETRIES
+    for epilogue in ("none", "affine_residual_relu", "residual_stats", "affine_stats")
+    for dtype in ("float32", "bfloat16", "float16")
+    if dtype == "float32" or epilogue != "none"
+] + [(*CONV_GEOMETRIES[1], "affine_relu", "float32", "contiguous")]
+UNIT_CASES = [
+    (unit, variant, stride, shape, planes, mode, dtype)
+    for unit, variant, stride, shape, planes in [
+        ("bottleneck", "A", 1, (2, 20, 3, 7, 7), 5),
+        ("bottleneck", "B", 2, (1, 12, 5, 9, 9), 7),
+        ("bottleneck", "C", 2, (1, 13, 1, 7, 7), 5),
+        ("basic", "A", 2, (1, 7, 3, 7, 7), 9),
+        ("basic", "B", 2, (1, 5, 3, 9, 9), 11),
+        ("basic", "C", 1, (1, 9, 5, 7, 7), 9),
+    ]
+    for mode in ("eval", "train")
+    for dtype in ("float32", "bfloat16")
+]
+UNIT_DRAWS = 8
+UNIT_LAYOUT = "channels_last_3d"  # the kernels' layout, so PyTorch's yardstick runs in it too
+
+
+def _interpreted_checks() -> dict:
+    import p3d_cases
+
+    from lgd_fast.ops.p3d_conv import _TRITON_REGISTERED
+    from op_testing import SEED
+
+    assert _TRITON_REGISTERED, "the triton op did not register"
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    results = {"seed": SEED, "conv": {}, "unit": {}}
+    for i, case in enumerate(CONV_CASES):
+        gen = torch.Generator().manual_seed(SEED + i)
+        results["conv"][p3d_cases.conv_case_id(*case)] = p3d_cases.run_conv_case(*case, backend="triton", gen=gen)
+    for i, case in enumerate(UNIT_CASES):
+        gen = torch.Generator().manual_seed(SEED + 1000 + i)
+        scope = "block" if case[-1] == "float32" else "unit"
+        draws = [
+            p3d_cases.run_unit_case(*case, gen=gen, scope=scope, layout=UNIT_LAYOUT)
+            for _ in range(1 if scope == "block" else UNIT_DRAWS)
+        ]
+        results["unit"][p3d_cases.unit_case_id(*case, UNIT_LAYOUT)] = draws
+    # The op's registration (schema, autograd, fake kernel); the AOT-dispatch part of opcheck needs real
+    # kernels, which the interpreter's launches are not.
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(1, 6, 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    args = (x, torch.randn(5, 6, 1, 3, 3, generator=gen), torch.rand(5, generator=gen) + 0.5, None,
+            torch.randn(1, 5, 3, 4, 4, generator=gen), 2, False, True, False)  # fmt: skip
+    torch.library.opcheck(
+        torch.ops.lgd_fast.p3d_conv_triton.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    return results
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    from op_testing import SEED
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "LGD_FAST_BACKEND": "triton"}
+    env.update(PYTHONPATH=os.pathsep.join([ROOT, HERE]), LGD_FAST_TEST_SEED=str(SEED))
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, f"interpreter run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _conv_id(case):
+    import p3d_cases
+
+    return p3d_cases.conv_case_id(*case)
+
+
+def _unit_id(case):
+    import p3d_cases
+
+    return p3d_cases.unit_case_id(*case, UNIT_LAYOUT)
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=[_conv_id(c) for c in CONV_CASES])
+def test_triton_p3d_conv_matches_reference(interpreted, case):
+    from p3d_cases import check_rows
+
+    rows = interpreted["conv"][_conv_id(case)]
+    names = {r["name"] for r in rows}
+    assert {"out", "grad_x", "grad_weight"} <= names and ("stats" in names) == case[4].endswith("stats")
+    check_rows(rows, case[5], f"{_conv_id(case)} (seed {interpreted['seed']})", fp32_tol=5e-6)
+
+
+@pytest.mark.parametrize("case", UNIT_CASES, ids=[_unit_id(c) for c in UNIT_CASES])
+def test_triton_fast_unit_matches_reference(interpreted, case):
+    from p3d_cases import check_pooled_ratio, check_rows
+
+    draws = interpreted["unit"][_unit_id(case)]
+    label = f"{_unit_id(case)} (seed {interpreted['seed']})"
+    assert {"out", "grad_x", "grad_conv1.weight"} <= {r["name"] for r in draws[0]}
+    if case[-1] == "float32":
+        check_rows(draws[0], "float32", label, fp32_tol=1e-4)
+    else:
+        check_pooled_ratio(draws, label)
+
+
+if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET=1 is set by the fixture above
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    print(json.dumps(_interpreted_checks()))

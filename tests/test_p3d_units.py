@@ -1,0 +1,91 @@
+"""Fast P3D units on the CPU: every variant of both block kinds against the reference block, eval and train.
+
+float32: the whole LGD block (fused unit, fused projection shortcut, global path), outputs x' and g', the
+gradients of x, g and every parameter, and in training the running statistics after the step, within 1e-4.
+bfloat16: the P3D unit and its shortcut under the 2x-PyTorch rule, pooled over fresh draws
+(``p3d_cases.run_unit_case`` and ``check_pooled_ratio`` say why). Inputs contiguous and channels_last_3d.
+The Triton backend runs the same cases under the interpreter in tests/test_p3d_triton.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from p3d_cases import check_pooled_ratio, check_rows, randomise_block, run_unit_case, unit_case_id
+
+from lgd_fast.models import FastP3DBasicBlock, FastP3DBottleneck, P3DBasicBlock, P3DBottleneck, create_model, to_fast
+from lgd_fast.models.p3d import to_fast_unit
+
+# (unit, variant, stride, (N, C_in, T, H, W), planes): A/B/C at strides 1 and 2, identity and projection
+# shortcuts, T = 1, 5, 7, H = W = 7, 15, batch 1 and 3, odd channel counts.
+GEOMETRIES = [
+    ("bottleneck", "A", 1, (3, 20, 5, 7, 7), 5),
+    ("bottleneck", "B", 2, (1, 12, 7, 15, 15), 7),
+    ("bottleneck", "C", 1, (2, 36, 1, 7, 7), 9),
+    ("bottleneck", "A", 2, (1, 9, 5, 7, 7), 5),
+    ("bottleneck", "B", 1, (3, 28, 5, 7, 7), 7),
+    ("bottleneck", "C", 2, (1, 13, 7, 15, 15), 5),
+    ("basic", "A", 2, (3, 7, 5, 7, 7), 9),
+    ("basic", "B", 2, (1, 5, 7, 15, 15), 11),
+    ("basic", "B", 1, (2, 9, 5, 7, 7), 9),
+    ("basic", "C", 1, (1, 17, 7, 7, 7), 17),
+]
+DRAWS = 12  # fresh draws per bfloat16 case (p3d_cases.check_pooled_ratio says why)
+CASES = [
+    (*g, mode, dtype, layout)
+    for g in GEOMETRIES
+    for mode in ("eval", "train")
+    for dtype in ("float32", "bfloat16")
+    for layout in ("contiguous", "channels_last_3d")
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[unit_case_id(*c) for c in CASES])
+def test_fast_unit_matches_reference_block(case, gen):
+    *geometry, layout = case
+    scope = "block" if case[6] == "float32" else "unit"
+    draws = [
+        run_unit_case(*geometry, gen=gen, scope=scope, layout=layout) for _ in range(1 if scope == "block" else DRAWS)
+    ]
+    names = {r["name"] for r in draws[0]}
+    assert {"out", "grad_x", "grad_bn1.weight", "grad_conv1.weight"} <= names
+    assert scope == "unit" or {"g", "grad_g", "grad_fc1.weight"} <= names
+    if case[5] == "train":
+        assert "bn1.running_var" in names
+    if scope == "block":
+        check_rows(draws[0], case[6], unit_case_id(*case), fp32_tol=1e-4)
+    else:
+        check_pooled_ratio(draws, unit_case_id(*case))
+
+
+def test_fast_units_load_the_reference_state_dict_and_add_no_state():
+    ref = P3DBottleneck(16, 8, variant="B", stride=2)
+    fast = FastP3DBottleneck(16, 8, variant="B", stride=2)
+    fast.load_state_dict(ref.state_dict())
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    converted = to_fast_unit(copy.deepcopy(ref))
+    assert type(converted) is FastP3DBottleneck and converted.state_dict().keys() == ref.state_dict().keys()
+    assert type(to_fast_unit(P3DBasicBlock(16, 16, variant="C"))) is FastP3DBasicBlock
+    x = torch.randn(2, 16, 3, 9, 9)
+    ref.eval(), fast.eval()
+    torch.testing.assert_close(fast.residual(x), ref.residual(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.shortcut(x), ref.shortcut(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_model_blocks_are_fast_units():
+    model = create_model("lgd3d_tiny", 4, fast=True)
+    blocks = [m for m in model.modules() if isinstance(m, P3DBasicBlock)]
+    assert blocks and all(type(b) is FastP3DBasicBlock for b in blocks)
+
+
+def test_unfusable_blocks_are_refused_with_the_module_named(gen):
+    block = randomise_block(P3DBottleneck(8, 4, variant="A"), gen)
+    block.conv2.padding = (0, 2, 2)
+    with pytest.raises(TypeError, match=r"block\.conv2: the fused P3D path takes odd kernels with same padding"):
+        to_fast_unit(block)
+    model = create_model("lgd3d_tiny", 4)
+    model.layer1[0].bn1 = torch.nn.GroupNorm(1, model.layer1[0].bn1.num_features)
+    with pytest.raises(TypeError, match=r"layer1\.0\.bn1: the fused P3D path folds BatchNorm3d only"):
+        to_fast(model)
