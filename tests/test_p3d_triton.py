@@ -63,6 +63,7 @@ UNIT_LAYOUT = "channels_last_3d"  # the kernels' layout, so PyTorch's yardstick 
 def _interpreted_checks() -> dict:
     import p3d_cases
 
+    from lgd_fast.models.p3d import cpu_fused_training
     from lgd_fast.ops.p3d_conv import _TRITON_REGISTERED
     from op_testing import SEED
 
@@ -76,10 +77,11 @@ def _interpreted_checks() -> dict:
     for i, case in enumerate(UNIT_CASES):
         gen = torch.Generator().manual_seed(SEED + 1000 + i)
         scope = "block" if case[-1] == "float32" else "unit"
-        draws = [
-            p3d_cases.run_unit_case(*case, gen=gen, scope=scope, layout=UNIT_LAYOUT)
-            for _ in range(1 if scope == "block" else UNIT_DRAWS)
-        ]
+        with cpu_fused_training():  # interpreted tensors live on the CPU, whose default training path is native
+            draws = [
+                p3d_cases.run_unit_case(*case, gen=gen, scope=scope, layout=UNIT_LAYOUT)
+                for _ in range(1 if scope == "block" else UNIT_DRAWS)
+            ]
         results["unit"][p3d_cases.unit_case_id(*case, UNIT_LAYOUT)] = draws
     # The op's registration (schema, autograd, fake kernel); the AOT-dispatch part of opcheck needs real
     # kernels, which the interpreter's launches are not.

@@ -15,8 +15,17 @@ import pytest
 import torch
 from p3d_cases import check_pooled_ratio, check_rows, randomise_block, run_unit_case, unit_case_id
 
-from lgd_fast.models import FastP3DBasicBlock, FastP3DBottleneck, P3DBasicBlock, P3DBottleneck, create_model, to_fast
-from lgd_fast.models.p3d import to_fast_unit
+from lgd_fast.models import (
+    FastP3DBasicBlock,
+    FastP3DBottleneck,
+    P3DBasicBlock,
+    P3DBottleneck,
+    create_model,
+    p3d,
+    to_fast,
+)
+from lgd_fast.models.p3d import cpu_fused_training, to_fast_unit
+from lgd_fast.ops import p3d_conv
 
 # (unit, variant, stride, (N, C_in, T, H, W), planes): A/B/C at strides 1 and 2, identity and projection
 # shortcuts, T = 1, 5, 7, H = W = 7, 15, batch 1 and 3, odd channel counts.
@@ -46,9 +55,11 @@ CASES = [
 def test_fast_unit_matches_reference_block(case, gen):
     *geometry, layout = case
     scope = "block" if case[6] == "float32" else "unit"
-    draws = [
-        run_unit_case(*geometry, gen=gen, scope=scope, layout=layout) for _ in range(1 if scope == "block" else DRAWS)
-    ]
+    with cpu_fused_training():  # the fused training path (the default CPU training path is the reference's own)
+        draws = [
+            run_unit_case(*geometry, gen=gen, scope=scope, layout=layout)
+            for _ in range(1 if scope == "block" else DRAWS)
+        ]
     names = {r["name"] for r in draws[0]}
     assert {"out", "grad_x", "grad_bn1.weight", "grad_conv1.weight"} <= names
     assert scope == "unit" or {"g", "grad_g", "grad_fc1.weight"} <= names
@@ -89,3 +100,28 @@ def test_unfusable_blocks_are_refused_with_the_module_named(gen):
     model.layer1[0].bn1 = torch.nn.GroupNorm(1, model.layer1[0].bn1.num_features)
     with pytest.raises(TypeError, match=r"layer1\.0\.bn1: the fused P3D path folds BatchNorm3d only"):
         to_fast(model)
+
+
+def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs(gen, monkeypatch):
+    """The measured CPU strategy: training runs the reference modules (ATen's BatchNorm), eval the fused convs."""
+    block = to_fast_unit(randomise_block(P3DBottleneck(16, 4, variant="B", stride=2, global_reduction=4), gen))
+    calls = []
+    monkeypatch.setattr(p3d, "p3d_conv", lambda *a, **k: calls.append(k) or p3d_conv(*a, **k))
+    x = torch.randn(2, 16, 3, 9, 9, generator=gen)
+    block.train()(x, torch.randn(2, 16, generator=gen))
+    assert calls == []
+    with cpu_fused_training():
+        block(x, torch.randn(2, 16, generator=gen))
+    assert calls and any(k.get("stats") for k in calls)
+    calls.clear()
+    with torch.no_grad():
+        block.eval()(x, torch.randn(2, 16, generator=gen))
+    assert calls and not any(k.get("stats") for k in calls) and any(k.get("relu") for k in calls)
+
+
+@pytest.mark.parametrize(
+    "size,expected", [(28, torch.channels_last_3d), (14, torch.channels_last_3d), (7, None), (4, None)]
+)
+def test_cpu_layout_rule(size, expected):
+    expected = expected or torch.contiguous_format
+    assert p3d.cpu_memory_format(size, size) == expected

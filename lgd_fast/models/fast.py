@@ -12,7 +12,8 @@ BatchNorm, ReLU and addition in one :func:`~lgd_fast.ops.p3d_conv` pass). The un
 the epilogue's ``scale``/``shift``: from the last conv's batch statistics in training (gradients flow through
 them as through BatchNorm, and the running statistics are updated as BatchNorm updates them), from running
 statistics in eval. Modules, parameters and buffers are the reference's own: the fast model loads the very
-same state_dict, and :func:`to_fast` converts a reference model in place.
+same state_dict, and :func:`to_fast` converts a reference model in place. On CPU tensors each block runs in
+the layout :func:`~lgd_fast.models.p3d.cpu_memory_format` picks for its frame size (measured).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops.global_update import block_weights
 from .blocks import LGDBlock
 from .networks import LGD3D
-from .p3d import batch_norm_affine, check_fusable, residual_body, shortcut, to_fast_unit
+from .p3d import batch_norm_affine, check_fusable, cpu_memory_format, residual_body, shortcut, to_fast_unit
 
 
 def fused_block_forward(
@@ -56,11 +57,15 @@ class FastLGD3D(LGD3D):
     def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
         self.check_input(x)
+        if x.device.type == "cpu":  # measured: the stem's conv, BatchNorm and max-pool (17x) are faster there
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         x = self.stem(x)
         x_mean = global_avg_pool(x)
         g = x_mean
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
+                if x.device.type == "cpu":  # the layout measured fastest for this block's frame size
+                    x = x.contiguous(memory_format=cpu_memory_format(*x.shape[3:]))
                 x, g, x_mean = fused_block_forward(block, x, g, x_mean)
         return x, g, x_mean
 

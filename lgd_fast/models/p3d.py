@@ -12,6 +12,13 @@ BatchNorm, ReLU and addition that follows a convolution moved into that convolut
   (differentiably, so gradients flow as through BatchNorm, and the running statistics are updated as
   BatchNorm updates them), and one pass applies them with the ReLU.
 
+On the CPU the strategy is the one measured fastest there (``benchmarks/run_p3d_cpu.py``,
+``benchmarks/results/p3d_cpu.json``): the fused eval path above, in the layout :func:`cpu_memory_format` picks
+per block (the fast LGD-3D converts between stages); in training, the block's own modules, because oneDNN's
+convolutions cannot emit statistics (a separate pass computes them either way) and ATen's fused BatchNorm
+kernels, forward and backward, beat the composite. :func:`cpu_fused_training` turns the fused training path on
+for CPU tensors too (tests use it, so that path is checked here, not only on a GPU).
+
 The unit's last BatchNorm is left to the caller (the fast LGD block's diffusion epilogue folds it), so
 :func:`residual_body` returns the unit's output before it and, in training, that output's statistics.
 :class:`FastP3DBottleneck` and :class:`FastP3DBasicBlock` are the reference blocks with this body; they add no
@@ -19,6 +26,8 @@ state, so they load the reference's state_dict, and :func:`to_fast_unit` convert
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -31,12 +40,42 @@ __all__ = [
     "FastP3DBottleneck",
     "batch_norm_affine",
     "check_fusable",
+    "cpu_fused_training",
+    "cpu_memory_format",
     "residual_body",
     "shortcut",
     "to_fast_unit",
 ]
 
 Stats = torch.Tensor | None
+_CPU_FUSED_TRAINING = {"enabled": False}
+# Measured (benchmarks/results/p3d_cpu.json): channels_last_3d speeds oneDNN's P3D convs up on large frames and
+# slows them down on small ones; blocks whose input frames have at least this many pixels run in it on the CPU
+# (R50 at 112 px: res2, res3 and res4's strided first block; res4's other blocks and res5 stay contiguous).
+CPU_CHANNELS_LAST_MIN_PIXELS = 14 * 14
+
+
+def cpu_memory_format(height: int, width: int) -> torch.memory_format:
+    """The layout a fast block runs in on the CPU, from its input frame size (H, W)."""
+    return torch.channels_last_3d if height * width >= CPU_CHANNELS_LAST_MIN_PIXELS else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def cpu_fused_training(enabled: bool = True):
+    """Within the block, CPU tensors in training take the fused path (statistics from the conv epilogues)."""
+    before = _CPU_FUSED_TRAINING["enabled"]
+    _CPU_FUSED_TRAINING["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _CPU_FUSED_TRAINING["enabled"] = before
+
+
+def _native_training(block: nn.Module, x: torch.Tensor) -> bool:
+    """CPU training, outside :func:`cpu_fused_training`: the block's own modules (faster there, as measured)."""
+    if x.device.type != "cpu" or _CPU_FUSED_TRAINING["enabled"]:
+        return False
+    return any(isinstance(m, nn.BatchNorm3d) and uses_batch_stats(m) for m in block.modules())
 
 
 # ---- BatchNorm as a per-channel affine map ----------------------------------------------------------
@@ -53,7 +92,8 @@ def batch_norm_affine(
     """The per-channel (scale, shift), float32 (float64 for float64 ``r``), that ``norm`` applies to ``r``.
 
     Batch statistics (training) come from ``stats`` ((2, C): sum and sum of squares over (N, T, H, W), as
-    :func:`~lgd_fast.ops.p3d_conv` returns them) where given, else from ``r``; they use the biased variance
+    :func:`~lgd_fast.ops.p3d_conv` returns them) where given, else from ``r`` (:func:`channel_sums`); they use
+    the biased variance
     and update the running statistics with the unbiased one, as ``nn.BatchNorm3d`` does. Eval folds the
     running statistics. ``None`` (a unit that ends in an addition) is the identity.
     """
@@ -66,11 +106,10 @@ def batch_norm_affine(
         raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
     if uses_batch_stats(norm):
         count = r.numel() // channels
-        if stats is not None:
-            mean = stats[0].to(acc) / count
-            var = (stats[1].to(acc) / count - mean * mean).clamp_min(0)
-        else:
-            var, mean = torch.var_mean(r.to(acc), dim=(0, 2, 3, 4), unbiased=False)
+        if stats is None:
+            stats = channel_sums(r)
+        mean = stats[0].to(acc) / count
+        var = (stats[1].to(acc) / count - mean * mean).clamp_min(0)
         if norm.training and norm.track_running_stats:
             _update_running_stats(norm, mean.detach(), var.detach(), count)
     else:
@@ -81,6 +120,15 @@ def batch_norm_affine(
         scale = scale * norm.weight.to(acc)
         shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
     return scale, shift
+
+
+def channel_sums(r: torch.Tensor) -> torch.Tensor:
+    """(2, C): the per-channel sum and sum of squares of r (N, C, T, H, W) over (N, T, H, W), float32 (float64 for
+    float64 r), differentiable. Two plain reductions: 10-20x faster on the CPU than torch.var_mean's Welford pass
+    at R50 shapes (measured, 0.5 vs 9 ms at res2); the variance E[r^2] - E[r]^2 then stays accurate where the
+    mean is not many standard deviations from zero, as at a BatchNorm's input."""
+    acc = r.to(torch.promote_types(r.dtype, torch.float32))
+    return torch.stack([acc.sum((0, 2, 3, 4)), (acc * acc).sum((0, 2, 3, 4))])
 
 
 @torch.no_grad()
@@ -139,6 +187,8 @@ def _last(conv_: nn.Conv3d, norm: nn.Module | None, x: torch.Tensor, **epilogue)
 
 def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """``block.residual_body(x)`` (up to bn3) and, when bn3 uses batch statistics, their sums."""
+    if _native_training(block, x):
+        return P3DBottleneck.residual_body(block, x), None
     z = conv_norm(block.conv1, block.bn1, x, relu=True)
     if block.variant == "A":  # ReLU(bn2(T(S(z))))
         z = conv_norm(block.conv2_t, block.bn2, conv(block.conv2, z), relu=True)
@@ -157,6 +207,8 @@ def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor
 
 def basic_body(block: P3DBasicBlock, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """``block.residual_body(x)`` (up to bn2 for A and B; C ends in its addition) and the statistics bn2 needs."""
+    if _native_training(block, x):
+        return P3DBasicBlock.residual_body(block, x), None
     if block.variant == "A":  # z = ReLU(bn1(T1(S1(x)))); bn2(T2(S2(z)))
         z = conv_norm(block.conv1_t, block.bn1, conv(block.conv1, x), relu=True)
         return _last(block.conv2_t, block.bn2, conv(block.conv2, z))
@@ -184,6 +236,8 @@ def shortcut(block: P3DBottleneck | P3DBasicBlock, x: torch.Tensor) -> torch.Ten
     """``block.shortcut(x)``: the identity, or the projection conv with its BatchNorm fused."""
     if block.downsample is None:
         return x
+    if _native_training(block, x):
+        return block.downsample(x)
     conv_, norm = block.downsample
     return conv_norm(conv_, norm, x, relu=False)
 
