@@ -113,10 +113,19 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
     with cpu_fused_training():
         block(x, torch.randn(2, 16, generator=gen))
     assert calls and any(k.get("stats") for k in calls)
-    calls.clear()
-    with torch.no_grad():
+    onednn = []
+    op = torch.ops.lgd_fast.p3d_conv_onednn
+    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", lambda *a: onednn.append(a) or op(*a))
+    with torch.no_grad():  # eval: every conv one oneDNN call, BatchNorm folded (weights cached), ReLU fused
         block.eval()(x, torch.randn(2, 16, generator=gen))
-    assert calls and not any(k.get("stats") for k in calls) and any(k.get("relu") for k in calls)
+        assert len(onednn) == 5 and any(a[-1] for a in onednn)  # conv1, conv2, conv2_t, conv3, downsample.0
+        g = torch.ones(2, 16)
+        cached = block(x, g)[0]
+        block.bn1.running_var.mul_(2.0)  # a new running statistic must refold
+        assert not torch.allclose(block(x, g)[0], cached)
+        reference = copy.deepcopy(block)
+        reference.__class__ = P3DBottleneck
+        assert torch.allclose(block(x, g)[0], reference(x, g)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..ops import p3d_conv
+from ..ops import _backend, p3d_conv
 from .blocks import P3DBasicBlock, P3DBottleneck
 
 __all__ = [
@@ -159,13 +159,53 @@ def _stride(conv: nn.Conv3d) -> int:
 
 def conv(conv: nn.Conv3d, x: torch.Tensor, **epilogue) -> torch.Tensor:
     """``conv(x)`` (then ``epilogue``: scale, shift, residual, relu) in one pass."""
+    residual = epilogue.get("residual")
+    if set(epilogue) <= {"residual", "relu"} and _inference_on_cpu(x, residual):  # the op without its checks
+        weight = conv.weight.to(x.dtype)
+        return torch.ops.lgd_fast.p3d_conv_onednn(
+            x, weight, None, None, residual, _stride(conv), epilogue.get("relu", False)
+        )
     return p3d_conv(x, conv.weight, stride=_stride(conv), **epilogue)
+
+
+def _fold_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
+def _folded_conv(conv_: nn.Conv3d, norm: nn.BatchNorm3d, dtype: torch.dtype, *, shift: bool):
+    """(weight * scale, shift or None) of an eval BatchNorm folded into the conv before it, in ``dtype``, kept on
+    the conv until a parameter or running statistic changes (their version counters are in the key)."""
+    key = (_fold_key(conv_.weight, *(t for t in (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+                                     if t is not None)), dtype, shift)  # fmt: skip
+    cache = conv_.__dict__.get("_lgd_fast_folded")
+    if cache is None or cache[0] != key:
+        scale, bias = folded_norm(norm, conv_.weight)
+        weight = (conv_.weight * scale[:, None, None, None, None].to(conv_.weight.dtype)).to(dtype)
+        cache = (key, weight, bias.to(dtype) if shift else None)
+        conv_.__dict__["_lgd_fast_folded"] = cache
+    return cache[1], cache[2]
+
+
+def _inference_on_cpu(*tensors: torch.Tensor | None) -> bool:
+    """Eager CPU inference (no autograd, not tracing): the folded-weight cache and the oneDNN op directly."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if _backend.requested_backend(None, ("triton", "onednn", "reference")) not in ("auto", "onednn"):
+        return False  # $LGD_FAST_BACKEND asks p3d_conv for another backend: the op decides
+    return all(t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)) for t in tensors)
+
+
+def _folded_onednn(conv_, norm, x, *, shift=True, residual=None, relu=False) -> torch.Tensor:
+    weight, bias = _folded_conv(conv_, norm, x.dtype, shift=shift)
+    return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv_), relu)
 
 
 def conv_norm(
     conv_: nn.Conv3d, norm: nn.BatchNorm3d, x: torch.Tensor, *, relu: bool, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``ReLU?(norm(conv(x) + residual))``: folded into the conv in eval, from its statistics in training."""
+    if not uses_batch_stats(norm) and residual is None and _inference_on_cpu(x):
+        return _folded_onednn(conv_, norm, x, relu=relu)
     if uses_batch_stats(norm):
         y, stats = conv(conv_, x, residual=residual, stats=True)
         return _affine(y, *batch_norm_affine(norm, y, stats), relu)
@@ -196,9 +236,13 @@ def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor
         if uses_batch_stats(block.bn2):
             z = conv_norm(block.conv2_t, block.bn2, z, relu=True, residual=conv(block.conv2, z))
         else:
-            scale, shift = folded_norm(block.bn2, z)
-            q = conv(block.conv2, z, scale=scale, shift=shift)
-            z = conv(block.conv2_t, z, scale=scale, residual=q, relu=True)
+            if _inference_on_cpu(z):
+                q = _folded_onednn(block.conv2, block.bn2, z)
+                z = _folded_onednn(block.conv2_t, block.bn2, z, shift=False, residual=q, relu=True)
+            else:
+                scale, shift = folded_norm(block.bn2, z)
+                q = conv(block.conv2, z, scale=scale, shift=shift)
+                z = conv(block.conv2_t, z, scale=scale, residual=q, relu=True)
     else:  # u = ReLU(bn2(S(z))); ReLU(u + T(u))
         u = conv_norm(block.conv2, block.bn2, z, relu=True)
         z = conv(block.conv2_t, u, residual=u, relu=True)
