@@ -105,17 +105,29 @@ def _basic_params(cin, planes, stride, variant, temporal, reduction=16):
     )
 
 
-def _expected_params(block, layers, num_classes, *, temporal, stem_t, classifier="two_heads", sketch=4096):
-    n = 3 * 64 * stem_t * 49 + 2 * 64
-    cin, index = 64, 0
-    for stage, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
+def _expected_params(
+    block,
+    layers,
+    num_classes,
+    *,
+    temporal,
+    stem_t,
+    classifier="two_heads",
+    sketch=4096,
+    widths=(64, 128, 256, 512),
+    stem_width=64,
+    reduction=16,
+):
+    n = 3 * stem_width * stem_t * 49 + 2 * stem_width
+    cin, index = stem_width, 0
+    for stage, (depth, planes) in enumerate(zip(layers, widths, strict=True)):
         for i in range(depth):
             stride = 2 if stage and not i else 1
             if block == "bottleneck":
-                n += _bottleneck_params(cin, planes, stride, temporal)
+                n += _bottleneck_params(cin, planes, stride, temporal, reduction)
                 cin = 4 * planes
             else:
-                n += _basic_params(cin, planes, stride, "ABC"[index % 3], temporal)
+                n += _basic_params(cin, planes, stride, "ABC"[index % 3], temporal, reduction)
                 cin = planes
             index += 1
     n += 2 * (cin * num_classes + num_classes)  # fc and fc_g
@@ -158,6 +170,16 @@ def test_lgd2d_backbone_is_a_torchvision_resnet(depth):
 def test_lgd3d_parameter_counts(name, block, layers, classifier):
     model = create_model(name, 400, classifier=classifier)
     expected = _expected_params(block, layers, 400, temporal=True, stem_t=4, classifier=classifier)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+@pytest.mark.parametrize("classifier", ["two_heads", "kernel"])
+def test_lgd3d_tiny_parameter_count(classifier):
+    model = create_model("lgd3d_tiny", 8, classifier=classifier)
+    expected = _expected_params(
+        "basic", (1, 1, 1, 1), 8, temporal=True, stem_t=2, classifier=classifier, sketch=512,
+        widths=(16, 32, 64, 128), stem_width=16, reduction=4,
+    )  # fmt: skip
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
