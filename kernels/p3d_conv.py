@@ -82,6 +82,15 @@ if _HAS_TRITON:
             return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
+    def _position(r, T, H, W):
+        """Row r of the (N, T, H, W) grid of positions, channels last -> (n, t, h, w)."""
+        w = r % W
+        q = r // W
+        h = q % H
+        q = q // H
+        return q // T, q % T, h, w
+
+    @triton.jit
     def _forward_kernel(
         x_ptr,  # (N, T, H, W, Ci) contiguous: channels_last_3d
         w_ptr,  # (KT*KH*KW, Ci, Co) packed weight, x's dtype
@@ -119,12 +128,8 @@ if _HAS_TRITON:
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < Co
-        wo = rm % Wo
-        q = rm // Wo
-        ho = q % Ho
-        q = q // Ho
-        t = q % T
-        n = (q // T).to(tl.int64)
+        n, t, ho, wo = _position(rm, T, Ho, Wo)
+        n = n.to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tap in range(KT * KH * KW):
             ti = t + (tap // (KH * KW) - KT // 2)
@@ -187,12 +192,7 @@ if _HAS_TRITON:
         rk = tl.arange(0, BLOCK_K)
         m_ok = rm < M
         n_ok = rn < Ci
-        w_ = rm % W
-        q = rm // W
-        h = q % H
-        q = q // H
-        t = q % T
-        n = q // T
+        n, t, h, w_ = _position(rm, T, H, W)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tap in range(KT * KH * KW):
             to = t - (tap // (KH * KW) - KT // 2)
@@ -255,12 +255,8 @@ if _HAS_TRITON:
         for start in range(p0, p1, BLOCK_K):
             p = start + tl.arange(0, BLOCK_K)
             p_ok = p < p1
-            wo = p % Wo
-            q = p // Wo
-            ho = q % Ho
-            q = q // Ho
-            t = q % T
-            n = (q // T).to(tl.int64)
+            n, t, ho, wo = _position(p, T, Ho, Wo)
+            n = n.to(tl.int64)
             ti = t + dt
             hi = ho * STRIDE + dh
             wi = wo * STRIDE + dw
