@@ -88,9 +88,10 @@ def test_bf16_within_twice_pytorch_error(shape, fmt, isa, gen, poisoned):
     for name, a, t, b in zip(NAMES, ours, torch_bf16, ref, strict=True):
         assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements (seed {SEED})"
         assert a.dtype == t.dtype, f"{name}: dtype {a.dtype}, PyTorch gives {t.dtype}"
-        # Floor: float32 rounding of the largest value, which both sides carry; it matters only where the
-        # bf16 composite happens to be exact (e.g. per-channel sums that land on representable values).
-        floor = 2.0**-23
+        # Floor: one rounding of the result to its own dtype, which no implementation avoids (2^-9 relative for
+        # bf16, 2^-23 for float32). It matters only where the bf16 composite happens to round closer, as for
+        # the (N, C) mean of a small shape: 3 values, one rounding each (seen: 1.5e-3 vs PyTorch's 7.1e-4).
+        floor = 2.0**-9 if a.dtype == torch.bfloat16 else 2.0**-23
         assert _rel(a, b) <= 2 * _rel(t, b) + floor, (
             f"{name}: error {_rel(a, b):.2e} vs PyTorch bf16 {_rel(t, b):.2e} (seed {SEED})"
         )
