@@ -198,7 +198,9 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     out = (torch.relu(z) if relu else z).to(x.dtype)
     if not stats:
         return out
-    stored = out.float()  # z as returned: stats refuse relu
+    # Of z as returned (stats refuse relu), with the gradient taken at the float32 z: the statistics' gradient and
+    # the output's, large and nearly cancelling in BatchNorm's backward, then meet in float32 and round once.
+    stored = z + (out.to(z.dtype) - z).detach() if z.dtype != out.dtype else out
     return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
 
 
