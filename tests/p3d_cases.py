@@ -221,3 +221,21 @@ def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0
             f"{case} {name}: summed error {ours:.3e} over {len(kept)} of {len(pairs)} draws vs PyTorch's "
             f"{torch_:.3e} (ratio {ours / torch_:.2f}); per draw: {pairs}"
         )
+
+
+def check_fp32_draws(draws: list[list[dict]], case: str, *, tol: float) -> None:
+    """float32 blocks: every output within ``tol`` of float64 in every draw but the single worst one per output.
+
+    A ReLU input within float32 rounding of zero can fall on either side in two implementations; the flipped
+    position then moves a gradient sum by about one part in the number of positions (seen: 3.0e-3 on grad_x of a
+    7x7x7 basic block in one run of ~30). That is rare per draw, so it cannot repeat across draws; a defect does.
+    """
+    errors: dict[str, list[float]] = {}
+    for rows in draws:
+        for row in rows:
+            assert row["finite"], f"{case} {row['name']}: unwritten or non-finite elements"
+            assert row["shape_ok"], f"{case} {row['name']}: wrong shape"
+            errors.setdefault(row["name"], []).append(row["err"])
+    for name, errs in errors.items():
+        kept = sorted(errs)[: max(1, len(errs) - 1)]
+        assert max(kept) < tol, f"{case} {name}: relative errors {errs} (all but the worst must be < {tol:.0e})"
