@@ -105,13 +105,7 @@ def batch_norm_affine(
     if not isinstance(norm, nn.BatchNorm3d):
         raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
     if uses_batch_stats(norm):
-        count = r.numel() // channels
-        if stats is None:
-            stats = channel_sums(r)
-        mean = stats[0].to(acc) / count
-        var = (stats[1].to(acc) / count - mean * mean).clamp_min(0)
-        if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, mean.detach(), var.detach(), count)
+        mean, var = batch_mean_var(norm, channel_sums(r) if stats is None else stats, r.numel() // channels, acc)
     else:
         mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
     scale = torch.rsqrt(var + norm.eps)
@@ -120,6 +114,18 @@ def batch_norm_affine(
         scale = scale * norm.weight.to(acc)
         shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
     return scale, shift
+
+
+def batch_mean_var(
+    norm: nn.BatchNorm3d, stats: torch.Tensor, count: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance, in ``dtype``, from (2, C) sums over ``count`` values per channel; in
+    training also updates ``norm``'s running statistics (with the unbiased variance), as BatchNorm does."""
+    mean = stats[0].to(dtype) / count
+    var = (stats[1].to(dtype) / count - mean * mean).clamp_min(0)
+    if norm.training and norm.track_running_stats:
+        _update_running_stats(norm, mean.detach(), var.detach(), count)
+    return mean, var
 
 
 def channel_sums(r: torch.Tensor) -> torch.Tensor:
@@ -178,12 +184,7 @@ class _NormalizeFromStats(torch.autograd.Function):
 
 def _normalize_train(norm: nn.BatchNorm3d, y: torch.Tensor, stats: torch.Tensor, relu: bool) -> torch.Tensor:
     """ReLU?(norm(y)) with batch statistics from the conv's (sum, sum of squares); updates the running stats."""
-    count = y.numel() // y.shape[1]
-    s = stats.detach().double()
-    mean = s[0] / count
-    var = (s[1] / count - mean * mean).clamp_min(0)
-    if norm.training and norm.track_running_stats:
-        _update_running_stats(norm, mean.float(), var.float(), count)
+    mean, var = batch_mean_var(norm, stats.detach(), y.numel() // y.shape[1], torch.float64)
     invstd = torch.rsqrt(var + norm.eps).float()
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
