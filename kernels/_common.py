@@ -61,3 +61,19 @@ if _HAS_TRITON:
             return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return v.to(dtype)
+
+    # The interpreter's dot on bfloat16/float16 operands is wrong (seen here with triton 3.9); there the
+    # operands go up to float32 first, which is exact (products of 8- or 11-bit mantissas fit float32) and
+    # what the GPU's tensor cores compute with float32 accumulation.
+    _UPCAST_DOT = tl.constexpr(interpreting())
+
+    @triton.jit
+    def dot(a, b, acc, TF32: tl.constexpr):
+        """acc + a @ b with float32 accumulation; float32 operands in full precision unless TF32."""
+        if _UPCAST_DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if TF32:
+            return tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            return tl.dot(a, b, acc, input_precision="ieee")

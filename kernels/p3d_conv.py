@@ -35,6 +35,7 @@ if _HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import dot as _dot
     from ._common import rounded as _rounded
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per operand width, every one free of register spills on sm_80
@@ -65,21 +66,6 @@ if _HAS_TRITON:
         return {"early_config_prune": prune}
 
     _TILE_CLASS = {torch.float32: "fp32", torch.bfloat16: "16bit", torch.float16: "16bit"}
-
-    # The interpreter's dot on bfloat16/float16 operands is wrong (seen here with triton 3.9); there the
-    # operands go up to float32 first, which is exact (products of 8- or 11-bit mantissas fit float32) and
-    # what the GPU's tensor cores compute with float32 accumulation.
-    _UPCAST_DOT = tl.constexpr(interpreting())
-
-    @triton.jit
-    def _dot(a, b, acc, TF32: tl.constexpr):
-        if _UPCAST_DOT:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if TF32:
-            return tl.dot(a, b, acc, input_precision="tf32")
-        else:
-            return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
     def _position(r, T, H, W):

@@ -164,9 +164,9 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lgd_fast.kernels import diffusion_epilogue, p3d_conv
+    from lgd_fast.kernels import diffusion_epilogue, global_update, p3d_conv
 
-    kernels = {**diffusion_epilogue.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
+    kernels = {**diffusion_epilogue.AOT_KERNELS, **global_update.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
     rows = []
     for target in targets:
         gpu = GPUTarget("cuda", _capability(target), 32)

@@ -33,13 +33,18 @@ NVCC = shutil.which("nvcc")
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-# (N, C, T, H, W): batch 1 and 2, odd T/H/W, odd channel counts (65 > every channel tile), and L = 1125 > the
-# 1024-value stretch, so that the forward and backward sum partials of two stretches.
-SHAPES = [(1, 3, 1, 7, 7), (2, 5, 3, 9, 9), (1, 65, 1, 9, 9), (1, 3, 5, 15, 15)]
+# (N, C, T, H, W): batch 1 and 2, T = 1, 3, 5, 7, odd H/W, odd channel counts (65 > every channel tile), and
+# L = 1125 > the 1024-value stretch, so that the forward and backward sum partials of two stretches.
+SHAPES = [(1, 3, 1, 7, 7), (2, 5, 3, 9, 9), (1, 65, 1, 9, 9), (1, 3, 5, 15, 15), (2, 3, 7, 7, 7)]
 FORMATS = ("contiguous", "channels_last_3d")
 DTYPES = ("float32", "bfloat16", "float16")
 NAMES = ["out", "mean", "grad_r", "grad_s", "grad_d", "grad_scale", "grad_shift"]
 CASES = [(s, f, d) for s in SHAPES for f in FORMATS for d in DTYPES]
+# global_update: (N, C_in, C_out) with hidden = C_out // 4: batch 1, 17 (two programs of 16 samples), odd
+# widths that no tile divides.
+GU_SHAPES = [(1, 65, 64), (17, 48, 96), (3, 16, 132)]
+GU_NAMES = ["g_new", "d", *(f"grad_{n}" for n in ("m", "g")), *(f"grad_{p}{i}" for i in range(1, 7) for p in "wb")]
+GU_CASES = [(s, d) for s in GU_SHAPES for d in DTYPES]
 
 
 def _case_id(shape, fmt, dtype) -> str:
@@ -49,21 +54,34 @@ def _case_id(shape, fmt, dtype) -> str:
 # ---- (a) the interpreter run (this file as a script, TRITON_INTERPRET=1) ------------------------------
 
 
-def _interpreted_checks() -> dict:
-    """Runs every case through ``diffusion_epilogue(backend="triton")``; returns {case id: per-output rows}."""
+def _rel(a, ref):
+    return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _row(name, a, plain, ref, layout_ok=True) -> dict:
+    return {
+        "name": name,
+        "finite": bool(torch.isfinite(a).all()),
+        "shape_ok": a.shape == ref.shape,
+        "dtype": str(a.dtype).removeprefix("torch."),
+        "layout_ok": bool(layout_ok),
+        "err": _rel(a, ref),
+        "torch_err": _rel(plain, ref),
+    }
+
+
+def _run_with_grads(fn, inputs, upstream):
+    outs = fn(*inputs)
+    loss = sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, upstream, strict=True))
+    return [*outs, *torch.autograd.grad(loss, inputs)]
+
+
+def diffusion_rows(backend: str, device: str) -> dict:
+    """Every CASES case through ``diffusion_epilogue(backend=...)`` on ``device``: {case id: per-output rows}."""
     from lgd_fast.ops import diffusion_epilogue, diffusion_epilogue_reference
-    from lgd_fast.ops.diffusion_epilogue import _TRITON_REGISTERED
     from op_testing import SEED, random_input
 
-    assert _TRITON_REGISTERED, "the triton op did not register"
     fmts = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True  # fresh allocations are NaN: unwritten shows
-
-    def run(fn, inputs, gout, gmean):
-        out, mean = fn(*inputs)
-        grads = torch.autograd.grad((out * gout.to(out.dtype)).sum() + (mean * gmean.to(mean.dtype)).sum(), inputs)
-        return [out, mean, *grads]
 
     def composite(r, s, d, scale, shift):  # what a user writes at r's dtype: the yardstick
         dt = r.dtype
@@ -75,9 +93,6 @@ def _interpreted_checks() -> dict:
         )
         return out, out.mean(dim=(2, 3, 4))
 
-    def rel(a, ref):
-        return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
     results = {}
     for i, (shape, fmt, dtype_name) in enumerate(CASES):
         gen = torch.Generator().manual_seed(SEED + i)
@@ -87,35 +102,91 @@ def _interpreted_checks() -> dict:
         s = random_input(shape, dtype, fmts[fmt], gen) - 1.0
         small = [0.5 * torch.randn(n, c, generator=gen), 0.5 + torch.rand(c, generator=gen)]
         small.append(0.2 * torch.randn(c, generator=gen))
-        inputs = [t.detach().requires_grad_(True) for t in (r, s, *small)]
-        gout = torch.randn(shape, generator=gen).to(dtype)
-        gmean = torch.randn(shape[:2], generator=gen).to(dtype)
-        ours = run(lambda *a: diffusion_epilogue(*a, backend="triton"), inputs, gout, gmean)
-        plain = run(composite, [t.detach().clone().requires_grad_() for t in inputs], gout, gmean)
-        ref = run(diffusion_epilogue_reference, [t.detach().double().requires_grad_() for t in inputs], gout, gmean)
+        inputs = [t.detach().to(device).requires_grad_(True) for t in (r, s, *small)]
+        upstream = [torch.randn(shape, generator=gen).to(dtype), torch.randn(shape[:2], generator=gen).to(dtype)]
+        upstream = [u.to(device) for u in upstream]
+        ours = _run_with_grads(lambda *a: diffusion_epilogue(*a, backend=backend), inputs, upstream)
+        plain = _run_with_grads(composite, [t.detach().clone().requires_grad_() for t in inputs], upstream)
+        exact = [t.detach().double().requires_grad_() for t in inputs]
+        ref = _run_with_grads(diffusion_epilogue_reference, exact, upstream)
         rows = []
         for name, a, p, b in zip(NAMES, ours, plain, ref, strict=True):
             layout_ok = name not in ("out", "grad_r", "grad_s") or a.is_contiguous(memory_format=fmts[fmt])
-            rows.append(
-                {
-                    "name": name,
-                    "finite": bool(torch.isfinite(a).all()),
-                    "shape_ok": a.shape == b.shape,
-                    "dtype": str(a.dtype).removeprefix("torch."),
-                    "layout_ok": bool(layout_ok),
-                    "err": rel(a, b),
-                    "torch_err": rel(p, b),
-                }
-            )
+            rows.append(_row(name, a, p, b, layout_ok))
         results[_case_id(shape, fmt, dtype_name)] = rows
+    return results
+
+
+def global_update_rows(backend: str, device: str) -> dict:
+    """Every GU_CASES case through ``global_update(backend=...)`` on ``device``: {case id: per-output rows}."""
+    from lgd_fast.ops import global_update, global_update_reference
+    from op_testing import SEED
+
+    results = {}
+    for i, ((n, c_in, c_out), dtype_name) in enumerate(GU_CASES):
+        gen = torch.Generator().manual_seed(SEED + 1000 + i)
+        dtype = getattr(torch, dtype_name)
+        hidden = c_out // 4
+        shapes = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
+        weights = [t for o, k in shapes for t in (torch.randn(o, k, generator=gen) / k**0.5, torch.randn(o, generator=gen))]
+        m, g = (torch.rand(n, c_in, generator=gen) for _ in range(2))  # a GAP of ReLU output, a global vector
+        inputs = [t.to(dtype).to(device).requires_grad_() for t in (m, g, *weights)]
+        upstream = [torch.randn(n, c_out, generator=gen).to(dtype).to(device) for _ in range(2)]
+        ours = _run_with_grads(lambda *a: global_update(*a, backend=backend), inputs, upstream)
+        plain = _run_with_grads(global_update_reference, [t.detach().clone().requires_grad_() for t in inputs], upstream)
+        exact = [t.detach().double().requires_grad_() for t in inputs]
+        ref = _run_with_grads(global_update_reference, exact, upstream)
+        rows = [_row(name, a, p, b) for name, a, p, b in zip(GU_NAMES, ours, plain, ref, strict=True)]
+        results[_gu_case_id((n, c_in, c_out), dtype_name)] = rows
+    return results
+
+
+def _gu_case_id(shape, dtype) -> str:
+    return f"global_update-{'x'.join(map(str, shape))}-{dtype}"
+
+
+def check_rows(rows: list[dict], dtype: str, seed, same_dtype: tuple[str, ...], tol: float = 2e-6) -> None:
+    """fp32 within ``tol`` of fp64; 16-bit within 2x the plain PyTorch error at that dtype (floored at fp32's)."""
+    for row in rows:
+        name = row["name"]
+        assert row["finite"], f"{name}: unwritten or non-finite elements (seed {seed})"
+        assert row["shape_ok"] and row["layout_ok"], f"{name}: wrong shape or memory format"
+        expected_dtype = dtype if name in same_dtype else "float32"
+        assert row["dtype"] == expected_dtype, f"{name}: dtype {row['dtype']}"
+        if dtype == "float32":
+            assert row["err"] < tol, f"{name}: relative error {row['err']:.2e} (seed {seed})"
+        else:
+            assert row["err"] <= 2 * row["torch_err"] + 2.0**-23, (
+                f"{name}: error {row['err']:.2e} vs PyTorch {dtype} {row['torch_err']:.2e} (seed {seed})"
+            )
+
+
+DIFFUSION_SAME_DTYPE = ("out", "mean", "grad_r", "grad_s")
+
+
+def _interpreted_checks() -> dict:
+    """The Triton kernels on CPU tensors (TRITON_INTERPRET=1): diffusion_epilogue and global_update rows."""
+    from lgd_fast.ops.diffusion_epilogue import _TRITON_REGISTERED
+    from lgd_fast.ops.global_update import _TRITON_REGISTERED as _GU_REGISTERED
+    from op_testing import SEED
+
+    assert _TRITON_REGISTERED and _GU_REGISTERED, "a triton op did not register"
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True  # fresh allocations are NaN: unwritten shows
+    results = {**diffusion_rows("triton", "cpu"), **global_update_rows("triton", "cpu")}
+    gen = torch.Generator().manual_seed(SEED)
+    shape = CASES[-1][0]
+    inputs = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), torch.randn(shape[:2], generator=gen)]
+    inputs += [torch.rand(shape[1], generator=gen), torch.randn(shape[1], generator=gen)]
     # The op's registration (schema, autograd, fake kernel); the AOT-dispatch part of opcheck needs real
     # kernels, which the interpreter's launches are not.
-    r, s, *small = [t.detach() for t in inputs]
-    torch.library.opcheck(
-        torch.ops.lgd_fast.diffusion_epilogue_triton.default,
-        (r, s, *small),
-        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
-    )
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.lgd_fast.diffusion_epilogue_triton.default, inputs, test_utils=utils)
+    c_in, hidden, c_out = 5, 4, 6
+    shapes = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
+    gu_inputs = [torch.randn(2, c_in, generator=gen), torch.rand(2, c_in, generator=gen)]
+    gu_inputs += [t for o, k in shapes for t in (torch.randn(o, k, generator=gen), torch.randn(o, generator=gen))]
+    torch.library.opcheck(torch.ops.lgd_fast.global_update_triton.default, gu_inputs, test_utils=utils)
     results["seed"] = SEED
     return results
 
@@ -136,19 +207,14 @@ def interpreted():
 @needs_triton
 @pytest.mark.parametrize("shape,fmt,dtype", CASES, ids=[_case_id(*c) for c in CASES])
 def test_triton_interpreted_matches_reference(interpreted, shape, fmt, dtype):
-    seed = interpreted["seed"]
-    for row in interpreted[_case_id(shape, fmt, dtype)]:
-        name = row["name"]
-        assert row["finite"], f"{name}: unwritten or non-finite elements (seed {seed})"
-        assert row["shape_ok"] and row["layout_ok"], f"{name}: wrong shape or memory format"
-        expected_dtype = dtype if name in ("out", "mean", "grad_r", "grad_s") else "float32"
-        assert row["dtype"] == expected_dtype, f"{name}: dtype {row['dtype']}"
-        if dtype == "float32":
-            assert row["err"] < 2e-6, f"{name}: relative error {row['err']:.2e} (seed {seed})"
-        else:  # 2x the plain composite's error at this dtype, floored at float32 rounding
-            assert row["err"] <= 2 * row["torch_err"] + 2.0**-23, (
-                f"{name}: error {row['err']:.2e} vs PyTorch {dtype} {row['torch_err']:.2e} (seed {seed})"
-            )
+    check_rows(interpreted[_case_id(shape, fmt, dtype)], dtype, interpreted["seed"], DIFFUSION_SAME_DTYPE)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,dtype", GU_CASES, ids=[_gu_case_id(*c) for c in GU_CASES])
+def test_global_update_triton_interpreted_matches_reference(interpreted, shape, dtype):
+    """One kernel launch: (g', d) and all 14 gradients (through the op's autograd, in the inputs' dtype) vs fp64."""
+    check_rows(interpreted[_gu_case_id(shape, dtype)], dtype, interpreted["seed"], GU_NAMES)
 
 
 # ---- (b) ahead-of-time compilation of the Triton kernels ------------------------------------------------
@@ -157,12 +223,12 @@ def test_triton_interpreted_matches_reference(interpreted, shape, fmt, dtype):
 @needs_triton
 def test_triton_kernels_compile_for_sm80_and_sm90a_without_spills():
     from lgd_fast import doctor
-    from lgd_fast.kernels import diffusion_epilogue, p3d_conv
+    from lgd_fast.kernels import diffusion_epilogue, global_update, p3d_conv
 
     rows = doctor.aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16", "fp32"))
     print(doctor.format_rows(rows))
-    kernels = {**diffusion_epilogue.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
-    assert any(name.startswith("p3d_conv_") for name in kernels)
+    kernels = {**diffusion_epilogue.AOT_KERNELS, **global_update.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
+    assert any(name.startswith("p3d_conv_") for name in kernels) and "global_update" in kernels
     assert {(r["kernel"], r["target"]) for r in rows} == {(k, t) for k in kernels for t in ("sm_90a", "sm_80")}
     assert {r["arch"] for r in rows} == {"sm_90a", "sm_80"}
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
@@ -318,6 +384,39 @@ def test_doctor_report_is_printable():
         assert info["nvcc"] and info["nvcc_version"]
     text = doctor.format_report(info)
     assert "backends on cuda:" in text and "lgd_fast._C_cuda" in text
+
+
+# ---- (d) on a CUDA device (the GPU suite; skipped where there is none) -----------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_diffusion_epilogue_on_gpu_matches_reference(backend):
+    """The compiled kernels (not the interpreter) on every CASES case: the same checks as (a)."""
+    from op_testing import SEED
+
+    if backend == "cuda":
+        from lgd_fast.ops import _backend
+
+        assert _backend.cuda_extension_available(), _backend.cuda_extension_error()
+    rows = diffusion_rows(backend, "cuda")
+    for shape, fmt, dtype in CASES:
+        check_rows(rows[_case_id(shape, fmt, dtype)], dtype, SEED, DIFFUSION_SAME_DTYPE)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_global_update_on_gpu_matches_reference(backend):
+    from op_testing import SEED
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs of the yardstick in full precision
+    rows = global_update_rows(backend, "cuda")
+    for shape, dtype in GU_CASES:
+        check_rows(rows[_gu_case_id(shape, dtype)], dtype, SEED, GU_NAMES, tol=1e-5)
 
 
 if __name__ == "__main__":  # the interpreter run of (a): TRITON_INTERPRET=1 is set by the fixture above

@@ -81,3 +81,45 @@ def test_bad_inputs_are_named(gen):
         global_update(m, g, *w[:4], w[4].double(), *w[5:], backend="cpp")
     with pytest.raises(ValueError, match="nonsense"):
         global_update(m, g, *w, backend="nonsense")
+
+
+def test_backend_choice(monkeypatch, gen):
+    """auto: triton for CUDA tensors where the Triton op registered, cpp otherwise; triton refuses CPU tensors."""
+    import importlib
+    import types
+
+    module = importlib.import_module("lgd_fast.ops.global_update")  # the package re-exports the function
+
+    monkeypatch.delenv("LGD_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m = torch.zeros(2, 3)
+    assert module._choose(None, m) == "cpp"
+    assert module._choose("reference", m) == "reference"
+    with pytest.raises(RuntimeError, match="backend 'triton' was requested but cannot run.*CUDA tensors"):
+        module._choose("triton", m)
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    monkeypatch.setattr(module, "_TRITON_REGISTERED", True)
+    assert module._choose(None, cuda_like) == "triton"
+    assert module._choose("cpp", cuda_like) == "cpp"  # ATen GEMMs run on any device
+    cuda_like.dtype = torch.float64
+    assert module._choose(None, cuda_like) == "cpp"
+    monkeypatch.setattr(module, "_TRITON_REGISTERED", False)
+    cuda_like.dtype = torch.float32
+    assert module._choose(None, cuda_like) == "cpp"
+
+
+def test_triton_path_checks_name_the_argument(gen):
+    from lgd_fast.ops.global_update import _check_for_triton
+
+    m, g, *w = [t.detach() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
+    _check_for_triton(m, g, w)  # a valid case passes
+    with pytest.raises(ValueError, match="m must be"):
+        _check_for_triton(m[0], g, w)
+    with pytest.raises(ValueError, match="g must have m's shape"):
+        _check_for_triton(m, g[:1], w)
+    with pytest.raises(ValueError, match=r"fc2 weight must have shape \(32, 2\)"):
+        _check_for_triton(m, g, [*w[:2], w[2][:, :1], *w[3:]])
+    with pytest.raises(ValueError, match="fc5 is torch.float64"):
+        _check_for_triton(m, g, [*w[:8], w[8].double(), *w[9:]])
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        _check_for_triton(m.double(), g.double(), [t.double() for t in w])

@@ -3,9 +3,11 @@
     g' = ReLU(fc2(fc1(m)) + fc4(fc3(g)))      m = GAP(block input), g = incoming global vector, (N, C_in)
     d  = fc6(fc5(g'))                          (N, C_out), added at every position of the local map
 
-The reference is six ``nn.Linear`` calls, an add and a ReLU; the op is one call into
-``torch.ops.lgd_fast.global_update`` (ATen GEMMs in C++, any device: ``csrc/global_update.cpp``), with a
-fake kernel for ``torch.compile`` and autograd registered here.
+The reference is six ``nn.Linear`` calls, an add and a ReLU. The op is one call: on CUDA tensors one Triton
+kernel launch (``lgd_fast/kernels/global_update.py``, registered as ``lgd_fast::global_update_triton``), on
+CPU tensors one call into ``torch.ops.lgd_fast.global_update`` (ATen GEMMs in C++, any device:
+``csrc/global_update.cpp``). Both have fake kernels for ``torch.compile`` and the same autograd formula,
+registered here.
 """
 
 from __future__ import annotations
@@ -42,22 +44,34 @@ def global_update(m: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor, back
 
     Args:
         m, g: (N, C_in); weights: w1, b1, ..., w6, b6 (see :func:`block_weights`), m's dtype and device.
-        backend: ``"cpp"`` (the one-call op), ``"reference"``, ``"auto"`` or None (``$LGD_FAST_BACKEND``).
+        backend: ``"triton"`` (one kernel launch; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``),
+            ``"cpp"`` (one call of ATen GEMMs, any device), ``"reference"``, ``"auto"`` or None
+            (``$LGD_FAST_BACKEND``). ``auto``: triton on CUDA tensors where triton imports, else cpp where
+            ``lgd_fast._C`` imported, else the reference with one warning.
     """
     if len(weights) != 12:
         raise ValueError(f"{OP_NAME}: expected 12 weight tensors (w1, b1, ..., w6, b6), got {len(weights)}")
-    if _choose(backend) == "cpp":
+    choice = _choose(backend, m)
+    if choice == "triton":
+        _check_for_triton(m, g, weights)
+        return torch.ops.lgd_fast.global_update_triton(m, g, *weights)
+    if choice == "cpp":
         return torch.ops.lgd_fast.global_update(m, g, *weights)
     return global_update_reference(m, g, *weights)
 
 
-def _choose(requested: str | None) -> str:
-    """cpp or reference. The op is ATen GEMMs, so unlike the kernels it runs on every device."""
-    choice = _backend.requested_backend(requested)
-    if choice not in (_backend.AUTO, "cpp", "reference"):
-        raise RuntimeError(f"{OP_NAME}: backend {choice!r} was requested but {OP_NAME} has only cpp and reference")
+def _choose(requested: str | None, m: torch.Tensor) -> str:
+    """triton, cpp or reference. The cpp op is ATen GEMMs, so unlike the kernels it runs on every device."""
+    choice = _backend.requested_backend(requested, ("cpp", "triton", "reference"))
     if choice == "reference":
         return choice
+    if choice == "triton":
+        reason = _backend.backend_unavailable_reason("triton", m.device.type)
+        if reason is not None:
+            raise RuntimeError(f"{OP_NAME}: backend 'triton' was requested but cannot run: {reason}")
+        return choice
+    if choice == _backend.AUTO and m.device.type == "cuda" and _TRITON_REGISTERED and m.dtype in _TRITON_DTYPES:
+        return "triton"
     if _backend.extension_available():
         return "cpp"
     reason = f"the compiled extension lgd_fast._C did not import ({_backend.extension_error()})"
@@ -67,6 +81,32 @@ def _choose(requested: str | None) -> str:
         _warned.append(reason)
         logger.warning("%s: using the reference implementation because %s", OP_NAME, reason)
     return "reference"
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_for_triton(m: torch.Tensor, g: torch.Tensor, weights) -> None:
+    """The shape, dtype and device checks the C++ op makes, for the Triton path (which has no C++ of its own)."""
+    if m.dim() != 2:
+        raise ValueError(f"{OP_NAME}: m must be (N, C_in), got shape {tuple(m.shape)}")
+    if g.shape != m.shape:
+        raise ValueError(f"{OP_NAME}: g must have m's shape {tuple(m.shape)}, got {tuple(g.shape)}")
+    if m.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{OP_NAME} (triton): m must be float32, bfloat16 or float16, got {m.dtype}")
+    c_in = m.shape[1]
+    hidden, c_out = (w.shape[0] if w.dim() else -1 for w in (weights[0], weights[2]))
+    expected = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
+    for i, want in enumerate(expected):
+        w, b = weights[2 * i], weights[2 * i + 1]
+        if tuple(w.shape) != want or tuple(b.shape) != (want[0],):
+            raise ValueError(
+                f"{OP_NAME}: fc{i + 1} weight must have shape {want} and bias ({want[0]},), "
+                f"got {tuple(w.shape)} and {tuple(b.shape)}"
+            )
+    for name, t in [("g", g), *((f"fc{i // 2 + 1}", w) for i, w in enumerate(weights))]:
+        if t.dtype != m.dtype or t.device != m.device:
+            raise ValueError(f"{OP_NAME}: {name} is {t.dtype} on {t.device} but m is {m.dtype} on {m.device}")
 
 
 def _fake(m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6):
@@ -109,3 +149,26 @@ def _register() -> bool:
 
 
 _REGISTERED = _register()
+
+
+# ---- the Triton op (only where triton imports) ------------------------------------------------------
+
+
+def _register_triton() -> bool:
+    if _backend.triton_error() is not None:
+        return False
+    from lgd_fast.kernels import global_update as kernels
+
+    @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton", mutates_args=())
+    def _triton_forward(
+        m: torch.Tensor, g: torch.Tensor,
+        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
+        w4: torch.Tensor, b4: torch.Tensor, w5: torch.Tensor, b5: torch.Tensor, w6: torch.Tensor, b6: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return kernels.forward(m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6)
+
+    _triton_forward.register_autograd(_grad, setup_context=_setup_context)
+    return True
+
+
+_TRITON_REGISTERED = _register_triton()
