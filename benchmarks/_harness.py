@@ -126,20 +126,25 @@ def steady_malloc() -> bool:
 # ---- floors ----------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Measured memory bandwidth of ``dst.copy_(src)`` on float32 tensors of ``nbytes`` each.
+def copy_bandwidth(
+    nbytes: int = 256 * 2**20, repeats: int = 20, warmup: int = 3, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Measured memory bandwidth of ``dst.copy_(src)`` on float32 tensors of ``nbytes`` each on ``device``
+    (a CUDA device: device memory to device memory, synchronised around each copy).
 
     Returns:
         ``bytes_per_s`` (read + write bytes, i.e. 2 * nbytes, over the median time), ``median_s``, ``nbytes``.
     """
-    src = torch.rand(nbytes // 4)
+    src = torch.rand(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     for _ in range(warmup):
         dst.copy_(src)
     samples = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         samples.append(time.perf_counter() - t0)
     median = statistics.median(samples)
     return {"bytes_per_s": 2 * src.numel() * 4 / median, "median_s": median, "nbytes": float(src.numel() * 4)}
@@ -270,6 +275,7 @@ def measure_op_row(
     bytes_per_s: float,
     fast: str = "cpp",
     others: Sequence[str] = ("reference", "compiled"),
+    device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """Compiles/warms every candidate, waits for a quiet machine, times them interleaved and returns the result
     row: ``describe`` (shape, dtype, ...), bytes, roofline, timings, ``speedup_vs_<other>`` (other's median /
@@ -279,7 +285,7 @@ def measure_op_row(
     if not args.no_wait:
         wait_until_quiet(max_wait_s=10.0, window_s=0.3)
     with ForeignLoad() as load:
-        timings = time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats)
+        timings = time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats, device=device)
     floor = roofline_seconds(nbytes, bytes_per_s)
     med = {name: t.median_s for name, t in timings.items()}
     row = {
@@ -305,7 +311,7 @@ def measure_op_row(
 # ---- a benchmark script's command line and set-up ---------------------------------------------------
 
 
-def add_common_arguments(parser, *, default_out: Path, repeats: tuple[int, int] = (60, 10)) -> None:
+def add_common_arguments(parser, *, default_out: Path | None, repeats: tuple[int, int] = (60, 10)) -> None:
     """The flags every run_*.py script takes: --quick, --repeats, --warmup, --threads, --out, --plot, malloc, waits."""
     full, quick = repeats
     parser.add_argument("--quick", action="store_true", help=f"fewer shapes, {quick} repeats")
@@ -322,7 +328,7 @@ def add_common_arguments(parser, *, default_out: Path, repeats: tuple[int, int] 
     parser.set_defaults(_repeats_default=repeats)
 
 
-def prepare_run(args) -> dict[str, Any]:
+def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Applies the common flags before timing: threads, in-process compiles, malloc, a quiet machine, bandwidth.
 
     Returns ``{"steady_malloc", "foreign_load_before_cores", "copy_bandwidth"}`` for the result file.
@@ -337,10 +343,18 @@ def prepare_run(args) -> dict[str, Any]:
     torch._inductor.config.compile_threads = 1
     steady = False if args.system_malloc else steady_malloc()
     quiet = None if args.no_wait else wait_until_quiet(max_wait_s=args.max_wait)
-    return {"steady_malloc": steady, "foreign_load_before_cores": quiet, "copy_bandwidth": copy_bandwidth()}
+    bandwidth = copy_bandwidth(device=device)
+    return {"steady_malloc": steady, "foreign_load_before_cores": quiet, "copy_bandwidth": bandwidth}
 
 
 # ---- result files ----------------------------------------------------------------------------------
+
+
+def device_slug(device: torch.device | str) -> str:
+    """``cpu``, or the CUDA device's name for result files: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    return "-".join("".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name(device).lower()).split())
 
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
@@ -432,8 +446,10 @@ def plot_op_benchmark(
     )
     ax_bw.set_title(f"share of copy bandwidth (floor / median); dashed: {bandwidth_line:.0%}")
     m = payload["machine"]
+    where = m.get("cuda_device") if fast in ("cuda", "triton") else None
+    where = where or f"{m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']})"
     fig.suptitle(
-        f"{op}, {m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']}), torch {m['torch']}, "
+        f"{op}, {where}, torch {m['torch']}, "
         f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {m['commit'][:10]}",
         fontsize=10,
     )

@@ -128,12 +128,14 @@ def global_update_rows(backend: str, device: str) -> dict:
         dtype = getattr(torch, dtype_name)
         hidden = c_out // 4
         shapes = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
-        weights = [t for o, k in shapes for t in (torch.randn(o, k, generator=gen) / k**0.5, torch.randn(o, generator=gen))]
+        weights = [torch.randn(o, k, generator=gen) / k**0.5 if i == 0 else torch.randn(o, generator=gen)
+                   for o, k in shapes for i in range(2)]  # fmt: skip
         m, g = (torch.rand(n, c_in, generator=gen) for _ in range(2))  # a GAP of ReLU output, a global vector
         inputs = [t.to(dtype).to(device).requires_grad_() for t in (m, g, *weights)]
         upstream = [torch.randn(n, c_out, generator=gen).to(dtype).to(device) for _ in range(2)]
         ours = _run_with_grads(lambda *a: global_update(*a, backend=backend), inputs, upstream)
-        plain = _run_with_grads(global_update_reference, [t.detach().clone().requires_grad_() for t in inputs], upstream)
+        copies = [t.detach().clone().requires_grad_() for t in inputs]
+        plain = _run_with_grads(global_update_reference, copies, upstream)
         exact = [t.detach().double().requires_grad_() for t in inputs]
         ref = _run_with_grads(global_update_reference, exact, upstream)
         rows = [_row(name, a, p, b) for name, a, p, b in zip(GU_NAMES, ours, plain, ref, strict=True)]
@@ -176,8 +178,9 @@ def _interpreted_checks() -> dict:
     results = {**diffusion_rows("triton", "cpu"), **global_update_rows("triton", "cpu")}
     gen = torch.Generator().manual_seed(SEED)
     shape = CASES[-1][0]
-    inputs = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), torch.randn(shape[:2], generator=gen)]
-    inputs += [torch.rand(shape[1], generator=gen), torch.randn(shape[1], generator=gen)]
+    inputs = [torch.randn(shape, generator=gen) for _ in range(2)]
+    inputs += [torch.randn(shape[:2], generator=gen), torch.rand(shape[1], generator=gen)]
+    inputs += [torch.randn(shape[1], generator=gen)]
     # The op's registration (schema, autograd, fake kernel); the AOT-dispatch part of opcheck needs real
     # kernels, which the interpreter's launches are not.
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
