@@ -72,6 +72,9 @@ def test_bad_files_are_skipped_with_one_warning_each(records, broken, caplog):
     assert "file not found" in reasons and "empty file" in reasons and "truncated" in reasons
     assert sum(len(b.labels) for b in loader) == len(records)
     assert sum("skipping" in r.message for r in caplog.records) == len(broken)
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:")]
+    assert summary == [f"epoch 0: 0 clip(s) skipped (unreadable during the epoch), {len(broken)} file(s) left out "
+                       f"(unusable when probed); {len(records)} video(s) used"]  # fmt: skip
 
 
 def test_file_broken_after_probing_is_skipped_in_the_epoch(records, tmp_path, caplog):

@@ -314,8 +314,12 @@ class VideoClipLoader:
             if batch is None or (self.drop_last and len(batch.labels) < self.batch_size):
                 continue
             yield batch
-        if self.skipped:
-            logger.warning("epoch %d: skipped %d clips of unreadable videos", self.epoch, len(self.skipped))
+        if self.skipped or self.dropped:
+            logger.warning(
+                "epoch %d: %d clip(s) skipped (unreadable during the epoch), %d file(s) left out (unusable when "
+                "probed); %d video(s) used",
+                self.epoch, len(self.skipped), len(self.dropped), len(self.videos),
+            )  # fmt: skip
         self.epoch += 1
 
     def _iter_pyav(self, plans):
