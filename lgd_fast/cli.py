@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any config value, e.g. --set optim.lr=0.01 (repeatable)")
     train.add_argument("--batch-size", type=_positive, help="global batch size (clips)")
     train.add_argument("--lr", type=float, help="stage-1 peak learning rate")
-    train.add_argument("--amp", choices=("none", "bf16"), help="bfloat16 autocast")
+    train.add_argument("--amp", choices=("none", "bf16", "fp16"),
+                       help="autocast: bfloat16, or float16 with loss scaling (GradScaler)")
     train.add_argument("--fast", action="store_true", default=None, help="the fused model")
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     train.add_argument("--channels-last", action="store_true", default=None, help="channels_last_3d")

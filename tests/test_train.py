@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -161,15 +162,25 @@ def test_cli_train_then_eval(dataset, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags",
-    [["model.fast=true", "amp=bf16", "model.channels_last=true"], ["model.compile=true", "max_steps_per_epoch=2"]],
-    ids=["fast-bf16-channels_last", "compile"],
+    [
+        ["model.fast=true", "amp=bf16", "model.channels_last=true"],
+        ["model.compile=true", "max_steps_per_epoch=2"],
+        ["amp=fp16", "optim.grad_clip=5.0", "max_steps_per_epoch=3"],
+    ],
+    ids=["fast-bf16-channels_last", "compile", "fp16-scaler"],
 )
 def test_training_switches_run(dataset, tmp_path, flags):
-    """--fast, --amp bf16, --channels-last and --compile train, validate and checkpoint (losses finite)."""
+    """--fast, --amp bf16/fp16, --channels-last and --compile train, validate and checkpoint (losses finite)."""
     metrics = train(_config(dataset, tmp_path / "run", "epochs=1", "stage2_epochs=1", *flags))
     assert metrics["epoch"] == 2 and all(np.isfinite(row["train_loss"]) for row in metrics["history"])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod.") for key in state["model"])  # compile does not rename the keys
+    if "amp=fp16" in flags:  # the loss scaler's state is checkpointed and read back on resume
+        assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+        metrics = train(_config(dataset, tmp_path / "run", "epochs=1", "stage2_epochs=2", *flags))
+        assert metrics["epoch"] == 3
+    else:
+        assert state["scaler"] == {}
 
 
 def test_resuming_with_another_model_is_refused(dataset, tmp_path):
@@ -206,18 +217,21 @@ def test_demo_runs_end_to_end_and_writes_metrics(tmp_path, capsys):
         assert (tmp_path / "demo" / name).exists(), name
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, tmp_path):
+@pytest.mark.parametrize("norm", ["sync_batchnorm", "norm_eval"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, tmp_path, norm):
     """torchrun, 2 processes on this CPU (gloo), global batch 8 = 2 x 4, against 1 process with batch 8.
 
-    BatchNorm on running statistics (model.norm_eval) and no dropout: then each process's loss is the mean
-    over its half of the global batch and DDP's gradient average is the single-process gradient."""
-    common = [*SMALL, f"data.root={dataset}", "epochs=2", "stage2_epochs=1", "model.norm_eval=true",
+    No dropout. BatchNorm in training mode, synchronised over the processes (statistics of the global batch),
+    or on running statistics (model.norm_eval): either way each process's loss is the mean over its half of
+    the global batch and DDP's gradient average is the single-process gradient."""
+    common = [*SMALL, f"data.root={dataset}", "epochs=2", "stage2_epochs=1", f"model.norm_eval={norm == 'norm_eval'}",
               "model.dropout=0.0", "data.backend=pyav"]
     single = tmp_path / "single"
     train(load_config(None, [*common, f"out={single}"]))
     pair = tmp_path / "pair"
     argv = ["train", "--out", str(pair), "--no-progress", *[a for item in common for a in ("--set", item)]]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    port = {"sync_batchnorm": "29531", "norm_eval": "29532"}[norm]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "lgd_fast", *argv]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -229,3 +243,25 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, 
             assert ((value - b["model"][key]).norm() <= 1e-5 * value.norm() + 1e-7), key
     losses = [(r["train_loss"], s["train_loss"]) for r, s in zip(a["history"], b["history"], strict=True)]
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in losses), losses
+
+
+def test_fast_model_with_processes_and_batch_statistics_is_refused(dataset, tmp_path):
+    from lgd_fast.engine.train import Trainer
+
+    trainer = Trainer(_config(dataset, tmp_path / "run", "model.fast=true"))
+    with pytest.raises(ValueError, match="model.fast with several processes needs model.norm_eval=true"):
+        trainer._synchronise_batchnorm(torch.nn.BatchNorm3d(3))
+
+
+def test_sync_batchnorm_is_batchnorm_outside_a_process_group(gen):
+    from lgd_fast.engine.sync_bn import SyncBatchNorm, convert_sync_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 5, 1), torch.nn.BatchNorm3d(5, momentum=None), torch.nn.ReLU())
+    torch.nn.init.normal_(net[1].weight, generator=gen)
+    converted = convert_sync_batchnorm(copy.deepcopy(net))
+    assert isinstance(converted[1], SyncBatchNorm) and converted.state_dict().keys() == net.state_dict().keys()
+    x = torch.randn(2, 3, 4, 5, 5, generator=gen)
+    for mode in (True, False):
+        net.train(mode), converted.train(mode)
+        torch.testing.assert_close(converted(x), net(x))
+    torch.testing.assert_close(converted.state_dict(), net.state_dict())

@@ -82,7 +82,7 @@ class TrainConfig:
     out: str = ""  # run folder: config.yaml, checkpoints/, metrics.json, curves.png
     epochs: int = 10  # stage 1 epochs
     stage2_epochs: int = 2  # with classifier=kernel; ignored for two_heads
-    amp: str = "none"  # none | bf16 (autocast on CPU and GPU)
+    amp: str = "none"  # none | bf16 | fp16 (autocast on CPU and GPU; fp16 adds a GradScaler)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms for bitwise resumes
@@ -94,7 +94,7 @@ class TrainConfig:
         checks = [
             (self.data.backend in ("auto", "dali", "pyav"), "data.backend must be auto, dali or pyav"),
             (self.model.classifier in ("kernel", "two_heads"), "model.classifier must be kernel or two_heads"),
-            (self.amp in ("none", "bf16"), "amp must be none or bf16"),
+            (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.stage2_epochs >= 0, "stage2_epochs must be >= 0"),

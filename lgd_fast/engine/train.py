@@ -17,9 +17,11 @@ last good checkpoint is kept.
 Distributed: started by ``torchrun``, each process trains on its shard with ``batch_size / world_size``
 clips (the loader splits every global batch exactly), gradients are averaged by DDP (gloo on the CPU,
 NCCL on GPUs), losses and accuracies are reduced across processes, and only rank 0 validates and writes.
-BatchNorm in training mode normalises each process's part of the batch (PyTorch's SyncBatchNorm runs on
-GPUs only); with ``model.norm_eval`` (BatchNorm on running statistics) and no dropout, K processes give
-the single-process result (``tests/test_train.py``).
+BatchNorm in training mode normalises over the whole global batch: every BatchNorm becomes a synchronised
+one (``nn.SyncBatchNorm`` on GPUs, ``lgd_fast.engine.sync_bn.SyncBatchNorm`` with gloo on CPUs), so with
+no dropout K processes give the single-process result (``tests/test_train.py`` checks it with 2 processes).
+The fused (``--fast``) models fold BatchNorm into their kernels from per-process statistics, so they train
+distributed only with ``model.norm_eval`` (BatchNorm on running statistics; a clear error otherwise).
 """
 
 from __future__ import annotations
@@ -163,6 +165,20 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * steps_per_epoch, warmup))
         return optimizer, scheduler
 
+    def _synchronise_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
+        """BatchNorm statistics over all processes (the global batch), as one process would compute them."""
+        if self.config.model.fast:
+            raise ValueError(
+                "model.fast with several processes needs model.norm_eval=true: the fused blocks fold BatchNorm "
+                "into their kernels from each process's own batch statistics, which cannot be synchronised; "
+                "train distributed with the reference model (model.fast=false), or set model.norm_eval=true"
+            )
+        if self.device.type == "cuda":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from .sync_bn import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+
     def _wrap(self):
         run = self.model
         if self.distributed:
@@ -180,6 +196,8 @@ class Trainer:
         torch.manual_seed(c.seed)
         num_classes = self._data()
         self.model = build_model(c, num_classes).to(self.device)
+        if self.distributed and not c.model.norm_eval:
+            self.model = self._synchronise_batchnorm(self.model)
         if c.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         total_epochs = c.epochs + (c.stage2_epochs if c.model.classifier == "kernel" else 0)
@@ -203,9 +221,13 @@ class Trainer:
                 stage = 2
         _set_stage(self.model, stage)
         optimizer, scheduler = self._optimizer(stage, steps_per_epoch)
+        # fp16 autocast scales the loss (bf16 and fp32 need no scaling: the scaler is then disabled, a no-op)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
         if state is not None and state["stage"] == stage:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+        if state is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         if state is not None:
             set_rng_state(state["rng"])
             if self.rank == 0:
@@ -238,7 +260,7 @@ class Trainer:
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
         self.train_loader.set_epoch(epoch)
-        amp = c.amp == "bf16"
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
         sums = torch.zeros(3, dtype=torch.float64)  # loss * clips, correct, clips
         start = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs} (stage {stage})", unit="step",
@@ -250,7 +272,7 @@ class Trainer:
             if c.model.channels_last:
                 clips = clips.contiguous(memory_format=torch.channels_last_3d)
             labels = batch.labels.to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.autocast(self.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out = self.run_model(clips)
                 if stage == 1:
                     local, global_ = out
@@ -267,11 +289,13 @@ class Trainer:
                     f"stopping. Last good checkpoint: {where}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             if c.optim.grad_clip:
+                self.scaler.unscale_(optimizer)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                                c.optim.grad_clip)
-            optimizer.step()
+            self.scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
+            self.scaler.update()
             scheduler.step()
             self.step += 1
             n = labels.numel()
@@ -296,6 +320,7 @@ class Trainer:
             "epoch_seconds": seconds,
             "clips_per_s": clips / seconds,
             "skipped_clips": skipped,
+            "dropped_files": len(self.train_loader.dropped),
         }
 
     def _validate(self) -> dict[str, Any]:
@@ -305,7 +330,7 @@ class Trainer:
 
         c = self.config
         result = evaluate(self.model, self.val_loader, num_classes=len(self.class_names), device=self.device,
-                          amp_dtype=torch.bfloat16 if c.amp == "bf16" else None, progress=c.progress)
+                          amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp), progress=c.progress)
         return {"val_top1": result.top1, "val_top5": result.top5, "val_videos": result.num_videos}
 
     def _save(self, epoch, stage, optimizer, scheduler, row) -> None:
@@ -313,6 +338,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # {} unless amp is fp16
             "rng": rng_state(),
             "epoch": epoch,
             "step": self.step,
