@@ -201,17 +201,20 @@ def test_init_from_replaces_heads_of_another_label_set(dataset, tmp_path, caplog
     assert "replaced (new shape, kept initialised)" in caplog.text and "fc.weight" in caplog.text
 
 
-def test_demo_runs_end_to_end_and_writes_metrics(tmp_path, capsys):
-    """The README's main job, shortened (2 + 1 epochs, 2 test clips): every step runs and reports."""
-    argv = ["demo", "--out", str(tmp_path / "demo"), "--no-progress", "--set", "epochs=2", "--set", "stage2_epochs=1",
-            "--set", "data.test_clips=2"]
-    assert main(argv) == 0
+def test_demo_meets_its_targets(tmp_path, capsys):
+    """The README's main job exactly as a user runs it (defaults): within 10 minutes on this machine, at least
+    90% val top-1 on held-out videos, and the time-reversed control at most 10% (each reversed video is its
+    twin's: a model that reads temporal order gets it wrong)."""
+    start = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
+    seconds = time.perf_counter() - start
     out = capsys.readouterr().out
     assert "val top-1" in out and "reversed top-1" in out and "train step clips/s" in out
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["num_classes"] == 8 and metrics["val_videos"] == 80
-    for key in ("val_top1", "reversed_top1", "reversed_predicted_as_twin"):
-        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["val_top1"] >= 0.9, metrics
+    assert metrics["reversed_top1"] <= 0.1 and metrics["reversed_predicted_as_twin"] >= 0.8, metrics
+    assert seconds <= 600 and metrics["seconds"]["total"] <= 600, seconds
     assert metrics["speed"]["fast"]["inference_clips_per_s"] > 0
     for name in ("eval.json", "eval_reversed.json", "eval_confusion.png", "run/curves.png"):
         assert (tmp_path / "demo" / name).exists(), name
