@@ -128,7 +128,7 @@ def test_config_file_then_flags(tmp_path):
     [
         ("optim:\n  lrr: 0.1\n", [], "unknown config key 'optim.lrr'.*c.yaml"),
         ("", ["optim.lr=fast"], "optim.lr .*must be float, got 'fast'"),
-        ("", ["amp=fp8"], "amp must be none or bf16"),
+        ("", ["amp=fp8"], "amp must be none, bf16 or fp16"),
         ("epochs: [1, 2]\n", [], "epochs .*must be int"),
         ("- 1\n", [], "must hold a mapping"),
         ("", ["optim"], "--set takes key=value"),
