@@ -43,43 +43,62 @@ DEMO_SETTINGS = [
 ]
 
 
-def _time(fn, repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    samples = []
+def _time_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, called in turn (so both see the same machine load)."""
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def benchmark_fast_vs_reference(state_dict, num_classes: int, *, batch: int = 16, repeats: int = 10) -> dict:
-    """Clips/s of the trained tiny model, reference vs fast (same weights): inference and a training step."""
+def benchmark_fast_vs_reference(state_dict, num_classes: int, *, batch: int = 16, repeats: int = 20) -> dict:
+    """Clips/s of the trained tiny model, reference vs fast (same weights): inference and a training step,
+    the two models timed in alternation (median of ``repeats`` calls each)."""
     from ..models import create_model
 
     shape = (batch, 3, 16, 32, 32)
     clips = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(batch) % num_classes
     out: dict[str, Any] = {"input": list(shape), "repeats": repeats, "threads": torch.get_num_threads()}
+    models = {}
     for name, fast in (("reference", False), ("fast", True)):
         model = create_model("lgd3d_tiny", num_classes, classifier="two_heads", fast=fast)
         model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("kernel_head.")})
-        model.eval()
-        with torch.inference_mode():
-            infer = _time(lambda m=model: m(clips), repeats)
-        model.train()
+        models[name] = model
+
+    def infer(model):
+        def run():
+            with torch.inference_mode():
+                model(clips)
+
+        return run
+
+    def step(model):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
-        def step(m=model, o=opt):
-            local, glob = m(clips)
+        def run():
+            local, glob = model(clips)
             loss = torch.nn.functional.cross_entropy(local, labels) + torch.nn.functional.cross_entropy(glob, labels)
-            o.zero_grad()
+            opt.zero_grad()
             loss.backward()
-            o.step()
+            opt.step()
 
-        train = _time(step, repeats)
-        out[name] = {"inference_clips_per_s": batch / infer, "train_step_clips_per_s": batch / train}
+        return run
+
+    for model in models.values():
+        model.eval()
+    inference = _time_interleaved({name: infer(m) for name, m in models.items()}, repeats)
+    for model in models.values():
+        model.train()
+    training = _time_interleaved({name: step(m) for name, m in models.items()}, repeats)
+    for name in models:
+        out[name] = {"inference_clips_per_s": batch / inference[name], "train_step_clips_per_s": batch / training[name]}
     for key, metric in (("inference", "inference_clips_per_s"), ("train", "train_step_clips_per_s")):
         out[f"fast_vs_reference_{key}"] = out["fast"][metric] / out["reference"][metric]
     return out
