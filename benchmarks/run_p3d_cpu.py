@@ -41,7 +41,7 @@ import _harness as h  # noqa: E402
 
 from lgd_fast import create_model  # noqa: E402
 from lgd_fast.models.blocks import P3DBottleneck  # noqa: E402
-from lgd_fast.models.p3d import bottleneck_body, cpu_fused_training, to_fast_unit  # noqa: E402
+from lgd_fast.models.p3d import bottleneck_body, cpu_fused, to_fast_unit  # noqa: E402
 
 CL3D = torch.channels_last_3d
 BATCH, FRAMES, SIZE = 4, 16, 112
@@ -287,7 +287,7 @@ def unit_candidates(block: P3DBottleneck, pass_: str, *, compile_: bool) -> dict
         return {name: (lambda i, fn=fn, src=src: fn(i[src])) for name, (fn, src) in fns.items()}
 
     def fused(x):  # the fused training path (statistics from the conv epilogues), which CPU tensors skip by default
-        with cpu_fused_training():
+        with cpu_fused():
             return bottleneck_body(fast, x)[0]
 
     fns["fast_fused_training"] = (fused, "x")
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             "epilogues: in eval every BatchNorm folded and one oneDNN primitive per conv, in training the convs' "
             "statistics feeding BatchNorm) on that layout; in training on CPU tensors bottleneck_body runs the block's "
             "own modules (the measured choice), and fast_fused_training(_cl3d) times the fused training path "
-            "(lgd_fast.models.p3d.cpu_fused_training) that choice was measured against",
+            "(lgd_fast.models.p3d.cpu_fused) that choice was measured against",
             "pointwise conv candidates: linear_rows_cl = F.linear over the (N*T*H*W, C) rows view of "
             "channels_last_3d; conv2d_frames_cl = 1x1 F.conv2d on the frames view",
             "r50_totals: each distinct unit's median times how often it occurs among R50's 16 bottlenecks",

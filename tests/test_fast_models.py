@@ -10,8 +10,22 @@ from torch import nn
 
 from lgd_fast import FastPathUnavailableError, create_model
 from lgd_fast.models import FastLGD3D, LGDBlock, to_fast
+from lgd_fast.models import fast as fast_module
+from lgd_fast.models.p3d import cpu_fused
 
 CL = torch.channels_last_3d
+
+
+@pytest.fixture(autouse=True)
+def fused_everywhere(request):
+    """These tests check the fused path on every block, whatever its frame size (training units stay on the CPU's
+    default, their own modules: tests/test_p3d_units.py covers the fused training units). On the CPU the default
+    runs blocks with small frames on their own modules (measured faster); the default_strategy test checks it."""
+    if "default_strategy" in request.node.name:
+        yield
+        return
+    with cpu_fused(training=False):
+        yield
 
 
 def _with_diffusion(model, gen):
@@ -211,6 +225,31 @@ def test_training_converges_alike(gen):
 
     fast_err, ref_err = _rel(updates("fast"), updates("ref64")), _rel(updates("ref"), updates("ref64"))
     assert fast_err <= max(3 * ref_err, 2e-2), f"updates of 6 steps: fast {fast_err:.2e}, reference {ref_err:.2e}"
+
+
+def test_cpu_default_strategy_matches_reference(gen, monkeypatch):
+    """Outside cpu_fused(): blocks with >= 14x14 input frames fused, smaller ones on their own modules; the
+    model still equals the reference, eval and train (outputs and every gradient)."""
+    fused_inputs = []
+    real = fast_module.fused_block_forward
+    def counting(block, x, *args):
+        fused_inputs.append(x.shape)
+        return real(block, x, *args)
+
+    monkeypatch.setattr(fast_module, "fused_block_forward", counting)
+    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+    x = torch.randn(2, 3, 8, 64, 64, generator=gen)  # the stem gives 16x16 frames: layer1 fused, the rest not
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert _rel(fast(x), ref(x)) < 1e-5
+    assert fused_inputs and {tuple(s[-2:]) for s in fused_inputs} == {(16, 16)}  # layer1 only
+    upstream = [torch.randn(2, 7, generator=gen) for _ in range(2)]
+    ref_out, ref_grads = _train_step(ref, x, upstream)
+    fast_out, fast_grads = _train_step(fast, x, upstream)
+    for a, b in zip(fast_out, ref_out, strict=True):
+        assert _rel(a, b) < 1e-5
+    for key, grad in ref_grads.items():
+        assert _rel(fast_grads[key], grad) < 1e-3, key
 
 
 def test_fast_is_lgd3d_only():

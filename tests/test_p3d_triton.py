@@ -64,7 +64,7 @@ UNIT_LAYOUT = "channels_last_3d"  # the kernels' layout, so PyTorch's yardstick 
 def _interpreted_checks() -> dict:
     import p3d_cases
 
-    from lgd_fast.models.p3d import cpu_fused_training
+    from lgd_fast.models.p3d import cpu_fused
     from lgd_fast.ops.p3d_conv import _TRITON_REGISTERED
     from op_testing import SEED
 
@@ -78,7 +78,7 @@ def _interpreted_checks() -> dict:
     for i, case in enumerate(UNIT_CASES):
         gen = torch.Generator().manual_seed(SEED + 1000 + i)
         scope = "block" if case[-1] == "float32" else "unit"
-        with cpu_fused_training():  # interpreted tensors live on the CPU, whose default training path is native
+        with cpu_fused():  # interpreted tensors live on the CPU, whose default training path is native
             draws = [
                 p3d_cases.run_unit_case(*case, gen=gen, scope=scope, layout=UNIT_LAYOUT)
                 for _ in range(UNIT_FP32_DRAWS if scope == "block" else UNIT_DRAWS)

@@ -24,7 +24,7 @@ from lgd_fast.models import (
     p3d,
     to_fast,
 )
-from lgd_fast.models.p3d import cpu_fused_training, to_fast_unit
+from lgd_fast.models.p3d import cpu_fused, to_fast_unit
 from lgd_fast.ops import p3d_conv
 
 # (unit, variant, stride, (N, C_in, T, H, W), planes): A/B/C at strides 1 and 2, identity and projection
@@ -56,7 +56,7 @@ CASES = [
 def test_fast_unit_matches_reference_block(case, gen):
     *geometry, layout = case
     scope = "block" if case[6] == "float32" else "unit"
-    with cpu_fused_training():  # the fused training path (the default CPU training path is the reference's own)
+    with cpu_fused():  # the fused training path (the default CPU training path is the reference's own)
         draws = [
             run_unit_case(*geometry, gen=gen, scope=scope, layout=layout)
             for _ in range(FP32_DRAWS if scope == "block" else DRAWS)
@@ -108,10 +108,10 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
     block = to_fast_unit(randomise_block(P3DBottleneck(16, 4, variant="B", stride=2, global_reduction=4), gen))
     calls = []
     monkeypatch.setattr(p3d, "p3d_conv", lambda *a, **k: calls.append(k) or p3d_conv(*a, **k))
-    x = torch.randn(2, 16, 3, 9, 9, generator=gen)
+    x = torch.randn(2, 16, 3, 15, 15, generator=gen)  # 15x15 frames: the CPU fuses such blocks (>= 14x14)
     block.train()(x, torch.randn(2, 16, generator=gen))
     assert calls == []
-    with cpu_fused_training():
+    with cpu_fused():
         block(x, torch.randn(2, 16, generator=gen))
     assert calls and any(k.get("stats") for k in calls)
     onednn = []
@@ -127,6 +127,9 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
         reference = copy.deepcopy(block)
         reference.__class__ = P3DBottleneck
         assert torch.allclose(block(x, g)[0], reference(x, g)[0], atol=1e-5)
+        onednn.clear()  # 9x9 frames (< 14x14): the block's own modules, no fused conv
+        small = torch.randn(2, 16, 3, 9, 9, generator=gen)
+        assert torch.allclose(block(small, g)[0], reference(small, g)[0], atol=1e-5) and onednn == []
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,10 @@ On the CPU the strategy is the one measured fastest there (``benchmarks/run_p3d_
 ``benchmarks/results/p3d_cpu.json``): the fused eval path above, in the layout :func:`cpu_memory_format` picks
 per block (the fast LGD-3D converts between stages); in training, the block's own modules, because oneDNN's
 convolutions cannot emit statistics (a separate pass computes them either way) and ATen's fused BatchNorm
-kernels, forward and backward, beat the composite. :func:`cpu_fused_training` turns the fused training path on
-for CPU tensors too (tests use it, so that path is checked here, not only on a GPU).
+kernels, forward and backward, beat the composite; and blocks whose input frames are smaller than 14x14 pixels
+run their own modules in both modes (:func:`cpu_block_is_fused`: fusion lost there, measured per block).
+:func:`cpu_fused` forces the fused path on CPU tensors in every case (tests use it, so that path is checked
+here, not only on a GPU).
 
 The unit's last BatchNorm is left to the caller (the fast LGD block's diffusion epilogue folds it), so
 :func:`residual_body` returns the unit's output before it and, in training, that output's statistics.
@@ -40,7 +42,8 @@ __all__ = [
     "FastP3DBottleneck",
     "batch_norm_affine",
     "check_fusable",
-    "cpu_fused_training",
+    "cpu_block_is_fused",
+    "cpu_fused",
     "cpu_memory_format",
     "residual_body",
     "shortcut",
@@ -48,11 +51,16 @@ __all__ = [
 ]
 
 Stats = torch.Tensor | None
-_CPU_FUSED_TRAINING = {"enabled": False}
+_CPU_FUSED = {"training": False, "small_frames": False}  # what cpu_fused() forces on CPU tensors
 # Measured (benchmarks/results/p3d_cpu.json): channels_last_3d speeds oneDNN's P3D convs up on large frames and
 # slows them down on small ones; blocks whose input frames have at least this many pixels run in it on the CPU
 # (R50 at 112 px: res2, res3 and res4's strided first block; res4's other blocks and res5 stay contiguous).
 CPU_CHANNELS_LAST_MIN_PIXELS = 14 * 14
+# Measured per block (eval and a training step, R50 at 16x112x112 and lgd3d_tiny at 16x32x32, 2-core CPU): the
+# fused block beat the reference block by 1.07-1.38x on 28x28 and 14x14 frames, tied on 7x7 and lost 3-22% on
+# 4x4 and smaller (per-call overhead of the fused ops outweighs the passes they save). Smaller blocks run their
+# own modules on the CPU.
+CPU_FUSED_MIN_PIXELS = 14 * 14
 
 
 def cpu_memory_format(height: int, width: int) -> torch.memory_format:
@@ -61,21 +69,35 @@ def cpu_memory_format(height: int, width: int) -> torch.memory_format:
 
 
 @contextlib.contextmanager
-def cpu_fused_training(enabled: bool = True):
-    """Within the block, CPU tensors in training take the fused path (statistics from the conv epilogues)."""
-    before = _CPU_FUSED_TRAINING["enabled"]
-    _CPU_FUSED_TRAINING["enabled"] = enabled
+def cpu_fused(*, training: bool = True, small_frames: bool = True):
+    """Within the block, CPU tensors take the fused path where the measured CPU strategy (module docstring) would
+    not: in training (statistics from the conv epilogues) if ``training``, and for frames under 14x14 if
+    ``small_frames``. Tests use it, so that the fused code is checked on this machine."""
+    before = dict(_CPU_FUSED)
+    _CPU_FUSED.update(training=training, small_frames=small_frames)
     try:
         yield
     finally:
-        _CPU_FUSED_TRAINING["enabled"] = before
+        _CPU_FUSED.update(before)
 
 
-def _native_training(block: nn.Module, x: torch.Tensor) -> bool:
-    """CPU training, outside :func:`cpu_fused_training`: the block's own modules (faster there, as measured)."""
-    if x.device.type != "cpu" or _CPU_FUSED_TRAINING["enabled"]:
+def cpu_block_is_fused(x: torch.Tensor) -> bool:
+    """Whether a fast block with input ``x`` runs fused: always off the CPU, else when its frames have at least
+    ``CPU_FUSED_MIN_PIXELS`` pixels (measured, see there) or :func:`cpu_fused` forces small frames."""
+    if x.device.type != "cpu" or _CPU_FUSED["small_frames"]:
+        return True
+    return x.shape[-2] * x.shape[-1] >= CPU_FUSED_MIN_PIXELS
+
+
+def _native(block: nn.Module, x: torch.Tensor) -> bool:
+    """The block's own modules for unit input ``x``: on the CPU, for small frames and in training (both measured
+    faster there), unless :func:`cpu_fused` says otherwise."""
+    if x.device.type != "cpu":
         return False
-    return any(isinstance(m, nn.BatchNorm3d) and uses_batch_stats(m) for m in block.modules())
+    if not cpu_block_is_fused(x):
+        return True
+    training = any(isinstance(m, nn.BatchNorm3d) and uses_batch_stats(m) for m in block.modules())
+    return training and not _CPU_FUSED["training"]
 
 
 # ---- BatchNorm as a per-channel affine map ----------------------------------------------------------
@@ -268,7 +290,7 @@ def _last(conv_: nn.Conv3d, norm: nn.Module | None, x: torch.Tensor, **epilogue)
 
 def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """``block.residual_body(x)`` (up to bn3) and, when bn3 uses batch statistics, their sums."""
-    if _native_training(block, x):
+    if _native(block, x):
         return P3DBottleneck.residual_body(block, x), None
     z = conv_norm(block.conv1, block.bn1, x, relu=True)
     if block.variant == "A":  # ReLU(bn2(T(S(z))))
@@ -292,7 +314,7 @@ def bottleneck_body(block: P3DBottleneck, x: torch.Tensor) -> tuple[torch.Tensor
 
 def basic_body(block: P3DBasicBlock, x: torch.Tensor) -> tuple[torch.Tensor, Stats]:
     """``block.residual_body(x)`` (up to bn2 for A and B; C ends in its addition) and the statistics bn2 needs."""
-    if _native_training(block, x):
+    if _native(block, x):
         return P3DBasicBlock.residual_body(block, x), None
     if block.variant == "A":  # z = ReLU(bn1(T1(S1(x)))); bn2(T2(S2(z)))
         z = conv_norm(block.conv1_t, block.bn1, conv(block.conv1, x), relu=True)
@@ -321,7 +343,7 @@ def shortcut(block: P3DBottleneck | P3DBasicBlock, x: torch.Tensor) -> torch.Ten
     """``block.shortcut(x)``: the identity, or the projection conv with its BatchNorm fused."""
     if block.downsample is None:
         return x
-    if _native_training(block, x):
+    if _native(block, x):
         return block.downsample(x)
     conv_, norm = block.downsample
     return conv_norm(conv_, norm, x, relu=False)
