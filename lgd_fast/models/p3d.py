@@ -44,6 +44,7 @@ __all__ = [
     "check_fusable",
     "cpu_block_is_fused",
     "cpu_fused",
+    "cpu_native",
     "cpu_memory_format",
     "residual_body",
     "shortcut",
@@ -89,15 +90,20 @@ def cpu_block_is_fused(x: torch.Tensor) -> bool:
     return x.shape[-2] * x.shape[-1] >= CPU_FUSED_MIN_PIXELS
 
 
-def _native(block: nn.Module, x: torch.Tensor) -> bool:
-    """The block's own modules for unit input ``x``: on the CPU, for small frames and in training (both measured
-    faster there), unless :func:`cpu_fused` says otherwise."""
+def cpu_native(x: torch.Tensor, modules) -> bool:
+    """Whether ``modules`` (a unit's, or any conv/BatchNorm group's) run as themselves on input ``x`` instead of
+    fused: on the CPU, for small frames and in training (both measured faster there), unless :func:`cpu_fused`
+    says otherwise."""
     if x.device.type != "cpu":
         return False
     if not cpu_block_is_fused(x):
         return True
-    training = any(isinstance(m, nn.BatchNorm3d) and uses_batch_stats(m) for m in block.modules())
+    training = any(isinstance(m, nn.BatchNorm3d) and uses_batch_stats(m) for m in modules)
     return training and not _CPU_FUSED["training"]
+
+
+def _native(block: nn.Module, x: torch.Tensor) -> bool:
+    return cpu_native(x, block.modules())
 
 
 # ---- BatchNorm as a per-channel affine map ----------------------------------------------------------

@@ -1,0 +1,204 @@
+"""lgd_fast.convert on models the project did not write, and on its own: same keys, same function.
+
+The R(2+1)D network (tests/foreign_models.py) is written the way torchvision's video ResNet writes it, and the
+``Conv2plus1d`` module below the way pytorchvideo writes it (``conv_t``, ``norm``, ``activation``, ``conv_xy``
+attributes, ``conv_xy_first`` choosing the order).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lgd_fast
+from foreign_models import Conv2Plus1D, r2plus1d
+from lgd_fast import create_model
+from lgd_fast.models import FastLGD3D
+from lgd_fast.models import p3d as p3d_module
+from lgd_fast.models.p3d import cpu_fused
+
+
+def TinyR2Plus1D():  # noqa: N802 (a model constructor, named like one)
+    return r2plus1d(layers=(2, 1), widths=(16, 32), stem_mid=12, num_classes=5)
+
+# ---- a pytorchvideo-style Conv2plus1d ---------------------------------------------------------------------------
+
+
+class Conv2plus1d(nn.Module):
+    def __init__(self, conv_t, norm, activation, conv_xy, conv_xy_first=False):
+        super().__init__()
+        self.conv_t, self.norm, self.activation, self.conv_xy = conv_t, norm, activation, conv_xy
+        self.conv_xy_first = conv_xy_first
+
+    def forward(self, x):
+        x = self.conv_xy(x) if self.conv_xy_first else self.conv_t(x)
+        x = self.norm(x) if self.norm is not None else x
+        x = self.activation(x) if self.activation is not None else x
+        return self.conv_t(x) if self.conv_xy_first else self.conv_xy(x)
+
+
+def _pytorchvideo_pair(conv_xy_first, norm=None):
+    mid = 12
+    if conv_xy_first:
+        conv_xy = nn.Conv3d(8, mid, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
+        conv_t = nn.Conv3d(mid, 10, (3, 1, 1), padding=(1, 0, 0), bias=False)
+    else:
+        conv_t = nn.Conv3d(8, mid, (3, 1, 1), padding=(1, 0, 0), bias=False)
+        conv_xy = nn.Conv3d(mid, 10, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
+    return Conv2plus1d(conv_t, norm or nn.BatchNorm3d(mid), nn.ReLU(), conv_xy, conv_xy_first)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _randomise(model, gen):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm3d | nn.GroupNorm):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return model
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _train_step(model, x, upstream):
+    model.train()
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out * upstream).sum().backward()
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+def _check_equal(original, converted, x, gen, *, tol=1e-5):
+    original.eval(), converted.eval()
+    with torch.no_grad():
+        assert _rel(converted(x), original(x)) < tol
+    upstream = torch.randn(original(x).shape, generator=gen)
+    out_a, gx_a, grads_a = _train_step(original, x, upstream)
+    out_b, gx_b, grads_b = _train_step(converted, x, upstream)
+    assert _rel(out_b, out_a) < tol and _rel(gx_b, gx_a) < 1e-4
+    assert grads_a.keys() == grads_b.keys()
+    for key, grad in grads_a.items():
+        assert _rel(grads_b[key], grad) < 1e-4, key
+    for (key, a), b in zip(converted.state_dict().items(), original.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)  # running statistics updated alike
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------
+
+
+def test_r2plus1d_keys_and_report(gen):
+    model = _randomise(TinyR2Plus1D(), gen)
+    keys = list(model.state_dict())
+    report = lgd_fast.convert(model).conversion_report
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.layer1[0].conv1[0], Conv2Plus1D)  # converted classes subclass the originals
+    converted = dict(report.converted)
+    assert converted["stem"] == (
+        "(2+1)D run 0 (spatial 1x7x7) -> 1 (BatchNorm3d) -> 2 (ReLU) -> 3 (temporal 3x1x1) -> 4 (BatchNorm3d) "
+        "-> 5 (ReLU)"
+    )
+    assert {name for name, _ in report.converted} == {
+        "stem", "layer1.0.conv1.0", "layer1.0.conv2.0", "layer1.1.conv1.0", "layer1.1.conv2.0",
+        "layer2.0.conv1.0", "layer2.0.conv2.0",
+    }  # fmt: skip
+    left = dict(report.left)
+    assert "temporal stride 2" in left["layer2.0.conv1.0.3"]  # the strided block's temporal conv stays as it is
+    assert "left unfused" in converted["layer2.0.conv1.0"]
+    assert "(1, 1, 1) is neither" in left["layer2.0.downsample.0"]
+    assert str(report).startswith("converted 7:")
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["cpu-default", "fused-everywhere"])
+def test_r2plus1d_equals_the_original_eval_and_train(gen, forced):
+    original = _randomise(TinyR2Plus1D(), gen)
+    converted = lgd_fast.convert(copy.deepcopy(original))
+    x = torch.randn(2, 3, 5, 33, 33, generator=gen)  # odd T, H, W; 17x17 frames after the stem
+    if forced:
+        with cpu_fused():
+            _check_equal(original, converted, x, gen)
+    else:
+        _check_equal(original, converted, x, gen)
+
+
+def test_fused_convs_run_where_the_cpu_strategy_says(gen, monkeypatch):
+    calls = []
+    real = torch.ops.lgd_fast.p3d_conv_onednn
+    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", lambda *a: calls.append(a[0].shape) or real(*a))
+    model = lgd_fast.convert(_randomise(TinyR2Plus1D(), gen)).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 64, 64, generator=gen))  # 32x32 frames in layer1, 16x16 in layer2
+    assert calls and all(s[-2] * s[-1] >= 14 * 14 for s in calls)
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 12, 12, generator=gen))  # every run's input under 14x14: the modules' own convs
+    assert calls == []
+    hits = []
+    monkeypatch.setattr(p3d_module, "p3d_conv", lambda *a, **k: hits.append(k) or real_p3d(*a, **k))
+    real_p3d = lgd_fast.ops.p3d_conv
+    with cpu_fused():  # training forced onto the fused path: statistics from the conv epilogues
+        model.train()(torch.randn(1, 3, 4, 16, 16, generator=gen)).sum().backward()
+    assert any(k.get("stats") for k in hits)
+
+
+@pytest.mark.parametrize("conv_xy_first", [False, True], ids=["conv_t-first", "conv_xy-first"])
+def test_pytorchvideo_style_module(gen, conv_xy_first):
+    original = _randomise(_pytorchvideo_pair(conv_xy_first), gen)
+    converted = lgd_fast.convert(copy.deepcopy(original))
+    assert type(converted).__name__ == "FusedConv2plus1d" and isinstance(converted, Conv2plus1d)
+    assert [name for name, _ in converted.conversion_report.converted] == [""]
+    x = torch.randn(2, 8, 3, 16, 16, generator=gen)
+    with cpu_fused():
+        _check_equal(original, converted, x, gen)
+
+
+def test_unfusable_patterns_are_left_with_the_reason(gen):
+    model = _pytorchvideo_pair(False, norm=nn.GroupNorm(3, 12))
+    report = lgd_fast.convert(model).conversion_report
+    assert not report.converted and "GroupNorm, not BatchNorm3d" in dict(report.left)[""]
+    seq = nn.Sequential(nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), bias=True), nn.Conv3d(4, 4, (3, 1, 1),
+                        padding=(1, 0, 0), bias=False), nn.Conv3d(4, 4, 3, padding=1))  # fmt: skip
+    left = dict(lgd_fast.convert(seq).conversion_report.left)
+    assert "bias" in left["0"] and "without a partner" in left["1"] and "(3, 3, 3) is neither" in left["2"]
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        lgd_fast.convert("not a model")
+
+
+def test_project_models(gen):
+    ref = create_model("lgd3d_tiny", 5, classifier="two_heads")
+    model = lgd_fast.convert(copy.deepcopy(ref))
+    assert isinstance(model, FastLGD3D) and list(model.state_dict()) == list(ref.state_dict())
+    assert model.conversion_report.converted[0][0] == "" and not model.conversion_report.left
+    assert dict(lgd_fast.convert(model).conversion_report.left)[""] == "already the fast LGD-3D"
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    ref.eval(), model.eval()
+    with torch.no_grad():
+        assert _rel(model(x), ref(x)) < 1e-5
+    lgd2d = lgd_fast.convert(create_model("lgd2d_r18", 5))
+    assert "LGD-2D has no fused path" in dict(lgd2d.conversion_report.left)[""]
+    block = p3d_module.P3DBottleneck(16, 4, variant="B", stride=2)
+    wrapper = lgd_fast.convert(nn.ModuleDict({"block": block}))
+    assert type(wrapper["block"]) is p3d_module.FastP3DBottleneck
+    assert wrapper.conversion_report.converted[0][0] == "block"
+
+
+def test_inference_mode_folds_and_moves_to_channels_last(gen):
+    original = _randomise(TinyR2Plus1D(), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original).train(), inference=True)
+    assert not converted.training
+    assert converted.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 3, 4, 48, 48, generator=gen)
+    with torch.no_grad():
+        expected = original(x)
+        got = converted(x.contiguous(memory_format=torch.channels_last_3d))
+    assert _rel(got, expected) < 1e-5
