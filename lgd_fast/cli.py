@@ -189,7 +189,57 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--list", help="annotation list to extract (default: the run's val list)")
     extract.add_argument("--out", required=True, help="output file, .npz or .safetensors")
     extract.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
+
+    bench = sub.add_parser(
+        "bench", help="end-to-end speed: the fast model vs the reference, eager and torch.compile (JSON and PNG)"
+    )
+    bench.add_argument("--model", default="lgd3d_r50", help="an LGD-3D model (default: lgd3d_r50)")
+    bench.add_argument("--batch", type=_positive, default=4)
+    bench.add_argument("--frames", type=_positive, default=16)
+    bench.add_argument("--size", type=_positive, default=112, help="H = W of the clips")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    bench.add_argument("--passes", default="inference,training", help="comma-separated: inference, training")
+    bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
+    bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")
+    bench.add_argument("--out", help="JSON path (default: benchmarks/results/bench_<model>_<device>.json); "
+                                     "a PNG is written beside it")  # fmt: skip
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    candidates = [c for c in bench.CANDIDATES if not (args.no_compile and c.endswith("_compiled"))]
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    try:
+        payload = bench.run_bench(
+            args.model, batch=args.batch, frames=args.frames, size=args.size, device=args.device, dtype=args.dtype,
+            passes=passes, candidates=candidates, repeats=args.repeats, warmup=args.warmup,
+            progress=not args.no_progress,
+        )  # fmt: skip
+    except (ValueError, RuntimeError) as err:
+        print(f"lgd-fast bench: error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or f"benchmarks/results/bench_{args.model}_{payload['device']}.json"
+    path = bench.write_json(payload, out)
+    png = bench.plot_bench(payload, path.with_suffix(".png"))
+    print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}")
+    for pass_, rows in payload["results"].items():
+        for name, row in rows.items():
+            memory = row["peak_memory_bytes"]
+            print(f"  {pass_:<9} {name:<18} {row['median_s'] * 1e3:9.1f} ms  p95 {row['p95_s'] * 1e3:9.1f} ms  "
+                  f"{row['clips_per_s']:8.2f} clips/s  peak "
+                  f"{'n/a' if memory is None else f'{memory / 2**20:.0f} MiB'}")  # fmt: skip
+    for check in payload["target_check"]:
+        verdict = "met" if check["met"] else "NOT met"
+        where = "" if check["target_applies_to_this_setting"] else " (target set for R50 4x16x112x112 fp32 CPU)"
+        print(f"  target {check['pass']} {check['metric']}: {check['measured']:.2f} vs {check['target']} {verdict}"
+              f"{where}")  # fmt: skip
+    print(f"wrote {path} and {png}")
+    return 0
 
 
 def _checkpoint_and_loader(args, *, reverse: bool = False):
@@ -374,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         return _make_dataset(args)
     if args.command == "check-data":
         return _check_data(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "models":
         for name in list_models():
             print(f"{name:<12} {model_entry(name).description}")

@@ -1,0 +1,113 @@
+"""lgd_fast.convert on a model the project did not write: R(2+1)D-18 written the way torchvision writes it.
+
+The original, the original under ``torch.compile``, and the converted model (``lgd_fast.convert(model,
+inference=True)`` for inference: eval, BatchNorm folded, channels_last_3d; ``lgd_fast.convert(model)`` for a
+training step), timed in alternation (method: benchmarks/_harness.py), after checking that the converted
+model's outputs equal the original's. Writes benchmarks/results/convert_cpu.json.
+
+    python benchmarks/run_convert.py            # batch 2, 16x112x112, fp32
+    python benchmarks/run_convert.py --quick    # batch 1, 8x112x112, fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # the foreign model lives with the tests that check it
+import _harness as h  # noqa: E402
+
+import lgd_fast  # noqa: E402
+from foreign_models import r2plus1d  # noqa: E402
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "convert_cpu.json", repeats=(8, 3))
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the original")
+    args = parser.parse_args(argv)
+    setup = h.prepare_run(args)
+    shape = (1, 3, 8, 112, 112) if args.quick else (2, 3, 16, 112, 112)
+    torch.manual_seed(0)
+    original = r2plus1d(num_classes=400)
+    gen = torch.Generator().manual_seed(1)
+    clips = [torch.randn(shape, generator=gen) for _ in range(2)]
+    labels = torch.randint(0, 400, (shape[0],), generator=gen)
+    rows = {}
+
+    # inference
+    original.eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), inference=True)
+    report = str(converted.conversion_report)
+    cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
+    with torch.inference_mode():
+        error = _rel(converted(cl[0]), original(clips[0]))
+    candidates = {
+        "original": lambda i: original(clips[i]),
+        "converted": lambda i: converted(cl[i]),
+    }
+    if not args.no_compile:
+        torch._dynamo.reset()
+        compiled = torch.compile(original, backend="inductor")
+        candidates["original_compiled"] = lambda i: compiled(clips[i])
+    with torch.inference_mode():
+        for fn in candidates.values():
+            fn(0)
+        timings = h.time_interleaved(candidates, [0, 1], warmup=args.warmup, repeats=args.repeats)
+    rows["inference"] = {"output_rel_error": error, "timings": {k: t.to_dict() for k, t in timings.items()}}
+
+    # training step
+    train_original = r2plus1d(num_classes=400)
+    train_original.load_state_dict(original.state_dict())
+    train_converted = lgd_fast.convert(copy.deepcopy(train_original))
+
+    def step(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def run(i):
+            loss = torch.nn.functional.cross_entropy(model.train()(clips[i]), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return run
+
+    step_timings = h.time_interleaved({"original": step(train_original), "converted": step(train_converted)},
+                                      [0, 1], warmup=1, repeats=max(2, args.repeats // 2))  # fmt: skip
+    rows["training_step"] = {"timings": {k: t.to_dict() for k, t in step_timings.items()}}
+    for name, row in rows.items():
+        med = {k: t["median_s"] for k, t in row["timings"].items()}
+        row["converted_speedup"] = {k: med[k] / med["converted"] for k in med if k != "converted"}
+        print(name, " ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()),
+              " ".join(f"x{v:.2f} vs {k}" for k, v in row["converted_speedup"].items()))  # fmt: skip
+    payload = {
+        "benchmark": "convert",
+        "model": "R(2+1)D-18 written torchvision's way (tests/foreign_models.py), 400 classes, fp32",
+        "input": list(shape),
+        "machine": h.machine_info(),
+        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
+                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
+        "conversion_report": report,
+        "notes": [
+            "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input; original = "
+            "the model in eval mode on contiguous input; original_compiled = torch.compile(original, inductor)",
+            "training_step: forward, cross-entropy, backward, SGD step; converted = lgd_fast.convert(model)",
+            "timings: median seconds per call over interleaved repeats; converted_speedup = other / converted",
+        ],
+        "results": rows,
+    }
+    print("wrote", h.write_json(args.out, payload))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""``lgd-fast bench``: end-to-end speed of the fast LGD-3D against the reference, eager and compiled.
+
+For one model and input shape, four candidates with the same weights: the reference in eager mode, the
+reference under ``torch.compile``, the fast model, the fast model under ``torch.compile``; two passes:
+inference (eval, ``torch.inference_mode``) and a training step (forward, loss, backward, SGD step). Calls of
+the candidates alternate (each round calls every candidate once, in a rotating order), so that all of them
+see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, and peak memory
+(CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux: the growth of the process's peak
+resident memory during one call, the high-water mark reset just before it). The result holds the device,
+versions and commit, and the issue's targets with their measured values.
+
+    lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU: minutes
+    lgd-fast bench --model lgd3d_tiny --size 32 --no-compile
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+
+__all__ = ["CANDIDATES", "PASSES", "TARGETS", "run_bench", "plot_bench"]
+
+CANDIDATES = ("reference", "reference_compiled", "fast", "fast_compiled")
+PASSES = ("inference", "training")
+# The issue's end-to-end targets (LGD-3D R50, 16x112x112, batch 4, fp32, CPU): fast vs the named candidate.
+TARGETS = {
+    "inference": {"speedup_vs_reference": 3.0, "speedup_vs_reference_compiled": 1.2},
+    "training": {"speedup_vs_reference": 1.5, "peak_memory_vs_reference": 0.8},
+}
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        match = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _glibc():
+    """glibc, told to map every block of 64 KiB or more on its own and to unmap it when freed (so the resident
+    size follows the live tensors); None where that is not possible. Set after the timings: it slows calls."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        if not (libc.mallopt(m_mmap_threshold, 64 * 1024) and libc.mallopt(m_trim_threshold, 0)):
+            return None
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = None
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Bytes one call of ``fn`` needs at its peak beyond what was held before it (None where not measurable)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not _LIBC:
+        return None
+    _LIBC.malloc_trim(0)  # give freed memory back first, so that the resident size is what is live
+    rss = _status_bytes("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size (Linux)
+    except OSError:
+        return None
+    fn()
+    peak = _status_bytes("VmHWM")
+    return None if rss is None or peak is None else max(peak - rss, 0)
+
+
+def _models(name: str, num_classes: int, device: torch.device, candidates: Sequence[str], compile_mode: str | None):
+    from .models import create_model
+
+    reference = create_model(name, num_classes, classifier="two_heads").to(device)
+    out = {}
+    for candidate in candidates:
+        fast = candidate.startswith("fast")
+        model = create_model(name, num_classes, classifier="two_heads", fast=fast).to(device)
+        model.load_state_dict(reference.state_dict())
+        runner = torch.compile(model, mode=compile_mode) if candidate.endswith("_compiled") else model
+        out[candidate] = (model, runner)
+    return out
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=20) if len(s) >= 2 else [s[0]] * 19
+    return {"median_s": statistics.median(s), "p5_s": q[0], "p25_s": q[4], "p75_s": q[14], "p95_s": q[18],
+            "min_s": s[0], "max_s": s[-1], "calls": len(s)}  # fmt: skip
+
+
+def _time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device, bar) -> dict:
+    names = list(calls)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            calls[name]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples[name].append(time.perf_counter() - t0)
+            bar.update(1)
+    return samples
+
+
+def run_bench(
+    model: str = "lgd3d_r50",
+    *,
+    batch: int = 4,
+    frames: int = 16,
+    size: int = 112,
+    num_classes: int = 400,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    passes: Sequence[str] = PASSES,
+    candidates: Sequence[str] = CANDIDATES,
+    repeats: int = 5,
+    warmup: int = 1,
+    compile_mode: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Times ``candidates`` on ``passes``; returns the result dict (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    unknown = [c for c in candidates if c not in CANDIDATES] + [p for p in passes if p not in PASSES]
+    if unknown:
+        raise ValueError(f"unknown candidates/passes {unknown}; candidates: {CANDIDATES}, passes: {PASSES}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16 (bf16: autocast), got {dtype!r}")
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise ValueError(f"repeats >= 1, warmup >= 0 and batch >= 1 are needed (got {repeats}, {warmup}, {batch})")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, 3, frames, size, size)
+    clips = [torch.randn(shape, generator=gen).to(dev) for _ in range(2)]  # normal data, never zeros
+    labels = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
+    models = _models(model, num_classes, dev, candidates, compile_mode)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    results: dict[str, Any] = {}
+    memory_calls: dict[str, dict] = {}
+    timings: dict[str, tuple] = {}
+    total = len(passes) * len(candidates) * (repeats + max(warmup, 1) + 1)
+    bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
+    for pass_ in passes:
+        calls: dict[str, Callable[[], Any]] = {}
+        for name, (module, runner) in models.items():
+            k = [0]
+
+            def clip(k=k):
+                k[0] += 1
+                return clips[k[0] % 2]
+
+            if pass_ == "inference":
+
+                def call(module=module, runner=runner, clip=clip):
+                    module.eval()
+                    with torch.inference_mode(), autocast:
+                        runner(clip())
+            else:
+                optimizer = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
+
+                def call(module=module, runner=runner, clip=clip, optimizer=optimizer):
+                    module.train()
+                    with autocast:
+                        local, global_ = runner(clip())
+                        loss = F.cross_entropy(local.float(), labels) + F.cross_entropy(global_.float(), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+
+            calls[name] = call
+        first_call = {}
+        for name, call in calls.items():  # compiles, allocator warm-up
+            t0 = time.perf_counter()
+            for _ in range(max(warmup, 1)):
+                call()
+                bar.update(1)
+            first_call[name] = time.perf_counter() - t0
+        samples = _time_interleaved(calls, repeats, dev, bar)
+        memory_calls[pass_] = calls
+        timings[pass_] = (samples, first_call)
+    global _LIBC
+    if dev.type == "cpu" and _LIBC is None:
+        _LIBC = _glibc()
+    for pass_ in passes:  # peak memory last: the allocator settings it needs on the CPU slow calls down
+        calls = memory_calls[pass_]
+        memory = {name: _peak_memory(call, dev) for name, call in calls.items()}
+        bar.update(len(calls))
+        samples, first_call = timings[pass_]
+        rows = {}
+        for name in calls:
+            timing = _percentiles(samples[name])
+            rows[name] = {**timing, "clips_per_s": batch / timing["median_s"], "peak_memory_bytes": memory[name],
+                          "warmup_s": first_call[name]}  # fmt: skip
+        results[pass_] = rows
+    bar.close()
+    return {
+        "benchmark": "lgd-fast bench",
+        "model": model,
+        "input": list(shape),
+        "dtype": dtype,
+        "device": dev.type,
+        "machine": machine_info(dev),
+        "settings": {"repeats": repeats, "warmup": warmup, "compile_mode": compile_mode,
+                     "threads": torch.get_num_threads(), "candidates": list(candidates)},  # fmt: skip
+        "results": results,
+        "target_check": check_targets(results, model, shape, dtype, dev.type),
+        "notes": [
+            "candidates share the reference's weights; compiled = torch.compile(model) (inductor)",
+            "inference: eval, torch.inference_mode; training: forward, cross-entropy of both heads, backward, "
+            "SGD step (momentum 0.9)",
+            "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
+            "peak_memory_bytes: CUDA max_memory_allocated over one call minus what was allocated before it; "
+            "CPU: the process's peak resident memory during one call (VmHWM, reset just before) minus the "
+            "resident memory before it",
+        ],
+    }
+
+
+def check_targets(results: dict, model: str, shape: Sequence[int], dtype: str, device: str) -> list[dict]:
+    """The issue's targets (defined for R50, 16x112x112, batch 4, fp32 on the CPU), measured values, met or not."""
+    applies = model == "lgd3d_r50" and list(shape) == [4, 3, 16, 112, 112] and dtype == "fp32" and device == "cpu"
+    checks = []
+    for pass_, targets in TARGETS.items():
+        rows = results.get(pass_, {})
+        if "fast" not in rows:
+            continue
+        for metric, target in targets.items():
+            other = metric.removeprefix("speedup_vs_").removeprefix("peak_memory_vs_")
+            if other not in rows:
+                continue
+            if metric.startswith("speedup"):
+                value, met = rows[other]["median_s"] / rows["fast"]["median_s"], None
+                met = value >= target
+            else:
+                a, b = rows["fast"]["peak_memory_bytes"], rows[other]["peak_memory_bytes"]
+                if not a or not b:
+                    continue
+                value = a / b
+                met = value <= target
+            checks.append({"pass": pass_, "metric": metric, "target": target, "measured": value, "met": met,
+                           "target_applies_to_this_setting": applies})  # fmt: skip
+    return checks
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "lgd_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **_git_commit(),
+    }
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+    if commit.returncode != 0:
+        return {"commit": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """A bar chart of clips/s per candidate and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    passes = list(payload["results"])
+    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 3.6), squeeze=False)
+    colors = {"reference": "tab:gray", "reference_compiled": "tab:orange", "fast": "tab:blue",
+              "fast_compiled": "tab:green"}  # fmt: skip
+    for ax, pass_ in zip(axes[0], passes, strict=True):
+        rows = payload["results"][pass_]
+        names = list(rows)
+        values = [rows[n]["clips_per_s"] for n in names]
+        bars = ax.bar(names, values, color=[colors.get(n, "tab:purple") for n in names])
+        for bar_, v in zip(bars, values, strict=True):
+            ax.annotate(f"{v:.2f}", (bar_.get_x() + bar_.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{pass_}: clips/s (higher is faster)")
+        ax.tick_params(axis="x", labelrotation=20)
+    m = payload["machine"]
+    where = m.get("cuda_device") or f"{m['cpu']} ({payload['settings']['threads']} threads)"
+    fig.suptitle(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']}, {where}, "
+                 f"torch {m['torch']}, {m['date'][:10]}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_json(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
