@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=_positive, default=112, help="H = W of the clips")
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    bench.add_argument("--channels-last", action="store_true", help="models and clips in channels_last_3d")
     bench.add_argument("--passes", default="inference,training", help="comma-separated: inference, training")
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a PNG is written beside it")  # fmt: skip
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _slug(name: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
 
 
 def _bench(args) -> int:
@@ -218,12 +223,14 @@ def _bench(args) -> int:
         payload = bench.run_bench(
             args.model, batch=args.batch, frames=args.frames, size=args.size, device=args.device, dtype=args.dtype,
             passes=passes, candidates=candidates, repeats=args.repeats, warmup=args.warmup,
-            progress=not args.no_progress,
+            channels_last=args.channels_last, progress=not args.no_progress,
         )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         print(f"lgd-fast bench: error: {err}", file=sys.stderr)
         return 2
-    out = args.out or f"benchmarks/results/bench_{args.model}_{payload['device']}.json"
+    where = payload["device"] if payload["device"] == "cpu" else _slug(payload["machine"].get("cuda_device", "cuda"))
+    layout = "_cl3d" if args.channels_last else ""
+    out = args.out or f"benchmarks/results/bench_{args.model}_{args.dtype}{layout}_{where}.json"
     path = bench.write_json(payload, out)
     png = bench.plot_bench(payload, path.with_suffix(".png"))
     print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}")

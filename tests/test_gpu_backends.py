@@ -13,6 +13,7 @@ Plus the backend choice that needs no GPU: what ``auto`` and explicit requests d
 
 from __future__ import annotations
 
+import copy
 import glob
 import importlib.util
 import json
@@ -420,6 +421,55 @@ def test_global_update_on_gpu_matches_reference(backend):
     rows = global_update_rows(backend, "cuda")
     for shape, dtype in GU_CASES:
         check_rows(rows[_gu_case_id(shape, dtype)], dtype, SEED, GU_NAMES, tol=1e-5)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_model_on_gpu_matches_reference(dtype):
+    """The fast LGD-3D on CUDA (Triton P3D convs, the CUDA/Triton epilogue, the Triton global path) against the
+    reference on CUDA and a float64 reference: eval outputs, and a training step's outputs and gradients."""
+    from lgd_fast import create_model
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    gen = torch.Generator().manual_seed(0)
+    ref = create_model("lgd3d_r18", 7, classifier="two_heads", dropout=0.0)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+            if hasattr(m, "fc6"):
+                m.fc6.weight.copy_(0.05 * torch.randn(m.fc6.weight.shape, generator=gen))
+    fast = create_model("lgd3d_r18", 7, classifier="two_heads", dropout=0.0, fast=True)
+    fast.load_state_dict(ref.state_dict())
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(2, 3, 8, 64, 64, generator=gen)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+    def run(model, device, inp, train):
+        model = model.to(device).train(train)
+        inp = inp.to(device)
+        with autocast if device == "cuda" else torch.autocast("cpu", enabled=False):
+            local, glob = model(inp)
+        if not train:
+            return [local.float().cpu()], {}
+        (local.float().square().mean() + glob.float().mean()).backward()
+        grads = {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.grad is not None}
+        return [local.float().cpu(), glob.float().cpu()], grads
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    for train in (False, True):
+        ours, ours_g = run(fast, "cuda", x, train)
+        plain, plain_g = run(ref, "cuda", x, train)
+        best, best_g = run(exact, "cpu", x.double(), train)
+        for a, p, b in zip(ours, plain, best, strict=True):
+            assert rel(a, b) <= max(2 * rel(p, b), 1e-4), (train, rel(a, b), rel(p, b))
+        for key, g in best_g.items():
+            assert rel(ours_g[key], g) <= max(4 * rel(plain_g[key], g), 5e-2), (key, rel(ours_g[key], g))
+        for model in (fast, ref, exact):
+            model.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":  # the interpreter run of (a): TRITON_INTERPRET=1 is set by the fixture above
