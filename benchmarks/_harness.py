@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from lgd_fast import bench as _bench
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -109,18 +110,7 @@ def steady_malloc() -> bool:
     whether a call does depends on what ran before it. Caching allocators (PyTorch's CUDA one, jemalloc,
     tcmalloc) do not; with this the timings measure the kernels. Returns False where it cannot apply.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_max = -1, -4
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
+    return _bench.glibc_mallopt({_bench.M_MMAP_MAX: 0, _bench.M_TRIM_THRESHOLD: 2**31 - 1}) is not None
 
 
 # ---- floors ----------------------------------------------------------------------------------------
@@ -158,16 +148,6 @@ def roofline_seconds(bytes_moved: float, bytes_per_s: float) -> float:
 # ---- the machine -----------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache (from sysfs), 32 MiB if unknown."""
     best = 0
@@ -182,21 +162,14 @@ def last_level_cache_bytes() -> int:
 
 
 def git_commit() -> dict[str, Any]:
-    """``{"commit": sha or "uncommitted", "dirty": bool}``: dirty if any file differs from the commit or is new."""
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=False)
-
-    head = git("rev-parse", "HEAD")
-    commit = head.stdout.strip() if head.returncode == 0 else "uncommitted"
-    status = git("status", "--porcelain")
-    return {"commit": commit, "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+    """``{"commit": sha, "dirty": bool}`` of this checkout (lgd_fast.bench.git_commit: results files aside)."""
+    return _bench.git_commit(REPO_ROOT)
 
 
 def machine_info() -> dict[str, Any]:
     """Device, core count, threads, versions, git commit and date, for the top of every result file."""
     info: dict[str, Any] = {
-        "device": cpu_name(),
+        "device": _bench.cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "last_level_cache_bytes": last_level_cache_bytes(),

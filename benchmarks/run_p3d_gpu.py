@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness as h  # noqa: E402
-from run_p3d_cpu import r50_units  # noqa: E402
+from run_p3d_cpu import _randomise, r50_units  # noqa: E402
 
 from lgd_fast.models import P3DBottleneck  # noqa: E402
 from lgd_fast.models.p3d import bottleneck_body, to_fast_unit  # noqa: E402
@@ -40,16 +40,6 @@ CL3D = torch.channels_last_3d
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("forward", "forward+backward")
 TARGET = 1.3
-
-
-def _randomise(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    with torch.no_grad():
-        for m in block.modules():
-            if isinstance(m, torch.nn.BatchNorm3d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
-    return block
 
 
 def _time(fns: dict[str, Any], repeats: int, device: torch.device) -> dict[str, dict[str, float]]:

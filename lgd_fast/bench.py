@@ -51,9 +51,12 @@ def _status_bytes(key: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-def _glibc():
-    """glibc, told to map every block of 64 KiB or more on its own and to unmap it when freed (so the resident
-    size follows the live tensors); None where that is not possible. Set after the timings: it slows calls."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+
+
+def glibc_mallopt(settings: dict[int, int]):
+    """glibc (a ctypes handle) after ``mallopt(param, value)`` for each setting; None where the process does not
+    run on glibc (not Linux) or a setting is refused."""
     import ctypes
     import ctypes.util
 
@@ -62,12 +65,15 @@ def _glibc():
         return None
     try:
         libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        if not (libc.mallopt(m_mmap_threshold, 64 * 1024) and libc.mallopt(m_trim_threshold, 0)):
-            return None
-        return libc
+        return libc if all(libc.mallopt(param, value) for param, value in settings.items()) else None
     except (OSError, AttributeError):
         return None
+
+
+def _glibc():
+    """glibc, told to map every block of 64 KiB or more on its own and to unmap it when freed (so the resident
+    size follows the live tensors). Set after the timings: it slows calls down."""
+    return glibc_mallopt({M_MMAP_THRESHOLD: 64 * 1024, M_TRIM_THRESHOLD: 0})
 
 
 _LIBC = None
@@ -287,14 +293,14 @@ def check_targets(
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "lgd_fast": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **_git_commit(),
+        **git_commit(),
     }
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
@@ -302,7 +308,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module says."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -312,17 +319,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
+def git_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``{"commit": sha or None, "dirty": bool}`` of the checkout at ``root`` (default: this package's): dirty
+    when a tracked file differs from the commit or a new one is added, benchmarks/results/ aside (results are
+    what a run writes, not what it runs)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], cwd=root,
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None}
+        return {"commit": None, "dirty": None}
     if commit.returncode != 0:
-        return {"commit": None}
-    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 
 def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:

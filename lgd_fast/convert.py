@@ -170,6 +170,16 @@ class _Run:
     names: list[str]
 
 
+def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str | None, str | None, int]:
+    """The names of a BatchNorm3d at ``j`` and a ReLU after it (None where absent), and the index past them."""
+    norm = relu = None
+    if j < len(children) and isinstance(children[j][1], nn.BatchNorm3d):
+        norm, j = children[j][0], j + 1
+    if j < len(children) and isinstance(children[j][1], nn.ReLU):
+        relu, j = children[j][0], j + 1
+    return norm, relu, j
+
+
 def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[tuple[str, str]]]:
     """The (2+1)D runs among a Sequential's children, and (name, reason) for pairs that could not be fused."""
     runs, refused = [], []
@@ -180,12 +190,7 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
         if kind is None:
             i += 1
             continue
-        j = i + 1
-        first_norm = first_relu = None
-        if j < len(children) and isinstance(children[j][1], nn.BatchNorm3d):
-            first_norm, j = children[j][0], j + 1
-        if j < len(children) and isinstance(children[j][1], nn.ReLU):
-            first_relu, j = children[j][0], j + 1
+        first_norm, first_relu, j = _norm_and_relu(children, i + 1)
         if j >= len(children) or _kind(children[j][1]) not in ({"spatial", "temporal"} - {kind}):
             i += 1
             continue
@@ -195,12 +200,7 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
             refused.append((name, reason))
             i += 1
             continue
-        k = j + 1
-        second_norm = second_relu = None
-        if k < len(children) and isinstance(children[k][1], nn.BatchNorm3d):
-            second_norm, k = children[k][0], k + 1
-        if k < len(children) and isinstance(children[k][1], nn.ReLU):
-            second_relu, k = children[k][0], k + 1
+        second_norm, second_relu, k = _norm_and_relu(children, j + 1)
         second_reason = _fusable_reason(second)
         if second_reason is not None:  # the second conv (and what follows it) stays as it is
             k = j + 1
