@@ -72,8 +72,8 @@ def read_state_dict(source: str | os.PathLike | Mapping) -> dict[str, torch.Tens
                 f"{path} is not a weights-only checkpoint (it holds objects other than tensors and plain "
                 f"containers, which lgd_fast refuses to unpickle): {str(err).splitlines()[0]}"
             ) from None
-        except (RuntimeError, EOFError) as err:
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+        except Exception as err:  # corrupt bytes fail anywhere in the unpickler (EOFError, IndexError, KeyError...)
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
     else:
         obj, path = source, "<state_dict>"
     obj = _unwrap(obj, path)
