@@ -179,6 +179,26 @@ def test_bf16_autocast_within_twice_pytorch_error(gen):
     assert _rel(fast_bf16, exact) <= 2 * _rel(ref_bf16, exact) + 1e-3
 
 
+def test_cpu_autocast_runs_the_fused_convs_in_bf16(gen, monkeypatch):
+    """The fused oneDNN convs are called directly at CPU inference: they follow autocast as the reference's do."""
+    seen = []
+    real = torch.ops.lgd_fast.p3d_conv_onednn
+    def recording(*args):
+        seen.append((args[0].dtype, args[1].dtype))
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", recording)
+    _, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    with torch.inference_mode():
+        fast.eval()(x)
+        assert seen and set(seen) == {(torch.float32, torch.float32)}
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
 def test_compiled_fast_model_matches(gen):
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
     x = torch.randn(2, 3, 8, 32, 32, generator=gen)

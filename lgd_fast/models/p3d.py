@@ -230,6 +230,7 @@ def conv(conv: nn.Conv3d, x: torch.Tensor, **epilogue) -> torch.Tensor:
     """``conv(x)`` (then ``epilogue``: scale, shift, residual, relu) in one pass."""
     residual = epilogue.get("residual")
     if set(epilogue) <= {"residual", "relu"} and _inference_on_cpu(x, residual):  # the op without its checks
+        x, residual = _autocast_bf16(x, residual)
         weight = conv.weight.to(x.dtype)
         return torch.ops.lgd_fast.p3d_conv_onednn(
             x, weight, None, None, residual, _stride(conv), epilogue.get("relu", False)
@@ -264,7 +265,16 @@ def _inference_on_cpu(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16)) for t in tensors)
 
 
+def _autocast_bf16(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors in bfloat16 when CPU autocast to bfloat16 is on (the direct oneDNN calls below bypass the
+    dispatcher's autocast, which would run the reference's convs in bfloat16), else as they are."""
+    if not (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return tensors
+    return tuple(None if t is None else t.to(torch.bfloat16) for t in tensors)
+
+
 def _folded_onednn(conv_, norm, x, *, shift=True, residual=None, relu=False) -> torch.Tensor:
+    x, residual = _autocast_bf16(x, residual)
     weight, bias = _folded_conv(conv_, norm, x.dtype, shift=shift)
     return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv_), relu)
 

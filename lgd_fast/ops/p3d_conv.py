@@ -153,13 +153,18 @@ def p3d_conv(
     Arguments and returns as :func:`p3d_conv_reference`; ``allow_tf32`` lets the Triton kernels multiply
     float32 operands on tf32 tensor cores (off by default). ``backend``: ``"triton"``, ``"onednn"``,
     ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``. ``auto`` picks triton on CUDA tensors,
-    onednn on CPU tensors (float32 and bfloat16), else the reference with one warning.
+    onednn on CPU tensors (float32 and bfloat16), else the reference with one warning. Under ``torch.autocast``
+    for x's device, x, weight and residual are cast to the autocast dtype first, as autocast casts a conv's.
 
     Raises:
         ValueError / TypeError: a shape, dtype, device or option that does not fit, naming the argument.
         RuntimeError: the backend asked for cannot run here.
     """
     _check(x, weight, stride, scale, shift, residual, relu, stats)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        residual = None if residual is None else residual.to(dtype)
     choice = _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_supports)
     if choice != "reference" and (reason := _supports(choice, x)) is not None:
         raise TypeError(f"{OP_NAME}: backend {choice!r} does not take this input: {reason}")
