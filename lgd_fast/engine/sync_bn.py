@@ -24,7 +24,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0, *range(2, x.dim())]
         x32 = x.float()
-        local = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), x32.new_tensor([x.numel() / x.shape[1]])])
+        # float64 sums: the variance is E[x^2] - E[x]^2, whose cancellation float32 sums would not survive
+        sums = [x32.sum(dims, dtype=torch.float64), (x32 * x32).sum(dims, dtype=torch.float64)]
+        local = torch.cat([*sums, sums[0].new_tensor([x.numel() / x.shape[1]])])
         dist.all_reduce(local, group=group)
         channels = x.shape[1]
         count = local[-1]
@@ -36,13 +38,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 unbiased = var * (count / (count - 1).clamp_min(1))
                 running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
         shape = [1, channels] + [1] * (x.dim() - 2)
-        invstd = torch.rsqrt(var + eps)
-        xhat = (x32 - mean.view(shape)) * invstd.view(shape)
+        invstd = torch.rsqrt(var + eps).float()
+        xhat = (x32 - mean.float().view(shape)) * invstd.view(shape)
         out = xhat
         if weight is not None:
             out = out * weight.float().view(shape) + bias.float().view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
-        ctx.count, ctx.group, ctx.dims = count, group, dims
+        ctx.count, ctx.group, ctx.dims = count.float(), group, dims
         return out.to(x.dtype)
 
     @staticmethod
