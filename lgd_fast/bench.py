@@ -5,9 +5,9 @@ reference under ``torch.compile``, the fast model, the fast model under ``torch.
 inference (eval, ``torch.inference_mode``) and a training step (forward, loss, backward, SGD step). Calls of
 the candidates alternate (each round calls every candidate once, in a rotating order), so that all of them
 see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, and peak memory
-(CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux: the growth of the process's peak
-resident memory during one call, the high-water mark reset just before it). The result holds the device,
-versions and commit, and the issue's targets with their measured values.
+(CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux/glibc: the growth of the process's peak
+resident memory during one call, freed memory given back and the high-water mark reset just before it).
+The result holds the device, versions and commit, and the issue's targets with their measured values.
 
     lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU: minutes
     lgd-fast bench --model lgd3d_tiny --size 32 --no-compile
@@ -51,7 +51,7 @@ def _status_bytes(key: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (benchmarks/_harness.steady_malloc)
 
 
 def glibc_mallopt(settings: dict[int, int]):
@@ -71,9 +71,8 @@ def glibc_mallopt(settings: dict[int, int]):
 
 
 def _glibc():
-    """glibc, told to map every block of 64 KiB or more on its own and to unmap it when freed (so the resident
-    size follows the live tensors). Set after the timings: it slows calls down."""
-    return glibc_mallopt({M_MMAP_THRESHOLD: 64 * 1024, M_TRIM_THRESHOLD: 0})
+    """glibc, for ``malloc_trim``; no setting changed (the process runs on as it was)."""
+    return glibc_mallopt({})
 
 
 _LIBC = None
@@ -90,7 +89,9 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         return torch.cuda.max_memory_allocated(device) - before
     if not _LIBC:
         return None
-    _LIBC.malloc_trim(0)  # give freed memory back first, so that the resident size is what is live
+    # Freed memory back to the system first (glibc unmaps big blocks itself; malloc_trim releases the free
+    # parts of its heap), so that the resident size is what is live and every page the call touches counts.
+    _LIBC.malloc_trim(0)
     rss = _status_bytes("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size (Linux)
@@ -227,7 +228,7 @@ def run_bench(
     global _LIBC
     if dev.type == "cpu" and _LIBC is None:
         _LIBC = _glibc()
-    for pass_ in passes:  # peak memory last: the allocator settings it needs on the CPU slow calls down
+    for pass_ in passes:  # peak memory after the timings (malloc_trim makes the next call fault its pages in)
         calls = memory_calls[pass_]
         memory = {name: _peak_memory(call, dev) for name, call in calls.items()}
         bar.update(len(calls))
@@ -256,8 +257,8 @@ def run_bench(
             "SGD step (momentum 0.9)",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
             "peak_memory_bytes: CUDA max_memory_allocated over one call minus what was allocated before it; "
-            "CPU: the process's peak resident memory during one call (VmHWM, reset just before) minus the "
-            "resident memory before it",
+            "CPU: the process's peak resident memory during one call (VmHWM, reset just before, after "
+            "malloc_trim gave freed heap memory back) minus the resident memory before it",
         ],
     }
 
