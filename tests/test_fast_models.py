@@ -17,13 +17,10 @@ CL = torch.channels_last_3d
 
 
 @pytest.fixture(autouse=True)
-def fused_everywhere(request):
+def fused_everywhere():
     """These tests check the fused path on every block, whatever its frame size (training units stay on the CPU's
     default, their own modules: tests/test_p3d_units.py covers the fused training units). On the CPU the default
     runs blocks with small frames on their own modules (measured faster); the default_strategy test checks it."""
-    if "default_strategy" in request.node.name:
-        yield
-        return
     with cpu_fused(training=False):
         yield
 
@@ -248,8 +245,13 @@ def test_training_converges_alike(gen):
 
 
 def test_cpu_default_strategy_matches_reference(gen, monkeypatch):
-    """Outside cpu_fused(): blocks with >= 14x14 input frames fused, smaller ones on their own modules; the
-    model still equals the reference, eval and train (outputs and every gradient)."""
+    """The CPU's default (cpu_fused with nothing forced): blocks with >= 14x14 input frames fused, smaller ones on
+    their own modules; the model still equals the reference, eval and train (outputs and every gradient)."""
+    with cpu_fused(training=False, small_frames=False):
+        _check_default_strategy(gen, monkeypatch)
+
+
+def _check_default_strategy(gen, monkeypatch):
     fused_inputs = []
     real = fast_module.fused_block_forward
     def counting(block, x, *args):
