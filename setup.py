@@ -42,9 +42,7 @@ def _extensions():
 
 
 setup(
-    packages=["lgd_fast", "lgd_fast.data",
-              "lgd_fast.engine", "lgd_fast.models", "lgd_fast.ops", "lgd_fast.kernels"],
-    package_dir={"lgd_fast.kernels": "kernels"},
+    packages=["lgd_fast", "lgd_fast.data", "lgd_fast.engine", "lgd_fast.kernels", "lgd_fast.models", "lgd_fast.ops"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

@@ -20,7 +20,6 @@ from .models.networks import LGD2D, LGD3D
 
 log = logging.getLogger(__name__)
 
-StateDict = Mapping[str, torch.Tensor]
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "model_state_dict", "net", "module")
 # Keys our models may have that no author checkpoint or ImageNet ResNet carries.
 _OWN_PREFIXES = ("kernel_head.",)

@@ -342,7 +342,9 @@ def test_auto_on_cuda_order(fresh_backend_state, monkeypatch):
     fake_cuda = types.SimpleNamespace(device=torch.device("cuda"))  # all choose_backend reads of a tensor
     backends = ("cuda", "cpp", "triton", "reference")
     reasons = {"cuda": "no _C_cuda", "triton": "no triton"}
-    monkeypatch.setattr(_backend, "backend_unavailable_reason", lambda b, d: reasons.get(b) if d == "cuda" else "cpu")
+    monkeypatch.setattr(
+        _backend, "backend_unavailable_reason", lambda b, d, **_: reasons.get(b) if d == "cuda" else "cpu"
+    )
     assert _backend.choose_backend("diffusion_epilogue", fake_cuda, backends=backends) == "reference"
     reasons.pop("triton")
     assert _backend.choose_backend("diffusion_epilogue", fake_cuda, backends=backends) == "triton"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from .decode import (
     build_dali_pipeline,
     dali_codec_reason,
     dali_device,
-    dali_error,
     decode_fed_frames,
     probe,
 )
@@ -402,9 +400,3 @@ class VideoClipLoader:
         if hasattr(out, "as_cpu"):
             out = out.as_cpu()
         return torch.from_numpy(np.stack([np.array(out[i]) for i in range(len(plans))]))
-
-
-def dali_status() -> str:
-    """One line: whether DALI can run here and on which device."""
-    error = dali_error()
-    return error or f"DALI {dali_device()} backend ({os.environ.get('CUDA_VISIBLE_DEVICES', 'all')} devices)"

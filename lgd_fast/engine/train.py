@@ -48,8 +48,6 @@ __all__ = ["TrainingDiverged", "Trainer", "build_model", "clip_spec", "train"]
 
 logger = logging.getLogger(__name__)
 
-HEAD_PREFIXES = ("fc.", "fc_g.", "kernel_head.")
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the checkpoint that was kept."""

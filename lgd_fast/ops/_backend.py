@@ -131,8 +131,9 @@ def triton_error() -> str | None:
     return None
 
 
-def backend_unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None if ``backend`` can run on ``device_type`` tensors here, else a sentence saying why not."""
+def backend_unavailable_reason(backend: str, device_type: str, *, anywhere: Sequence[str] = ()) -> str | None:
+    """None if ``backend`` can run on ``device_type`` tensors here, else a sentence saying why not. Backends in
+    ``anywhere`` run on every device (an op whose cpp kernel is ATen calls, as global_update's)."""
     if backend == "reference":
         return None
     if backend == "cuda":
@@ -157,7 +158,7 @@ def backend_unavailable_reason(backend: str, device_type: str) -> str | None:
             return "this torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
         return None
     if backend == "cpp":
-        if device_type != "cpu":
+        if device_type != "cpu" and backend not in anywhere:
             return f"the cpp backend runs on CPU tensors only, not {device_type}"
         if not extension_available():
             return (
@@ -205,6 +206,7 @@ def choose_backend(
     *,
     backends: Sequence[str] = BACKENDS,
     supports: Callable[[str, torch.Tensor], str | None] | None = None,
+    anywhere: Sequence[str] = (),
 ) -> str:
     """Picks the backend that runs ``op_name`` on ``tensor``.
 
@@ -215,6 +217,7 @@ def choose_backend(
         backends: the backends the op implements, fastest first; ``"reference"`` must be among them.
         supports: optional op-specific check ``(backend, tensor) -> reason or None`` for inputs a backend
             does not handle (dtype, layout); ``auto`` then quietly uses the next backend.
+        anywhere: backends of this op that run on every device (``auto`` considers them on any device).
 
     Returns:
         A name from ``backends``.
@@ -226,7 +229,7 @@ def choose_backend(
     choice = requested_backend(requested, backends)
     device_type = tensor.device.type
     if choice != AUTO:
-        reason = backend_unavailable_reason(choice, device_type)
+        reason = backend_unavailable_reason(choice, device_type, anywhere=anywhere)
         if reason is not None:
             raise RuntimeError(f"{op_name}: backend {choice!r} was requested but cannot run: {reason}")
         return choice
@@ -238,10 +241,10 @@ def choose_backend(
                 message = f"{op_name}: using the reference implementation because {'; '.join(missing)}"
                 _log(logging.WARNING, message, once_key=(op_name, device_type, message))
             return backend
-        if device_type not in _AUTO_DEVICES.get(backend, ()):
+        if device_type not in _AUTO_DEVICES.get(backend, ()) and backend not in anywhere:
             elsewhere.append(backend_unavailable_reason(backend, device_type) or f"{backend} is not automatic here")
             continue
-        reason = backend_unavailable_reason(backend, device_type)
+        reason = backend_unavailable_reason(backend, device_type, anywhere=anywhere)
         if reason is not None:
             missing.append(reason)
             continue

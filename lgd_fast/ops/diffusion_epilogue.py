@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._common import layout, register_compiled_op
 
 __all__ = ["diffusion_epilogue", "diffusion_epilogue_reference"]
 
@@ -81,18 +82,10 @@ def _check(r, s, d, scale, shift) -> None:
             raise ValueError(f"{OP_NAME}: {name} must have shape (C,) = ({c},), got {tuple(t.shape)}")
 
 
-def _layout(t: torch.Tensor) -> str | None:
-    if t.is_contiguous():
-        return "contiguous"
-    if t.is_contiguous(memory_format=torch.channels_last_3d):
-        return "channels_last_3d"
-    return None
-
-
 def _kernel_supports(backend: str, r: torch.Tensor, s: torch.Tensor) -> str | None:
     if r.dtype not in _DTYPES[backend]:
         return f"dtype {r.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
-    if _layout(r) is None or _layout(r) != _layout(s):
+    if layout(r) is None or layout(r) != layout(s):
         return "r and s are not both contiguous or both channels_last_3d"
     return None
 
@@ -139,12 +132,12 @@ def diffusion_epilogue(
 
 
 def _fake(r, s, d, scale, shift):
-    fmt = torch.channels_last_3d if _layout(r) == "channels_last_3d" else torch.contiguous_format
+    fmt = torch.channels_last_3d if layout(r) == "channels_last_3d" else torch.contiguous_format
     return torch.empty_like(r, memory_format=fmt), r.new_empty((r.shape[0], r.shape[1]))
 
 
 def _backward_fake(grad_out, grad_mean, out, r, scale):
-    fmt = torch.channels_last_3d if _layout(r) == "channels_last_3d" else torch.contiguous_format
+    fmt = torch.channels_last_3d if layout(r) == "channels_last_3d" else torch.contiguous_format
     n, c = r.shape[:2]
     small = dict(dtype=torch.float32, device=r.device)
     return (
@@ -176,16 +169,7 @@ def _grad(ctx, grad_out, grad_mean, backward=None):
     return grad_r, grad_s.to(s_dtype), grad_d.to(d_dtype), grad_scale.to(scale_dtype), grad_shift.to(shift_dtype)
 
 
-def _register() -> bool:
-    if not _backend.extension_available():
-        return False
-    torch.library.register_fake(f"lgd_fast::{OP_NAME}")(_fake)
-    torch.library.register_fake(f"lgd_fast::{OP_NAME}_backward")(_backward_fake)
-    torch.library.register_autograd(f"lgd_fast::{OP_NAME}", _grad, setup_context=_setup_context)
-    return True
-
-
-_REGISTERED = _register()
+_REGISTERED = register_compiled_op(OP_NAME, _fake, _grad, _setup_context, backward_fake=_backward_fake)
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
+from ._common import layout, register_compiled_op
 
 __all__ = ["global_avg_pool", "global_avg_pool_reference"]
 
@@ -35,15 +36,10 @@ def global_avg_pool_reference(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(2, 3, 4))
 
 
-def _is_channels_last_3d(x: torch.Tensor) -> bool:
-    # A tensor that is both (e.g. C == 1) counts as contiguous, as in the C++ kernel.
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
-
-
 def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
     if x.dtype not in _CPP_DTYPES:
         return f"dtype {x.dtype} is not one of float32, bfloat16, float64"
-    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d)):
+    if layout(x) is None:
         return "x is neither contiguous nor channels_last_3d"
     return None
 
@@ -91,7 +87,7 @@ def _backward_fake(grad: torch.Tensor, sizes: list[int], channels_last: bool) ->
 def _setup_context(ctx, inputs, output) -> None:
     (x,) = inputs
     ctx.sizes = list(x.shape)
-    ctx.channels_last = _is_channels_last_3d(x)
+    ctx.channels_last = layout(x) == "channels_last_3d"
 
 
 def _grad(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -105,21 +101,12 @@ def _backward_setup_context(ctx, inputs, output) -> None:
 
 def _backward_grad(ctx, grad_grad_x: torch.Tensor):
     # The backward is linear in grad with adjoint global_avg_pool: double backward is one more pooling.
-    if not (grad_grad_x.is_contiguous() or grad_grad_x.is_contiguous(memory_format=torch.channels_last_3d)):
+    if layout(grad_grad_x) is None:
         grad_grad_x = grad_grad_x.contiguous()
     return torch.ops.lgd_fast.global_avg_pool(grad_grad_x), None, None
 
 
-def _register() -> bool:
-    if not _backend.extension_available():
-        return False
-    torch.library.register_fake(f"lgd_fast::{OP_NAME}")(_fake)
-    torch.library.register_fake(f"lgd_fast::{OP_NAME}_backward")(_backward_fake)
-    torch.library.register_autograd(f"lgd_fast::{OP_NAME}", _grad, setup_context=_setup_context)
-    torch.library.register_autograd(
-        f"lgd_fast::{OP_NAME}_backward", _backward_grad, setup_context=_backward_setup_context
-    )
-    return True
-
-
-_REGISTERED = _register()
+_REGISTERED = register_compiled_op(
+    OP_NAME, _fake, _grad, _setup_context, backward_fake=_backward_fake,
+    backward_autograd=(_backward_grad, _backward_setup_context),
+)  # fmt: skip

@@ -12,19 +12,16 @@ registered here.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
+from ._common import register_compiled_op
 
 __all__ = ["global_update", "global_update_reference"]
 
 OP_NAME = "global_update"
-logger = logging.getLogger(__name__)
-_warned: list[str] = []
 
 
 def global_update_reference(m: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor):
@@ -60,29 +57,23 @@ def global_update(m: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor, back
     return global_update_reference(m, g, *weights)
 
 
+def _supports(backend: str, m: torch.Tensor) -> str | None:
+    if backend == "triton" and not _TRITON_REGISTERED:
+        return f"the triton op is not registered ({_backend.triton_error()})"
+    if backend == "triton" and m.dtype not in _TRITON_DTYPES:
+        return f"dtype {m.dtype} is not one of {', '.join(map(str, _TRITON_DTYPES))}"
+    return None
+
+
 def _choose(requested: str | None, m: torch.Tensor) -> str:
-    """triton, cpp or reference. The cpp op is ATen GEMMs, so unlike the kernels it runs on every device."""
-    choice = _backend.requested_backend(requested, ("cpp", "triton", "reference"))
-    if choice == "reference":
-        return choice
-    if choice == "triton":
-        reason = _backend.backend_unavailable_reason("triton", m.device.type)
-        if reason is not None:
-            raise RuntimeError(f"{OP_NAME}: backend 'triton' was requested but cannot run: {reason}")
-        return choice
-    if choice == _backend.AUTO and m.device.type == "cuda" and _TRITON_REGISTERED and m.dtype in _TRITON_DTYPES:
-        return "triton"
-    if _backend.extension_available():
-        return "cpp"
-    reason = f"the compiled extension lgd_fast._C did not import ({_backend.extension_error()})"
-    if choice == "cpp":
-        raise RuntimeError(f"{OP_NAME}: backend 'cpp' was requested but cannot run: {reason}")
-    if not _warned:
-        _warned.append(reason)
-        logger.warning("%s: using the reference implementation because %s", OP_NAME, reason)
-    return "reference"
+    """triton, cpp or reference, by the one backend policy (:func:`lgd_fast.ops._backend.choose_backend`); the cpp
+    op is ATen GEMMs, so unlike the kernels it runs on every device."""
+    return _backend.choose_backend(
+        OP_NAME, m, requested, backends=_BACKENDS, supports=_supports, anywhere=("cpp",)
+    )
 
 
+_BACKENDS = ("triton", "cpp", "reference")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -140,15 +131,7 @@ def _grad(ctx, grad_g, grad_d):
     )  # fmt: skip
 
 
-def _register() -> bool:
-    if not _backend.extension_available():
-        return False
-    torch.library.register_fake(f"lgd_fast::{OP_NAME}")(_fake)
-    torch.library.register_autograd(f"lgd_fast::{OP_NAME}", _grad, setup_context=_setup_context)
-    return True
-
-
-_REGISTERED = _register()
+_REGISTERED = register_compiled_op(OP_NAME, _fake, _grad, _setup_context)
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------

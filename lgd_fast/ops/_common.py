@@ -1,0 +1,51 @@
+"""What the op modules share: the memory-layout probe and the registration of a compiled op's Python parts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import _backend
+
+__all__ = ["layout", "memory_format", "register_compiled_op"]
+
+
+def layout(t: torch.Tensor) -> str | None:
+    """``"contiguous"``, ``"channels_last_3d"`` or None (neither). A tensor that is both (C == 1, or one
+    position) counts as contiguous, as in the C++ kernels."""
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "channels_last_3d"
+    return None
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The ``torch.memory_format`` that keeps ``t``'s layout: channels_last_3d where t is in it (and not also
+    contiguous), else contiguous."""
+    return torch.channels_last_3d if layout(t) == "channels_last_3d" else torch.contiguous_format
+
+
+def register_compiled_op(
+    name: str,
+    fake: Callable,
+    grad: Callable,
+    setup_context: Callable,
+    *,
+    backward_fake: Callable | None = None,
+    backward_autograd: tuple[Callable, Callable] | None = None,
+) -> bool:
+    """Registers the fake kernel and autograd of ``torch.ops.lgd_fast.<name>`` (schema and kernels in
+    ``lgd_fast._C``), and of ``<name>_backward`` when given. False (nothing registered) where the extension did
+    not import."""
+    if not _backend.extension_available():
+        return False
+    torch.library.register_fake(f"lgd_fast::{name}", fake, _stacklevel=2)
+    torch.library.register_autograd(f"lgd_fast::{name}", grad, setup_context=setup_context)
+    if backward_fake is not None:
+        torch.library.register_fake(f"lgd_fast::{name}_backward", backward_fake, _stacklevel=2)
+    if backward_autograd is not None:
+        backward_grad, backward_setup = backward_autograd
+        torch.library.register_autograd(f"lgd_fast::{name}_backward", backward_grad, setup_context=backward_setup)
+    return True
