@@ -9,7 +9,6 @@ repeats after a warm-up. Floors come from the bytes an op must move over the mea
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -40,60 +39,19 @@ class Timing:
     min_s: float
     repeats: int
 
+    @classmethod
+    def from_samples(cls, samples: Sequence[float]) -> Timing:
+        """The summary of ``samples`` (seconds per call), from lgd_fast.bench.percentiles."""
+        p = _bench.percentiles(samples, points=(10, 90))
+        return cls(median_s=p["median_s"], p10_s=p["p10_s"], p90_s=p["p90_s"], min_s=p["min_s"], repeats=p["calls"])
+
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
-
-
-def _summarise(samples: Sequence[float]) -> Timing:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
-    return Timing(median_s=statistics.median(s), p10_s=q[0], p90_s=q[-1], min_s=s[0], repeats=len(s))
 
 
 def _sync(device: torch.device | str | None) -> None:
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    candidates: Mapping[str, Callable[[Any], Any]],
-    inputs: Sequence[Any],
-    *,
-    warmup: int = 3,
-    repeats: int = 50,
-    device: torch.device | str | None = None,
-) -> dict[str, Timing]:
-    """Times every candidate on the same inputs, round-robin.
-
-    Args:
-        candidates: name -> function of one input set.
-        inputs: input sets; each timed call takes the next one from a single rotation shared by all candidates.
-        warmup: untimed calls per candidate first (compilation, allocator, caches).
-        repeats: timed calls per candidate; the order of candidates shifts by one each round.
-        device: synchronised around each call if it is a CUDA device.
-
-    Returns:
-        name -> Timing.
-    """
-    names = list(candidates)
-    k = 0
-    for name in names:
-        for _ in range(warmup):
-            candidates[name](inputs[k % len(inputs)])
-            k += 1
-    _sync(device)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            x = inputs[k % len(inputs)]
-            k += 1
-            _sync(device)
-            t0 = time.perf_counter()
-            candidates[name](x)
-            _sync(device)
-            samples[name].append(time.perf_counter() - t0)
-    return {name: _summarise(samples[name]) for name in names}
 
 
 def input_set_count(bytes_per_set: int, *, min_sets: int = 3, cache_multiple: float = 3.0) -> int:
@@ -258,7 +216,10 @@ def measure_op_row(
     if not args.no_wait:
         wait_until_quiet(max_wait_s=10.0, window_s=0.3)
     with ForeignLoad() as load:
-        timings = time_interleaved(candidates, inputs, warmup=args.warmup, repeats=args.repeats, device=device)
+        samples, _ = _bench.time_interleaved(
+            candidates, inputs=inputs, warmup=args.warmup, repeats=args.repeats, device=device
+        )
+    timings = {name: Timing.from_samples(values) for name, values in samples.items()}
     floor = roofline_seconds(nbytes, bytes_per_s)
     med = {name: t.median_s for name, t in timings.items()}
     row = {
@@ -321,21 +282,6 @@ def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:
 
 
 # ---- result files ----------------------------------------------------------------------------------
-
-
-def device_slug(device: torch.device | str) -> str:
-    """``cpu``, or the CUDA device's name for result files: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    if torch.device(device).type != "cuda":
-        return "cpu"
-    return "-".join("".join(c if c.isalnum() else " " for c in torch.cuda.get_device_name(device).lower()).split())
-
-
-def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
-    """Writes ``payload`` as indented JSON, creating the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    return path
 
 
 def grouped_barh(

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import create_model  # noqa: E402
+from lgd_fast.bench import write_json  # noqa: E402
 
 CONV_OPS = ("aten::mkldnn_convolution", "mkldnn::_convolution_pointwise", "aten::convolution_backward")
 
@@ -65,7 +66,7 @@ def main() -> None:
             print(f"{key:28s} {r['total_ms']:7.1f} ms, convolutions {r['convolution_share']:.0%} "
                   f"(all else free: at most x{r['bound_if_all_else_were_free']:.2f})")  # fmt: skip
     payload = {"benchmark": "r50_profile_cpu", "machine": h.machine_info(), "shape": [4, 3, 16, 112, 112], **rows}
-    print("wrote", h.write_json(h.RESULTS_DIR / "r50_profile_cpu.json", payload))
+    print("wrote", write_json(h.RESULTS_DIR / "r50_profile_cpu.json", payload))
 
 
 if __name__ == "__main__":

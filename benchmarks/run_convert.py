@@ -25,6 +25,7 @@ import _harness as h  # noqa: E402
 
 import lgd_fast  # noqa: E402
 from foreign_models import r2plus1d  # noqa: E402
+from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
 
 
 def _rel(a, b) -> float:
@@ -63,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     with torch.inference_mode():
         for fn in candidates.values():
             fn(0)
-        timings = h.time_interleaved(candidates, [0, 1], warmup=args.warmup, repeats=args.repeats)
-    rows["inference"] = {"output_rel_error": error, "timings": {k: t.to_dict() for k, t in timings.items()}}
+        samples, _ = time_interleaved(candidates, inputs=[0, 1], warmup=args.warmup, repeats=args.repeats)
+    timings = {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}
+    rows["inference"] = {"output_rel_error": error, "timings": timings}
 
     # training step
     train_original = r2plus1d(num_classes=400)
@@ -82,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
 
         return run
 
-    step_timings = h.time_interleaved({"original": step(train_original), "converted": step(train_converted)},
-                                      [0, 1], warmup=1, repeats=max(2, args.repeats // 2))  # fmt: skip
-    rows["training_step"] = {"timings": {k: t.to_dict() for k, t in step_timings.items()}}
+    steps = {"original": step(train_original), "converted": step(train_converted)}
+    samples, _ = time_interleaved(steps, inputs=[0, 1], warmup=1, repeats=max(2, args.repeats // 2))
+    rows["training_step"] = {"timings": {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}}
     for name, row in rows.items():
         med = {k: t["median_s"] for k, t in row["timings"].items()}
         row["converted_speedup"] = {k: med[k] / med["converted"] for k in med if k != "converted"}
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         "results": rows,
     }
-    print("wrote", h.write_json(args.out, payload))
+    print("wrote", write_json(args.out, payload))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import create_model  # noqa: E402
+from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.data import ClipSpec, VideoClipLoader, probe, read_annotations, read_clip  # noqa: E402
 from lgd_fast.data.synthetic import make_dataset  # noqa: E402
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="clips per batch (loader and training step)")
     args = parser.parse_args(argv)
     payload = run(args)
-    print("wrote", h.write_json(args.out, payload))
+    print("wrote", write_json(args.out, payload))
     print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
+from lgd_fast.bench import write_json  # noqa: E402
+
 TARGETS = {"total_seconds_max": 600.0, "val_top1_min": 0.9, "reversed_top1_max": 0.1}
 
 
@@ -45,7 +47,7 @@ def main() -> None:
         "target_check": checks,
         "metrics": metrics,
     }
-    print("wrote", h.write_json(h.RESULTS_DIR / "demo_cpu.json", payload))
+    print("wrote", write_json(h.RESULTS_DIR / "demo_cpu.json", payload))
     for name, check in checks.items():
         print(f"{name}: {check['measured']:.3f} (target {check['target']}) -> {'met' if check['met'] else 'NOT met'}")
 

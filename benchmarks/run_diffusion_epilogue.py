@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
+from lgd_fast.bench import device_slug, write_json  # noqa: E402
 from lgd_fast.ops import (  # noqa: E402
     _backend,
     diffusion_epilogue,
@@ -267,9 +268,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live")
     args = parser.parse_args(argv)
     if args.out is None:
-        args.out = h.RESULTS_DIR / f"diffusion_epilogue_{h.device_slug(args.device)}.json"
+        args.out = h.RESULTS_DIR / f"diffusion_epilogue_{device_slug(args.device)}.json"
     payload = run(args)
-    print("wrote", h.write_json(args.out, payload))
+    print("wrote", write_json(args.out, payload))
     print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
     for check in payload["target_check"]:
         print(

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import create_model  # noqa: E402
+from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
 from lgd_fast.models.blocks import P3DBottleneck  # noqa: E402
 from lgd_fast.models.p3d import bottleneck_body, cpu_fused, to_fast_unit  # noqa: E402
 
@@ -369,8 +370,8 @@ def bench_end_to_end(args) -> list[dict[str, Any]]:
         for fn in cands.values():
             fn(inputs[0])
         with h.ForeignLoad() as load:
-            timings = h.time_interleaved(cands, inputs, warmup=1, repeats=args.e2e_repeats)
-    rows.append(_e2e_row("inference (eval, inference_mode)", timings, load.cores))
+            samples, _ = time_interleaved(cands, inputs=inputs, warmup=1, repeats=args.e2e_repeats)
+    rows.append(_e2e_row("inference (eval, inference_mode)", samples, load.cores))
 
     def step(model, opt):
         def run(x):
@@ -386,12 +387,13 @@ def bench_end_to_end(args) -> list[dict[str, Any]]:
     for fn in steps.values():
         fn(inputs[0])
     with h.ForeignLoad() as load:
-        timings = h.time_interleaved(steps, inputs, warmup=0, repeats=args.e2e_repeats)
-    rows.append(_e2e_row("training step (forward, backward, SGD)", timings, load.cores))
+        samples, _ = time_interleaved(steps, inputs=inputs, warmup=0, repeats=args.e2e_repeats)
+    rows.append(_e2e_row("training step (forward, backward, SGD)", samples, load.cores))
     return rows
 
 
-def _e2e_row(pass_: str, timings, load) -> dict[str, Any]:
+def _e2e_row(pass_: str, samples, load) -> dict[str, Any]:
+    timings = {k: h.Timing.from_samples(v) for k, v in samples.items()}
     med = {k: t.median_s for k, t in timings.items()}
     row = {
         "pass": pass_,
@@ -418,7 +420,8 @@ def _time(args, cands, inputs, *, no_grad: bool):
         if not args.no_wait:
             h.wait_until_quiet(max_wait_s=10.0, window_s=0.3)
         with h.ForeignLoad() as load:
-            timings = h.time_interleaved(cands, inputs, warmup=args.warmup, repeats=args.repeats)
+            samples, _ = time_interleaved(cands, inputs=inputs, warmup=args.warmup, repeats=args.repeats)
+    timings = {k: h.Timing.from_samples(v) for k, v in samples.items()}
     timings["_load"] = load.cores
     return timings
 
@@ -565,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{k} {s * 1e3:.1f} ms (x{t['speedup_vs_reference'][k]:.2f})" for k, s in t["seconds"].items()
                 )
             )
-    print("wrote", h.write_json(args.out, payload))
+    print("wrote", write_json(args.out, payload))
     print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
 
 

@@ -22,7 +22,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ sys.path.insert(0, str(HERE))
 import _harness as h  # noqa: E402
 from run_p3d_cpu import _randomise, r50_units  # noqa: E402
 
+from lgd_fast.bench import device_slug, time_interleaved, write_json  # noqa: E402
 from lgd_fast.models import P3DBottleneck  # noqa: E402
 from lgd_fast.models.p3d import bottleneck_body, to_fast_unit  # noqa: E402
 
@@ -43,19 +43,7 @@ TARGET = 1.3
 
 
 def _time(fns: dict[str, Any], repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
-    for fn in fns.values():
-        fn()
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            h._sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            h._sync(device)
-            samples[name].append(time.perf_counter() - t0)
+    samples, _ = time_interleaved(fns, repeats=repeats, warmup=2, device=device)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "repeats": len(v)} for k, v in samples.items()}
 
 
@@ -139,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         "results": rows,
         "r50_totals": totals,
     }
-    out = args.out or h.RESULTS_DIR / f"p3d_units_{h.device_slug(device)}.json"
-    print("wrote", h.write_json(out, payload))
+    out = args.out or h.RESULTS_DIR / f"p3d_units_{device_slug(device)}.json"
+    print("wrote", write_json(out, payload))
     for key, total in totals.items():
         print(f"R50 units {key}: fast x{total['fast_vs_reference']:.2f} vs eager (target {TARGET}) "
               f"{'met' if total['met'] else 'NOT met'}")  # fmt: skip

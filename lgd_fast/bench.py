@@ -23,7 +23,7 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,17 @@ import torch.nn.functional as F
 
 from . import __version__
 
-__all__ = ["CANDIDATES", "PASSES", "TARGETS", "run_bench", "plot_bench"]
+__all__ = [
+    "CANDIDATES",
+    "PASSES",
+    "TARGETS",
+    "device_slug",
+    "percentiles",
+    "plot_bench",
+    "run_bench",
+    "time_interleaved",
+    "write_json",
+]
 
 CANDIDATES = ("reference", "reference_compiled", "fast", "fast_compiled")
 PASSES = ("inference", "training")
@@ -116,28 +126,75 @@ def _models(name: str, num_classes: int, device: torch.device, candidates: Seque
     return out
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
+def percentiles(samples: Sequence[float], points: Sequence[int] = (5, 25, 75, 95)) -> dict[str, float]:
+    """``median_s``, ``p<point>_s`` for each of ``points`` (multiples of 5 up to 95), ``min_s``, ``max_s`` and
+    ``calls`` of ``samples``."""
+    if any(p % 5 or not 5 <= p <= 95 for p in points):
+        raise ValueError(f"points must be multiples of 5 from 5 to 95, got {list(points)}")
     s = sorted(samples)
     q = statistics.quantiles(s, n=20) if len(s) >= 2 else [s[0]] * 19
-    return {"median_s": statistics.median(s), "p5_s": q[0], "p25_s": q[4], "p75_s": q[14], "p95_s": q[18],
-            "min_s": s[0], "max_s": s[-1], "calls": len(s)}  # fmt: skip
+    return {
+        "median_s": statistics.median(s),
+        **{f"p{p}_s": q[p // 5 - 1] for p in points},
+        "min_s": s[0],
+        "max_s": s[-1],
+        "calls": len(s),
+    }
 
 
-def _time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int, device: torch.device, bar) -> dict:
+def time_interleaved(
+    calls: Mapping[str, Callable[..., Any]],
+    *,
+    repeats: int,
+    warmup: int = 0,
+    inputs: Sequence[Any] | None = None,
+    device: torch.device | str | None = None,
+    rotate: bool = True,
+    progress: Callable[[int], Any] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Times ``calls`` side by side: ``warmup`` untimed calls of each in turn, then ``repeats`` rounds that call each
+    once, the order shifting by one every round with ``rotate``, synchronising around each call on a CUDA ``device``.
+
+    With ``inputs``, every call (warm-up too) takes the next input set from one rotation shared by all calls; without,
+    calls take no argument. ``progress`` (e.g. a tqdm bar's ``update``) gets 1 after every call. Returns name -> the
+    seconds of each timed call, and name -> the seconds of its warm-up calls together.
+    """
     names = list(calls)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    sync = device is not None and torch.device(device).type == "cuda"
+    k = 0
+
+    def call(name: str) -> None:
+        nonlocal k
+        if inputs is None:
+            calls[name]()
+        else:
+            calls[name](inputs[k % len(inputs)])
+            k += 1
+
+    warmup_s: dict[str, float] = {}
+    for name in names:  # compiles, allocator and caches
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            call(name)
+            if progress is not None:
+                progress(1)
+        warmup_s[name] = time.perf_counter() - t0
+    if sync:
+        torch.cuda.synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for j in range(len(names)):
-            name = names[(r + j) % len(names)]
-            if device.type == "cuda":
+            name = names[(r + j) % len(names) if rotate else j]
+            if sync:
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            calls[name]()
-            if device.type == "cuda":
+            call(name)
+            if sync:
                 torch.cuda.synchronize(device)
             samples[name].append(time.perf_counter() - t0)
-            bar.update(1)
-    return samples
+            if progress is not None:
+                progress(1)
+    return samples, warmup_s
 
 
 def run_bench(
@@ -215,14 +272,9 @@ def run_bench(
                     optimizer.step()
 
             calls[name] = call
-        first_call = {}
-        for name, call in calls.items():  # compiles, allocator warm-up
-            t0 = time.perf_counter()
-            for _ in range(max(warmup, 1)):
-                call()
-                bar.update(1)
-            first_call[name] = time.perf_counter() - t0
-        samples = _time_interleaved(calls, repeats, dev, bar)
+        samples, first_call = time_interleaved(  # the warm-up compiles and warms the allocator
+            calls, repeats=repeats, warmup=max(warmup, 1), device=dev, progress=bar.update
+        )
         memory_calls[pass_] = calls
         timings[pass_] = (samples, first_call)
     global _LIBC
@@ -235,7 +287,7 @@ def run_bench(
         samples, first_call = timings[pass_]
         rows = {}
         for name in calls:
-            timing = _percentiles(samples[name])
+            timing = percentiles(samples[name])
             rows[name] = {**timing, "clips_per_s": batch / timing["median_s"], "peak_memory_bytes": memory[name],
                           "warmup_s": first_call[name]}  # fmt: skip
         results[pass_] = rows
@@ -368,7 +420,17 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
-def write_json(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+def device_slug(device: torch.device | str, *, name: str | None = None) -> str:
+    """``cpu`` for a non-CUDA device, else the GPU's name (``name``, default the device's) for file names:
+    ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    if torch.device(device).type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device) if name is None else name
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
+def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Writes ``payload`` as indented JSON (through a temporary file, then renamed), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -210,10 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _slug(name: str) -> str:
-    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-
-
 def _bench(args) -> int:
     from . import bench
 
@@ -228,10 +224,10 @@ def _bench(args) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"lgd-fast bench: error: {err}", file=sys.stderr)
         return 2
-    where = payload["device"] if payload["device"] == "cpu" else _slug(payload["machine"].get("cuda_device", "cuda"))
+    where = bench.device_slug(payload["device"], name=payload["machine"].get("cuda_device", "cuda"))
     layout = "_cl3d" if args.channels_last else ""
     out = args.out or f"benchmarks/results/bench_{args.model}_{args.dtype}{layout}_{where}.json"
-    path = bench.write_json(payload, out)
+    path = bench.write_json(out, payload)
     png = bench.plot_bench(payload, path.with_suffix(".png"))
     print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}")
     for pass_, rows in payload["results"].items():

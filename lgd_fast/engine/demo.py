@@ -43,23 +43,10 @@ DEMO_SETTINGS = [
 ]
 
 
-def _time_interleaved(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, called in turn (so both see the same machine load)."""
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def benchmark_fast_vs_reference(state_dict, num_classes: int, *, batch: int = 16, repeats: int = 20) -> dict:
     """Clips/s of the trained tiny model, reference vs fast (same weights): inference and a training step,
     the two models timed in alternation (median of ``repeats`` calls each)."""
+    from ..bench import time_interleaved
     from ..models import create_model
 
     shape = (batch, 3, 16, 32, 32)
@@ -91,12 +78,16 @@ def benchmark_fast_vs_reference(state_dict, num_classes: int, *, batch: int = 16
 
         return run
 
+    def median_s(fns):  # 2 warm-up calls each, then the models in turn
+        samples, _ = time_interleaved(fns, repeats=repeats, warmup=2, rotate=False)
+        return {name: statistics.median(values) for name, values in samples.items()}
+
     for model in models.values():
         model.eval()
-    inference = _time_interleaved({name: infer(m) for name, m in models.items()}, repeats)
+    inference = median_s({name: infer(m) for name, m in models.items()})
     for model in models.values():
         model.train()
-    training = _time_interleaved({name: step(m) for name, m in models.items()}, repeats)
+    training = median_s({name: step(m) for name, m in models.items()})
     for name in models:
         out[name] = {"inference_clips_per_s": batch / inference[name], "train_step_clips_per_s": batch / training[name]}
     for key, metric in (("inference", "inference_clips_per_s"), ("train", "train_step_clips_per_s")):
