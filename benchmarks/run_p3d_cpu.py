@@ -42,7 +42,7 @@ import _harness as h  # noqa: E402
 from lgd_fast import create_model  # noqa: E402
 from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
 from lgd_fast.models.blocks import P3DBottleneck  # noqa: E402
-from lgd_fast.models.p3d import bottleneck_body, cpu_fused, to_fast_unit  # noqa: E402
+from lgd_fast.models.p3d import bottleneck_body, to_fast_unit  # noqa: E402
 
 CL3D = torch.channels_last_3d
 BATCH, FRAMES, SIZE = 4, 16, 112
@@ -271,12 +271,12 @@ def unit_candidates(block: P3DBottleneck, pass_: str, *, compile_: bool) -> dict
     """The unit's body up to bn3 (``residual_body``), each way; input key 'x' contiguous, 'x_cl' channels_last_3d."""
     torch._dynamo.reset()
     block = copy.deepcopy(block).train(pass_ != "forward")
-    fast = to_fast_unit(copy.deepcopy(block))
+    fast = to_fast_unit(copy.deepcopy(block), plan="default")  # the plan's deterministic default
     fns: dict[str, tuple[Callable, str]] = {
         "reference": (block.residual_body, "x"),
         "reference_cl3d": (block.residual_body, "x_cl"),
-        "fast": (lambda x: bottleneck_body(fast, x)[0], "x"),
-        "fast_cl3d": (lambda x: bottleneck_body(fast, x)[0], "x_cl"),
+        "fast": (fast.residual_body, "x"),
+        "fast_cl3d": (fast.residual_body, "x_cl"),
     }
     if compile_:
         fns["compiled"] = (torch.compile(block.residual_body, backend="inductor", dynamic=False), "x")
@@ -287,9 +287,8 @@ def unit_candidates(block: P3DBottleneck, pass_: str, *, compile_: bool) -> dict
     if pass_ == "forward":
         return {name: (lambda i, fn=fn, src=src: fn(i[src])) for name, (fn, src) in fns.items()}
 
-    def fused(x):  # the fused training path (statistics from the conv epilogues), which CPU tensors skip by default
-        with cpu_fused():
-            return bottleneck_body(fast, x)[0]
+    def fused(x):  # the fused training path (statistics from the conv epilogues), which the CPU default skips
+        return bottleneck_body(fast, x)[0]
 
     fns["fast_fused_training"] = (fused, "x")
     fns["fast_fused_training_cl3d"] = (fused, "x_cl")
@@ -544,11 +543,11 @@ def main(argv: list[str] | None = None) -> None:
             "parameters) with a random upstream gradient",
             "unit candidates (body up to bn3): reference = block.residual_body on a contiguous input; "
             "reference_cl3d = the same on channels_last_3d; compiled(_cl3d) = torch.compile(block.residual_body, "
-            "inductor) on that layout; fast(_cl3d) = lgd_fast.models.p3d.bottleneck_body (p3d_conv calls with fused "
-            "epilogues: in eval every BatchNorm folded and one oneDNN primitive per conv, in training the convs' "
-            "statistics feeding BatchNorm) on that layout; in training on CPU tensors bottleneck_body runs the block's "
-            "own modules (the measured choice), and fast_fused_training(_cl3d) times the fused training path "
-            "(lgd_fast.models.p3d.cpu_fused) that choice was measured against",
+            "inductor) on that layout; fast(_cl3d) = the fast unit's residual_body under its default execution plan "
+            "(lgd_fast.plan: conv_bn calls with fused epilogues, in eval every BatchNorm folded and one oneDNN "
+            "primitive per conv; in training on CPU tensors the block's own modules, the measured default), and "
+            "fast_fused_training(_cl3d) times the fused training path (lgd_fast.models.p3d.bottleneck_body: the "
+            "convs' statistics feeding BatchNorm) that choice was measured against",
             "pointwise conv candidates: linear_rows_cl = F.linear over the (N*T*H*W, C) rows view of "
             "channels_last_3d; conv2d_frames_cl = 1x1 F.conv2d on the frames view",
             "r50_totals: each distinct unit's median times how often it occurs among R50's 16 bottlenecks",

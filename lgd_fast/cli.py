@@ -190,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, help="output file, .npz or .safetensors")
     extract.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
 
+    plan = sub.add_parser(
+        "plan", help="the fast model's execution plan: how each layer runs for an input size (fused, layout, why)"
+    )
+    plan.add_argument("model", help="an LGD-3D model (see `lgd-fast models`)")
+    plan.add_argument("--batch", type=_positive, default=4)
+    plan.add_argument("--frames", type=_positive, help="T of the input (default: the model's, e.g. 16)")
+    plan.add_argument("--size", type=_positive, help="H = W of the input (default: the model's, e.g. 112)")
+    plan.add_argument("--train", action="store_true", help="the plan of a training step (default: inference)")
+    plan.add_argument("--mode", choices=("measure", "default"), default="measure",
+                      help="measure every candidate on this machine (default), or the deterministic default rule")
+    plan.add_argument("--backend", help="conv backend to plan for (default: $LGD_FAST_BACKEND, else auto)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     bench = sub.add_parser(
         "bench", help="end-to-end speed: the fast model vs the reference, eager and torch.compile (JSON and PNG)"
     )
@@ -208,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      "a PNG is written beside it")  # fmt: skip
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _plan(args) -> int:
+    try:
+        entry = model_entry(args.model)
+        channels, frames, size, _ = entry.input_size  # (C, T, H, W)
+        model = create_model(args.model, 10, fast=True, backend=args.backend, plan=args.mode)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        print(f"lgd-fast plan: error: {err}", file=sys.stderr)
+        return 2
+    shape = (args.batch, channels, args.frames or frames, args.size or size, args.size or size)
+    clip = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    plan = model.execution_plan.resolve(clip, training=args.train)
+    if args.json:
+        print(json.dumps({"model": args.model, "input": list(shape), "training": args.train, "layers": plan.to_dict()},
+                         indent=2))  # fmt: skip
+    else:
+        print(f"{args.model}, input {'x'.join(map(str, shape))}, {'training' if args.train else 'inference'}")
+        print(plan)
+    return 0
 
 
 def _bench(args) -> int:
@@ -427,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         return _make_dataset(args)
     if args.command == "check-data":
         return _check_data(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "bench":
         return _bench(args)
     if args.command == "models":

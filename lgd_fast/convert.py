@@ -10,18 +10,20 @@ What it converts:
   order, optionally with ``BatchNorm3d`` and ``ReLU`` between (and after the second): inside an
   ``nn.Sequential`` (torchvision's ``Conv2Plus1D`` and ``R2Plus1dStem``, or any Sequential holding such a run),
   or a module with ``conv_t`` / ``norm`` / ``activation`` / ``conv_xy`` attributes (pytorchvideo's
-  ``Conv2plus1d``, either ``conv_xy_first``). Each conv runs as :func:`lgd_fast.ops.p3d_conv` with the
-  BatchNorm and ReLU after it in its epilogue (folded in eval; from the conv's statistics in training).
+  ``Conv2plus1d``, either ``conv_xy_first``). Each conv runs as :func:`lgd_fast.ops.conv_bn` with its bias and
+  the BatchNorm and ReLU after it in its epilogue (folded in eval; from the conv's statistics in training).
 
 Conversion changes classes only (a container becomes a subclass of its own class with another ``forward``),
 never modules, parameters or buffers: the state_dict is the same, key for key, and the converted model
-computes the same function. On the CPU the converted code follows the strategy measured for the P3D units
-(:mod:`lgd_fast.models.p3d`): fused at inference on frames of 14x14 pixels and more, the modules' own code in
-training and on smaller frames (``cpu_fused()`` forces the fused path).
+computes the same function. Every converted layer gets an execution plan (:mod:`lgd_fast.plan`: fused or its
+own modules, chosen by measurement on first use per input shape, or by the documented default);
+``model.execution_plan`` prints it. Converting an already converted model keeps what was converted (the
+report says so) and plans what is new.
 
 Every ``Conv3d`` that stays as it was is reported with the reason (another kernel shape, a temporal stride,
-a bias, groups, another norm, no partner conv). ``inference=True`` also puts the model in eval mode (every
-BatchNorm folded into its conv, folded weights cached) and moves it to channels_last_3d.
+groups, another norm, no partner conv: :func:`lgd_fast.ops.conv_bn.fusable_reason`, the one rule).
+``inference=True`` also puts the model in eval mode (every BatchNorm folded into its conv, folded weights
+cached) and moves it to channels_last_3d.
 
 Save converted models with ``state_dict()`` (the converted classes are made at run time and do not pickle).
 """
@@ -34,10 +36,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import plan as planning
 from .models.blocks import P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
-from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, conv, conv_norm, cpu_native, to_fast_unit
+from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
+from .ops.conv_bn import conv_bn, fusable_reason, norm_reason
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -59,33 +63,42 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def convert(model: nn.Module, *, inference: bool = False) -> nn.Module:
+def convert(
+    model: nn.Module, *, inference: bool = False, backend: str | None = None, plan: str | None = None
+) -> nn.Module:
     """Fuse ``model``'s LGD blocks, P3D units and (2+1)D conv pairs in place; returns ``model``.
 
-    The report (:class:`ConversionReport`) is logged and kept as ``model.conversion_report``.
+    ``backend`` and ``plan`` are the execution plan's (:mod:`lgd_fast.plan`: the conv backend, else
+    ``$LGD_FAST_BACKEND``, else auto; ``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``, else measure).
+    The report (:class:`ConversionReport`) is logged and kept as ``model.conversion_report``; the plan is
+    ``model.execution_plan``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
+    options = planning.resolve_options(backend, plan)
     report = ConversionReport()
     claimed: set[int] = set()  # Conv3d modules that a conversion covers
     if isinstance(model, FastLGD3D):
         report.left.append(("", "already the fast LGD-3D"))
         claimed |= {id(m) for m in model.modules()}
     elif isinstance(model, LGD3D):
-        to_fast(model)
+        to_fast(model, backend=options[0], plan=options[1])
         report.converted.append(("", "LGD-3D -> FastLGD3D: every P3D unit and every block end fused"))
         claimed |= {id(m) for m in model.modules()}
     elif isinstance(model, LGD2D):
         report.left.append(("", "LGD-2D has no fused path yet (its convs are 2-D)"))
     else:
-        _convert_p3d_blocks(model, report, claimed)
+        _convert_p3d_blocks(model, report, claimed, options)
     for name, module in list(model.named_modules()):
         if id(module) in claimed:
             continue
-        if isinstance(module, nn.Sequential):
-            _convert_sequential(name, module, report, claimed)
+        if isinstance(module, _FusedSequentialMixin | _FusedAttributePairMixin):
+            report.left.append((name, "already converted (its plan is kept)"))
+            claimed |= {id(m) for m in module.modules()}
+        elif isinstance(module, nn.Sequential):
+            _convert_sequential(name, module, report, claimed, options)
         elif _is_conv2plus1d_module(module):
-            _convert_attribute_pair(name, module, report, claimed)
+            _convert_attribute_pair(name, module, report, claimed, options)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d) and id(module) not in claimed:
             report.left.append((name, _why_left(module)))
@@ -93,6 +106,8 @@ def convert(model: nn.Module, *, inference: bool = False) -> nn.Module:
         model.eval()
         model.to(memory_format=torch.channels_last_3d)
     object.__setattr__(model, "conversion_report", report)
+    if not isinstance(model, FastLGD3D):  # FastLGD3D has the property
+        object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))
     logger.info("lgd_fast.convert:\n%s", report)
     return model
 
@@ -100,9 +115,10 @@ def convert(model: nn.Module, *, inference: bool = False) -> nn.Module:
 # ---- P3D blocks in other models ----------------------------------------------------------------------------
 
 
-def _convert_p3d_blocks(model: nn.Module, report: ConversionReport, claimed: set[int]) -> None:
+def _convert_p3d_blocks(model: nn.Module, report: ConversionReport, claimed: set[int], options) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, FastP3DBottleneck | FastP3DBasicBlock):
+            report.left.append((name, "already a fast P3D unit (its plan is kept)"))
             claimed |= {id(m) for m in module.modules()}
         elif isinstance(module, P3DBottleneck | P3DBasicBlock):
             try:
@@ -110,7 +126,7 @@ def _convert_p3d_blocks(model: nn.Module, report: ConversionReport, claimed: set
             except TypeError as exc:
                 report.left.append((name, str(exc)))
                 continue
-            to_fast_unit(module, name)
+            to_fast_unit(module, name, backend=options[0], plan=options[1])
             report.converted.append((name, f"{type(module).__name__}: residual unit and shortcut fused"))
             claimed |= {id(m) for m in module.modules()}
 
@@ -130,27 +146,10 @@ def _kind(conv_: nn.Module) -> str | None:
     return None
 
 
-def _fusable_reason(conv_: nn.Conv3d) -> str | None:
-    """None if p3d_conv computes ``conv_`` exactly, else why not."""
-    if conv_.bias is not None:
-        return "it has a bias (the fused convs take none)"
-    if conv_.groups != 1 or conv_.dilation != (1, 1, 1):
-        return f"groups {conv_.groups}, dilation {conv_.dilation} (the fused convs take neither)"
-    if any(k % 2 == 0 for k in conv_.kernel_size) or conv_.padding != tuple(k // 2 for k in conv_.kernel_size):
-        return f"kernel {conv_.kernel_size} with padding {conv_.padding} is not an odd kernel with same padding"
-    if conv_.stride[0] != 1:
-        return f"temporal stride {conv_.stride[0]} (the fused convs stride space only)"
-    if conv_.stride[1] != conv_.stride[2] or conv_.kernel_size[1] != conv_.kernel_size[2]:
-        return f"a non-square spatial kernel {conv_.kernel_size[1:]} or stride {conv_.stride[1:]}"
-    if conv_.padding_mode != "zeros":
-        return f"padding_mode {conv_.padding_mode!r}"
-    return None
-
-
 def _why_left(conv_: nn.Conv3d) -> str:
     if _kind(conv_) is None:
         return f"kernel {tuple(conv_.kernel_size)} is neither 1xkxk nor kx1x1"
-    reason = _fusable_reason(conv_)
+    reason = fusable_reason(conv_)
     if reason is not None:
         return reason
     return f"a {_kind(conv_)} conv without a partner of the other kind right after it (through BatchNorm3d/ReLU)"
@@ -173,7 +172,7 @@ class _Run:
 def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str | None, str | None, int]:
     """The names of a BatchNorm3d at ``j`` and a ReLU after it (None where absent), and the index past them."""
     norm = relu = None
-    if j < len(children) and isinstance(children[j][1], nn.BatchNorm3d):
+    if j < len(children) and type(children[j][1]) is nn.BatchNorm3d:
         norm, j = children[j][0], j + 1
     if j < len(children) and isinstance(children[j][1], nn.ReLU):
         relu, j = children[j][0], j + 1
@@ -195,13 +194,13 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
             i += 1
             continue
         second_name, second = children[j]
-        reason = _fusable_reason(first)
+        reason = fusable_reason(first)
         if reason is not None:
             refused.append((name, reason))
             i += 1
             continue
         second_norm, second_relu, k = _norm_and_relu(children, j + 1)
-        second_reason = _fusable_reason(second)
+        second_reason = fusable_reason(second)
         if second_reason is not None:  # the second conv (and what follows it) stays as it is
             k = j + 1
             second_norm = second_relu = None
@@ -214,25 +213,35 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
     return runs, refused
 
 
-def _conv_block(conv_: nn.Conv3d, norm: nn.Module | None, relu: bool, x: torch.Tensor) -> torch.Tensor:
-    """``ReLU?(norm?(conv_(x)))`` as one fused conv."""
-    if norm is None:
-        return conv(conv_, x, relu=relu)
-    return conv_norm(conv_, norm, x, relu=relu)
+def _run_modules(modules: list[nn.Module], choice: planning.Choice, x: torch.Tensor, fused) -> torch.Tensor:
+    """A run under its plan's ``choice``: ``fused(x)`` (its convs as conv_bn calls), or its own modules in order."""
+    x = choice.to(x)
+    if choice.fused:
+        return fused(x, choice.request)
+    for module in modules:
+        x = module(x)
+    return x
+
+
+def _planned(owner: nn.Module, modules: list[nn.Module], x: torch.Tensor, fused) -> torch.Tensor:
+    """Runs ``modules`` (a run whose plan ``owner`` holds) as its plan chooses."""
+    choice = planning.decide(owner, x, lambda c, t: _run_modules(modules, c, t, fused), group=modules)
+    return _run_modules(modules, choice, x, fused)
 
 
 def _run_forward(container: nn.Module, run: _Run, x: torch.Tensor) -> torch.Tensor:
     get = container._modules.__getitem__
     modules = [get(n) for n in run.names]
-    if cpu_native(x, modules):  # the CPU's measured choice: the modules' own code here
-        for module in modules:
-            x = module(x)
-        return x
-    x = _conv_block(get(run.first), run.first_norm and get(run.first_norm), run.first_relu is not None, x)
-    if run.fuse_second:
+
+    def fused(x: torch.Tensor, backend: str) -> torch.Tensor:
+        first_norm = run.first_norm and get(run.first_norm)
+        x = conv_bn(x, get(run.first), first_norm, relu=run.first_relu is not None, backend=backend)
+        if not run.fuse_second:
+            return get(run.second)(x)
         second_norm = run.second_norm and get(run.second_norm)
-        return _conv_block(get(run.second), second_norm, run.second_relu is not None, x)
-    return get(run.second)(x)
+        return conv_bn(x, get(run.second), second_norm, relu=run.second_relu is not None, backend=backend)
+
+    return _planned(get(run.first), modules, x, fused)
 
 
 class _FusedSequentialMixin:
@@ -275,7 +284,7 @@ def _describe(run: _Run, container: nn.Module) -> str:
     return "(2+1)D run " + " -> ".join(part(n) for n in run.names)
 
 
-def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport, claimed: set[int]) -> None:
+def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport, claimed: set[int], options) -> None:
     runs, refused = _find_runs(list(seq._modules.items()))
     prefix = f"{name}." if name else ""
     for child, reason in refused:
@@ -286,7 +295,9 @@ def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport,
     seq.__class__ = _fused_class(type(seq), _FusedSequentialMixin)
     seq._lgd_runs = runs
     for run in runs:
-        report.converted.append((name, _describe(run, seq)))
+        description = _describe(run, seq)
+        planning.attach(seq._modules[run.first], "conv_run", description, backend=options[0], mode=options[1])
+        report.converted.append((name, description))
         claimed |= {id(seq._modules[n]) for n in (run.first, run.second) if run.fuse_second or n == run.first}
 
 
@@ -306,18 +317,20 @@ class _FusedAttributePairMixin:
         norm = getattr(self, "norm", None)
         activation = getattr(self, "activation", None)
         modules = [m for m in (first, norm, activation, second) if m is not None]
-        if cpu_native(x, modules):
-            for module in modules:
-                x = module(x)
-            return x
-        x = _conv_block(first, norm, activation is not None, x)
-        return conv(second, x)
+
+        def fused(x: torch.Tensor, backend: str) -> torch.Tensor:
+            x = conv_bn(x, first, norm, relu=activation is not None, backend=backend)
+            return conv_bn(x, second, backend=backend)
+
+        return _planned(self, modules, x, fused)
 
 
-def _convert_attribute_pair(name: str, module: nn.Module, report: ConversionReport, claimed: set[int]) -> None:
+def _convert_attribute_pair(
+    name: str, module: nn.Module, report: ConversionReport, claimed: set[int], options
+) -> None:
     norm, activation = getattr(module, "norm", None), getattr(module, "activation", None)
-    reasons = [r for r in (_fusable_reason(module.conv_t), _fusable_reason(module.conv_xy)) if r]
-    if norm is not None and not isinstance(norm, nn.BatchNorm3d):
+    reasons = [r for r in (fusable_reason(module.conv_t), fusable_reason(module.conv_xy)) if r]
+    if norm is not None and norm_reason(norm) is not None:
         reasons.append(f"its norm is {type(norm).__name__}, not BatchNorm3d")
     if activation is not None and not isinstance(activation, nn.ReLU):
         reasons.append(f"its activation is {type(activation).__name__}, not ReLU")
@@ -327,4 +340,6 @@ def _convert_attribute_pair(name: str, module: nn.Module, report: ConversionRepo
         return
     module.__class__ = _fused_class(type(module), _FusedAttributePairMixin)
     order = "conv_xy -> conv_t" if getattr(module, "conv_xy_first", False) else "conv_t -> conv_xy"
-    report.converted.append((name, f"(2+1)D module {order} with its norm and activation fused"))
+    description = f"(2+1)D module {order} with its norm and activation fused"
+    planning.attach(module, "conv_run", description, backend=options[0], mode=options[1])
+    report.converted.append((name, description))

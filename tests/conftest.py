@@ -5,6 +5,10 @@ import zlib
 import pytest
 import torch
 
+# Fast models made in tests take the execution plan's deterministic default (no timing decides a code path, so
+# every run takes the same one); tests of measured plans ask for plan="measure". Subprocesses inherit it.
+os.environ["LGD_FAST_PLAN"] = "default"
+
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (author_fixture, op_testing) import by name
 
 from op_testing import SEED  # noqa: E402

@@ -106,15 +106,22 @@ def unit_case_id(unit, variant, stride, shape, planes, mode, dtype, layout="cont
     return f"{unit}-{variant}-s{stride}-{'x'.join(map(str, shape))}-{planes}-{mode}-{dtype}-{layout}"
 
 
-def randomise_block(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
-    """Non-trivial BatchNorm parameters and running statistics, and a non-zero fc6 (so diffusion is live)."""
+def randomise_norms(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Non-trivial parameters and running statistics in every BatchNorm3d of ``module``."""
     with torch.no_grad():
-        for m in block.modules():
+        for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm3d):
                 m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
                 m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=gen))
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return module
+
+
+def randomise_block(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    """Non-trivial BatchNorm parameters and running statistics, and a non-zero fc6 (so diffusion is live)."""
+    randomise_norms(block, gen)
+    with torch.no_grad():
         block.fc6.weight.copy_(0.1 * torch.randn(block.fc6.weight.shape, generator=gen))
     return block
 

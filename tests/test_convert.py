@@ -7,6 +7,7 @@ attributes, ``conv_xy_first`` choosing the order).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -18,7 +19,8 @@ from foreign_models import Conv2Plus1D, r2plus1d
 from lgd_fast import create_model
 from lgd_fast.models import FastLGD3D
 from lgd_fast.models import p3d as p3d_module
-from lgd_fast.models.p3d import cpu_fused
+from lgd_fast.ops import conv_bn as conv_bn_module
+from lgd_fast.plan import forced as forced_plan
 
 
 def TinyR2Plus1D():  # noqa: N802 (a model constructor, named like one)
@@ -125,7 +127,7 @@ def test_r2plus1d_equals_the_original_eval_and_train(gen, forced):
     converted = lgd_fast.convert(copy.deepcopy(original))
     x = torch.randn(2, 3, 5, 33, 33, generator=gen)  # odd T, H, W; 17x17 frames after the stem
     if forced:
-        with cpu_fused():
+        with forced_plan():
             _check_equal(original, converted, x, gen)
     else:
         _check_equal(original, converted, x, gen)
@@ -144,9 +146,9 @@ def test_fused_convs_run_where_the_cpu_strategy_says(gen, monkeypatch):
         model(torch.randn(1, 3, 4, 12, 12, generator=gen))  # every run's input under 14x14: the modules' own convs
     assert calls == []
     hits = []
-    monkeypatch.setattr(p3d_module, "p3d_conv", lambda *a, **k: hits.append(k) or real_p3d(*a, **k))
+    monkeypatch.setattr(conv_bn_module, "p3d_conv", lambda *a, **k: hits.append(k) or real_p3d(*a, **k))
     real_p3d = lgd_fast.ops.p3d_conv
-    with cpu_fused():  # training forced onto the fused path: statistics from the conv epilogues
+    with forced_plan():  # training forced onto the fused path: statistics from the conv epilogues
         model.train()(torch.randn(1, 3, 4, 16, 16, generator=gen)).sum().backward()
     assert any(k.get("stats") for k in hits)
 
@@ -158,7 +160,7 @@ def test_pytorchvideo_style_module(gen, conv_xy_first):
     assert type(converted).__name__ == "FusedConv2plus1d" and isinstance(converted, Conv2plus1d)
     assert [name for name, _ in converted.conversion_report.converted] == [""]
     x = torch.randn(2, 8, 3, 16, 16, generator=gen)
-    with cpu_fused():
+    with forced_plan():
         _check_equal(original, converted, x, gen)
 
 
@@ -166,10 +168,10 @@ def test_unfusable_patterns_are_left_with_the_reason(gen):
     model = _pytorchvideo_pair(False, norm=nn.GroupNorm(3, 12))
     report = lgd_fast.convert(model).conversion_report
     assert not report.converted and "GroupNorm, not BatchNorm3d" in dict(report.left)[""]
-    seq = nn.Sequential(nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), bias=True), nn.Conv3d(4, 4, (3, 1, 1),
+    seq = nn.Sequential(nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), nn.Conv3d(4, 4, (3, 1, 1),
                         padding=(1, 0, 0), bias=False), nn.Conv3d(4, 4, 3, padding=1))  # fmt: skip
     left = dict(lgd_fast.convert(seq).conversion_report.left)
-    assert "bias" in left["0"] and "without a partner" in left["1"] and "(3, 3, 3) is neither" in left["2"]
+    assert "groups 2" in left["0"] and "without a partner" in left["1"] and "(3, 3, 3) is neither" in left["2"]
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         lgd_fast.convert("not a model")
 
@@ -202,3 +204,27 @@ def test_inference_mode_folds_and_moves_to_channels_last(gen):
         expected = original(x)
         got = converted(x.contiguous(memory_format=torch.channels_last_3d))
     assert _rel(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
+def test_convs_with_a_bias_are_fused_and_equal_the_original(gen, forced):
+    """A conv's bias rides in the fused conv's epilogue (shift), folded into the BatchNorm's shift in eval."""
+    def run(norm: bool) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=True), *([nn.BatchNorm3d(6)] if norm else []),
+            nn.ReLU(), nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0), bias=True), nn.ReLU(),
+        )  # fmt: skip
+
+    def context():
+        return forced_plan() if forced else contextlib.nullcontext()
+
+    x = torch.randn(2, 4, 5, 15, 15, generator=gen)
+    plain = _randomise(run(norm=False), gen)
+    converted = lgd_fast.convert(copy.deepcopy(plain))
+    assert len(converted.conversion_report.converted) == 1 and not converted.conversion_report.left
+    with context():  # both biases get real gradients here: outputs, input and every parameter gradient
+        _check_equal(plain, converted, x, gen)
+    normed = _randomise(run(norm=True), gen).eval()  # in training BatchNorm cancels the first bias: eval only
+    converted = lgd_fast.convert(copy.deepcopy(normed), inference=True)
+    with context(), torch.no_grad():
+        assert _rel(converted(x), normed(x)) < 1e-5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -9,9 +10,10 @@ import torch
 from torch import nn
 
 from lgd_fast import FastPathUnavailableError, create_model
+from lgd_fast import plan as plan_module
 from lgd_fast.models import FastLGD3D, LGDBlock, to_fast
 from lgd_fast.models import fast as fast_module
-from lgd_fast.models.p3d import cpu_fused
+from lgd_fast.plan import forced
 
 CL = torch.channels_last_3d
 
@@ -21,7 +23,7 @@ def fused_everywhere():
     """These tests check the fused path on every block, whatever its frame size (training units stay on the CPU's
     default, their own modules: tests/test_p3d_units.py covers the fused training units). On the CPU the default
     runs blocks with small frames on their own modules (measured faster); the default_strategy test checks it."""
-    with cpu_fused(training=False):
+    with forced(training=False):
         yield
 
 
@@ -245,18 +247,29 @@ def test_training_converges_alike(gen):
 
 
 def test_cpu_default_strategy_matches_reference(gen, monkeypatch):
-    """The CPU's default (cpu_fused with nothing forced): blocks with >= 14x14 input frames fused, smaller ones on
-    their own modules; the model still equals the reference, eval and train (outputs and every gradient)."""
-    with cpu_fused(training=False, small_frames=False):
+    """The CPU's default plan (nothing forced, no measurement): blocks with >= 14x14 input frames fused, smaller
+    ones on their own modules; the model still equals the reference, eval and train (outputs and every gradient)."""
+    with forced_stack_cleared():
         _check_default_strategy(gen, monkeypatch)
+
+
+@contextlib.contextmanager
+def forced_stack_cleared():
+    """Lifts this module's autouse forced() for one test: the plan decides as it would for a user."""
+    saved = list(plan_module._FORCED)
+    plan_module._FORCED.clear()
+    try:
+        yield
+    finally:
+        plan_module._FORCED[:] = saved
 
 
 def _check_default_strategy(gen, monkeypatch):
     fused_inputs = []
     real = fast_module.fused_block_forward
-    def counting(block, x, *args):
+    def counting(block, x, *args, **kwargs):
         fused_inputs.append(x.shape)
-        return real(block, x, *args)
+        return real(block, x, *args, **kwargs)
 
     monkeypatch.setattr(fast_module, "fused_block_forward", counting)
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")

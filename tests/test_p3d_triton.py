@@ -64,8 +64,8 @@ UNIT_LAYOUT = "channels_last_3d"  # the kernels' layout, so PyTorch's yardstick 
 def _interpreted_checks() -> dict:
     import p3d_cases
 
-    from lgd_fast.models.p3d import cpu_fused
     from lgd_fast.ops.p3d_conv import _TRITON_REGISTERED
+    from lgd_fast.plan import forced
     from op_testing import SEED
 
     assert _TRITON_REGISTERED, "the triton op did not register"
@@ -78,7 +78,7 @@ def _interpreted_checks() -> dict:
     for i, case in enumerate(UNIT_CASES):
         gen = torch.Generator().manual_seed(SEED + 1000 + i)
         scope = "block" if case[-1] == "float32" else "unit"
-        with cpu_fused():  # interpreted tensors live on the CPU, whose default training path is native
+        with forced():  # interpreted tensors live on the CPU, whose default training path is native
             draws = [
                 p3d_cases.run_unit_case(*case, gen=gen, scope=scope, layout=UNIT_LAYOUT)
                 for _ in range(UNIT_FP32_DRAWS if scope == "block" else UNIT_DRAWS)

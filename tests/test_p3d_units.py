@@ -15,16 +15,17 @@ import pytest
 import torch
 from p3d_cases import check_fp32_draws, check_pooled_ratio, randomise_block, run_unit_case, unit_case_id
 
+from lgd_fast import plan
 from lgd_fast.models import (
     FastP3DBasicBlock,
     FastP3DBottleneck,
     P3DBasicBlock,
     P3DBottleneck,
     create_model,
-    p3d,
     to_fast,
 )
-from lgd_fast.models.p3d import cpu_fused, to_fast_unit
+from lgd_fast.models.p3d import to_fast_unit
+from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.ops import p3d_conv
 
 # (unit, variant, stride, (N, C_in, T, H, W), planes): A/B/C at strides 1 and 2, identity and projection
@@ -56,7 +57,7 @@ CASES = [
 def test_fast_unit_matches_reference_block(case, gen):
     *geometry, layout = case
     scope = "block" if case[6] == "float32" else "unit"
-    with cpu_fused():  # the fused training path (the default CPU training path is the reference's own)
+    with plan.forced():  # the fused training path (the default CPU training path is the reference's own)
         draws = [
             run_unit_case(*geometry, gen=gen, scope=scope, layout=layout)
             for _ in range(FP32_DRAWS if scope == "block" else DRAWS)
@@ -107,11 +108,11 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
     """The measured CPU strategy: training runs the reference modules (ATen's BatchNorm), eval the fused convs."""
     block = to_fast_unit(randomise_block(P3DBottleneck(16, 4, variant="B", stride=2, global_reduction=4), gen))
     calls = []
-    monkeypatch.setattr(p3d, "p3d_conv", lambda *a, **k: calls.append(k) or p3d_conv(*a, **k))
+    monkeypatch.setattr(conv_bn_module, "p3d_conv", lambda *a, **k: calls.append(k) or p3d_conv(*a, **k))
     x = torch.randn(2, 16, 3, 15, 15, generator=gen)  # 15x15 frames: the CPU fuses such blocks (>= 14x14)
     block.train()(x, torch.randn(2, 16, generator=gen))
     assert calls == []
-    with cpu_fused():
+    with plan.forced():
         block(x, torch.randn(2, 16, generator=gen))
     assert calls and any(k.get("stats") for k in calls)
     onednn = []
@@ -135,6 +136,13 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
 @pytest.mark.parametrize(
     "size,expected", [(28, torch.channels_last_3d), (14, torch.channels_last_3d), (7, None), (4, None)]
 )
-def test_cpu_layout_rule(size, expected):
+def test_cpu_layout_rule(size, expected, gen):
+    """The plan's deterministic default: channels_last_3d and fused from 14x14 frames, contiguous below."""
     expected = expected or torch.contiguous_format
-    assert p3d.cpu_memory_format(size, size) == expected
+    model = create_model("lgd3d_tiny", 4, fast=True, plan="default").eval()
+    block = model.layer1[0]
+    x = torch.randn(1, 16, 2, size, size, generator=gen)
+    with torch.no_grad():
+        choice = plan.decide(block, x, lambda *a: pytest.fail("the default rule measures nothing"), None, None)
+    assert choice.to(x).is_contiguous(memory_format=expected)
+    assert choice.fused == choice.end == (expected == torch.channels_last_3d)

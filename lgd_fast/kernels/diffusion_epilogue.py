@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops._common import layout
 from ._common import _HAS_TRITON, available, interpreting, unavailable_reason
 from ._common import launch as _launch
 
@@ -269,10 +270,9 @@ def _split(rows: int, L: int) -> tuple[int, int]:
 
 
 def _layout(t: torch.Tensor) -> str:
-    if t.is_contiguous():
-        return "contiguous"
-    if t.is_contiguous(memory_format=torch.channels_last_3d):
-        return "channels_last_3d"
+    found = layout(t)
+    if found is not None:
+        return found
     raise ValueError(
         f"diffusion_epilogue (triton): tensor must be contiguous or channels_last_3d, strides {t.stride()}"
     )

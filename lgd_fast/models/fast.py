@@ -3,18 +3,19 @@
 In the reference, each block ends with BN (of the residual), + shortcut, + broadcast diffusion vector,
 ReLU, and the next block then pools the result again (five passes over the block's largest tensor).
 Here each block ends with one :func:`~lgd_fast.ops.diffusion_epilogue`, whose second output is the
-channel mean of the block's output: the next block's GAP, so no pooling pass runs anywhere after the
-stem (SPEC.md section 1, the note). The block's global path (six linears, an add, a ReLU) is one
+channel mean of the block's output: the next block's GAP, so no pooling pass runs between fused blocks
+(SPEC.md section 1, the note). The block's global path (six linears, an add, a ReLU) is one
 :func:`~lgd_fast.ops.global_update` call.
 
 Each block's residual unit and projection shortcut are the fast P3D units of :mod:`.p3d` (every conv with its
-BatchNorm, ReLU and addition in one :func:`~lgd_fast.ops.p3d_conv` pass). The unit's last BatchNorm becomes
+BatchNorm, ReLU and addition in one :func:`~lgd_fast.ops.conv_bn` pass). The unit's last BatchNorm becomes
 the epilogue's ``scale``/``shift``: from the last conv's batch statistics in training (gradients flow through
 them as through BatchNorm, and the running statistics are updated as BatchNorm updates them), from running
 statistics in eval. Modules, parameters and buffers are the reference's own: the fast model loads the very
-same state_dict, and :func:`to_fast` converts a reference model in place. On CPU tensors each block runs in
-the layout :func:`~lgd_fast.models.p3d.cpu_memory_format` picks for its frame size, and blocks with small
-frames run their own modules (:func:`~lgd_fast.models.p3d.cpu_block_is_fused`; both measured).
+same state_dict, and :func:`to_fast` converts a reference model in place.
+
+How the stem and each block run (units fused or not, block end fused or not, layout, backend) is the
+model's execution plan (:mod:`lgd_fast.plan`; ``model.execution_plan`` prints it).
 """
 
 from __future__ import annotations
@@ -23,36 +24,67 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import plan as planning
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
+from ..ops._common import memory_format
+from ..ops.conv_bn import batch_norm_affine, norm_reason
 from ..ops.global_update import block_weights
-from .blocks import LGDBlock
+from .blocks import LGDBlock, broadcast_to_positions
 from .networks import LGD3D
-from .p3d import (
-    batch_norm_affine,
-    check_fusable,
-    cpu_block_is_fused,
-    cpu_memory_format,
-    residual_body,
-    shortcut,
-    to_fast_unit,
-)
+from .p3d import check_fusable, reference_class, residual_body, shortcut, to_fast_unit, unit_note
+
+_EPILOGUE_BACKENDS = ("cuda", "cpp", "triton", "reference")
+_GLOBAL_BACKENDS = ("triton", "cpp", "reference")
 
 
 def fused_block_forward(
-    block: LGDBlock, x: torch.Tensor, g: torch.Tensor, x_mean: torch.Tensor
+    block: LGDBlock,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    x_mean: torch.Tensor,
+    *,
+    fused_units: bool = True,
+    backend: str = "auto",
+    op_backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One LGD block with a fused end: (x, g, GAP(x)) -> (x', g', GAP(x'))."""
-    r, stats = residual_body(block, x)
+    """One LGD block with a fused end: (x, g, GAP(x)) -> (x', g', GAP(x')). ``fused_units``: the P3D unit's convs
+    fused too (else its own modules); ``backend``: their conv backend; ``op_backend``: the plan's backend for
+    the block-end ops (passed where an op implements it)."""
+    r, stats = residual_body(block, x, fused=fused_units, backend=backend)
     scale, shift = batch_norm_affine(block.last_norm, r, stats)
-    s = shortcut(block, x)
+    s = shortcut(block, x, fused=fused_units, backend=backend)
     if s.dtype != r.dtype:  # under autocast the shortcut may stay float32 while convs give bfloat16
         s = s.to(r.dtype)
     # The global path in one call, in the weights' dtype (float32 under autocast too: it is (N, C) small).
     weights = block_weights(block)
-    g, d = global_update(x_mean.to(weights[0].dtype), g.to(weights[0].dtype), *weights)
-    s = s.contiguous(memory_format=_memory_format(r))
-    out, mean = diffusion_epilogue(r, s, d, scale, shift)
+    g, d = global_update(x_mean.to(weights[0].dtype), g.to(weights[0].dtype), *weights,
+                         backend=planning.op_backend(op_backend, _GLOBAL_BACKENDS))  # fmt: skip
+    s = s.contiguous(memory_format=memory_format(r))
+    out, mean = diffusion_epilogue(r, s, d, scale, shift, backend=planning.op_backend(op_backend, _EPILOGUE_BACKENDS))
     return out, g, mean
+
+
+def modules_block_forward(block: LGDBlock, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block as the reference computes it, on its own modules (LGDBlock.forward with the reference body)."""
+    r = reference_class(block).residual_body(block, x)
+    r = r if block.last_norm is None else block.last_norm(r)
+    s = x if block.downsample is None else block.downsample(x)
+    g = block.update_global(x, g)
+    return torch.relu(r + s + broadcast_to_positions(block.fc6(block.fc5(g)), r)), g
+
+
+def run_block(
+    block: LGDBlock, choice: planning.Choice, x: torch.Tensor, g: torch.Tensor, x_mean: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One block under its plan's ``choice``: (x, g, GAP(x) or None) -> (x', g', GAP(x') or None)."""
+    x = choice.to(x)
+    if not choice.end:
+        return (*modules_block_forward(block, x, g), None)
+    op_backend = block._lgd_plan.backend
+    if x_mean is None:
+        x_mean = global_avg_pool(x, backend=planning.op_backend(op_backend, ("cpp", "reference")))
+    return fused_block_forward(block, x, g, x_mean, fused_units=choice.fused, backend=choice.request,
+                               op_backend=op_backend)  # fmt: skip
 
 
 # nn.MaxPool3d's settings in the LGD-3D stem, which max_pool_1x3x3 computes.
@@ -72,53 +104,40 @@ def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     return out.maximum(rows[..., 2 : 2 * h_out + 1 : 2, :])
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 class FastLGD3D(LGD3D):
     """LGD-3D whose blocks end in the fused diffusion epilogue; same modules and state_dict as LGD3D."""
+
+    @property
+    def execution_plan(self) -> planning.ExecutionPlan:
+        """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
+        return planning.ExecutionPlan(self)
 
     def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
         self.check_input(x)
-        x = self._cpu_stem(x) if x.device.type == "cpu" else self.stem(x)
+        stem = planning.decide(self, x, self._run_stem, frames=self._stem_output_size(*x.shape[3:]))
+        x = self._run_stem(stem, x)
         x_mean = global_avg_pool(x)
         g = x_mean
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                if x.device.type == "cpu":  # the layout measured fastest for this block's frame size
-                    x = x.contiguous(memory_format=cpu_memory_format(*x.shape[3:]))
-                if cpu_block_is_fused(x):
-                    if x_mean is None:
-                        x_mean = global_avg_pool(x)
-                    x, g, x_mean = fused_block_forward(block, x, g, x_mean)
-                else:  # small frames on the CPU: the block's own modules (measured faster, see cpu_block_is_fused)
-                    x, g = block(x, g)
-                    x_mean = None
+                choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean)
+                x, g, x_mean = run_block(block, choice, x, g, x_mean)
         return x, g, (global_avg_pool(x) if x_mean is None else x_mean)
 
-    def _cpu_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference stem (conv1, bn1, ReLU, max-pool) in the layouts measured fastest on the CPU.
+    def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
+        """The reference stem (conv1, bn1, ReLU, max-pool) in the plan's layout.
 
-        ATen's 1x3x3 max-pool is about 10x slower on contiguous tensors than on channels_last_3d ones. In
-        training the whole stem runs channels-last (fastest at every clip size measured). At inference conv1
-        runs in the first block's layout, and before contiguous blocks the pool is :func:`max_pool_1x3x3` (a
-        separable max over strided views, exactly equal): on (16, 16, 8, 16, 16) (lgd3d_tiny's stem at
-        16x32x32, batch 16) it took 0.45 ms, ATen's contiguous pool 2.08 ms, the round trip through
-        channels-last 0.52 ms; on channels-last input ATen's pool is the fastest (0.20 ms there, 2.06 ms vs
-        7.7 ms on R50's (4, 64, 8, 56, 56)).
+        ATen's 1x3x3 max-pool is about 10x slower on contiguous tensors than on channels_last_3d ones; in eval a
+        contiguous stem pools with :func:`max_pool_1x3x3` (a separable max over strided views, exactly equal):
+        on (16, 16, 8, 16, 16) (lgd3d_tiny's stem at 16x32x32, batch 16) it took 0.45 ms, ATen's contiguous pool
+        2.08 ms, the round trip through channels-last 0.52 ms; on channels-last input ATen's pool is the fastest
+        (0.20 ms there, 2.06 ms vs 7.7 ms on R50's (4, 64, 8, 56, 56)).
         """
-        first_block = cpu_memory_format(*self._stem_output_size(*x.shape[3:]))
-        if self.training:
-            x = self.conv1(x.contiguous(memory_format=torch.channels_last_3d))
-            return self.maxpool(torch.relu(self.bn1(x)))
-        x = torch.relu(self.bn1(self.conv1(x.contiguous(memory_format=first_block))))
+        x = torch.relu(self.bn1(self.conv1(choice.to(x))))
         pool = self.maxpool
         settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
-        if first_block == torch.contiguous_format and settings == _STEM_POOL:
+        if not self.training and choice.layout == planning.CONTIGUOUS and settings == _STEM_POOL:
             return max_pool_1x3x3(x)
         return pool(x)
 
@@ -139,8 +158,10 @@ class FastLGD3D(LGD3D):
         return self.forward_head(local_map, g, local_mean=local_mean)
 
 
-def to_fast(model: nn.Module) -> FastLGD3D:
-    """Turn a reference LGD-3D into the fast model in place (same modules, parameters and buffers).
+def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D:
+    """Turn a reference LGD-3D into the fast model in place (same modules, parameters and buffers), with its
+    execution plan (:mod:`lgd_fast.plan`): ``backend`` (conv and block-end backends, else ``$LGD_FAST_BACKEND``,
+    else ``auto``) and ``plan`` (``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``, else measure).
 
     Raises a TypeError for models the fused path does not cover yet (LGD-2D, or a network whose
     blocks end in another normalisation than BatchNorm3d).
@@ -149,12 +170,16 @@ def to_fast(model: nn.Module) -> FastLGD3D:
         raise TypeError(
             f"the fast path covers LGD-3D models; got {type(model).__name__} (LGD-2D has no fused path yet)"
         )
+    backend, mode = planning.resolve_options(backend, plan)
     blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, LGDBlock)]
     for name, module in blocks:
-        if not isinstance(module.last_norm, nn.BatchNorm3d | None):
+        if norm_reason(module.last_norm) is not None:
             raise TypeError(f"{name}: the fused block end folds BatchNorm3d only, got {type(module.last_norm)}")
         check_fusable(module, name)
     for name, module in blocks:
-        to_fast_unit(module, name)
+        to_fast_unit(module, name, backend=backend, plan=mode)
+        note = f"LGD block, {unit_note(module)}; block end as one diffusion_epilogue"
+        planning.attach(module, "lgd_block", note, backend=backend, mode=mode)
     model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
+    planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool): its layout", backend=backend, mode=mode)
     return model

@@ -54,7 +54,14 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def create_model(
-    name: str, num_classes: int, *, classifier: str = "kernel", fast: bool = False, **options
+    name: str,
+    num_classes: int,
+    *,
+    classifier: str = "kernel",
+    fast: bool = False,
+    backend: str | None = None,
+    plan: str | None = None,
+    **options,
 ) -> nn.Module:
     """Build a registered LGD model.
 
@@ -65,19 +72,24 @@ def create_model(
             (the author's module: local and global linear heads).
         fast: return the fast model (:class:`FastLGD3D`: every block ends in the fused diffusion epilogue;
             same modules and state_dict). LGD-3D only for now; LGD-2D raises FastPathUnavailableError.
+        backend, plan: the fast model's execution plan (:mod:`lgd_fast.plan`): the conv and block-end backend
+            (else ``$LGD_FAST_BACKEND``, else auto) and ``"measure"`` or ``"default"`` (else ``$LGD_FAST_PLAN``,
+            else measure). ``model.execution_plan`` prints it.
         **options: forwarded to the network (``early_stride``, ``dropout``, ``sketch_dim``, ``widths``,
             ``global_reduction``, ``norm_layer``, ...).
     """
     entry = model_entry(name)
     model = entry.builder(num_classes=num_classes, classifier=classifier, **options)
     if not fast:
+        if backend is not None or plan is not None:
+            raise ValueError("create_model: backend= and plan= are options of the fast model (fast=True)")
         return model
     if not isinstance(model, LGD3D):
         raise FastPathUnavailableError(
             f"fast=True is not available yet for {name!r}: the fused block end covers LGD-3D models only. "
             "Use fast=False for the reference model (it loads the same state_dict)."
         )
-    return to_fast(model)
+    return to_fast(model, backend=backend, plan=plan)
 
 
 _CLIP = (3, 16, 112, 112)  # LGD-3D: 16-frame clips at 112 x 112 (SPEC.md section 5)

@@ -9,7 +9,7 @@
 ``weight`` is (C_out, C_in, KT, KH, KW) with odd extents: the spatial 1xkxk conv, the temporal kx1x1 conv
 (variant B's takes the spatial stride too) and the pointwise 1x1x1 conv of a P3D ResNet. Folded eval
 BatchNorm is ``scale``/``shift``; in training, ``stats`` gives BatchNorm its batch statistics without a
-separate pass over ``out`` (``batch_norm_affine`` in ``lgd_fast.models.p3d``). Statistics are of
+separate pass over ``out`` (``batch_norm_affine`` in ``lgd_fast.ops.conv_bn``). Statistics are of
 the value before the ReLU, as BatchNorm needs, so ``stats`` with ``relu`` is refused.
 
 Backends (``lgd_fast.ops._backend``): ``triton`` (CUDA tensors; implicit-GEMM kernels in
@@ -17,8 +17,8 @@ Backends (``lgd_fast.ops._backend``): ``triton`` (CUDA tensors; implicit-GEMM ke
 gradients), ``onednn`` (CPU tensors: at inference one oneDNN convolution primitive with the scale folded into
 the weight, the shift as its bias and the residual addition and ReLU as post-ops; with autograd or
 statistics, ATen's convolution and the epilogue as tensor ops, which autograd differentiates), and
-``reference`` (plain PyTorch, below). The measured choice of layout on the CPU is the model's
-(``lgd_fast.models.p3d``), not the op's: ``onednn`` keeps ``x``'s layout, ``triton`` writes channels_last_3d.
+``reference`` (plain PyTorch, below). The choice of layout is the model's execution plan
+(``lgd_fast.plan``), not the op's: ``onednn`` keeps ``x``'s layout, ``triton`` writes channels_last_3d.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
+from ._common import memory_format
 
-__all__ = ["p3d_conv", "p3d_conv_reference"]
+__all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend"]
 
 OP_NAME = "p3d_conv"
 _BACKENDS = ("triton", "onednn", "reference")
@@ -129,10 +130,25 @@ def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
         )
 
 
+def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The conv's tensors (input, weight, residual) in the autocast dtype when ``torch.autocast`` is on for
+    ``device_type``, as autocast casts a conv's; else as they are. (The direct oneDNN calls of
+    :mod:`lgd_fast.ops.conv_bn` bypass the dispatcher's autocast, so both paths cast here.)"""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _supports(backend: str, x: torch.Tensor) -> str | None:
     if x.dtype not in _DTYPES[backend]:
         return f"dtype {x.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
     return None
+
+
+def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """The backend :func:`p3d_conv` runs for input ``x`` when asked for ``backend`` (as it would choose it)."""
+    return _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_supports)
 
 
 def p3d_conv(
@@ -161,11 +177,8 @@ def p3d_conv(
         RuntimeError: the backend asked for cannot run here.
     """
     _check(x, weight, stride, scale, shift, residual, relu, stats)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        residual = None if residual is None else residual.to(dtype)
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_supports)
+    x, weight, residual = autocast_inputs(x.device.type, x, weight, residual)
+    choice = resolve_backend(x, backend)
     if choice != "reference" and (reason := _supports(choice, x)) is not None:
         raise TypeError(f"{OP_NAME}: backend {choice!r} does not take this input: {reason}")
     if choice == "triton":
@@ -209,12 +222,6 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
 
 
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 @torch.library.custom_op("lgd_fast::p3d_conv_onednn", mutates_args=())
 def _onednn_inference(
     x: torch.Tensor,
@@ -234,7 +241,7 @@ def _onednn_inference(
         return torch.ops.mkldnn._convolution_pointwise.default(
             x, w, bias, padding, strides, [1, 1, 1], 1, "relu" if relu else "none", [], ""
         )
-    layout = _layout(x)
+    layout = memory_format(x)
     # On contiguous bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16: ReLU after it.
     fused_relu = relu and (x.dtype == torch.float32 or layout == torch.channels_last_3d)
     out = torch.ops.mkldnn._convolution_pointwise.binary(
@@ -248,7 +255,7 @@ def _onednn_inference(
 def _(x, weight, scale, shift, residual, stride, relu):
     n, _, t, h, w = x.shape
     shape = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    return x.new_empty(shape).contiguous(memory_format=_layout(x))
+    return x.new_empty(shape).contiguous(memory_format=memory_format(x))
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------

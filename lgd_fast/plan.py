@@ -1,0 +1,412 @@
+"""The execution plan of a fast model: how each layer runs, decided in this one file.
+
+When a model is made fast (``create_model(..., fast=True)``, :func:`lgd_fast.models.to_fast`,
+:func:`lgd_fast.convert`), every layer that can run fused gets a :class:`LayerPlan` (``module._lgd_plan``):
+its kind, the conv backend asked for (``backend=``, else ``$LGD_FAST_BACKEND``, else ``auto``) and the plan
+mode (``plan=``, else ``$LGD_FAST_PLAN``, else ``"measure"``). How the layer runs is a :class:`Choice`:
+
+- ``fused``: its convolutions as :func:`lgd_fast.ops.conv_bn` (BatchNorm, residual add and ReLU in the conv's
+  epilogue), or its own modules;
+- ``end`` (LGD blocks in the fast LGD-3D): the block end (last BN, shortcut add, diffusion add, ReLU and the
+  next block's pooling) as one :func:`~lgd_fast.ops.diffusion_epilogue`, or the block's own code;
+- ``layout``: the memory format the layer's input is put in (``as_input``: left as it comes);
+- ``backend``: the conv backend the fused convs run on for that device (``modules`` when not fused).
+
+A choice is made on a layer's first call for each key (device, mode, autocast dtype, input dtype, shape and
+layout; mode is ``train`` when a BatchNorm of the layer uses batch statistics, else ``eval`` or ``eval+grad``)
+and kept on the layer, so no forward decides anything again:
+
+- ``measure`` (the default): every candidate is timed on the call's own input (one warm-up, then at least
+  :data:`REPEATS` rounds of interleaved calls, more for fast layers; each candidate's fastest call counts,
+  since interference only slows a call down; forward only with no grad, forward and backward otherwise,
+  running statistics restored afterwards), and the fastest is kept unless it beats the default by less than
+  :data:`MARGIN` (timing noise should not flip a choice). Identical layers (same class, variant, parameter
+  shapes and strides) share one measurement, as inductor's autotuning caches a choice by shape.
+- ``default``, and whenever measuring is not possible (under ``torch.compile`` tracing, where a choice already
+  measured for the key is still used; with ``torch.distributed`` initialised, since ranks could pick
+  different code): a deterministic rule, measured once on this project's 2-core CPU
+  (``benchmarks/run_p3d_cpu.py``, ``benchmarks/results/p3d_cpu.json``). Off the CPU: fused, end fused, as
+  the input comes. On the CPU: layers whose input frames have at least :data:`CPU_FUSED_MIN_PIXELS` (14x14)
+  pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
+  4x4 and below); smaller ones run their own modules, contiguous; in training the P3D units' convs run as
+  their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units) while the block end
+  stays fused. The stem follows the first block's layout (channels-last in training).
+
+:func:`forced` overrides every choice (tests use it to check the fused code on this CPU). A measured plan
+can differ between processes (timing); ``plan="default"`` (or ``LGD_FAST_PLAN=default``) makes the code path,
+and so the result bit for bit, the same in every run. ``model.execution_plan`` (or :func:`execution_plan`)
+prints the plan; ``lgd-fast plan MODEL`` resolves and prints one for an input size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .ops import _backend
+from .ops._common import layout as layout_of
+from .ops.conv_bn import uses_batch_stats
+from .ops.p3d_conv import resolve_backend
+
+__all__ = [
+    "CPU_FUSED_MIN_PIXELS",
+    "ENV_VAR",
+    "MARGIN",
+    "REPEATS",
+    "Choice",
+    "ExecutionPlan",
+    "LayerPlan",
+    "attach",
+    "decide",
+    "execution_plan",
+    "forced",
+    "op_backend",
+]
+
+ENV_VAR = "LGD_FAST_PLAN"
+MODES = ("measure", "default")
+CPU_FUSED_MIN_PIXELS = 14 * 14
+REPEATS = 3  # timed calls per candidate at least; more, up to MAX_REPEATS, while under MIN_SECONDS in all
+MAX_REPEATS = 10
+MIN_SECONDS = 0.2
+MARGIN = 0.05
+CL, CONTIGUOUS, AS_INPUT = "channels_last_3d", "contiguous", "as_input"
+_FORMATS = {CL: torch.channels_last_3d, CONTIGUOUS: torch.contiguous_format}
+# The conv backends p3d_conv implements; the plan's backend goes to an op only where the op implements it.
+CONV_BACKENDS = ("triton", "onednn", "reference")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one layer runs for one key (see the module docstring)."""
+
+    fused: bool
+    end: bool
+    layout: str
+    backend: str  # what the fused convs run on (as resolved for the input), or "modules"
+    why: str
+    request: str = "auto"  # what the fused convs are asked for: the plan's backend where p3d_conv has it
+
+    def to(self, x: torch.Tensor) -> torch.Tensor:
+        """x in this choice's layout."""
+        return x if self.layout == AS_INPUT else x.contiguous(memory_format=_FORMATS[self.layout])
+
+    def label(self, kind: str) -> str:
+        if kind == "lgd_block":
+            return {(True, True): "convs+end", (False, True): "end only", (False, False): "modules"}.get(
+                (self.fused, self.end), "convs, own end"
+            )
+        if kind == "stem":
+            return "modules"
+        return "convs" if self.fused else "modules"
+
+
+@dataclass
+class LayerPlan:
+    """A layer's plan: what it is, what can be fused, the backend and mode asked for, and its choices by key."""
+
+    kind: str  # "lgd_block", "p3d_unit", "conv_run" or "stem"
+    backend: str  # "auto" or a backend name, as asked when the model was made fast
+    mode: str  # "measure" or "default"
+    note: str  # what the layer is and what its fused code covers
+    choices: dict[tuple, Choice] = field(default_factory=dict)
+
+
+def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
+    """(backend, plan mode) from the arguments, else ``$LGD_FAST_BACKEND`` / ``$LGD_FAST_PLAN``, else auto /
+    measure. Read once, when a model is made fast."""
+    backend = _backend.requested_backend(backend)
+    mode = (plan if plan is not None else os.environ.get(ENV_VAR, "measure")).strip().lower() or "measure"
+    if mode not in MODES:
+        source = "plan argument" if plan is not None else f"${ENV_VAR}"
+        raise ValueError(f"{source} is {mode!r}; expected one of: {', '.join(MODES)}")
+    return backend, mode
+
+
+def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str) -> LayerPlan:
+    """Gives ``module`` its plan (kept when it already has one of the same kind, so converting twice re-uses it)."""
+    existing = getattr(module, "_lgd_plan", None)
+    if isinstance(existing, LayerPlan) and existing.kind == kind and (existing.backend, existing.mode) == (
+        backend, mode):  # fmt: skip
+        return existing
+    plan = LayerPlan(kind, backend, mode, note)
+    module._lgd_plan = plan
+    return plan
+
+
+def op_backend(layer_backend: str, op_backends: Sequence[str]) -> str:
+    """What to pass an op's ``backend=``: the layer's backend where the op implements it, else ``"auto"``."""
+    return layer_backend if layer_backend in op_backends else _backend.AUTO
+
+
+# ---- overrides ----------------------------------------------------------------------------------------------
+
+_FORCED: list[dict[str, bool]] = []
+
+
+@contextlib.contextmanager
+def forced(*, fused: bool = True, training: bool = True) -> Iterator[None]:
+    """Within the block, every layer takes its fused code (``fused=True``) or its own modules
+    (``fused=False``), whatever its plan says; ``training=False`` leaves P3D units and conv runs in training
+    on their own modules (the block end stays fused). Layouts follow the default rule. Nothing is recorded."""
+    _FORCED.append({"fused": fused, "training": training})
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
+# ---- the decision ---------------------------------------------------------------------------------------------
+
+
+def _mode(group: Sequence[nn.Module]) -> str:
+    modules = [m for g in group for m in g.modules()]
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(m) for m in modules):
+        return "train"
+    if torch.is_grad_enabled() and any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
+        return "eval+grad"
+    return "eval"
+
+
+def _conv_backend(layer_backend: str, x: torch.Tensor) -> str:
+    """The p3d_conv backend the fused convs run on for x (an explicit one that cannot run raises)."""
+    return resolve_backend(x, op_backend(layer_backend, CONV_BACKENDS))
+
+
+def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int], request: str):
+    """The deterministic rule (module docstring); ``frames``: the (H, W) the rule looks at."""
+    return replace(_default_rule(plan, x, mode, backend, frames), request=request)
+
+
+def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:
+    if x.device.type != "cpu":
+        return Choice(True, True, AS_INPUT, backend, f"default off the CPU: fused on {backend}")
+    big = frames[0] * frames[1] >= CPU_FUSED_MIN_PIXELS
+    pixels = f"{frames[0]}x{frames[1]} frames {'>=' if big else '<'} 14x14"
+    if plan.kind == "stem":
+        layout = CL if mode == "train" or big else CONTIGUOUS
+        return Choice(False, False, layout, "modules", f"default: the first block's layout ({pixels} after it)")
+    if plan.kind == "lgd_block":
+        if not big:
+            return Choice(False, False, CONTIGUOUS, "modules", f"default: {pixels}: own modules")
+        if mode == "train":
+            return Choice(False, True, CL, "modules", f"default: {pixels}; training units on own modules")
+        return Choice(True, True, CL, backend, f"default: {pixels}")
+    if not big:
+        return Choice(False, False, AS_INPUT, "modules", f"default: {pixels}: own modules")
+    if mode == "train":
+        return Choice(False, False, AS_INPUT, "modules", "default: training on own modules")
+    return Choice(True, False, AS_INPUT, backend, f"default: {pixels}")
+
+
+def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str) -> Choice:
+    force = _FORCED[-1]
+    if plan.kind == "stem":
+        return default
+    fused = force["fused"] and (mode != "train" or force["training"])
+    end = force["fused"] and plan.kind == "lgd_block"
+    return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why="forced")
+
+
+def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str) -> list[Choice]:
+    if plan.kind == "stem":
+        layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (AS_INPUT,)
+        return [Choice(False, False, lay, "modules", "") for lay in layouts]
+    if plan.kind == "lgd_block":
+        layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (CL, AS_INPUT)
+        shapes = ((True, True, backend), (False, True, "modules"), (False, False, "modules"))
+        return [Choice(f, e, lay, b, "") for f, e, b in shapes for lay in layouts]
+    return [Choice(True, False, AS_INPUT, backend, ""), Choice(False, False, AS_INPUT, "modules", "")]
+
+
+# identical layers share a measurement: (signature, key) -> Choice
+_MEASURED: dict[tuple, Choice] = {}
+
+
+def _signature(group: Sequence[nn.Module]) -> tuple:
+    modules = [m for g in group for m in g.modules()]
+    convs = tuple((tuple(m.weight.shape), m.stride, m.bias is not None) for m in modules if isinstance(m, nn.Conv3d))
+    kinds = tuple((type(m).__qualname__, getattr(m, "variant", None)) for m in modules)
+    return kinds, convs, tuple(tuple(p.shape) for m in modules for p in m.parameters(recurse=False))
+
+
+def decide(
+    owner: nn.Module,
+    x: torch.Tensor,
+    runner: Callable[..., Any],
+    *args: Any,
+    group: Sequence[nn.Module] | None = None,
+    frames: tuple[int, int] | None = None,
+) -> Choice:
+    """The choice for the layer whose plan ``owner`` holds, on input ``x``: the plan's choice for this key, made
+    now if it has none. ``runner(choice, x, *args)`` runs the layer under a candidate (for measuring);
+    ``group``: the layer's modules when they are not ``owner``'s own (a conv run); ``frames``: the (H, W) the
+    default rule looks at, where not x's (the stem's output)."""
+    plan: LayerPlan = owner._lgd_plan
+    return _decide(plan, owner, x, runner, args, group, frames)
+
+
+def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
+    group = (owner,) if group is None else group
+    mode = _mode(group)
+    frames = tuple(x.shape[-2:]) if frames is None else frames
+    request = op_backend(plan.backend, CONV_BACKENDS)
+    if _FORCED:
+        backend = _conv_backend(plan.backend, x)
+        return _forced_choice(plan, _default(plan, x, mode, backend, frames, request), mode, backend)
+    device = x.device.type
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    key = (device, mode if amp is None else f"{mode} autocast {str(amp).removeprefix('torch.')}", x.dtype,
+           tuple(x.shape), layout_of(x))  # fmt: skip
+    choice = plan.choices.get(key)
+    if choice is not None:
+        return choice
+    backend = _conv_backend(plan.backend, x)
+    default = _default(plan, x, mode, backend, frames, request)
+    if torch.compiler.is_compiling():
+        return default
+    if plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        signature = (_signature(group), plan.kind, plan.backend, key)
+        choice = _MEASURED.get(signature)
+        if choice is None:
+            candidates = [replace(c, request=request) for c in _candidates(plan, x, backend)]
+            choice = _measure(group, plan, mode, default, candidates, runner, (x, *args))
+            _MEASURED[signature] = choice
+    else:
+        choice = default
+    plan.choices[key] = choice
+    return choice
+
+
+def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
+    """Times every candidate on ``inputs`` (module docstring); the layer's buffers are restored after."""
+    x = inputs[0]
+    backward = mode != "eval"
+    buffers = [b for g in group for b in g.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    params = [p for g in group for p in g.parameters() if p.requires_grad] if backward else []
+    gen = torch.Generator().manual_seed(0)  # upstream gradients; the global RNG is left alone
+    upstream: dict[tuple, torch.Tensor] = {}
+
+    def call(choice: Choice) -> None:
+        args = [a.detach().requires_grad_(backward and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                for a in inputs]  # fmt: skip
+        with torch.enable_grad() if backward else torch.no_grad():
+            outs = runner(choice, *args)
+            if backward:
+                outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o is not None and o.requires_grad]
+                grads = []
+                for o in outs:
+                    k = (tuple(o.shape), o.dtype)
+                    if k not in upstream:
+                        upstream[k] = torch.randn(o.shape, generator=gen).to(o.dtype).to(o.device)
+                    grads.append(upstream[k].contiguous(memory_format=_same_format(o)))
+                wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + params
+                torch.autograd.grad(outs, wrt, grads, allow_unused=True)
+
+    from .bench import time_interleaved  # the project's one timer (lgd_fast.bench imports the package)
+
+    calls = {i: (lambda c=c: call(c)) for i, c in enumerate(candidates)}
+    try:
+        _, warmup = time_interleaved(calls, repeats=0, warmup=1, device=x.device)  # folds weights, fills caches
+        rounds = int(MIN_SECONDS / max(sum(warmup.values()), 1e-9))
+        times, _ = time_interleaved(calls, repeats=min(max(rounds, REPEATS), MAX_REPEATS), device=x.device)
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+    best_times = [min(times[i]) for i in range(len(candidates))]  # interference only ever slows a call down
+    best = min(range(len(candidates)), key=best_times.__getitem__)
+    shape = (default.fused, default.end, default.layout)
+    same = [i for i, c in enumerate(candidates) if (c.fused, c.end, c.layout) == shape]
+    if same and best_times[best] > (1 - MARGIN) * best_times[same[0]]:
+        best = same[0]  # within the margin of the default: keep the default
+    pairs = zip(candidates, best_times, strict=True)
+    summary = ", ".join(f"{c.label(plan.kind)}/{c.layout} {1e3 * t:.2f}" for c, t in pairs)
+    return replace(candidates[best], why=f"measured (ms): {summary}")
+
+
+def _same_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if layout_of(t) == CL else torch.contiguous_format
+
+
+# ---- printing -------------------------------------------------------------------------------------------------
+
+
+def _describe_key(key: tuple) -> str:
+    device, mode, dtype, shape, lay = key
+    return f"{device} {mode} {str(dtype).removeprefix('torch.')} {'x'.join(map(str, shape))} {lay or 'strided'}"
+
+
+class ExecutionPlan:
+    """The plan of every planned layer of a model, in module order; ``str()`` prints it as a table."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def layers(self) -> list[tuple[str, LayerPlan]]:
+        return [(n, m.__dict__["_lgd_plan"]) for n, m in self.model.named_modules() if "_lgd_plan" in m.__dict__]
+
+    def resolve(self, x: torch.Tensor, *, training: bool = False) -> ExecutionPlan:
+        """Makes the choices for input ``x``: one forward (and backward with ``training``) in that mode; the
+        model's mode, buffers and gradients are left as they were."""
+        model = self.model
+        was_training = model.training
+        saved = [b.detach().clone() for b in model.buffers()]
+        grads = [p.grad for p in model.parameters()]
+        try:
+            model.train(training)
+            if training:
+                out = model(x)
+                outs = out if isinstance(out, tuple) else (out,)
+                torch.autograd.backward([o.float().sum() for o in outs])
+            else:
+                with torch.no_grad():
+                    model(x)
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), saved, strict=True):
+                    b.copy_(s)
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g
+        return self
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, plan in self.layers():
+            row = {"layer": name or "(model)", "kind": plan.kind, "backend": plan.backend, "mode": plan.mode,
+                   "fuses": plan.note, "choices": []}  # fmt: skip
+            for key, c in plan.choices.items():
+                row["choices"].append({"input": _describe_key(key), "runs": c.label(plan.kind), "layout": c.layout,
+                                       "backend": c.backend, "why": c.why})  # fmt: skip
+            rows.append(row)
+        return rows
+
+    def __str__(self) -> str:
+        layers = self.layers()
+        if not layers:
+            return f"{type(self.model).__name__}: no planned layers (nothing was made fast)"
+        _, first = layers[0]
+        lines = [f"execution plan of {type(self.model).__name__} ({len(layers)} planned layers; plan {first.mode}, "
+                 f"backend {first.backend})"]  # fmt: skip
+        for name, plan in layers:
+            lines.append(f"{name or '(model)'}: {plan.note}")
+            if not plan.choices:
+                lines.append("    not decided yet: decided on first use for each input shape (ExecutionPlan.resolve)")
+            for key, c in plan.choices.items():
+                lines.append(f"    {_describe_key(key)}: {c.label(plan.kind)}, {c.layout}, {c.backend}; {c.why}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def execution_plan(model: nn.Module) -> ExecutionPlan:
+    """The :class:`ExecutionPlan` of a model made fast (its planned layers' choices so far)."""
+    return ExecutionPlan(model)

@@ -1,0 +1,201 @@
+"""lgd_fast.ops.conv_bn (a model's Conv3d + BatchNorm3d + residual + ReLU as one fused conv) against its modules.
+
+Every case: the fused call and the modules at the case's dtype, both against the modules in float64, eval
+(folded running statistics) and train (batch statistics from the conv), with and without a conv bias, forward,
+every gradient (input, residual, conv weight and bias, BatchNorm weight and bias) and the running statistics.
+fp32 within 1e-5 (outputs) / 1e-4 (gradients) in every draw but the single worst; bf16 under the 2x-PyTorch
+rule pooled over fresh draws (p3d_cases.check_pooled_ratio says why single draws are noise).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from p3d_cases import check_fp32_draws, check_pooled_ratio, rel
+from torch import nn
+
+from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason
+
+# (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu); odd sizes, both strides
+CASES = [
+    ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True),
+    ((3, 1, 1), 2, (1, 7, 5, 9, 9), 5, True, True, True, True),
+    ((1, 1, 1), 1, (3, 4, 1, 5, 5), 7, True, False, True, False),
+    ((3, 3, 3), 1, (2, 3, 5, 7, 7), 4, True, True, False, False),
+    ((1, 3, 3), 2, (1, 6, 3, 15, 15), 5, False, True, True, True),
+]
+MODES = ("eval", "train")
+DTYPES = ("float32", "bfloat16")
+LAYOUTS = ("contiguous", "channels_last_3d")
+FP32_DRAWS, BF16_DRAWS = 3, 12
+
+
+def _case_id(case, mode, dtype, layout) -> str:
+    kernel, stride, shape, co, bias, norm, residual, relu = case
+    parts = ["x".join(map(str, kernel)), f"s{stride}", "x".join(map(str, shape)), f"co{co}"]
+    parts += [name for name, on in (("bias", bias), ("bn", norm), ("res", residual), ("relu", relu)) if on]
+    return "-".join([*parts, mode, dtype, layout])
+
+
+def _modules(case, gen):
+    kernel, stride, shape, co, bias, norm, _, _ = case
+    conv = nn.Conv3d(shape[1], co, kernel, stride=(1, stride, stride), padding=tuple(k // 2 for k in kernel), bias=bias)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5)
+        if bias:
+            conv.bias.copy_(torch.randn(co, generator=gen))
+    bn = None
+    if norm:
+        bn = nn.BatchNorm3d(co)
+        with torch.no_grad():
+            bn.weight.copy_(0.5 + torch.rand(co, generator=gen))
+            bn.bias.copy_(0.2 * torch.randn(co, generator=gen))
+            bn.running_mean.copy_(0.3 * torch.randn(co, generator=gen))
+            bn.running_var.copy_(0.5 + torch.rand(co, generator=gen))
+    return conv, bn
+
+
+def _run(conv, bn, x, residual, relu, upstream, fused):
+    """Output, gradients of every input and parameter, running statistics: the fused call or the modules."""
+    x = x.clone().requires_grad_()
+    residual = None if residual is None else residual.clone().requires_grad_()
+    if fused:
+        out = conv_bn(x, conv, bn, residual=residual, relu=relu)
+    else:
+        out = conv(x) + (0 if residual is None else residual)
+        out = bn(out) if bn is not None else out
+        out = torch.relu(out) if relu else out
+    params = {f"conv.{n}": p for n, p in conv.named_parameters()}
+    params |= {} if bn is None else {f"bn.{n}": p for n, p in bn.named_parameters()}
+    wrt = {"x": x, **({} if residual is None else {"residual": residual}), **params}
+    grads = torch.autograd.grad(out, list(wrt.values()), upstream.to(out.dtype), allow_unused=True)
+    result = {"out": out.detach(), **{f"grad_{k}": g for k, g in zip(wrt, grads, strict=True)}}
+    if bn is not None:
+        result |= {"running_mean": bn.running_mean.clone(), "running_var": bn.running_var.clone()}
+    return result
+
+
+def _draw(case, mode, dtype, layout, gen) -> list[dict]:
+    kernel, stride, shape, co, bias, norm, with_residual, relu = case
+    conv, bn = _modules(case, gen)
+    memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=memory_format)
+    n, _, t, h, w = shape
+    out_shape = (n, co, t, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    residual = torch.randn(out_shape, generator=gen) if with_residual else None
+    upstream = torch.randn(out_shape, generator=gen)
+    at = getattr(torch, dtype)
+
+    def setup(target_dtype):
+        c, b = copy.deepcopy(conv).to(target_dtype), copy.deepcopy(bn)
+        if b is not None:
+            b = b.to(target_dtype if target_dtype == torch.float64 else torch.float32).train(mode == "train")
+        return c, b
+
+    def cast(t, target_dtype):
+        return None if t is None else t.to(target_dtype)
+
+    ref = _run(*setup(torch.float64), cast(x, torch.float64), cast(residual, torch.float64), relu, upstream, False)
+    # PyTorch's own at the dtype (the conv in it, BatchNorm's parameters float32 as autocast keeps them), and ours
+    plain = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, False)
+    ours = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, True)
+    rows = []
+    for name, want in ref.items():
+        got, yardstick = ours[name], plain[name]
+        err, torch_err = rel(got, want), rel(yardstick, want)
+        if name == "grad_conv.bias" and norm and mode == "train":
+            # BatchNorm with batch statistics cancels a bias before it: its gradient is 0 (float64 gives ~1e-17),
+            # so the error is measured against the scale of the gradient that does reach the channel (bn.bias)
+            scale = ref["grad_bn.bias"].double().norm()
+            err, torch_err = (got.double().norm() / scale).item(), (yardstick.double().norm() / scale).item()
+        rows.append({
+            "name": name, "err": err, "torch_err": torch_err,
+            "finite": bool(torch.isfinite(got).all()), "shape_ok": got.shape == want.shape,
+        })  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize(
+    "case,mode,dtype,layout",
+    [(c, m, d, lay) for c in CASES for m in MODES for d in DTYPES for lay in LAYOUTS],
+    ids=[_case_id(c, m, d, lay) for c in CASES for m in MODES for d in DTYPES for lay in LAYOUTS],
+)
+def test_conv_bn_matches_its_modules(case, mode, dtype, layout, gen):
+    case_id = _case_id(case, mode, dtype, layout)
+    draws = [_draw(case, mode, dtype, layout, gen) for _ in range(FP32_DRAWS if dtype == "float32" else BF16_DRAWS)]
+    names = {row["name"] for row in draws[0]}
+    assert {"out", "grad_x", "grad_conv.weight"} <= names
+    assert case[4] is ("grad_conv.bias" in names)
+    if dtype == "float32":
+        out_rows = [[r for r in rows if r["name"] == "out"] for rows in draws]
+        check_fp32_draws(out_rows, case_id, tol=1e-5)
+        check_fp32_draws([[r for r in rows if r["name"] != "out"] for rows in draws], case_id, tol=1e-4)
+    else:
+        check_pooled_ratio(draws, case_id)
+
+
+def test_eval_inference_folds_the_bias_into_one_onednn_call(gen, monkeypatch):
+    """Eager CPU inference: one oneDNN call per conv, BN and the conv's bias folded in (cached until changed)."""
+    case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True)
+    conv, bn = _modules(case, gen)
+    bn.eval()
+    calls = []
+    real = torch.ops.lgd_fast.p3d_conv_onednn
+    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(2, 5, 3, 7, 7, generator=gen)
+    with torch.no_grad():
+        want = torch.relu(bn(conv(x)))
+        assert rel(conv_bn(x, conv, bn, relu=True), want) < 1e-6
+        assert len(calls) == 1 and calls[0][3] is not None  # the folded shift carries the bias
+        conv.bias.add_(1.0)  # a changed bias must refold
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+
+
+def test_conv_sum_bn_with_biases(gen):
+    """norm(first(x) + second(x)) (P3D variant B's pair), both convs with a bias, eval and train."""
+    first = nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1))
+    second = nn.Conv3d(4, 6, (3, 1, 1), padding=(1, 0, 0))
+    _, bn = _modules(((1, 1, 1), 1, (1, 4, 1, 1, 1), 6, False, True, False, False), gen)
+    x = torch.randn(2, 4, 3, 9, 9, generator=gen)
+    for training in (False, True):
+        reference_bn = copy.deepcopy(bn).train(training)
+        ours_bn = copy.deepcopy(bn).train(training)
+        with torch.no_grad():
+            want = torch.relu(reference_bn(first(x) + second(x)))
+            got = conv_sum_bn(x, first, second, ours_bn, relu=True)
+        assert rel(got, want) < 1e-5
+        assert rel(ours_bn.running_mean, reference_bn.running_mean) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "conv,reason",
+    [
+        (nn.Conv3d(4, 4, 3, padding=1, bias=True), None),
+        (nn.Conv3d(4, 4, (1, 3, 5), padding=(0, 1, 2)), None),  # non-square odd kernels are fine
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), "groups 2"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), dilation=2), "dilation"),
+        (nn.Conv3d(4, 4, (1, 2, 2)), "not an odd kernel"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=0), "not an odd kernel with same padding"),
+        (nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), "temporal stride 2"),
+        (nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 1, 2), padding=(0, 1, 1)), "differs between H and W"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), "padding_mode 'reflect'"),
+        (nn.Conv2d(4, 4, 3, padding=1), "not a Conv3d"),
+    ],
+)
+def test_one_fusability_rule(conv, reason, gen):
+    """What fusable_reason accepts, conv_bn computes exactly (eval, with a norm and without)."""
+    got = fusable_reason(conv)
+    assert (got is None) if reason is None else (reason in got), got
+    if reason is None:
+        x = torch.randn(2, 4, 3, 7, 7, generator=gen)
+        with torch.no_grad():
+            assert rel(conv_bn(x, conv), conv(x)) < 1e-5
+
+
+def test_norm_rule_and_bad_calls():
+    assert norm_reason(nn.BatchNorm3d(4)) is None and norm_reason(None) is None
+    assert "GroupNorm, not BatchNorm3d" in norm_reason(nn.GroupNorm(2, 4))
+    with pytest.raises(ValueError, match="pass norm=None"):
+        conv_bn(torch.randn(1, 4, 1, 3, 3), nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), stats=True)

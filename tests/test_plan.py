@@ -1,0 +1,179 @@
+"""The execution plan (lgd_fast.plan): made once when a model is made fast, printable, overridable, measured."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from p3d_cases import randomise_norms
+from torch import nn
+
+import lgd_fast
+from lgd_fast import create_model
+from lgd_fast import plan as planning
+from lgd_fast.cli import main
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """The kinds of the layers measured during the test (a fresh measurement cache)."""
+    calls = []
+    real = planning._measure
+    monkeypatch.setattr(planning, "_measure", lambda *a: calls.append(a[1].kind) or real(*a))
+    monkeypatch.setattr(planning, "_MEASURED", {})
+    return calls
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the default plan must not measure")
+
+    monkeypatch.setattr(planning, "_measure", refuse)
+
+
+def test_r50_plan_prints_every_layer_with_backend_layout_and_why(gen, no_measuring):
+    model = create_model("lgd3d_r50", 10, fast=True, plan="default")
+    text = str(model.execution_plan)
+    assert "17 planned layers" in text and "not decided yet" in text
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)  # layer1 and layer2.0 take 16x16 frames (fused), later 8x8
+    plan = model.execution_plan.resolve(x)
+    rows = {row["layer"]: row for row in plan.to_dict()}
+    assert list(rows) == ["(model)"] + [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)]
+    for name, row in rows.items():
+        (choice,) = row["choices"]
+        assert choice["why"].startswith("default")
+        if name.startswith("layer1") or name == "layer2.0":
+            assert (choice["runs"], choice["layout"], choice["backend"]) == ("convs+end", "channels_last_3d", "onednn")
+        elif name.startswith("layer"):
+            assert (choice["runs"], choice["layout"], choice["backend"]) == ("modules", "contiguous", "modules")
+    text = str(plan)
+    assert "layer1.0: LGD block, P3DBottleneck A" in text and "float32 1x64x1x16x16 channels_last_3d: convs+end" in text
+    assert model.training and all(p.grad is None for p in model.parameters())  # resolve restores the mode
+
+
+def test_choices_are_made_once_per_key(gen, measured):
+    reference = randomise_norms(create_model("lgd3d_tiny", 10, classifier="two_heads"), gen).eval()
+    model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
+    model.load_state_dict(reference.state_dict())
+    calls = measured
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)
+    with torch.no_grad():
+        assert _rel(model(x), reference(x)) < 1e-5  # whatever was measured fastest computes the same
+        assert calls == ["stem"] + ["lgd_block"] * 4
+        model(x)
+        assert len(calls) == 5  # cached by key: nothing measured again
+        model(torch.randn(2, 3, 4, 64, 64, generator=gen))  # a new shape is a new key
+    assert len(calls) == 10
+    for row in model.execution_plan.to_dict():
+        assert len(row["choices"]) == 2 and all(c["why"].startswith("measured (ms): ") for c in row["choices"]), row
+
+
+def _run(channels: int) -> nn.Sequential:
+    """A (2+1)D run as torchvision writes one: spatial conv, BN, ReLU, temporal conv, BN, ReLU."""
+    return nn.Sequential(
+        nn.Conv3d(channels, channels, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(channels),
+        nn.ReLU(inplace=True), nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0), bias=False),
+        nn.BatchNorm3d(channels), nn.ReLU(inplace=True),
+    )  # fmt: skip
+
+
+def test_identical_layers_share_one_measurement(gen, measured):
+    original = randomise_norms(nn.Sequential(_run(8), _run(8), _run(8)), gen).eval()
+    model = lgd_fast.convert(copy.deepcopy(original), plan="measure")
+    calls = measured
+    x = torch.randn(2, 8, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        assert _rel(model(x), original(x)) < 1e-5
+    assert calls == ["conv_run"]  # three runs, one signature: measured once, as inductor caches by shape
+    choices = [c for _, plan in model.execution_plan.layers() for c in plan.choices.values()]
+    assert len(choices) == 3 and len(set(choices)) == 1
+
+
+def test_measuring_a_training_step_leaves_buffers_and_gradients(gen, monkeypatch):
+    monkeypatch.setattr(planning, "_MEASURED", {})
+    options = {"classifier": "two_heads", "dropout": 0.0}
+    reference = randomise_norms(create_model("lgd3d_tiny", 5, **options), gen)
+    model = create_model("lgd3d_tiny", 5, fast=True, plan="measure", **options)
+    model.load_state_dict(reference.state_dict())
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)
+    model.execution_plan.resolve(x, training=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers, strict=True))
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    for a, b in zip(model(x), reference(x), strict=True):  # the measured training plan equals the reference
+        assert _rel(a, b) < 1e-5
+    stats = [(a, b) for a, b in zip(model.buffers(), reference.buffers(), strict=True) if a.is_floating_point()]
+    assert all(_rel(a, b) < 1e-5 for a, b in stats)
+    keys = {key[1] for _, plan in model.execution_plan.layers() for key in plan.choices}
+    assert keys == {"train"}
+
+
+def test_forced_overrides_and_backend_argument(gen, no_measuring):
+    model = randomise_norms(create_model("lgd3d_tiny", 5, fast=True, plan="default", backend="reference"), gen).eval()
+    x = torch.randn(1, 3, 4, 32, 32, generator=gen)  # 8x8 frames: the default runs every block on its modules
+    with planning.forced():
+        choice = planning.decide(model.layer1[0], torch.randn(1, 16, 4, 8, 8), None, None, None)
+    assert (choice.fused, choice.end, choice.backend, choice.request, choice.why) == (
+        True, True, "reference", "reference", "forced")  # fmt: skip
+    with planning.forced(fused=False):
+        choice = planning.decide(model.layer1[0], torch.randn(1, 16, 4, 8, 8), None, None, None)
+    assert not choice.fused and not choice.end
+    model.execution_plan.resolve(x)
+    assert all(c.backend == "modules" for _, p in model.execution_plan.layers() for c in p.choices.values())
+    with pytest.raises(ValueError, match="backend argument is 'bogus'"):
+        create_model("lgd3d_tiny", 5, fast=True, backend="bogus")
+    with pytest.raises(ValueError, match="plan argument is 'sometimes'"):
+        create_model("lgd3d_tiny", 5, fast=True, plan="sometimes")
+    with pytest.raises(ValueError, match="options of the fast model"):
+        create_model("lgd3d_tiny", 5, plan="default")
+
+
+def test_environment_sets_the_mode_when_the_model_is_made(monkeypatch):
+    monkeypatch.setenv(planning.ENV_VAR, "measure")
+    assert create_model("lgd3d_tiny", 5, fast=True).layer1[0]._lgd_plan.mode == "measure"
+    monkeypatch.setenv(planning.ENV_VAR, "default")
+    model = create_model("lgd3d_tiny", 5, fast=True)
+    monkeypatch.setenv(planning.ENV_VAR, "measure")  # read once: changing it later changes nothing
+    assert model.layer1[0]._lgd_plan.mode == "default"
+
+
+def test_compiled_model_takes_the_choices_made_eagerly(gen, monkeypatch):
+    monkeypatch.setattr(planning, "_MEASURED", {})
+    model = create_model("lgd3d_tiny", 5, fast=True, plan="measure", classifier="two_heads")
+    model = randomise_norms(model, gen).eval()
+    x = torch.randn(1, 3, 4, 32, 32, generator=gen)
+    with torch.no_grad():
+        eager = model(x)
+        monkeypatch.setattr(planning, "_measure", lambda *a: pytest.fail("measured while tracing"))
+        compiled = torch.compile(model, backend="aot_eager")(x)
+    assert _rel(compiled, eager) < 1e-5
+
+
+def test_plan_command(capsys):
+    assert main(["plan", "lgd3d_tiny", "--batch", "1", "--size", "64", "--frames", "4", "--mode", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "lgd3d_tiny, input 1x3x4x64x64, inference" in out and "layer1.0: LGD block" in out
+    assert main(["plan", "lgd3d_tiny", "--batch", "1", "--size", "32", "--frames", "4", "--json", "--train"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["training"] and [r["layer"] for r in payload["layers"]][:2] == ["(model)", "layer1.0"]
+    assert all(r["choices"][0]["input"].startswith("cpu train") for r in payload["layers"])
+    assert main(["plan", "no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+
+
+def test_autocast_is_part_of_the_key(gen, no_measuring):
+    model = create_model("lgd3d_tiny", 5, fast=True, plan="default").eval()
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)
+    with torch.no_grad():
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+    modes = {key[1] for key in model.layer1[0]._lgd_plan.choices}
+    assert modes == {"eval", "eval autocast bfloat16"}
