@@ -232,7 +232,11 @@ def _plan(args) -> int:
         return 2
     shape = (args.batch, channels, args.frames or frames, args.size or size, args.size or size)
     clip = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    plan = model.execution_plan.resolve(clip, training=args.train)
+    try:
+        plan = model.execution_plan.resolve(clip, training=args.train)
+    except (ValueError, TypeError, RuntimeError) as err:  # e.g. a backend that cannot run here
+        print(f"lgd-fast plan: error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"model": args.model, "input": list(shape), "training": args.train, "layers": plan.to_dict()},
                          indent=2))  # fmt: skip

@@ -167,9 +167,10 @@ def forced(*, fused: bool = True, training: bool = True) -> Iterator[None]:
 
 def _mode(group: Sequence[nn.Module]) -> str:
     modules = [m for g in group for m in g.modules()]
+    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(m) for m in modules):
-        return "train"
-    if torch.is_grad_enabled() and any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
+        return "train" if grad else "train, no grad"
+    if grad and any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
         return "eval+grad"
     return "eval"
 
@@ -243,12 +244,18 @@ def decide(
     *args: Any,
     group: Sequence[nn.Module] | None = None,
     frames: tuple[int, int] | None = None,
+    kind: str = "p3d_unit",
 ) -> Choice:
     """The choice for the layer whose plan ``owner`` holds, on input ``x``: the plan's choice for this key, made
     now if it has none. ``runner(choice, x, *args)`` runs the layer under a candidate (for measuring);
     ``group``: the layer's modules when they are not ``owner``'s own (a conv run); ``frames``: the (H, W) the
-    default rule looks at, where not x's (the stem's output)."""
-    plan: LayerPlan = owner._lgd_plan
+    default rule looks at, where not x's (the stem's output); ``kind``: the plan's kind should ``owner`` have none
+    yet (a fast module made directly, not through to_fast / convert: then planned with the environment's
+    options)."""
+    plan: LayerPlan | None = getattr(owner, "_lgd_plan", None)
+    if plan is None:  # a fast module made directly (not through to_fast / convert): options from the environment
+        backend, mode = resolve_options(None, None)
+        plan = attach(owner, kind, f"{type(owner).__name__} (planned on first use)", backend=backend, mode=mode)
     return _decide(plan, owner, x, runner, args, group, frames)
 
 
@@ -272,7 +279,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     if torch.compiler.is_compiling():
         return default
     if plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        signature = (_signature(group), plan.kind, plan.backend, key)
+        signature = (_signature(group), plan.kind, plan.backend, str(x.device), key)
         choice = _MEASURED.get(signature)
         if choice is None:
             candidates = [replace(c, request=request) for c in _candidates(plan, x, backend)]
@@ -287,7 +294,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
 def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
     """Times every candidate on ``inputs`` (module docstring); the layer's buffers are restored after."""
     x = inputs[0]
-    backward = mode != "eval"
+    backward = mode in ("train", "eval+grad")  # forward only where the call itself computes no gradient
     buffers = [b for g in group for b in g.buffers()]
     saved = [b.detach().clone() for b in buffers]
     params = [p for g in group for p in g.parameters() if p.requires_grad] if backward else []
@@ -361,14 +368,16 @@ class ExecutionPlan:
         saved = [b.detach().clone() for b in model.buffers()]
         grads = [p.grad for p in model.parameters()]
         try:
-            model.train(training)
-            if training:
-                out = model(x)
-                outs = out if isinstance(out, tuple) else (out,)
-                torch.autograd.backward([o.float().sum() for o in outs])
-            else:
-                with torch.no_grad():
-                    model(x)
+            # the global RNG as it was (dropout draws): resolving changes nothing but the plan
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+                model.train(training)
+                if training:
+                    out = model(x)
+                    outs = out if isinstance(out, tuple) else (out,)
+                    torch.autograd.backward([o.float().sum() for o in outs])
+                else:
+                    with torch.no_grad():
+                        model(x)
         finally:
             model.train(was_training)
             with torch.no_grad():

@@ -145,15 +145,45 @@ def test_environment_sets_the_mode_when_the_model_is_made(monkeypatch):
 
 
 def test_compiled_model_takes_the_choices_made_eagerly(gen, monkeypatch):
-    monkeypatch.setattr(planning, "_MEASURED", {})
-    model = create_model("lgd3d_tiny", 5, fast=True, plan="measure", classifier="two_heads")
+    from lgd_fast.models import fast as fast_module
+
+    model = create_model("lgd3d_tiny", 5, fast=True, plan="default", classifier="two_heads")
     model = randomise_norms(model, gen).eval()
-    x = torch.randn(1, 3, 4, 32, 32, generator=gen)
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)  # 16x16 frames in layer1: the default fuses it
+    fused_calls = []
+    real = fast_module.fused_block_forward
+    monkeypatch.setattr(
+        fast_module, "fused_block_forward", lambda b, *a, **k: fused_calls.append(b) or real(b, *a, **k)
+    )
     with torch.no_grad():
         eager = model(x)
+        assert model.layer1[0] in fused_calls  # the default fuses layer1
+        plan = model.layer1[0]._lgd_plan  # overrule layer1's eager choice: its own modules, same layout
+        plan.choices = {k: planning.replace(c, fused=False, end=False, why="test") for k, c in plan.choices.items()}
+        fused_calls.clear()
         monkeypatch.setattr(planning, "_measure", lambda *a: pytest.fail("measured while tracing"))
+        torch._dynamo.reset()
         compiled = torch.compile(model, backend="aot_eager")(x)
+    assert model.layer1[0] not in fused_calls  # tracing followed the recorded choice, not the default
     assert _rel(compiled, eager) < 1e-5
+
+
+def test_measuring_works_under_autocast_inference_mode_and_direct_construction(gen, measured):
+    from lgd_fast.models import FastLGD3D, P3DBasicBlock
+
+    model = create_model("lgd3d_r18", 5, fast=True, plan="measure", classifier="two_heads").eval()
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # fused and unfused blocks mix dtypes
+        assert torch.isfinite(model(x)).all()
+    train = create_model("lgd3d_tiny", 5, fast=True, plan="measure", classifier="two_heads")
+    with torch.inference_mode():  # BatchNorm recalibration: train mode, no gradients, measured forward only
+        local, _ = train(torch.randn(2, 3, 4, 64, 64, generator=gen))
+    assert {key[1] for key in train.layer1[0]._lgd_plan.choices} == {"train, no grad"}
+    direct = FastLGD3D(block=P3DBasicBlock, layers=(1, 1, 1, 1), num_classes=5, widths=(16, 32, 64, 128),
+                       stem_width=16, early_stride=2, global_reduction=4, classifier="two_heads").eval()  # fmt: skip
+    with torch.no_grad():
+        assert direct(torch.randn(1, 3, 4, 32, 32, generator=gen)).shape == (1, 5)
+    assert direct._lgd_plan.kind == "stem" and direct.layer1[0]._lgd_plan.kind == "lgd_block"
 
 
 def test_plan_command(capsys):

@@ -71,6 +71,8 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     options: dict[str, Any] = {"dropout": m.dropout}
     if m.classifier == "kernel":
         options["sketch_dim"] = m.sketch_dim
+    if m.fast:  # a deterministic run takes the plan's deterministic default: the same code path on every resume
+        options["plan"] = "default" if config.deterministic else None
     return create_model(m.name, num_classes, classifier=m.classifier, fast=m.fast, **options)
 
 

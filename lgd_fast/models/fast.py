@@ -115,15 +115,17 @@ class FastLGD3D(LGD3D):
     def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
         self.check_input(x)
-        stem = planning.decide(self, x, self._run_stem, frames=self._stem_output_size(*x.shape[3:]))
+        stem = planning.decide(self, x, self._run_stem, frames=self._stem_output_size(*x.shape[3:]), kind="stem")
         x = self._run_stem(stem, x)
-        x_mean = global_avg_pool(x)
+        pool_backend = planning.op_backend(self._lgd_plan.backend, ("cpp", "reference"))
+        x_mean = global_avg_pool(x, backend=pool_backend)
         g = x_mean
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean)
+                choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean,
+                                         kind="lgd_block")  # fmt: skip
                 x, g, x_mean = run_block(block, choice, x, g, x_mean)
-        return x, g, (global_avg_pool(x) if x_mean is None else x_mean)
+        return x, g, (global_avg_pool(x, backend=pool_backend) if x_mean is None else x_mean)
 
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem (conv1, bn1, ReLU, max-pool) in the plan's layout.

@@ -176,8 +176,9 @@ def p3d_conv(
         ValueError / TypeError: a shape, dtype, device or option that does not fit, naming the argument.
         RuntimeError: the backend asked for cannot run here.
     """
+    if isinstance(x, torch.Tensor):  # autocast first, as for a conv: x, weight and residual in its dtype
+        x, weight, residual = autocast_inputs(x.device.type, x, weight, residual)
     _check(x, weight, stride, scale, shift, residual, relu, stats)
-    x, weight, residual = autocast_inputs(x.device.type, x, weight, residual)
     choice = resolve_backend(x, backend)
     if choice != "reference" and (reason := _supports(choice, x)) is not None:
         raise TypeError(f"{OP_NAME}: backend {choice!r} does not take this input: {reason}")
