@@ -81,19 +81,48 @@ def _train_step(model, x, upstream):
     return out.detach(), x.grad, grads
 
 
-def _check_equal(original, converted, x, gen, *, tol=1e-5):
+DRAWS = 7  # fresh weights and inputs per equality check (_check_equal says why one draw is not enough)
+
+
+def _draw_rows(original, converted, x, gen, *, tol=1e-5) -> list[dict]:
+    """One draw: eval output and running statistics asserted here; train output and gradients returned as rows."""
     original.eval(), converted.eval()
     with torch.no_grad():
         assert _rel(converted(x), original(x)) < tol
     upstream = torch.randn(original(x).shape, generator=gen)
     out_a, gx_a, grads_a = _train_step(original, x, upstream)
     out_b, gx_b, grads_b = _train_step(converted, x, upstream)
-    assert _rel(out_b, out_a) < tol and _rel(gx_b, gx_a) < 1e-4
+    assert _rel(out_b, out_a) < tol
     assert grads_a.keys() == grads_b.keys()
-    for key, grad in grads_a.items():
-        assert _rel(grads_b[key], grad) < 1e-4, key
     for (key, a), b in zip(converted.state_dict().items(), original.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)  # running statistics updated alike
+    rows = [("grad_x", gx_b, gx_a)] + [(f"grad_{k}", grads_b[k], g) for k, g in grads_a.items()]
+    return [{"name": n, "err": _rel(b, a), "finite": bool(torch.isfinite(b).all()), "shape_ok": b.shape == a.shape}
+            for n, b, a in rows]  # fmt: skip
+
+
+def _check_equal(make_original, x_shape, gen, *, convert=lgd_fast.convert, draws=DRAWS):
+    """The converted model equals its original, eval and train, over ``draws`` fresh draws of weights and input:
+    outputs within 1e-5 and running statistics alike in every draw, every gradient within 1e-4 in most draws (the
+    median). Two float32 computations of the same function can put a ReLU input within rounding of zero on
+    either side: seen on the R(2+1)D below as one flipped position of 2890 in layer2.0.conv2's ReLU (float64
+    value 3.2e-7) moving the input gradient by 2.2e-3 while every activation stayed within 2e-6 of float64 in
+    both models. Measured over 60 draws (seeded): the fused path's input gradient was more than 1e-4 from the
+    original's in 5, and plain PyTorch's own channels-last run of the original from its contiguous run in 16.
+    Flips are rare and independent per draw; a defect moves every draw, and so the median."""
+    rows = []
+    for _ in range(draws):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))  # the modules' own init, replayable
+        original = _randomise(make_original(), gen)
+        converted = convert(copy.deepcopy(original))
+        rows.append(_draw_rows(original, converted, torch.randn(x_shape, generator=gen), gen))
+    errors: dict[str, list[float]] = {}
+    for draw in rows:
+        for row in draw:
+            assert row["finite"] and row["shape_ok"], row
+            errors.setdefault(row["name"], []).append(row["err"])
+    for name, errs in errors.items():
+        assert sorted(errs)[len(errs) // 2] < 1e-4, f"converted vs original {name}: relative errors per draw {errs}"
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------
@@ -123,14 +152,9 @@ def test_r2plus1d_keys_and_report(gen):
 
 @pytest.mark.parametrize("forced", [False, True], ids=["cpu-default", "fused-everywhere"])
 def test_r2plus1d_equals_the_original_eval_and_train(gen, forced):
-    original = _randomise(TinyR2Plus1D(), gen)
-    converted = lgd_fast.convert(copy.deepcopy(original))
-    x = torch.randn(2, 3, 5, 33, 33, generator=gen)  # odd T, H, W; 17x17 frames after the stem
-    if forced:
-        with forced_plan():
-            _check_equal(original, converted, x, gen)
-    else:
-        _check_equal(original, converted, x, gen)
+    shape = (2, 3, 5, 33, 33)  # odd T, H, W; 17x17 frames after the stem
+    with forced_plan() if forced else contextlib.nullcontext():
+        _check_equal(TinyR2Plus1D, shape, gen)
 
 
 def test_fused_convs_run_where_the_cpu_strategy_says(gen, monkeypatch):
@@ -155,13 +179,11 @@ def test_fused_convs_run_where_the_cpu_strategy_says(gen, monkeypatch):
 
 @pytest.mark.parametrize("conv_xy_first", [False, True], ids=["conv_t-first", "conv_xy-first"])
 def test_pytorchvideo_style_module(gen, conv_xy_first):
-    original = _randomise(_pytorchvideo_pair(conv_xy_first), gen)
-    converted = lgd_fast.convert(copy.deepcopy(original))
+    converted = lgd_fast.convert(_randomise(_pytorchvideo_pair(conv_xy_first), gen))
     assert type(converted).__name__ == "FusedConv2plus1d" and isinstance(converted, Conv2plus1d)
     assert [name for name, _ in converted.conversion_report.converted] == [""]
-    x = torch.randn(2, 8, 3, 16, 16, generator=gen)
     with forced_plan():
-        _check_equal(original, converted, x, gen)
+        _check_equal(lambda: _pytorchvideo_pair(conv_xy_first), (2, 8, 3, 16, 16), gen)
 
 
 def test_unfusable_patterns_are_left_with_the_reason(gen):
@@ -219,11 +241,10 @@ def test_convs_with_a_bias_are_fused_and_equal_the_original(gen, forced):
         return forced_plan() if forced else contextlib.nullcontext()
 
     x = torch.randn(2, 4, 5, 15, 15, generator=gen)
-    plain = _randomise(run(norm=False), gen)
-    converted = lgd_fast.convert(copy.deepcopy(plain))
+    converted = lgd_fast.convert(run(norm=False))
     assert len(converted.conversion_report.converted) == 1 and not converted.conversion_report.left
     with context():  # both biases get real gradients here: outputs, input and every parameter gradient
-        _check_equal(plain, converted, x, gen)
+        _check_equal(lambda: run(norm=False), x.shape, gen)
     normed = _randomise(run(norm=True), gen).eval()  # in training BatchNorm cancels the first bias: eval only
     converted = lgd_fast.convert(copy.deepcopy(normed), inference=True)
     with context(), torch.no_grad():

@@ -264,27 +264,37 @@ def forced_stack_cleared():
         plan_module._FORCED[:] = saved
 
 
-def _check_default_strategy(gen, monkeypatch):
+def _check_default_strategy(gen, monkeypatch, draws=5):
+    """Outputs within 1e-5 in every draw; every gradient within 1e-3 in most draws (the median: a ReLU input
+    within float32 rounding of zero can fall either way in two implementations and move one draw's gradient,
+    as tests/test_convert.py::_check_equal measures; seen here on conv1.weight at 2.5e-3 in 1 of 40 runs)."""
     fused_inputs = []
     real = fast_module.fused_block_forward
+
     def counting(block, x, *args, **kwargs):
         fused_inputs.append(x.shape)
         return real(block, x, *args, **kwargs)
 
     monkeypatch.setattr(fast_module, "fused_block_forward", counting)
-    ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
-    x = torch.randn(2, 3, 8, 64, 64, generator=gen)  # the stem gives 16x16 frames: layer1 fused, the rest not
-    ref.eval(), fast.eval()
-    with torch.no_grad():
-        assert _rel(fast(x), ref(x)) < 1e-5
-    assert fused_inputs and {tuple(s[-2:]) for s in fused_inputs} == {(16, 16)}  # layer1 only
-    upstream = [torch.randn(2, 7, generator=gen) for _ in range(2)]
-    ref_out, ref_grads = _train_step(ref, x, upstream)
-    fast_out, fast_grads = _train_step(fast, x, upstream)
-    for a, b in zip(fast_out, ref_out, strict=True):
-        assert _rel(a, b) < 1e-5
-    for key, grad in ref_grads.items():
-        assert _rel(fast_grads[key], grad) < 1e-3, key
+    errors: dict[str, list[float]] = {}
+    for _ in range(draws):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))  # the convs' own init, replayable
+        ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
+        x = torch.randn(2, 3, 8, 64, 64, generator=gen)  # the stem gives 16x16 frames: layer1 fused, the rest not
+        ref.eval(), fast.eval()
+        fused_inputs.clear()
+        with torch.no_grad():
+            assert _rel(fast(x), ref(x)) < 1e-5
+        assert fused_inputs and {tuple(s[-2:]) for s in fused_inputs} == {(16, 16)}  # layer1 only
+        upstream = [torch.randn(2, 7, generator=gen) for _ in range(2)]
+        ref_out, ref_grads = _train_step(ref, x, upstream)
+        fast_out, fast_grads = _train_step(fast, x, upstream)
+        for a, b in zip(fast_out, ref_out, strict=True):
+            assert _rel(a, b) < 1e-5
+        for key, grad in ref_grads.items():
+            errors.setdefault(key, []).append(_rel(fast_grads[key], grad))
+    for key, errs in errors.items():
+        assert sorted(errs)[len(errs) // 2] < 1e-3, f"{key}: relative errors per draw {errs}"
 
 
 def test_fast_is_lgd3d_only():
