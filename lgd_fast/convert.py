@@ -76,6 +76,7 @@ def convert(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     options = planning.resolve_options(backend, plan)
+    earlier = getattr(model, "conversion_report", None)
     report = ConversionReport()
     claimed: set[int] = set()  # Conv3d modules that a conversion covers
     if isinstance(model, FastLGD3D):
@@ -105,6 +106,9 @@ def convert(
     if inference:
         model.eval()
         model.to(memory_format=torch.channels_last_3d)
+    if isinstance(earlier, ConversionReport):  # a second call: what the first converted stays in the report
+        mark = " (by an earlier convert call)"
+        report.converted[:0] = [(n, what if what.endswith(mark) else what + mark) for n, what in earlier.converted]
     object.__setattr__(model, "conversion_report", report)
     if not isinstance(model, FastLGD3D):  # FastLGD3D has the property
         object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))

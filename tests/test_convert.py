@@ -249,3 +249,21 @@ def test_convs_with_a_bias_are_fused_and_equal_the_original(gen, forced):
     converted = lgd_fast.convert(copy.deepcopy(normed), inference=True)
     with context(), torch.no_grad():
         assert _rel(converted(x), normed(x)) < 1e-5
+
+
+def test_converting_twice_keeps_the_first_conversion_and_its_report(gen):
+    """The README's two lines in sequence: convert(m), then convert(m, inference=True)."""
+    original = _randomise(TinyR2Plus1D(), gen).eval()
+    model = lgd_fast.convert(copy.deepcopy(original))
+    first = list(model.conversion_report.converted)
+    plans = [m._lgd_plan for m in model.modules() if "_lgd_plan" in m.__dict__]
+    model = lgd_fast.convert(model, inference=True)
+    report = model.conversion_report
+    assert [n for n, _ in report.converted] == [n for n, _ in first]  # nothing new, the first call's kept
+    assert all(what.endswith("(by an earlier convert call)") for _, what in report.converted)
+    assert {why for n, why in report.left if n in dict(first)} == {"already converted (its plan is kept)"}
+    assert [m._lgd_plan for m in model.modules() if "_lgd_plan" in m.__dict__] == plans
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert _rel(model(x), original(x)) < 1e-5
+    assert str(report).startswith(f"converted {len(first)}:")

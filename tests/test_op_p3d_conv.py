@@ -166,3 +166,25 @@ def test_opcheck_onednn_inference_op(residual, gen):
     res = torch.randn(2, 4, 3, 4, 4, generator=gen).contiguous(memory_format=torch.channels_last_3d)
     args = (x, weight, 0.5 + torch.rand(4, generator=gen), torch.randn(4, generator=gen), res if residual else None, 2)
     torch.library.opcheck(torch.ops.lgd_fast.p3d_conv_onednn.default, (*args, True))
+
+
+@pytest.mark.parametrize("kernel", [(1, 1, 1), (3, 1, 1), (1, 3, 3)])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("epilogue", ["none", "scale+residual+relu"])
+def test_onednn_fake_gives_the_real_sizes_and_strides(kernel, x_layout, w_layout, epilogue, gen):
+    """torch.compile trusts the fake kernel's strides: it must give the real op's for every layout of input and
+    weight (oneDNN writes channels_last_3d when either suggests it)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+    x = torch.randn(2, 6, 3, 9, 9, generator=gen).contiguous(memory_format=formats[x_layout])
+    w = torch.randn(5, 6, *kernel, generator=gen).contiguous(memory_format=formats[w_layout])
+    scale = torch.rand(5, generator=gen) + 0.5 if epilogue != "none" else None
+    residual = torch.randn(2, 5, 3, 5, 5, generator=gen) if epilogue != "none" else None
+    args = (x, w, scale, None, residual, 2, epilogue != "none")
+    real = torch.ops.lgd_fast.p3d_conv_onednn(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.lgd_fast.p3d_conv_onednn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                    for a in args))  # fmt: skip
+    assert (tuple(fake.shape), fake.stride(), fake.dtype) == (tuple(real.shape), real.stride(), real.dtype)

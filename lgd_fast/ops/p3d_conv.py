@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from . import _backend
 from ._common import memory_format
@@ -239,9 +240,10 @@ def _onednn_inference(
     w = weight if scale is None else weight * _per_channel(scale.to(weight.dtype))[..., None]
     w, bias = w.to(x.dtype), None if shift is None else shift.to(x.dtype)
     if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise.default(
+        out = torch.ops.mkldnn._convolution_pointwise.default(
             x, w, bias, padding, strides, [1, 1, 1], 1, "relu" if relu else "none", [], ""
         )
+        return out
     layout = memory_format(x)
     # On contiguous bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16: ReLU after it.
     fused_relu = relu and (x.dtype == torch.float32 or layout == torch.channels_last_3d)
@@ -252,11 +254,19 @@ def _onednn_inference(
     return out.relu_() if relu and not fused_relu else out
 
 
+def onednn_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """The layout oneDNN's convolution writes: channels_last_3d when the input or the weight suggests it (ATen's
+    rule, by exact strides: a 1x1x1 weight moved to channels_last_3d keeps contiguous strides and counts as
+    contiguous), else contiguous."""
+    cl = torch.channels_last_3d
+    return cl if cl in (suggest_memory_format(x), suggest_memory_format(weight)) else torch.contiguous_format
+
+
 @_onednn_inference.register_fake
 def _(x, weight, scale, shift, residual, stride, relu):
     n, _, t, h, w = x.shape
     shape = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    return x.new_empty(shape).contiguous(memory_format=memory_format(x))
+    return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------
