@@ -190,6 +190,7 @@ def test_conv_sum_bn_with_biases(gen):
     [
         (nn.Conv3d(4, 4, 3, padding=1, bias=True), None),
         (nn.Conv3d(4, 4, (1, 3, 5), padding=(0, 1, 2)), None),  # non-square odd kernels are fine
+        (nn.Conv3d(4, 4, (3, 1, 3), padding="same"), None),
         (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), "groups 2"),
         (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), dilation=2), "dilation"),
         (nn.Conv3d(4, 4, (1, 2, 2)), "not an odd kernel"),

@@ -59,7 +59,8 @@ def fusable_reason(conv: nn.Module) -> str | None:
         return f"{type(conv).__name__} is not a Conv3d"
     if conv.groups != 1 or conv.dilation != (1, 1, 1):
         return f"groups {conv.groups}, dilation {conv.dilation} (the fused convs take neither)"
-    if any(k % 2 == 0 for k in conv.kernel_size) or conv.padding != tuple(k // 2 for k in conv.kernel_size):
+    same = tuple(k // 2 for k in conv.kernel_size)
+    if any(k % 2 == 0 for k in conv.kernel_size) or conv.padding not in (same, "same"):
         return f"kernel {tuple(conv.kernel_size)} with padding {conv.padding} is not an odd kernel with same padding"
     if conv.stride[0] != 1:
         return f"temporal stride {conv.stride[0]} (the fused convs stride space only)"
