@@ -51,7 +51,9 @@ from torch import nn
 
 from .ops import _backend
 from .ops._common import layout as layout_of
+from .ops._common import memory_format
 from .ops.conv_bn import uses_batch_stats
+from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.p3d_conv import resolve_backend
 
 __all__ = [
@@ -78,8 +80,6 @@ MIN_SECONDS = 0.2
 MARGIN = 0.05
 CL, CONTIGUOUS, AS_INPUT = "channels_last_3d", "contiguous", "as_input"
 _FORMATS = {CL: torch.channels_last_3d, CONTIGUOUS: torch.contiguous_format}
-# The conv backends p3d_conv implements; the plan's backend goes to an op only where the op implements it.
-CONV_BACKENDS = ("triton", "onednn", "reference")
 
 
 @dataclass(frozen=True)
@@ -191,17 +191,17 @@ def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, fra
     big = frames[0] * frames[1] >= CPU_FUSED_MIN_PIXELS
     pixels = f"{frames[0]}x{frames[1]} frames {'>=' if big else '<'} 14x14"
     if plan.kind == "stem":
-        layout = CL if mode == "train" or big else CONTIGUOUS
+        layout = CL if mode.startswith("train") or big else CONTIGUOUS
         return Choice(False, False, layout, "modules", f"default: the first block's layout ({pixels} after it)")
     if plan.kind == "lgd_block":
         if not big:
             return Choice(False, False, CONTIGUOUS, "modules", f"default: {pixels}: own modules")
-        if mode == "train":
+        if mode.startswith("train"):
             return Choice(False, True, CL, "modules", f"default: {pixels}; training units on own modules")
         return Choice(True, True, CL, backend, f"default: {pixels}")
     if not big:
         return Choice(False, False, AS_INPUT, "modules", f"default: {pixels}: own modules")
-    if mode == "train":
+    if mode.startswith("train"):
         return Choice(False, False, AS_INPUT, "modules", "default: training on own modules")
     return Choice(True, False, AS_INPUT, backend, f"default: {pixels}")
 
@@ -210,7 +210,7 @@ def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str) ->
     force = _FORCED[-1]
     if plan.kind == "stem":
         return default
-    fused = force["fused"] and (mode != "train" or force["training"])
+    fused = force["fused"] and (not mode.startswith("train") or force["training"])
     end = force["fused"] and plan.kind == "lgd_block"
     return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why="forced")
 
@@ -291,12 +291,24 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     return choice
 
 
+@contextlib.contextmanager
+def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the block the modules' buffers (running statistics, counters) may change; after it they are as
+    before."""
+    buffers = [b for m in modules for b in m.buffers()]
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved, strict=True):
+                b.copy_(s)
+
+
 def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
     """Times every candidate on ``inputs`` (module docstring); the layer's buffers are restored after."""
     x = inputs[0]
     backward = mode in ("train", "eval+grad")  # forward only where the call itself computes no gradient
-    buffers = [b for g in group for b in g.buffers()]
-    saved = [b.detach().clone() for b in buffers]
     params = [p for g in group for p in g.parameters() if p.requires_grad] if backward else []
     gen = torch.Generator().manual_seed(0)  # upstream gradients; the global RNG is left alone
     upstream: dict[tuple, torch.Tensor] = {}
@@ -313,21 +325,17 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
                     k = (tuple(o.shape), o.dtype)
                     if k not in upstream:
                         upstream[k] = torch.randn(o.shape, generator=gen).to(o.dtype).to(o.device)
-                    grads.append(upstream[k].contiguous(memory_format=_same_format(o)))
+                    grads.append(upstream[k].contiguous(memory_format=memory_format(o)))
                 wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] + params
                 torch.autograd.grad(outs, wrt, grads, allow_unused=True)
 
     from .bench import time_interleaved  # the project's one timer (lgd_fast.bench imports the package)
 
     calls = {i: (lambda c=c: call(c)) for i, c in enumerate(candidates)}
-    try:
+    with _buffers_kept(group):
         _, warmup = time_interleaved(calls, repeats=0, warmup=1, device=x.device)  # folds weights, fills caches
         rounds = int(MIN_SECONDS / max(sum(warmup.values()), 1e-9))
         times, _ = time_interleaved(calls, repeats=min(max(rounds, REPEATS), MAX_REPEATS), device=x.device)
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
     best_times = [min(times[i]) for i in range(len(candidates))]  # interference only ever slows a call down
     best = min(range(len(candidates)), key=best_times.__getitem__)
     shape = (default.fused, default.end, default.layout)
@@ -337,10 +345,6 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
     pairs = zip(candidates, best_times, strict=True)
     summary = ", ".join(f"{c.label(plan.kind)}/{c.layout} {1e3 * t:.2f}" for c, t in pairs)
     return replace(candidates[best], why=f"measured (ms): {summary}")
-
-
-def _same_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if layout_of(t) == CL else torch.contiguous_format
 
 
 # ---- printing -------------------------------------------------------------------------------------------------
@@ -365,11 +369,10 @@ class ExecutionPlan:
         model's mode, buffers and gradients are left as they were."""
         model = self.model
         was_training = model.training
-        saved = [b.detach().clone() for b in model.buffers()]
         grads = [p.grad for p in model.parameters()]
+        # the global RNG as it was (dropout draws): resolving changes nothing but the plan
         try:
-            # the global RNG as it was (dropout draws): resolving changes nothing but the plan
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            with _buffers_kept([model]), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
                 model.train(training)
                 if training:
                     out = model(x)
@@ -380,9 +383,6 @@ class ExecutionPlan:
                         model(x)
         finally:
             model.train(was_training)
-            with torch.no_grad():
-                for b, s in zip(model.buffers(), saved, strict=True):
-                    b.copy_(s)
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.grad = g
         return self

@@ -207,3 +207,16 @@ def test_autocast_is_part_of_the_key(gen, no_measuring):
             model(x)
     modes = {key[1] for key in model.layer1[0]._lgd_plan.choices}
     assert modes == {"eval", "eval autocast bfloat16"}
+
+
+def test_training_without_gradients_takes_the_training_default(gen, no_measuring):
+    """BatchNorm with batch statistics under no_grad (recalibration) is training for the default rule: the units
+    on their own modules, the block end fused, as with gradients."""
+    model = create_model("lgd3d_tiny", 5, fast=True, plan="default", classifier="two_heads")
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)
+    with torch.no_grad():
+        model(x)
+    model(x)
+    choices = {key[1]: c for key, c in model.layer1[0]._lgd_plan.choices.items()}
+    assert set(choices) == {"train", "train, no grad"}
+    assert all((c.fused, c.end, c.layout) == (False, True, "channels_last_3d") for c in choices.values())

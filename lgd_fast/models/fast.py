@@ -28,13 +28,13 @@ from .. import plan as planning
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops._common import memory_format
 from ..ops.conv_bn import batch_norm_affine, norm_reason
+from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
+from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
+from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
 from ..ops.global_update import block_weights
 from .blocks import LGDBlock, broadcast_to_positions
 from .networks import LGD3D
 from .p3d import check_fusable, reference_class, residual_body, shortcut, to_fast_unit, unit_note
-
-_EPILOGUE_BACKENDS = ("cuda", "cpp", "triton", "reference")
-_GLOBAL_BACKENDS = ("triton", "cpp", "reference")
 
 
 def fused_block_forward(
@@ -58,9 +58,9 @@ def fused_block_forward(
     # The global path in one call, in the weights' dtype (float32 under autocast too: it is (N, C) small).
     weights = block_weights(block)
     g, d = global_update(x_mean.to(weights[0].dtype), g.to(weights[0].dtype), *weights,
-                         backend=planning.op_backend(op_backend, _GLOBAL_BACKENDS))  # fmt: skip
+                         backend=planning.op_backend(op_backend, GLOBAL_BACKENDS))  # fmt: skip
     s = s.contiguous(memory_format=memory_format(r))
-    out, mean = diffusion_epilogue(r, s, d, scale, shift, backend=planning.op_backend(op_backend, _EPILOGUE_BACKENDS))
+    out, mean = diffusion_epilogue(r, s, d, scale, shift, backend=planning.op_backend(op_backend, EPILOGUE_BACKENDS))
     return out, g, mean
 
 
@@ -82,7 +82,7 @@ def run_block(
         return (*modules_block_forward(block, x, g), None)
     op_backend = block._lgd_plan.backend
     if x_mean is None:
-        x_mean = global_avg_pool(x, backend=planning.op_backend(op_backend, ("cpp", "reference")))
+        x_mean = global_avg_pool(x, backend=planning.op_backend(op_backend, POOL_BACKENDS))
     return fused_block_forward(block, x, g, x_mean, fused_units=choice.fused, backend=choice.request,
                                op_backend=op_backend)  # fmt: skip
 
@@ -115,9 +115,10 @@ class FastLGD3D(LGD3D):
     def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
         self.check_input(x)
-        stem = planning.decide(self, x, self._run_stem, frames=self._stem_output_size(*x.shape[3:]), kind="stem")
+        stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
+                               frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
         x = self._run_stem(stem, x)
-        pool_backend = planning.op_backend(self._lgd_plan.backend, ("cpp", "reference"))
+        pool_backend = planning.op_backend(self._lgd_plan.backend, POOL_BACKENDS)
         x_mean = global_avg_pool(x, backend=pool_backend)
         g = x_mean
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):

@@ -213,7 +213,7 @@ class _NormalizeFromStats(torch.autograd.Function):
         if ctx.relu:
             g = g * (xhat * _channel(weight.float()) + _channel(bias.float()) > 0)
         count = y.numel() // y.shape[1]
-        g_bias, g_weight = g.sum((0, 2, 3, 4)), (g * xhat).sum((0, 2, 3, 4))
+        g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
         g_y = _channel(weight.float() * invstd) * (g - _channel(g_bias / count) - xhat * _channel(g_weight / count))
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])

@@ -30,7 +30,7 @@ from ._common import layout, register_compiled_op
 __all__ = ["diffusion_epilogue", "diffusion_epilogue_reference"]
 
 OP_NAME = "diffusion_epilogue"
-_BACKENDS = ("cuda", "cpp", "triton", "reference")
+BACKENDS = ("cuda", "cpp", "triton", "reference")
 _DTYPES = {
     "cpp": (torch.float32, torch.bfloat16),
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
@@ -117,7 +117,7 @@ def diffusion_epilogue(
     """
     _check(r, s, d, scale, shift)
     choice = _backend.choose_backend(
-        OP_NAME, r, backend, backends=_BACKENDS, supports=lambda b, t: _kernel_supports(b, t, s)
+        OP_NAME, r, backend, backends=BACKENDS, supports=lambda b, t: _kernel_supports(b, t, s)
     )
     if choice in ("cpp", "cuda"):
         return torch.ops.lgd_fast.diffusion_epilogue(r, s, d, scale, shift)

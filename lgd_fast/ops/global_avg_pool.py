@@ -16,7 +16,7 @@ from ._common import layout, register_compiled_op
 __all__ = ["global_avg_pool", "global_avg_pool_reference"]
 
 OP_NAME = "global_avg_pool"
-_BACKENDS = ("cpp", "reference")
+BACKENDS = ("cpp", "reference")
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -62,7 +62,7 @@ def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
     """
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_cpp_supports)
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
     if choice == "cpp":
         return torch.ops.lgd_fast.global_avg_pool(x)
     return global_avg_pool_reference(x)

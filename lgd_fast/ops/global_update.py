@@ -69,11 +69,11 @@ def _choose(requested: str | None, m: torch.Tensor) -> str:
     """triton, cpp or reference, by the one backend policy (:func:`lgd_fast.ops._backend.choose_backend`); the cpp
     op is ATen GEMMs, so unlike the kernels it runs on every device."""
     return _backend.choose_backend(
-        OP_NAME, m, requested, backends=_BACKENDS, supports=_supports, anywhere=("cpp",)
+        OP_NAME, m, requested, backends=BACKENDS, supports=_supports, anywhere=("cpp",)
     )
 
 
-_BACKENDS = ("triton", "cpp", "reference")
+BACKENDS = ("triton", "cpp", "reference")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

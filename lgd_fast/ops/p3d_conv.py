@@ -35,7 +35,7 @@ from ._common import memory_format
 __all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend"]
 
 OP_NAME = "p3d_conv"
-_BACKENDS = ("triton", "onednn", "reference")
+BACKENDS = ("triton", "onednn", "reference")
 _DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16), "onednn": (torch.float32, torch.bfloat16)}
 _REDUCE = (0, 2, 3, 4)
 
@@ -149,7 +149,7 @@ def _supports(backend: str, x: torch.Tensor) -> str | None:
 
 def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """The backend :func:`p3d_conv` runs for input ``x`` when asked for ``backend`` (as it would choose it)."""
-    return _backend.choose_backend(OP_NAME, x, backend, backends=_BACKENDS, supports=_supports)
+    return _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_supports)
 
 
 def p3d_conv(
