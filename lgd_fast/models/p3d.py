@@ -116,13 +116,9 @@ def _run_unit(block: nn.Module, choice: planning.Choice, x: torch.Tensor) -> tup
 
 class _FastUnit:
     """residual_body and shortcut of a fast unit used on its own (outside the fast LGD-3D, whose blocks are run
-    by :mod:`lgd_fast.models.fast`): fused or not as the unit's plan chooses. Made directly, a unit plans with
-    ``$LGD_FAST_BACKEND`` / ``$LGD_FAST_PLAN`` (else auto / measure); :func:`to_fast_unit` takes them as arguments."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        backend, mode = planning.resolve_options(None, None)
-        planning.attach(self, "p3d_unit", unit_note(self), backend=backend, mode=mode)
+    by :mod:`lgd_fast.models.fast`): fused or not as the unit's plan chooses. Made directly, a unit plans on first
+    use with ``$LGD_FAST_BACKEND`` / ``$LGD_FAST_PLAN`` (:func:`lgd_fast.plan.decide`); :func:`to_fast_unit` takes
+    them as arguments."""
 
     def _choice(self, x: torch.Tensor) -> planning.Choice:
         return planning.decide(self, x, lambda c, t: _run_unit(self, c, t))
