@@ -41,7 +41,7 @@ from .models.blocks import P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
-from .ops.conv_bn import conv_bn, fusable_reason, norm_reason
+from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -93,13 +93,16 @@ def convert(
     for name, module in list(model.named_modules()):
         if id(module) in claimed:
             continue
-        if isinstance(module, _FusedSequentialMixin | _FusedAttributePairMixin):
+        if isinstance(module, _FusedSequentialMixin | _FusedChainMixin | _FusedResidualMixin):
             report.left.append((name, "already converted (its plan is kept)"))
-            claimed |= {id(m) for m in module.modules()}
-        elif isinstance(module, nn.Sequential):
+            if not isinstance(module, _FusedResidualMixin):  # a block's inner modules were reported on their own
+                claimed |= {id(m) for m in module.modules()}
+            continue
+        _convert_residual(name, module, report, claimed, options)
+        if isinstance(module, nn.Sequential):
             _convert_sequential(name, module, report, claimed, options)
-        elif _is_conv2plus1d_module(module):
-            _convert_attribute_pair(name, module, report, claimed, options)
+        else:
+            _convert_chain(name, module, report, claimed, options)
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv3d) and id(module) not in claimed:
             report.left.append((name, _why_left(module)))
@@ -135,7 +138,7 @@ def _convert_p3d_blocks(model: nn.Module, report: ConversionReport, claimed: set
             claimed |= {id(m) for m in module.modules()}
 
 
-# ---- the (2+1)D pattern ------------------------------------------------------------------------------------
+# ---- runs of Conv3d -> BatchNorm3d -> ReLU inside an nn.Sequential ----------------------------------------
 
 
 def _kind(conv_: nn.Module) -> str | None:
@@ -151,25 +154,68 @@ def _kind(conv_: nn.Module) -> str | None:
 
 
 def _why_left(conv_: nn.Conv3d) -> str:
-    if _kind(conv_) is None:
-        return f"kernel {tuple(conv_.kernel_size)} is neither 1xkxk nor kx1x1"
     reason = fusable_reason(conv_)
     if reason is not None:
         return reason
-    return f"a {_kind(conv_)} conv without a partner of the other kind right after it (through BatchNorm3d/ReLU)"
+    return ("nothing to fuse: no BatchNorm3d or ReLU follows it in an nn.Sequential, and it is in no block "
+            "convert knows (module docstring)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One fused conv: module paths (relative to the converted module) of the conv, its BatchNorm3d, the modules
+    that run after the BatchNorm inside the same norm slot (X3D's squeeze-excitation), and the activation, which
+    is fused when it is a ReLU and nothing runs between it and the norm."""
+
+    conv: str
+    norm: str | None = None
+    after: tuple[str, ...] = ()
+    act: str | None = None
+
+    def fused_relu(self, owner: nn.Module) -> bool:
+        return self.act is not None and not self.after and isinstance(owner.get_submodule(self.act), nn.ReLU)
+
+    def paths(self) -> list[str]:
+        return [p for p in (self.conv, self.norm, *self.after, self.act) if p is not None]
+
+
+def _step_forward(owner: nn.Module, step: _Step, x: torch.Tensor, backend: str, **epilogue) -> torch.Tensor:
+    """``step`` of ``owner`` with its conv as one conv_bn call (``epilogue``: conv_bn's residual / shortcut)."""
+    get = owner.get_submodule
+    relu = step.fused_relu(owner)
+    x = conv_bn(x, get(step.conv), step.norm and get(step.norm), relu=relu, backend=backend, **epilogue)
+    for path in step.after:
+        x = get(path)(x)
+    if step.act is not None and not relu:
+        x = get(step.act)(x)
+    return x
+
+
+def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
+    def conv_part(path: str) -> str:
+        conv_ = owner.get_submodule(path)
+        kind = _kind(conv_)
+        extra = [] if p3d_geometry_reason(conv_) is None else [p3d_geometry_reason(conv_)]
+        text = f"{path} ({(kind + ' ') if kind else ''}{'x'.join(map(str, conv_.kernel_size))}"
+        return text + "".join(f", {e}" for e in extra) + ")"
+
+    parts = []
+    for step in steps:
+        parts.append(conv_part(step.conv))
+        for path in step.paths()[1:]:
+            module = owner.get_submodule(path)
+            unfused = path == step.act and not step.fused_relu(owner)
+            parts.append(f"{path} ({type(module).__name__}{', after' if unfused else ''})")
+    kinds = [_kind(owner.get_submodule(s.conv)) for s in steps]
+    label = "(2+1)D run" if len(steps) == 2 and set(kinds) == {"spatial", "temporal"} else "conv run"
+    return f"{label} " + " -> ".join(parts)
 
 
 @dataclass
 class _Run:
-    """A (2+1)D run inside a container: child names of each conv, its BatchNorm and its ReLU (None if absent)."""
+    """A run inside a Sequential: its steps (child names) and every child it covers."""
 
-    first: str
-    first_norm: str | None
-    first_relu: str | None
-    second: str
-    second_norm: str | None
-    second_relu: str | None
-    fuse_second: bool
+    steps: list[_Step]
     names: list[str]
 
 
@@ -184,36 +230,33 @@ def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str |
 
 
 def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[tuple[str, str]]]:
-    """The (2+1)D runs among a Sequential's children, and (name, reason) for pairs that could not be fused."""
+    """The runs among a Sequential's children: a Conv3d with the BatchNorm3d and ReLU after it, and a (2+1)D pair
+    (a 1xkxk and a kx1x1 conv, either order, through BatchNorm3d/ReLU) as one run; and (name, reason) for convs
+    that cannot be fused."""
     runs, refused = [], []
     i = 0
     while i < len(children):
         name, first = children[i]
-        kind = _kind(first)
-        if kind is None:
+        if not isinstance(first, nn.Conv3d):
             i += 1
             continue
-        first_norm, first_relu, j = _norm_and_relu(children, i + 1)
-        if j >= len(children) or _kind(children[j][1]) not in ({"spatial", "temporal"} - {kind}):
-            i += 1
-            continue
-        second_name, second = children[j]
-        reason = fusable_reason(first)
-        if reason is not None:
+        if (reason := fusable_reason(first)) is not None:
             refused.append((name, reason))
             i += 1
             continue
-        second_norm, second_relu, k = _norm_and_relu(children, j + 1)
-        second_reason = fusable_reason(second)
-        if second_reason is not None:  # the second conv (and what follows it) stays as it is
-            k = j + 1
-            second_norm = second_relu = None
-        names = [n for n, _ in children[i:k]]
-        runs.append(_Run(name, first_norm, first_relu, second_name, second_norm, second_relu,
-                         second_reason is None, names))  # fmt: skip
-        if second_reason is not None:
-            refused.append((second_name, second_reason))
-        i = k
+        norm, relu, j = _norm_and_relu(children, i + 1)
+        steps = [_Step(name, norm, (), relu)]
+        kind = _kind(first)
+        if kind and j < len(children) and _kind(children[j][1]) == ({"spatial", "temporal"} - {kind}).pop():
+            if fusable_reason(children[j][1]) is None:
+                second_norm, second_relu, k = _norm_and_relu(children, j + 1)
+                steps.append(_Step(children[j][0], second_norm, (), second_relu))
+                j = k
+        if len(steps) == 1 and norm is None and relu is None:
+            i += 1  # a conv alone: nothing to fuse
+            continue
+        runs.append(_Run(steps, [n for n, _ in children[i:j]]))
+        i = j
     return runs, refused
 
 
@@ -227,29 +270,15 @@ def _run_modules(modules: list[nn.Module], choice: planning.Choice, x: torch.Ten
     return x
 
 
-def _planned(owner: nn.Module, modules: list[nn.Module], x: torch.Tensor, fused) -> torch.Tensor:
-    """Runs ``modules`` (a run whose plan ``owner`` holds) as its plan chooses."""
-    choice = planning.decide(owner, x, lambda c, t: _run_modules(modules, c, t, fused), group=modules)
+def _planned(owner: nn.Module, modules: list[nn.Module], x: torch.Tensor, fused, plan_owner=None) -> torch.Tensor:
+    """Runs ``modules`` (a run whose plan ``plan_owner``, else ``owner``, holds) as its plan chooses."""
+    holder = owner if plan_owner is None else plan_owner
+    choice = planning.decide(holder, x, lambda c, t: _run_modules(modules, c, t, fused), group=modules)
     return _run_modules(modules, choice, x, fused)
 
 
-def _run_forward(container: nn.Module, run: _Run, x: torch.Tensor) -> torch.Tensor:
-    get = container._modules.__getitem__
-    modules = [get(n) for n in run.names]
-
-    def fused(x: torch.Tensor, backend: str) -> torch.Tensor:
-        first_norm = run.first_norm and get(run.first_norm)
-        x = conv_bn(x, get(run.first), first_norm, relu=run.first_relu is not None, backend=backend)
-        if not run.fuse_second:
-            return get(run.second)(x)
-        second_norm = run.second_norm and get(run.second_norm)
-        return conv_bn(x, get(run.second), second_norm, relu=run.second_relu is not None, backend=backend)
-
-    return _planned(get(run.first), modules, x, fused)
-
-
 class _FusedSequentialMixin:
-    """forward of a converted Sequential: its children in order, each (2+1)D run as fused convs."""
+    """forward of a converted Sequential: its children in order, each run as fused convs."""
 
     _lgd_runs: list[_Run]
 
@@ -262,30 +291,26 @@ class _FusedSequentialMixin:
             run = starts.get(name)
             if run is None:
                 x = module(x)
-            else:
-                x = _run_forward(self, run, x)
-                skip.update(run.names)
+                continue
+            modules = [self._modules[n] for n in run.names]
+
+            def fused(t: torch.Tensor, backend: str, run=run) -> torch.Tensor:
+                for step in run.steps:
+                    t = _step_forward(self, step, t, backend)
+                return t
+
+            x = _planned(self, modules, x, fused, plan_owner=self._modules[run.names[0]])
+            skip.update(run.names)
         return x
 
 
-_FUSED_CLASSES: dict[type, type] = {}
+_FUSED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _fused_class(cls: type, mixin: type) -> type:
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (mixin, cls), {"__module__": __name__})
-    return _FUSED_CLASSES[cls]
-
-
-def _describe(run: _Run, container: nn.Module) -> str:
-    def part(name: str) -> str:
-        module = container._modules[name]
-        if isinstance(module, nn.Conv3d):
-            left = "" if run.fuse_second or name != run.second else ", left unfused"
-            return f"{name} ({_kind(module)} {'x'.join(map(str, module.kernel_size))}{left})"
-        return f"{name} ({type(module).__name__})"
-
-    return "(2+1)D run " + " -> ".join(part(n) for n in run.names)
+    if (cls, mixin) not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls, mixin] = type(f"Fused{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _FUSED_CLASSES[cls, mixin]
 
 
 def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport, claimed: set[int], options) -> None:
@@ -299,51 +324,256 @@ def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport,
     seq.__class__ = _fused_class(type(seq), _FusedSequentialMixin)
     seq._lgd_runs = runs
     for run in runs:
-        description = _describe(run, seq)
-        planning.attach(seq._modules[run.first], "conv_run", description, backend=options[0], mode=options[1])
+        description = _describe_steps(seq, run.steps)
+        planning.attach(seq._modules[run.names[0]], "conv_run", description, backend=options[0], mode=options[1])
         report.converted.append((name, description))
-        claimed |= {id(seq._modules[n]) for n in (run.first, run.second) if run.fuse_second or n == run.first}
+        claimed |= {id(seq.get_submodule(step.conv)) for step in run.steps}
 
 
-# ---- modules with conv_t / norm / activation / conv_xy (pytorchvideo's Conv2plus1d) --------------------------
+# ---- modules whose forward is a chain of named convs, norms and activations (pytorchvideo) ---------------------
+#
+# Recognised by their attributes, as pytorchvideo writes them (every forward runs its modules in this order,
+# skipping those that are None):
+#   Conv2plus1d       conv_t -> norm -> activation -> conv_xy   (conv_xy first with conv_xy_first; which of the
+#                                                                 two is spatial is read from the kernels)
+#   ResNetBasicStem   conv -> norm -> activation -> pool        (conv: a Conv3d or a Conv2plus1d, as X3D's)
+#   BottleneckBlock   conv_a -> norm_a -> act_a -> conv_b -> norm_b -> act_b -> conv_c -> norm_c
+# A norm slot holds a BatchNorm3d, or an nn.Sequential that starts with one (X3D: BatchNorm3d, squeeze-excite).
 
 
-def _is_conv2plus1d_module(module: nn.Module) -> bool:
-    return _kind(getattr(module, "conv_t", None)) == "temporal" and _kind(getattr(module, "conv_xy", None)) == "spatial"
+def _slot(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
-class _FusedAttributePairMixin:
-    """forward of a converted conv_t / norm / activation / conv_xy module, in its own order."""
+def _norm_step(owner: nn.Module, conv: str, norm: str | None, act: str | None) -> tuple[_Step | None, str | None]:
+    """The step for ``conv`` with the norm slot ``norm`` and activation ``act`` (paths; None where absent), or
+    (None, why not)."""
+    conv_ = _slot(owner, conv)
+    if (reason := fusable_reason(conv_)) is not None:
+        return None, f"{conv}: {reason}"
+    norm_ = None if norm is None else _slot(owner, norm)
+    act = act if act is not None and _slot(owner, act) is not None else None
+    if norm_ is None:
+        return _Step(conv, None, (), act), None
+    if type(norm_) is nn.BatchNorm3d:
+        return _Step(conv, norm, (), act), None
+    if isinstance(norm_, nn.Sequential) and len(norm_) and type(norm_[0]) is nn.BatchNorm3d:
+        rest = tuple(f"{norm}.{child}" for child in list(norm_._modules)[1:])
+        return _Step(conv, f"{norm}.{next(iter(norm_._modules))}", rest, act), None
+    return None, f"{norm}: {norm_reason(norm_)}"
+
+
+def _conv2plus1d_steps(owner: nn.Module, prefix: str = "") -> list[_Step] | str:
+    module = owner.get_submodule(prefix.rstrip(".")) if prefix else owner
+    order = ("conv_xy", "conv_t") if getattr(module, "conv_xy_first", False) else ("conv_t", "conv_xy")
+    first, why = _norm_step(owner, prefix + order[0], prefix + "norm" if module.norm is not None else None,
+                            prefix + "activation" if module.activation is not None else None)  # fmt: skip
+    if first is None:
+        return why
+    second, why = _norm_step(owner, prefix + order[1], None, None)
+    return why if second is None else [first, second]
+
+
+def _chain_steps(module: nn.Module) -> tuple[str, list[_Step | str]] | None:
+    """(what the module is, its links: steps and plain module paths in forward order, or a reason string as the
+    only link) for a module whose forward convert knows; None for any other."""
+    has = lambda *names: all(hasattr(module, n) for n in names)  # noqa: E731
+    if has("conv_t", "norm", "activation", "conv_xy") and {_kind(module.conv_t), _kind(module.conv_xy)} == {
+        "spatial", "temporal"}:  # fmt: skip
+        steps = _conv2plus1d_steps(module)
+        return "(2+1)D module", [steps] if isinstance(steps, str) else steps
+    if has("conv", "norm", "activation", "pool") and not isinstance(module, nn.Conv3d):
+        links: list[_Step | str] = []
+        if isinstance(module.conv, nn.Conv3d):
+            step, why = _norm_step(module, "conv", "norm" if module.norm is not None else None, "activation")
+            if step is None:
+                return "stem", [why]
+            links.append(step)
+        elif _chain_steps(module.conv) is not None and _chain_steps(module.conv)[0] == "(2+1)D module":
+            inner = _conv2plus1d_steps(module, "conv.")
+            if isinstance(inner, str):
+                return "stem", [inner]
+            last, why = _norm_step(module, inner[-1].conv, "norm" if module.norm is not None else None, "activation")
+            if last is None:
+                return "stem", [why]
+            links += [*inner[:-1], last]
+        else:
+            return None
+        if module.pool is not None:
+            links.append("pool")
+        return "stem", links
+    if has("conv_a", "norm_a", "act_a", "conv_b", "norm_b", "act_b", "conv_c", "norm_c"):
+        links = []
+        for c in "abc":
+            step, why = _norm_step(module, f"conv_{c}", f"norm_{c}" if getattr(module, f"norm_{c}") is not None
+                                   else None, f"act_{c}" if c != "c" else None)  # fmt: skip
+            if step is None:
+                return "bottleneck block", [why]
+            links.append(step)
+        return "bottleneck block", links
+    return None
+
+
+def _run_links(owner: nn.Module, links: list[_Step | str], x: torch.Tensor, backend: str, **last) -> torch.Tensor:
+    for i, link in enumerate(links):
+        if isinstance(link, str):
+            x = owner.get_submodule(link)(x)
+        else:
+            x = _step_forward(owner, link, x, backend, **(last if i == len(links) - 1 else {}))
+    return x
+
+
+def _original_forward(module: nn.Module, mixin: type, x: torch.Tensor) -> torch.Tensor:
+    """The forward of the class ``module`` had before it was converted."""
+    return super(mixin, module).forward(x)
+
+
+class _FusedChainMixin:
+    """forward of a converted chain module (pytorchvideo's Conv2plus1d, ResNetBasicStem, BottleneckBlock): its
+    links with every conv a conv_bn call, or (as its plan chooses) its own forward."""
+
+    _lgd_links: list[_Step | str]
 
     def forward(self, x):
-        first, second = (self.conv_xy, self.conv_t) if getattr(self, "conv_xy_first", False) else (
-            self.conv_t, self.conv_xy)  # fmt: skip
-        norm = getattr(self, "norm", None)
-        activation = getattr(self, "activation", None)
-        modules = [m for m in (first, norm, activation, second) if m is not None]
-
-        def fused(x: torch.Tensor, backend: str) -> torch.Tensor:
-            x = conv_bn(x, first, norm, relu=activation is not None, backend=backend)
-            return conv_bn(x, second, backend=backend)
-
-        return _planned(self, modules, x, fused)
+        return _planned_own(self, _FusedChainMixin, x, lambda t, backend: _run_links(self, self._lgd_links, t, backend))
 
 
-def _convert_attribute_pair(
-    name: str, module: nn.Module, report: ConversionReport, claimed: set[int], options
-) -> None:
-    norm, activation = getattr(module, "norm", None), getattr(module, "activation", None)
-    reasons = [r for r in (fusable_reason(module.conv_t), fusable_reason(module.conv_xy)) if r]
-    if norm is not None and norm_reason(norm) is not None:
-        reasons.append(f"its norm is {type(norm).__name__}, not BatchNorm3d")
-    if activation is not None and not isinstance(activation, nn.ReLU):
-        reasons.append(f"its activation is {type(activation).__name__}, not ReLU")
-    claimed |= {id(module.conv_t), id(module.conv_xy)}
-    if reasons:
-        report.left.append((name, "; ".join(reasons)))
+def _planned_own(module: nn.Module, mixin: type, x: torch.Tensor, fused) -> torch.Tensor:
+    """``fused(x, backend)`` or the module's original forward, as its plan chooses."""
+
+    def run(choice: planning.Choice, t: torch.Tensor) -> torch.Tensor:
+        t = choice.to(t)
+        return fused(t, choice.request) if choice.fused else _original_forward(module, mixin, t)
+
+    choice = planning.decide(module, x, run, group=(module,))
+    return run(choice, x)
+
+
+def _convert_chain(name: str, module: nn.Module, report: ConversionReport, claimed: set[int], options) -> bool:
+    found = _chain_steps(module)
+    if found is None:
+        return False
+    what, links = found
+    steps = [link for link in links if isinstance(link, _Step)]
+    if any(id(module.get_submodule(s.conv)) in claimed for s in steps):  # inside a chain converted already
+        return True
+    claimed |= {id(module.get_submodule(s.conv)) for s in steps}
+    if len(links) == 1 and isinstance(links[0], str):
+        report.left.append((name, f"{what}: {links[0]}"))
+        claimed |= {id(m) for m in module.modules() if isinstance(m, nn.Conv3d)}
+        return True
+    module.__class__ = _fused_class(type(module), _FusedChainMixin)
+    module._lgd_links = links
+    description = f"{what} {type(module).__name__}: " + _describe_steps(module, steps)
+    planning.attach(module, "conv_run", description, backend=options[0], mode=options[1])
+    report.converted.append((name, description))
+    return True
+
+
+# ---- residual blocks: the last conv's BatchNorm, the shortcut addition and the ReLU in one epilogue ------------
+#
+#   torchvision's BasicBlock / Bottleneck: conv1, conv2 (, conv3): Sequentials, the last exactly (Conv3d,
+#       BatchNorm3d); downsample (or None); relu. forward: relu(convs(x) + (downsample or identity)(x)).
+#   pytorchvideo's ResBlock: branch1_conv / branch1_norm (or None), branch2 (a BottleneckBlock), activation
+#       (ReLU or None), branch_fusion (checked to be the sum). forward: activation(fusion(shortcut(x), branch2(x))).
+
+
+def _is_sum(fusion) -> bool:
+    """Whether ``fusion(a, b)`` is ``a + b`` (checked on a random pair; pytorchvideo's default, or a lambda)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, generator=gen), torch.randn(2, 3, generator=gen)
+    try:
+        got = fusion(a.clone(), b.clone())
+    except Exception:  # noqa: BLE001 (any failure means: not a plain sum)
+        return False
+    return isinstance(got, torch.Tensor) and got.shape == a.shape and torch.equal(got, a + b)
+
+
+def _residual_kind(module: nn.Module) -> str | None:
+    name = type(module).__name__
+    torchvision = ("conv1", "conv2", "relu", "downsample")
+    if name in ("BasicBlock", "Bottleneck") and all(hasattr(module, a) for a in torchvision):
+        return "torchvision"
+    if all(hasattr(module, a) for a in ("branch1_conv", "branch1_norm", "branch2", "activation", "branch_fusion")):
+        return "pytorchvideo"
+    return None
+
+
+def _residual_reason(module: nn.Module, kind: str) -> str | None:
+    if kind == "torchvision":
+        last = module.conv3 if hasattr(module, "conv3") else module.conv2
+        if not (isinstance(last, nn.Sequential) and len(last) == 2 and isinstance(last[0], nn.Conv3d)
+                and type(last[1]) is nn.BatchNorm3d):  # fmt: skip
+            return "its last conv is not an nn.Sequential of exactly (Conv3d, BatchNorm3d)"
+        if fusable_reason(last[0]) is not None:
+            return fusable_reason(last[0])
+        return None if isinstance(module.relu, nn.ReLU) else f"its relu is {type(module.relu).__name__}"
+    branch = _chain_steps(module.branch2)
+    if branch is None or branch[0] != "bottleneck block" or isinstance(branch[1][-1], str):
+        return "its branch2 is not a bottleneck block convert fuses"
+    if branch[1][-1].after or branch[1][-1].act is not None:
+        return "its branch2 does not end in conv -> BatchNorm3d"
+    if module.activation is not None and not isinstance(module.activation, nn.ReLU):
+        return f"its activation is {type(module.activation).__name__}, not ReLU"
+    if not _is_sum(module.branch_fusion):
+        return "its branch_fusion is not the sum"
+    if module.branch1_conv is not None:
+        step, why = _norm_step(module, "branch1_conv", "branch1_norm" if module.branch1_norm is not None else None,
+                               None)  # fmt: skip
+        return why
+    return None
+
+
+class _FusedResidualMixin:
+    """forward of a converted residual block: the shortcut, the residual branch, and its last conv with the
+    BatchNorm, the addition and the ReLU as one conv_bn call."""
+
+    _lgd_residual: str
+
+    def forward(self, x):
+        def fused(t: torch.Tensor, backend: str) -> torch.Tensor:
+            if self._lgd_residual == "torchvision":
+                shortcut = t if self.downsample is None else self.downsample(t)
+                convs = [self.conv1, self.conv2] + ([self.conv3] if hasattr(self, "conv3") else [])
+                for container in convs[:-1]:
+                    t = container(t)
+                return conv_bn(t, convs[-1][0], convs[-1][1], shortcut=shortcut, relu=True, backend=backend)
+            if self.branch1_conv is None:
+                shortcut = t
+            else:
+                norm = "branch1_norm" if self.branch1_norm is not None else None
+                shortcut = _step_forward(self, _Step("branch1_conv", norm), t, backend)
+            links = self._lgd_branch_links
+            y = _run_links(self.branch2, links[:-1], t, backend)
+            relu = self.activation is not None
+            return conv_bn(y, self.branch2.get_submodule(links[-1].conv), _slot(self.branch2, links[-1].norm or ""),
+                           shortcut=shortcut, relu=relu, backend=backend)  # fmt: skip
+
+        return _planned_own(self, _FusedResidualMixin, x, fused)
+
+
+def _convert_residual(name: str, module: nn.Module, report: ConversionReport, claimed: set[int], options) -> None:
+    kind = _residual_kind(module)
+    if kind is None:
         return
-    module.__class__ = _fused_class(type(module), _FusedAttributePairMixin)
-    order = "conv_xy -> conv_t" if getattr(module, "conv_xy_first", False) else "conv_t -> conv_xy"
-    description = f"(2+1)D module {order} with its norm and activation fused"
+    reason = _residual_reason(module, kind)
+    if reason is not None:
+        report.left.append((name, f"residual block {type(module).__name__}, its end left unfused: {reason}"))
+        return
+    module.__class__ = _fused_class(type(module), _FusedResidualMixin)
+    module._lgd_residual = kind
+    if kind == "pytorchvideo":
+        module._lgd_branch_links = _chain_steps(module.branch2)[1]
+        if module.branch1_conv is not None:
+            claimed.add(id(module.branch1_conv))
+    last = ("conv3" if hasattr(module, "conv3") else "conv2") if kind == "torchvision" else "branch2.conv_c"
+    description = (f"residual block {type(module).__name__}: {last}'s BatchNorm, the shortcut addition and the "
+                   "ReLU fused into its conv")  # fmt: skip
+    if kind == "pytorchvideo" and module.branch1_conv is not None:
+        norm = "branch1_norm" if module.branch1_norm is not None else None
+        description += "; the shortcut " + _describe_steps(module, [_Step("branch1_conv", norm)])
     planning.attach(module, "conv_run", description, backend=options[0], mode=options[1])
     report.converted.append((name, description))

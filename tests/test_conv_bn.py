@@ -16,15 +16,25 @@ import torch
 from p3d_cases import check_fp32_draws, check_pooled_ratio, rel
 from torch import nn
 
-from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason
+from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason
 
-# (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu); odd sizes, both strides
+# (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
+# extra: {"conv": Conv3d arguments replacing stride (1, S, S) and same padding (the convs p3d_conv does not take:
+# groups, depthwise, temporal strides, dilation, no padding, even kernels), "shortcut": a tensor added after the
+# norm (a residual block's end)}.
 CASES = [
     ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True),
     ((3, 1, 1), 2, (1, 7, 5, 9, 9), 5, True, True, True, True),
     ((1, 1, 1), 1, (3, 4, 1, 5, 5), 7, True, False, True, False),
     ((3, 3, 3), 1, (2, 3, 5, 7, 7), 4, True, True, False, False),
     ((1, 3, 3), 2, (1, 6, 3, 15, 15), 5, False, True, True, True),
+    ((3, 3, 3), 1, (2, 6, 5, 7, 7), 6, False, True, False, True, {"shortcut": True}),
+    ((3, 3, 3), 2, (1, 5, 5, 9, 9), 7, False, True, False, True, {"conv": {"stride": 2, "padding": 1}}),
+    ((3, 3, 3), 1, (2, 6, 5, 7, 7), 6, False, True, False, True, {"conv": {"padding": 1, "groups": 6}, "shortcut": 1}),
+    ((5, 1, 1), 1, (1, 4, 7, 5, 5), 4, True, True, False, False, {"conv": {"padding": (2, 0, 0), "groups": 2}}),
+    ((1, 1, 1), 2, (2, 5, 3, 7, 7), 6, False, True, False, False, {"conv": {"stride": (2, 2, 2)}}),  # r3d shortcut
+    ((2, 2, 2), 1, (1, 3, 4, 6, 6), 5, True, True, True, True, {"conv": {"padding": 0}}),
+    ((3, 3, 3), 1, (1, 4, 5, 9, 9), 5, True, False, False, True, {"conv": {"padding": 2, "dilation": 2}}),
 ]
 MODES = ("eval", "train")
 DTYPES = ("float32", "bfloat16")
@@ -32,16 +42,23 @@ LAYOUTS = ("contiguous", "channels_last_3d")
 FP32_DRAWS, BF16_DRAWS = 3, 12
 
 
+def _extra(case) -> dict:
+    return case[8] if len(case) > 8 else {}
+
+
 def _case_id(case, mode, dtype, layout) -> str:
-    kernel, stride, shape, co, bias, norm, residual, relu = case
+    kernel, stride, shape, co, bias, norm, residual, relu = case[:8]
     parts = ["x".join(map(str, kernel)), f"s{stride}", "x".join(map(str, shape)), f"co{co}"]
-    parts += [name for name, on in (("bias", bias), ("bn", norm), ("res", residual), ("relu", relu)) if on]
+    parts += [f"{k}{v}".replace(" ", "") for k, v in _extra(case).get("conv", {}).items()]
+    flags = (("bias", bias), ("bn", norm), ("res", residual), ("short", _extra(case).get("shortcut")), ("relu", relu))
+    parts += [name for name, on in flags if on]
     return "-".join([*parts, mode, dtype, layout])
 
 
 def _modules(case, gen):
-    kernel, stride, shape, co, bias, norm, _, _ = case
-    conv = nn.Conv3d(shape[1], co, kernel, stride=(1, stride, stride), padding=tuple(k // 2 for k in kernel), bias=bias)
+    kernel, stride, shape, co, bias, norm, _, _ = case[:8]
+    geometry = {"stride": (1, stride, stride), "padding": tuple(k // 2 for k in kernel)} | _extra(case).get("conv", {})
+    conv = nn.Conv3d(shape[1], co, kernel, bias=bias, **geometry)
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / conv.weight[0].numel() ** 0.5)
         if bias:
@@ -57,19 +74,22 @@ def _modules(case, gen):
     return conv, bn
 
 
-def _run(conv, bn, x, residual, relu, upstream, fused):
+def _run(conv, bn, x, residual, relu, upstream, fused, shortcut=None):
     """Output, gradients of every input and parameter, running statistics: the fused call or the modules."""
     x = x.clone().requires_grad_()
     residual = None if residual is None else residual.clone().requires_grad_()
+    shortcut = None if shortcut is None else shortcut.clone().requires_grad_()
     if fused:
-        out = conv_bn(x, conv, bn, residual=residual, relu=relu)
+        out = conv_bn(x, conv, bn, residual=residual, shortcut=shortcut, relu=relu)
     else:
         out = conv(x) + (0 if residual is None else residual)
         out = bn(out) if bn is not None else out
+        out = out + (0 if shortcut is None else shortcut)
         out = torch.relu(out) if relu else out
     params = {f"conv.{n}": p for n, p in conv.named_parameters()}
     params |= {} if bn is None else {f"bn.{n}": p for n, p in bn.named_parameters()}
     wrt = {"x": x, **({} if residual is None else {"residual": residual}), **params}
+    wrt |= {} if shortcut is None else {"shortcut": shortcut}
     grads = torch.autograd.grad(out, list(wrt.values()), upstream.to(out.dtype), allow_unused=True)
     result = {"out": out.detach(), **{f"grad_{k}": g for k, g in zip(wrt, grads, strict=True)}}
     if bn is not None:
@@ -78,13 +98,15 @@ def _run(conv, bn, x, residual, relu, upstream, fused):
 
 
 def _draw(case, mode, dtype, layout, gen) -> list[dict]:
-    kernel, stride, shape, co, bias, norm, with_residual, relu = case
+    kernel, stride, shape, co, bias, norm, with_residual, relu = case[:8]
     conv, bn = _modules(case, gen)
     memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
     x = torch.randn(shape, generator=gen).contiguous(memory_format=memory_format)
-    n, _, t, h, w = shape
-    out_shape = (n, co, t, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    with torch.no_grad():
+        out_shape = conv(x[:1]).shape[1:]
+    out_shape = (shape[0], *out_shape)
     residual = torch.randn(out_shape, generator=gen) if with_residual else None
+    shortcut = torch.randn(out_shape, generator=gen) if _extra(case).get("shortcut") else None
     upstream = torch.randn(out_shape, generator=gen)
     at = getattr(torch, dtype)
 
@@ -97,10 +119,11 @@ def _draw(case, mode, dtype, layout, gen) -> list[dict]:
     def cast(t, target_dtype):
         return None if t is None else t.to(target_dtype)
 
-    ref = _run(*setup(torch.float64), cast(x, torch.float64), cast(residual, torch.float64), relu, upstream, False)
+    f64 = torch.float64
+    ref = _run(*setup(f64), cast(x, f64), cast(residual, f64), relu, upstream, False, cast(shortcut, f64))
     # PyTorch's own at the dtype (the conv in it, BatchNorm's parameters float32 as autocast keeps them), and ours
-    plain = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, False)
-    ours = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, True)
+    plain = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, False, cast(shortcut, at))
+    ours = _run(*setup(at), cast(x, at), cast(residual, at), relu, upstream, True, cast(shortcut, at))
     rows = []
     for name, want in ref.items():
         got, yardstick = ours[name], plain[name]
@@ -186,29 +209,41 @@ def test_conv_sum_bn_with_biases(gen):
 
 
 @pytest.mark.parametrize(
-    "conv,reason",
+    "conv,reason,p3d",
     [
-        (nn.Conv3d(4, 4, 3, padding=1, bias=True), None),
-        (nn.Conv3d(4, 4, (1, 3, 5), padding=(0, 1, 2)), None),  # non-square odd kernels are fine
-        (nn.Conv3d(4, 4, (3, 1, 3), padding="same"), None),
-        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), "groups 2"),
-        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), dilation=2), "dilation"),
-        (nn.Conv3d(4, 4, (1, 2, 2)), "not an odd kernel"),
-        (nn.Conv3d(4, 4, (1, 3, 3), padding=0), "not an odd kernel with same padding"),
-        (nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), "temporal stride 2"),
-        (nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 1, 2), padding=(0, 1, 1)), "differs between H and W"),
-        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), "padding_mode 'reflect'"),
-        (nn.Conv2d(4, 4, 3, padding=1), "not a Conv3d"),
+        (nn.Conv3d(4, 4, 3, padding=1, bias=True), None, None),
+        (nn.Conv3d(4, 4, (1, 3, 5), padding=(0, 1, 2)), None, None),  # non-square odd kernels are fine
+        (nn.Conv3d(4, 4, (3, 1, 3), padding="same"), None, None),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), None, "groups 2"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), dilation=2), None, "dilation"),
+        (nn.Conv3d(4, 4, (1, 2, 2)), None, "not an odd kernel"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=0), None, "not an odd kernel with same padding"),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding="valid"), None, "not an odd kernel with same padding"),
+        (nn.Conv3d(4, 4, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0)), None, "temporal stride 2"),
+        (nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 1, 2), padding=(0, 1, 1)), None, "differs between H and W"),
+        (nn.Conv3d(4, 4, (1, 2, 2), padding="same"), "pads asymmetrically", None),
+        (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), "padding_mode 'reflect'", None),
+        (nn.Conv2d(4, 4, 3, padding=1), "not a Conv3d", None),
     ],
 )
-def test_one_fusability_rule(conv, reason, gen):
-    """What fusable_reason accepts, conv_bn computes exactly (eval, with a norm and without)."""
+def test_one_fusability_rule(conv, reason, p3d, gen):
+    """What fusable_reason accepts, conv_bn computes exactly (eval, with a norm and without); p3d_geometry_reason
+    says which of those run on p3d_conv's kernels."""
     got = fusable_reason(conv)
     assert (got is None) if reason is None else (reason in got), got
-    if reason is None:
-        x = torch.randn(2, 4, 3, 7, 7, generator=gen)
-        with torch.no_grad():
-            assert rel(conv_bn(x, conv), conv(x)) < 1e-5
+    if reason is not None:
+        if isinstance(conv, nn.Conv3d):
+            with pytest.raises(ValueError, match="cannot be fused"):
+                conv_bn(torch.randn(1, 4, 3, 7, 7, generator=gen), conv)
+        return
+    where = p3d_geometry_reason(conv)
+    assert (where is None) if p3d is None else (p3d in where), where
+    x = torch.randn(2, 4, 3, 7, 7, generator=gen)
+    bn = nn.BatchNorm3d(4).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1, generator=gen)
+        assert rel(conv_bn(x, conv), conv(x)) < 1e-5
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-5
 
 
 def test_norm_rule_and_bad_calls():

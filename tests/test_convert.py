@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import lgd_fast
+import foreign_models
 from foreign_models import Conv2Plus1D, r2plus1d
 from lgd_fast import create_model
 from lgd_fast.models import FastLGD3D
@@ -141,13 +142,17 @@ def test_r2plus1d_keys_and_report(gen):
     )
     assert {name for name, _ in report.converted} == {
         "stem", "layer1.0.conv1.0", "layer1.0.conv2.0", "layer1.1.conv1.0", "layer1.1.conv2.0",
-        "layer2.0.conv1.0", "layer2.0.conv2.0",
+        "layer2.0.conv1.0", "layer2.0.conv2.0", "layer2.0.downsample",
     }  # fmt: skip
+    # the strided block's temporal conv is fused too: a plain convolution with the fused epilogue
+    assert converted["layer2.0.conv1.0"].endswith("3 (temporal 3x1x1, temporal stride 2)")
+    assert converted["layer2.0.downsample"] == "conv run 0 (1x1x1, temporal stride 2) -> 1 (BatchNorm3d)"
     left = dict(report.left)
-    assert "temporal stride 2" in left["layer2.0.conv1.0.3"]  # the strided block's temporal conv stays as it is
-    assert "left unfused" in converted["layer2.0.conv1.0"]
-    assert "(1, 1, 1) is neither" in left["layer2.0.downsample.0"]
-    assert str(report).startswith("converted 7:")
+    assert left == {  # Conv2Plus1D is a Sequential ending in its conv: the BatchNorm after it is the block's
+        f"layer{i}.{j}": "residual block BasicBlock, its end left unfused: its last conv is not an nn.Sequential "
+        "of exactly (Conv3d, BatchNorm3d)" for i, j in ((1, 0), (1, 1), (2, 0))
+    }
+    assert str(report).startswith("converted 8:")
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["cpu-default", "fused-everywhere"])
@@ -190,10 +195,12 @@ def test_unfusable_patterns_are_left_with_the_reason(gen):
     model = _pytorchvideo_pair(False, norm=nn.GroupNorm(3, 12))
     report = lgd_fast.convert(model).conversion_report
     assert not report.converted and "GroupNorm, not BatchNorm3d" in dict(report.left)[""]
-    seq = nn.Sequential(nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), groups=2), nn.Conv3d(4, 4, (3, 1, 1),
-                        padding=(1, 0, 0), bias=False), nn.Conv3d(4, 4, 3, padding=1))  # fmt: skip
+    seq = nn.Sequential(nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="circular"),
+                        nn.Conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.Conv3d(4, 4, (1, 2, 2),
+                        padding="same"), nn.BatchNorm3d(4))  # fmt: skip
     left = dict(lgd_fast.convert(seq).conversion_report.left)
-    assert "groups 2" in left["0"] and "without a partner" in left["1"] and "(3, 3, 3) is neither" in left["2"]
+    assert "padding_mode 'circular'" in left["0"] and "pads asymmetrically" in left["2"]
+    assert left["1"].startswith("nothing to fuse: no BatchNorm3d or ReLU follows it")
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         lgd_fast.convert("not a model")
 
@@ -267,3 +274,64 @@ def test_converting_twice_keeps_the_first_conversion_and_its_report(gen):
     with torch.no_grad():
         assert _rel(model(x), original(x)) < 1e-5
     assert str(report).startswith(f"converted {len(first)}:")
+
+
+# ---- any Conv3d + BatchNorm3d (+ ReLU, + the shortcut addition): torchvision's r3d / mc3, pytorchvideo's CSN / X3D ----
+
+FOREIGN = {
+    "r3d": lambda: foreign_models.r3d((1, 1), (8, 16), 5),
+    "mc3": lambda: foreign_models.mc3((1, 1), (8, 16), 5),
+    "r3d-bottleneck": lambda: foreign_models.r3d((1, 1), (4, 8), 5, block=foreign_models.Bottleneck),
+    "csn": foreign_models.csn,
+    "x3d": foreign_models.x3d,
+}
+
+
+def _convs(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv3d)]
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_every_conv_bn_of_foreign_models_is_fused(name):
+    """Every Conv3d followed by a BatchNorm3d (or a ReLU) is fused, whatever its kernel, stride or groups; the
+    residual blocks' last BatchNorm, addition and ReLU with it; what is left says why."""
+    model = FOREIGN[name]()
+    keys = list(model.state_dict())
+    report = lgd_fast.convert(model).conversion_report
+    assert list(model.state_dict()) == keys
+    described = " ".join(what for _, what in report.converted)
+    left = dict(report.left)
+    for conv_name in _convs(model):
+        parent, _, child = conv_name.rpartition(".")
+        in_report = conv_name in left or any(
+            n == parent and (f" {child} (" in f" {what}") for n, what in report.converted
+        ) or any(conv_name.startswith(n + ".") and (f" {conv_name[len(n) + 1:]} (" in f" {what}")
+                 for n, what in report.converted)  # fmt: skip
+        assert in_report, f"{conv_name} is neither converted nor left with a reason:\n{report}"
+    for conv_name, why in left.items():
+        assert why.startswith("nothing to fuse") and "Sigmoid" not in why, (conv_name, why)  # only the SE's last conv
+    blocks = [n for n, what in report.converted if what.startswith("residual block")]
+    assert blocks, report
+    if name in ("csn", "x3d"):
+        assert "groups" in described and not any("branch1_conv" in n for n in left)
+    if name == "x3d":  # the stem's swapped names: conv_t holds the spatial conv, conv_xy the depthwise temporal one
+        stem = dict(report.converted)["blocks.0"]
+        assert "conv.conv_t (spatial 1x3x3) -> conv.conv_xy (temporal 5x1x1, groups 8) -> norm (BatchNorm3d)" in stem
+        assert "act_b (Swish, after)" in described and "norm_b.1 (SqueezeExcitation)" in described
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_foreign_models_equal_their_originals_eval_and_train(name, forced, gen):
+    """Outputs, the input's and every parameter's gradient, running statistics: eval and train, 7 seeded draws."""
+    shape = (2, 3, 5, 30, 30) if name != "x3d" else (2, 3, 6, 32, 32)
+    with forced_plan() if forced else contextlib.nullcontext():
+        _check_equal(FOREIGN[name], shape, gen)
+
+
+def test_a_fusion_that_is_not_a_sum_leaves_the_block_end():
+    model = foreign_models.csn()
+    model.blocks[1].branch_fusion = lambda x, y: x - y
+    report = lgd_fast.convert(model).conversion_report
+    assert "its branch_fusion is not the sum" in dict(report.left)["blocks.1"]
+    assert "blocks.2" in dict(report.converted)

@@ -188,3 +188,54 @@ def test_onednn_fake_gives_the_real_sizes_and_strides(kernel, x_layout, w_layout
         fake = torch.ops.lgd_fast.p3d_conv_onednn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                                                     for a in args))  # fmt: skip
     assert (tuple(fake.shape), fake.stride(), fake.dtype) == (tuple(real.shape), real.stride(), real.dtype)
+
+
+# conv3d_onednn: (C_in, C_out, kernel, Conv3d arguments); the geometries p3d_conv does not take
+GENERAL = [
+    (6, 6, (3, 3, 3), {"padding": 1, "groups": 6}),  # depthwise (CSN, X3D)
+    (6, 4, (3, 3, 3), {"stride": 2, "padding": 1}),  # r3d's strided 3x3x3
+    (6, 5, (1, 1, 1), {"stride": (2, 2, 2)}),  # r3d's shortcut
+    (4, 4, (5, 1, 1), {"padding": (2, 0, 0), "groups": 2}),
+    (6, 5, (2, 2, 2), {}),
+    (6, 5, (3, 3, 3), {"padding": 2, "dilation": 2}),
+]
+
+
+def _general_args(case, x_layout, w_layout, residual, dtype, gen):
+    ci, co, kernel, kwargs = case
+    formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+    conv = torch.nn.Conv3d(ci, co, kernel, bias=True, **kwargs)
+    x = torch.randn(2, ci, 5, 9, 9, generator=gen).to(dtype).contiguous(memory_format=formats[x_layout])
+    w = torch.randn(conv.weight.shape, generator=gen).to(dtype).contiguous(memory_format=formats[w_layout])
+    bias = torch.randn(co, generator=gen).to(dtype)
+    out_shape = F.conv3d(x[:1].float(), w.float(), None, conv.stride, conv.padding, conv.dilation, conv.groups).shape
+    res = torch.randn((2, *out_shape[1:]), generator=gen).to(dtype) if residual else None
+    geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return (x, w, bias, res, *geometry, residual), conv
+
+
+@pytest.mark.parametrize("case", GENERAL, ids=lambda c: f"{'x'.join(map(str, c[2]))}-{c[3]}".replace(" ", ""))
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("w_layout", ["contiguous", "channels_last_3d"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_conv3d_onednn_equals_the_conv_and_its_fake_the_strides(case, x_layout, w_layout, residual, gen):
+    """Any Conv3d geometry as one oneDNN primitive with bias, residual addition and ReLU: equal to ATen's conv and
+    epilogue (fp32; bf16 within its rounding), and the fake gives the real op's sizes and strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        args, conv = _general_args(case, x_layout, w_layout, residual, dtype, gen)
+        x, w, bias, res = args[:4]
+        real = torch.ops.lgd_fast.conv3d_onednn(*args)
+        want = F.conv3d(x.double(), w.double(), bias.double(), conv.stride, conv.padding, conv.dilation, conv.groups)
+        want = torch.relu(want + res.double()) if residual else want
+        assert rel(real, want) < tol, (dtype, rel(real, want))
+        with FakeTensorMode() as mode:
+            fake = torch.ops.lgd_fast.conv3d_onednn(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                      for a in args))  # fmt: skip
+        assert (tuple(fake.shape), fake.stride(), fake.dtype) == (tuple(real.shape), real.stride(), real.dtype)
+
+
+def test_opcheck_conv3d_onednn(gen):
+    args, _ = _general_args(GENERAL[0], "channels_last_3d", "contiguous", True, torch.float32, gen)
+    torch.library.opcheck(torch.ops.lgd_fast.conv3d_onednn.default, args)

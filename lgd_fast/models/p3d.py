@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import plan as planning
-from ..ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, uses_batch_stats
+from ..ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason, uses_batch_stats
 from .blocks import P3DBasicBlock, P3DBottleneck
 
 __all__ = [
@@ -145,10 +145,14 @@ _FAST_UNITS = {P3DBottleneck: FastP3DBottleneck, P3DBasicBlock: FastP3DBasicBloc
 
 
 def check_fusable(block: P3DBottleneck | P3DBasicBlock, name: str = "block") -> None:
-    """Raise a TypeError naming the first module the fused path cannot take (:func:`lgd_fast.ops.conv_bn.
-    fusable_reason`, :func:`~lgd_fast.ops.conv_bn.norm_reason`: the one rule)."""
+    """Raise a TypeError naming the first module the fused P3D path cannot take: a conv off
+    :func:`~lgd_fast.ops.p3d_conv`'s geometry (:func:`lgd_fast.ops.conv_bn.p3d_geometry_reason`, or anything
+    :func:`~lgd_fast.ops.conv_bn.fusable_reason` refuses), a norm :func:`~lgd_fast.ops.conv_bn.norm_reason`
+    refuses."""
     for child_name, module in block.named_modules():
-        if isinstance(module, nn.Conv3d) and (reason := fusable_reason(module)) is not None:
+        if not isinstance(module, nn.Conv3d):
+            continue
+        if (reason := fusable_reason(module) or p3d_geometry_reason(module)) is not None:
             raise TypeError(
                 f"{name}.{child_name}: the fused P3D path takes odd kernels with same padding, temporal stride 1, one "
                 f"spatial stride, no dilation or groups; got {reason}"

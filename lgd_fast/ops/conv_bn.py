@@ -26,6 +26,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .p3d_conv import autocast_inputs, p3d_conv
@@ -39,6 +40,7 @@ __all__ = [
     "folded_norm",
     "fusable_reason",
     "norm_reason",
+    "p3d_geometry_reason",
     "uses_batch_stats",
 ]
 
@@ -51,24 +53,48 @@ Stats = torch.Tensor | None
 def fusable_reason(conv: nn.Module) -> str | None:
     """None if :func:`conv_bn` computes ``conv`` exactly, else why not (one sentence).
 
-    The fused conv (:func:`~lgd_fast.ops.p3d_conv`) takes a Conv3d with odd kernel extents and "same" padding,
-    temporal stride 1 and one spatial stride for H and W, no dilation or groups, zero padding; a bias is
-    added in its epilogue.
+    Any ``Conv3d`` with zero padding given as numbers (or ``"valid"``, or ``"same"`` where it is symmetric):
+    the convs a P3D network has (odd kernels with "same" padding, temporal stride 1, one spatial stride, no
+    groups or dilation: :func:`p3d_geometry_reason`) run on :func:`~lgd_fast.ops.p3d_conv`'s kernels; every
+    other geometry (grouped and depthwise convs, temporal strides, dilation, any padding) runs as one
+    convolution primitive with the same epilogue (:func:`~lgd_fast.ops.p3d_conv.conv3d_onednn` at eager CPU
+    inference, ATen's or cuDNN's convolution otherwise).
     """
     if not isinstance(conv, nn.Conv3d):
         return f"{type(conv).__name__} is not a Conv3d"
-    if conv.groups != 1 or conv.dilation != (1, 1, 1):
-        return f"groups {conv.groups}, dilation {conv.dilation} (the fused convs take neither)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode {conv.padding_mode!r} (the fused convs pad with zeros)"
+    if _padding(conv) is None:
+        return f"padding 'same' with kernel {tuple(conv.kernel_size)} pads asymmetrically"
+    return None
+
+
+def p3d_geometry_reason(conv: nn.Conv3d) -> str | None:
+    """None if ``conv`` runs on :func:`~lgd_fast.ops.p3d_conv`'s kernels (odd kernel extents with "same" padding,
+    temporal stride 1, one spatial stride for H and W, no dilation or groups), else why it runs as a plain
+    convolution with the fused epilogue."""
+    if conv.groups != 1:
+        return f"groups {conv.groups}"
+    if conv.dilation != (1, 1, 1):
+        return f"dilation {conv.dilation}"
     same = tuple(k // 2 for k in conv.kernel_size)
-    if any(k % 2 == 0 for k in conv.kernel_size) or conv.padding not in (same, "same"):
+    if any(k % 2 == 0 for k in conv.kernel_size) or _padding(conv) != list(same):
         return f"kernel {tuple(conv.kernel_size)} with padding {conv.padding} is not an odd kernel with same padding"
     if conv.stride[0] != 1:
-        return f"temporal stride {conv.stride[0]} (the fused convs stride space only)"
+        return f"temporal stride {conv.stride[0]}"
     if conv.stride[1] != conv.stride[2]:
         return f"spatial stride {conv.stride[1:]} differs between H and W"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode {conv.padding_mode!r}"
     return None
+
+
+def _padding(conv: nn.Conv3d) -> list[int] | None:
+    """The conv's zero padding per dimension as numbers, or None ("same" that pads one side more)."""
+    if conv.padding == "valid":
+        return [0, 0, 0]
+    if conv.padding == "same":
+        total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        return None if any(t % 2 for t in total) else [t // 2 for t in total]
+    return list(conv.padding)
 
 
 def norm_reason(norm: nn.Module | None) -> str | None:
@@ -191,46 +217,56 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
 
 
 class _NormalizeFromStats(torch.autograd.Function):
-    """ReLU?(BatchNorm(y)) with the batch's mean and inverse std given (detached): forward and backward as
-    BatchNorm's own, in float32 and rounded once. (Built from separate autograd pieces, the affine's gradient
+    """ReLU?(BatchNorm(y) + shortcut) with the batch's mean and inverse std given (detached): forward and backward
+    as BatchNorm's own, in float32 and rounded once. (Built from separate autograd pieces, the affine's gradient
     arrives rounded to y's dtype while the statistics' arrives in float32, and their near-cancellation leaves
     that rounding behind: seen at 25x PyTorch's bf16 error in single draws.)"""
 
     @staticmethod
-    def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None):
-        xhat = (y.float() - _channel(mean)) * _channel(invstd)
-        out = xhat * _channel(weight.float()) + _channel(bias.float())
-        ctx.save_for_backward(y, mean, invstd, weight, bias)
+    def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None, shortcut=None):
+        out = _affine(y, mean, invstd, weight, bias, shortcut)
+        ctx.save_for_backward(y, mean, invstd, weight, bias, shortcut)
         ctx.relu = relu
         ctx.offset = None if offset is None else (offset.shape, offset.dtype)
         return (torch.relu(out) if relu else out).to(y.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        y, mean, invstd, weight, bias = ctx.saved_tensors
+        y, mean, invstd, weight, bias, shortcut = ctx.saved_tensors
         xhat = (y.float() - _channel(mean)) * _channel(invstd)
         g = grad.float()
         if ctx.relu:
-            g = g * (xhat * _channel(weight.float()) + _channel(bias.float()) > 0)
+            g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
         count = y.numel() // y.shape[1]
         g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
         g_y = _channel(weight.float() * invstd) * (g - _channel(g_bias / count) - xhat * _channel(g_weight / count))
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])
-        return g_y.to(y.dtype), None, None, g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_offset
+        g_shortcut = None if shortcut is None else g.to(shortcut.dtype)
+        return g_y.to(y.dtype), None, None, g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_offset, g_shortcut
+
+
+def _affine(y, mean, invstd, weight, bias, shortcut):
+    out = (y.float() - _channel(mean)) * _channel(invstd * weight.float()) + _channel(bias.float())
+    return out if shortcut is None else out + shortcut.float()
 
 
 def _normalize_train(
-    norm: nn.BatchNorm3d, y: torch.Tensor, stats: torch.Tensor, relu: bool, offset: torch.Tensor | None = None
+    norm: nn.BatchNorm3d,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    relu: bool,
+    offset: torch.Tensor | None = None,
+    shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ReLU?(norm(y + offset)) with batch statistics from the conv's (sum, sum of squares) of y; updates the
-    running stats. A per-channel ``offset`` (a conv's bias) cancels in the normalisation, so it is kept out of
-    the sums (where it would only move the mean away from zero and cost the variance precision)."""
-    mean, var = batch_mean_var(norm, stats.detach(), y.numel() // y.shape[1], torch.float64, offset)
-    invstd = torch.rsqrt(var + norm.eps).float()
+    """ReLU?(norm(y + offset) + shortcut) with the batch mean and biased variance of y (detached; float64 or
+    float32). A per-channel ``offset`` (a conv's bias) cancels in the normalisation, so it is kept out of the
+    statistics (where it would only move the mean away from zero and cost the variance precision)."""
+    invstd = torch.rsqrt(var.detach() + norm.eps).float()
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
-    return _NormalizeFromStats.apply(y, mean.float(), invstd, weight, bias, relu, offset)
+    return _NormalizeFromStats.apply(y, mean.detach().float(), invstd, weight, bias, relu, offset, shortcut)
 
 
 # ---- the eager CPU inference path: oneDNN with folded weights ---------------------------------------------
@@ -289,7 +325,11 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
 def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torch.Tensor:
     x, residual = autocast_inputs(x.device.type, x, residual)
     weight, bias = _folded(conv, norm, x.dtype, extra_bias, shift=shift)
-    return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv), relu)
+    if p3d_geometry_reason(conv) is None:
+        return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv), relu)
+    return torch.ops.lgd_fast.conv3d_onednn(
+        x, weight, bias, residual, list(conv.stride), _padding(conv), list(conv.dilation), conv.groups, relu
+    )
 
 
 # ---- the public entry points ------------------------------------------------------------------------------
@@ -305,45 +345,103 @@ def conv_bn(
     norm: nn.BatchNorm3d | None = None,
     *,
     residual: torch.Tensor | None = None,
+    shortcut: torch.Tensor | None = None,
     relu: bool = False,
     stats: bool = False,
     backend: str = "auto",
 ):
-    """``ReLU?(norm(conv(x) + residual))`` of a model's own modules as one fused conv.
+    """``ReLU?(norm(conv(x) + residual) + shortcut)`` of a model's own modules as one fused conv.
 
     Args:
         x: (N, C_in, T, H, W), either layout; conv: a Conv3d :func:`fusable_reason` accepts (its bias included);
             norm: a BatchNorm3d (:func:`norm_reason`) or None. Eval folds its running statistics into the conv;
-            training (batch statistics) normalises with the sums the conv returns and updates its running
-            statistics, gradients as BatchNorm's.
-        residual: (N, C_out, T, H_out, W_out) added before the norm, or None.
+            training (batch statistics) normalises with the conv output's batch statistics and updates its
+            running statistics, gradients as BatchNorm's.
+        residual: (N, C_out, T_out, H_out, W_out) added before the norm (a P3D unit's), or None.
+        shortcut: the same shape, added after the norm (a residual block's end: ``ReLU(norm(conv(x)) + x)``), or
+            None.
         relu: apply ReLU last.
         stats: with ``norm=None`` only (the caller applies the norm, as the LGD block's epilogue does): also
             return the per-channel (sum, sum of squares) of the output, (2, C_out) float32.
-        backend: the conv backend (``"auto"``, ``"triton"``, ``"onednn"``, ``"reference"``).
+        backend: the conv backend (``"auto"``, ``"triton"``, ``"onednn"``, ``"reference"``) for the convs that
+            run on :func:`~lgd_fast.ops.p3d_conv` (:func:`p3d_geometry_reason`); the others run on the device's
+            own convolution (oneDNN on the CPU, cuDNN on CUDA).
 
     Returns:
         out (x's dtype, or the autocast dtype), and with ``stats`` ``(out, stats)``.
     """
-    if stats and norm is not None:
-        raise ValueError("conv_bn: stats=True returns the statistics for the caller's norm; pass norm=None")
+    if stats and (norm is not None or shortcut is not None):
+        raise ValueError("conv_bn: stats=True returns the statistics for the caller's norm; pass norm=None and "
+                         "no shortcut")  # fmt: skip
+    if (reason := fusable_reason(conv)) is not None:
+        raise ValueError(f"conv_bn: this conv cannot be fused: {reason}")
+    if p3d_geometry_reason(conv) is not None:
+        return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend)
     if norm is None:
+        if shortcut is not None:
+            residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
         if not stats and _direct_onednn(backend, x, residual):
             return _onednn(conv, None, x, residual, relu)
         return p3d_conv(x, conv.weight, stride=_stride(conv), shift=_bias(conv, x), residual=residual, relu=relu,
                         stats=stats, backend=backend)  # fmt: skip
     if uses_batch_stats(norm):
         y, sums = p3d_conv(x, conv.weight, stride=_stride(conv), residual=residual, stats=True, backend=backend)
-        return _normalize_train(norm, y, sums, relu, conv.bias)  # the bias cancels in the norm
-    if residual is None and _direct_onednn(backend, x, None):
-        return _onednn(conv, norm, x, None, relu)
+        mean, var = batch_mean_var(norm, sums.detach(), y.numel() // y.shape[1], torch.float64, conv.bias)
+        return _normalize_train(norm, y, mean, var, relu, conv.bias, shortcut)  # the bias cancels in the norm
+    if residual is None and _direct_onednn(backend, x, shortcut):
+        return _onednn(conv, norm, x, shortcut, relu)
     scale, shift = folded_norm(norm, x)
     if conv.bias is not None:
         shift = shift + scale * _bias(conv, x)
-    if residual is not None:  # norm(c + r) = c * scale + (shift + r * scale)
-        residual = (residual * _channel(scale)).to(residual.dtype)
-    return p3d_conv(x, conv.weight, stride=_stride(conv), scale=scale, shift=shift, residual=residual, relu=relu,
+    added = _added_after_norm(residual, scale, shortcut)
+    return p3d_conv(x, conv.weight, stride=_stride(conv), scale=scale, shift=shift, residual=added, relu=relu,
                     backend=backend)  # fmt: skip
+
+
+def _added_after_norm(residual, scale, shortcut):
+    """What is added after the folded norm's affine map: norm(c + r) + s = c * scale + shift + (r * scale + s)."""
+    if residual is None:
+        return shortcut
+    added = residual * _channel(scale)
+    return (added if shortcut is None else added + shortcut).to(residual.dtype)
+
+
+def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) -> torch.Tensor:
+    """conv_bn for a conv p3d_conv does not take: the device's convolution, the same epilogue."""
+    if norm is not None and not uses_batch_stats(norm) and residual is None and _direct_onednn(backend, x, shortcut):
+        return _onednn(conv, norm, x, shortcut, relu)
+    if norm is None and not stats and _direct_onednn(backend, x, residual):
+        if shortcut is not None:
+            residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
+        return _onednn(conv, None, x, residual, relu)
+    x, residual, shortcut = autocast_inputs(x.device.type, x, residual, shortcut)
+    y = F.conv3d(x, conv.weight.to(x.dtype), None, conv.stride, _padding(conv), conv.dilation, conv.groups)
+    if residual is not None:
+        y = y + residual
+    if norm is not None and uses_batch_stats(norm):
+        with torch.no_grad():
+            mean, var = batch_moments(y)
+            if norm.training and norm.track_running_stats:
+                offset = mean if conv.bias is None else mean + conv.bias.detach().to(mean.dtype)
+                _update_running_stats(norm, offset, var, y.numel() // y.shape[1])
+        return _normalize_train(norm, y, mean, var, relu, conv.bias, shortcut)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    scale, shift = (None, None) if norm is None else folded_norm(norm, y)
+    if conv.bias is not None:
+        bias = _bias(conv, y)
+        shift = bias if scale is None else shift + scale * bias
+    z = y.to(acc)
+    if scale is not None:
+        z = z * _channel(scale)
+    if shift is not None:
+        z = z + _channel(shift)
+    if shortcut is not None:
+        z = z + shortcut.to(acc)
+    out = (torch.relu(z) if relu else z).to(y.dtype)
+    if not stats:
+        return out
+    stored = z + (out.to(acc) - z).detach() if acc != out.dtype else out
+    return out, torch.stack([stored.sum(_DIMS), (stored * stored).sum(_DIMS)])
 
 
 def conv_sum_bn(

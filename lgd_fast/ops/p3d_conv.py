@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from . import _backend
-from ._common import memory_format
 
 __all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend"]
 
@@ -224,6 +223,25 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
 
 
+def _mkldnn_conv(x, w, bias, residual, padding, strides, dilation, groups, relu) -> torch.Tensor:
+    """One oneDNN convolution primitive: ``ReLU?(conv(x, w) + bias + residual)``, the addition and the ReLU as
+    post-ops. Output in oneDNN's layout (:func:`onednn_output_format`)."""
+    w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise.default(
+            x, w, bias, padding, strides, dilation, groups, "relu" if relu else "none", [], ""
+        )
+    layout = onednn_output_format(x, w)
+    # In bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16 unless the conv is ungrouped and
+    # writes channels_last_3d: there, the ReLU after it.
+    fused_relu = relu and (x.dtype == torch.float32 or (groups == 1 and layout == torch.channels_last_3d))
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.contiguous(memory_format=layout), w, bias, padding, strides, dilation, groups, "add", None,
+        "relu" if fused_relu else None, [], "",
+    )  # fmt: skip
+    return out.relu_() if relu and not fused_relu else out
+
+
 @torch.library.custom_op("lgd_fast::p3d_conv_onednn", mutates_args=())
 def _onednn_inference(
     x: torch.Tensor,
@@ -235,23 +253,10 @@ def _onednn_inference(
     relu: bool,
 ) -> torch.Tensor:
     """Inference: one oneDNN primitive. conv(x, w) * scale = conv(x, w * scale); shift is its bias; the residual
-    addition and the ReLU are its post-ops. Output in x's layout. No autograd (the caller checks)."""
+    addition and the ReLU are its post-ops. No autograd (the caller checks)."""
     padding, strides = _geometry(weight, stride)
     w = weight if scale is None else weight * _per_channel(scale.to(weight.dtype))[..., None]
-    w, bias = w.to(x.dtype), None if shift is None else shift.to(x.dtype)
-    if residual is None:
-        out = torch.ops.mkldnn._convolution_pointwise.default(
-            x, w, bias, padding, strides, [1, 1, 1], 1, "relu" if relu else "none", [], ""
-        )
-        return out
-    layout = memory_format(x)
-    # On contiguous bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16: ReLU after it.
-    fused_relu = relu and (x.dtype == torch.float32 or layout == torch.channels_last_3d)
-    out = torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual.contiguous(memory_format=layout), w, bias, padding, strides, [1, 1, 1], 1, "add", None,
-        "relu" if fused_relu else None, [], "",
-    )  # fmt: skip
-    return out.relu_() if relu and not fused_relu else out
+    return _mkldnn_conv(x, w, shift, residual, padding, strides, [1, 1, 1], 1, relu)
 
 
 def onednn_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
@@ -266,6 +271,40 @@ def onednn_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_
 def _(x, weight, scale, shift, residual, stride, relu):
     n, _, t, h, w = x.shape
     shape = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
+
+
+@torch.library.custom_op("lgd_fast::conv3d_onednn", mutates_args=())
+def conv3d_onednn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    """``ReLU?(conv3d(x, weight, bias, stride, padding, dilation, groups) + residual)`` as one oneDNN primitive,
+    for any Conv3d geometry (the convs ``p3d_conv`` does not take: groups, dilation, temporal strides, any
+    zero padding). Inference only (no autograd): :mod:`lgd_fast.ops.conv_bn` calls it with a BatchNorm folded
+    into ``weight`` and ``bias``."""
+    return _mkldnn_conv(x, weight, bias, residual, list(padding), list(stride), list(dilation), groups, relu)
+
+
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
+    """(N, C_out, T, H, W) of a Conv3d's output."""
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation, strict=True)
+    ]
+    return (x_shape[0], weight_shape[0], *spatial)
+
+
+@conv3d_onednn.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
 
 
