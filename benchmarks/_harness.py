@@ -275,6 +275,9 @@ def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     # Inductor compiles in this process: no pool of compile workers competing with the timed calls.
     torch._inductor.config.compile_threads = 1
+    from lgd_fast.ops._common import compile_cache_tag
+
+    torch.compiler.config.cache_key_tag = compile_cache_tag()  # no graph compiled under an older op is reused
     steady = False if args.system_malloc else steady_malloc()
     quiet = None if args.no_wait else wait_until_quiet(max_wait_s=args.max_wait)
     bandwidth = copy_bandwidth(device=device)

@@ -1,12 +1,15 @@
-"""lgd_fast.convert on a model the project did not write: R(2+1)D-18 written the way torchvision writes it.
+"""lgd_fast.convert on models the project did not write, built the way torchvision and pytorchvideo build them.
 
-The original, the original under ``torch.compile``, and the converted model (``lgd_fast.convert(model,
-inference=True)`` for inference: eval, BatchNorm folded, channels_last_3d; ``lgd_fast.convert(model)`` for a
-training step), timed in alternation (method: benchmarks/_harness.py), after checking that the converted
-model's outputs equal the original's. Writes benchmarks/results/convert_cpu.json.
+Models (tests/foreign_models.py): R(2+1)D-18, R3D-18 and MC3-18 (torchvision's structure), CSN-50 and an
+X3D-S-sized X3D (pytorchvideo's). Inference: the original on contiguous clips, the original moved to
+channels_last_3d on channels-last clips, the original under ``torch.compile``, ``lgd_fast.convert(model)`` in
+eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` (also channels_last_3d) on
+channels-last clips; a training step: the original and ``lgd_fast.convert(model)``. Timed in alternation
+(method: benchmarks/_harness.py) after checking that every converted model's outputs equal the original's.
+Writes benchmarks/results/convert_<model>_cpu.json.
 
-    python benchmarks/run_convert.py            # batch 2, 16x112x112, fp32
-    python benchmarks/run_convert.py --quick    # batch 1, 8x112x112, fewer repeats
+    python benchmarks/run_convert.py [--model r2plus1d]   # batch 2, 16x112x112, fp32
+    python benchmarks/run_convert.py --quick              # batch 1, 8x112x112, fewer repeats
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the foreign model lives with the tests that check it
 import _harness as h  # noqa: E402
 
+import foreign_models  # noqa: E402
 import lgd_fast  # noqa: E402
-from foreign_models import r2plus1d  # noqa: E402
 from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
 
 
@@ -32,15 +35,29 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+MODELS = {
+    "r2plus1d": ("R(2+1)D-18 written torchvision's way", lambda: foreign_models.r2plus1d(num_classes=400)),
+    "r3d": ("R3D-18 written torchvision's way", lambda: foreign_models.r3d(num_classes=400)),
+    "mc3": ("MC3-18 written torchvision's way", lambda: foreign_models.mc3(num_classes=400)),
+    "csn": ("CSN-50 written pytorchvideo's way (no head)",
+            lambda: foreign_models.csn(widths=(256, 512, 1024, 2048), blocks=(3, 4, 6, 3), stem_width=64)),
+    "x3d": ("an X3D-S-sized X3D written pytorchvideo's way (no head)",
+            lambda: foreign_models.x3d(widths=(24, 48, 96, 192), blocks=(3, 5, 11, 7), stem_width=24)),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "convert_cpu.json", repeats=(8, 3))
+    parser.add_argument("--model", choices=list(MODELS), default="r2plus1d")
+    h.add_common_arguments(parser, default_out=None, repeats=(8, 3))
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the original")
     args = parser.parse_args(argv)
+    args.out = args.out or h.RESULTS_DIR / f"convert_{args.model}_cpu.json"
     setup = h.prepare_run(args)
     shape = (1, 3, 8, 112, 112) if args.quick else (2, 3, 16, 112, 112)
     torch.manual_seed(0)
-    original = r2plus1d(num_classes=400)
+    description, make = MODELS[args.model]
+    original = make()
     gen = torch.Generator().manual_seed(1)
     clips = [torch.randn(shape, generator=gen) for _ in range(2)]
     labels = torch.randint(0, 400, (shape[0],), generator=gen)
@@ -48,14 +65,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # inference
     original.eval()
+    original_cl = copy.deepcopy(original).to(memory_format=torch.channels_last_3d)
     converted = lgd_fast.convert(copy.deepcopy(original), inference=True)
+    converted_eval = lgd_fast.convert(copy.deepcopy(original)).eval()
     report = str(converted.conversion_report)
     cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
     with torch.inference_mode():
-        error = _rel(converted(cl[0]), original(clips[0]))
+        want = original(clips[0])
+        error = {"converted": _rel(converted(cl[0]), want), "converted_eval": _rel(converted_eval(clips[0]), want)}
     candidates = {
         "original": lambda i: original(clips[i]),
+        "original_channels_last": lambda i: original_cl(cl[i]),
         "converted": lambda i: converted(cl[i]),
+        "converted_eval": lambda i: converted_eval(clips[i]),
     }
     if not args.no_compile:
         torch._dynamo.reset()
@@ -67,9 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         samples, _ = time_interleaved(candidates, inputs=[0, 1], warmup=args.warmup, repeats=args.repeats)
     timings = {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}
     rows["inference"] = {"output_rel_error": error, "timings": timings}
+    labels = labels % want.shape[1]
 
     # training step
-    train_original = r2plus1d(num_classes=400)
+    train_original = make()
     train_original.load_state_dict(original.state_dict())
     train_converted = lgd_fast.convert(copy.deepcopy(train_original))
 
@@ -94,15 +117,17 @@ def main(argv: list[str] | None = None) -> None:
               " ".join(f"x{v:.2f} vs {k}" for k, v in row["converted_speedup"].items()))  # fmt: skip
     payload = {
         "benchmark": "convert",
-        "model": "R(2+1)D-18 written torchvision's way (tests/foreign_models.py), 400 classes, fp32",
+        "model": f"{description} (tests/foreign_models.py), fp32",
         "input": list(shape),
         "machine": h.machine_info(),
         "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
                      "steady_malloc": setup["steady_malloc"]},  # fmt: skip
         "conversion_report": report,
         "notes": [
-            "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input; original = "
-            "the model in eval mode on contiguous input; original_compiled = torch.compile(original, inductor)",
+            "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input; "
+            "converted_eval = lgd_fast.convert(model).eval() on contiguous input; original = the model in eval mode "
+            "on contiguous input; original_channels_last = it moved to channels_last_3d, on channels-last input; "
+            "original_compiled = torch.compile(original, inductor)",
             "training_step: forward, cross-entropy, backward, SGD step; converted = lgd_fast.convert(model)",
             "timings: median seconds per call over interleaved repeats; converted_speedup = other / converted",
         ],

@@ -11,7 +11,10 @@ os.environ["LGD_FAST_PLAN"] = "default"
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers (author_fixture, op_testing) import by name
 
+from lgd_fast.ops._common import compile_cache_tag  # noqa: E402
 from op_testing import SEED  # noqa: E402
+
+torch.compiler.config.cache_key_tag = compile_cache_tag()  # no graph compiled under an older fake is reused
 
 
 @pytest.fixture

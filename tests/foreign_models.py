@@ -316,7 +316,7 @@ def x3d(widths=(8, 16), blocks=(2, 1), stem_width: int = 8):
     stem = ResNetBasicStem(conv=Conv2plus1d(conv_t=conv_xy, conv_xy=conv_t), norm=nn.BatchNorm3d(stem_width),
                            activation=nn.ReLU())  # fmt: skip
     layers, dim_in = [stem], stem_width
-    for i, (width, count) in enumerate(zip(widths, blocks, strict=True)):
+    for width, count in zip(widths, blocks, strict=True):
         for j in range(count):
             stride = (1, 2, 2) if j == 0 else (1, 1, 1)
             inner = width * 2

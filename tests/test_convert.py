@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-import lgd_fast
 import foreign_models
+import lgd_fast
 from foreign_models import Conv2Plus1D, r2plus1d
 from lgd_fast import create_model
 from lgd_fast.models import FastLGD3D
@@ -276,7 +276,7 @@ def test_converting_twice_keeps_the_first_conversion_and_its_report(gen):
     assert str(report).startswith(f"converted {len(first)}:")
 
 
-# ---- any Conv3d + BatchNorm3d (+ ReLU, + the shortcut addition): torchvision's r3d / mc3, pytorchvideo's CSN / X3D ----
+# ---- any Conv3d + BatchNorm3d (+ ReLU, + the shortcut addition): torchvision's r3d / mc3, pytorchvideo's CSN, X3D
 
 FOREIGN = {
     "r3d": lambda: foreign_models.r3d((1, 1), (8, 16), 5),
@@ -335,3 +335,29 @@ def test_a_fusion_that_is_not_a_sum_leaves_the_block_end():
     report = lgd_fast.convert(model).conversion_report
     assert "its branch_fusion is not the sum" in dict(report.left)["blocks.1"]
     assert "blocks.2" in dict(report.converted)
+
+
+COMPILED = {  # torchvision-style (P3D-geometry convs and the general ones) and pytorchvideo-style models
+    "r2plus1d": TinyR2Plus1D,
+    "r3d": FOREIGN["r3d"],
+    "csn": FOREIGN["csn"],
+    "x3d": FOREIGN["x3d"],
+}
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["compile", "compile+freezing"])
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_inference_model_runs_on_both_layouts(name, freezing, gen, monkeypatch):
+    """torch.compile(convert(m, inference=True)) on contiguous and channels-last clips (the fake kernels' strides
+    are the real ops': a wrong one fails inductor's stride assertion), equal to the original model."""
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.config, "freezing", freezing)
+    original = _randomise(COMPILED[name](), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), inference=True)
+    compiled = torch.compile(converted)
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(1, 3, 6, 32, 32, generator=gen).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            assert _rel(compiled(x), original(x)) < 1e-4, fmt

@@ -7,15 +7,18 @@ conv (variant B's carries the spatial stride too) and the pointwise 1x1x1 conv. 
 
     forward  out[m, co]  = epilogue( sum_{tap, ci} x[m shifted by tap, ci] * w[tap, ci, co] )
              epilogue(a) = ReLU?( a * scale[co] + shift[co] + residual[m, co] )
-             stats[co]   = (sum_m z, sum_m z^2) of z, the epilogue's value (no ReLU), as stored (float32 sums
-                           of the rounded values: the statistics a BatchNorm after the conv would take)
+             stats[co]   = (sum_m z, sum_m (z - mean z)^2) of z, the epilogue's value (no ReLU), as stored
+                           (of the rounded values: the statistics a BatchNorm after the conv would take)
     dgrad    gx[p, ci]   = sum_{tap, co} g[p unshifted by tap, co] * w[tap, co, ci]   (strided taps masked)
     wgrad    gw[tap, ci, co] = sum_m x[m shifted by tap, ci] * g[m, co]               (split over m)
 
 m runs over the N * T * Ho * Wo output positions, p over the N * T * H * W input positions. Every product is
 accumulated in float32 (tf32 only when asked); outputs are rounded once on store. Statistics and the weight
 gradient are written as per-program float32 partials that the launcher adds in a fixed order: no atomics,
-the same bits every run for a given block config. Block sizes are autotuned per (M, Ci, Co) on a GPU; under
+the same bits every run for a given block config. Each program's statistics are centred on its own tile's
+mean, and the launcher merges them by Chan's rule in float64 (no E[z^2] - E[z]^2 cancellation where the mean
+is many standard deviations from zero); the partials are zeroed before every launch the autotuner makes, so
+a config's tiles never add another config's leftovers. Block sizes are autotuned per (M, Ci, Co) on a GPU; under
 ``TRITON_INTERPRET=1`` one small config runs on CPU tensors.
 """
 
@@ -26,7 +29,9 @@ import torch
 from ._common import _HAS_TRITON, available, interpreting, unavailable_reason
 from ._common import launch as _launch
 
-__all__ = ["AOT_KERNELS", "available", "dgrad", "forward", "interpreting", "unavailable_reason", "wgrad"]
+__all__ = [
+    "AOT_KERNELS", "available", "dgrad", "forward", "interpreting", "merge_tile_stats", "unavailable_reason", "wgrad"
+]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CL3D = torch.channels_last_3d
@@ -48,7 +53,6 @@ if _HAS_TRITON:
     }
     if interpreting():
         _TILES = {"16bit": [(128, 64, 32, 1, 1)], "fp32": [(64, 64, 64, 1, 1)]}
-    _MIN_BLOCK_M = min(t[0] for tiles in _TILES.values() for t in tiles)
     # Positions one wgrad program sums: a multiple of every BLOCK_K above.
     _WGRAD_QUANTUM = 256
 
@@ -84,7 +88,7 @@ if _HAS_TRITON:
         scale_ptr,  # (Co,) float32
         shift_ptr,  # (Co,) float32
         res_ptr,  # (N, T, Ho, Wo, Co) residual, out's dtype
-        part_ptr,  # (programs along M, 2, Co) float32 partial sums of z and z^2
+        part_ptr,  # (programs along M, 3, Co) float32 per tile: sum of z, sum of (z - tile mean)^2, count
         M,  # N * T * Ho * Wo
         T,  # frames
         H,  # input height
@@ -144,10 +148,15 @@ if _HAS_TRITON:
             z = tl.maximum(z, 0.0)
         stored = _rounded(z, out_ptr.dtype.element_ty)
         if STATS:  # of the values stored (what a BatchNorm after this conv sees); never with RELU (the op refuses)
+            # per tile: the sum, the sum of squares about the tile's own mean, the count (merged by Chan's rule)
             zs = tl.where(mask, stored.to(tl.float32), 0.0)
-            part = part_ptr + pid_m.to(tl.int64) * 2 * Co + rn
-            tl.store(part, tl.sum(zs, axis=0), mask=n_ok)
-            tl.store(part + Co, tl.sum(zs * zs, axis=0), mask=n_ok)
+            count = tl.sum(m_ok.to(tl.float32), axis=0)
+            tile_sum = tl.sum(zs, axis=0)
+            centred = tl.where(mask, zs - (tile_sum / tl.maximum(count, 1.0))[None, :], 0.0)
+            part = part_ptr + pid_m.to(tl.int64) * 3 * Co + rn
+            tl.store(part, tile_sum, mask=n_ok)
+            tl.store(part + Co, tl.sum(centred * centred, axis=0), mask=n_ok)
+            tl.store(part + 2 * Co, tl.zeros_like(tile_sum) + count, mask=n_ok)
         tl.store(out_ptr + off, stored, mask=mask)
 
     @triton.jit
@@ -258,7 +267,9 @@ if _HAS_TRITON:
         tl.store(out, acc, mask=ci_ok[:, None] & co_ok[None, :])
 
     _KEY = ["M", "Ci", "Co", "KT", "KH", "KW", "STRIDE"]
-    _forward = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("x_ptr"))(_forward_kernel)
+    _forward = triton.autotune(
+        configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("x_ptr"), reset_to_zero=["part_ptr"]
+    )(_forward_kernel)
     _dgrad = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("g_ptr"))(_dgrad_kernel)
     _wgrad = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("x_ptr"))(_wgrad_kernel)
 
@@ -333,7 +344,7 @@ def forward(
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel. Returns out (channels_last_3d, x's dtype) and stats (2, Co) float32
-    (sum and sum of squares of the pre-ReLU value; shape (2, 0) when ``stats`` is False)."""
+    (sum, and sum of squares about the mean, of the pre-ReLU value; shape (2, 0) when ``stats`` is False)."""
     _require(x, "x")
     x = _cl3d(x)
     N, Ci, T, H, W = x.shape
@@ -347,8 +358,8 @@ def forward(
     scale32 = scale.to(torch.float32).contiguous() if scale is not None else dummy
     shift32 = shift.to(torch.float32).contiguous() if shift is not None else dummy
     res = _cl3d(residual.to(x.dtype)) if residual is not None else out
-    programs_m = triton.cdiv(M, _MIN_BLOCK_M) if stats else 0
-    part = torch.zeros((programs_m, 2, Co), device=x.device, dtype=torch.float32)
+    programs_m = triton.cdiv(M, min(c.kwargs["BLOCK_M"] for c in _forward.configs)) if stats else 0
+    part = torch.zeros((programs_m, 3, Co), device=x.device, dtype=torch.float32)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(Co, meta["BLOCK_N"]))
@@ -362,7 +373,21 @@ def forward(
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
         RELU=relu, STATS=stats, TF32=allow_tf32,
     )  # fmt: skip
-    return out, part.sum(0)
+    return out, merge_tile_stats(part)
+
+
+def merge_tile_stats(part: torch.Tensor) -> torch.Tensor:
+    """(2, Co) float32 (sum, sum of squares about the mean) from per-tile (programs, 3, Co) rows of (sum, sum of
+    squares about the tile's mean, count), by Chan's rule in float64; rows of count 0 (tiles no program of the
+    launched config covers) add nothing."""
+    if part.shape[0] == 0:  # no statistics asked
+        return part.new_zeros((2, part.shape[2]))
+    sums, m2, counts = part.double().unbind(1)
+    total = counts.sum(0)
+    mean = sums.sum(0) / total.clamp_min(1)
+    tile_mean = sums / counts.clamp_min(1)
+    spread = (counts * (tile_mean - mean) ** 2).sum(0)
+    return torch.stack([sums.sum(0), m2.sum(0) + spread]).float()
 
 
 def dgrad(

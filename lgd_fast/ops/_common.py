@@ -1,14 +1,30 @@
-"""What the op modules share: the memory-layout probe and the registration of a compiled op's Python parts."""
+"""What the op modules share: the memory-layout probe, the registration of a compiled op's Python parts, and the
+tag that keys torch.compile's caches to the ops' code."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from . import _backend
 
-__all__ = ["layout", "memory_format", "register_compiled_op"]
+__all__ = ["compile_cache_tag", "layout", "memory_format", "register_compiled_op"]
+
+
+def compile_cache_tag() -> str:
+    """A tag naming this version of the ops' Python code (fake kernels, registrations), for
+    ``torch.compiler.config.cache_key_tag``. Inductor's FX graph cache does not key on a custom op's fake
+    kernel: a graph compiled under an older fake is reused with that fake's stride assertions (seen: an
+    "incorrect fake kernel" error for p3d_conv_onednn long after its fake was fixed, gone with a fresh cache).
+    The test suite and the benchmarks set it; a user who changes an op's fake can do the same."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted([*here.glob("*.py"), *(here.parent / "kernels").glob("*.py")]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return f"lgd_fast-{digest.hexdigest()[:16]}"
 
 
 def layout(t: torch.Tensor) -> str | None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .p3d_conv import autocast_inputs, p3d_conv
+from .p3d_conv import autocast_inputs, p3d_conv, sums_about_mean
 
 __all__ = [
     "batch_mean_var",
@@ -117,10 +117,11 @@ def batch_norm_affine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel (scale, shift), float32 (float64 for float64 ``r``), that ``norm`` applies to ``r``.
 
-    Batch statistics (training) come from ``stats`` ((2, C): sum and sum of squares over (N, T, H, W), as
-    :func:`~lgd_fast.ops.p3d_conv` returns them) where given, else from ``r`` (:func:`batch_moments`: mean,
-    then the variance of the centred values, as BatchNorm computes them); they use the biased variance and
-    update the running statistics with the unbiased one, as ``nn.BatchNorm3d`` does.
+    Batch statistics (training) come from ``stats`` ((2, C): sum and sum of squares about the mean over
+    (N, T, H, W), as :func:`~lgd_fast.ops.p3d_conv` returns them) where given, else from ``r``
+    (:func:`batch_moments`: mean, then the variance of the centred values, as BatchNorm computes them); they
+    use the biased variance and update the running statistics with the unbiased one, as ``nn.BatchNorm3d``
+    does.
     Eval folds the running statistics. ``None`` (a unit that ends in an addition) is the identity.
     """
     channels = r.shape[1]
@@ -149,11 +150,12 @@ def batch_norm_affine(
 def batch_mean_var(
     norm: nn.BatchNorm3d, stats: torch.Tensor, count: int, dtype: torch.dtype, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch mean and biased variance, in ``dtype``, from (2, C) sums over ``count`` values per channel; in
+    """Batch mean and biased variance, in ``dtype``, from (2, C) sums (of the values, and of their squares about
+    the mean: :func:`~lgd_fast.ops.p3d_conv`'s statistics) over ``count`` values per channel; in
     training also updates ``norm``'s running statistics (with the unbiased variance), as BatchNorm does.
     ``offset``: a per-channel constant left out of the sums (a conv's bias), added to the running mean only."""
     mean = stats[0].to(dtype) / count
-    var = (stats[1].to(dtype) / count - mean * mean).clamp_min(0)
+    var = stats[1].to(dtype) / count
     if norm.training and norm.track_running_stats:
         running_mean = mean if offset is None else mean + offset.to(dtype)
         _update_running_stats(norm, running_mean.detach(), var.detach(), count)
@@ -362,7 +364,7 @@ def conv_bn(
             None.
         relu: apply ReLU last.
         stats: with ``norm=None`` only (the caller applies the norm, as the LGD block's epilogue does): also
-            return the per-channel (sum, sum of squares) of the output, (2, C_out) float32.
+            return the per-channel (sum, sum of squares about the mean) of the output, (2, C_out) float32.
         backend: the conv backend (``"auto"``, ``"triton"``, ``"onednn"``, ``"reference"``) for the convs that
             run on :func:`~lgd_fast.ops.p3d_conv` (:func:`p3d_geometry_reason`); the others run on the device's
             own convolution (oneDNN on the CPU, cuDNN on CUDA).
@@ -441,7 +443,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) ->
     if not stats:
         return out
     stored = z + (out.to(acc) - z).detach() if acc != out.dtype else out
-    return out, torch.stack([stored.sum(_DIMS), (stored * stored).sum(_DIMS)])
+    return out, sums_about_mean(stored)
 
 
 def conv_sum_bn(

@@ -2,7 +2,8 @@
 
     z     = conv(x, weight) * scale[c] + shift[c] + residual        stride (1, S, S), "same" padding
     out   = ReLU(z) if relu else z
-    stats = (sum of z, sum of z^2) over (N, T, H, W), per channel    float32, (2, C_out), when asked
+    stats = (sum of z, sum of (z - mean z)^2) over (N, T, H, W),    float32, (2, C_out), when asked
+            per channel
                                                                   (of z as stored in x's dtype: what a
                                                                   BatchNorm after the conv takes)
 
@@ -68,7 +69,8 @@ def p3d_conv_reference(
         scale, shift: (C_out,) per-channel affine map of the conv's output, or None.
         residual: (N, C_out, T, H_out, W_out) added after the affine map, or None.
         relu: apply ReLU last.
-        stats: also return the per-channel sum and sum of squares of z as returned (relu must be False).
+        stats: also return the per-channel sum of z as returned and its sum of squares about the mean (relu must
+            be False): BatchNorm's statistics, mean = sum / count and biased variance = second / count.
 
     Returns:
         out, in x's dtype and (for the reference) x's layout; with ``stats``, ``(out, stats)`` where stats is
@@ -87,7 +89,17 @@ def p3d_conv_reference(
     if not stats:
         return out
     stored = out.to(acc)  # z as returned (rounded to x's dtype): what a BatchNorm after the conv takes
-    return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
+    return out, sums_about_mean(stored)
+
+
+def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
+    """(2, C): per channel, the sum of z (N, C, T, H, W) and the sum of squares about its mean, over (N, T, H, W),
+    in z's dtype; two passes (no E[z^2] - E[z]^2 cancellation). Differentiable: d/dz of the second is
+    2 (z - mean) (the mean's own derivative sums to zero), as autograd gets it with the mean held fixed."""
+    total = z.sum(_REDUCE)
+    mean = (total / (z.numel() // z.shape[1])).detach()
+    centred = z - _per_channel(mean)
+    return torch.stack([total, (centred * centred).sum(_REDUCE)])
 
 
 def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
@@ -220,7 +232,7 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     # Of z as returned (stats refuse relu), with the gradient taken at the float32 z: the statistics' gradient and
     # the output's, large and nearly cancelling in BatchNorm's backward, then meet in float32 and round once.
     stored = z + (out.to(z.dtype) - z).detach() if z.dtype != out.dtype else out
-    return out, torch.stack([stored.sum(_REDUCE), (stored * stored).sum(_REDUCE)])
+    return out, sums_about_mean(stored)
 
 
 def _mkldnn_conv(x, w, bias, residual, padding, strides, dilation, groups, relu) -> torch.Tensor:
@@ -374,12 +386,15 @@ def _register_triton() -> bool:
         allow_tf32: bool,
         needs: Sequence[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # dL/dz through the ReLU and the statistics (d sum / dz = 1, d sum z^2 / dz = 2z; z = out without ReLU)
+        # dL/dz through the ReLU and the statistics (d sum / dz = 1, d sum (z - mean)^2 / dz = 2 (z - mean): the
+        # mean's own derivative sums to zero there; z = out, which has no ReLU with stats)
         gz = grad_out.float()
         if relu:
             gz = gz * (out > 0)
         if stats and grad_stats.numel():
-            gz = gz + _per_channel(grad_stats[0]) + 2 * out.float() * _per_channel(grad_stats[1])
+            z = out.float()
+            centred = z - _per_channel(z.mean(_REDUCE))
+            gz = gz + _per_channel(grad_stats[0]) + 2 * centred * _per_channel(grad_stats[1])
         g_acc = gz if scale is None else gz * _per_channel(scale.float())
         g_acc = g_acc.to(x.dtype)
         gx = kernels.dgrad(g_acc, weight, tuple(x.shape), stride, allow_tf32) if needs[0] else gz.new_empty(0)
