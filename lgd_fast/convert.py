@@ -6,12 +6,15 @@ What it converts:
   block end fused);
 - P3D blocks (``P3DBottleneck``, ``P3DBasicBlock``) inside any other model: their units fused
   (:func:`lgd_fast.models.p3d.to_fast_unit`);
-- the (2+1)D pattern of other codebases: a ``Conv3d`` with a 1xkxk kernel and one with a kx1x1 kernel, either
-  order, optionally with ``BatchNorm3d`` and ``ReLU`` between (and after the second): inside an
-  ``nn.Sequential`` (torchvision's ``Conv2Plus1D`` and ``R2Plus1dStem``, or any Sequential holding such a run),
-  or a module with ``conv_t`` / ``norm`` / ``activation`` / ``conv_xy`` attributes (pytorchvideo's
-  ``Conv2plus1d``, either ``conv_xy_first``). Each conv runs as :func:`lgd_fast.ops.conv_bn` with its bias and
-  the BatchNorm and ReLU after it in its epilogue (folded in eval; from the conv's statistics in training).
+- every ``Conv3d`` followed by a ``BatchNorm3d`` (and a ``ReLU``), whatever its kernel, stride or groups, as
+  other codebases write them: inside an ``nn.Sequential`` (a conv with its norm and ReLU, and the (2+1)D pair
+  of a 1xkxk and a kx1x1 conv, either order, as one run: torchvision's stems, ``Conv2Plus1D`` and blocks); in
+  pytorchvideo's chain modules, recognised by their attributes (``ResNetBasicStem``, ``BottleneckBlock``,
+  ``Conv2plus1d``: see "modules whose forward is a chain" below); and the end of a residual block
+  (torchvision's ``BasicBlock`` / ``Bottleneck``, pytorchvideo's ``ResBlock``): its last conv's BatchNorm,
+  the shortcut addition and the ReLU in that conv's epilogue. Each conv runs as :func:`lgd_fast.ops.conv_bn`
+  with its bias and the BatchNorm and ReLU after it in its epilogue (folded in eval; from the conv's
+  statistics in training).
 
 Conversion changes classes only (a container becomes a subclass of its own class with another ``forward``),
 never modules, parameters or buffers: the state_dict is the same, key for key, and the converted model
@@ -20,8 +23,9 @@ own modules, chosen by measurement on first use per input shape, or by the docum
 ``model.execution_plan`` prints it. Converting an already converted model keeps what was converted (the
 report says so) and plans what is new.
 
-Every ``Conv3d`` that stays as it was is reported with the reason (another kernel shape, a temporal stride,
-groups, another norm, no partner conv: :func:`lgd_fast.ops.conv_bn.fusable_reason`, the one rule).
+Every ``Conv3d`` that stays as it was is reported with the reason (nothing to fuse after it, another padding
+mode: :func:`lgd_fast.ops.conv_bn.fusable_reason`, the one rule), and so is every residual block whose end is
+left unfused.
 ``inference=True`` also puts the model in eval mode (every BatchNorm folded into its conv, folded weights
 cached) and moves it to channels_last_3d.
 
@@ -66,7 +70,8 @@ class ConversionReport:
 def convert(
     model: nn.Module, *, inference: bool = False, backend: str | None = None, plan: str | None = None
 ) -> nn.Module:
-    """Fuse ``model``'s LGD blocks, P3D units and (2+1)D conv pairs in place; returns ``model``.
+    """Fuse ``model``'s LGD blocks, P3D units and every Conv3d + BatchNorm3d (+ ReLU, + residual block end) in
+    place (module docstring); returns ``model``.
 
     ``backend`` and ``plan`` are the execution plan's (:mod:`lgd_fast.plan`: the conv backend, else
     ``$LGD_FAST_BACKEND``, else auto; ``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``, else measure).
@@ -97,6 +102,8 @@ def convert(
             report.left.append((name, "already converted (its plan is kept)"))
             if not isinstance(module, _FusedResidualMixin):  # a block's inner modules were reported on their own
                 claimed |= {id(m) for m in module.modules()}
+            elif getattr(module, "branch1_conv", None) is not None:  # its shortcut conv runs in the fused forward
+                claimed.add(id(module.branch1_conv))
             continue
         _convert_residual(name, module, report, claimed, options)
         if isinstance(module, nn.Sequential):
@@ -334,6 +341,7 @@ def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport,
 #
 # Recognised by their attributes, as pytorchvideo writes them (every forward runs its modules in this order,
 # skipping those that are None):
+# (by class name and attributes)
 #   Conv2plus1d       conv_t -> norm -> activation -> conv_xy   (conv_xy first with conv_xy_first; which of the
 #                                                                 two is spatial is read from the kernels)
 #   ResNetBasicStem   conv -> norm -> activation -> pool        (conv: a Conv3d or a Conv2plus1d, as X3D's)
@@ -380,12 +388,13 @@ def _conv2plus1d_steps(owner: nn.Module, prefix: str = "") -> list[_Step] | str:
 def _chain_steps(module: nn.Module) -> tuple[str, list[_Step | str]] | None:
     """(what the module is, its links: steps and plain module paths in forward order, or a reason string as the
     only link) for a module whose forward convert knows; None for any other."""
+    name = type(module).__name__.removeprefix("Fused")
     has = lambda *names: all(hasattr(module, n) for n in names)  # noqa: E731
-    if has("conv_t", "norm", "activation", "conv_xy") and {_kind(module.conv_t), _kind(module.conv_xy)} == {
-        "spatial", "temporal"}:  # fmt: skip
+    pair = has("conv_t", "norm", "activation", "conv_xy") and {_kind(module.conv_t), _kind(module.conv_xy)}
+    if name == "Conv2plus1d" and pair == {"spatial", "temporal"}:
         steps = _conv2plus1d_steps(module)
         return "(2+1)D module", [steps] if isinstance(steps, str) else steps
-    if has("conv", "norm", "activation", "pool") and not isinstance(module, nn.Conv3d):
+    if name == "ResNetBasicStem" and has("conv", "norm", "activation", "pool"):
         links: list[_Step | str] = []
         if isinstance(module.conv, nn.Conv3d):
             step, why = _norm_step(module, "conv", "norm" if module.norm is not None else None, "activation")
@@ -405,7 +414,7 @@ def _chain_steps(module: nn.Module) -> tuple[str, list[_Step | str]] | None:
         if module.pool is not None:
             links.append("pool")
         return "stem", links
-    if has("conv_a", "norm_a", "act_a", "conv_b", "norm_b", "act_b", "conv_c", "norm_c"):
+    if name == "BottleneckBlock" and has("conv_a", "norm_a", "act_a", "conv_b", "norm_b", "act_b", "conv_c", "norm_c"):
         links = []
         for c in "abc":
             step, why = _norm_step(module, f"conv_{c}", f"norm_{c}" if getattr(module, f"norm_{c}") is not None
@@ -475,6 +484,7 @@ def _convert_chain(name: str, module: nn.Module, report: ConversionReport, claim
 
 # ---- residual blocks: the last conv's BatchNorm, the shortcut addition and the ReLU in one epilogue ------------
 #
+#   (by class name and attributes, 3-D convs only)
 #   torchvision's BasicBlock / Bottleneck: conv1, conv2 (, conv3): Sequentials, the last exactly (Conv3d,
 #       BatchNorm3d); downsample (or None); relu. forward: relu(convs(x) + (downsample or identity)(x)).
 #   pytorchvideo's ResBlock: branch1_conv / branch1_norm (or None), branch2 (a BottleneckBlock), activation
@@ -493,11 +503,14 @@ def _is_sum(fusion) -> bool:
 
 
 def _residual_kind(module: nn.Module) -> str | None:
-    name = type(module).__name__
+    name = type(module).__name__.removeprefix("Fused")
+    if not any(isinstance(m, nn.Conv3d) for m in module.modules()):  # a 2-D network's blocks
+        return None
     torchvision = ("conv1", "conv2", "relu", "downsample")
     if name in ("BasicBlock", "Bottleneck") and all(hasattr(module, a) for a in torchvision):
         return "torchvision"
-    if all(hasattr(module, a) for a in ("branch1_conv", "branch1_norm", "branch2", "activation", "branch_fusion")):
+    pytorchvideo = ("branch1_conv", "branch1_norm", "branch2", "activation", "branch_fusion")
+    if name == "ResBlock" and all(hasattr(module, a) for a in pytorchvideo):
         return "pytorchvideo"
     return None
 
@@ -540,7 +553,8 @@ class _FusedResidualMixin:
                 convs = [self.conv1, self.conv2] + ([self.conv3] if hasattr(self, "conv3") else [])
                 for container in convs[:-1]:
                     t = container(t)
-                return conv_bn(t, convs[-1][0], convs[-1][1], shortcut=shortcut, relu=True, backend=backend)
+                out = conv_bn(t, convs[-1][0], convs[-1][1], shortcut=shortcut, relu=True, backend=backend)
+                return out.to(t.dtype)  # torchvision adds in place (out += residual): the branch's dtype
             if self.branch1_conv is None:
                 shortcut = t
             else:
@@ -549,8 +563,10 @@ class _FusedResidualMixin:
             links = self._lgd_branch_links
             y = _run_links(self.branch2, links[:-1], t, backend)
             relu = self.activation is not None
-            return conv_bn(y, self.branch2.get_submodule(links[-1].conv), _slot(self.branch2, links[-1].norm or ""),
-                           shortcut=shortcut, relu=relu, backend=backend)  # fmt: skip
+            last = links[-1]
+            norm = last.norm and self.branch2.get_submodule(last.norm)
+            return conv_bn(y, self.branch2.get_submodule(last.conv), norm, shortcut=shortcut, relu=relu,
+                           backend=backend)  # fmt: skip
 
         return _planned_own(self, _FusedResidualMixin, x, fused)
 

@@ -4,10 +4,13 @@ The one home for executing a model's convolution with what follows it. Every fas
 (:mod:`lgd_fast.models.p3d`) and :func:`lgd_fast.convert` call :func:`conv_bn` (and :func:`conv_sum_bn` for P3D
 variant B's parallel pair); nothing else calls the ``p3d_conv`` ops. It holds:
 
-- the one fusability rule (:func:`fusable_reason`, :func:`norm_reason`): what :func:`~lgd_fast.ops.p3d_conv`
-  computes exactly, so that a module either runs fused with the same result or is refused with the reason;
+- the one fusability rule (:func:`fusable_reason`, :func:`norm_reason`): any zero-padded Conv3d and a
+  BatchNorm3d, so that a module either runs fused with the same result or is refused with the reason; the P3D
+  geometry (:func:`p3d_geometry_reason`) runs on :func:`~lgd_fast.ops.p3d_conv`, any other as one
+  convolution primitive with the same epilogue;
 - BatchNorm as a per-channel affine map: folded from running statistics in eval (:func:`batch_norm_affine`),
-  and in training from the per-channel sums the conv returns (:func:`batch_mean_var`), normalised by
+  and in training from the per-channel sum and sum of squares about the mean the conv returns
+  (:func:`batch_mean_var`), normalised by
   :class:`_NormalizeFromStats` with BatchNorm's own forward and backward, running statistics updated as
   ``nn.BatchNorm3d`` updates them;
 - the eager CPU inference path: one oneDNN primitive per conv, the BatchNorm folded into its weight once and
@@ -220,9 +223,9 @@ def _channel(v: torch.Tensor) -> torch.Tensor:
 
 class _NormalizeFromStats(torch.autograd.Function):
     """ReLU?(BatchNorm(y) + shortcut) with the batch's mean and inverse std given (detached): forward and backward
-    as BatchNorm's own, in float32 and rounded once. (Built from separate autograd pieces, the affine's gradient
-    arrives rounded to y's dtype while the statistics' arrives in float32, and their near-cancellation leaves
-    that rounding behind: seen at 25x PyTorch's bf16 error in single draws.)"""
+    as BatchNorm's own, in float32 (float64 for float64 y) and rounded once. (Built from separate autograd
+    pieces, the affine's gradient arrives rounded to y's dtype while the statistics' arrives in float32, and
+    their near-cancellation leaves that rounding behind: seen at 25x PyTorch's bf16 error in single draws.)"""
 
     @staticmethod
     def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None, shortcut=None):
@@ -235,13 +238,14 @@ class _NormalizeFromStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, mean, invstd, weight, bias, shortcut = ctx.saved_tensors
-        xhat = (y.float() - _channel(mean)) * _channel(invstd)
-        g = grad.float()
+        acc = mean.dtype
+        xhat = (y.to(acc) - _channel(mean)) * _channel(invstd)
+        g = grad.to(acc)
         if ctx.relu:
             g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
         count = y.numel() // y.shape[1]
         g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
-        g_y = _channel(weight.float() * invstd) * (g - _channel(g_bias / count) - xhat * _channel(g_weight / count))
+        g_y = _channel(weight.to(acc) * invstd) * (g - _channel(g_bias / count) - xhat * _channel(g_weight / count))
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])
         g_shortcut = None if shortcut is None else g.to(shortcut.dtype)
@@ -249,8 +253,10 @@ class _NormalizeFromStats(torch.autograd.Function):
 
 
 def _affine(y, mean, invstd, weight, bias, shortcut):
-    out = (y.float() - _channel(mean)) * _channel(invstd * weight.float()) + _channel(bias.float())
-    return out if shortcut is None else out + shortcut.float()
+    """(y - mean) * invstd * weight + bias (+ shortcut) in mean's dtype (the accumulation dtype)."""
+    acc = mean.dtype
+    out = (y.to(acc) - _channel(mean)) * _channel(invstd * weight.to(acc)) + _channel(bias.to(acc))
+    return out if shortcut is None else out + shortcut.to(acc)
 
 
 def _normalize_train(
@@ -263,12 +269,14 @@ def _normalize_train(
     shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ReLU?(norm(y + offset) + shortcut) with the batch mean and biased variance of y (detached; float64 or
-    float32). A per-channel ``offset`` (a conv's bias) cancels in the normalisation, so it is kept out of the
-    statistics (where it would only move the mean away from zero and cost the variance precision)."""
-    invstd = torch.rsqrt(var.detach() + norm.eps).float()
+    float32), normalised in float32 (float64 for float64 y). A per-channel ``offset`` (a conv's bias) cancels in
+    the normalisation, so it is kept out of the statistics (where it would only move the mean away from zero and
+    cost the variance precision)."""
+    acc = torch.promote_types(y.dtype, torch.float32)
+    invstd = torch.rsqrt(var.detach() + norm.eps).to(acc)
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
-    return _NormalizeFromStats.apply(y, mean.detach().float(), invstd, weight, bias, relu, offset, shortcut)
+    return _NormalizeFromStats.apply(y, mean.detach().to(acc), invstd, weight, bias, relu, offset, shortcut)
 
 
 # ---- the eager CPU inference path: oneDNN with folded weights ---------------------------------------------
@@ -361,10 +369,12 @@ def conv_bn(
             running statistics, gradients as BatchNorm's.
         residual: (N, C_out, T_out, H_out, W_out) added before the norm (a P3D unit's), or None.
         shortcut: the same shape, added after the norm (a residual block's end: ``ReLU(norm(conv(x)) + x)``), or
-            None.
+            None. In a wider dtype than the conv computes in (a float32 shortcut under bfloat16 autocast), the
+            sum and the ReLU run after the conv in that dtype, as ``branch + shortcut`` promotes.
         relu: apply ReLU last.
-        stats: with ``norm=None`` only (the caller applies the norm, as the LGD block's epilogue does): also
-            return the per-channel (sum, sum of squares about the mean) of the output, (2, C_out) float32.
+        stats: with ``norm=None`` and no shortcut only (the caller applies the norm, as the LGD block's
+            epilogue does): also return the per-channel (sum, sum of squares about the mean) of the output,
+            (2, C_out) float32.
         backend: the conv backend (``"auto"``, ``"triton"``, ``"onednn"``, ``"reference"``) for the convs that
             run on :func:`~lgd_fast.ops.p3d_conv` (:func:`p3d_geometry_reason`); the others run on the device's
             own convolution (oneDNN on the CPU, cuDNN on CUDA).
@@ -377,6 +387,12 @@ def conv_bn(
                          "no shortcut")  # fmt: skip
     if (reason := fusable_reason(conv)) is not None:
         raise ValueError(f"conv_bn: this conv cannot be fused: {reason}")
+    if shortcut is not None and shortcut.dtype != (computed := _compute_dtype(x)):
+        if torch.promote_types(computed, shortcut.dtype) != computed:  # a wider shortcut: `branch + shortcut`
+            out = conv_bn(x, conv, norm, residual=residual, backend=backend)  # promotes, as the modules' sum
+            out = out + shortcut
+            return torch.relu(out) if relu else out
+        shortcut = shortcut.to(computed)  # a narrower one: exact in the conv's dtype
     if p3d_geometry_reason(conv) is not None:
         return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend)
     if norm is None:
@@ -398,6 +414,12 @@ def conv_bn(
     added = _added_after_norm(residual, scale, shortcut)
     return p3d_conv(x, conv.weight, stride=_stride(conv), scale=scale, shift=shift, residual=added, relu=relu,
                     backend=backend)  # fmt: skip
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the conv computes in: the autocast dtype for x's device where autocast is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _added_after_norm(residual, scale, shortcut):
