@@ -1,8 +1,8 @@
 """lgd_fast.convert on models the project did not write, and on its own: same keys, same function.
 
-The R(2+1)D network (tests/foreign_models.py) is written the way torchvision's video ResNet writes it, and the
-``Conv2plus1d`` module below the way pytorchvideo writes it (``conv_t``, ``norm``, ``activation``, ``conv_xy``
-attributes, ``conv_xy_first`` choosing the order).
+The foreign networks (tests/foreign_models.py) are written the way torchvision's video ResNets (R(2+1)D, R3D,
+MC3) and pytorchvideo's models (CSN, X3D, its ``Conv2plus1d`` with ``conv_xy_first`` choosing the order) write
+them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 import foreign_models
 import lgd_fast
-from foreign_models import Conv2Plus1D, r2plus1d
+from foreign_models import Conv2Plus1D, Conv2plus1d, r2plus1d
 from lgd_fast import create_model
 from lgd_fast.models import FastLGD3D
 from lgd_fast.models import p3d as p3d_module
@@ -27,20 +27,7 @@ from lgd_fast.plan import forced as forced_plan
 def TinyR2Plus1D():  # noqa: N802 (a model constructor, named like one)
     return r2plus1d(layers=(2, 1), widths=(16, 32), stem_mid=12, num_classes=5)
 
-# ---- a pytorchvideo-style Conv2plus1d ---------------------------------------------------------------------------
-
-
-class Conv2plus1d(nn.Module):
-    def __init__(self, conv_t, norm, activation, conv_xy, conv_xy_first=False):
-        super().__init__()
-        self.conv_t, self.norm, self.activation, self.conv_xy = conv_t, norm, activation, conv_xy
-        self.conv_xy_first = conv_xy_first
-
-    def forward(self, x):
-        x = self.conv_xy(x) if self.conv_xy_first else self.conv_t(x)
-        x = self.norm(x) if self.norm is not None else x
-        x = self.activation(x) if self.activation is not None else x
-        return self.conv_t(x) if self.conv_xy_first else self.conv_xy(x)
+# ---- a pytorchvideo-style Conv2plus1d (tests/foreign_models.py) ---------------------------------------------
 
 
 def _pytorchvideo_pair(conv_xy_first, norm=None):
@@ -51,7 +38,8 @@ def _pytorchvideo_pair(conv_xy_first, norm=None):
     else:
         conv_t = nn.Conv3d(8, mid, (3, 1, 1), padding=(1, 0, 0), bias=False)
         conv_xy = nn.Conv3d(mid, 10, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False)
-    return Conv2plus1d(conv_t, norm or nn.BatchNorm3d(mid), nn.ReLU(), conv_xy, conv_xy_first)
+    return Conv2plus1d(conv_t=conv_t, norm=norm or nn.BatchNorm3d(mid), activation=nn.ReLU(), conv_xy=conv_xy,
+                       conv_xy_first=conv_xy_first)  # fmt: skip
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

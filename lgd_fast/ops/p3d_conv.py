@@ -279,11 +279,16 @@ def onednn_output_format(x: torch.Tensor, weight: torch.Tensor) -> torch.memory_
     return cl if cl in (suggest_memory_format(x), suggest_memory_format(weight)) else torch.contiguous_format
 
 
+def _onednn_fake(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """The output of a oneDNN convolution as a fake: the conv's size, oneDNN's layout."""
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
+
+
 @_onednn_inference.register_fake
 def _(x, weight, scale, shift, residual, stride, relu):
-    n, _, t, h, w = x.shape
-    shape = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
-    return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
+    padding, strides = _geometry(weight, stride)
+    return _onednn_fake(x, weight, strides, padding, [1, 1, 1])
 
 
 @torch.library.custom_op("lgd_fast::conv3d_onednn", mutates_args=())
@@ -316,8 +321,7 @@ def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple
 
 @conv3d_onednn.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
-    return x.new_empty(shape).contiguous(memory_format=onednn_output_format(x, weight))
+    return _onednn_fake(x, weight, stride, padding, dilation)
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------
