@@ -21,7 +21,10 @@ from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reas
 # (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
 # extra: {"conv": Conv3d arguments replacing stride (1, S, S) and same padding (the convs p3d_conv does not take:
 # groups, depthwise, temporal strides, dilation, no padding, even kernels), "shortcut": a tensor added after the
-# norm (a residual block's end)}.
+# norm (a residual block's end)}. Every case with a ReLU has over 1400 output positions: in bfloat16 a few of them
+# fall on the other side of zero than in float64, in ours and in PyTorch's at different positions, and each moves
+# grad_x by its share (seen on a 375-position case: 3 flips in ours, none in PyTorch's, 39x PyTorch's error in that
+# draw while the output's error was lower than PyTorch's in every draw).
 CASES = [
     ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True),
     ((3, 1, 1), 2, (1, 7, 5, 9, 9), 5, True, True, True, True),
@@ -29,11 +32,11 @@ CASES = [
     ((3, 3, 3), 1, (2, 3, 5, 7, 7), 4, True, True, False, False),
     ((1, 3, 3), 2, (1, 6, 3, 15, 15), 5, False, True, True, True),
     ((3, 3, 3), 1, (2, 6, 5, 7, 7), 6, False, True, False, True, {"shortcut": True}),
-    ((3, 3, 3), 2, (1, 5, 5, 9, 9), 7, False, True, False, True, {"conv": {"stride": 2, "padding": 1}}),
+    ((3, 3, 3), 2, (2, 5, 5, 11, 11), 7, False, True, False, True, {"conv": {"stride": 2, "padding": 1}}),
     ((3, 3, 3), 1, (2, 6, 5, 7, 7), 6, False, True, False, True, {"conv": {"padding": 1, "groups": 6}, "shortcut": 1}),
     ((5, 1, 1), 1, (1, 4, 7, 5, 5), 4, True, True, False, False, {"conv": {"padding": (2, 0, 0), "groups": 2}}),
     ((1, 1, 1), 2, (2, 5, 3, 7, 7), 6, False, True, False, False, {"conv": {"stride": (2, 2, 2)}}),  # r3d shortcut
-    ((2, 2, 2), 1, (1, 3, 4, 6, 6), 5, True, True, True, True, {"conv": {"padding": 0}}),
+    ((2, 2, 2), 1, (2, 3, 4, 8, 8), 5, True, True, True, True, {"conv": {"padding": 0}}),
     ((3, 3, 3), 1, (1, 4, 5, 9, 9), 5, True, False, False, True, {"conv": {"padding": 2, "dilation": 2}}),
 ]
 MODES = ("eval", "train")

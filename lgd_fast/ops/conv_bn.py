@@ -439,7 +439,11 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) ->
             residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
         return _onednn(conv, None, x, residual, relu)
     x, residual, shortcut = autocast_inputs(x.device.type, x, residual, shortcut)
-    y = F.conv3d(x, conv.weight.to(x.dtype), None, conv.stride, _padding(conv), conv.dilation, conv.groups)
+    # Without a norm the bias goes into the conv (added before the output is rounded to x's dtype, as the module
+    # adds it: rounding first and adding after moves a ReLU's zero crossing by the bias's rounding); with one, it
+    # cancels in training and folds into the shift in eval.
+    bias = conv.bias.to(x.dtype) if norm is None and conv.bias is not None else None
+    y = F.conv3d(x, conv.weight.to(x.dtype), bias, conv.stride, _padding(conv), conv.dilation, conv.groups)
     if residual is not None:
         y = y + residual
     if norm is not None and uses_batch_stats(norm):
@@ -451,9 +455,8 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) ->
         return _normalize_train(norm, y, mean, var, relu, conv.bias, shortcut)
     acc = torch.promote_types(y.dtype, torch.float32)
     scale, shift = (None, None) if norm is None else folded_norm(norm, y)
-    if conv.bias is not None:
-        bias = _bias(conv, y)
-        shift = bias if scale is None else shift + scale * bias
+    if conv.bias is not None and scale is not None:
+        shift = shift + scale * _bias(conv, y)
     z = y.to(acc)
     if scale is not None:
         z = z * _channel(scale)
