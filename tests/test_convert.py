@@ -63,6 +63,7 @@ def _rel(a, b):
 
 def _train_step(model, x, upstream):
     model.train()
+    model.zero_grad(set_to_none=True)  # this step's gradients only
     x = x.clone().requires_grad_()
     out = model(x)
     (out * upstream).sum().backward()
