@@ -202,9 +202,9 @@ def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
     def conv_part(path: str) -> str:
         conv_ = owner.get_submodule(path)
         kind = _kind(conv_)
-        extra = [] if p3d_geometry_reason(conv_) is None else [p3d_geometry_reason(conv_)]
+        other = p3d_geometry_reason(conv_)
         text = f"{path} ({(kind + ' ') if kind else ''}{'x'.join(map(str, conv_.kernel_size))}"
-        return text + "".join(f", {e}" for e in extra) + ")"
+        return text + (f", {other}" if other else "") + ")"
 
     parts = []
     for step in steps:
@@ -277,10 +277,9 @@ def _run_modules(modules: list[nn.Module], choice: planning.Choice, x: torch.Ten
     return x
 
 
-def _planned(owner: nn.Module, modules: list[nn.Module], x: torch.Tensor, fused, plan_owner=None) -> torch.Tensor:
-    """Runs ``modules`` (a run whose plan ``plan_owner``, else ``owner``, holds) as its plan chooses."""
-    holder = owner if plan_owner is None else plan_owner
-    choice = planning.decide(holder, x, lambda c, t: _run_modules(modules, c, t, fused), group=modules)
+def _planned(owner: nn.Module, modules: list[nn.Module], x: torch.Tensor, fused) -> torch.Tensor:
+    """Runs ``modules`` (a run whose plan ``owner`` holds) as its plan chooses."""
+    choice = planning.decide(owner, x, lambda c, t: _run_modules(modules, c, t, fused), group=modules)
     return _run_modules(modules, choice, x, fused)
 
 
@@ -306,7 +305,7 @@ class _FusedSequentialMixin:
                     t = _step_forward(self, step, t, backend)
                 return t
 
-            x = _planned(self, modules, x, fused, plan_owner=self._modules[run.names[0]])
+            x = _planned(self._modules[run.names[0]], modules, x, fused)
             skip.update(run.names)
         return x
 
@@ -357,8 +356,8 @@ def _slot(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _norm_step(owner: nn.Module, conv: str, norm: str | None, act: str | None) -> tuple[_Step | None, str | None]:
-    """The step for ``conv`` with the norm slot ``norm`` and activation ``act`` (paths; None where absent), or
-    (None, why not)."""
+    """The step for ``conv`` with the norm slot ``norm`` and activation ``act`` (paths; a path that is None, or
+    whose attribute is None, is absent), or (None, why not)."""
     conv_ = _slot(owner, conv)
     if (reason := fusable_reason(conv_)) is not None:
         return None, f"{conv}: {reason}"
@@ -377,8 +376,7 @@ def _norm_step(owner: nn.Module, conv: str, norm: str | None, act: str | None) -
 def _conv2plus1d_steps(owner: nn.Module, prefix: str = "") -> list[_Step] | str:
     module = owner.get_submodule(prefix.rstrip(".")) if prefix else owner
     order = ("conv_xy", "conv_t") if getattr(module, "conv_xy_first", False) else ("conv_t", "conv_xy")
-    first, why = _norm_step(owner, prefix + order[0], prefix + "norm" if module.norm is not None else None,
-                            prefix + "activation" if module.activation is not None else None)  # fmt: skip
+    first, why = _norm_step(owner, prefix + order[0], prefix + "norm", prefix + "activation")
     if first is None:
         return why
     second, why = _norm_step(owner, prefix + order[1], None, None)
@@ -397,15 +395,15 @@ def _chain_steps(module: nn.Module) -> tuple[str, list[_Step | str]] | None:
     if name == "ResNetBasicStem" and has("conv", "norm", "activation", "pool"):
         links: list[_Step | str] = []
         if isinstance(module.conv, nn.Conv3d):
-            step, why = _norm_step(module, "conv", "norm" if module.norm is not None else None, "activation")
+            step, why = _norm_step(module, "conv", "norm", "activation")
             if step is None:
                 return "stem", [why]
             links.append(step)
-        elif _chain_steps(module.conv) is not None and _chain_steps(module.conv)[0] == "(2+1)D module":
+        elif (inner_chain := _chain_steps(module.conv)) is not None and inner_chain[0] == "(2+1)D module":
             inner = _conv2plus1d_steps(module, "conv.")
             if isinstance(inner, str):
                 return "stem", [inner]
-            last, why = _norm_step(module, inner[-1].conv, "norm" if module.norm is not None else None, "activation")
+            last, why = _norm_step(module, inner[-1].conv, "norm", "activation")
             if last is None:
                 return "stem", [why]
             links += [*inner[:-1], last]
@@ -417,8 +415,7 @@ def _chain_steps(module: nn.Module) -> tuple[str, list[_Step | str]] | None:
     if name == "BottleneckBlock" and has("conv_a", "norm_a", "act_a", "conv_b", "norm_b", "act_b", "conv_c", "norm_c"):
         links = []
         for c in "abc":
-            step, why = _norm_step(module, f"conv_{c}", f"norm_{c}" if getattr(module, f"norm_{c}") is not None
-                                   else None, f"act_{c}" if c != "c" else None)  # fmt: skip
+            step, why = _norm_step(module, f"conv_{c}", f"norm_{c}", f"act_{c}" if c != "c" else None)
             if step is None:
                 return "bottleneck block", [why]
             links.append(step)
@@ -534,8 +531,7 @@ def _residual_reason(module: nn.Module, kind: str) -> str | None:
     if not _is_sum(module.branch_fusion):
         return "its branch_fusion is not the sum"
     if module.branch1_conv is not None:
-        step, why = _norm_step(module, "branch1_conv", "branch1_norm" if module.branch1_norm is not None else None,
-                               None)  # fmt: skip
+        _, why = _norm_step(module, "branch1_conv", "branch1_norm", None)
         return why
     return None
 

@@ -262,21 +262,21 @@ def _affine(y, mean, invstd, weight, bias, shortcut):
 def _normalize_train(
     norm: nn.BatchNorm3d,
     y: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    sums: torch.Tensor,
     relu: bool,
     offset: torch.Tensor | None = None,
     shortcut: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ReLU?(norm(y + offset) + shortcut) with the batch mean and biased variance of y (detached; float64 or
-    float32), normalised in float32 (float64 for float64 y). A per-channel ``offset`` (a conv's bias) cancels in
-    the normalisation, so it is kept out of the statistics (where it would only move the mean away from zero and
-    cost the variance precision)."""
+    """ReLU?(norm(y + offset) + shortcut) with batch statistics from the (sum, sum of squares about the mean) of y
+    (:func:`batch_mean_var`; updates the running statistics), normalised in float32 (float64 for float64 y). A
+    per-channel ``offset`` (a conv's bias) cancels in the normalisation, so it is kept out of the statistics
+    (where it would only move the mean away from zero and cost the variance precision)."""
+    mean, var = batch_mean_var(norm, sums.detach(), y.numel() // y.shape[1], torch.float64, offset)
     acc = torch.promote_types(y.dtype, torch.float32)
-    invstd = torch.rsqrt(var.detach() + norm.eps).to(acc)
+    invstd = torch.rsqrt(var + norm.eps).to(acc)
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
-    return _NormalizeFromStats.apply(y, mean.detach().to(acc), invstd, weight, bias, relu, offset, shortcut)
+    return _NormalizeFromStats.apply(y, mean.to(acc), invstd, weight, bias, relu, offset, shortcut)
 
 
 # ---- the eager CPU inference path: oneDNN with folded weights ---------------------------------------------
@@ -393,21 +393,22 @@ def conv_bn(
             out = out + shortcut
             return torch.relu(out) if relu else out
         shortcut = shortcut.to(computed)  # a narrower one: exact in the conv's dtype
+    if norm is None and shortcut is not None:  # without a norm both are additions after the conv
+        residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
+        shortcut = None
+    # eager CPU inference: one oneDNN primitive, the norm folded in, what is added after it as its post-op
+    if norm is None or (not uses_batch_stats(norm) and residual is None):
+        added = residual if norm is None else shortcut
+        if not stats and _direct_onednn(backend, x, added):
+            return _onednn(conv, norm, x, added, relu)
     if p3d_geometry_reason(conv) is not None:
-        return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend)
+        return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats)
     if norm is None:
-        if shortcut is not None:
-            residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
-        if not stats and _direct_onednn(backend, x, residual):
-            return _onednn(conv, None, x, residual, relu)
         return p3d_conv(x, conv.weight, stride=_stride(conv), shift=_bias(conv, x), residual=residual, relu=relu,
                         stats=stats, backend=backend)  # fmt: skip
     if uses_batch_stats(norm):
         y, sums = p3d_conv(x, conv.weight, stride=_stride(conv), residual=residual, stats=True, backend=backend)
-        mean, var = batch_mean_var(norm, sums.detach(), y.numel() // y.shape[1], torch.float64, conv.bias)
-        return _normalize_train(norm, y, mean, var, relu, conv.bias, shortcut)  # the bias cancels in the norm
-    if residual is None and _direct_onednn(backend, x, shortcut):
-        return _onednn(conv, norm, x, shortcut, relu)
+        return _normalize_train(norm, y, sums, relu, conv.bias, shortcut)  # the bias cancels in the norm
     scale, shift = folded_norm(norm, x)
     if conv.bias is not None:
         shift = shift + scale * _bias(conv, x)
@@ -430,14 +431,9 @@ def _added_after_norm(residual, scale, shortcut):
     return (added if shortcut is None else added + shortcut).to(residual.dtype)
 
 
-def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) -> torch.Tensor:
-    """conv_bn for a conv p3d_conv does not take: the device's convolution, the same epilogue."""
-    if norm is not None and not uses_batch_stats(norm) and residual is None and _direct_onednn(backend, x, shortcut):
-        return _onednn(conv, norm, x, shortcut, relu)
-    if norm is None and not stats and _direct_onednn(backend, x, residual):
-        if shortcut is not None:
-            residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
-        return _onednn(conv, None, x, residual, relu)
+def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Tensor:
+    """conv_bn for a conv p3d_conv does not take (with autograd, statistics, or off the CPU's oneDNN path): the
+    device's convolution, the same epilogue."""
     x, residual, shortcut = autocast_inputs(x.device.type, x, residual, shortcut)
     # Without a norm the bias goes into the conv (added before the output is rounded to x's dtype, as the module
     # adds it: rounding first and adding after moves a ReLU's zero crossing by the bias's rounding); with one, it
@@ -446,14 +442,9 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats, backend) ->
     y = F.conv3d(x, conv.weight.to(x.dtype), bias, conv.stride, _padding(conv), conv.dilation, conv.groups)
     if residual is not None:
         y = y + residual
-    if norm is not None and uses_batch_stats(norm):
-        with torch.no_grad():
-            mean, var = batch_moments(y)
-            if norm.training and norm.track_running_stats:
-                offset = mean if conv.bias is None else mean + conv.bias.detach().to(mean.dtype)
-                _update_running_stats(norm, offset, var, y.numel() // y.shape[1])
-        return _normalize_train(norm, y, mean, var, relu, conv.bias, shortcut)
     acc = torch.promote_types(y.dtype, torch.float32)
+    if norm is not None and uses_batch_stats(norm):
+        return _normalize_train(norm, y, sums_about_mean(y.detach().to(acc)), relu, conv.bias, shortcut)
     scale, shift = (None, None) if norm is None else folded_norm(norm, y)
     if conv.bias is not None and scale is not None:
         shift = shift + scale * _bias(conv, y)
