@@ -153,8 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train (or resume) an LGD model on a dataset folder")
     train.add_argument("--data", help="dataset folder with train.txt, val.txt, classes.txt (make-dataset writes one)")
     train.add_argument("--model", help="model name (see `lgd-fast models`)")
-    train.add_argument("--epochs", type=_positive, help="stage-1 epochs")
-    train.add_argument("--stage2-epochs", type=int, help="stage-2 epochs (kernel classifier)")
+    train.add_argument("--epochs", type=_positive,
+                       help="stage-1 epochs (default 10); the kernel classifier then adds --stage2-epochs more")
+    train.add_argument("--stage2-epochs", type=int,
+                       help="stage-2 epochs after the stage-1 ones, kernel classifier only (default 2; 0: none), "
+                            "so --epochs 4 runs 6 epochs by default")  # fmt: skip
     train.add_argument("--out", help="run folder; the same folder again resumes from checkpoints/last.pt")
     train.add_argument("--config", help="YAML file of config values (nested like lgd_fast.engine.TrainConfig)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -168,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--channels-last", action="store_true", default=None, help="channels_last_3d")
     train.add_argument("--init-from", help="fine-tune from this checkpoint (heads of another label set replaced)")
     train.add_argument("--seed", type=int)
+    train.add_argument("--checkpoint-every-steps", type=int, metavar="N",
+                       help="also write checkpoints/last.pt every N steps within an epoch (default 0: epoch ends); "
+                            "a killed run resumes from that step")  # fmt: skip
+    train.add_argument("--quiet", action="store_true", help="log warnings only (default: what the run does)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     demo = sub.add_parser("demo", help="train and test lgd3d_tiny on the built-in dataset (the README's main job)")
@@ -314,8 +321,9 @@ def _train(args) -> int:
         "stage2_epochs": args.stage2_epochs, "out": args.out, "optim__batch_size": args.batch_size,
         "optim__lr": args.lr, "amp": args.amp, "model__fast": args.fast, "model__compile": args.compile,
         "model__channels_last": args.channels_last, "model__init_from": args.init_from, "seed": args.seed,
-        "progress": False if args.no_progress else None,
+        "progress": False if args.no_progress else None, "checkpoint_every_steps": args.checkpoint_every_steps,
     }
+    _setup_logging(quiet=args.quiet)
     try:
         config: TrainConfig = load_config(args.config, args.set, **flags)
         if not config.out or not config.data.root:
@@ -331,6 +339,25 @@ def _train(args) -> int:
         print(f"done: epoch {metrics['epoch']}, val top-1 {metrics['val_top1']:.3f}, best "
               f"{metrics['best_val_top1']:.3f}; run folder {config.out}")
     return 0
+
+
+def _setup_logging(*, quiet: bool = False) -> None:
+    """The CLI's log on stderr: INFO from lgd_fast (what a run does), warnings from everything else.
+
+    Records still propagate (a host application's or pytest's handlers see them); the stderr handler is added
+    only where nothing above lgd_fast's logger handles records already, and once.
+    """
+    import logging
+
+    package = logging.getLogger("lgd_fast")
+    quiet = quiet or int(os.environ.get("RANK", 0)) != 0  # one log for a distributed run: rank 0's
+    package.setLevel(logging.WARNING if quiet else logging.INFO)
+    if logging.getLogger().handlers or any(getattr(h, "_lgd_fast_cli", False) for h in package.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler._lgd_fast_cli = True
+    package.addHandler(handler)
 
 
 def _demo(args) -> int:

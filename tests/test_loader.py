@@ -64,6 +64,25 @@ def test_training_epochs_shuffle_and_replay(records):
     assert torch.equal(torch.cat([b.video_ids for b in replay]), first)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_resumed_at_a_batch_yields_the_rest_of_that_epoch(records, num_workers):
+    """set_epoch(e, start_batch=k): the batches k, k+1, ... of epoch e exactly, clips included; the global torch
+    generator is left alone (a DataLoader draws its worker seed from it unless given its own)."""
+    loader = VideoClipLoader(records, spec=SPEC, batch_size=2, backend="pyav", seed=4, num_workers=num_workers)
+    loader.set_epoch(3)
+    rng = torch.get_rng_state()
+    full = list(loader)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(full) == 3 and loader.position == 3
+    loader.set_epoch(3, start_batch=1, skipped=[("earlier.webm", "unreadable")])
+    rest = list(loader)
+    assert len(rest) == 2 and loader.position == 3 and loader.epoch == 4
+    for a, b in zip(full[1:], rest, strict=True):
+        assert torch.equal(a.video_ids, b.video_ids) and torch.equal(a.clips, b.clips)
+    assert loader.skipped == [("earlier.webm", "unreadable")]  # the epoch's first part, carried over
+    assert len(list(loader)) == 3 and loader.skipped == []  # the next epoch starts at its beginning
+
+
 def test_bad_files_are_skipped_with_one_warning_each(records, broken, caplog):
     caplog.set_level(logging.WARNING, logger="lgd_fast.data")
     loader = VideoClipLoader(records + broken, spec=SPEC, batch_size=4, backend="pyav", num_workers=0)
@@ -72,8 +91,8 @@ def test_bad_files_are_skipped_with_one_warning_each(records, broken, caplog):
     assert "file not found" in reasons and "empty file" in reasons and "truncated" in reasons
     assert sum(len(b.labels) for b in loader) == len(records)
     assert sum("skipping" in r.message for r in caplog.records) == len(broken)
-    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 0:")]
-    assert summary == [f"epoch 0: 0 clip(s) skipped (unreadable during the epoch), {len(broken)} file(s) left out "
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert summary == [f"epoch 1: 0 clip(s) skipped (unreadable during the epoch), {len(broken)} file(s) left out "
                        f"(unusable when probed); {len(records)} video(s) used"]  # fmt: skip
 
 

@@ -95,6 +95,67 @@ def test_sigkill_then_resume_finishes(dataset, tmp_path):
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
+def _cli_command(dataset, out, *flags):
+    argv = ["train", "--data", dataset, "--out", str(out), "--no-progress", *flags]
+    argv += [a for item in [*SMALL, "optim.batch_size=4", "deterministic=true"] for a in ("--set", item)]
+    return [sys.executable, "-m", "lgd_fast", *argv]
+
+
+MID_EPOCH = ["--epochs", "2", "--stage2-epochs", "1", "--checkpoint-every-steps", "1"]  # 4 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    done = subprocess.run(_cli_command(dataset, out, *MID_EPOCH), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**load_checkpoint(out / "checkpoints" / "last.pt"), "out": out}
+
+
+@pytest.mark.parametrize("kill_after", ["epoch 2, batch 1 of 4", "epoch 3, batch 2 of 4"])  # stage 1, stage 2
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(dataset, tmp_path, uninterrupted, kill_after):
+    """SIGKILL right after a mid-epoch checkpoint (while the next step runs, or its checkpoint is being
+    written); the resumed run must end bit for bit where the uninterrupted one did, history included."""
+    out = tmp_path / "killed"
+    command = _cli_command(dataset, out, *MID_EPOCH)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the CLI logs each checkpoint once it is on disk
+        seen.append(line)
+        if f"({kill_after}," in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before {kill_after}:\n{''.join(seen)[-3000:]}"
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["in_epoch"] is not None, "killed at an epoch boundary, not mid-epoch"
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "batch" in resumed.stderr.split("resuming from")[1].splitlines()[0]
+    final = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert final["epoch"] == uninterrupted["epoch"] == 3 and final["step"] == uninterrupted["step"] == 12
+    assert final["in_epoch"] is None
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+    timing = ("epoch_seconds", "clips_per_s")
+    strip = [{k: v for k, v in row.items() if k not in timing} for row in final["history"]]
+    assert strip == [{k: v for k, v in row.items() if k not in timing} for row in uninterrupted["history"]]
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    # TensorBoard: one loss per step, 1..12, those of the uninterrupted run (the killed run's later ones purged)
+    steps, values = _scalars(out / "tensorboard", "train/loss_step")
+    ref_steps, ref_values = _scalars(uninterrupted["out"] / "tensorboard", "train/loss_step")
+    assert steps == ref_steps == list(range(1, 13)) and values == ref_values
+
+
+def _scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    scalars = events.Scalars(tag)
+    return [e.step for e in scalars], [e.value for e in scalars]
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(dataset, tmp_path, monkeypatch):
     import importlib
 

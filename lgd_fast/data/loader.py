@@ -231,6 +231,9 @@ class VideoClipLoader:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         self.epoch = 0
+        self.position = 0  # plan batches of the current epoch handed out so far (the resume point)
+        self._start_batch = 0
+        self._carried_skips: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str]] = []
         self.dropped: list[tuple[str, str]] = []  # files found unusable when probing
         shard(range(1), 0, self.num_shards)  # validates num_shards
@@ -284,9 +287,18 @@ class VideoClipLoader:
         per = self.spec.test_clips if self.spec.kind == "3d" else self.spec.test_views
         return per * self.spec.test_crops
 
-    def set_epoch(self, epoch: int) -> None:
-        """Chooses the epoch whose random order and crops the next ``iter()`` uses (resuming, DDP)."""
+    def set_epoch(self, epoch: int, *, start_batch: int = 0, skipped: Sequence[tuple[str, str]] = ()) -> None:
+        """Chooses the epoch whose random order and crops the next ``iter()`` uses (resuming, DDP).
+
+        ``start_batch``: the next ``iter()`` starts at that batch of the epoch's plan (``loader.position`` of
+        an interrupted epoch), so that a resumed epoch yields exactly the batches the interrupted one had not;
+        ``skipped``: the (path, reason) pairs of that epoch's first part, kept in ``loader.skipped``.
+        """
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.epoch = epoch
+        self._start_batch = start_batch
+        self._carried_skips = [(str(p), str(r)) for p, r in skipped]
 
     def _plans(self) -> list[SamplePlan]:
         rng = np.random.default_rng(zlib.crc32(f"{self.seed}/{self.epoch}".encode()))
@@ -302,10 +314,13 @@ class VideoClipLoader:
         return plans
 
     def __iter__(self) -> Iterator[ClipBatch]:
-        plans = self._plans()
-        self.skipped = []
+        start = self._start_batch
+        plans = self._plans()[start * self.batch_size :]
+        self.skipped, self._carried_skips, self._start_batch = self._carried_skips, [], 0
+        self.position = start
         batches = self._iter_dali(plans) if self.backend_used == "dali" else self._iter_pyav(plans)
-        for batch, bad in batches:
+        for batch, bad in batches:  # one item per batch_size plans, in order
+            self.position += 1
             for path, reason in bad:
                 logger.warning("skipping %s: %s", path, reason)
             self.skipped.extend(bad)
@@ -316,15 +331,18 @@ class VideoClipLoader:
             logger.warning(
                 "epoch %d: %d clip(s) skipped (unreadable during the epoch), %d file(s) left out (unusable when "
                 "probed); %d video(s) used",
-                self.epoch, len(self.skipped), len(self.dropped), len(self.videos),
+                self.epoch + 1, len(self.skipped), len(self.dropped), len(self.videos),
             )  # fmt: skip
         self.epoch += 1
 
     def _iter_pyav(self, plans):
         dataset = _PyAVClips(plans, self.spec)
+        # Its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global torch
+        # generator, which would put that draw where an epoch starts, and a resumed epoch starts mid-way.
+        seeds = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/workers".encode()))
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=_collate,
-            persistent_workers=False,
+            persistent_workers=False, generator=seeds,
         )
         yield from loader
 

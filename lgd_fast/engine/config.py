@@ -88,6 +88,8 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms for bitwise resumes
     eval_every: int = 1  # epochs between validations (and best-checkpoint updates)
     max_steps_per_epoch: int = 0  # 0: whole epochs; else stop each epoch after this many steps (smoke runs)
+    checkpoint_every_steps: int = 0  # also write last.pt every this many steps within an epoch (0: epoch ends)
+    tensorboard: str = "auto"  # auto (where the tensorboard package imports) | true | false: RUN/tensorboard
     progress: bool = True
 
     def validate(self) -> TrainConfig:
@@ -103,6 +105,8 @@ class TrainConfig:
             (self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0"),
             (self.optim.grad_clip >= 0, "optim.grad_clip must be >= 0"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: only at epoch ends)"),
+            (self.tensorboard in ("auto", "true", "false"), "tensorboard must be auto, true or false"),
             (self.data.crop <= self.data.resize_shorter, "data.crop must be <= data.resize_shorter"),
         ]
         for ok, message in checks:

@@ -7,12 +7,15 @@ parameters that stage uses require gradients (stage 1: everything but ``kernel_h
 but the plain heads), which also keeps DistributedDataParallel free of unused parameters.
 
 ``RUN/`` (``config.out``) receives ``config.yaml`` (the resolved config), ``checkpoints/last.pt`` after
-every epoch and ``checkpoints/best.pt`` at the best validation top-1, ``metrics.json`` (``epoch``,
-``val_top1``, ``best_val_top1`` and the per-epoch ``history``) and ``curves.png``. Running again with the
-same ``out`` resumes from ``last.pt`` (epoch boundaries: the data order and every random choice depend on
-(seed, epoch) only, and the RNG state is restored, so a resumed run ends with the same weights as one that
-was never interrupted). A non-finite loss stops the run with ``TrainingDiverged`` naming the step; the
-last good checkpoint is kept.
+every epoch (and every ``checkpoint_every_steps`` steps within one) and ``checkpoints/best.pt`` at the best
+validation top-1, ``metrics.json`` (``epoch``, ``val_top1``, ``best_val_top1`` and the per-epoch
+``history``), ``curves.png``, ``plan.txt`` (the fast model's execution plan, after its first step) and, with
+the ``tensorboard`` package, TensorBoard scalars in ``tensorboard/``. Running again with the same ``out``
+resumes from ``last.pt``: at an epoch boundary or mid-epoch, where a mid-epoch checkpoint holds the
+position in the epoch's data plan, the epoch's running loss and accuracy sums and the files skipped so far.
+The data order and every random choice of an epoch depend on (seed, epoch) only, and the RNG state is
+restored, so a resumed deterministic run ends with the same weights as one that was never interrupted. A
+non-finite loss stops the run with ``TrainingDiverged`` naming the step; the last good checkpoint is kept.
 
 Distributed: started by ``torchrun``, each process trains on its shard with ``batch_size / world_size``
 clips (the loader splits every global batch exactly), gradients are averaged by DDP (gloo on the CPU,
@@ -204,11 +207,15 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         if c.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, c.max_steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
         self.history: list[dict[str, Any]] = []
         self.best_top1 = -1.0
         start_epoch, self.step = 0, 0
         resume = self.ckpt_dir / "last.pt"
+        if self.rank == 0:
+            self._remove_partial_checkpoints()
         state = load_checkpoint(resume) if resume.exists() else None
+        self.last_saved = "none (no checkpoint was written yet)"
         if state is None and c.model.init_from:
             self._init_from(c.model.init_from)
         stage = 1
@@ -228,13 +235,16 @@ class Trainer:
             scheduler.load_state_dict(state["scheduler"])
         if state is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        in_epoch = None
         if state is not None:
             set_rng_state(state["rng"])
-            if self.rank == 0:
-                logger.info("resuming %s at epoch %d (stage %d)", self.out, start_epoch + 1, stage)
+            in_epoch = state.get("in_epoch")
+            self.last_saved = _describe_checkpoint(resume, state)
         if self.rank == 0:
+            self._log_start(total_epochs, steps_per_epoch, resume if state is not None else None, state, stage)
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(c, self.out / "config.yaml")
+        self._open_tensorboard()
         self._wrap()
         for epoch in range(start_epoch, total_epochs):
             if c.model.classifier == "kernel" and epoch == c.epochs and stage == 1:
@@ -242,15 +252,25 @@ class Trainer:
                 _set_stage(self.model, stage)
                 optimizer, scheduler = self._optimizer(stage, steps_per_epoch)
                 self._wrap()
-            row = self._train_epoch(epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch)
+                if self.rank == 0:
+                    logger.info("stage 2 from epoch %d: the kernel classifier's loss, lr %.3g", epoch + 1,
+                                scheduler.get_last_lr()[0])
+            resume_at = in_epoch if epoch == start_epoch else None
+            row = self._train_epoch(epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch, resume_at)
             if (epoch + 1) % c.eval_every == 0 or epoch + 1 == total_epochs:
                 row.update(self._validate())
             self.history.append(row)
             if self.rank == 0:
                 self._save(epoch + 1, stage, optimizer, scheduler, row)
+                self._log_epoch(row, total_epochs)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return self._metrics()
 
-    def _train_epoch(self, epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch) -> dict[str, Any]:
+    def _train_epoch(
+        self, epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch, resume: dict | None = None
+    ) -> dict[str, Any]:
+        """One epoch; ``resume``: the ``in_epoch`` entry of a mid-epoch checkpoint of this epoch."""
         from tqdm.auto import tqdm
 
         c = self.config
@@ -259,14 +279,23 @@ class Trainer:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
-        self.train_loader.set_epoch(epoch)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
         sums = torch.zeros(3, dtype=torch.float64)  # loss * clips, correct, clips
+        done, seconds_before = 0, 0.0  # batches trained in this epoch, and their seconds, before this call
+        if resume is not None:
+            done, seconds_before = int(resume["batches"]), float(resume["seconds"])
+            if self.rank == 0:  # the sums over every process; the others add theirs from here on
+                sums = torch.tensor(resume["sums"], dtype=torch.float64)
+            self.train_loader.set_epoch(epoch, start_batch=int(resume["position"]), skipped=resume["skipped"])
+        else:
+            self.train_loader.set_epoch(epoch)
+        every = c.checkpoint_every_steps
+        clips_before = sums[2].item()
         start = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{total_epochs} (stage {stage})", unit="step",
-                   disable=not (c.progress and self.rank == 0), leave=False)
-        for i, batch in enumerate(self.train_loader):
-            if i >= steps_per_epoch:
+        bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{total_epochs} (stage {stage})",
+                   unit="step", disable=not (c.progress and self.rank == 0), leave=False)  # fmt: skip
+        for batch in self.train_loader:
+            if done >= steps_per_epoch:
                 break
             clips = batch.clips.to(self.device, non_blocking=True)
             if c.model.channels_last:
@@ -282,11 +311,9 @@ class Trainer:
                     logits = out
                     loss = F.cross_entropy(logits.float(), labels)
             if not torch.isfinite(loss):
-                kept = self.ckpt_dir / "last.pt"
-                where = f"{kept} (epoch {epoch})" if kept.exists() else "none (no epoch had finished)"
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, stage {stage}); "
-                    f"stopping. Last good checkpoint: {where}"
+                    f"stopping. Last good checkpoint: {self.last_saved}"
                 )
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -296,18 +323,27 @@ class Trainer:
                                                c.optim.grad_clip)
             self.scaler.step(optimizer)  # skipped (and the scale lowered) if an fp16 gradient overflowed
             self.scaler.update()
+            lr = scheduler.get_last_lr()[0]
             scheduler.step()
             self.step += 1
+            done += 1
             n = labels.numel()
             sums += torch.tensor([loss.item() * n, (logits.argmax(1) == labels).sum().item(), n], dtype=torch.float64)
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{sums[2].item() * self.world / elapsed:.1f}",
-                            lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            rate = (sums[2].item() - clips_before) * self.world / elapsed
+            bar.set_postfix(loss=f"{loss.item():.3f}", clips_s=f"{rate:.1f}", lr=f"{lr:.2e}")
             bar.update(1)
+            if self.tensorboard is not None:
+                self.tensorboard.add_scalar("train/loss_step", loss.item(), self.step)
+                self.tensorboard.add_scalar("train/lr", lr, self.step)
+            if self.step == 1 and self.rank == 0:
+                self._write_plan()
+            if every and self.step % every == 0 and done < steps_per_epoch:
+                self._save_in_epoch(epoch, stage, optimizer, scheduler, done, sums, elapsed + seconds_before)
         bar.close()
         if self.distributed:
             dist.all_reduce(sums)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + seconds_before
         clips = max(sums[2].item(), 1.0)
         skipped = len(self.train_loader.skipped)
         return {
@@ -323,6 +359,67 @@ class Trainer:
             "dropped_files": len(self.train_loader.dropped),
         }
 
+    # ---- what the run says: the log, TensorBoard, the plan -------------------------------------------------
+
+    def _remove_partial_checkpoints(self) -> None:
+        """A run killed while writing a checkpoint leaves its temporary file (the checkpoint itself is intact)."""
+        for leftover in sorted(self.ckpt_dir.glob(".*.tmp")) if self.ckpt_dir.is_dir() else []:
+            leftover.unlink()
+            logger.info("removed %s, a checkpoint a killed run was still writing", leftover)
+
+    def _log_start(self, total_epochs, steps_per_epoch, resumed_from, state, stage) -> None:
+        c = self.config
+        epochs = f"{c.epochs} epoch(s)"
+        if c.model.classifier == "kernel":
+            epochs = f"{c.epochs} stage-1 + {c.stage2_epochs} stage-2 epoch(s) (stage2_epochs) = {total_epochs} epochs"
+        logger.info(
+            "training %s%s on %s: %s of %d steps; %d training videos (%d left out), %d validation videos, "
+            "%d classes; batch %d%s; run folder %s", c.model.name, " (fast)" if c.model.fast else "",
+            self.device, epochs, steps_per_epoch, len(self.train_loader.videos), len(self.train_loader.dropped),
+            len(self.val_loader.videos) if self.val_loader is not None else 0, len(self.class_names),
+            c.optim.batch_size, f" over {self.world} processes" if self.distributed else "", self.out,
+        )  # fmt: skip
+        if resumed_from is None:
+            logger.info("starting a new run (no %s)", self.ckpt_dir / "last.pt")
+        else:
+            logger.info("resuming from %s: stage %d", self.last_saved, stage)
+        if c.model.fast:
+            plan = self.model.execution_plan
+            layers = plan.layers()
+            mode = layers[0][1].mode if layers else "-"
+            logger.info("fast model: %d planned layers (plan %s); each decided on first use, written to %s after "
+                        "the first step", len(layers), mode, self.out / "plan.txt")  # fmt: skip
+
+    def _write_plan(self) -> None:
+        if not self.config.model.fast:
+            return
+        path = self.out / "plan.txt"
+        path.write_text(str(self.model.execution_plan) + "\n")
+        logger.info("execution plan of the first training step: %s", path)
+
+    def _log_epoch(self, row, total_epochs) -> None:
+        val = f", val top-1 {row['val_top1']:.3f}" if row.get("val_top1") is not None else ""
+        logger.info("epoch %d/%d (stage %d): train loss %.4f, train top-1 %.3f%s, %.1f clips/s; checkpoint %s",
+                    row["epoch"], total_epochs, row["stage"], row["train_loss"], row["train_top1"], val,
+                    row["clips_per_s"], self.last_saved)  # fmt: skip
+
+    def _open_tensorboard(self) -> None:
+        """TensorBoard scalars in RUN/tensorboard (config ``tensorboard``: auto = where the package imports)."""
+        self.tensorboard = None
+        if self.rank != 0 or self.config.tensorboard == "false":
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            if self.config.tensorboard == "true":
+                message = f"tensorboard=true needs the tensorboard package ({err}): pip install tensorboard"
+                raise ValueError(message) from err
+            logger.info("no TensorBoard scalars: the tensorboard package is not installed (pip install tensorboard)")
+            return
+        # purge_step: a resumed run drops what a killed one logged after its checkpoint
+        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+        logger.info("TensorBoard scalars: %s", self.out / "tensorboard")
+
     def _validate(self) -> dict[str, Any]:
         if self.rank != 0:
             return {}
@@ -333,8 +430,9 @@ class Trainer:
                           amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp), progress=c.progress)
         return {"val_top1": result.top1, "val_top5": result.top5, "val_videos": result.num_videos}
 
-    def _save(self, epoch, stage, optimizer, scheduler, row) -> None:
-        payload = {
+    def _payload(self, epoch, stage, optimizer, scheduler, in_epoch=None) -> dict[str, Any]:
+        """A checkpoint; ``epoch`` counts finished epochs, ``in_epoch`` is where the next one stands (or None)."""
+        return {
             "model": self.model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -343,16 +441,47 @@ class Trainer:
             "epoch": epoch,
             "step": self.step,
             "stage": stage,
+            "in_epoch": in_epoch,
             "history": self.history,
             "best_top1": self.best_top1,
             "config": config_dict(self.config),
             "class_names": self.class_names,
         }
+
+    def _save_in_epoch(self, epoch, stage, optimizer, scheduler, done, sums, seconds) -> None:
+        """``last.pt`` in the middle of epoch ``epoch`` (0-based) after ``done`` of its batches."""
+        totals = sums.clone()
+        if self.distributed:  # every process is here at the same step; rank 0 keeps the sums over all of them
+            dist.all_reduce(totals)
+        if self.rank != 0:
+            return
+        in_epoch = {
+            "batches": done,
+            "of": self.steps_per_epoch,
+            "position": self.train_loader.position,
+            "sums": totals.tolist(),
+            "seconds": seconds,
+            "skipped": [list(item) for item in self.train_loader.skipped],
+        }
+        if self.tensorboard is not None:  # what TensorBoard holds is what the checkpoint holds
+            self.tensorboard.flush()
+        path = save_checkpoint(self._payload(epoch, stage, optimizer, scheduler, in_epoch), self.ckpt_dir / "last.pt")
+        self.last_saved = _describe_checkpoint(path, {"epoch": epoch, "step": self.step, "in_epoch": in_epoch})
+        logger.info("checkpoint %s", self.last_saved)
+
+    def _save(self, epoch, stage, optimizer, scheduler, row) -> None:
+        payload = self._payload(epoch, stage, optimizer, scheduler)
         top1 = row.get("val_top1")
         if top1 is not None and top1 > self.best_top1:
             self.best_top1 = payload["best_top1"] = top1
             save_checkpoint(payload, self.ckpt_dir / "best.pt")
-        save_checkpoint(payload, self.ckpt_dir / "last.pt")
+        path = save_checkpoint(payload, self.ckpt_dir / "last.pt")
+        self.last_saved = _describe_checkpoint(path, payload)
+        if self.tensorboard is not None:
+            for key in ("train_loss", "train_top1", "val_top1", "val_top5", "clips_per_s", "lr"):
+                if row.get(key) is not None:
+                    self.tensorboard.add_scalar(f"epoch/{key}", row[key], epoch)
+            self.tensorboard.flush()
         metrics = self._metrics()
         tmp = self.out / "metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -407,6 +536,14 @@ class Trainer:
                 unexpected or "none",
             )
         self.init_report = {"loaded": len(loaded), "replaced": replaced, "missing": missing, "unexpected": unexpected}
+
+
+def _describe_checkpoint(path, state) -> str:
+    """``PATH (epoch 2)`` after an epoch, ``PATH (epoch 3, batch 2 of 4, step 10)`` within one."""
+    in_epoch = state.get("in_epoch")
+    if not in_epoch:
+        return f"{path} (epoch {state['epoch']})"
+    return f"{path} (epoch {state['epoch'] + 1}, batch {in_epoch['batches']} of {in_epoch['of']}, step {state['step']})"
 
 
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
