@@ -26,6 +26,7 @@ def test_run_bench_measures_every_candidate_and_pass():
     metrics = {(c["pass"], c["metric"]) for c in payload["target_check"]}
     assert ("inference", "speedup_vs_reference") in metrics and ("training", "speedup_vs_reference") in metrics
     assert not any(c["target_applies_to_this_setting"] for c in payload["target_check"])  # tiny, not R50
+    assert all(c["met"] is None for c in payload["target_check"])  # and so not judged
     json.dumps(payload)
 
 
@@ -55,7 +56,19 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     payload = json.loads(out.read_text())
     assert set(payload["results"]) == {"inference"} and set(payload["results"]["inference"]) == {"reference", "fast"}
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "clips/s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "clips/s" in printed and "NOT met" not in printed and "not judged" in printed
+
+
+def test_cli_default_output_is_a_named_folder_where_it_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--model", "lgd3d_tiny", "--batch", "1", "--frames", "4", "--size", "32", "--repeats", "1",
+            "--no-compile", "--passes", "inference", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    written = sorted(p.name for p in (tmp_path / "lgd_bench").iterdir())
+    assert written == ["bench_lgd3d_tiny_fp32_cpu.json", "bench_lgd3d_tiny_fp32_cpu.png"]
+    assert not (tmp_path / "benchmarks").exists()
+    assert "lgd_bench/bench_lgd3d_tiny_fp32_cpu.json" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

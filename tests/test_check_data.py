@@ -60,3 +60,20 @@ def test_make_dataset_then_check_data(tmp_path, capsys):
     assert "videos decoded" in capsys.readouterr().out
     assert main([*argv[:3], "4"]) == 2  # same folder, other parameters: refused, clearly
     assert "other parameters" in capsys.readouterr().err
+
+
+def test_labels_are_checked_against_the_class_count_training_uses(dataset, capsys):
+    """A classes.txt beside the list is the class index training reads: label 99 of 8 classes is an error."""
+    root, good = dataset
+    names = [p.rsplit("/", 1)[1] for p in good]
+    listing = root / "train.txt"
+    listing.write_text(f"{names[0]} 0\n{names[1]} 99\n")
+    assert main(["check-data", str(listing)]) == 0  # no class index anywhere: said, not silent
+    assert "labels not checked against a class count" in capsys.readouterr().out
+    (root / "classes.txt").write_text("".join(f"class{i}\n" for i in range(8)))
+    assert main(["check-data", str(listing)]) == 2
+    err = capsys.readouterr().err
+    assert "train.txt:2:" in err and "label 99 is out of range for 8 classes" in err
+    listing.write_text(f"{names[0]} 0\n{names[1]} 7\n")
+    assert main(["check-data", str(listing)]) == 0
+    assert f"labels checked against {root / 'classes.txt'} (8 classes)" in capsys.readouterr().out

@@ -176,6 +176,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(dataset, tmp_path
     assert load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")["epoch"] == 2
 
 
+def test_curves_mark_the_stages(tmp_path):
+    from lgd_fast.engine.train import _plot_curves, stage_spans
+
+    rows = [{"epoch": e, "stage": 1 if e <= 3 else 2, "train_loss": 3.0 / e, "train_top1": e / 6} for e in range(1, 6)]
+    rows[2]["val_top1"] = 0.5
+    assert stage_spans(rows) == [(1, 1, 3), (2, 4, 5)]
+    assert stage_spans(rows[:3]) == [(1, 1, 3)] and stage_spans([]) == []
+    import matplotlib.image
+
+    marked, plain = tmp_path / "marked.png", tmp_path / "plain.png"
+    _plot_curves(rows, marked)
+    _plot_curves([{**r, "stage": 1} for r in rows], plain)
+    a, b = matplotlib.image.imread(marked)[..., :3], matplotlib.image.imread(plain)[..., :3]
+    # the shaded stage 2: tab:orange at alpha 0.12 over white is about (1.0, 0.94, 0.89)
+    orange = (a[..., 0] > 0.97) & (a[..., 1] < 0.97) & (a[..., 2] < a[..., 1] - 0.03)
+    assert a.shape == b.shape and orange.sum() > 2000 and abs(b - a).max() > 0.2
+
+
+def test_a_wrong_model_name_is_reported_before_any_video_is_read(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("lgd_fast.engine.train")  # the package re-exports train()
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the data was read before the model name was checked")
+
+    monkeypatch.setattr(train_module, "VideoClipLoader", no_probe)
+    data = tmp_path / "data"
+    data.mkdir()
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "lgd3d_r05"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'lgd3d_r05'" in err and "lgd3d_r50" in err
+
+
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 7\noptim:\n  lr: 0.5\n  batch_size: 4\nmodel:\n  name: lgd3d_r18\n")
@@ -214,9 +249,20 @@ def test_cli_train_then_eval(dataset, tmp_path, capsys):
     checkpoint = str(out / "checkpoints" / "last.pt")
     for name in ("features.npz", "features.safetensors"):
         assert main(["extract", "--data", dataset, "--checkpoint", checkpoint, "--out", str(out / name)]) == 0
-    features = np.load(out / "features.npz")
+    features = np.load(out / "features.npz")  # no pickle needed, paths included
     assert features["local"].shape == features["global"].shape == (8, 128)  # lgd3d_tiny: 128 channels
     assert sorted(features["labels"].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    listed = [os.path.normpath(os.path.join(dataset, line.rsplit(" ", 1)[0]))
+              for line in open(os.path.join(dataset, "val.txt")).read().splitlines()]  # fmt: skip
+    assert features["paths"].tolist() == [listed[i] for i in features["video_ids"]]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "features.safetensors"), "np") as f:
+        assert json.loads(f.metadata()["paths"]) == features["paths"].tolist()
+    capsys.readouterr()
+    assert main(["extract", "--data", dataset, "--checkpoint", checkpoint, "--out", str(out / "feats.pt")]) == 2
+    assert "written as .npz or .safetensors, not '.pt'" in capsys.readouterr().err
+    assert not list(out.glob("feats.pt*"))
     assert main(["train", "--data", dataset, "--out", str(tmp_path / "x"), "--set", "optim.bogus=1"]) == 2
     assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
 
@@ -279,6 +325,18 @@ def test_demo_meets_its_targets(tmp_path, capsys):
     assert metrics["speed"]["fast"]["inference_clips_per_s"] > 0
     for name in ("eval.json", "eval_reversed.json", "eval_confusion.png", "run/curves.png"):
         assert (tmp_path / "demo" / name).exists(), name
+    # lgd-fast predict on the held-out videos: eval's per-video top-5, class names in order
+    evaluated = json.loads((tmp_path / "demo" / "eval.json").read_text())
+    names = evaluated["class_names"]
+    videos = [line.rsplit(" ", 1)[0] for line in (tmp_path / "demo" / "data" / "val.txt").read_text().splitlines()]
+    videos = [str(tmp_path / "demo" / "data" / v) for v in videos]
+    checkpoint = str(tmp_path / "demo" / "run" / "checkpoints" / "last.pt")
+    assert main(["predict", "--checkpoint", checkpoint, "--json", *videos]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(videos) == evaluated["num_videos"] == 80
+    for row, scores in zip(rows, evaluated["scores"], strict=True):  # eval's videos are in val.txt's order
+        top5 = torch.tensor(scores).topk(5).indices.tolist()
+        assert [t["class"] for t in row["top"]] == [names[c] for c in top5], row["video"]
 
 
 @pytest.mark.parametrize("norm", ["sync_batchnorm", "norm_eval"])

@@ -2,6 +2,7 @@
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config, save_config
+from .predict import Prediction, load_trained, predict
 from .train import Trainer, TrainingDiverged, build_model, clip_spec, train
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
+    "Prediction",
     "TrainConfig",
     "Trainer",
     "TrainingDiverged",
@@ -16,6 +18,8 @@ __all__ = [
     "clip_spec",
     "load_checkpoint",
     "load_config",
+    "load_trained",
+    "predict",
     "save_checkpoint",
     "save_config",
     "train",

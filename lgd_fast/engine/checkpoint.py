@@ -52,10 +52,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: not an lgd_fast checkpoint: {_why_unreadable(path, exc)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path}: not an lgd_fast checkpoint (no 'model' entry)")
     return payload
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """What is wrong with a file torch.load refused, in our words: PyTorch's own message advises loading
+    untrusted files with ``weights_only=False``, which a checkpoint reader must never suggest."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    objects = "weights_only" in str(exc) and "Unsupported operand" not in str(exc)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip container, or a (legacy) pickle
+        if objects:
+            return ("it holds Python objects other than tensors and plain values (pickled classes), which lgd_fast "
+                    "never loads: it was not written by lgd-fast train")  # fmt: skip
+        if head[:2] == b"PK":
+            return "its zip archive is damaged or truncated (an interrupted copy or download?)"
+        return "it is a Python pickle but not a PyTorch file"
+    return "it is not a PyTorch file (neither the zip container torch.save writes nor a legacy pickle)"
 
 
 def rng_state() -> dict[str, Any]:

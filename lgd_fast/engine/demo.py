@@ -103,7 +103,8 @@ def run_demo(out: str | Path = "lgd_demo", *, extra: list[str] | None = None, pr
     from .checkpoint import load_checkpoint
     from .config import load_config
     from .evaluate import evaluate, write_eval
-    from .train import build_model, clip_spec, train
+    from .predict import load_trained
+    from .train import clip_spec, train
 
     out = Path(out)
     start = time.perf_counter()
@@ -115,11 +116,9 @@ def run_demo(out: str | Path = "lgd_demo", *, extra: list[str] | None = None, pr
     train(config)
     train_seconds = time.perf_counter() - t0
 
-    state = load_checkpoint(out / "run" / "checkpoints" / "last.pt")
-    class_names = list(state["class_names"])
-    model = build_model(config, len(class_names))
-    model.load_state_dict(state["model"])
-    model.stage = state["stage"]
+    checkpoint = out / "run" / "checkpoints" / "last.pt"
+    model, _, class_names = load_trained(checkpoint)
+    state = load_checkpoint(checkpoint)
     records = read_annotations(out / "data" / config.data.val_list, class_index=class_names)
     results = {}
     for reverse in (False, True):

@@ -32,8 +32,10 @@ __all__ = [
     "aggregate_views",
     "evaluate",
     "extract_features",
+    "feature_path",
     "format_eval",
     "save_features",
+    "video_scores",
     "write_eval",
 ]
 
@@ -290,6 +292,36 @@ def _check_logits(logits, num_clips: int, num_classes: int) -> None:
         raise ValueError(f"the model returned {logits.shape[0]} rows of logits for {num_clips} clips")
 
 
+def _score_views(model, loader, num_classes: int, device: torch.device, amp_dtype, progress: bool, desc: str):
+    """Every view of the test ``loader`` through ``model``; per-video sums of their softmax probabilities."""
+    acc = _VideoMeans()
+    with _inference(model, loader, device, amp_dtype, progress, desc) as (bar, cast):
+        for batch in loader:
+            logits = model(_to_device(batch.clips, device, cast))
+            _check_logits(logits, len(batch.video_ids), num_classes)
+            acc.add(batch.video_ids, batch.labels, logits.float().softmax(dim=1))
+            bar.update(len(batch.video_ids))
+    return acc
+
+
+def video_scores(
+    model: nn.Module,
+    loader,
+    *,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """(video ids (V,), scores (V, num_classes) float64, views (V,), skipped files): what :func:`evaluate`
+    scores each video with (the mean softmax of its views), for loaders without labels (``lgd-fast predict``).
+    Videos none of whose views decoded are absent; ``skipped`` lists (path, reason)."""
+    acc = _score_views(model, loader, num_classes, torch.device(device), amp_dtype, progress, "predict")
+    ids, _, means, views = acc.means()
+    scores = means[0] if means else torch.zeros(0, num_classes, dtype=torch.float64)
+    return ids, scores, views, _skipped(loader)
+
+
 def evaluate(
     model: nn.Module,
     loader,
@@ -309,15 +341,8 @@ def evaluate(
     wanted). Files the loader dropped or skipped are listed in ``result.skipped``.
     """
     _check_num_classes(num_classes, class_names)
-    device = torch.device(device)
-    acc = _VideoMeans()
     start = time.perf_counter()
-    with _inference(model, loader, device, amp_dtype, progress, "eval") as (bar, cast):
-        for batch in loader:
-            logits = model(_to_device(batch.clips, device, cast))
-            _check_logits(logits, len(batch.video_ids), num_classes)
-            acc.add(batch.video_ids, batch.labels, logits.float().softmax(dim=1))
-            bar.update(len(batch.video_ids))
+    acc = _score_views(model, loader, num_classes, torch.device(device), amp_dtype, progress, "eval")
     seconds = time.perf_counter() - start
     skipped = _skipped(loader)
     if not len(acc):
@@ -448,7 +473,9 @@ def extract_features(
     """Per-video features from ``model.forward_features`` over a test ``loader``, each averaged over the views.
 
     Returns ``local`` (V, C) float32, the local map averaged over T', H', W'; ``global`` (V, C) float32, the
-    global vector g; ``video_ids`` (V,) int64 ascending; ``labels`` (V,) int64; ``views`` (V,) int64.
+    global vector g; ``video_ids`` (V,) int64 ascending (each video's line in the annotation list, from 0);
+    ``labels`` (V,) int64; ``views`` (V,) int64; and, where the loader has ``records`` (a VideoClipLoader),
+    ``paths`` (V,) str, each video's file.
     """
     device = torch.device(device)
     acc = _VideoMeans()
@@ -462,22 +489,29 @@ def extract_features(
         skipped = _skipped(loader)
         raise ValueError(f"no video was processed: the loader yielded no clips ({len(skipped)} file(s) skipped)")
     ids, labels, (local, global_), views = acc.means()
-    return {
+    features = {
         "local": local.float().numpy(),
         "global": global_.float().numpy(),
         "video_ids": ids.numpy(),
         "labels": labels.numpy(),
         "views": views.numpy(),
     }
+    records = getattr(loader, "records", None)
+    if records is not None:
+        features["paths"] = np.array([str(records[i].path) for i in ids.tolist()], dtype=np.str_)
+    return features
 
 
 def save_features(features: dict[str, np.ndarray], path: str | Path) -> Path:
-    """Writes ``features`` to ``.safetensors`` (needs the safetensors package) or else ``.npz``; returns the path.
+    """Writes ``features`` to ``.safetensors`` (needs the safetensors package) or ``.npz``; returns the path.
 
-    A path without the ``.npz`` suffix gets it appended, as ``numpy.savez`` does.
+    A path with no suffix gets ``.npz`` (as ``numpy.savez`` does); any other suffix is a ValueError. String
+    arrays (``paths``) are arrays in a .npz file (loadable without pickle) and, since safetensors holds only
+    numbers, a JSON list in the .safetensors file's metadata under their name.
     """
-    path = Path(path)
-    arrays = {name: np.ascontiguousarray(value) for name, value in features.items()}
+    path = feature_path(path)
+    arrays = {name: np.ascontiguousarray(value) for name, value in features.items() if value.dtype.kind not in "US"}
+    strings = {name: json.dumps(value.tolist()) for name, value in features.items() if value.dtype.kind in "US"}
     if path.suffix == ".safetensors":
         try:
             from safetensors.numpy import save_file
@@ -487,10 +521,20 @@ def save_features(features: dict[str, np.ndarray], path: str | Path) -> Path:
                 "or save to a .npz file instead"
             ) from None
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(arrays, str(path))
+        save_file(arrays, str(path), metadata=strings or None)
         return path
-    if path.suffix != ".npz":
-        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    np.savez(path, **{name: np.ascontiguousarray(value) for name, value in features.items()})
     return path
+
+
+def feature_path(path: str | Path) -> Path:
+    """The file :func:`save_features` writes for ``path``: ``.npz`` or ``.safetensors``, ``.npz`` added to a
+    name without a suffix; a ValueError names any other suffix (``feats.pt`` would otherwise become
+    ``feats.pt.npz`` unnoticed)."""
+    path = Path(path)
+    if path.suffix in (".npz", ".safetensors"):
+        return path
+    if not path.suffix:
+        return path.with_name(path.name + ".npz")
+    raise ValueError(f"features are written as .npz or .safetensors, not {path.suffix!r}: {path}")

@@ -119,6 +119,7 @@ class Trainer:
             raise ValueError("config.out (the run folder, --out) must be set")
         if not config.data.root:
             raise ValueError("config.data.root (the dataset folder, --data) must be set")
+        model_entry(config.model.name)  # an unknown name is an error now, before any video is probed
         self.config = config
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
@@ -546,6 +547,17 @@ def _describe_checkpoint(path, state) -> str:
     return f"{path} (epoch {state['epoch'] + 1}, batch {in_epoch['batches']} of {in_epoch['of']}, step {state['step']})"
 
 
+def stage_spans(history: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """(stage, first epoch, last epoch) of each run of consecutive history rows in the same stage."""
+    spans: list[tuple[int, int, int]] = []
+    for row in history:
+        if spans and spans[-1][0] == row["stage"]:
+            spans[-1] = (row["stage"], spans[-1][1], row["epoch"])
+        else:
+            spans.append((row["stage"], row["epoch"], row["epoch"]))
+    return spans
+
+
 def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -564,6 +576,12 @@ def _plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        for stage, first, last in stage_spans(history):
+            if stage == 2:  # the kernel classifier's loss is another loss: the curves jump here
+                ax.axvspan(first - 0.5, last + 0.5, color="tab:orange", alpha=0.12, lw=0)
+                ax.axvline(first - 0.5, color="tab:orange", ls="--", lw=1)
+                ax.text(first - 0.4, 0.98, "stage 2: kernel classifier", transform=ax.get_xaxis_transform(),
+                        va="top", ha="left", fontsize=8, color="tab:orange")  # fmt: skip
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
