@@ -51,10 +51,17 @@ def test_loss_goes_down_and_run_folder_is_complete(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("stop_at", [1, 2])  # in stage 1, and at the start of stage 2
-def test_resume_ends_with_the_same_weights(dataset, tmp_path, monkeypatch, stop_at):
+def test_resume_ends_with_the_same_weights(dataset, tmp_path, monkeypatch, stop_at, caplog):
+    import logging
+
     from lgd_fast.engine.train import Trainer
 
+    caplog.set_level(logging.INFO, logger="lgd_fast.engine.train")
     train(_config(dataset, tmp_path / "full", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    first = caplog.records[0].getMessage()
+    assert first.startswith("training lgd3d_tiny on cpu: 2 stage-1 + 1 stage-2 epoch(s) (stage2_epochs) = 3 epochs")
+    assert "16 training videos (0 left out), 8 validation videos, 4 classes" in first
+    assert "starting a new run" in caplog.records[1].getMessage()
     real = Trainer._train_epoch
 
     def interrupted(self, epoch, *args):
@@ -67,7 +74,11 @@ def test_resume_ends_with_the_same_weights(dataset, tmp_path, monkeypatch, stop_
         train(_config(dataset, tmp_path / "split", "epochs=2", "stage2_epochs=1", "deterministic=true"))
     monkeypatch.setattr(Trainer, "_train_epoch", real)
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == stop_at
+    caplog.clear()
     train(_config(dataset, tmp_path / "split", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    said = [r.getMessage() for r in caplog.records]
+    assert f"resuming from {tmp_path / 'split' / 'checkpoints' / 'last.pt'} (epoch {stop_at}): stage " in said[1]
+    assert ("stage 2 from epoch 3: the kernel classifier's loss, lr 0.05" in said) == (stop_at == 1)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
@@ -282,6 +293,8 @@ def test_training_switches_run(dataset, tmp_path, flags):
     assert metrics["epoch"] == 2 and all(np.isfinite(row["train_loss"]) for row in metrics["history"])
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert not any(key.startswith("_orig_mod.") for key in state["model"])  # compile does not rename the keys
+    if "model.fast=true" in flags:  # the plan of the first step, as the log says
+        assert (tmp_path / "run" / "plan.txt").read_text().startswith("execution plan of ")
     if "amp=fp16" in flags:  # the loss scaler's state is checkpointed and read back on resume
         assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
         metrics = train(_config(dataset, tmp_path / "run", "epochs=1", "stage2_epochs=2", *flags))
@@ -352,6 +365,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, 
     train(load_config(None, [*common, f"out={single}"]))
     pair = tmp_path / "pair"
     argv = ["train", "--out", str(pair), "--no-progress", *[a for item in common for a in ("--set", item)]]
+    argv += ["--checkpoint-every-steps", "1"]  # mid-epoch checkpoints: every rank joins the sums' all-reduce
     port = {"sync_batchnorm": "29531", "norm_eval": "29532"}[norm]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                "-m", "lgd_fast", *argv]
