@@ -24,6 +24,26 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.name.encode()))
 
 
+@pytest.fixture(autouse=True)
+def seeded_global_rng(request):
+    """The global torch generator (module initialisation, dropout, anything drawn without ``gen``) seeded from
+    SEED and the test's name: such draws are fresh every run, replayable with LGD_FAST_TEST_SEED, and no test's
+    inputs depend on which tests ran before it in the process."""
+    torch.manual_seed((SEED ^ zlib.crc32(request.node.name.encode()) ^ 0x9E3779B9) & 0xFFFFFFFF)
+
+
+def pytest_report_header(config):
+    return f"test seed: LGD_FAST_TEST_SEED={SEED} replays this run's random inputs"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"replay with LGD_FAST_TEST_SEED={SEED} python -m pytest '{item.nodeid}'"))
+
+
 @pytest.fixture
 def isa(request):
     """Forces the CPU kernels' SIMD path (indirect parameter) for one test, back to automatic afterwards."""
