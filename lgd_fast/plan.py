@@ -232,7 +232,8 @@ _MEASURED: dict[tuple, Choice] = {}
 
 def _signature(group: Sequence[nn.Module]) -> tuple:
     modules = [m for g in group for m in g.modules()]
-    convs = tuple((tuple(m.weight.shape), m.stride, m.bias is not None) for m in modules if isinstance(m, nn.Conv3d))
+    convs = tuple((tuple(m.weight.shape), m.stride, m.bias is not None) for m in modules
+                  if isinstance(m, nn.Conv3d | nn.Conv2d))
     kinds = tuple((type(m).__qualname__, getattr(m, "variant", None)) for m in modules)
     return kinds, convs, tuple(tuple(p.shape) for m in modules for p in m.parameters(recurse=False))
 

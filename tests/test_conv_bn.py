@@ -226,7 +226,7 @@ def test_conv_sum_bn_with_biases(gen):
         (nn.Conv3d(4, 4, (1, 3, 3), stride=(1, 1, 2), padding=(0, 1, 1)), None, "differs between H and W"),
         (nn.Conv3d(4, 4, (1, 2, 2), padding="same"), "pads asymmetrically", None),
         (nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1), padding_mode="reflect"), "padding_mode 'reflect'", None),
-        (nn.Conv2d(4, 4, 3, padding=1), "not a Conv3d", None),
+        (nn.Conv1d(4, 4, 3, padding=1), "not a Conv3d", None),
     ],
 )
 def test_one_fusability_rule(conv, reason, p3d, gen):
@@ -247,6 +247,62 @@ def test_one_fusability_rule(conv, reason, p3d, gen):
         bn.running_mean.uniform_(-1, 1, generator=gen)
         assert rel(conv_bn(x, conv), conv(x)) < 1e-5
         assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-5
+
+
+def _frames(x):
+    """(N, C, T, H, W) -> (N * T, C, H, W), LGD-2D's layout."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _videos(y, n):
+    return y.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "cl"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 10, 3, stride=2, padding=1),
+        nn.Conv2d(6, 10, 1, bias=False),
+        nn.Conv2d(6, 10, (3, 5), padding=(1, 2)),
+    ],
+    ids=["3x3-stride2-bias", "1x1", "3x5"],
+)
+def test_conv2d_and_batchnorm2d_run_over_every_frame(conv, memory_format, train, gen):
+    """LGD-2D's units: a Conv2d + BatchNorm2d (+ shortcut, ReLU) applied to each frame is conv_bn over the video
+    (N, C, T, H, W) as the (1, k, k) conv; forward, every gradient and the running statistics, float64 exact."""
+    conv = copy.deepcopy(conv).double()
+    bn = nn.BatchNorm2d(10).double().train(train)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.running_mean.uniform_(-1, 1, generator=gen)
+        bn.running_var.uniform_(0.5, 1.5, generator=gen)
+    twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    n, t = 2, 3
+    x = torch.randn(n, 6, t, 9, 11, generator=gen, dtype=torch.float64).contiguous(memory_format=memory_format)
+    out_shape = _videos(conv(_frames(x)), n).shape
+    shortcut = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    up = torch.randn(out_shape, generator=gen, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = conv_bn(xa, conv, bn, shortcut=shortcut, relu=True)
+    ref = _videos(torch.relu(twin_bn(twin_conv(_frames(xb))) + _frames(shortcut)), n)
+    assert rel(ours, ref) < 1e-12
+    (ours * up).sum().backward()
+    (ref * up).sum().backward()
+    assert rel(xa.grad, xb.grad) < 1e-12
+    for a, b in [(conv.weight, twin_conv.weight), (bn.weight, twin_bn.weight), (bn.bias, twin_bn.bias)]:
+        assert a.grad.shape == b.grad.shape and rel(a.grad, b.grad) < 1e-12
+    if conv.bias is not None:
+        assert rel(conv.bias.grad, twin_conv.bias.grad) < 1e-10 or twin_conv.bias.grad.norm() < 1e-10
+    for a, b in zip(bn.buffers(), twin_bn.buffers(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    if not train:  # fp32 inference: the direct oneDNN primitive with the BatchNorm folded into the viewed weight
+        conv32, bn32, x32 = conv.float(), bn.float(), x.float()
+        with torch.no_grad():
+            ours32 = conv_bn(x32, conv32, bn32, relu=True)
+            ref32 = _videos(torch.relu(bn32(conv32(_frames(x32)))), n)
+        assert rel(ours32, ref32) < 1e-5
 
 
 def test_norm_rule_and_bad_calls():

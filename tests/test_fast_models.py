@@ -297,8 +297,10 @@ def _check_default_strategy(gen, monkeypatch, draws=5):
         assert sorted(errs)[len(errs) // 2] < 1e-3, f"{key}: relative errors per draw {errs}"
 
 
-def test_fast_is_lgd3d_only():
-    with pytest.raises(FastPathUnavailableError, match="LGD-3D models only"):
-        create_model("lgd2d_r18", 5, fast=True)
-    with pytest.raises(TypeError, match="covers LGD-3D models"):
+def test_fast_covers_lgd_networks_only():
+    with pytest.raises(TypeError, match="covers LGD-3D and LGD-2D models; got Linear"):
         to_fast(nn.Linear(2, 2))
+    grouped = create_model("lgd3d_tiny", 5, norm_layer=lambda c: nn.GroupNorm(1, c))
+    with pytest.raises(TypeError, match="folds BatchNorm only"):
+        to_fast(grouped)
+    assert issubclass(FastPathUnavailableError, RuntimeError)  # still exported, for models registered later

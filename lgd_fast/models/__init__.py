@@ -1,7 +1,7 @@
 """Reference LGD models in plain PyTorch, and the registry that names them."""
 
 from .blocks import BasicBlock2d, Bottleneck2d, LGDBlock, P3DBasicBlock, P3DBottleneck, p3d_variant
-from .fast import FastLGD3D, to_fast
+from .fast import FastLGD2D, FastLGD3D, to_fast
 from .heads import KernelClassifier, TensorSketch
 from .networks import LGD2D, LGD3D, LGDNet
 from .p3d import FastP3DBasicBlock, FastP3DBottleneck, to_fast_unit
@@ -12,6 +12,7 @@ __all__ = [
     "LGD3D",
     "BasicBlock2d",
     "Bottleneck2d",
+    "FastLGD2D",
     "FastLGD3D",
     "FastP3DBasicBlock",
     "FastP3DBottleneck",

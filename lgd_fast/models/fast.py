@@ -1,4 +1,4 @@
-"""The fast LGD-3D: the reference network with every block's end fused into one pass.
+"""The fast LGD-3D and LGD-2D: the reference networks with every block's end fused into one pass.
 
 In the reference, each block ends with BN (of the residual), + shortcut, + broadcast diffusion vector,
 ReLU, and the next block then pools the result again (five passes over the block's largest tensor).
@@ -16,6 +16,13 @@ same state_dict, and :func:`to_fast` converts a reference model in place.
 
 How the stem and each block run (units fused or not, block end fused or not, layout, backend) is the
 model's execution plan (:mod:`lgd_fast.plan`; ``model.execution_plan`` prints it).
+
+The fast LGD-2D (:class:`FastLGD2D`) runs its frames as videos (N, C, T, H, W): the reference folds the T
+frames into the batch, (N * T, C, H, W), and in channels_last those are the very same bytes as the videos in
+channels_last_3d, so nothing is copied between the two views. Its units' Conv2d + BatchNorm2d run as the
+(1, k, k) fused convs over every frame, and each block ends in the same diffusion epilogue as LGD-3D's, whose
+mean over (T, H, W) is the per-video pooling of the next block. Its outputs (the local map as frames, g) have
+the reference's shapes.
 """
 
 from __future__ import annotations
@@ -33,8 +40,18 @@ from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
 from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
 from ..ops.global_update import block_weights
 from .blocks import LGDBlock, broadcast_to_positions
-from .networks import LGD3D
-from .p3d import check_fusable, reference_class, residual_body, shortcut, to_fast_unit, unit_note
+from .networks import LGD2D, LGD3D
+from .p3d import (
+    FRAME_UNITS,
+    check_fusable,
+    frames,
+    reference_class,
+    residual_body,
+    shortcut,
+    to_fast_unit,
+    unit_note,
+    videos,
+)
 
 
 def fused_block_forward(
@@ -66,6 +83,9 @@ def fused_block_forward(
 
 def modules_block_forward(block: LGDBlock, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The block as the reference computes it, on its own modules (LGDBlock.forward with the reference body)."""
+    if isinstance(block, FRAME_UNITS):  # LGD-2D: the reference block on the videos' frames
+        out, g = LGDBlock.forward(block, frames(x), g)
+        return videos(out, x.shape[0]), g
     r = reference_class(block).residual_body(block, x)
     r = r if block.last_norm is None else block.last_norm(r)
     s = x if block.downsample is None else block.downsample(x)
@@ -161,28 +181,82 @@ class FastLGD3D(LGD3D):
         return self.forward_head(local_map, g, local_mean=local_mean)
 
 
-def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D:
-    """Turn a reference LGD-3D into the fast model in place (same modules, parameters and buffers), with its
-    execution plan (:mod:`lgd_fast.plan`): ``backend`` (conv and block-end backends, else ``$LGD_FAST_BACKEND``,
-    else ``auto``) and ``plan`` (``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``, else measure).
+class FastLGD2D(LGD2D):
+    """LGD-2D whose frames run as videos through fused units and fused block ends; same modules and state_dict
+    as LGD2D (module docstring)."""
 
-    Raises a TypeError for models the fused path does not cover yet (LGD-2D, or a network whose
-    blocks end in another normalisation than BatchNorm3d).
+    @property
+    def execution_plan(self) -> planning.ExecutionPlan:
+        """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
+        return planning.ExecutionPlan(self)
+
+    def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, 3, T, H, W) -> (x_L as frames (N * T, C, H', W'), g_L, the per-video mean of x_L)."""
+        self.check_input(x)
+        stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
+                               frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
+        x = self._run_stem(stem, x)  # videos (N, C, T, H / 4, W / 4)
+        pool_backend = planning.op_backend(self._lgd_plan.backend, POOL_BACKENDS)
+        x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
+        g = x_mean
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean,
+                                         kind="lgd_block")  # fmt: skip
+                x, g, x_mean = run_block(block, choice, x, g, x_mean)
+        if x_mean is None:
+            x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
+        return frames(x), g, x_mean
+
+    def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
+        """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
+        frames), returned as videos."""
+        y = self.maxpool(torch.relu(self.bn1(self.conv1(frames(choice.to(x))))))
+        return videos(y, x.shape[0])
+
+    def _stem_output_size(self, height: int, width: int) -> tuple[int, int]:
+        size = [height, width]
+        for op in (self.conv1, self.maxpool):
+            k, st, p = (v if isinstance(v, tuple) else (v, v) for v in (op.kernel_size, op.stride, op.padding))
+            size = [(d + 2 * p[i] - k[i]) // st[i] + 1 for i, d in enumerate(size)]
+        return size[0], size[1]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local_map, g, _ = self.forward_features_and_mean(x)
+        return local_map, g
+
+    def forward(self, x: torch.Tensor):
+        local_map, g, local_mean = self.forward_features_and_mean(x)
+        return self.forward_head(local_map, g, local_mean=local_mean)
+
+
+def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D | FastLGD2D:
+    """Turn a reference LGD-3D or LGD-2D into the fast model in place (same modules, parameters and buffers), with
+    its execution plan (:mod:`lgd_fast.plan`): ``backend`` (conv and block-end backends, else
+    ``$LGD_FAST_BACKEND``, else ``auto``) and ``plan`` (``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``,
+    else measure).
+
+    Raises a TypeError for models the fused path does not cover (another network, or one whose blocks end in
+    another normalisation than BatchNorm).
     """
-    if not isinstance(model, LGD3D):
-        raise TypeError(
-            f"the fast path covers LGD-3D models; got {type(model).__name__} (LGD-2D has no fused path yet)"
-        )
+    if not isinstance(model, LGD3D | LGD2D):
+        raise TypeError(f"the fast path covers LGD-3D and LGD-2D models; got {type(model).__name__}")
     backend, mode = planning.resolve_options(backend, plan)
     blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, LGDBlock)]
     for name, module in blocks:
         if norm_reason(module.last_norm) is not None:
-            raise TypeError(f"{name}: the fused block end folds BatchNorm3d only, got {type(module.last_norm)}")
+            raise TypeError(f"{name}: the fused block end folds BatchNorm only, got {type(module.last_norm)}")
         check_fusable(module, name)
     for name, module in blocks:
-        to_fast_unit(module, name, backend=backend, plan=mode)
+        if not isinstance(module, FRAME_UNITS):  # LGD-2D units run only inside their block's plan
+            to_fast_unit(module, name, backend=backend, plan=mode)
         note = f"LGD block, {unit_note(module)}; block end as one diffusion_epilogue"
         planning.attach(module, "lgd_block", note, backend=backend, mode=mode)
+    if isinstance(model, LGD2D):
+        model.__class__ = FastLGD2D
+        planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout", backend=backend,
+                        mode=mode)  # fmt: skip
+        return model
     model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
     planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool): its layout", backend=backend, mode=mode)
     return model

@@ -9,6 +9,10 @@ B's ``ReLU(BN(S(z) + T(z)))`` is :func:`~lgd_fast.ops.conv_bn.conv_sum_bn`.
 This module holds the unit bodies only. Whether a unit runs fused or as its own modules, in which layout and on
 which backend, is its execution plan's choice (:mod:`lgd_fast.plan`), passed in as ``fused`` and ``backend``.
 
+LGD-2D's units (:class:`~lgd_fast.models.blocks.Bottleneck2d`, :class:`~lgd_fast.models.blocks.BasicBlock2d`)
+have bodies here too (:func:`frame_unit_body`): the fast LGD-2D runs its frames as videos (N, C, T, H, W), each
+Conv2d + BatchNorm2d as the (1, k, k) conv over every frame (:func:`~lgd_fast.ops.conv_bn.conv_bn` takes it).
+
 The unit's last BatchNorm is left to the caller (the fast LGD block's diffusion epilogue folds it), so
 :func:`residual_body` returns the unit's output before it and, in training, that output's statistics.
 :class:`FastP3DBottleneck` and :class:`FastP3DBasicBlock` are the reference blocks with this body; they add no
@@ -22,12 +26,15 @@ from torch import nn
 
 from .. import plan as planning
 from ..ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason, uses_batch_stats
-from .blocks import P3DBasicBlock, P3DBottleneck
+from .blocks import BasicBlock2d, Bottleneck2d, P3DBasicBlock, P3DBottleneck
 
 __all__ = [
     "FastP3DBasicBlock",
     "FastP3DBottleneck",
     "check_fusable",
+    "frame_unit_body",
+    "frames",
+    "videos",
     "reference_class",
     "residual_body",
     "shortcut",
@@ -73,6 +80,35 @@ def basic_body(block: P3DBasicBlock, x: torch.Tensor, backend: str = "auto") -> 
     return conv_bn(v, block.conv2_t, residual=v, backend=backend), None
 
 
+FRAME_UNITS = (Bottleneck2d, BasicBlock2d)
+
+
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Videos (N, C, T, H, W) as LGD-2D's frames (N * T, C, H, W): a view for channels_last_3d videos (whose
+    memory is the frames' channels_last), a copy otherwise."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def videos(y: torch.Tensor, num_videos: int) -> torch.Tensor:
+    """Frames (N * T, C, H, W) as videos (N, C, T, H, W): a view (channels_last frames give channels_last_3d)."""
+    return y.unflatten(0, (num_videos, -1)).transpose(1, 2)
+
+
+def _over_frames(module, x: torch.Tensor) -> torch.Tensor:
+    """A 2-D module applied to every frame of the videos x."""
+    return videos(module(frames(x)), x.shape[0])
+
+
+def frame_unit_body(block: Bottleneck2d | BasicBlock2d, x: torch.Tensor, backend: str = "auto"):
+    """``block.residual_body`` of an LGD-2D unit over the frames of the videos x (N, C, T, H, W), as fused convs
+    (each Conv2d the (1, k, k) conv), and the statistics its last BatchNorm needs."""
+    z = conv_bn(x, block.conv1, block.bn1, relu=True, backend=backend)
+    if isinstance(block, Bottleneck2d):
+        z = conv_bn(z, block.conv2, block.bn2, relu=True, backend=backend)
+        return _last(block.conv3, block.bn3, z, backend)
+    return _last(block.conv2, block.bn2, z, backend)
+
+
 def reference_class(block: nn.Module) -> type:
     """The reference class a fast unit was made from (P3DBottleneck or P3DBasicBlock)."""
     return P3DBottleneck if isinstance(block, P3DBottleneck) else P3DBasicBlock
@@ -83,6 +119,10 @@ def residual_body(
 ) -> tuple[torch.Tensor, Stats]:
     """The body of a P3D unit: (output before the unit's last BatchNorm, its batch sums or None); fused convs, or
     with ``fused=False`` the reference's own modules (then no sums)."""
+    if isinstance(block, FRAME_UNITS):  # LGD-2D: x holds videos, the unit runs on their frames
+        if not fused:
+            return _over_frames(block.residual_body, x), None
+        return frame_unit_body(block, x, backend)
     if not isinstance(block, P3DBottleneck | P3DBasicBlock):
         raise TypeError(f"the fused P3D path takes a P3DBottleneck or P3DBasicBlock, got {type(block).__name__}")
     if not fused:
@@ -99,7 +139,7 @@ def shortcut(
     if block.downsample is None:
         return x
     if not fused:
-        return block.downsample(x)
+        return _over_frames(block.downsample, x) if isinstance(block, FRAME_UNITS) else block.downsample(x)
     conv, norm = block.downsample
     return conv_bn(x, conv, norm, backend=backend)
 
@@ -150,7 +190,7 @@ def check_fusable(block: P3DBottleneck | P3DBasicBlock, name: str = "block") -> 
     :func:`~lgd_fast.ops.conv_bn.fusable_reason` refuses), a norm :func:`~lgd_fast.ops.conv_bn.norm_reason`
     refuses."""
     for child_name, module in block.named_modules():
-        if not isinstance(module, nn.Conv3d):
+        if not isinstance(module, nn.Conv3d | nn.Conv2d):
             continue
         if (reason := fusable_reason(module) or p3d_geometry_reason(module)) is not None:
             raise TypeError(
@@ -167,7 +207,9 @@ def check_fusable(block: P3DBottleneck | P3DBasicBlock, name: str = "block") -> 
 
 
 def unit_note(block: nn.Module) -> str:
-    convs = sum(isinstance(m, nn.Conv3d) for m in block.modules())
+    convs = sum(isinstance(m, nn.Conv3d | nn.Conv2d) for m in block.modules())
+    if isinstance(block, FRAME_UNITS):
+        return f"{type(block).__name__} over frames: {convs} convs with their BatchNorm, adds and ReLU"
     return f"{reference_class(block).__name__} {block.variant}: {convs} convs with their BatchNorm, adds and ReLU"
 
 

@@ -70,8 +70,8 @@ def create_model(
         num_classes: size of the label set.
         classifier: ``"kernel"`` (local + global combination classifier, the paper's) or ``"two_heads"``
             (the author's module: local and global linear heads).
-        fast: return the fast model (:class:`FastLGD3D`: every block ends in the fused diffusion epilogue;
-            same modules and state_dict). LGD-3D only for now; LGD-2D raises FastPathUnavailableError.
+        fast: return the fast model (:class:`FastLGD3D` or :class:`FastLGD2D`: fused units, every block ending
+            in the fused diffusion epilogue; same modules and state_dict).
         backend, plan: the fast model's execution plan (:mod:`lgd_fast.plan`): the conv and block-end backend
             (else ``$LGD_FAST_BACKEND``, else auto) and ``"measure"`` or ``"default"`` (else ``$LGD_FAST_PLAN``,
             else measure). ``model.execution_plan`` prints it.
@@ -84,9 +84,9 @@ def create_model(
         if backend is not None or plan is not None:
             raise ValueError("create_model: backend= and plan= are options of the fast model (fast=True)")
         return model
-    if not isinstance(model, LGD3D):
+    if not isinstance(model, LGD3D | LGD2D):
         raise FastPathUnavailableError(
-            f"fast=True is not available yet for {name!r}: the fused block end covers LGD-3D models only. "
+            f"fast=True is not available for {name!r}: the fused path covers LGD-3D and LGD-2D models. "
             "Use fast=False for the reference model (it loads the same state_dict)."
         )
     return to_fast(model, backend=backend, plan=plan)

@@ -5,9 +5,11 @@ The one home for executing a model's convolution with what follows it. Every fas
 variant B's parallel pair); nothing else calls the ``p3d_conv`` ops. It holds:
 
 - the one fusability rule (:func:`fusable_reason`, :func:`norm_reason`): any zero-padded Conv3d and a
-  BatchNorm3d, so that a module either runs fused with the same result or is refused with the reason; the P3D
-  geometry (:func:`p3d_geometry_reason`) runs on :func:`~lgd_fast.ops.p3d_conv`, any other as one
-  convolution primitive with the same epilogue;
+  BatchNorm3d (or a Conv2d and a BatchNorm2d applied to every frame: LGD-2D's units, run as the (1, k, k)
+  Conv3d over (N, C, T, H, W), the frames' BatchNorm2d being BatchNorm3d over the same values), so that a
+  module either runs fused with the same result or is refused with the reason; the P3D geometry
+  (:func:`p3d_geometry_reason`) runs on :func:`~lgd_fast.ops.p3d_conv`, any other as one convolution primitive
+  with the same epilogue;
 - BatchNorm as a per-channel affine map: folded from running statistics in eval (:func:`batch_norm_affine`),
   and in training from the per-channel sum and sum of squares about the mean the conv returns
   (:func:`batch_mean_var`), normalised by
@@ -56,6 +58,9 @@ Stats = torch.Tensor | None
 def fusable_reason(conv: nn.Module) -> str | None:
     """None if :func:`conv_bn` computes ``conv`` exactly, else why not (one sentence).
 
+    A ``Conv2d`` is taken as the (1, kh, kw) Conv3d it is on every frame of an (N, C, T, H, W) input (its
+    weight viewed with a unit temporal extent), which is how the fast LGD-2D runs its frames.
+
     Any ``Conv3d`` with zero padding given as numbers (or ``"valid"``, or ``"same"`` where it is symmetric):
     the convs a P3D network has (odd kernels with "same" padding, temporal stride 1, one spatial stride, no
     groups or dilation: :func:`p3d_geometry_reason`) run on :func:`~lgd_fast.ops.p3d_conv`'s kernels; every
@@ -63,8 +68,8 @@ def fusable_reason(conv: nn.Module) -> str | None:
     convolution primitive with the same epilogue (:func:`~lgd_fast.ops.p3d_conv.conv3d_onednn` at eager CPU
     inference, ATen's or cuDNN's convolution otherwise).
     """
-    if not isinstance(conv, nn.Conv3d):
-        return f"{type(conv).__name__} is not a Conv3d"
+    if not isinstance(conv, nn.Conv3d | nn.Conv2d):
+        return f"{type(conv).__name__} is not a Conv3d (or a Conv2d over frames)"
     if conv.padding_mode != "zeros":
         return f"padding_mode {conv.padding_mode!r} (the fused convs pad with zeros)"
     if _padding(conv) is None:
@@ -78,33 +83,61 @@ def p3d_geometry_reason(conv: nn.Conv3d) -> str | None:
     convolution with the fused epilogue."""
     if conv.groups != 1:
         return f"groups {conv.groups}"
-    if conv.dilation != (1, 1, 1):
-        return f"dilation {conv.dilation}"
-    same = tuple(k // 2 for k in conv.kernel_size)
-    if any(k % 2 == 0 for k in conv.kernel_size) or _padding(conv) != list(same):
-        return f"kernel {tuple(conv.kernel_size)} with padding {conv.padding} is not an odd kernel with same padding"
-    if conv.stride[0] != 1:
-        return f"temporal stride {conv.stride[0]}"
-    if conv.stride[1] != conv.stride[2]:
-        return f"spatial stride {conv.stride[1:]} differs between H and W"
+    kernel, stride, dilation = _kernel(conv), _strides(conv), _dilation(conv)
+    if dilation != (1, 1, 1):
+        return f"dilation {dilation}"
+    same = tuple(k // 2 for k in kernel)
+    if any(k % 2 == 0 for k in kernel) or _padding(conv) != list(same):
+        return f"kernel {kernel} with padding {conv.padding} is not an odd kernel with same padding"
+    if stride[0] != 1:
+        return f"temporal stride {stride[0]}"
+    if stride[1] != stride[2]:
+        return f"spatial stride {stride[1:]} differs between H and W"
     return None
 
 
-def _padding(conv: nn.Conv3d) -> list[int] | None:
-    """The conv's zero padding per dimension as numbers, or None ("same" that pads one side more)."""
+def _three(values, unit: int) -> tuple[int, ...]:
+    """A Conv2d's (h, w) setting as the (t, h, w) of its Conv3d over frames (``unit`` in time)."""
+    values = tuple(values)
+    return values if len(values) == 3 else (unit, *values)
+
+
+def _kernel(conv: nn.Module) -> tuple[int, ...]:
+    return _three(conv.kernel_size, 1)
+
+
+def _strides(conv: nn.Module) -> tuple[int, ...]:
+    return _three(conv.stride, 1)
+
+
+def _dilation(conv: nn.Module) -> tuple[int, ...]:
+    return _three(conv.dilation, 1)
+
+
+def _weight(conv: nn.Module) -> torch.Tensor:
+    """The (C_out, C_in / groups, kt, kh, kw) weight: a Conv2d's viewed with kt = 1 (a view: gradients reach it)."""
+    return conv.weight if conv.weight.dim() == 5 else conv.weight.unsqueeze(2)
+
+
+def _padding(conv: nn.Module) -> list[int] | None:
+    """The conv's zero padding per (t, h, w) as numbers, or None ("same" that pads one side more)."""
     if conv.padding == "valid":
         return [0, 0, 0]
     if conv.padding == "same":
-        total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+        total = [d * (k - 1) for k, d in zip(_kernel(conv), _dilation(conv), strict=True)]
         return None if any(t % 2 for t in total) else [t // 2 for t in total]
-    return list(conv.padding)
+    return list(_three(conv.padding, 0))
 
 
 def norm_reason(norm: nn.Module | None) -> str | None:
-    """None if ``norm`` folds into a fused conv (BatchNorm3d, or no norm), else why not."""
-    if norm is None or type(norm) is nn.BatchNorm3d:
+    """None if ``norm`` folds into a fused conv (BatchNorm3d; BatchNorm2d after a Conv2d over frames; or no norm),
+    else why not."""
+    if norm is None or type(norm) in _NORMS:
         return None
     return f"{type(norm).__name__}, not BatchNorm3d (the fused convs fold BatchNorm3d only)"
+
+
+_NORMS = (nn.BatchNorm3d, nn.BatchNorm2d)  # BatchNorm2d: over the frames of a Conv2d run as (1, k, k)
 
 
 # ---- BatchNorm as a per-channel affine map ----------------------------------------------------------------
@@ -132,7 +165,7 @@ def batch_norm_affine(
     if norm is None:
         ones = torch.ones(channels, device=r.device, dtype=acc)
         return ones, torch.zeros_like(ones)
-    if not isinstance(norm, nn.BatchNorm3d):
+    if not isinstance(norm, _NORMS):
         raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
     if uses_batch_stats(norm) and stats is not None:
         mean, var = batch_mean_var(norm, stats, r.numel() // channels, acc)
@@ -282,8 +315,8 @@ def _normalize_train(
 # ---- the eager CPU inference path: oneDNN with folded weights ---------------------------------------------
 
 
-def _stride(conv: nn.Conv3d) -> int:
-    return conv.stride[1]
+def _stride(conv: nn.Module) -> int:
+    return _strides(conv)[1]
 
 
 def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
@@ -324,7 +357,7 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
                 scale, bias = folded_norm(norm, conv.weight)
             for b in biases:
                 bias = bias + scale * b.to(scale.dtype)
-            weight = conv.weight
+            weight = _weight(conv)
             if norm is not None:
                 weight = weight * scale[:, None, None, None, None].to(weight.dtype)
             cached = (key, weight.to(dtype), bias.to(dtype) if shift and (norm is not None or biases) else None)
@@ -338,7 +371,7 @@ def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torc
     if p3d_geometry_reason(conv) is None:
         return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv), relu)
     return torch.ops.lgd_fast.conv3d_onednn(
-        x, weight, bias, residual, list(conv.stride), _padding(conv), list(conv.dilation), conv.groups, relu
+        x, weight, bias, residual, list(_strides(conv)), _padding(conv), list(_dilation(conv)), conv.groups, relu
     )
 
 
@@ -404,16 +437,16 @@ def conv_bn(
     if p3d_geometry_reason(conv) is not None:
         return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats)
     if norm is None:
-        return p3d_conv(x, conv.weight, stride=_stride(conv), shift=_bias(conv, x), residual=residual, relu=relu,
+        return p3d_conv(x, _weight(conv), stride=_stride(conv), shift=_bias(conv, x), residual=residual, relu=relu,
                         stats=stats, backend=backend)  # fmt: skip
     if uses_batch_stats(norm):
-        y, sums = p3d_conv(x, conv.weight, stride=_stride(conv), residual=residual, stats=True, backend=backend)
+        y, sums = p3d_conv(x, _weight(conv), stride=_stride(conv), residual=residual, stats=True, backend=backend)
         return _normalize_train(norm, y, sums, relu, conv.bias, shortcut)  # the bias cancels in the norm
     scale, shift = folded_norm(norm, x)
     if conv.bias is not None:
         shift = shift + scale * _bias(conv, x)
     added = _added_after_norm(residual, scale, shortcut)
-    return p3d_conv(x, conv.weight, stride=_stride(conv), scale=scale, shift=shift, residual=added, relu=relu,
+    return p3d_conv(x, _weight(conv), stride=_stride(conv), scale=scale, shift=shift, residual=added, relu=relu,
                     backend=backend)  # fmt: skip
 
 
@@ -439,7 +472,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Te
     # adds it: rounding first and adding after moves a ReLU's zero crossing by the bias's rounding); with one, it
     # cancels in training and folds into the shift in eval.
     bias = conv.bias.to(x.dtype) if norm is None and conv.bias is not None else None
-    y = F.conv3d(x, conv.weight.to(x.dtype), bias, conv.stride, _padding(conv), conv.dilation, conv.groups)
+    y = F.conv3d(x, _weight(conv).to(x.dtype), bias, _strides(conv), _padding(conv), _dilation(conv), conv.groups)
     if residual is not None:
         y = y + residual
     acc = torch.promote_types(y.dtype, torch.float32)
@@ -476,5 +509,5 @@ def conv_sum_bn(
     for conv in (first, second):
         if conv.bias is not None:
             shift = shift + scale * _bias(conv, x)
-    q = p3d_conv(x, first.weight, stride=_stride(first), scale=scale, shift=shift, backend=backend)
-    return p3d_conv(x, second.weight, stride=_stride(second), scale=scale, residual=q, relu=relu, backend=backend)
+    q = p3d_conv(x, _weight(first), stride=_stride(first), scale=scale, shift=shift, backend=backend)
+    return p3d_conv(x, _weight(second), stride=_stride(second), scale=scale, residual=q, relu=relu, backend=backend)
