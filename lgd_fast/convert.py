@@ -42,7 +42,7 @@ from torch import nn
 
 from . import plan as planning
 from .models.blocks import P3DBasicBlock, P3DBottleneck
-from .models.fast import FastLGD3D, to_fast
+from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
@@ -67,6 +67,18 @@ class ConversionReport:
         return "\n".join(lines)
 
 
+def _to_channels_last(model: nn.Module) -> None:
+    """5-D weights to channels_last_3d and 4-D ones (Conv2d: LGD-2D's, a 2-D stem) to channels_last, each in the
+    format its rank has (``Module.to(memory_format=channels_last_3d)`` refuses a model holding both ranks)."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    model._apply(move)
+
+
 def convert(
     model: nn.Module, *, inference: bool = False, backend: str | None = None, plan: str | None = None
 ) -> nn.Module:
@@ -84,15 +96,17 @@ def convert(
     earlier = getattr(model, "conversion_report", None)
     report = ConversionReport()
     claimed: set[int] = set()  # Conv3d modules that a conversion covers
-    if isinstance(model, FastLGD3D):
-        report.left.append(("", "already the fast LGD-3D"))
+    if isinstance(model, FastLGD3D | FastLGD2D):
+        report.left.append(("", f"already the fast {'LGD-3D' if isinstance(model, FastLGD3D) else 'LGD-2D'}"))
         claimed |= {id(m) for m in model.modules()}
     elif isinstance(model, LGD3D):
         to_fast(model, backend=options[0], plan=options[1])
         report.converted.append(("", "LGD-3D -> FastLGD3D: every P3D unit and every block end fused"))
         claimed |= {id(m) for m in model.modules()}
     elif isinstance(model, LGD2D):
-        report.left.append(("", "LGD-2D has no fused path yet (its convs are 2-D)"))
+        to_fast(model, backend=options[0], plan=options[1])
+        report.converted.append(("", "LGD-2D -> FastLGD2D: every unit (over frames) and every block end fused"))
+        claimed |= {id(m) for m in model.modules()}
     else:
         _convert_p3d_blocks(model, report, claimed, options)
     for name, module in list(model.named_modules()):
@@ -115,12 +129,12 @@ def convert(
             report.left.append((name, _why_left(module)))
     if inference:
         model.eval()
-        model.to(memory_format=torch.channels_last_3d)
+        _to_channels_last(model)
     if isinstance(earlier, ConversionReport):  # a second call: what the first converted stays in the report
         mark = " (by an earlier convert call)"
         report.converted[:0] = [(n, what if what.endswith(mark) else what + mark) for n, what in earlier.converted]
     object.__setattr__(model, "conversion_report", report)
-    if not isinstance(model, FastLGD3D):  # FastLGD3D has the property
+    if not isinstance(model, FastLGD3D | FastLGD2D):  # the fast LGD models have the property
         object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))
     logger.info("lgd_fast.convert:\n%s", report)
     return model

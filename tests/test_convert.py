@@ -240,7 +240,14 @@ def test_project_models(gen):
     with torch.no_grad():
         assert _rel(model(x), ref(x)) < 1e-5
     lgd2d = lgd_fast.convert(create_model("lgd2d_r18", 5))
-    assert "LGD-2D has no fused path" in dict(lgd2d.conversion_report.left)[""]
+    assert type(lgd2d).__name__ == "FastLGD2D" and lgd2d.conversion_report.converted[0][0] == ""
+    assert dict(lgd_fast.convert(lgd2d).conversion_report.left)[""] == "already the fast LGD-2D"
+    reference2d = create_model("lgd2d_r18", 5)
+    frames = lgd_fast.convert(copy.deepcopy(reference2d), inference=True)  # 4-D weights go to channels_last
+    assert frames.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    clip = torch.randn(1, 3, 3, 64, 64, generator=gen)
+    with torch.no_grad():
+        assert _rel(frames(clip.contiguous(memory_format=torch.channels_last_3d)), reference2d.eval()(clip)) < 1e-5
     block = p3d_module.P3DBottleneck(16, 4, variant="B", stride=2)
     wrapper = lgd_fast.convert(nn.ModuleDict({"block": block}))
     assert type(wrapper["block"]) is p3d_module.FastP3DBottleneck
