@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import lgd_fast
-from lgd_fast import FastPathUnavailableError, create_model, list_models
+from lgd_fast import create_model, list_models
 from lgd_fast.models import LGD2D, LGD3D, LGDBlock, P3DBasicBlock, P3DBottleneck, model_entry
 
 SMALL_3D = (2, 3, 8, 40, 40)  # N, C, T, H, W: small enough for R152 on two cores, odd after the stem
@@ -37,9 +37,12 @@ def test_unknown_model_suggests_names():
         create_model("lgd3d_r5", 10)
 
 
-def test_fast_true_for_lgd2d_raises_clear_error():
-    with pytest.raises(FastPathUnavailableError, match="not available yet.*fast=False"):
-        create_model("lgd2d_r18", 5, fast=True)
+@pytest.mark.parametrize("name", ["lgd2d_r18", "lgd2d_r50", "lgd2d_r101"])
+def test_fast_true_for_lgd2d_gives_the_fast_lgd2d_with_the_same_keys(name):
+    from lgd_fast.models import FastLGD2D
+
+    fast, ref = create_model(name, 5, fast=True), create_model(name, 5)
+    assert isinstance(fast, FastLGD2D) and list(fast.state_dict()) == list(ref.state_dict())
 
 
 @pytest.mark.parametrize("name", ALL)

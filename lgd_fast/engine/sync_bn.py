@@ -67,7 +67,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """``nn.BatchNorm*d`` whose training-mode statistics cover the whole process group (any device)."""
+    """``nn.BatchNorm*d`` whose training-mode statistics cover the whole process group (any device).
+
+    The fused convs (:mod:`lgd_fast.ops.conv_bn`) that fold it synchronise their statistics over ``group`` too."""
+
+    lgd_sync = True  # what lgd_fast.ops.conv_bn looks for (it does not import the engine)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, group=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)

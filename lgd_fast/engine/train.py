@@ -173,9 +173,10 @@ class Trainer:
         """BatchNorm statistics over all processes (the global batch), as one process would compute them."""
         if self.config.model.fast:
             raise ValueError(
-                "model.fast with several processes needs model.norm_eval=true: the fused blocks fold BatchNorm "
-                "into their kernels from each process's own batch statistics, which cannot be synchronised; "
-                "train distributed with the reference model (model.fast=false), or set model.norm_eval=true"
+                "model.fast with several processes needs model.norm_eval=true: the fused convs synchronise "
+                "their BatchNorm statistics (lgd_fast.ops.conv_bn), but a distributed training run of the fast "
+                "model does not yet match one process; train distributed with the reference model "
+                "(model.fast=false), or set model.norm_eval=true"
             )
         if self.device.type == "cuda":
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -15,6 +15,12 @@ variant B's parallel pair); nothing else calls the ``p3d_conv`` ops. It holds:
   (:func:`batch_mean_var`), normalised by
   :class:`_NormalizeFromStats` with BatchNorm's own forward and backward, running statistics updated as
   ``nn.BatchNorm3d`` updates them;
+- BatchNorm synchronised over a process group (``torch.nn.SyncBatchNorm``, or
+  :class:`lgd_fast.engine.sync_bn.SyncBatchNorm` on any device) where a process group is initialised: the
+  per-process (count, sum, sum of squares about the mean) are merged over the group before folding
+  (:func:`sync_stats`: Chan's rule in float64, differentiable), and the normalisation's backward all-reduces its
+  two channel sums, as SyncBatchNorm does, so K processes normalise and differentiate as one process with the
+  global batch;
 - the eager CPU inference path: one oneDNN primitive per conv, the BatchNorm folded into its weight once and
   cached until a parameter or running statistic changes (their version counters are in the cache key).
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -46,6 +53,8 @@ __all__ = [
     "fusable_reason",
     "norm_reason",
     "p3d_geometry_reason",
+    "sync_group",
+    "sync_stats",
     "uses_batch_stats",
 ]
 
@@ -132,7 +141,7 @@ def _padding(conv: nn.Module) -> list[int] | None:
 def norm_reason(norm: nn.Module | None) -> str | None:
     """None if ``norm`` folds into a fused conv (BatchNorm3d; BatchNorm2d after a Conv2d over frames; or no norm),
     else why not."""
-    if norm is None or type(norm) in _NORMS:
+    if norm is None or type(norm) in _NORMS or _synchronised(norm):
         return None
     return f"{type(norm).__name__}, not BatchNorm3d (the fused convs fold BatchNorm3d only)"
 
@@ -165,8 +174,10 @@ def batch_norm_affine(
     if norm is None:
         ones = torch.ones(channels, device=r.device, dtype=acc)
         return ones, torch.zeros_like(ones)
-    if not isinstance(norm, _NORMS):
+    if not isinstance(norm, _NORMS) and not _synchronised(norm):
         raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
+    if uses_batch_stats(norm) and stats is None and sync_group(norm) is not None:
+        stats = sums_about_mean(r.to(acc))  # this process's part, differentiable, merged by batch_mean_var
     if uses_batch_stats(norm) and stats is not None:
         mean, var = batch_mean_var(norm, stats, r.numel() // channels, acc)
     elif uses_batch_stats(norm):
@@ -189,7 +200,11 @@ def batch_mean_var(
     """Batch mean and biased variance, in ``dtype``, from (2, C) sums (of the values, and of their squares about
     the mean: :func:`~lgd_fast.ops.p3d_conv`'s statistics) over ``count`` values per channel; in
     training also updates ``norm``'s running statistics (with the unbiased variance), as BatchNorm does.
-    ``offset``: a per-channel constant left out of the sums (a conv's bias), added to the running mean only."""
+    ``offset``: a per-channel constant left out of the sums (a conv's bias), added to the running mean only.
+    A synchronised ``norm`` in a process group merges the sums of every process first (:func:`sync_stats`)."""
+    group = sync_group(norm)
+    if group is not None:
+        stats, count = sync_stats(stats, count, group)
     mean = stats[0].to(dtype) / count
     var = stats[1].to(dtype) / count
     if norm.training and norm.track_running_stats:
@@ -199,6 +214,63 @@ def batch_mean_var(
 
 
 _DIMS = (0, 2, 3, 4)
+
+
+# ---- synchronised BatchNorm: statistics over a process group ---------------------------------------------
+
+
+def _synchronised(norm: nn.Module) -> bool:
+    """A BatchNorm meant to normalise over a process group: torch's SyncBatchNorm, or one that says so
+    (``lgd_sync = True``: :class:`lgd_fast.engine.sync_bn.SyncBatchNorm`)."""
+    return isinstance(norm, nn.SyncBatchNorm) or bool(getattr(norm, "lgd_sync", False))
+
+
+def sync_group(norm: nn.Module | None):
+    """The process group ``norm``'s batch statistics cover, or None (not synchronised, or no group initialised)."""
+    if norm is None or not _synchronised(norm) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = norm.process_group if isinstance(norm, nn.SyncBatchNorm) else getattr(norm, "group", None)
+    return group if group is not None else dist.group.WORLD
+
+
+class _SyncStats(torch.autograd.Function):
+    """(2, C) local (sum, sum of squares about the local mean) over n values -> the group's, merged by Chan's rule
+    in float64: S = sum_k s_k, M2 = sum_k M2_k + sum_k n_k (mu_k - mu)^2. Backward: the gradients of the global
+    sums from every process are summed (each process's loss reaches them), then dS/ds_k = 1,
+    dM2/ds_k = 2 (mu_k - mu), dM2/dM2_k = 1."""
+
+    @staticmethod
+    def forward(ctx, stats, count, group):
+        local = torch.cat([stats.detach().double().flatten(), stats.new_tensor([float(count)], dtype=torch.float64)])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        channels = stats.shape[1]
+        every = torch.stack(gathered)  # (K, 2C + 1)
+        counts = every[:, -1:]
+        sums, m2s = every[:, :channels], every[:, channels : 2 * channels]
+        total = counts.sum()
+        mean = sums.sum(0) / total
+        m2 = m2s.sum(0) + (counts * (sums / counts - mean).square()).sum(0)
+        ctx.group = group
+        ctx.dtype = stats.dtype
+        ctx.save_for_backward(stats.detach().double()[0] / count - mean)  # mu_k - mu
+        ctx.mark_non_differentiable(total)
+        return torch.stack([sums.sum(0), m2]), total
+
+    @staticmethod
+    def backward(ctx, grad, _grad_count):
+        (offset,) = ctx.saved_tensors
+        total = grad.double().contiguous()
+        dist.all_reduce(total, group=ctx.group)
+        grad_sum = total[0] + 2 * offset * total[1]
+        return torch.stack([grad_sum, total[1]]).to(ctx.dtype), None, None
+
+
+def sync_stats(stats: torch.Tensor, count: int, group) -> tuple[torch.Tensor, int]:
+    """The group's (2, C) float64 (sum, sum of squares about the mean) and value count from this process's
+    ``stats`` over ``count`` values (every process calls it, in the same order); differentiable in ``stats``."""
+    merged, total = _SyncStats.apply(stats, count, group)
+    return merged, int(round(total.item()))
 
 
 class _BatchMoments(torch.autograd.Function):
@@ -261,10 +333,10 @@ class _NormalizeFromStats(torch.autograd.Function):
     their near-cancellation leaves that rounding behind: seen at 25x PyTorch's bf16 error in single draws.)"""
 
     @staticmethod
-    def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None, shortcut=None):
+    def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None, shortcut=None, group=None, count=None):
         out = _affine(y, mean, invstd, weight, bias, shortcut)
         ctx.save_for_backward(y, mean, invstd, weight, bias, shortcut)
-        ctx.relu = relu
+        ctx.relu, ctx.group, ctx.count = relu, group, count
         ctx.offset = None if offset is None else (offset.shape, offset.dtype)
         return (torch.relu(out) if relu else out).to(y.dtype)
 
@@ -278,11 +350,18 @@ class _NormalizeFromStats(torch.autograd.Function):
             g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
         count = y.numel() // y.shape[1]
         g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
-        g_y = _channel(weight.to(acc) * invstd) * (g - _channel(g_bias / count) - xhat * _channel(g_weight / count))
+        mean_g, mean_gx = g_bias / count, g_weight / count
+        if ctx.group is not None:  # the normalisation's two sums over every process (SyncBatchNorm's backward)
+            totals = torch.cat([g_bias, g_weight]).double()
+            dist.all_reduce(totals, group=ctx.group)
+            mean_g, mean_gx = (totals / ctx.count).to(acc).chunk(2)
+        g_y = _channel(weight.to(acc) * invstd) * (g - _channel(mean_g) - xhat * _channel(mean_gx))
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])
         g_shortcut = None if shortcut is None else g.to(shortcut.dtype)
-        return g_y.to(y.dtype), None, None, g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_offset, g_shortcut
+        # weight and bias: this process's sums; DDP averages them over the processes like every other gradient
+        return (g_y.to(y.dtype), None, None, g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_offset,
+                g_shortcut, None, None)  # fmt: skip
 
 
 def _affine(y, mean, invstd, weight, bias, shortcut):
@@ -309,7 +388,13 @@ def _normalize_train(
     invstd = torch.rsqrt(var + norm.eps).to(acc)
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
-    return _NormalizeFromStats.apply(y, mean.to(acc), invstd, weight, bias, relu, offset, shortcut)
+    group = sync_group(norm)
+    count = None
+    if group is not None:  # the global count, for the backward's means over every process
+        total = y.new_tensor([float(y.numel() // y.shape[1])], dtype=torch.float64)
+        dist.all_reduce(total, group=group)
+        count = total.item()
+    return _NormalizeFromStats.apply(y, mean.to(acc), invstd, weight, bias, relu, offset, shortcut, group, count)
 
 
 # ---- the eager CPU inference path: oneDNN with folded weights ---------------------------------------------
