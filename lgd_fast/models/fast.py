@@ -124,29 +124,49 @@ def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     return out.maximum(rows[..., 2 : 2 * h_out + 1 : 2, :])
 
 
-class FastLGD3D(LGD3D):
-    """LGD-3D whose blocks end in the fused diffusion epilogue; same modules and state_dict as LGD3D."""
+class _FastNet:
+    """What the fast LGD-3D and LGD-2D share: the plan, the stem decision, the blocks loop and the heads (each
+    subclass runs its own stem and says what its local map looks like on the way out)."""
 
     @property
     def execution_plan(self) -> planning.ExecutionPlan:
         """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
         return planning.ExecutionPlan(self)
 
-    def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L)); the mean comes out of the last block's epilogue."""
+    def _stem_and_blocks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, 3, T, H, W) -> (the last block's output as videos, g_L, its per-video mean): the mean comes out
+        of the last block's epilogue where that block ends fused."""
         self.check_input(x)
         stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
                                frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
         x = self._run_stem(stem, x)
         pool_backend = planning.op_backend(self._lgd_plan.backend, POOL_BACKENDS)
-        x_mean = global_avg_pool(x, backend=pool_backend)
+        x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
         g = x_mean
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
                 choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean,
                                          kind="lgd_block")  # fmt: skip
                 x, g, x_mean = run_block(block, choice, x, g, x_mean)
-        return x, g, (global_avg_pool(x, backend=pool_backend) if x_mean is None else x_mean)
+        if x_mean is None:
+            x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
+        return x, g, x_mean
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local_map, g, _ = self.forward_features_and_mean(x)
+        return local_map, g
+
+    def forward(self, x: torch.Tensor):
+        local_map, g, local_mean = self.forward_features_and_mean(x)
+        return self.forward_head(local_map, g, local_mean=local_mean)
+
+
+class FastLGD3D(_FastNet, LGD3D):
+    """LGD-3D whose blocks end in the fused diffusion epilogue; same modules and state_dict as LGD3D."""
+
+    def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, 3, T, H, W) -> (x_L, g_L, GAP(x_L))."""
+        return self._stem_and_blocks(x)
 
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem (conv1, bn1, ReLU, max-pool) in the plan's layout.
@@ -172,40 +192,14 @@ class FastLGD3D(LGD3D):
             size = [(d + 2 * p[i + 1] - k[i + 1]) // st[i + 1] + 1 for i, d in enumerate(size)]
         return size[0], size[1]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        local_map, g, _ = self.forward_features_and_mean(x)
-        return local_map, g
 
-    def forward(self, x: torch.Tensor):
-        local_map, g, local_mean = self.forward_features_and_mean(x)
-        return self.forward_head(local_map, g, local_mean=local_mean)
-
-
-class FastLGD2D(LGD2D):
+class FastLGD2D(_FastNet, LGD2D):
     """LGD-2D whose frames run as videos through fused units and fused block ends; same modules and state_dict
     as LGD2D (module docstring)."""
 
-    @property
-    def execution_plan(self) -> planning.ExecutionPlan:
-        """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
-        return planning.ExecutionPlan(self)
-
     def forward_features_and_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, 3, T, H, W) -> (x_L as frames (N * T, C, H', W'), g_L, the per-video mean of x_L)."""
-        self.check_input(x)
-        stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
-                               frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
-        x = self._run_stem(stem, x)  # videos (N, C, T, H / 4, W / 4)
-        pool_backend = planning.op_backend(self._lgd_plan.backend, POOL_BACKENDS)
-        x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
-        g = x_mean
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            for block in layer:
-                choice = planning.decide(block, x, lambda c, *a, block=block: run_block(block, c, *a), g, x_mean,
-                                         kind="lgd_block")  # fmt: skip
-                x, g, x_mean = run_block(block, choice, x, g, x_mean)
-        if x_mean is None:
-            x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
+        x, g, x_mean = self._stem_and_blocks(x)
         return frames(x), g, x_mean
 
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
@@ -220,14 +214,6 @@ class FastLGD2D(LGD2D):
             k, st, p = (v if isinstance(v, tuple) else (v, v) for v in (op.kernel_size, op.stride, op.padding))
             size = [(d + 2 * p[i] - k[i]) // st[i] + 1 for i, d in enumerate(size)]
         return size[0], size[1]
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        local_map, g, _ = self.forward_features_and_mean(x)
-        return local_map, g
-
-    def forward(self, x: torch.Tensor):
-        local_map, g, local_mean = self.forward_features_and_mean(x)
-        return self.forward_head(local_map, g, local_mean=local_mean)
 
 
 def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D | FastLGD2D:
