@@ -127,7 +127,8 @@ class Trainer:
         self.out = Path(config.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.distributed = self.world > 1
-        if self.distributed and not dist.is_initialized():
+        self._owns_group = self.distributed and not dist.is_initialized()
+        if self._owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -267,6 +268,12 @@ class Trainer:
                 self._log_epoch(row, total_epochs)
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self._owns_group:
+            # Every process waits for rank 0's last validation and checkpoint, then the group is shut down: a
+            # process that exited with the group alive could abort in the collectives' threads at exit
+            # ("terminate called without an active exception", SIGABRT, seen once in CI on rank 1).
+            dist.barrier()
+            dist.destroy_process_group()
         return self._metrics()
 
     def _train_epoch(
