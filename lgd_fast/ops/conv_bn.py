@@ -202,6 +202,13 @@ def batch_mean_var(
     training also updates ``norm``'s running statistics (with the unbiased variance), as BatchNorm does.
     ``offset``: a per-channel constant left out of the sums (a conv's bias), added to the running mean only.
     A synchronised ``norm`` in a process group merges the sums of every process first (:func:`sync_stats`)."""
+    mean, var, _, _ = _group_mean_var(norm, stats, count, dtype, offset)
+    return mean, var
+
+
+def _group_mean_var(norm, stats, count, dtype, offset=None):
+    """:func:`batch_mean_var`, and the count the statistics cover (every process's, where synchronised) and the
+    process group (or None)."""
     group = sync_group(norm)
     if group is not None:
         stats, count = sync_stats(stats, count, group)
@@ -210,7 +217,7 @@ def batch_mean_var(
     if norm.training and norm.track_running_stats:
         running_mean = mean if offset is None else mean + offset.to(dtype)
         _update_running_stats(norm, running_mean.detach(), var.detach(), count)
-    return mean, var
+    return mean, var, count, group
 
 
 _DIMS = (0, 2, 3, 4)
@@ -333,7 +340,7 @@ class _NormalizeFromStats(torch.autograd.Function):
     their near-cancellation leaves that rounding behind: seen at 25x PyTorch's bf16 error in single draws.)"""
 
     @staticmethod
-    def forward(ctx, y, mean, invstd, weight, bias, relu, offset=None, shortcut=None, group=None, count=None):
+    def forward(ctx, y, mean, invstd, weight, bias, relu, offset, shortcut, group, count):
         out = _affine(y, mean, invstd, weight, bias, shortcut)
         ctx.save_for_backward(y, mean, invstd, weight, bias, shortcut)
         ctx.relu, ctx.group, ctx.count = relu, group, count
@@ -348,13 +355,12 @@ class _NormalizeFromStats(torch.autograd.Function):
         g = grad.to(acc)
         if ctx.relu:
             g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
-        count = y.numel() // y.shape[1]
         g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
-        mean_g, mean_gx = g_bias / count, g_weight / count
+        totals = torch.stack([g_bias, g_weight])
         if ctx.group is not None:  # the normalisation's two sums over every process (SyncBatchNorm's backward)
-            totals = torch.cat([g_bias, g_weight]).double()
+            totals = totals.double()
             dist.all_reduce(totals, group=ctx.group)
-            mean_g, mean_gx = (totals / ctx.count).to(acc).chunk(2)
+        mean_g, mean_gx = (totals / ctx.count).to(acc)  # ctx.count: the values the statistics cover
         g_y = _channel(weight.to(acc) * invstd) * (g - _channel(mean_g) - xhat * _channel(mean_gx))
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])
@@ -383,17 +389,12 @@ def _normalize_train(
     (:func:`batch_mean_var`; updates the running statistics), normalised in float32 (float64 for float64 y). A
     per-channel ``offset`` (a conv's bias) cancels in the normalisation, so it is kept out of the statistics
     (where it would only move the mean away from zero and cost the variance precision)."""
-    mean, var = batch_mean_var(norm, sums.detach(), y.numel() // y.shape[1], torch.float64, offset)
+    # count: what the statistics cover (every process's values where synchronised), for the backward's means
+    mean, var, count, group = _group_mean_var(norm, sums.detach(), y.numel() // y.shape[1], torch.float64, offset)
     acc = torch.promote_types(y.dtype, torch.float32)
     invstd = torch.rsqrt(var + norm.eps).to(acc)
     weight = norm.weight if norm.affine else torch.ones_like(invstd)
     bias = norm.bias if norm.affine else torch.zeros_like(invstd)
-    group = sync_group(norm)
-    count = None
-    if group is not None:  # the global count, for the backward's means over every process
-        total = y.new_tensor([float(y.numel() // y.shape[1])], dtype=torch.float64)
-        dist.all_reduce(total, group=group)
-        count = total.item()
     return _NormalizeFromStats.apply(y, mean.to(acc), invstd, weight, bias, relu, offset, shortcut, group, count)
 
 
