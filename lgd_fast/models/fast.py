@@ -124,6 +124,11 @@ def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     return out.maximum(rows[..., 2 : 2 * h_out + 1 : 2, :])
 
 
+def _spatial(setting) -> tuple[int, int]:
+    """A conv's or pool's (h, w) setting: the last two of a 3-D one's (t, h, w), or an int for both."""
+    return tuple(setting)[-2:] if isinstance(setting, tuple) else (setting, setting)
+
+
 class _FastNet:
     """What the fast LGD-3D and LGD-2D share: the plan, the stem decision, the blocks loop and the heads (each
     subclass runs its own stem and says what its local map looks like on the way out)."""
@@ -151,6 +156,15 @@ class _FastNet:
         if x_mean is None:
             x_mean = global_avg_pool(x.contiguous(memory_format=memory_format(x)), backend=pool_backend)
         return x, g, x_mean
+
+    def _stem_output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the stem's output (conv1 then max-pool) for an (H, W) input: the first block's frames. The
+        spatial settings are the last two of a Conv3d's (t, h, w) and a Conv2d's (h, w) alike."""
+        size = [height, width]
+        for op in (self.conv1, self.maxpool):
+            k, st, p = (_spatial(v) for v in (op.kernel_size, op.stride, op.padding))
+            size = [(d + 2 * p[i] - k[i]) // st[i] + 1 for i, d in enumerate(size)]
+        return size[0], size[1]
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         local_map, g, _ = self.forward_features_and_mean(x)
@@ -184,14 +198,6 @@ class FastLGD3D(_FastNet, LGD3D):
             return max_pool_1x3x3(x)
         return pool(x)
 
-    def _stem_output_size(self, height: int, width: int) -> tuple[int, int]:
-        """(H, W) of the stem's output (conv1 then max-pool) for an (H, W) clip: the first block's frames."""
-        size = [height, width]
-        for op in (self.conv1, self.maxpool):
-            k, st, p = (v if isinstance(v, tuple) else (v,) * 3 for v in (op.kernel_size, op.stride, op.padding))
-            size = [(d + 2 * p[i + 1] - k[i + 1]) // st[i + 1] + 1 for i, d in enumerate(size)]
-        return size[0], size[1]
-
 
 class FastLGD2D(_FastNet, LGD2D):
     """LGD-2D whose frames run as videos through fused units and fused block ends; same modules and state_dict
@@ -207,13 +213,6 @@ class FastLGD2D(_FastNet, LGD2D):
         frames), returned as videos."""
         y = self.maxpool(torch.relu(self.bn1(self.conv1(frames(choice.to(x))))))
         return videos(y, x.shape[0])
-
-    def _stem_output_size(self, height: int, width: int) -> tuple[int, int]:
-        size = [height, width]
-        for op in (self.conv1, self.maxpool):
-            k, st, p = (v if isinstance(v, tuple) else (v, v) for v in (op.kernel_size, op.stride, op.padding))
-            size = [(d + 2 * p[i] - k[i]) // st[i] + 1 for i, d in enumerate(size)]
-        return size[0], size[1]
 
 
 def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D | FastLGD2D:
