@@ -469,12 +469,13 @@ def _check_data(args) -> int:
         beside = os.path.join(os.path.dirname(os.path.abspath(args.source)), DataConfig.class_index)
         if class_index is None and fmt != "folder" and os.path.isfile(beside):
             class_index = beside  # what training reads: the dataset folder's classes.txt
-        records = read_annotations(args.source, root=args.root, class_index=class_index, fmt=args.format)
+        names = None if class_index is None else read_class_index(class_index)
+        records = read_annotations(args.source, root=args.root, class_index=names, fmt=args.format)
     except (AnnotationError, OSError, ValueError) as err:
         print(f"lgd-fast check-data: error: {err}", file=sys.stderr)
         return 2
-    if class_index is not None:
-        print(f"labels checked against {class_index} ({len(read_class_index(class_index))} classes)")
+    if names is not None:
+        print(f"labels checked against {class_index} ({len(names)} classes)")
     elif fmt == "list":
         print(f"labels not checked against a class count: no {DataConfig.class_index} beside the list (training "
               "reads DATA/classes.txt); --class-index FILE checks them")  # fmt: skip

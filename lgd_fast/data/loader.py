@@ -44,7 +44,7 @@ from .decode import (
     probe,
 )
 
-__all__ = ["ClipBatch", "ClipSpec", "SamplePlan", "VideoClipLoader", "plan_samples"]
+__all__ = ["ClipBatch", "ClipSpec", "NoUsableVideoError", "SamplePlan", "VideoClipLoader", "plan_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,14 @@ class SamplePlan(NamedTuple):
     resize: tuple[int, int]
     offset: tuple[int, int]
     flip: bool
+
+
+class NoUsableVideoError(ValueError):
+    """No record of a loader could be used; ``dropped`` holds (path, reason) for each, as probing found them."""
+
+    def __init__(self, message: str, dropped: list[tuple[str, str]]):
+        super().__init__(message)
+        self.dropped = dropped
 
 
 class ClipBatch(NamedTuple):
@@ -243,7 +251,8 @@ class VideoClipLoader:
             ids = shard(ids, self.shard_id, self.num_shards)
         self.videos = self._probe([(i, self.records[i]) for i in ids])
         if not self.videos:
-            raise ValueError(f"no usable video among {len(ids)} records (see the warnings above)")
+            raise NoUsableVideoError(f"no usable video among {len(ids)} records (see the warnings above)",
+                                     self.dropped)  # fmt: skip
         self.backend_used = self._choose_backend()
         self._pipeline = None
 

@@ -100,7 +100,6 @@ def run_demo(out: str | Path = "lgd_demo", *, extra: list[str] | None = None, pr
     from ..data import read_annotations
     from ..data.loader import VideoClipLoader
     from ..data.synthetic import make_dataset
-    from .checkpoint import load_checkpoint
     from .config import load_config
     from .evaluate import evaluate, write_eval
     from .predict import load_trained
@@ -116,9 +115,7 @@ def run_demo(out: str | Path = "lgd_demo", *, extra: list[str] | None = None, pr
     train(config)
     train_seconds = time.perf_counter() - t0
 
-    checkpoint = out / "run" / "checkpoints" / "last.pt"
-    model, _, class_names = load_trained(checkpoint)
-    state = load_checkpoint(checkpoint)
+    model, _, class_names = load_trained(out / "run" / "checkpoints" / "last.pt")
     records = read_annotations(out / "data" / config.data.val_list, class_index=class_names)
     results = {}
     for reverse in (False, True):
@@ -131,7 +128,7 @@ def run_demo(out: str | Path = "lgd_demo", *, extra: list[str] | None = None, pr
     reversed_result = results[True]
     pairs = zip(reversed_result.labels, reversed_result.predictions, strict=True)
     as_twin = sum(info.twins[label] == pred for label, pred in pairs) / reversed_result.num_videos
-    speed = benchmark_fast_vs_reference(state["model"], len(class_names))
+    speed = benchmark_fast_vs_reference(model.state_dict(), len(class_names))
     metrics = {
         "num_classes": len(class_names),
         "val_videos": results[False].num_videos,

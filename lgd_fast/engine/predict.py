@@ -77,7 +77,7 @@ def predict(
     :class:`Prediction` per video; unreadable files carry ``error`` instead of ``top``.
     """
     from ..data.annotations import VideoRecord
-    from ..data.loader import VideoClipLoader
+    from ..data.loader import NoUsableVideoError, VideoClipLoader
     from .evaluate import video_scores
     from .train import clip_spec
 
@@ -88,30 +88,15 @@ def predict(
     model, config, class_names = load_trained(checkpoint, device=device)
     paths = [str(v) for v in videos]
     records = [VideoRecord(os.path.abspath(p), 0) for p in paths]  # the label is not used
-    errors: dict[int, str] = {}
     try:
         loader = VideoClipLoader(
             records, spec=clip_spec(config, config.model.name), batch_size=config.optim.batch_size, training=False,
             backend=backend or config.data.backend, num_workers=config.data.workers, progress=progress,
         )  # fmt: skip
-    except ValueError:  # no usable video at all: every file's reason
-        from ..data.decode import VideoError, probe
-
-        out = []
-        for path, record in zip(paths, records, strict=True):
-            try:
-                probe(record.path)
-                reason = "could not be read"
-            except VideoError as err:
-                reason = err.reason
-            out.append(Prediction(path, error=reason))
-        return out
-    by_path: dict[str, list[int]] = {}
-    for i, record in enumerate(records):
-        by_path.setdefault(record.path, []).append(i)
-    for bad_path, reason in loader.dropped:
-        for i in by_path.get(os.path.abspath(bad_path), []):
-            errors[i] = reason
+    except NoUsableVideoError as err:  # no usable video at all: every file's reason, as probing found it
+        dropped = {os.path.abspath(p): reason for p, reason in err.dropped}
+        return [Prediction(path, error=dropped[r.path]) for path, r in zip(paths, records, strict=True)]
+    dropped = {os.path.abspath(p): reason for p, reason in loader.dropped}
     ids, scores, views, skipped = video_scores(model, loader, num_classes=len(class_names), device=device,
                                                progress=progress)  # fmt: skip
     reasons = {os.path.abspath(p): r for p, r in skipped}
@@ -124,7 +109,7 @@ def predict(
             probs, classes = row.topk(k)
             out.append(Prediction(path, [(class_names[c], float(p)) for p, c in zip(probs, classes, strict=True)], n))
         else:
-            reason = errors.get(i) or reasons.get(records[i].path, "no view of it could be decoded")
+            reason = dropped.get(records[i].path) or reasons.get(records[i].path, "no view of it could be decoded")
             out.append(Prediction(path, error=reason))
     return out
 

@@ -244,7 +244,7 @@ class Trainer:
             in_epoch = state.get("in_epoch")
             self.last_saved = _describe_checkpoint(resume, state)
         if self.rank == 0:
-            self._log_start(total_epochs, steps_per_epoch, resume if state is not None else None, state, stage)
+            self._log_start(total_epochs, steps_per_epoch, resumed=state is not None, stage=stage)
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(c, self.out / "config.yaml")
         self._open_tensorboard()
@@ -376,7 +376,7 @@ class Trainer:
             leftover.unlink()
             logger.info("removed %s, a checkpoint a killed run was still writing", leftover)
 
-    def _log_start(self, total_epochs, steps_per_epoch, resumed_from, state, stage) -> None:
+    def _log_start(self, total_epochs, steps_per_epoch, *, resumed: bool, stage: int) -> None:
         c = self.config
         epochs = f"{c.epochs} epoch(s)"
         if c.model.classifier == "kernel":
@@ -388,7 +388,7 @@ class Trainer:
             len(self.val_loader.videos) if self.val_loader is not None else 0, len(self.class_names),
             c.optim.batch_size, f" over {self.world} processes" if self.distributed else "", self.out,
         )  # fmt: skip
-        if resumed_from is None:
+        if not resumed:
             logger.info("starting a new run (no %s)", self.ckpt_dir / "last.pt")
         else:
             logger.info("resuming from %s: stage %d", self.last_saved, stage)
