@@ -6,27 +6,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from lgd_fast import create_model
 from lgd_fast.models import FastLGD2D
 from lgd_fast.plan import forced
-from test_fast_models import _rel, _train_step, forced_stack_cleared
+from test_fast_models import _rel, _train_step, _with_diffusion, forced_stack_cleared
 
 SMALL = {"widths": (16, 32, 64, 128), "stem_width": 16}  # the real architectures, narrow: fast on 2 cores
 
 
 def _pair(name, gen, **options):
-    ref = create_model(name, 7, **SMALL, **options)
-    with torch.no_grad():
-        for m in ref.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
-            elif hasattr(m, "fc6"):
-                m.fc6.weight.copy_(0.05 * torch.randn(m.fc6.weight.shape, generator=gen))
+    ref = _with_diffusion(create_model(name, 7, **SMALL, **options), gen)
     fast = create_model(name, 7, fast=True, **SMALL, **options)
     fast.load_state_dict(ref.state_dict())  # strict: the very same keys and shapes
     return ref, fast

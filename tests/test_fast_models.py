@@ -31,7 +31,7 @@ def _with_diffusion(model, gen):
     """Non-trivial weights: random BN statistics and a non-zero global->local path (fc6)."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d):
+            if isinstance(m, nn.BatchNorm3d | nn.BatchNorm2d):  # BatchNorm2d: LGD-2D (tests/test_fast_lgd2d.py)
                 m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
