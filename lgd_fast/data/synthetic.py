@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
+
+from .decode import _av
 
 __all__ = [
     "CLASS_NAMES",
@@ -427,6 +428,7 @@ def render_video(class_id: int, params: VideoParams) -> np.ndarray:
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, *, codec: str = "vp9", fps: int = 25) -> None:
     """Encodes (T, H, W, 3) uint8 RGB frames (H, W even) to ``path`` (.webm for vp9, .mp4 for h264), yuv420p."""
+    av = _av()
     encoder, _, options = CODECS[codec]
     with av.open(os.fspath(path), "w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(encoder, rate=fps, options=options)
@@ -613,7 +615,7 @@ def make_dataset(
             "train_per_class": videos_per_class - n_val,
             "val_per_class": n_val,
         },
-        "encoder": {"name": CODECS[codec][0], "options": CODECS[codec][2], "pyav": av.__version__},
+        "encoder": {"name": CODECS[codec][0], "options": CODECS[codec][2], "pyav": _av().__version__},
     }
     _write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     (root / INCOMPLETE_MARKER).unlink()
