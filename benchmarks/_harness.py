@@ -140,6 +140,7 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
+        info["tf32"] = _bench.tf32_settings()
     return info
 
 

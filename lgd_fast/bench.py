@@ -40,6 +40,7 @@ __all__ = [
     "percentiles",
     "plot_bench",
     "run_bench",
+    "tf32_settings",
     "time_interleaved",
     "write_json",
 ]
@@ -360,7 +361,19 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        info["tf32"] = tf32_settings()
     return info
+
+
+def tf32_settings() -> dict[str, Any]:
+    """Which float32 products ran as tf32 on CUDA: torch's two switches as they were, and what follows from them
+    (cuDNN's convs and the fast model's Triton convs follow ``cudnn.allow_tf32``; cuBLAS matmuls the other)."""
+    convs = bool(torch.backends.cudnn.allow_tf32)
+    return {
+        "cudnn.allow_tf32": convs,
+        "cuda.matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "fp32_convs": "tf32" if convs else "fp32",
+    }
 
 
 def cpu_name() -> str:

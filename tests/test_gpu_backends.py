@@ -447,10 +447,10 @@ def test_diffusion_epilogue_on_gpu_matches_reference(backend):
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_global_update_on_gpu_matches_reference(backend):
+def test_global_update_on_gpu_matches_reference(backend, monkeypatch):
     from op_testing import SEED
 
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 GEMMs of the yardstick in full precision
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the yardstick's fp32 GEMMs in full
     rows = global_update_rows(backend, "cuda")
     for shape, dtype in GU_CASES:
         check_rows(rows[_gu_case_id(shape, dtype)], dtype, SEED, GU_NAMES, tol=1e-5)
@@ -458,13 +458,22 @@ def test_global_update_on_gpu_matches_reference(backend):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fast_model_on_gpu_matches_reference(dtype):
+@pytest.mark.parametrize("dtype", ["float32", "tf32", "bfloat16"])
+def test_fast_model_on_gpu_matches_reference(dtype, monkeypatch):
     """The fast LGD-3D on CUDA (Triton P3D convs, the CUDA/Triton epilogue, the Triton global path) against the
-    reference on CUDA and a float64 reference: eval outputs, and a training step's outputs and gradients."""
-    from lgd_fast import create_model
+    reference on CUDA and a float64 reference: eval outputs, and a training step's outputs and gradients.
 
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    "tf32": float32 with torch's tf32 switches on (cudnn's is on by default), which the fast model's convs follow
+    (p3d_conv's ``uses_tf32``) as the reference's cuDNN convs do; "float32": both off, full-precision products.
+    """
+    from lgd_fast import create_model
+    from lgd_fast.ops.p3d_conv import uses_tf32
+
+    tf32 = dtype == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    assert uses_tf32(torch.ones(1, device="cuda")) == tf32
+    dtype = "bfloat16" if dtype == "bfloat16" else "float32"
     gen = torch.Generator().manual_seed(0)
     ref = create_model("lgd3d_r18", 7, classifier="two_heads", dropout=0.0)
     with torch.no_grad():

@@ -259,3 +259,40 @@ def test_conv3d_onednn_equals_the_conv_and_its_fake_the_strides(case, x_layout, 
 def test_opcheck_conv3d_onednn(gen):
     args, _ = _general_args(GENERAL[0], "channels_last_3d", "contiguous", True, torch.float32, gen)
     torch.library.opcheck(torch.ops.lgd_fast.conv3d_onednn.default, args)
+
+
+def _fake_cuda(mode, *shape, dtype=torch.float32, memory_format=torch.contiguous_format):
+    """A fake tensor on a CUDA device (this torch need not have CUDA): sizes, strides, dtype and device only."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    meta = torch.empty(shape, device="meta", dtype=dtype).contiguous(memory_format=memory_format)
+    return FakeTensor(mode, meta, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.lgd_fast, "p3d_conv_triton"), reason="triton is not installed")
+def test_triton_tf32_follows_the_cudnn_switch(monkeypatch):
+    """float32 on CUDA: the Triton kernels get tf32 exactly when ``torch.backends.cudnn.allow_tf32`` is on (the
+    switch cuDNN's own convs follow), unless the call says otherwise; never for 16-bit operands or on the CPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lgd_fast.ops.p3d_conv import uses_tf32
+
+    mode = FakeTensorMode()
+    x = _fake_cuda(mode, 1, 8, 2, 5, 5, memory_format=torch.channels_last_3d)
+    w = _fake_cuda(mode, 8, 8, 1, 3, 3)
+    asked = []
+
+    def triton_op(x, weight, scale, shift, residual, stride, relu, stats, allow_tf32):  # records, runs nothing
+        asked.append(allow_tf32)
+        return x, None
+
+    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_triton", triton_op)
+    with mode:
+        for switch in (True, False):
+            monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", switch)
+            p3d_conv(x, w, backend="triton")
+            p3d_conv(x, w, backend="triton", allow_tf32=not switch)
+            assert uses_tf32(x) is switch
+            assert not uses_tf32(_fake_cuda(mode, 2, dtype=torch.bfloat16))
+            assert not uses_tf32(torch.ones(2), allow_tf32=True)  # the CPU has no tf32
+    assert asked == [True, False, False, True]

@@ -13,7 +13,7 @@ conv (variant B's carries the spatial stride too) and the pointwise 1x1x1 conv. 
     wgrad    gw[tap, ci, co] = sum_m x[m shifted by tap, ci] * g[m, co]               (split over m)
 
 m runs over the N * T * Ho * Wo output positions, p over the N * T * H * W input positions. Every product is
-accumulated in float32 (tf32 only when asked); outputs are rounded once on store. Statistics and the weight
+accumulated in float32 (float32 operands as tf32 when the launcher asks: see ``ops.p3d_conv.uses_tf32``); outputs are rounded once on store. Statistics and the weight
 gradient are written as per-program float32 partials that the launcher adds in a fixed order: no atomics,
 the same bits every run for a given block config. Each program's statistics are centred on its own tile's
 mean, and the launcher merges them by Chan's rule in float64 (no E[z^2] - E[z]^2 cancellation where the mean

@@ -32,7 +32,7 @@ from torch._prims_common import suggest_memory_format
 
 from . import _backend
 
-__all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend"]
+__all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend", "uses_tf32"]
 
 OP_NAME = "p3d_conv"
 BACKENDS = ("triton", "onednn", "reference")
@@ -163,6 +163,19 @@ def resolve_backend(x: torch.Tensor, backend: str | None = None) -> str:
     return _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_supports)
 
 
+def uses_tf32(x: torch.Tensor, allow_tf32: bool | None = None) -> bool:
+    """Whether p3d_conv's Triton kernels multiply ``x``'s float32 operands as tf32 (10-bit mantissas).
+
+    Only float32 operands on a CUDA device can: 16-bit operands go to the tensor cores as they are, and the CPU
+    (oneDNN, or the Triton interpreter) has no tf32. ``allow_tf32=None`` reads
+    ``torch.backends.cudnn.allow_tf32`` (True unless the user turned it off), so a fast model's float32 convs
+    are as precise as the cuDNN convs of the model it replaces; True or False overrides it for this call.
+    """
+    if not (x.device.type == "cuda" and x.dtype == torch.float32):
+        return False
+    return bool(torch.backends.cudnn.allow_tf32 if allow_tf32 is None else allow_tf32)
+
+
 def p3d_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -173,13 +186,14 @@ def p3d_conv(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     stats: bool = False,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
     backend: str | None = None,
 ):
     """``ReLU?(conv(x, weight) * scale + shift + residual)`` in one pass, differentiable in every tensor.
 
     Arguments and returns as :func:`p3d_conv_reference`; ``allow_tf32`` lets the Triton kernels multiply
-    float32 operands on tf32 tensor cores (off by default). ``backend``: ``"triton"``, ``"onednn"``,
+    float32 operands on tf32 tensor cores; None (the default) follows ``torch.backends.cudnn.allow_tf32``, the
+    setting cuDNN's own convolutions follow (see :func:`uses_tf32`). ``backend``: ``"triton"``, ``"onednn"``,
     ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``. ``auto`` picks triton on CUDA tensors,
     onednn on CPU tensors (float32 and bfloat16), else the reference with one warning. Under ``torch.autocast``
     for x's device, x, weight and residual are cast to the autocast dtype first, as autocast casts a conv's.
@@ -197,7 +211,8 @@ def p3d_conv(
     if choice == "triton":
         if not _TRITON_REGISTERED:
             raise RuntimeError(f"{OP_NAME}: the triton op is not registered ({_backend.triton_error()})")
-        out, st = torch.ops.lgd_fast.p3d_conv_triton(x, weight, scale, shift, residual, stride, relu, stats, allow_tf32)
+        tf32 = uses_tf32(x, allow_tf32)
+        out, st = torch.ops.lgd_fast.p3d_conv_triton(x, weight, scale, shift, residual, stride, relu, stats, tf32)
         return (out, st) if stats else out
     if choice == "onednn":
         return _onednn(x, weight, stride, scale, shift, residual, relu, stats)
