@@ -13,6 +13,7 @@ Writes benchmarks/results/diffusion_epilogue_{cpu|<gpu name>}.{json,png}.
     python benchmarks/run_diffusion_epilogue.py                  # full CPU run, a few minutes on 2 cores
     python benchmarks/run_diffusion_epilogue.py --quick          # the brief's shape only, fewer repeats
     python benchmarks/run_diffusion_epilogue.py --device cuda    # on a GPU machine
+    python benchmarks/run_diffusion_epilogue.py --smoke          # tiny shapes, fp32, seconds: checks the code runs
 
 Targets (PERF.md), fp32 at the brief's shape: forward >= 70% of copy bandwidth (80% on a GPU), >= 2x eager,
 >= 1.2x compiled; forward+backward >= 2x eager autograd.
@@ -56,6 +57,8 @@ TARGETS = {
 GPU_COPY_BW_TARGET = 0.8
 # global_update at LGD-3D R50's block widths (N, C_in, C_out), hidden = C_out / 16.
 GLOBAL_SHAPES = {"res2": (8, 64, 256), "res5": (8, 1024, 2048)}
+# --smoke (the GPU suite's CPU check of its own plumbing): one tiny shape, fp32, channels_last_3d; no figure.
+SMOKE_SHAPES, SMOKE_GLOBAL_SHAPES = {"smoke": (2, 16, 2, 6, 6)}, {"smoke": (2, 16, 32)}
 
 
 def fused_backends(device: str) -> list[str]:
@@ -137,8 +140,9 @@ def global_update_rows(args: argparse.Namespace, device: str) -> list[dict[str, 
     six nn.Linear calls (reference) and torch.compile of them, per call (latency; the bytes are the weights)."""
     fast = "triton" if device == "cuda" and "triton" in fused_backends(device) else "cpp"
     rows = []
-    for shape_name, (n, c_in, c_out) in GLOBAL_SHAPES.items():
-        for dtype_name, dtype in DTYPES.items():
+    shapes, dtypes = (SMOKE_GLOBAL_SHAPES, {"fp32": torch.float32}) if args.smoke else (GLOBAL_SHAPES, DTYPES)
+    for shape_name, (n, c_in, c_out) in shapes.items():
+        for dtype_name, dtype in dtypes.items():
             hidden = c_out // 16
             dims = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
             weights = [t for o, k in dims for t in (torch.randn(o, k) / k**0.5, 0.1 * torch.randn(o))]
@@ -173,11 +177,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.bandwidth = bandwidth["bytes_per_s"]
     print(f"copy bandwidth on {device}: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write); fused: {backends}")
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
+    dtypes = GPU_DTYPES if device == "cuda" else DTYPES
+    formats = FORMATS
+    if args.smoke:
+        shapes, dtypes = SMOKE_SHAPES, {"fp32": torch.float32}
+        formats = {"channels_last_3d": torch.channels_last_3d}
     results = []
     others = ("reference", "compiled")
     for shape_name, shape in shapes.items():
-        for dtype_name, dtype in (GPU_DTYPES if device == "cuda" else DTYPES).items():
-            for format_name, memory_format in FORMATS.items():
+        for dtype_name, dtype in dtypes.items():
+            for format_name, memory_format in formats.items():
                 for pass_ in PASSES:
                     nbytes = bytes_moved(shape, dtype, pass_)
                     # enough sets that their big inputs (r, s, and grad_out for backward) exceed the cache
@@ -200,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
         "settings": {
             "quick": args.quick,
+            "smoke": args.smoke,
             "warmup": args.warmup,
             "repeats": args.repeats,
             "steady_malloc": setup["steady_malloc"],
@@ -266,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     h.add_common_arguments(parser, default_out=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the tensors live")
+    parser.add_argument("--smoke", action="store_true", help="one tiny shape in fp32: checks the code, no figure")
     args = parser.parse_args(argv)
+    if args.smoke and args.repeats is None:
+        args.repeats = 2
     if args.out is None:
         args.out = h.RESULTS_DIR / f"diffusion_epilogue_{device_slug(args.device)}.json"
     payload = run(args)

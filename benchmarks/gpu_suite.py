@@ -1,0 +1,271 @@
+"""Every GPU check and figure in one command, sized for a short GPU lease: `bash benchmarks/gpu_suite.sh --quick`.
+
+On a machine with an NVIDIA GPU and a CUDA build of torch, in this order (most wanted first, so that a lease cut
+short still brings back the figures that matter most):
+
+1. ``wheels``: installs ``.whl/*.whl`` where present (the GPU machine has no network); ``build``: the package with
+   its CUDA extension (``pip install -e .``, nvcc); ``doctor``: what runs there, and torch's tf32 switches.
+2. ``cuda-tests``: every CUDA test (``pytest -m cuda``), a JUnit file of them.
+3. ``bench-bf16``, ``bench-fp32``: LGD-3D R50 (batch 16 quick, 32 full; 16x112x112) inference and a training step,
+   bf16 autocast and fp32 (tf32 as torch's switch says, recorded): the fast model against the reference in eager
+   channels-last (eager AMP channels-last is what a GPU user writes) and ``torch.compile`` of it, each compiled
+   once (the full suite adds the compiled fast model).
+4. ``ops-p3d``: the fused Triton P3D units against eager cuDNN conv + BN + ReLU (two R50 units quick, all full).
+5. ``ops-diffusion``: the diffusion epilogue (CUDA and Triton) against eager, compile and the copy bandwidth.
+
+``--quick`` bounds the whole run to ``--budget`` seconds (default 480: 8 minutes): a step starts only while enough
+time is left and is stopped at the deadline; autotuning is bounded to 2 configs per kernel
+(``$LGD_FAST_AUTOTUNE_CONFIGS``). Results go to ``--out``, else ``$OUT`` where set (the device tool's folder),
+else ``benchmarks/results/gpu_suite_<gpu name>/``: at most 7 files (``gpu_suite.log``, ``gpu_suite.json``,
+``cuda_tests.xml``, ``bench_bf16.json``, ``bench_fp32.json``, ``ops_p3d_units.json``, ``ops_diffusion.json``),
+and a short table is printed last.
+
+Without a GPU the suite says so and exits 2. ``--smoke`` runs every step here on the CPU instead, on tiny shapes
+and without ``torch.compile`` (the build step checks the installed extension instead of rebuilding; the CUDA tests
+are collected and skip): it checks the suite's own plumbing and measures nothing.
+
+    bash benchmarks/gpu_suite.sh --quick             # on a lent GPU: at most 8 minutes, results in $OUT
+    python benchmarks/gpu_suite.py --quick --smoke   # here, no GPU: a minute, every step's code path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK_BUDGET_S = 480.0
+AUTOTUNE_CONFIGS_QUICK = "2"
+FILES = ("gpu_suite.log", "gpu_suite.json", "cuda_tests.xml", "bench_bf16.json", "bench_fp32.json",
+         "ops_p3d_units.json", "ops_diffusion.json")  # fmt: skip
+
+
+@dataclass
+class Step:
+    """One command of the suite: ``min_s`` is the least time left for it to be worth starting."""
+
+    name: str
+    argv: list[str]
+    min_s: float = 20.0
+    result: str | None = None  # the JSON file it writes, under the output folder
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _bench_one(args: argparse.Namespace) -> int:
+    """``--bench-one``: one ``lgd_fast.bench.run_bench`` call written as JSON (no PNG: the file count is bounded)."""
+    from lgd_fast import bench
+
+    if args.smoke:
+        sizes = dict(model="lgd3d_tiny", batch=1, frames=4, size=32, num_classes=10, device="cpu", repeats=1)
+        candidates = ["reference", "fast"]
+    else:
+        sizes = dict(model="lgd3d_r50", batch=16 if args.quick else 32, frames=16, size=112, num_classes=400,
+                     device="cuda", repeats=5 if args.quick else 20)  # fmt: skip
+        candidates = ["reference", "reference_compiled", "fast"] + ([] if args.quick else ["fast_compiled"])
+    payload = bench.run_bench(**sizes, dtype=args.bench_one, candidates=candidates, warmup=1, channels_last=True,
+                              progress=False)  # fmt: skip
+    payload["settings"]["smoke"] = args.smoke
+    print("wrote", bench.write_json(args.out, payload))
+    for pass_, rows in payload["results"].items():
+        print(f"{pass_}: " + ", ".join(f"{name} {row['median_s'] * 1e3:.2f} ms" for name, row in rows.items()))
+    return 0
+
+
+def _steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:
+    py = sys.executable
+    steps = []
+    wheels = sorted(ROOT.glob(".whl/*.whl"))
+    if wheels and not args.smoke:
+        steps.append(Step("wheels", [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *map(str, wheels)]))
+    if args.smoke:  # here the package is installed already; rebuilding would re-point the user's install
+        steps.append(Step("build", [py, "-c", "import lgd_fast._C; print('smoke: lgd_fast._C imports (not rebuilt)')"]))
+    else:
+        steps.append(Step("build", [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
+                          min_s=60.0, env={"MAX_JOBS": str(os.cpu_count() or 4)}))  # fmt: skip
+    steps.append(Step("doctor", [py, "-m", "lgd_fast", "doctor"], min_s=5.0))
+    steps.append(Step("cuda-tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+                                     f"--junitxml={out / 'cuda_tests.xml'}", "tests"], min_s=30.0))  # fmt: skip
+    mode = ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
+    for dtype in ("bf16", "fp32"):
+        result = f"bench_{dtype}.json"
+        argv = [py, __file__, "--bench-one", dtype, "--out", str(out / result), *mode]
+        steps.append(Step(f"bench-{dtype}", argv, min_s=90.0, result=result))
+    device = ["--device", "cpu"] if args.smoke else []
+    units = [*device, *(["--smoke", "--no-compile"] if args.smoke else ["--quick"] if args.quick else [])]
+    argv = [py, str(ROOT / "benchmarks/run_p3d_gpu.py"), *units, "--out", str(out / "ops_p3d_units.json")]
+    steps.append(Step("ops-p3d", argv, min_s=45.0, result="ops_p3d_units.json"))
+    epilogue = ["--device", "cpu" if args.smoke else "cuda", "--no-wait", *mode]
+    steps.append(Step("ops-diffusion", [py, str(ROOT / "benchmarks/run_diffusion_epilogue.py"), *epilogue, "--out",
+                                        str(out / "ops_diffusion.json"), "--plot", str(scratch / "ops_diffusion.png")],
+                      min_s=45.0, result="ops_diffusion.json"))  # fmt: skip
+    return steps
+
+
+def _run(step: Step, log, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """Runs one step in its own process group, its output appended to ``log``; stopped at ``timeout``."""
+    log.write(f"\n=== {step.name}: {' '.join(step.argv)}\n")
+    log.flush()
+    start = time.perf_counter()
+    proc = subprocess.Popen(step.argv, cwd=ROOT, env={**env, **step.env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        rc = proc.wait(timeout=max(timeout, 1.0))
+        status = "passed" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait()
+        status = "timed out"
+    seconds = time.perf_counter() - start
+    log.write(f"=== {step.name}: {status} (exit {rc}) in {seconds:.1f} s\n")
+    log.flush()
+    return {"step": step.name, "status": status, "exit_code": rc, "seconds": round(seconds, 1),
+            "command": step.argv}  # fmt: skip
+
+
+def _log_tail(path: Path, step: str, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").split(f"\n=== {step}: ")[-1].splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _headlines(out: Path) -> list[str]:
+    """A few lines of figures from the result files that exist."""
+    lines = []
+    path = out / "cuda_tests.xml"
+    if path.exists():
+        import xml.etree.ElementTree as ET
+
+        suite = ET.parse(path).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+        lines.append("CUDA tests: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    for dtype in ("bf16", "fp32"):
+        path = out / f"bench_{dtype}.json"
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        tf32 = payload["machine"].get("tf32", {}).get("fp32_convs")
+        label = f"{payload['model']} {'x'.join(map(str, payload['input']))} {dtype}" + (f" ({tf32})" if tf32 and
+                                                                                         dtype == "fp32" else "")
+        for pass_, rows in payload["results"].items():
+            ref = rows["reference"]["median_s"]
+            parts = [f"{name} {row['median_s'] * 1e3:.1f} ms" + ("" if name == "reference" else
+                                                                  f" (x{ref / row['median_s']:.2f})")
+                     for name, row in rows.items()]  # fmt: skip
+            lines.append(f"{label} {pass_}: " + ", ".join(parts))
+    path = out / "ops_p3d_units.json"
+    if path.exists():
+        for key, total in json.loads(path.read_text())["r50_totals"].items():
+            lines.append(f"P3D units {key}: fast x{total['fast_vs_reference']:.2f} vs the eager unit")
+    path = out / "ops_diffusion.json"
+    if path.exists():
+        for check in json.loads(path.read_text())["target_check"]:
+            lines.append(f"diffusion epilogue {check['pass']} {check['memory_format']} {check['metric']}: "
+                         f"{check['measured']:.2f} (target {check['target']})")  # fmt: skip
+    return lines
+
+
+def _output_folder(args: argparse.Namespace) -> Path:
+    if args.out is not None:
+        return Path(args.out)
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"])
+    from lgd_fast.bench import device_slug
+
+    return ROOT / "benchmarks/results" / ("gpu_suite_cpu-smoke" if args.smoke else f"gpu_suite_{device_slug('cuda')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats, bounded by --budget")
+    parser.add_argument("--smoke", action="store_true", help="no GPU: every step on the CPU, tiny, nothing measured")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole suite (default {QUICK_BUDGET_S:.0f} with --quick, else none)")
+    parser.add_argument("--out", default=None, help="results folder (default: $OUT, else benchmarks/results/...)")
+    parser.add_argument("--bench-one", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bench_one:
+        return _bench_one(args)
+    import torch
+
+    if not torch.cuda.is_available() and not args.smoke:
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA device"
+        print(f"gpu_suite: no GPU here ({why}; torch {torch.__version__}): nothing was run or measured. "
+              "`--smoke` runs every step on the CPU on tiny shapes to check the suite itself.", file=sys.stderr)
+        return 2
+    budget = args.budget if args.budget is not None else (QUICK_BUDGET_S if args.quick or args.smoke else None)
+    deadline = None if budget is None else time.monotonic() + budget
+    out = _output_folder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:  # a result from an earlier run must not pass for this one's
+        (out / name).unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
+    if args.quick or args.smoke:
+        env.setdefault("LGD_FAST_AUTOTUNE_CONFIGS", AUTOTUNE_CONFIGS_QUICK)
+    scratch = Path(tempfile.mkdtemp(prefix="lgd_gpu_suite_"))
+    log_path = out / "gpu_suite.log"
+    rows = []
+    started = time.time()
+    with open(log_path, "w") as log:
+        for step in _steps(args, out, scratch):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < step.min_s:
+                rows.append({"step": step.name, "status": "skipped", "exit_code": None, "seconds": 0.0,
+                             "why": f"{left:.0f} s of the budget left, the step needs at least {step.min_s:.0f} s"})
+                print(f"gpu_suite: {step.name:<14} skipped ({rows[-1]['why']})", flush=True)
+                continue
+            print(f"gpu_suite: {step.name:<14} ...", end=" ", flush=True)
+            row = _run(step, log, float("inf") if left is None else left, env)
+            if step.result and (out / step.result).exists():
+                row["result"] = step.result
+            rows.append(row)
+            print(f"{row['status']} in {row['seconds']:.0f} s", flush=True)
+            if row["status"] != "passed":
+                print(_log_tail(log_path, step.name), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    from lgd_fast import doctor
+    from lgd_fast.bench import machine_info
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    summary = {
+        "benchmark": "gpu_suite",
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "measured": not args.smoke,
+        "budget_s": budget,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "autotune_configs": env.get("LGD_FAST_AUTOTUNE_CONFIGS", "all"),
+        "machine": machine_info(device),
+        "doctor": doctor.report(),
+        "steps": rows,
+        "headlines": _headlines(out),
+    }
+    (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\ngpu_suite ({summary['mode']}, {summary['seconds']:.0f} s): results in {out}")
+    for row in rows:
+        print(f"  {row['step']:<14} {row['status']:<10} {row['seconds']:>6.1f} s")
+    if args.smoke:
+        print("  (smoke: tiny shapes on the CPU; the times below only show that each step wrote its result)")
+    for line in summary["headlines"]:
+        print("  " + line)
+    if args.smoke:
+        print("gpu_suite: smoke mode on the CPU: every step's code ran; no GPU figure was measured")
+    bad = [r["step"] for r in rows if r["status"] != "passed"]
+    if bad:
+        print(f"gpu_suite: not passed: {', '.join(bad)} (log: {log_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The GPU suite's own plumbing, checked here without a GPU: it must work the first time a GPU is lent.
+
+- The CUDA tests are collected on a machine without PyAV and DALI (the GPU machine has neither).
+- Autotuning is bounded by ``$LGD_FAST_AUTOTUNE_CONFIGS`` in the pruning every autotuned kernel runs.
+- ``benchmarks/gpu_suite.py --quick --smoke`` runs every step on the CPU and writes its few files to the folder
+  asked for; without ``--smoke`` and without a GPU it says so and exits 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITE = ROOT / "benchmarks" / "gpu_suite.py"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the suite where there is no GPU")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def test_cuda_tests_are_collected_without_pyav_and_dali():
+    """``pytest -m cuda --collect-only`` with ``av`` and ``nvidia.dali`` unimportable: no collection error, and the
+    CUDA tests are there (a module-level ``import av`` anywhere under tests/ or in lgd_fast fails this)."""
+    code = (
+        "import sys\n"
+        "for name in ('av', 'nvidia.dali'):\n"
+        "    sys.modules[name] = None  # import fails, importlib.util.find_spec gives None\n"
+        "import pytest\n"
+        "sys.exit(pytest.main(['-m', 'cuda', '--collect-only', '-q', '-p', 'no:cacheprovider', 'tests']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert any("test_fast_model_on_gpu_matches_reference" in line for line in collected), done.stdout[-2000:]
+    assert "error" not in done.stdout.splitlines()[-1].lower(), done.stdout[-2000:]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_autotuning_is_bounded_by_the_environment(monkeypatch):
+    from lgd_fast.kernels import _common, diffusion_epilogue, global_update, p3d_conv
+
+    x = torch.ones(2, dtype=torch.bfloat16)
+    every = p3d_conv._prune("x_ptr")["early_config_prune"](p3d_conv._CONFIGS, {"x_ptr": x})
+    assert len(every) >= 2 and all(c.kwargs["TILES"] == "16bit" for c in every)
+    monkeypatch.setenv("LGD_FAST_AUTOTUNE_CONFIGS", "1")
+    assert p3d_conv._prune("x_ptr")["early_config_prune"](p3d_conv._CONFIGS, {"x_ptr": x}) == every[:1]
+    for tuner in (p3d_conv._forward, p3d_conv._dgrad, p3d_conv._wgrad, global_update._global_update,
+                  diffusion_epilogue._forward_cl, diffusion_epilogue._backward_rows):  # fmt: skip
+        assert len(tuner.early_config_prune(tuner.configs, {"x_ptr": x, "g_ptr": x})) == 1, tuner
+    monkeypatch.setenv("LGD_FAST_AUTOTUNE_CONFIGS", "0")
+    with pytest.raises(ValueError, match="LGD_FAST_AUTOTUNE_CONFIGS must be a positive integer"):
+        _common.bounded(every)
+
+
+@needs_no_gpu
+def test_the_suite_without_a_gpu_says_so_and_runs_nothing(tmp_path):
+    done = subprocess.run([sys.executable, str(SUITE), "--quick", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "no GPU here" in done.stderr and "--smoke" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@needs_no_gpu
+def test_quick_suite_smoke_mode_runs_every_step_and_writes_few_files(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench_bf16.json").write_text("{}")  # an earlier run's file: must not pass for this run's
+    done = subprocess.run([sys.executable, str(SUITE), "--quick", "--smoke"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=_env(OUT=str(out)))  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "no GPU figure was measured" in done.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files  # what the device tool brings back
+    summary = json.loads((out / "gpu_suite.json").read_text())
+    assert summary["mode"] == "smoke" and summary["measured"] is False
+    steps = {row["step"]: row for row in summary["steps"]}
+    assert list(steps) == ["build", "doctor", "cuda-tests", "bench-bf16", "bench-fp32", "ops-p3d", "ops-diffusion"]
+    assert all(row["status"] == "passed" for row in steps.values()), steps
+    assert summary["autotune_configs"] == "2"
+    for name in ("bench_bf16.json", "bench_fp32.json", "ops_p3d_units.json", "ops_diffusion.json"):
+        assert steps[next(s for s, r in steps.items() if r.get("result") == name)]["status"] == "passed"
+        payload = json.loads((out / name).read_text())
+        assert payload["settings"]["smoke"] is True, name
+    bench = json.loads((out / "bench_bf16.json").read_text())
+    assert bench["dtype"] == "bf16" and bench["settings"]["channels_last"]
+    assert set(bench["results"]) == {"inference", "training"}
+    assert "CUDA tests:" in summary["headlines"][0]
+    log = (out / "gpu_suite.log").read_text()
+    assert all(f"=== {step}: passed" in log for step in steps)
+
+
+@needs_no_gpu
+def test_a_step_past_the_budget_is_skipped_and_named(tmp_path):
+    done = subprocess.run([sys.executable, str(SUITE), "--quick", "--smoke", "--budget", "8", "--out", str(tmp_path)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    skipped = [row for row in summary["steps"] if row["status"] == "skipped"]
+    assert skipped and all("budget left" in row["why"] for row in skipped)
+    assert "not passed" in done.stderr and skipped[0]["step"] in done.stderr
