@@ -128,11 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--aot",
         metavar="TARGETS",
-        help="comma-separated GPU targets to compile every Triton kernel for, without a GPU (e.g. sm_90a,sm_80); "
-        "exits 1 on a compile failure or a register spill",
+        help="comma-separated GPU targets to compile every Triton kernel for as its JIT would, without a GPU (e.g. "
+        "sm_90a,sm_80); prints registers, spills, shared memory, the GEMM's instructions (wgmma / mma / fma) and "
+        "global load widths per build; exits 1 on a compile failure or a register spill",
     )
     doctor.add_argument(
-        "--dtypes", default="bf16", help="element types of the large tensors for --aot (default: bf16; e.g. fp32,bf16)"
+        "--dtypes",
+        default="bf16",
+        help="element types of the large tensors for --aot (default: bf16; e.g. fp32,bf16; fp32 builds the "
+        "tf32 variants too)",
     )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -499,8 +503,7 @@ def _doctor(args) -> int:
             print(f"lgd-fast doctor: error: {err}", file=sys.stderr)
             return 1
         spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-        if spilled:
-            status = 1
+        status = 1 if spilled else 0
     if args.json:
         print(json.dumps({**info, "aot": rows}, indent=2))
     else:
@@ -509,7 +512,13 @@ def _doctor(args) -> int:
             print(f"\nahead-of-time compilation ({len(rows)} kernel builds):")
             print(doctor.format_rows(rows))
     if status:
-        print("lgd-fast doctor: error: register spills in the kernels above", file=sys.stderr)
+        print(f"lgd-fast doctor: error: register spills in {len(spilled)} of the kernel builds:", file=sys.stderr)
+        for r in spilled:
+            print(
+                f"  {r['kernel']} [{r['config']}, {r['num_warps']} warps, {r['num_stages']} stages, {r['dtype']}] "
+                f"on {r['target']}: {r['spill_stores']} bytes spill stores, {r['spill_loads']} bytes spill loads",
+                file=sys.stderr,
+            )
     return status
 
 

@@ -2,13 +2,18 @@
 
 ``report()`` says which backends are available and, for each one that is not, why (extension import
 error, triton missing, no CUDA device, no nvcc). ``aot_compile()`` compiles every Triton kernel in
-``lgd_fast.kernels`` ahead of time for given targets (``sm_90a``, ``sm_80``) with triton's own compiler
-and bundled ``ptxas``, and returns one row per kernel, block config and target with registers, spills
-and shared memory. ``format_report`` / ``format_rows`` turn both into text for ``lgd-fast doctor``.
+``lgd_fast.kernels`` ahead of time for given targets (``sm_90a``, ``sm_80``) as the JIT would on that GPU: the
+JIT's own specialisation of a typical launch's arguments (16-byte aligned pointers, integers divisible by 16
+marked so), the autotuner's options, Triton's compiler with its own ptxas and ptxas options. It returns one row
+per kernel, block config, element type (fp32 both exact and tf32) and target with what Triton's cubin holds,
+read with Triton's cuobjdump: registers, spills (bytes of local stores/loads), stack and shared memory, whether
+the GEMM runs on ``wgmma`` (Hopper), ``mma`` (mma.sync) or FMA units, and the widths of its global loads.
+``format_report`` / ``format_rows`` turn both into text for ``lgd-fast doctor``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
@@ -110,116 +115,202 @@ def _capability(target: str) -> int:
     return int(match.group(1))
 
 
-def _ptxas(capability: int) -> str:
-    # The ptxas triton itself uses for this capability (3.9 keeps a newer one for sm_90+; 3.6 has one).
-    from triton.backends.nvidia import compiler
-
-    try:
-        tool = compiler.get_ptxas(capability)
-    except TypeError:
-        tool = compiler.get_ptxas()
-    return tool.path
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _ptxas_usage(ptxas: str, ptx: str, arch: str) -> dict:
+def _jit_source(kernel, args: dict, constexprs: dict, num_warps: int, num_stages, dtype: str, backend):
+    """(ASTSource, options, attrs) as ``kernel[grid](...)`` makes them for a launch with these arguments.
+
+    Runs the JIT's own binder (``create_function_from_signature``) and ``JITFunction._pack_args`` on the
+    arguments, the tensors stood in by triton's ``MockTensor`` (a 16-byte aligned address, as every tensor the
+    launchers pass): pointers and integers that are multiples of 16 get ``tt.divisibility = 16``, an integer 1
+    becomes a constant, as on a GPU. The keyword arguments are those the autotuner and ``JITFunction.run`` add.
+    """
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+    from triton.runtime import jit
+
+    if not hasattr(jit, "create_function_from_signature") or not hasattr(kernel, "_pack_args"):
+        raise RuntimeError(
+            f"triton {triton.__version__} has no create_function_from_signature / JITFunction._pack_args to "
+            "specialise the kernels as its JIT does (written against triton 3.6 and 3.9)"
+        )
+    values = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            continue
+        if name not in args:
+            raise RuntimeError(f"the AOT spec gives no launch value for argument {name!r}")
+        value = args[name]
+        if isinstance(value, str):  # a tensor: "*{t}" or "*fp32"
+            values[name] = jit.MockTensor(_TORCH_DTYPES[value.format(t=dtype).lstrip("*")])
+        else:
+            values[name] = value
+    stages = {} if num_stages is None else {"num_stages": num_stages}
+    config = triton.Config(dict(constexprs), num_warps=num_warps, **stages)
+    kwargs = {**config.all_kwargs(), "debug": kernel.debug or knobs.runtime.debug}
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):  # what JITFunction.run adds (3.6: the first)
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
+    binder = jit.create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(**values, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return ASTSource(kernel, signature, constexprs, attrs), options, attrs
+
+
+# Bits a SASS global load / local store moves, by its size suffix (none: 32 bits).
+_WIDTHS = {"U8": 8, "S8": 8, "U16": 16, "S16": 16, "64": 64, "128": 128}
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
+
+
+def _bits(opcode: str) -> int:
+    return next((_WIDTHS[part] for part in opcode.split(".")[1:] if part in _WIDTHS), 32)
+
+
+def _cubin_usage(cubin: bytes, has_dot: bool) -> dict:
+    """Registers, spills, stack, the GEMM's instructions and the global load widths of one kernel's cubin."""
+    from triton import knobs
+
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
         done = subprocess.run(
-            [ptxas, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", "--dump-sass", path],
             capture_output=True,
             text=True,
             timeout=300,
         )
-    text = done.stdout + done.stderr
-    if done.returncode != 0:
-        raise RuntimeError(f"ptxas failed for {arch}:\n{text}")
-    regs = re.search(r"Used (\d+) registers", text)
-    stores = re.search(r"(\d+) bytes spill stores", text)
-    loads = re.search(r"(\d+) bytes spill loads", text)
-    if regs is None or stores is None or loads is None:
-        raise RuntimeError(f"could not read ptxas -v output:\n{text}")
-    return {"registers": int(regs.group(1)), "spill_stores": int(stores.group(1)), "spill_loads": int(loads.group(1))}
+    text = done.stdout
+    usage = re.search(r"REG:(\d+)\s+STACK:(\d+)", text)
+    if done.returncode != 0 or usage is None:
+        raise RuntimeError(f"cuobjdump could not read the cubin:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    ops = _OPCODE.findall(text)
+    roots = {op.split(".")[0] for op in ops}
+    if "HGMMA" in roots:
+        mma = "wgmma"
+    elif "HMMA" in roots:
+        mma = "mma"
+    else:
+        mma = "fma" if has_dot else "-"
+    return {
+        "registers": int(usage.group(1)),
+        "spill_stores": sum(_bits(op) for op in ops if op.split(".")[0] == "STL") // 8,
+        "spill_loads": sum(_bits(op) for op in ops if op.split(".")[0] == "LDL") // 8,
+        "stack_bytes": int(usage.group(2)),
+        "mma": mma,
+        "load_bits": sorted({_bits(op) for op in ops if op.split(".")[0] in ("LDG", "LDGSTS")}),
+    }
+
+
+def _compile(kernel, args: dict, constexprs: dict, num_warps: int, num_stages, dtype: str, target: str):
+    """Compiles one kernel for ``target`` as its JIT would: (row fields known from the compile, cubin, has a dot)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    gpu = GPUTarget("cuda", _capability(target), 32)
+    src, options, attrs = _jit_source(kernel, args, constexprs, num_warps, num_stages, dtype, make_backend(gpu))
+    compiled = triton.compile(src, target=gpu, options=options.__dict__)
+    fields = {
+        "num_stages": options.num_stages,
+        "arch": re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1),
+        "shared_bytes": int(compiled.metadata.shared),
+        "divisible": [kernel.arg_names[path[0]] for path, attr in attrs.items() if ["tt.divisibility", 16] in attr],
+    }
+    return fields, compiled.asm["cubin"], "tt.dot" in compiled.asm["ttir"]
+
+
+def _build(kernel, args: dict, constexprs: dict, num_warps: int, num_stages, dtype: str, target: str) -> dict:
+    """One kernel built as its JIT would for ``target``, and what its cubin holds (the fields of a row)."""
+    fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
+    return {**fields, **_cubin_usage(cubin, has_dot)}
+
+
+def _aot_builds(targets, dtypes):
+    """(target, name, kernel, args, constexprs, warps, stages or None, dtype) of every build ``aot_compile`` makes."""
+    from lgd_fast.kernels import diffusion_epilogue, global_update, p3d_conv
+
+    kernels = {**diffusion_epilogue.AOT_KERNELS, **global_update.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
+    for target in targets:
+        for name, (kernel, args, configs, *for_dtypes) in kernels.items():
+            for dtype in dtypes:
+                if for_dtypes and dtype not in for_dtypes[0]:  # configs made for other element types
+                    continue
+                for constexprs, num_warps, *stages in configs:
+                    yield target, name, kernel, args, constexprs, num_warps, stages[0] if stages else None, dtype
 
 
 def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
-    """Compiles every Triton kernel (every autotune config) for each target, without a GPU.
+    """Compiles every Triton kernel (every autotune config) for each target as its JIT would, without a GPU.
+
+    Each build is the one ``kernel[grid](...)`` makes at a typical launch (the kernel module's ``AOT_KERNELS``
+    gives the arguments: an lgd3d_r50 shape): the JIT's own specialisation (16-byte aligned pointers and
+    integers divisible by 16 marked ``tt.divisibility``), the autotuner's options, then ``triton.compile`` with
+    Triton's own ptxas and options. What is reported is read from that cubin with Triton's bundled cuobjdump.
 
     Args:
         targets: e.g. ``("sm_90a", "sm_80")``; Triton emits ``sm_90a`` for capability 90.
-        dtypes: Triton element types of the large tensors (``"fp32"``, ``"bf16"``, ``"fp16"``).
+        dtypes: element types of the large tensors (``"fp32"``, ``"bf16"``, ``"fp16"``); ``"fp32"`` builds both
+            the exact-fp32 kernels and, where a kernel has them, their tf32 variants (what runs under
+            ``torch.backends.cudnn.allow_tf32``, on by default).
 
     Returns:
-        One dict per kernel, config, dtype and target: ``kernel``, ``config``, ``num_warps``, ``dtype``,
-        ``target``, ``arch`` (the PTX target), ``registers``, ``spill_stores``, ``spill_loads`` (bytes, from
-        ``ptxas -v`` on the kernel's PTX), ``shared_bytes`` (Triton's shared memory), ``seconds``.
+        One dict per kernel, config, dtype and target: ``kernel``, ``config`` (the tile), ``constexprs`` (all),
+        ``num_warps``, ``num_stages``, ``dtype``, ``tf32`` (the GEMM on tf32 tensor cores), ``target``, ``arch``
+        (the PTX target), ``registers``, ``spill_stores`` / ``spill_loads`` (bytes of STL / LDL in the SASS:
+        ptxas' spills), ``stack_bytes``, ``shared_bytes`` (the shared memory the launch asks for), ``mma``
+        (``"wgmma"``: Hopper warpgroup MMA, ``"mma"``: mma.sync, ``"fma"``: the dot on FMA units, ``"-"``: no
+        dot), ``load_bits`` (widths of its global loads: 128 where vectorised), ``divisible`` (the arguments
+        the JIT marked divisible by 16), ``seconds`` (the compile).
 
     Raises:
         RuntimeError: triton is missing, or a kernel fails to compile (names the kernel and target).
     """
     if _backend.triton_error() is not None:
         raise RuntimeError(f"aot_compile: {_backend.triton_error()}")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from lgd_fast.kernels import diffusion_epilogue, global_update, p3d_conv
-
-    kernels = {**diffusion_epilogue.AOT_KERNELS, **global_update.AOT_KERNELS, **p3d_conv.AOT_KERNELS}
-    rows = []
     for target in targets:
-        gpu = GPUTarget("cuda", _capability(target), 32)
-        ptxas = _ptxas(_capability(target))
-        for name, (kernel, args, configs, *for_dtypes) in kernels.items():
-            for dtype in dtypes:
-                if for_dtypes and dtype not in for_dtypes[0]:  # configs made for other element types
-                    continue
-                for constexprs, num_warps, *stages in configs:
-                    signature = {}
-                    for arg in kernel.arg_names:
-                        if arg in args:
-                            signature[arg] = args[arg].format(t=dtype)
-                        else:
-                            signature[arg] = "constexpr" if arg in constexprs else "i32"
-                    config = ",".join(f"{k}={v}" for k, v in constexprs.items())
-                    start = time.perf_counter()
-                    try:
-                        compiled = triton.compile(
-                            ASTSource(kernel, signature, constexprs=dict(constexprs)),
-                            target=gpu,
-                            options={
-                                "num_warps": num_warps,
-                                "num_stages": stages[0] if stages else 3,
-                                "enable_fp_fusion": True,
-                            },
-                        )
-                        arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
-                        usage = _ptxas_usage(ptxas, compiled.asm["ptx"], arch)
-                    except Exception as exc:
-                        raise RuntimeError(
-                            f"aot_compile: {name} [{config}, {num_warps} warps, {dtype}] failed for {target}: {exc}"
-                        ) from exc
-                    rows.append(
-                        {
-                            "kernel": name,
-                            "config": config,
-                            "num_warps": num_warps,
-                            "dtype": dtype,
-                            "target": target,
-                            "arch": arch,
-                            **usage,
-                            "shared_bytes": int(compiled.metadata.shared),
-                            "seconds": round(time.perf_counter() - start, 2),
-                        }
-                    )
+        _capability(target)  # a bad target fails before any compile
+    builds = []  # (row so far, what failed if it fails, the cubin's usage being read)
+    # Compiles run one after the other; reading each cubin's SASS (a third of a second) overlaps them.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for target, name, kernel, args, constexprs, num_warps, num_stages, dtype in _aot_builds(targets, dtypes):
+            config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
+            what = f"{name} [{config}, {num_warps} warps, {dtype}] failed for {target}"
+            start = time.perf_counter()
+            try:
+                fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
+            except Exception as exc:
+                raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
+            row = {
+                "kernel": name,
+                "config": config,
+                "constexprs": dict(constexprs),
+                "num_warps": num_warps,
+                "num_stages": fields.pop("num_stages"),
+                "dtype": dtype,
+                "tf32": dtype == "fp32" and bool(constexprs.get("TF32", False)),
+                "target": target,
+                "arch": fields.pop("arch"),
+                **fields,
+                "seconds": round(time.perf_counter() - start, 2),  # the compile
+            }
+            builds.append((row, what, pool.submit(_cubin_usage, cubin, has_dot)))
+    rows = []
+    for row, what, usage in builds:
+        try:
+            rows.append({**row, **usage.result()})
+        except Exception as exc:
+            raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     """``aot_compile()`` rows as a fixed-width table."""
-    cols = ["kernel", "config", "num_warps", "dtype", "target", "registers", "spill_stores", "spill_loads"]
-    cols.append("shared_bytes")
-    table = [cols] + [[str(row[c]) for c in cols] for row in rows]
+    cols = ["kernel", "config", "num_warps", "num_stages", "dtype", "target", "registers", "spill_stores"]
+    cols += ["spill_loads", "shared_bytes", "mma", "load_bits"]
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    table = [cols] + [[text(row[c]) for c in cols] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table)

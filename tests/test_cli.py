@@ -64,11 +64,38 @@ def test_doctor_aot_bad_target_fails(capsys):
     assert "not of the form sm_80 / sm_90a" in capsys.readouterr().err
 
 
-def test_doctor_aot_prints_registers_and_spills(capsys):  # triton comes with the dev install
-    assert main(["doctor", "--aot", "sm_80", "--json"]) == 0
+def test_doctor_aot_reports_registers_spills_and_mma(capsys):  # triton comes with the dev install
+    assert main(["doctor", "--aot", "sm_90a", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["aot"]
-    assert rows and {r["target"] for r in rows} == {"sm_80"}
+    assert rows and {r["target"] for r in rows} == {"sm_90a"}
     assert all(r["registers"] > 0 and r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows)
+    fields = {"num_stages", "tf32", "stack_bytes", "shared_bytes", "mma", "load_bits", "divisible", "constexprs"}
+    assert all(fields <= set(r) for r in rows)
+    conv = [r for r in rows if r["kernel"].startswith("p3d_conv_")]
+    assert conv and all(r["mma"] == "wgmma" and r["dtype"] == "bf16" and not r["tf32"] for r in conv)
+    assert all("x_ptr" in r["divisible"] or "g_ptr" in r["divisible"] for r in conv)
+    from lgd_fast import doctor
+
+    header = doctor.format_rows(rows).splitlines()[0].split()  # the text table `doctor --aot` prints
+    assert header[:2] == ["kernel", "config"] and {"registers", "spill_stores", "mma", "load_bits"} <= set(header)
+
+
+def test_doctor_aot_exits_1_naming_the_spilled_builds(capsys, monkeypatch):
+    from lgd_fast import doctor
+
+    row = dict(kernel="p3d_conv_forward_spatial[fp32]", config="BLOCK_M=64,BLOCK_N=64,BLOCK_K=16", num_warps=4,
+               num_stages=2, dtype="fp32", tf32=False, target="sm_90a", registers=128, spill_stores=4, spill_loads=4,
+               stack_bytes=8, shared_bytes=8192, mma="fma", load_bits=[128])  # fmt: skip
+    clean = {**row, "num_warps": 8, "spill_stores": 0, "spill_loads": 0, "stack_bytes": 0}
+    monkeypatch.setattr(doctor, "aot_compile", lambda targets, dtypes: [row, clean])
+    assert main(["doctor", "--aot", "sm_90a", "--dtypes", "fp32"]) == 1
+    captured = capsys.readouterr()
+    assert "p3d_conv_forward_spatial[fp32]" in captured.out
+    assert "register spills in 1 of the kernel builds" in captured.err
+    assert "p3d_conv_forward_spatial[fp32] [BLOCK_M=64,BLOCK_N=64,BLOCK_K=16, 4 warps, 2 stages, fp32] on sm_90a" in (
+        captured.err
+    )
+    assert "8 warps" not in captured.err
 
 
 def test_console_script_runs():

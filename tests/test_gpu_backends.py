@@ -5,7 +5,8 @@
     the error of the plain PyTorch composite at that dtype, poisoned allocations. The interpreter must be on
     before triton is imported, so these run in a subprocess (this file run as a script) and the test
     functions here check its results; other test modules keep the compiled kernels.
-(b) Every Triton kernel compiles ahead of time for sm_80 and sm_90a with no register spills.
+(b) Every Triton kernel compiles ahead of time for sm_80 and sm_90a, as the JIT builds it, with no register
+    spills, its GEMMs on wgmma / mma.sync / FMA as meant, and the JIT's divisibility hints in effect.
 (c) Every ``csrc/cuda/*.cu`` compiles with nvcc for sm_80 and sm_90a with no spills (started first, in the
     background, since it is the slowest check).
 Plus the backend choice that needs no GPU: what ``auto`` and explicit requests do on CPU tensors.
@@ -256,7 +257,9 @@ def test_global_update_triton_interpreted_matches_reference(interpreted, shape, 
 
 
 @needs_triton
-def test_triton_kernels_compile_for_sm80_and_sm90a_without_spills():
+def test_triton_kernels_compile_for_sm80_and_sm90a_as_the_jit_does_without_spills():
+    """Every kernel, config, dtype (fp32 exact and tf32) and target, built as the JIT builds it: no spills, the
+    GEMMs on the units they are meant for, and the JIT's divisibility hints in effect."""
     from lgd_fast import doctor
     from lgd_fast.kernels import diffusion_epilogue, global_update, p3d_conv
 
@@ -269,6 +272,56 @@ def test_triton_kernels_compile_for_sm80_and_sm90a_without_spills():
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"register spills:\n{doctor.format_rows(spilled)}"
     assert all(0 < r["registers"] <= 255 for r in rows)
+
+    conv = [r for r in rows if r["kernel"].startswith("p3d_conv_")]
+    assert {r["dtype"] for r in conv} == {"bf16", "fp32"}
+    assert {r["tf32"] for r in conv if r["dtype"] == "fp32"} == {True, False}
+    by_kind = {}
+    for r in conv:
+        kind = (r["target"], "tf32" if r["tf32"] else r["dtype"])
+        by_kind.setdefault(kind, set()).add(r["mma"])
+    assert by_kind[("sm_90a", "bf16")] == {"wgmma"}, [r for r in conv if r["target"] == "sm_90a"]
+    assert by_kind[("sm_80", "bf16")] == {"mma"}
+    assert by_kind[("sm_90a", "fp32")] == by_kind[("sm_80", "fp32")] == {"fma"}  # exact fp32: no tensor cores
+    assert by_kind[("sm_90a", "tf32")] <= {"wgmma", "mma"} and "wgmma" in by_kind[("sm_90a", "tf32")]
+    assert by_kind[("sm_80", "tf32")] == {"mma"}
+    assert all(r["mma"] == "-" for r in rows if r["kernel"].startswith(("forward_", "backward_")))  # no GEMM
+
+    # The JIT's specialisation: every pointer and the multiples of 16 (M, channels) marked, the spatial sizes
+    # (28, 14) not; with the marks, the bf16 forward reads its operands in 16-byte loads.
+    for r in conv:
+        pointers = {name for name in r["divisible"] if name.endswith("_ptr")}
+        assert len(pointers) == (7 if "forward" in r["kernel"] else 3), r
+        assert {"M", "Ci", "Co"} <= set(r["divisible"]) and not {"T", "H", "W", "Ho", "Wo"} & set(r["divisible"])
+    forward_bf16 = [r for r in conv if "forward" in r["kernel"] and r["dtype"] == "bf16"]
+    assert forward_bf16 and all(128 in r["load_bits"] and 16 not in r["load_bits"] for r in forward_bf16)
+
+
+@needs_triton
+def test_aot_build_without_the_hints_reads_scalars():
+    """The control for the test above: the bf16 forward with a misaligned tensor and channel counts that are
+    not multiples of 16 (what the old doctor compiled) loads 2-byte scalars; the load widths tell them apart."""
+    from lgd_fast import doctor
+    from lgd_fast.kernels import p3d_conv
+
+    class Misaligned:  # a tensor as the JIT's specialisation sees it, at an address 2 bytes past 16
+        dtype = torch.bfloat16
+
+        @staticmethod
+        def data_ptr():
+            return 2
+
+    kernel, args, configs, _ = p3d_conv.AOT_KERNELS["p3d_conv_forward_spatial[16bit]"]
+    constexprs, warps, stages = configs[0]
+    hinted = doctor._build(kernel, args, constexprs, warps, stages, "bf16", "sm_90a")
+    odd = {
+        name: (Misaligned() if value == "*{t}" else value + 1 if isinstance(value, int) else value)
+        for name, value in args.items()
+    }
+    plain = doctor._build(kernel, odd, constexprs, warps, stages, "bf16", "sm_90a")
+    assert not {"x_ptr", "w_ptr", "Ci", "Co", "M"} & set(plain["divisible"]), plain["divisible"]
+    assert 16 in plain["load_bits"] and 128 not in plain["load_bits"], plain
+    assert 128 in hinted["load_bits"] and 16 not in hinted["load_bits"], hinted
 
 
 # ---- (c) nvcc --------------------------------------------------------------------------------------------

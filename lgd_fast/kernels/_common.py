@@ -11,7 +11,7 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["available", "interpreting", "launch", "unavailable_reason"]
+__all__ = ["autotune_limit", "available", "bounded", "interpreting", "launch", "unavailable_reason"]
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -29,6 +29,24 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """None if triton imported, else why not."""
     return None if _HAS_TRITON else "the triton package is not installed (`pip install triton`)"
+
+
+def autotune_limit() -> int | None:
+    """``$LGD_FAST_AUTOTUNE_CONFIGS``: at most this many autotune configs per kernel (and per tile class), the
+    first ones listed; unset or empty for all. Autotuning compiles and times every config of every kernel for
+    every new shape, minutes for a whole model; a short GPU session bounds that (the quick GPU suite sets 2)."""
+    text = os.environ.get("LGD_FAST_AUTOTUNE_CONFIGS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"LGD_FAST_AUTOTUNE_CONFIGS must be a positive integer or unset, got {text!r}")
+    return int(text)
+
+
+def bounded(configs: list) -> list:
+    """The first ``autotune_limit()`` of ``configs`` (all when unset): an autotuner's early_config_prune."""
+    limit = autotune_limit()
+    return list(configs) if limit is None else list(configs)[:limit]
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

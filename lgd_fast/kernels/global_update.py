@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _HAS_TRITON, available, interpreting, unavailable_reason
+from ._common import _HAS_TRITON, available, bounded, interpreting, unavailable_reason
 from ._common import launch as _launch
 
 __all__ = ["AOT_KERNELS", "available", "forward", "interpreting", "unavailable_reason"]
@@ -110,13 +110,19 @@ if _HAS_TRITON:
             for n, o, k, w, st in _TILES
         ],
         key=["N", "C_in", "H", "C_out"],
+        prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: bounded(configs)},
     )(_global_update_kernel)
 
-    _P = "*{t}"
+    # What doctor.aot_compile builds ahead of time, as the JIT would: kernel, its runtime arguments at a typical
+    # launch (tensors as Triton pointer types, {t}: the inputs' element type; the sizes of lgd3d_r50's first res3
+    # block at batch 8: C_in 256, C_out 512, hidden 512 / 16), and (constexprs, warps, stages) of every config.
     AOT_KERNELS = {
         "global_update": (
             _global_update_kernel,
-            {name: _P for name in _global_update_kernel.arg_names if name.endswith("_ptr")},
+            {
+                **{name: "*{t}" for name in _global_update_kernel.arg_names if name.endswith("_ptr")},
+                **dict(N=8, C_in=256, H=32, C_out=512),
+            },
             [({"BLOCK_N": n, "BLOCK_O": o, "BLOCK_K": k}, w, st) for n, o, k, w, st in _TILES],
         )
     }

@@ -13,13 +13,14 @@ conv (variant B's carries the spatial stride too) and the pointwise 1x1x1 conv. 
     wgrad    gw[tap, ci, co] = sum_m x[m shifted by tap, ci] * g[m, co]               (split over m)
 
 m runs over the N * T * Ho * Wo output positions, p over the N * T * H * W input positions. Every product is
-accumulated in float32 (float32 operands as tf32 when the launcher asks: see ``ops.p3d_conv.uses_tf32``); outputs are rounded once on store. Statistics and the weight
-gradient are written as per-program float32 partials that the launcher adds in a fixed order: no atomics,
-the same bits every run for a given block config. Each program's statistics are centred on its own tile's
-mean, and the launcher merges them by Chan's rule in float64 (no E[z^2] - E[z]^2 cancellation where the mean
-is many standard deviations from zero); the partials are zeroed before every launch the autotuner makes, so
-a config's tiles never add another config's leftovers. Block sizes are autotuned per (M, Ci, Co) on a GPU; under
-``TRITON_INTERPRET=1`` one small config runs on CPU tensors.
+accumulated in float32 (float32 operands as tf32 when the launcher asks: ``ops.p3d_conv.uses_tf32``); outputs
+are rounded once on store. Statistics and the weight gradient are written as per-program float32 partials that
+the launcher adds in a fixed order: no atomics, the same bits every run for a given block config. Each
+program's statistics are centred on its own tile's mean, and the launcher merges them by Chan's rule in float64
+(no E[z^2] - E[z]^2 cancellation where the mean is many standard deviations from zero); the partials are zeroed
+before every launch the autotuner makes, so a config's tiles never add another config's leftovers. Block sizes
+are autotuned per (M, Ci, Co) on a GPU (at most ``$LGD_FAST_AUTOTUNE_CONFIGS`` configs per tile class, see
+``_common.bounded``); under ``TRITON_INTERPRET=1`` one small config runs on CPU tensors.
 """
 
 from __future__ import annotations
@@ -40,16 +41,19 @@ if _HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import bounded as _bounded
     from ._common import dot as _dot
     from ._common import rounded as _rounded
 
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per operand width, every one free of register spills on sm_80
     # and sm_90a for every kernel here (`lgd-fast doctor --aot`). BLOCK_K slices the input channels of one tap
     # (forward, dgrad) or the positions (wgrad). 16-bit operands run on tensor cores; exact float32 (no tf32)
-    # runs Triton's FMA dot, whose operands live in registers: smaller K slices.
+    # runs Triton's FMA dot, whose operands live in registers: smaller K slices. The fp32 list serves tf32 too.
+    # 128x64 takes 3 stages and 64x64 with 4 warps 1 stage: with 2 stages both spilled (forward, exact fp32: 28-32
+    # bytes on sm_80, 4 bytes on sm_90a) in the JIT's own builds.
     _TILES = {
         "16bit": [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 32, 4, 3)],
-        "fp32": [(128, 64, 16, 8, 2), (64, 64, 16, 4, 2), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
+        "fp32": [(128, 64, 16, 8, 3), (64, 64, 16, 4, 1), (32, 64, 16, 4, 2), (64, 32, 16, 4, 2)],
     }
     if interpreting():
         _TILES = {"16bit": [(128, 64, 32, 1, 1)], "fp32": [(64, 64, 64, 1, 1)]}
@@ -65,7 +69,7 @@ if _HAS_TRITON:
     def _prune(operand: str):
         def prune(configs, named_args, **kwargs):
             cls = _TILE_CLASS[named_args[operand].dtype]
-            return [c for c in configs if c.kwargs["TILES"] == cls]
+            return _bounded([c for c in configs if c.kwargs["TILES"] == cls])
 
         return {"early_config_prune": prune}
 
@@ -273,36 +277,49 @@ if _HAS_TRITON:
     _dgrad = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("g_ptr"))(_dgrad_kernel)
     _wgrad = triton.autotune(configs=_CONFIGS, key=_KEY, prune_configs_by=_prune("x_ptr"))(_wgrad_kernel)
 
-    # What doctor.aot_compile builds ahead of time: kernel, its runtime arguments (name -> Triton type with
-    # {t} standing for the large tensors' element type), (constexprs, warps, stages) of every config, and the
-    # element types those configs are for.
+    # What doctor.aot_compile builds ahead of time, as the JIT would: name -> (kernel, its runtime arguments at a
+    # typical launch, (constexprs, warps, stages) of every autotune config, the element types they are for). The
+    # arguments: tensors as Triton pointer types ({t}: the large tensors' element type; every tensor the
+    # launchers pass is 16-byte aligned, as the JIT finds it), integers at lgd3d_r50's res3 at batch 8, 16
+    # frames of 112 px (T = 4; the first block's 3x3 conv takes 28 x 28 to 14 x 14 with stride 2, 128 channels).
+    # The JIT marks a multiple of 16 divisible by 16: so do these builds, as every real one does for M and the
+    # channel counts (R50's are multiples of 64) and for wgrad's split_len (a multiple of _WGRAD_QUANTUM); the
+    # frame count and spatial sizes (4, 28, 14; 7 at res5) are not. fp32 builds come exact and as tf32 (what runs
+    # under torch.backends.cudnn.allow_tf32, on by default).
     def _aot(kernel, args, constexprs):
+        variants = {"16bit": ("16bit", False), "fp32": ("fp32", False), "tf32": ("fp32", True)}
         return {
-            f"{cls}": (
+            name: (
                 kernel,
                 args,
                 [
-                    ({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "TILES": cls, **constexprs}, w, st)
-                    for m, n, k, w, st in tiles
+                    ({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "TILES": cls, **constexprs, "TF32": tf32}, w, st)
+                    for m, n, k, w, st in _TILES[cls]
                 ],
                 ("fp32",) if cls == "fp32" else ("bf16", "fp16"),
             )
-            for cls, tiles in _TILES.items()
+            for name, (cls, tf32) in variants.items()
         }
 
     _P, _F = "*{t}", "*fp32"
-    # The epilogue at its heaviest (every option on) for the 3x3 spatial and the 3x1x1 temporal kernels.
-    _EPILOGUE = dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, RELU=True, STATS=True, TF32=False)
-    _FWD_ARGS = dict(x_ptr=_P, w_ptr=_P, out_ptr=_P, scale_ptr=_F, shift_ptr=_F, res_ptr=_P, part_ptr=_F)
+    _M, _C = 8 * 4 * 14 * 14, 128  # output positions, channels (in = out)
+    _SIZES = dict(T=4, Ci=_C, Co=_C)
     _SPATIAL = dict(STRIDE=2, KT=1, KH=3, KW=3)
+    _SPATIAL_SIZES = dict(H=28, W=28, Ho=14, Wo=14, **_SIZES)
     _TEMPORAL = dict(STRIDE=1, KT=3, KH=1, KW=1)
+    _TEMPORAL_SIZES = dict(H=14, W=14, Ho=14, Wo=14, **_SIZES)
+    # The epilogue at its heaviest (every option on).
+    _EPILOGUE = dict(HAS_SCALE=True, HAS_SHIFT=True, HAS_RES=True, RELU=True, STATS=True)
+    _FWD_ARGS = dict(x_ptr=_P, w_ptr=_P, out_ptr=_P, scale_ptr=_F, shift_ptr=_F, res_ptr=_P, part_ptr=_F, M=_M)
+    _DGRAD_ARGS = dict(g_ptr=_P, w_ptr=_P, gx_ptr=_P)  # M: the input positions
+    _WGRAD_ARGS = dict(x_ptr=_P, g_ptr=_P, part_ptr=_F, M=_M, split_len=1024)
     _KERNELS = {
-        "p3d_conv_forward_spatial": (_forward_kernel, _FWD_ARGS, {**_SPATIAL, **_EPILOGUE}),
-        "p3d_conv_forward_temporal": (_forward_kernel, _FWD_ARGS, {**_TEMPORAL, **_EPILOGUE}),
-        "p3d_conv_dgrad_spatial": (_dgrad_kernel, dict(g_ptr=_P, w_ptr=_P, gx_ptr=_P), {**_SPATIAL, "TF32": False}),
-        "p3d_conv_dgrad_temporal": (_dgrad_kernel, dict(g_ptr=_P, w_ptr=_P, gx_ptr=_P), {**_TEMPORAL, "TF32": False}),
-        "p3d_conv_wgrad_spatial": (_wgrad_kernel, dict(x_ptr=_P, g_ptr=_P, part_ptr=_F), {**_SPATIAL, "TF32": False}),
-        "p3d_conv_wgrad_temporal": (_wgrad_kernel, dict(x_ptr=_P, g_ptr=_P, part_ptr=_F), {**_TEMPORAL, "TF32": False}),
+        "p3d_conv_forward_spatial": (_forward_kernel, {**_FWD_ARGS, **_SPATIAL_SIZES}, {**_SPATIAL, **_EPILOGUE}),
+        "p3d_conv_forward_temporal": (_forward_kernel, {**_FWD_ARGS, **_TEMPORAL_SIZES}, {**_TEMPORAL, **_EPILOGUE}),
+        "p3d_conv_dgrad_spatial": (_dgrad_kernel, {**_DGRAD_ARGS, **_SPATIAL_SIZES, "M": 4 * _M}, _SPATIAL),
+        "p3d_conv_dgrad_temporal": (_dgrad_kernel, {**_DGRAD_ARGS, **_TEMPORAL_SIZES, "M": _M}, _TEMPORAL),
+        "p3d_conv_wgrad_spatial": (_wgrad_kernel, {**_WGRAD_ARGS, **_SPATIAL_SIZES}, _SPATIAL),
+        "p3d_conv_wgrad_temporal": (_wgrad_kernel, {**_WGRAD_ARGS, **_TEMPORAL_SIZES}, _TEMPORAL),
     }
     AOT_KERNELS = {f"{name}[{cls}]": entry for name, spec in _KERNELS.items() for cls, entry in _aot(*spec).items()}
 else:
