@@ -269,12 +269,25 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self._owns_group:
-            # Every process waits for rank 0's last validation and checkpoint, then the group is shut down: a
-            # process that exited with the group alive could abort in the collectives' threads at exit
-            # ("terminate called without an active exception", SIGABRT, seen once in CI on rank 1).
-            dist.barrier()
-            dist.destroy_process_group()
+            self._close_group()
         return self._metrics()
+
+    def _close_group(self) -> None:
+        """Every process waits for rank 0's last validation and checkpoint; then the group is shut down.
+
+        Gloo's worker threads free each finished collective's tensors, which needs the GIL where a tensor still has
+        its Python object; the group's destructor joins those threads. Destroyed by DDP's Reducer (its last owner
+        otherwise), it joins them holding the GIL: a deadlock, seen here as a process hung at exit after its last
+        step (both threads' stacks read with py-spy). The Python handle of the group releases the GIL in its
+        destructor, so it is made the group's last owner: DDP is dropped first, the handle last. A process that
+        exited with the group alive aborted instead ("terminate called without an active exception", SIGABRT,
+        seen once in CI on rank 1).
+        """
+        group = dist.group.WORLD
+        dist.barrier()
+        self.run_model = self.model  # DDP and its Reducer go now, while ``group`` still holds the process group
+        dist.destroy_process_group()
+        del group  # the last owner: the threads are joined with the GIL released
 
     def _train_epoch(
         self, epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch, resume: dict | None = None
