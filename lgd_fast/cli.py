@@ -221,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--frames", type=_positive, help="T of the input (default: the model's, e.g. 16)")
     plan.add_argument("--size", type=_positive, help="H = W of the input (default: the model's, e.g. 112)")
     plan.add_argument("--train", action="store_true", help="the plan of a training step (default: inference)")
-    plan.add_argument("--mode", choices=("measure", "default"), default="measure",
-                      help="measure every candidate on this machine (default), or the deterministic default rule")
+    plan.add_argument("--mode", choices=("measure", "default", "fused"), default="measure",
+                      help="measure every candidate on this machine (default), the deterministic default rule, "
+                      "or fused everywhere")
     plan.add_argument("--backend", help="conv backend to plan for (default: $LGD_FAST_BACKEND, else auto)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     bench = sub.add_parser(

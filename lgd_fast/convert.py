@@ -86,7 +86,8 @@ def convert(
     place (module docstring); returns ``model``.
 
     ``backend`` and ``plan`` are the execution plan's (:mod:`lgd_fast.plan`: the conv backend, else
-    ``$LGD_FAST_BACKEND``, else auto; ``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``, else measure).
+    ``$LGD_FAST_BACKEND``, else auto; ``"measure"``, ``"default"`` or ``"fused"``, else ``$LGD_FAST_PLAN``, else
+    measure).
     The report (:class:`ConversionReport`) is logged and kept as ``model.conversion_report``; the plan is
     ``model.execution_plan``.
     """

@@ -32,6 +32,11 @@ and kept on the layer, so no forward decides anything again:
   their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units) while the block end
   stays fused. The stem follows the first block's layout (channels-last in training).
 
+- ``fused``: every layer takes its fused code (P3D units and conv runs in training too, block ends fused),
+  layouts by the default rule: deterministic like ``default``, and the way to run the fused code at any size
+  in another process (the fast model's DDP test under ``torchrun`` uses it; small frames take their own
+  modules under ``default``).
+
 :func:`forced` overrides every choice (tests use it to check the fused code on this CPU). A measured plan
 can differ between processes (timing); ``plan="default"`` (or ``LGD_FAST_PLAN=default``) makes the code path,
 and so the result bit for bit, the same in every run. ``model.execution_plan`` (or :func:`execution_plan`)
@@ -72,7 +77,7 @@ __all__ = [
 ]
 
 ENV_VAR = "LGD_FAST_PLAN"
-MODES = ("measure", "default")
+MODES = ("measure", "default", "fused")
 CPU_FUSED_MIN_PIXELS = 14 * 14
 REPEATS = 3  # timed calls per candidate at least; more, up to MAX_REPEATS, while under MIN_SECONDS in all
 MAX_REPEATS = 10
@@ -206,13 +211,13 @@ def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, fra
     return Choice(True, False, AS_INPUT, backend, f"default: {pixels}")
 
 
-def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str) -> Choice:
-    force = _FORCED[-1]
+def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str, force: dict[str, bool],
+                   why: str = "forced") -> Choice:  # fmt: skip
     if plan.kind == "stem":
         return default
     fused = force["fused"] and (not mode.startswith("train") or force["training"])
     end = force["fused"] and plan.kind == "lgd_block"
-    return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why="forced")
+    return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why=why)
 
 
 def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str) -> list[Choice]:
@@ -267,7 +272,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     request = op_backend(plan.backend, CONV_BACKENDS)
     if _FORCED:
         backend = _conv_backend(plan.backend, x)
-        return _forced_choice(plan, _default(plan, x, mode, backend, frames, request), mode, backend)
+        return _forced_choice(plan, _default(plan, x, mode, backend, frames, request), mode, backend, _FORCED[-1])
     device = x.device.type
     amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     key = (device, mode if amp is None else f"{mode} autocast {str(amp).removeprefix('torch.')}", x.dtype,
@@ -277,9 +282,11 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
         return choice
     backend = _conv_backend(plan.backend, x)
     default = _default(plan, x, mode, backend, frames, request)
-    if torch.compiler.is_compiling():
+    if plan.mode == "fused":
+        choice = _forced_choice(plan, default, mode, backend, {"fused": True, "training": True}, "plan fused")
+    elif torch.compiler.is_compiling():
         return default
-    if plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    elif plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         signature = (_signature(group), plan.kind, plan.backend, str(x.device), key)
         choice = _MEASURED.get(signature)
         if choice is None:

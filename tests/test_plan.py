@@ -220,3 +220,26 @@ def test_training_without_gradients_takes_the_training_default(gen, no_measuring
     choices = {key[1]: c for key, c in model.layer1[0]._lgd_plan.choices.items()}
     assert set(choices) == {"train", "train, no grad"}
     assert all((c.fused, c.end, c.layout) == (False, True, "channels_last_3d") for c in choices.values())
+
+
+def test_plan_fused_runs_every_layer_fused_and_equals_the_reference(gen, no_measuring):
+    """plan="fused": every block takes its fused code (units and block end, in training too) at frames the
+    default rule would leave to the modules; recorded as such, equal to the reference in float64."""
+    ref = randomise_norms(create_model("lgd3d_tiny", 5, dropout=0.0), gen).double()
+    fast = create_model("lgd3d_tiny", 5, dropout=0.0, fast=True, plan="fused", backend="reference").double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen, dtype=torch.float64)  # 8x8 frames and less
+    for train in (False, True):
+        ref.train(train), fast.train(train)
+        want, got = ref(x), fast(x)
+        for a, b in zip(got, want, strict=True):
+            assert _rel(a, b) < 1e-10, (train, _rel(a, b))
+        if train:
+            sum(o.square().sum() for o in want).backward()
+            sum(o.square().sum() for o in got).backward()
+            for (name, p), q in zip(ref.named_parameters(), fast.parameters(), strict=True):
+                assert (p.grad is None) == (q.grad is None), name  # e.g. the kernel head, unused here
+                assert p.grad is None or _rel(q.grad, p.grad) < 1e-9, name
+    choices = [(layer, c) for layer, p in fast.execution_plan.layers() for c in p.choices.values()]
+    blocks = [c for layer, c in choices if layer]  # the stem is the model itself: ""
+    assert len(blocks) == 8 and all(c.fused and c.end and c.why == "plan fused" for c in blocks), choices

@@ -218,8 +218,8 @@ class FastLGD2D(_FastNet, LGD2D):
 def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D | FastLGD2D:
     """Turn a reference LGD-3D or LGD-2D into the fast model in place (same modules, parameters and buffers), with
     its execution plan (:mod:`lgd_fast.plan`): ``backend`` (conv and block-end backends, else
-    ``$LGD_FAST_BACKEND``, else ``auto``) and ``plan`` (``"measure"`` or ``"default"``, else ``$LGD_FAST_PLAN``,
-    else measure).
+    ``$LGD_FAST_BACKEND``, else ``auto``) and ``plan`` (``"measure"``, ``"default"`` or ``"fused"``, else
+    ``$LGD_FAST_PLAN``, else measure).
 
     Raises a TypeError for models the fused path does not cover (another network, or one whose blocks end in
     another normalisation than BatchNorm).

@@ -73,8 +73,8 @@ def create_model(
         fast: return the fast model (:class:`FastLGD3D` or :class:`FastLGD2D`: fused units, every block ending
             in the fused diffusion epilogue; same modules and state_dict).
         backend, plan: the fast model's execution plan (:mod:`lgd_fast.plan`): the conv and block-end backend
-            (else ``$LGD_FAST_BACKEND``, else auto) and ``"measure"`` or ``"default"`` (else ``$LGD_FAST_PLAN``,
-            else measure). ``model.execution_plan`` prints it.
+            (else ``$LGD_FAST_BACKEND``, else auto) and ``"measure"``, ``"default"`` or ``"fused"`` (else
+            ``$LGD_FAST_PLAN``, else measure). ``model.execution_plan`` prints it.
         **options: forwarded to the network (``early_stride``, ``dropout``, ``sketch_dim``, ``widths``,
             ``global_reduction``, ``norm_layer``, ...).
     """
