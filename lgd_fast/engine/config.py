@@ -83,6 +83,7 @@ class TrainConfig:
     epochs: int = 10  # stage 1 epochs
     stage2_epochs: int = 2  # with classifier=kernel; ignored for two_heads
     amp: str = "none"  # none | bf16 | fp16 (autocast on CPU and GPU; fp16 adds a GradScaler)
+    dtype: str = "float32"  # float32 | float64: parameters and clips (float64: slow; for exact checks, amp none)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms for bitwise resumes
@@ -97,6 +98,8 @@ class TrainConfig:
             (self.data.backend in ("auto", "dali", "pyav"), "data.backend must be auto, dali or pyav"),
             (self.model.classifier in ("kernel", "two_heads"), "model.classifier must be kernel or two_heads"),
             (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
+            (self.dtype in ("float32", "float64"), "dtype must be float32 or float64"),
+            (self.dtype == "float32" or self.amp == "none", "dtype=float64 trains without autocast: set amp=none"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.stage2_epochs >= 0, "stage2_epochs must be >= 0"),

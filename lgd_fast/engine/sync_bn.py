@@ -23,7 +23,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0, *range(2, x.dim())]
-        x32 = x.float()
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for a float64 model
+        x32 = x.to(acc)
         # float64 sums: the variance is E[x^2] - E[x]^2, whose cancellation float32 sums would not survive
         sums = [x32.sum(dims, dtype=torch.float64), (x32 * x32).sum(dims, dtype=torch.float64)]
         local = torch.cat([*sums, sums[0].new_tensor([x.numel() / x.shape[1]])])
@@ -38,13 +39,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 unbiased = var * (count / (count - 1).clamp_min(1))
                 running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
         shape = [1, channels] + [1] * (x.dim() - 2)
-        invstd = torch.rsqrt(var + eps).float()
-        xhat = (x32 - mean.float().view(shape)) * invstd.view(shape)
+        invstd = torch.rsqrt(var + eps).to(acc)
+        xhat = (x32 - mean.to(acc).view(shape)) * invstd.view(shape)
         out = xhat
         if weight is not None:
-            out = out * weight.float().view(shape) + bias.float().view(shape)
+            out = out * weight.to(acc).view(shape) + bias.to(acc).view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
-        ctx.count, ctx.group, ctx.dims = count.float(), group, dims
+        ctx.count, ctx.group, ctx.dims = count.to(acc), group, dims
         return out.to(x.dtype)
 
     @staticmethod
@@ -52,7 +53,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         xhat, invstd, weight = ctx.saved_tensors
         dims, channels = ctx.dims, xhat.shape[1]
         shape = [1, channels] + [1] * (xhat.dim() - 2)
-        g = grad_out.float()
+        g = grad_out.to(xhat.dtype)
         local = torch.cat([g.sum(dims), (g * xhat).sum(dims)])  # this process's part of the two channel sums
         grad_weight = local[channels:].to(weight.dtype) if weight is not None else None
         grad_bias = local[:channels].clone().to(weight.dtype) if weight is not None else None
@@ -60,7 +61,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_reduce(total, group=ctx.group)
         mean_g = (total[:channels] / ctx.count).view(shape)
         mean_gx = (total[channels:] / ctx.count).view(shape)
-        scale = invstd if weight is None else invstd * weight.float()
+        scale = invstd if weight is None else invstd * weight.to(xhat.dtype)
         grad_x = (g - mean_g - xhat * mean_gx) * scale.view(shape)
         # weight/bias: this process's sums; DDP averages them over the processes like every other gradient.
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None, None, None

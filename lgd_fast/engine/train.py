@@ -22,9 +22,10 @@ clips (the loader splits every global batch exactly), gradients are averaged by 
 NCCL on GPUs), losses and accuracies are reduced across processes, and only rank 0 validates and writes.
 BatchNorm in training mode normalises over the whole global batch: every BatchNorm becomes a synchronised
 one (``nn.SyncBatchNorm`` on GPUs, ``lgd_fast.engine.sync_bn.SyncBatchNorm`` with gloo on CPUs), so with
-no dropout K processes give the single-process result (``tests/test_train.py`` checks it with 2 processes).
-The fused (``--fast``) models fold BatchNorm into their kernels from per-process statistics, so they train
-distributed only with ``model.norm_eval`` (BatchNorm on running statistics; a clear error otherwise).
+no dropout K processes give the single-process result (``tests/test_train.py`` checks it with 2 processes,
+for the reference and the fast model). The fast model's fused convs see the synchronised modules and merge
+their per-channel statistics over the group before folding them, forward and backward
+(``lgd_fast.ops.conv_bn.sync_stats``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def build_model(config: TrainConfig, num_classes: int) -> torch.nn.Module:
     if m.fast:  # a deterministic run takes the plan's deterministic default: the same code path on every resume
         options["plan"] = "default" if config.deterministic else None
     return create_model(m.name, num_classes, classifier=m.classifier, fast=m.fast, **options)
+
+
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss in float32 at least (16-bit ones under autocast go up; float64 ones stay)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def _device(config: TrainConfig) -> torch.device:
@@ -171,14 +177,10 @@ class Trainer:
         return optimizer, scheduler
 
     def _synchronise_batchnorm(self, model: torch.nn.Module) -> torch.nn.Module:
-        """BatchNorm statistics over all processes (the global batch), as one process would compute them."""
-        if self.config.model.fast:
-            raise ValueError(
-                "model.fast with several processes needs model.norm_eval=true: the fused convs synchronise "
-                "their BatchNorm statistics (lgd_fast.ops.conv_bn), but a distributed training run of the fast "
-                "model does not yet match one process; train distributed with the reference model "
-                "(model.fast=false), or set model.norm_eval=true"
-            )
+        """BatchNorm statistics over all processes (the global batch), as one process would compute them.
+
+        The fast model's fused convs find the synchronised modules (``conv_bn.sync_group``) and merge their
+        statistics over the group themselves; its other BatchNorms run as these modules."""
         if self.device.type == "cuda":
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         from .sync_bn import convert_sync_batchnorm
@@ -201,9 +203,11 @@ class Trainer:
         c = self.config
         torch.manual_seed(c.seed)
         num_classes = self._data()
+        self.dtype = getattr(torch, c.dtype)
         self.model = build_model(c, num_classes).to(self.device)
         if self.distributed and not c.model.norm_eval:
             self.model = self._synchronise_batchnorm(self.model)
+        self.model = self.model.to(dtype=self.dtype)  # after the BatchNorm swap, which makes float32 modules
         if c.model.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         total_epochs = c.epochs + (c.stage2_epochs if c.model.classifier == "kernel" else 0)
@@ -319,7 +323,7 @@ class Trainer:
         for batch in self.train_loader:
             if done >= steps_per_epoch:
                 break
-            clips = batch.clips.to(self.device, non_blocking=True)
+            clips = batch.clips.to(self.device, self.dtype, non_blocking=True)
             if c.model.channels_last:
                 clips = clips.contiguous(memory_format=torch.channels_last_3d)
             labels = batch.labels.to(self.device)
@@ -327,11 +331,11 @@ class Trainer:
                 out = self.run_model(clips)
                 if stage == 1:
                     local, global_ = out
-                    loss = F.cross_entropy(local.float(), labels) + F.cross_entropy(global_.float(), labels)
+                    loss = F.cross_entropy(_wide(local), labels) + F.cross_entropy(_wide(global_), labels)
                     logits = local
                 else:
                     logits = out
-                    loss = F.cross_entropy(logits.float(), labels)
+                    loss = F.cross_entropy(_wide(logits), labels)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at step {self.step + 1} (epoch {epoch + 1}, stage {stage}); "
