@@ -130,6 +130,30 @@ def test_opcheck(fmt, dtype, gen):
     torch.library.opcheck(torch.ops.lgd_fast.diffusion_epilogue.default, inputs)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+@pytest.mark.parametrize("grad_fmt", FORMATS, ids=[f"grad-{f}" for f in FORMATS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_op_fake_gives_the_real_sizes_strides_and_dtypes(fmt, grad_fmt, dtype, gen):
+    """The backward op's fake (what torch.compile plans with) against the real op: every output's size, stride
+    and dtype, also with the upstream gradient in the other layout than r (autograd hands over either); and
+    torch's opcheck of the registration."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    r, s, d, scale, shift = _inputs((2, 5, 3, 7, 7), dtype, fmt, gen)
+    out, _ = diffusion_epilogue(r, s, d, scale, shift, backend="cpp")
+    grad_out = random_input(tuple(r.shape), dtype, FORMATS[grad_fmt], gen)
+    grad_mean = torch.randn(2, 5, generator=gen).to(dtype)
+    args = [grad_out, grad_mean, out.detach(), r.detach(), scale.detach()]
+    op = torch.ops.lgd_fast.diffusion_epilogue_backward.default
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(*[mode.from_tensor(a) for a in args])
+    assert len(real) == len(fake) == 5
+    for name, a, b in zip(("grad_r", "grad_s", "grad_d", "grad_scale", "grad_shift"), real, fake, strict=True):
+        assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), name
+    torch.library.opcheck(op, args)
+
+
 def test_torch_compile_calls_the_op(gen):
     from torch._inductor.utils import run_and_get_code
 
