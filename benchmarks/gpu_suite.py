@@ -216,6 +216,31 @@ def main(argv: list[str] | None = None) -> int:
     log_path = out / "gpu_suite.log"
     rows = []
     started = time.time()
+    from lgd_fast.bench import machine_info
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def write_summary(complete: bool) -> dict[str, Any]:
+        """gpu_suite.json: rewritten after every step, so that a run cut short still says what it did."""
+        from lgd_fast import doctor
+
+        summary = {
+            "benchmark": "gpu_suite",
+            "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+            "measured": not args.smoke,
+            "complete": complete,
+            "budget_s": budget,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "seconds": round(time.time() - started, 1),
+            "autotune_configs": env.get("LGD_FAST_AUTOTUNE_CONFIGS", "all"),
+            "machine": machine_info(device),
+            "doctor": doctor.report() if complete else None,
+            "steps": rows,
+            "headlines": _headlines(out),
+        }
+        (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
     with open(log_path, "w") as log:
         for step in _steps(args, out, scratch):
             left = None if deadline is None else deadline - time.monotonic()
@@ -232,25 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{row['status']} in {row['seconds']:.0f} s", flush=True)
             if row["status"] != "passed":
                 print(_log_tail(log_path, step.name), flush=True)
+            write_summary(complete=False)
     shutil.rmtree(scratch, ignore_errors=True)
-    from lgd_fast import doctor
-    from lgd_fast.bench import machine_info
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    summary = {
-        "benchmark": "gpu_suite",
-        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
-        "measured": not args.smoke,
-        "budget_s": budget,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "autotune_configs": env.get("LGD_FAST_AUTOTUNE_CONFIGS", "all"),
-        "machine": machine_info(device),
-        "doctor": doctor.report(),
-        "steps": rows,
-        "headlines": _headlines(out),
-    }
-    (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(complete=True)
     print(f"\ngpu_suite ({summary['mode']}, {summary['seconds']:.0f} s): results in {out}")
     for row in rows:
         print(f"  {row['step']:<14} {row['status']:<10} {row['seconds']:>6.1f} s")

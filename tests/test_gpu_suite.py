@@ -85,7 +85,8 @@ def test_quick_suite_smoke_mode_runs_every_step_and_writes_few_files(tmp_path):
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).is_file() for f in files), files  # what the device tool brings back
     summary = json.loads((out / "gpu_suite.json").read_text())
-    assert summary["mode"] == "smoke" and summary["measured"] is False
+    assert summary["mode"] == "smoke" and summary["measured"] is False and summary["complete"]
+    assert summary["doctor"]["torch"] == torch.__version__
     steps = {row["step"]: row for row in summary["steps"]}
     assert list(steps) == ["build", "doctor", "cuda-tests", "bench-bf16", "bench-fp32", "ops-p3d", "ops-diffusion"]
     assert all(row["status"] == "passed" for row in steps.values()), steps
