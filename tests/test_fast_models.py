@@ -68,6 +68,16 @@ def _float64_copies(ref, fast):
     return ref64, fast64
 
 
+def _assert_steps_equal(fast_step, ref_step, tol: float = 1e-9):
+    """Two ``_train_step`` results, (outputs, gradients), equal to ``tol`` relative error, tensor by tensor."""
+    (fast_out, fast_grads), (ref_out, ref_grads) = fast_step, ref_step
+    for a, b in zip(fast_out, ref_out, strict=True):
+        assert _rel(a, b) < tol
+    assert fast_grads.keys() == ref_grads.keys()
+    for key, grad in ref_grads.items():
+        assert _rel(fast_grads[key], grad) < tol, key
+
+
 def _assert_fp32_gradients_close(
     fast_grads, ref_grads, grads64, *, factor: float, per_tensor: float = 5e-2, floor: float = 1e-6
 ):
@@ -95,13 +105,7 @@ def test_float64_fast_model_equals_reference_exactly(classifier, gen):
     x = torch.randn(3, 3, 7, 33, 33, generator=gen, dtype=torch.float64)
     heads = 2 if classifier == "two_heads" else 1
     upstream = [torch.randn(3, 7, generator=gen, dtype=torch.float64) for _ in range(heads)]
-    ref_out, ref_grads = _train_step(ref64, x, upstream)
-    fast_out, fast_grads = _train_step(fast64, x, upstream)
-    for a, b in zip(fast_out, ref_out, strict=True):
-        assert _rel(a, b) < 1e-9
-    assert fast_grads.keys() == ref_grads.keys()
-    for key, grad in ref_grads.items():
-        assert _rel(fast_grads[key], grad) < 1e-9, key
+    _assert_steps_equal(_train_step(fast64, x, upstream), _train_step(ref64, x, upstream))
     ref64.eval(), fast64.eval()
     with torch.no_grad():
         assert _rel(fast64(x), ref64(x)) < 1e-9
