@@ -52,7 +52,11 @@ def run_conv_case(kind, stride, shape, co, epilogue, dtype, layout, backend, gen
     if opts.get("residual"):
         tensors["residual"] = random_input((n, co, t, ho, wo), dtype, LAYOUTS[layout], gen) - 1.0
     stats = bool(opts.get("stats"))
-    gout = torch.randn((n, co, t, ho, wo), generator=gen)
+    # The upstream gradient in the case's dtype already: the op receives it rounded to out's dtype, and a rounding
+    # made before the op (the same for ours and PyTorch's) would dominate the errors of the per-channel sums
+    # (grad_scale, grad_shift) and leave their 2x ratio to chance: seen 4.2e-3 vs PyTorch's 1.4e-3 in bfloat16,
+    # where PyTorch's second rounding (its sum of the two gradients of out in bfloat16) happened to cancel it.
+    gout = torch.randn((n, co, t, ho, wo), generator=gen).to(dtype).float()
     gstats = torch.randn((2, co), generator=gen) / (n * t * ho * wo)
 
     def run(fn, cast):
@@ -186,8 +190,11 @@ def run_unit_case(
 
 
 def check_rows(rows: list[dict], dtype: str, case: str, *, fp32_tol: float) -> None:
-    """fp32 within ``fp32_tol``; bf16/fp16 within 2x PyTorch's own error at that dtype (plus float32 rounding).
-    Statistics: at every dtype within 1e-5 of the float64 sums of the output returned; against the float64
+    """fp32 within ``fp32_tol``; bf16/fp16 within 2x PyTorch's own error at that dtype, or within ``fp32_tol``,
+    in every row and every draw: the per-channel sums (grad_scale, grad_shift) too, since the upstream gradient
+    comes in the case's dtype (``run_conv_case``) and no rounding made outside the op is counted. (With that
+    exact gradient, grad_shift of a conv with statistics is float32 arithmetic at any dtype: PyTorch's error
+    then is float32 summation noise, 7e-8 to 3e-7 seen, and ours may be a few times it.) Statistics: at every dtype within 1e-5 of the float64 sums of the output returned; against the float64
     reference too in float32 (at 16 bits that comparison is the stored values' rounding noise, partly cancelling
     in the sums, whose ratio to PyTorch's was seen above 2x by chance: 9.3e-5 vs 4.5e-5 in float16)."""
     for row in rows:
@@ -201,17 +208,9 @@ def check_rows(rows: list[dict], dtype: str, case: str, *, fp32_tol: float) -> N
         elif dtype == "float32":
             assert row["err"] < fp32_tol, f"{case} {name}: relative error {row['err']:.2e} >= {fp32_tol:.0e}"
         else:
-            # grad_scale / grad_shift are per-channel sums over every position of products with the 16-bit conv
-            # output, whose rounding (ours and PyTorch's differ in the last bit) partly cancels in the sums as in
-            # the statistics: the 2x ratio is then chance (seen: 4.4e-4 vs 1.7e-4 in float16), so these two are
-            # floored at one rounding to the dtype (2^-11 float16, 2^-8 bfloat16).
-            floor = _UNIT_ROUNDOFF[dtype] if name in ("grad_scale", "grad_shift") else 2.0**-23
-            assert row["err"] <= max(2 * row["torch_err"] + 2.0**-23, floor), (
+            assert row["err"] <= max(2 * row["torch_err"], fp32_tol), (
                 f"{case} {name}: error {row['err']:.2e} vs PyTorch {dtype} {row['torch_err']:.2e}"
             )
-
-
-_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0) -> None:

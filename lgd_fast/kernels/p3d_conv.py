@@ -322,6 +322,10 @@ if _HAS_TRITON:
         "p3d_conv_wgrad_temporal": (_wgrad_kernel, {**_WGRAD_ARGS, **_TEMPORAL_SIZES}, _TEMPORAL),
     }
     AOT_KERNELS = {f"{name}[{cls}]": entry for name, spec in _KERNELS.items() for cls, entry in _aot(*spec).items()}
+    # The backward's recomputation of the bare conv for the scale gradient: 16-bit operands, a float32 output.
+    AOT_KERNELS["p3d_conv_forward_recompute_spatial[16bit]"] = _aot(
+        _forward_kernel, {**_FWD_ARGS, "out_ptr": _F, **_SPATIAL_SIZES}, {**_SPATIAL, **dict.fromkeys(_EPILOGUE, False)}
+    )["16bit"]
 else:
     AOT_KERNELS = {}
 
@@ -359,9 +363,11 @@ def forward(
     relu: bool,
     stats: bool,
     allow_tf32: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launches the forward kernel. Returns out (channels_last_3d, x's dtype) and stats (2, Co) float32
-    (sum, and sum of squares about the mean, of the pre-ReLU value; shape (2, 0) when ``stats`` is False)."""
+    """Launches the forward kernel. Returns out (channels_last_3d, ``out_dtype``, by default x's dtype) and
+    stats (2, Co) float32 (sum, and sum of squares about the mean, of the value stored; shape (2, 0) when
+    ``stats`` is False)."""
     _require(x, "x")
     x = _cl3d(x)
     N, Ci, T, H, W = x.shape
@@ -370,7 +376,7 @@ def forward(
     Ho, Wo = output_size(H, kh, stride), output_size(W, kw, stride)
     M = N * T * Ho * Wo
     w = weight.to(x.dtype).permute(2, 3, 4, 1, 0).contiguous()  # (KT, KH, KW, Ci, Co)
-    out = torch.empty((N, Co, T, Ho, Wo), device=x.device, dtype=x.dtype, memory_format=CL3D)
+    out = torch.empty((N, Co, T, Ho, Wo), device=x.device, dtype=out_dtype or x.dtype, memory_format=CL3D)
     dummy = out.new_empty(0, dtype=torch.float32)
     scale32 = scale.to(torch.float32).contiguous() if scale is not None else dummy
     shift32 = shift.to(torch.float32).contiguous() if shift is not None else dummy

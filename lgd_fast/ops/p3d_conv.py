@@ -88,7 +88,10 @@ def p3d_conv_reference(
     out = (torch.relu(z) if relu else z).to(x.dtype)
     if not stats:
         return out
-    stored = out.to(acc)  # z as returned (rounded to x's dtype): what a BatchNorm after the conv takes
+    # z as returned (rounded to x's dtype): what a BatchNorm after the conv takes. The gradient is taken at the
+    # float32 z: there the statistics' gradient and the output's (large and nearly cancelling in BatchNorm's
+    # backward) meet in float32, and round once.
+    stored = z + (out.to(acc) - z).detach()
     return out, sums_about_mean(stored)
 
 
@@ -419,8 +422,8 @@ def _register_triton() -> bool:
         gx = kernels.dgrad(g_acc, weight, tuple(x.shape), stride, allow_tf32) if needs[0] else gz.new_empty(0)
         gw = kernels.wgrad(x, g_acc, tuple(weight.shape), stride, allow_tf32) if needs[1] else gz.new_empty(0)
         if needs[2]:  # the conv's own output, recomputed: one forward GEMM rather than a saved tensor
-            acc, _ = kernels.forward(x, weight, None, None, None, stride, False, False, allow_tf32)
-            g_scale = (gz * acc.float()).sum(_REDUCE)
+            acc, _ = kernels.forward(x, weight, None, None, None, stride, False, False, allow_tf32, torch.float32)
+            g_scale = (gz * acc).sum(_REDUCE)
         else:
             g_scale = gz.new_empty(0)
         g_shift = gz.sum(_REDUCE) if needs[3] else gz.new_empty(0)
