@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from p3d_cases import check_pooled_ratio
 from torch import nn
 
 import foreign_models
@@ -26,6 +27,7 @@ from lgd_fast.plan import forced as forced_plan
 
 def TinyR2Plus1D():  # noqa: N802 (a model constructor, named like one)
     return r2plus1d(layers=(2, 1), widths=(16, 32), stem_mid=12, num_classes=5)
+
 
 # ---- a pytorchvideo-style Conv2plus1d (tests/foreign_models.py) ---------------------------------------------
 
@@ -71,7 +73,7 @@ def _train_step(model, x, upstream):
     return out.detach(), x.grad, grads
 
 
-DRAWS = 7  # fresh weights and inputs per equality check (_check_equal says why one draw is not enough)
+DRAWS = 16  # fresh weights and inputs per equality check (_check_equal says why one draw is not enough)
 
 
 def _train_step_state(model, x, upstream) -> dict[str, torch.Tensor]:
@@ -108,12 +110,13 @@ def _draw_rows(original, converted, x, x_grad, gen, *, tol=1e-5) -> list[dict]:
     for (key, a), b in zip(converted.state_dict().items(), original.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)  # running statistics updated alike
     upstream = torch.randn(original(x_grad).shape, generator=gen)
+    _, gx_w, grads_w = _train_step(copy.deepcopy(original).double(), x_grad.double(), upstream.double())
     _, gx_a, grads_a = _train_step(original, x_grad, upstream)
     _, gx_b, grads_b = _train_step(converted, x_grad, upstream)
-    assert grads_a.keys() == grads_b.keys()
-    rows = [("grad_x", gx_b, gx_a)] + [(f"grad_{k}", grads_b[k], g) for k, g in grads_a.items()]
-    return [{"name": n, "err": _rel(b, a), "finite": bool(torch.isfinite(b).all()), "shape_ok": b.shape == a.shape}
-            for n, b, a in rows]  # fmt: skip
+    assert grads_a.keys() == grads_b.keys() == grads_w.keys()
+    rows = [("grad_x", gx_b, gx_a, gx_w)] + [(f"grad_{k}", grads_b[k], g, grads_w[k]) for k, g in grads_a.items()]
+    return [{"name": n, "err": _rel(b, w), "torch_err": _rel(a, w), "finite": bool(torch.isfinite(b).all()),
+             "shape_ok": b.shape == w.shape} for n, b, a, w in rows]  # fmt: skip
 
 
 def _check_equal(make_original, x_shape, gen, *, convert=lgd_fast.convert, draws=DRAWS, grad_frames=(3, 17, 17)):
@@ -123,14 +126,14 @@ def _check_equal(make_original, x_shape, gen, *, convert=lgd_fast.convert, draws
       the step within 1e-10 (the fused convs run on p3d_conv's reference backend in float64 and on ATen's
       convolution; float64 leaves no ReLU input within rounding of zero).
     - float32, the CPU's own fused code: eval and training outputs within 1e-5 and running statistics alike in
-      every draw; every gradient within 1e-4 of the original's in most draws (the median), on a clip of one
-      video of ``grad_frames`` (T, H, W). Two float32 computations of the same function can put a ReLU input
-      within rounding of zero on either side; one flipped position moves a gradient by about its share (seen:
-      one position of 46240 at 1.2e-6 in float64 moving the input gradient by 6e-3). The chance grows with the
-      positions a draw has: on the R(2+1)D below at 2x3x5x33x33, plain PyTorch's float32 run flipped against
-      float64 in 2 of 6 draws, so two float32 implementations disagree in about half the draws and a median
-      test fails at random; on one 3x17x17 clip flips are rare, independent per draw, and a defect still
-      moves every draw.
+      every draw; every gradient, on a clip of one video of ``grad_frames`` (T, H, W), by the 2x rule against
+      float64 (STYLE.md): the converted model's relative error at most 2x the original's float32 error, summed
+      over the draws (``p3d_cases.check_pooled_ratio``). Two float32 computations of the same function can put
+      a ReLU input within rounding of zero on either side; one flipped position moves a gradient by about its
+      share (seen: one position of 46240 at 1.2e-6 in float64 moving the input gradient by 6e-3), so the worst
+      quarter of draws is set aside; a defect moves every draw and still fails. On one 3x17x17 clip flips are
+      rare (on the R(2+1)D below at 2x3x5x33x33 plain PyTorch's float32 run flipped against float64 in 2 of 6
+      draws).
     """
     rows = []
     for _ in range(draws):
@@ -141,13 +144,7 @@ def _check_equal(make_original, x_shape, gen, *, convert=lgd_fast.convert, draws
         converted = convert(copy.deepcopy(original))
         x_grad = torch.randn((1, x_shape[1], *grad_frames), generator=gen)
         rows.append(_draw_rows(original, converted, x, x_grad, gen))
-    errors: dict[str, list[float]] = {}
-    for draw in rows:
-        for row in draw:
-            assert row["finite"] and row["shape_ok"], row
-            errors.setdefault(row["name"], []).append(row["err"])
-    for name, errs in errors.items():
-        assert sorted(errs)[len(errs) // 2] < 1e-4, f"converted vs original {name}: relative errors per draw {errs}"
+    check_pooled_ratio(rows, "converted vs float64, the original in float32 the yardstick")
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------
@@ -174,7 +171,8 @@ def test_r2plus1d_keys_and_report(gen):
     left = dict(report.left)
     assert left == {  # Conv2Plus1D is a Sequential ending in its conv: the BatchNorm after it is the block's
         f"layer{i}.{j}": "residual block BasicBlock, its end left unfused: its last conv is not an nn.Sequential "
-        "of exactly (Conv3d, BatchNorm3d)" for i, j in ((1, 0), (1, 1), (2, 0))
+        "of exactly (Conv3d, BatchNorm3d)"
+        for i, j in ((1, 0), (1, 1), (2, 0))
     }
     assert str(report).startswith("converted 8:")
 
@@ -269,6 +267,7 @@ def test_inference_mode_folds_and_moves_to_channels_last(gen):
 @pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
 def test_convs_with_a_bias_are_fused_and_equal_the_original(gen, forced):
     """A conv's bias rides in the fused conv's epilogue (shift), folded into the BatchNorm's shift in eval."""
+
     def run(norm: bool) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=True), *([nn.BatchNorm3d(6)] if norm else []),
@@ -397,6 +396,7 @@ def test_compiled_inference_model_runs_on_both_layouts(name, freezing, gen, monk
 def test_block_ends_without_a_last_norm_and_a_second_convert_of_pytorchvideo_blocks(gen):
     """A ResBlock whose bottleneck ends in a conv with no norm still equals its original; converting a CSN twice
     reports its shortcut convs as fused by the first call, not as left."""
+
     def block():
         bottleneck = foreign_models.BottleneckBlock(
             conv_a=nn.Conv3d(8, 4, 1, bias=False), norm_a=nn.BatchNorm3d(4), act_a=nn.ReLU(),
@@ -406,7 +406,7 @@ def test_block_ends_without_a_last_norm_and_a_second_convert_of_pytorchvideo_blo
         return foreign_models.ResBlock(branch2=bottleneck, activation=nn.ReLU())
 
     with forced_plan():
-        _check_equal(block, (2, 8, 3, 9, 9), gen, draws=3, grad_frames=(3, 9, 9))
+        _check_equal(block, (2, 8, 3, 9, 9), gen, draws=12, grad_frames=(3, 9, 9))
     model = lgd_fast.convert(foreign_models.csn())
     model = lgd_fast.convert(model)
     left = dict(model.conversion_report.left)
