@@ -13,7 +13,6 @@ the pooled ratio over every draw, and the worst single draw.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -25,11 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from p3d_cases import rel  # noqa: E402
-from test_fused_training_numerics import _gradients  # noqa: E402
-
-import author_fixture  # noqa: E402
-from lgd_fast import create_model  # noqa: E402
-from lgd_fast.plan import forced  # noqa: E402
+from test_fused_training_numerics import author_models, draw_gradients  # noqa: E402
 
 SHAPES = {"lgd3d_r50": (2, 3, 16, 112, 112), "lgd3d_r101": (1, 3, 16, 64, 64)}
 
@@ -42,19 +37,11 @@ def _pooled(pairs: list[tuple[float, float]], trim: bool) -> float:
 
 def run(arch: str, seed: int, draws: int) -> dict:
     shape = SHAPES[arch]
-    reference = create_model(arch, author_fixture.NUM_CLASSES, classifier="two_heads", dropout=0.0)
-    reference.load_state_dict(author_fixture.deterministic_weights(reference))
-    fast = create_model(arch, author_fixture.NUM_CLASSES, classifier="two_heads", dropout=0.0, fast=True)
-    fast.load_state_dict(reference.state_dict())
+    reference, fast = author_models(arch)
     gen = torch.Generator().manual_seed(seed)
     pairs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(draws):
-        x = torch.randn(shape, generator=gen)
-        upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
-        want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
-        plain = _gradients(copy.deepcopy(reference), x, upstream)
-        with forced():
-            ours = _gradients(copy.deepcopy(fast), x, upstream)
+        want, plain, ours = draw_gradients(reference, fast, shape, gen)
         for k, w in want.items():
             assert torch.isfinite(ours[k]).all(), f"{arch} seed {seed}: {k} not finite"
             pairs.setdefault(k, []).append((rel(ours[k], w), rel(plain[k], w)))

@@ -42,23 +42,36 @@ def _gradients(model, x, upstream) -> dict[str, torch.Tensor]:
     return {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", list(CASES))
-def test_fused_training_gradients_meet_the_2x_rule(arch, gen):
-    shape, draws = CASES[arch]
+def author_models(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The reference with the author-parity fixture's weights, and the fast model loaded from it."""
     reference = create_model(arch, author_fixture.NUM_CLASSES, classifier="two_heads", dropout=0.0)
     reference.load_state_dict(author_fixture.deterministic_weights(reference))
     fast = create_model(arch, author_fixture.NUM_CLASSES, classifier="two_heads", dropout=0.0, fast=True)
     fast.load_state_dict(reference.state_dict())
+    return reference, fast
+
+
+def draw_gradients(reference, fast, shape, gen) -> tuple[dict, dict, dict]:
+    """One fresh input and upstream gradients: the gradients in float64, of the float32 reference and of the fast
+    model with every layer on its fused code."""
+    x = torch.randn(shape, generator=gen)
+    upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
+    want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
+    plain = _gradients(copy.deepcopy(reference), x, upstream)
+    with forced():
+        ours = _gradients(copy.deepcopy(fast), x, upstream)
+    assert want.keys() == ours.keys()
+    return want, plain, ours
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(CASES))
+def test_fused_training_gradients_meet_the_2x_rule(arch, gen):
+    shape, draws = CASES[arch]
+    reference, fast = author_models(arch)
     rows = []
     for _ in range(draws):
-        x = torch.randn(shape, generator=gen)
-        upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
-        want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
-        plain = _gradients(copy.deepcopy(reference), x, upstream)
-        with forced():
-            ours = _gradients(copy.deepcopy(fast), x, upstream)
-        assert want.keys() == ours.keys()
+        want, plain, ours = draw_gradients(reference, fast, shape, gen)
         rows.append([
             {"name": k, "err": rel(ours[k], w), "torch_err": rel(plain[k], w),
              "finite": bool(torch.isfinite(ours[k]).all()), "shape_ok": ours[k].shape == w.shape}
