@@ -3,9 +3,10 @@
 Models (tests/foreign_models.py): R(2+1)D-18, R3D-18 and MC3-18 (torchvision's structure), CSN-50 and an
 X3D-S-sized X3D (pytorchvideo's). Inference: the original on contiguous clips, the original moved to
 channels_last_3d on channels-last clips, the original under ``torch.compile``, ``lgd_fast.convert(model)`` in
-eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` (also channels_last_3d) on
-channels-last clips; a training step: the original and ``lgd_fast.convert(model)``. Timed in alternation
-(method: benchmarks/_harness.py) after checking that every converted model's outputs equal the original's.
+eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` on channels-last clips (each converted
+layer's layout by its measured plan, written to the JSON); a training step: the original and
+``lgd_fast.convert(model)``. Timed in alternation (method: benchmarks/_harness.py) after checking that every
+converted model's outputs equal the original's.
 Writes benchmarks/results/convert_<model>_cpu.json.
 
     python benchmarks/run_convert.py [--model r2plus1d]   # batch 2, 16x112x112, fp32
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         samples, _ = time_interleaved(candidates, inputs=[0, 1], warmup=args.warmup, repeats=args.repeats)
     timings = {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}
     rows["inference"] = {"output_rel_error": error, "timings": timings}
+    plans = {"converted": converted.execution_plan.to_dict(), "converted_eval": converted_eval.execution_plan.to_dict()}
     labels = labels % want.shape[1]
 
     # training step
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                      "steady_malloc": setup["steady_malloc"]},  # fmt: skip
         "conversion_report": report,
         "notes": [
-            "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input; "
+            "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input (each "
+            "converted layer's input layout as its measured plan chose); "
             "converted_eval = lgd_fast.convert(model).eval() on contiguous input; original = the model in eval mode "
             "on contiguous input; original_channels_last = it moved to channels_last_3d, on channels-last input; "
             "original_compiled = torch.compile(original, inductor)",
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             "timings: median seconds per call over interleaved repeats; converted_speedup = other / converted",
         ],
         "results": rows,
+        "execution_plans": plans,  # each converted layer's choice (fused or not, layout) and its measured times
     }
     print("wrote", write_json(args.out, payload))
 

@@ -27,7 +27,9 @@ Every ``Conv3d`` that stays as it was is reported with the reason (nothing to fu
 mode: :func:`lgd_fast.ops.conv_bn.fusable_reason`, the one rule), and so is every residual block whose end is
 left unfused.
 ``inference=True`` also puts the model in eval mode (every BatchNorm folded into its conv, folded weights
-cached) and moves it to channels_last_3d.
+cached); the fast LGD models it also moves to channels_last_3d. Elsewhere each converted layer's plan puts its
+input in the layout it runs fastest in (measured on first use: channels_last_3d and contiguous timed; by the
+default rule, channels_last_3d for frames of 14x14 and more), so a layout change that does not pay is not made.
 
 Save converted models with ``state_dict()`` (the converted classes are made at run time and do not pickle).
 """
@@ -130,7 +132,8 @@ def convert(
             report.left.append((name, _why_left(module)))
     if inference:
         model.eval()
-        _to_channels_last(model)
+        if isinstance(model, FastLGD3D | FastLGD2D):  # as benchmarked (benchmarks/bench_e2e.py, lgd-fast bench)
+            _to_channels_last(model)
     if isinstance(earlier, ConversionReport):  # a second call: what the first converted stays in the report
         mark = " (by an earlier convert call)"
         report.converted[:0] = [(n, what if what.endswith(mark) else what + mark) for n, what in earlier.converted]

@@ -28,9 +28,10 @@ and kept on the layer, so no forward decides anything again:
   (``benchmarks/run_p3d_cpu.py``, ``benchmarks/results/p3d_cpu.json``). Off the CPU: fused, end fused, as
   the input comes. On the CPU: layers whose input frames have at least :data:`CPU_FUSED_MIN_PIXELS` (14x14)
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
-  4x4 and below); smaller ones run their own modules, contiguous; in training the P3D units' convs run as
-  their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units) while the block end
-  stays fused. The stem follows the first block's layout (channels-last in training).
+  4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
+  measuring times that and contiguous); smaller ones run their own modules, contiguous; in training the P3D
+  units' convs run as their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units)
+  while the block end stays fused. The stem follows the first block's layout (channels-last in training).
 
 - ``fused``: every layer takes its fused code (P3D units and conv runs in training too, block ends fused),
   layouts by the default rule: deterministic like ``default``, and the way to run the fused code at any size
@@ -208,6 +209,8 @@ def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, fra
         return Choice(False, False, AS_INPUT, "modules", f"default: {pixels}: own modules")
     if mode.startswith("train"):
         return Choice(False, False, AS_INPUT, "modules", "default: training on own modules")
+    if plan.kind == "conv_run":  # converted models' fused convs: channels-last paid 1.05-1.34x (README, convert)
+        return Choice(True, False, CL, backend, f"default: {pixels}, channels_last_3d")
     return Choice(True, False, AS_INPUT, backend, f"default: {pixels}")
 
 
@@ -228,6 +231,10 @@ def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str) -> list[Choice]:
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (CL, AS_INPUT)
         shapes = ((True, True, backend), (False, True, "modules"), (False, False, "modules"))
         return [Choice(f, e, lay, b, "") for f, e, b in shapes for lay in layouts]
+    if plan.kind == "conv_run" and x.device.type == "cpu":  # a converted model's layers: the layout measured too
+        return [Choice(True, False, lay, backend, "") for lay in (CL, CONTIGUOUS)] + [
+            Choice(False, False, AS_INPUT, "modules", "")
+        ]
     return [Choice(True, False, AS_INPUT, backend, ""), Choice(False, False, AS_INPUT, "modules", "")]
 
 
@@ -346,8 +353,9 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
         times, _ = time_interleaved(calls, repeats=min(max(rounds, REPEATS), MAX_REPEATS), device=x.device)
     best_times = [min(times[i]) for i in range(len(candidates))]  # interference only ever slows a call down
     best = min(range(len(candidates)), key=best_times.__getitem__)
-    shape = (default.fused, default.end, default.layout)
-    same = [i for i, c in enumerate(candidates) if (c.fused, c.end, c.layout) == shape]
+    layouts = {default.layout, layout_of(x) if default.layout == AS_INPUT else default.layout}
+    same = [i for i, c in enumerate(candidates) if (c.fused, c.end) == (default.fused, default.end)
+            and (c.layout in layouts or (c.layout == AS_INPUT and layout_of(x) in layouts))]  # fmt: skip
     if same and best_times[best] > (1 - MARGIN) * best_times[same[0]]:
         best = same[0]  # within the margin of the default: keep the default
     pairs = zip(candidates, best_times, strict=True)

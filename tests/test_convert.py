@@ -19,6 +19,7 @@ import foreign_models
 import lgd_fast
 from foreign_models import Conv2Plus1D, Conv2plus1d, r2plus1d
 from lgd_fast import create_model
+from lgd_fast import plan as plan_module
 from lgd_fast.models import FastLGD3D
 from lgd_fast.models import p3d as p3d_module
 from lgd_fast.ops import conv_bn as conv_bn_module
@@ -252,16 +253,42 @@ def test_project_models(gen):
     assert wrapper.conversion_report.converted[0][0] == "block"
 
 
-def test_inference_mode_folds_and_moves_to_channels_last(gen):
+def test_inference_mode_folds_and_plans_the_layout(gen, monkeypatch):
+    """inference=True: eval, BatchNorms folded; the weights stay in their layout and each conv run puts its input in
+    the layout its plan chose: fused in channels_last_3d by the default rule at 14x14 frames and more; measured,
+    the faster of channels_last_3d and contiguous (here contiguous, by a timer that says so)."""
     original = _randomise(TinyR2Plus1D(), gen).eval()
-    converted = lgd_fast.convert(copy.deepcopy(original).train(), inference=True)
-    assert not converted.training
-    assert converted.stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
-    x = torch.randn(2, 3, 4, 48, 48, generator=gen)
+    x = torch.randn(2, 3, 4, 48, 48, generator=gen)  # 24x24 frames after the stem
     with torch.no_grad():
         expected = original(x)
-        got = converted(x.contiguous(memory_format=torch.channels_last_3d))
+    converted = lgd_fast.convert(copy.deepcopy(original).train(), inference=True, plan="default")
+    assert not converted.training
+    assert converted.stem[0].weight.is_contiguous()
+    with torch.no_grad():
+        got = converted(x)
     assert _rel(got, expected) < 1e-5
+    runs = [plan for _, plan in converted.execution_plan.layers() if plan.kind == "conv_run"]
+    chosen = [c for p in runs for c in p.choices.values()]
+    assert any(c.fused for c in chosen)  # the stem's run (24x24 and more); later ones at 12x12 keep their modules
+    assert all(c.layout == "channels_last_3d" for c in chosen if c.fused), chosen
+
+    from lgd_fast import bench
+
+    def timer(calls, *, repeats, warmup=0, device=None, **kwargs):  # every candidate runs; contiguous is fastest
+        for call in calls.values():
+            call()
+        return {i: [{0: 3.0, 1: 1.0}.get(i, 2.0)] for i in calls}, dict.fromkeys(calls, 1.0)
+
+    monkeypatch.setattr(bench, "time_interleaved", timer)
+    monkeypatch.setattr(plan_module, "_MEASURED", {})
+    measured = lgd_fast.convert(copy.deepcopy(original), inference=True, plan="measure")
+    with torch.no_grad():
+        got = measured(x)
+    assert _rel(got, expected) < 1e-5
+    runs = [plan for _, plan in measured.execution_plan.layers() if plan.kind == "conv_run"]
+    for choice in (c for p in runs for c in p.choices.values()):
+        assert choice.fused and choice.layout == "contiguous", choice
+        assert "convs/channels_last_3d 3000.00" in choice.why and "convs/contiguous 1000.00" in choice.why, choice.why
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
