@@ -209,7 +209,7 @@ def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, fra
         return Choice(False, False, AS_INPUT, "modules", f"default: {pixels}: own modules")
     if mode.startswith("train"):
         return Choice(False, False, AS_INPUT, "modules", "default: training on own modules")
-    if plan.kind == "conv_run":  # converted models' fused convs: channels-last paid 1.05-1.34x (README, convert)
+    if plan.kind == "conv_run":  # what most measured conv runs of R(2+1)D, R3D and X3D chose (README, convert)
         return Choice(True, False, CL, backend, f"default: {pixels}, channels_last_3d")
     return Choice(True, False, AS_INPUT, backend, f"default: {pixels}")
 

@@ -194,9 +194,10 @@ def check_rows(rows: list[dict], dtype: str, case: str, *, fp32_tol: float) -> N
     in every row and every draw: the per-channel sums (grad_scale, grad_shift) too, since the upstream gradient
     comes in the case's dtype (``run_conv_case``) and no rounding made outside the op is counted. (With that
     exact gradient, grad_shift of a conv with statistics is float32 arithmetic at any dtype: PyTorch's error
-    then is float32 summation noise, 7e-8 to 3e-7 seen, and ours may be a few times it.) Statistics: at every dtype within 1e-5 of the float64 sums of the output returned; against the float64
-    reference too in float32 (at 16 bits that comparison is the stored values' rounding noise, partly cancelling
-    in the sums, whose ratio to PyTorch's was seen above 2x by chance: 9.3e-5 vs 4.5e-5 in float16)."""
+    then is float32 summation noise, 7e-8 to 3e-7 seen, and ours may be a few times it.) Statistics: at every
+    dtype within 1e-5 of the float64 sums of the output returned; against the float64 reference too in float32
+    (at 16 bits that comparison is the stored values' rounding noise, partly cancelling in the sums, whose ratio
+    to PyTorch's was seen above 2x by chance: 9.3e-5 vs 4.5e-5 in float16)."""
     for row in rows:
         name = row["name"]
         assert row["finite"], f"{case} {name}: unwritten or non-finite elements"
