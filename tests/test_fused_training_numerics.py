@@ -51,13 +51,18 @@ def author_models(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return reference, fast
 
 
-def draw_gradients(reference, fast, shape, gen) -> tuple[dict, dict, dict]:
+def draw_gradients(reference, fast, shape, gen, *, channels_last_reference=False) -> tuple[dict, dict, dict]:
     """One fresh input and upstream gradients: the gradients in float64, of the float32 reference and of the fast
-    model with every layer on its fused code."""
+    model with every layer on its fused code. ``channels_last_reference``: the float32 reference (weights and
+    input) in channels_last_3d instead."""
     x = torch.randn(shape, generator=gen)
     upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
     want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
-    plain = _gradients(copy.deepcopy(reference), x, upstream)
+    if channels_last_reference:
+        cl = torch.channels_last_3d
+        plain = _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
+    else:
+        plain = _gradients(copy.deepcopy(reference), x, upstream)
     with forced():
         ours = _gradients(copy.deepcopy(fast), x, upstream)
     assert want.keys() == ours.keys()
