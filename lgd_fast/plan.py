@@ -353,9 +353,10 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
         times, _ = time_interleaved(calls, repeats=min(max(rounds, REPEATS), MAX_REPEATS), device=x.device)
     best_times = [min(times[i]) for i in range(len(candidates))]  # interference only ever slows a call down
     best = min(range(len(candidates)), key=best_times.__getitem__)
-    layouts = {default.layout, layout_of(x) if default.layout == AS_INPUT else default.layout}
-    same = [i for i, c in enumerate(candidates) if (c.fused, c.end) == (default.fused, default.end)
-            and (c.layout in layouts or (c.layout == AS_INPUT and layout_of(x) in layouts))]  # fmt: skip
+    def shape(c: Choice) -> tuple:  # what a choice runs: "as_input" is x's own layout
+        return c.fused, c.end, layout_of(x) if c.layout == AS_INPUT else c.layout
+
+    same = [i for i, c in enumerate(candidates) if shape(c) == shape(default)]
     if same and best_times[best] > (1 - MARGIN) * best_times[same[0]]:
         best = same[0]  # within the margin of the default: keep the default
     pairs = zip(candidates, best_times, strict=True)

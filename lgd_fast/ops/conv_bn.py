@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .p3d_conv import autocast_inputs, p3d_conv, sums_about_mean
+from .p3d_conv import autocast_inputs, p3d_conv, sums_about_mean, sums_as_returned
 
 __all__ = [
     "batch_mean_var",
@@ -577,8 +577,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Te
     out = (torch.relu(z) if relu else z).to(y.dtype)
     if not stats:
         return out
-    stored = z + (out.to(acc) - z).detach() if acc != out.dtype else out
-    return out, sums_about_mean(stored)
+    return out, sums_as_returned(z, out)
 
 
 def conv_sum_bn(

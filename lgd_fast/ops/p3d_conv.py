@@ -88,11 +88,14 @@ def p3d_conv_reference(
     out = (torch.relu(z) if relu else z).to(x.dtype)
     if not stats:
         return out
-    # z as returned (rounded to x's dtype): what a BatchNorm after the conv takes. The gradient is taken at the
-    # float32 z: there the statistics' gradient and the output's (large and nearly cancelling in BatchNorm's
-    # backward) meet in float32, and round once.
-    stored = z + (out.to(acc) - z).detach()
-    return out, sums_about_mean(stored)
+    return out, sums_as_returned(z, out)
+
+
+def sums_as_returned(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """:func:`sums_about_mean` of z as returned (``out``, z rounded to its dtype: what a BatchNorm after the conv
+    takes), with the gradient taken at z (float32 or float64): there the statistics' gradient and the output's,
+    large and nearly cancelling in BatchNorm's backward, meet in z's dtype and round once."""
+    return sums_about_mean(out if out.dtype == z.dtype else z + (out.to(z.dtype) - z).detach())
 
 
 def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
@@ -247,10 +250,7 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     out = (torch.relu(z) if relu else z).to(x.dtype)
     if not stats:
         return out
-    # Of z as returned (stats refuse relu), with the gradient taken at the float32 z: the statistics' gradient and
-    # the output's, large and nearly cancelling in BatchNorm's backward, then meet in float32 and round once.
-    stored = z + (out.to(z.dtype) - z).detach() if z.dtype != out.dtype else out
-    return out, sums_about_mean(stored)
+    return out, sums_as_returned(z, out)  # stats refuse relu: out is z rounded
 
 
 def _mkldnn_conv(x, w, bias, residual, padding, strides, dilation, groups, relu) -> torch.Tensor:
