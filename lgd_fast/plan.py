@@ -109,7 +109,7 @@ class Choice:
                 (self.fused, self.end), "convs, own end"
             )
         if kind == "stem":
-            return "modules"
+            return "conv+BN+ReLU fused" if self.fused else "modules"
         return "convs" if self.fused else "modules"
 
 
@@ -122,6 +122,7 @@ class LayerPlan:
     mode: str  # "measure" or "default"
     note: str  # what the layer is and what its fused code covers
     choices: dict[tuple, Choice] = field(default_factory=dict)
+    fusable: bool = True  # a stem: its conv, BatchNorm and ReLU can run as one fused conv (LGD-3D's; not LGD-2D's)
 
 
 def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
@@ -135,13 +136,13 @@ def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
     return backend, mode
 
 
-def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str) -> LayerPlan:
+def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str, fusable: bool = True) -> LayerPlan:
     """Gives ``module`` its plan (kept when it already has one of the same kind, so converting twice re-uses it)."""
     existing = getattr(module, "_lgd_plan", None)
     if isinstance(existing, LayerPlan) and existing.kind == kind and (existing.backend, existing.mode) == (
         backend, mode):  # fmt: skip
         return existing
-    plan = LayerPlan(kind, backend, mode, note)
+    plan = LayerPlan(kind, backend, mode, note, fusable=fusable)
     module._lgd_plan = plan
     return plan
 
@@ -193,9 +194,19 @@ def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:
     if x.device.type != "cpu":
+        if plan.kind == "stem":
+            return Choice(False, False, AS_INPUT, "modules", "default off the CPU: the stem's own modules")
         return Choice(True, True, AS_INPUT, backend, f"default off the CPU: fused on {backend}")
     big = frames[0] * frames[1] >= CPU_FUSED_MIN_PIXELS
     pixels = f"{frames[0]}x{frames[1]} frames {'>=' if big else '<'} 14x14"
+    if mode == "eval" and backend == "onednn" and plan.kind in ("stem", "lgd_block", "p3d_unit"):
+        # Inference without autograd on oneDNN: one primitive per conv with its weight folded and packed once; in
+        # channels_last_3d that beat the modules at every R50 frame size (README, issue 14's measurements).
+        if plan.kind == "stem":
+            if plan.fusable:
+                return Choice(True, False, CL, "onednn", "default: eval, conv1+bn1+ReLU as one conv")
+            return Choice(False, False, CL, "modules", "default: eval, the first block's layout")
+        return Choice(True, True, CL, backend, "default: eval, packed oneDNN convs, channels_last_3d")
     if plan.kind == "stem":
         layout = CL if mode.startswith("train") or big else CONTIGUOUS
         return Choice(False, False, layout, "modules", f"default: the first block's layout ({pixels} after it)")
@@ -223,10 +234,12 @@ def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str, fo
     return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why=why)
 
 
-def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str) -> list[Choice]:
+def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str) -> list[Choice]:
     if plan.kind == "stem":
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (AS_INPUT,)
-        return [Choice(False, False, lay, "modules", "") for lay in layouts]
+        fusable = plan.fusable and mode == "eval" and x.device.type == "cpu"
+        fused = [Choice(True, False, CL, "onednn", "")] if fusable else []
+        return fused + [Choice(False, False, lay, "modules", "") for lay in layouts]
     if plan.kind == "lgd_block":
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (CL, AS_INPUT)
         shapes = ((True, True, backend), (False, True, "modules"), (False, False, "modules"))
@@ -297,7 +310,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
         signature = (_signature(group), plan.kind, plan.backend, str(x.device), key)
         choice = _MEASURED.get(signature)
         if choice is None:
-            candidates = [replace(c, request=request) for c in _candidates(plan, x, backend)]
+            candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode)]
             choice = _measure(group, plan, mode, default, candidates, runner, (x, *args))
             _MEASURED[signature] = choice
     else:

@@ -16,6 +16,7 @@ import torch
 from p3d_cases import check_fp32_draws, check_pooled_ratio, rel
 from torch import nn
 
+from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason
 
 # (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
@@ -160,6 +161,74 @@ def test_conv_bn_matches_its_modules(case, mode, dtype, layout, gen):
         check_fp32_draws([[r for r in rows if r["name"] != "out"] for rows in draws], case_id, tol=1e-4)
     else:
         check_pooled_ratio(draws, case_id)
+
+
+def _inference_draw(case, dtype, layout, gen) -> list[dict]:
+    """Eval, no autograd (the eager CPU path: one oneDNN primitive, the weight folded and, for channels_last_3d
+    input, packed once): the fused call and the modules at the dtype against the modules in float64."""
+    conv, bn = _modules(case, gen)
+    bn = None if bn is None else bn.eval()
+    memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
+    x = torch.randn(case[2], generator=gen).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        out_shape = (x.shape[0], *conv(x[:1]).shape[1:])
+    residual = torch.randn(out_shape, generator=gen) if case[6] else None
+    shortcut = torch.randn(out_shape, generator=gen) if _extra(case).get("shortcut") else None
+    at, relu = getattr(torch, dtype), case[7]
+
+    def modules(c, b, target):
+        cast = (lambda t: None if t is None else t.to(target))  # noqa: E731
+        out = c(cast(x)) + (0 if residual is None else cast(residual))
+        out = (b(out) if b is not None else out) + (0 if shortcut is None else cast(shortcut))
+        return torch.relu(out) if relu else out
+
+    with torch.no_grad():
+        want = modules(copy.deepcopy(conv).double(), None if bn is None else copy.deepcopy(bn).double(), torch.float64)
+        plain = modules(copy.deepcopy(conv).to(at), bn, at)
+        fused_conv = copy.deepcopy(conv).to(at)
+        cast = (lambda t: None if t is None else t.to(at))  # noqa: E731
+        got = conv_bn(cast(x), fused_conv, bn, residual=cast(residual), shortcut=cast(shortcut), relu=relu)
+    packed = conv_bn_module._PACKED.get(fused_conv)
+    if layout == "channels_last_3d":  # the packed weight was made for this input and the output is channels-last
+        assert packed is not None and packed[1] == x.shape and got.is_contiguous(memory_format=torch.channels_last_3d)
+    else:
+        assert packed is None
+    finite = bool(torch.isfinite(got).all())
+    return [{"name": "out", "err": rel(got, want), "torch_err": rel(plain, want), "finite": finite,
+             "shape_ok": got.shape == want.shape}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case,dtype,layout",
+    [(c, d, lay) for c in CASES for d in DTYPES for lay in LAYOUTS],
+    ids=[_case_id(c, "inference", d, lay) for c in CASES for d in DTYPES for lay in LAYOUTS],
+)
+def test_inference_with_packed_weights_matches_its_modules(case, dtype, layout, gen):
+    case_id = _case_id(case, "inference", dtype, layout)
+    draws = [_inference_draw(case, dtype, layout, gen) for _ in range(FP32_DRAWS if dtype == "float32" else BF16_DRAWS)]
+    if dtype == "float32":
+        check_fp32_draws(draws, case_id, tol=1e-5)
+    else:
+        check_pooled_ratio(draws, case_id)
+
+
+def test_packed_weights_follow_the_weights_and_the_input_shape(gen):
+    """The packed weight is remade when a parameter or running statistic changes or the input shape does."""
+    case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True)
+    conv, bn = _modules(case, gen)
+    bn.eval()
+    x = torch.randn(2, 5, 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        first = conv_bn_module._PACKED[conv][2]
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        assert conv_bn_module._PACKED[conv][2] is first  # cached: not packed again
+        for change in (lambda: conv.weight.mul_(1.5), lambda: bn.running_var.mul_(2.0), lambda: bn.bias.add_(0.5)):
+            change()
+            assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        wider = torch.randn(3, 5, 3, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+        assert rel(conv_bn(wider, conv, bn, relu=True), torch.relu(bn(conv(wider)))) < 1e-6
+        assert conv_bn_module._PACKED[conv][1] == wider.shape
 
 
 def test_eval_inference_folds_the_bias_into_one_onednn_call(gen, monkeypatch):

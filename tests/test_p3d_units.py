@@ -116,11 +116,13 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
         block(x, torch.randn(2, 16, generator=gen))
     assert calls and any(k.get("stats") for k in calls)
     onednn = []
-    op = torch.ops.lgd_fast.p3d_conv_onednn
-    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", lambda *a: onednn.append(a) or op(*a))
-    with torch.no_grad():  # eval: every conv one oneDNN call, BatchNorm folded (weights cached), ReLU fused
+    real = conv_bn_module._onednn
+    monkeypatch.setattr(conv_bn_module, "_onednn", lambda *a, **k: onednn.append(a) or real(*a, **k))
+    packed = conv_bn_module._PACKED
+    with torch.no_grad():  # eval: every conv one oneDNN call, BatchNorm folded and packed (cached), ReLU fused
         block.eval()(x, torch.randn(2, 16, generator=gen))
-        assert len(onednn) == 5 and any(a[-1] for a in onednn)  # conv1, conv2, conv2_t, conv3, downsample.0
+        assert len(onednn) == 5 and any(a[4] for a in onednn)  # conv1, conv2, conv2_t, conv3, downsample.0
+        assert all(a[0] in packed and packed[a[0]][1] == a[2].shape for a in onednn)  # (conv, norm, x, ...)
         g = torch.ones(2, 16)
         cached = block(x, g)[0]
         block.bn1.running_var.mul_(2.0)  # a new running statistic must refold
@@ -128,21 +130,28 @@ def test_cpu_training_defaults_to_the_blocks_own_modules_and_eval_to_fused_convs
         reference = copy.deepcopy(block)
         reference.__class__ = P3DBottleneck
         assert torch.allclose(block(x, g)[0], reference(x, g)[0], atol=1e-5)
-        onednn.clear()  # 9x9 frames (< 14x14): the block's own modules, no fused conv
+        onednn.clear()  # 9x9 frames: fused in inference too (the frame-size rule is for gradients)
         small = torch.randn(2, 16, 3, 9, 9, generator=gen)
-        assert torch.allclose(block(small, g)[0], reference(small, g)[0], atol=1e-5) and onednn == []
+        assert torch.allclose(block(small, g)[0], reference(small, g)[0], atol=1e-5) and len(onednn) == 5
+    onednn.clear()  # eval with gradients at 9x9 frames: the block's own modules, no fused conv
+    assert torch.allclose(block(small, g)[0], reference(small, g)[0], atol=1e-5) and onednn == []
 
 
 @pytest.mark.parametrize(
     "size,expected", [(28, torch.channels_last_3d), (14, torch.channels_last_3d), (7, None), (4, None)]
 )
 def test_cpu_layout_rule(size, expected, gen):
-    """The plan's deterministic default: channels_last_3d and fused from 14x14 frames, contiguous below."""
+    """The plan's deterministic default: in inference fused in channels_last_3d at every size; with gradients
+    channels_last_3d and fused from 14x14 frames, contiguous below."""
     expected = expected or torch.contiguous_format
     model = create_model("lgd3d_tiny", 4, fast=True, plan="default").eval()
     block = model.layer1[0]
     x = torch.randn(1, 16, 2, size, size, generator=gen)
+    never = lambda *a: pytest.fail("the default rule measures nothing")  # noqa: E731
     with torch.no_grad():
-        choice = plan.decide(block, x, lambda *a: pytest.fail("the default rule measures nothing"), None, None)
+        choice = plan.decide(block, x, never, None, None)
+    assert choice.to(x).is_contiguous(memory_format=torch.channels_last_3d) and choice.fused and choice.end
+    assert choice.why.startswith("default: eval")
+    choice = plan.decide(block, x, never, None, None)  # eval with gradients (the block's parameters want them)
     assert choice.to(x).is_contiguous(memory_format=expected)
     assert choice.fused == choice.end == (expected == torch.channels_last_3d)

@@ -42,20 +42,27 @@ def test_r50_plan_prints_every_layer_with_backend_layout_and_why(gen, no_measuri
     model = create_model("lgd3d_r50", 10, fast=True, plan="default")
     text = str(model.execution_plan)
     assert "17 planned layers" in text and "not decided yet" in text
-    x = torch.randn(1, 3, 4, 64, 64, generator=gen)  # layer1 and layer2.0 take 16x16 frames (fused), later 8x8
-    plan = model.execution_plan.resolve(x)
+    x = torch.randn(1, 3, 4, 64, 64, generator=gen)  # layer1 and layer2.0 take 16x16 frames, later 8x8 and 4x4
+    plan = model.execution_plan.resolve(x)  # inference: every block fused (packed oneDNN convs), channels_last_3d
     rows = {row["layer"]: row for row in plan.to_dict()}
     assert list(rows) == ["(model)"] + [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)]
     for name, row in rows.items():
         (choice,) = row["choices"]
         assert choice["why"].startswith("default")
-        if name.startswith("layer1") or name == "layer2.0":
-            assert (choice["runs"], choice["layout"], choice["backend"]) == ("convs+end", "channels_last_3d", "onednn")
-        elif name.startswith("layer"):
-            assert (choice["runs"], choice["layout"], choice["backend"]) == ("modules", "contiguous", "modules")
+        expected = ("conv+BN+ReLU fused" if name == "(model)" else "convs+end", "channels_last_3d", "onednn")
+        assert (choice["runs"], choice["layout"], choice["backend"]) == expected, name
     text = str(plan)
     assert "layer1.0: LGD block, P3DBottleneck A" in text and "float32 1x64x1x16x16 channels_last_3d: convs+end" in text
     assert model.training and all(p.grad is None for p in model.parameters())  # resolve restores the mode
+    model.execution_plan.resolve(x, training=True)  # training: the frame-size rule (units on their own modules)
+    for name, row in ((r["layer"], r) for r in plan.to_dict()):
+        train = [c for c in row["choices"] if " train " in c["input"]]
+        if name == "(model)":
+            assert [(c["runs"], c["layout"]) for c in train] == [("modules", "channels_last_3d")]
+        elif name.startswith("layer1") or name == "layer2.0":
+            assert [(c["runs"], c["layout"]) for c in train] == [("end only", "channels_last_3d")], name
+        else:
+            assert [(c["runs"], c["layout"]) for c in train] == [("modules", "contiguous")], name
 
 
 def test_choices_are_made_once_per_key(gen, measured):
@@ -90,10 +97,13 @@ def test_identical_layers_share_one_measurement(gen, measured):
     calls = measured
     x = torch.randn(2, 8, 3, 16, 16, generator=gen)
     with torch.no_grad():
-        assert _rel(model(x), original(x)) < 1e-5
+        for run, run_original in zip(model, original, strict=True):  # each on x: one key, whatever was chosen
+            assert _rel(run(x), run_original(x)) < 1e-5
     assert calls == ["conv_run"]  # three runs, one signature: measured once, as inductor caches by shape
     choices = [c for _, plan in model.execution_plan.layers() for c in plan.choices.values()]
     assert len(choices) == 3 and len(set(choices)) == 1
+    with torch.no_grad():  # chained, a run's input is in the layout the one before it chose
+        assert _rel(model(x), original(x)) < 1e-5
 
 
 def test_measuring_a_training_step_leaves_buffers_and_gradients(gen, monkeypatch):

@@ -34,7 +34,7 @@ from torch import nn
 from .. import plan as planning
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops._common import memory_format
-from ..ops.conv_bn import batch_norm_affine, norm_reason
+from ..ops.conv_bn import batch_norm_affine, conv_bn, fusable_reason, norm_reason
 from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
 from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
 from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
@@ -191,7 +191,10 @@ class FastLGD3D(_FastNet, LGD3D):
         2.08 ms, the round trip through channels-last 0.52 ms; on channels-last input ATen's pool is the fastest
         (0.20 ms there, 2.06 ms vs 7.7 ms on R50's (4, 64, 8, 56, 56)).
         """
-        x = torch.relu(self.bn1(self.conv1(choice.to(x))))
+        if choice.fused:  # eval (the plan's rule): the BatchNorm folded into conv1, the ReLU its post-op
+            x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
+        else:
+            x = torch.relu(self.bn1(self.conv1(choice.to(x))))
         pool = self.maxpool
         settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
         if not self.training and choice.layout == planning.CONTIGUOUS and settings == _STEM_POOL:
@@ -240,8 +243,10 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
     if isinstance(model, LGD2D):
         model.__class__ = FastLGD2D
         planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout", backend=backend,
-                        mode=mode)  # fmt: skip
+                        mode=mode, fusable=False)  # fmt: skip
         return model
     model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
-    planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool): its layout", backend=backend, mode=mode)
+    fusable = fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None
+    planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv",
+                    backend=backend, mode=mode, fusable=fusable)  # fmt: skip
     return model

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .p3d_conv import _geometry as _p3d_geometry
 from .p3d_conv import autocast_inputs, p3d_conv, sums_about_mean, sums_as_returned
 
 __all__ = [
@@ -451,9 +452,49 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
     return cached[1], cached[2]
 
 
+# conv module -> (folded weight, input shape, packed weight): the folded weight reordered once into the blocked
+# layout oneDNN's primitive for that input shape reads (what inductor's freezing does with torch.compile), so no
+# call reorders it again.
+_PACKED: weakref.WeakKeyDictionary[nn.Conv3d, tuple] = weakref.WeakKeyDictionary()
+
+
+def _packed(conv, weight, x, padding, strides, dilation) -> torch.Tensor:
+    cached = _PACKED.get(conv)
+    if cached is None or cached[0] is not weight or cached[1] != x.shape:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(
+            weight, padding, strides, dilation, conv.groups, list(x.shape)
+        )
+        cached = _PACKED[conv] = (weight, x.shape, packed)
+    return cached[2]
+
+
+def _onednn_packed(conv, x, weight, bias, residual, relu) -> torch.Tensor:
+    """One oneDNN primitive with the packed weight (x in channels_last_3d: the output is channels_last_3d, as the
+    plain weight's is)."""
+    if p3d_geometry_reason(conv) is None:
+        padding, strides = _p3d_geometry(weight, _stride(conv))
+    else:
+        padding, strides = _padding(conv), list(_strides(conv))
+    dilation = list(_dilation(conv))
+    packed = _packed(conv, weight, x, padding, strides, dilation)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise.default(
+            x, packed, bias, padding, strides, dilation, conv.groups, "relu" if relu else "none", [], ""
+        )
+    # As _mkldnn_conv: in bfloat16 oneDNN fuses add+ReLU only for an ungrouped conv writing channels_last_3d.
+    fused_relu = relu and (x.dtype == torch.float32 or conv.groups == 1)
+    out = torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual.contiguous(memory_format=torch.channels_last_3d), packed, bias, padding, strides, dilation,
+        conv.groups, "add", None, "relu" if fused_relu else None, [], "",
+    )  # fmt: skip
+    return out.relu_() if relu and not fused_relu else out
+
+
 def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torch.Tensor:
     x, residual = autocast_inputs(x.device.type, x, residual)
     weight, bias = _folded(conv, norm, x.dtype, extra_bias, shift=shift)
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return _onednn_packed(conv, x, weight, bias, residual, relu)
     if p3d_geometry_reason(conv) is None:
         return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv), relu)
     return torch.ops.lgd_fast.conv3d_onednn(
@@ -516,9 +557,12 @@ def conv_bn(
         residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
         shortcut = None
     # eager CPU inference: one oneDNN primitive, the norm folded in, what is added after it as its post-op
-    if norm is None or (not uses_batch_stats(norm) and residual is None):
+    if norm is None or not uses_batch_stats(norm):
         added = residual if norm is None else shortcut
-        if not stats and _direct_onednn(backend, x, added):
+        if not stats and _direct_onednn(backend, x, added if residual is None else residual):
+            if norm is not None and residual is not None:  # norm(c + r) + s = c * scale + shift + (r * scale + s)
+                x_, residual_ = autocast_inputs(x.device.type, x, residual)
+                added = _added_after_norm(residual_, folded_norm(norm, x_)[0], shortcut)
             return _onednn(conv, norm, x, added, relu)
     if p3d_geometry_reason(conv) is not None:
         return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats)
