@@ -1,5 +1,5 @@
 """pytest-benchmark suite, end to end: LGD-3D R50 (batch 4, 16x112x112, fp32) inference and a training step, for the
-reference, the reference under torch.compile, the fast model and the fast model under torch.compile, and
+reference (eager, channels-last, torch.compile, torch.compile with freezing), the fast model (eager and compiled), and
 lgd_fast.convert on a torchvision-style R(2+1)D-18 (inference).
 
     python -m pytest benchmarks/bench_e2e.py --benchmark-enable --benchmark-group-by=group
@@ -19,24 +19,22 @@ import torch
 import torch.nn.functional as F
 
 import lgd_fast
-from lgd_fast import create_model
+from lgd_fast import bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from foreign_models import r2plus1d  # noqa: E402
 
 SHAPE = (4, 3, 16, 112, 112)
-CANDIDATES = ("reference", "reference_compiled", "fast", "fast_compiled")
+# lgd_fast.bench's candidates (the reference eager, channels-last, compiled, compiled with freezing; the fast model
+# eager and compiled); freezing is for inference only.
+CANDIDATES = ("reference", "reference_channels_last", "reference_compiled", "reference_compiled_freezing", "fast",
+              "fast_compiled")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def models():
-    reference = create_model("lgd3d_r50", 400, classifier="two_heads")
-    out = {}
-    for name in CANDIDATES:
-        model = create_model("lgd3d_r50", 400, classifier="two_heads", fast=name.startswith("fast"))
-        model.load_state_dict(reference.state_dict())
-        out[name] = (model, torch.compile(model) if name.endswith("_compiled") else model)
-    return out
+    return {name: (module, runner, layout) for name, (module, runner, layout)
+            in bench._models("lgd3d_r50", 400, torch.device("cpu"), CANDIDATES, None).items()}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -48,26 +46,28 @@ def clips():
 @pytest.mark.parametrize("candidate", CANDIDATES)
 def test_r50_inference(benchmark, models, clips, candidate):
     benchmark.group = "LGD-3D R50 inference, 4x16x112x112 fp32"
-    module, runner = models[candidate]
+    module, runner, layout = models[candidate]
     module.eval()
+    x = clips[0].contiguous(memory_format=layout)
 
     def run():
         with torch.inference_mode():
-            return runner(clips[0])
+            return runner(x)
 
     run()  # compile outside the timing
     benchmark.pedantic(run, rounds=3, iterations=1)
 
 
-@pytest.mark.parametrize("candidate", CANDIDATES)
+@pytest.mark.parametrize("candidate", [c for c in CANDIDATES if c not in bench.FREEZING])
 def test_r50_training_step(benchmark, models, clips, candidate):
     benchmark.group = "LGD-3D R50 training step, 4x16x112x112 fp32"
-    module, runner = models[candidate]
+    module, runner, layout = models[candidate]
     module.train()
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
+    x = clips[0].contiguous(memory_format=layout)
 
     def step():
-        local, global_ = runner(clips[0])
+        local, global_ = runner(x)
         loss = F.cross_entropy(local, clips[1]) + F.cross_entropy(global_, clips[1])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

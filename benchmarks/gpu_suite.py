@@ -73,7 +73,7 @@ def _bench_one(args: argparse.Namespace) -> int:
                      device="cuda", repeats=5 if args.quick else 20)  # fmt: skip
         candidates = ["reference", "reference_compiled", "fast"] + ([] if args.quick else ["fast_compiled"])
     payload = bench.run_bench(**sizes, dtype=args.bench_one, candidates=candidates, warmup=1, channels_last=True,
-                              progress=False)  # fmt: skip
+                              passes=("inference", "training"), progress=False)  # fmt: skip
     payload["settings"]["smoke"] = args.smoke
     print("wrote", bench.write_json(args.out, payload))
     for pass_, rows in payload["results"].items():

@@ -1,15 +1,20 @@
-"""``lgd-fast bench``: end-to-end speed of the fast LGD-3D against the reference, eager and compiled.
+"""``lgd-fast bench``: end-to-end speed of the fast LGD-3D against what PyTorch alone gives, and the conv peak.
 
-For one model and input shape, four candidates with the same weights: the reference in eager mode, the
-reference under ``torch.compile``, the fast model, the fast model under ``torch.compile``; two passes:
-inference (eval, ``torch.inference_mode``) and a training step (forward, loss, backward, SGD step). Calls of
-the candidates alternate (each round calls every candidate once, in a rotating order), so that all of them
-see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, and peak memory
-(CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux/glibc: the growth of the process's peak
-resident memory during one call, freed memory given back and the high-water mark reset just before it).
-The result holds the device, versions and commit, and the issue's targets with their measured values.
+For one model and input shape, candidates with the same weights (:data:`CANDIDATES`): the reference in eager
+mode, contiguous and channels_last_3d; ``torch.compile`` of each; ``torch.compile`` with inductor's freezing of
+the channels-last reference (inference: what a CPU user deploying a model picks); the fast model, eager,
+compiled and compiled with freezing. Three passes: inference (eval, ``torch.inference_mode``), a training
+step (forward, loss, backward, SGD step; freezing is for inference only) and latency (inference at batch 1).
+Calls of the candidates alternate (each round calls every candidate once, in a rotating order), so that all
+of them see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, the share
+of the measured convolution peak it reaches (the model's FLOPs over its median time, against oneDNN's or
+cuDNN's own channels-last 1x3x3 conv at an R50 res2 shape, measured at the start and end of the same run), and
+peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux/glibc: the growth of the
+process's peak resident memory during one call, freed memory given back and the high-water mark reset just
+before it). The result holds the device, versions and commit, and the targets with their measured values.
 
-    lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU: minutes
+    lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU
+    lgd-fast bench --dtype bf16                      # the same under bf16 autocast
     lgd-fast bench --model lgd3d_tiny --size 32 --no-compile
 """
 
@@ -45,12 +50,29 @@ __all__ = [
     "write_json",
 ]
 
-CANDIDATES = ("reference", "reference_compiled", "fast", "fast_compiled")
-PASSES = ("inference", "training")
-# The issue's end-to-end targets (LGD-3D R50, 16x112x112, batch 4, fp32, CPU): fast vs the named candidate.
+CANDIDATES = (
+    "reference",
+    "reference_channels_last",
+    "reference_compiled",
+    "reference_channels_last_compiled",
+    "reference_compiled_freezing",
+    "fast",
+    "fast_compiled",
+    "fast_compiled_freezing",
+)
+FREEZING = frozenset(c for c in CANDIDATES if c.endswith("_freezing"))  # inference only
+PASSES = ("inference", "training", "latency")  # latency: inference at batch 1
+# The end-to-end targets (PERF.md; LGD-3D R50, 16x112x112, batch 4, CPU), per dtype: the fast model against the
+# named candidate (speedups, peak memory) and its share of the measured conv peak.
 TARGETS = {
-    "inference": {"speedup_vs_reference": 3.0, "speedup_vs_reference_compiled": 1.2},
-    "training": {"speedup_vs_reference": 1.5, "peak_memory_vs_reference": 0.8},
+    "fp32": {
+        "inference": {"speedup_vs_reference_compiled_freezing": 1.2, "conv_peak_share": 0.75},
+        "training": {"speedup_vs_reference_channels_last_compiled": 1.15, "peak_memory_vs_reference": 1.0},
+    },
+    "bf16": {
+        "inference": {"speedup_vs_reference_channels_last": 1.3, "conv_peak_share": 0.6,
+                      "logits_max_error_vs_fp32": 2e-2},  # fmt: skip
+    },
 }
 
 
@@ -113,7 +135,22 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     return None if rss is None or peak is None else max(peak - rss, 0)
 
 
+def _compiled(model, *, freezing: bool, compile_mode: str | None):
+    """torch.compile of ``model`` (static shapes: each input shape compiles once, weights stay packable), called
+    with inductor's freezing on or off."""
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(model, mode=compile_mode, dynamic=False)
+
+    def run(x):
+        with inductor_config.patch(freezing=freezing):
+            return compiled(x)
+
+    return run
+
+
 def _models(name: str, num_classes: int, device: torch.device, candidates: Sequence[str], compile_mode: str | None):
+    """candidate -> (module, runner, the memory format its clips come in)."""
     from .models import create_model
 
     reference = create_model(name, num_classes, classifier="two_heads").to(device)
@@ -122,9 +159,63 @@ def _models(name: str, num_classes: int, device: torch.device, candidates: Seque
         fast = candidate.startswith("fast")
         model = create_model(name, num_classes, classifier="two_heads", fast=fast).to(device)
         model.load_state_dict(reference.state_dict())
-        runner = torch.compile(model, mode=compile_mode) if candidate.endswith("_compiled") else model
-        out[candidate] = (model, runner)
+        layout = torch.contiguous_format
+        if "channels_last" in candidate or candidate == "reference_compiled_freezing":
+            model.to(memory_format=torch.channels_last_3d)  # the deployed reference: channels-last end to end
+            layout = torch.channels_last_3d
+        runner = model
+        if "_compiled" in candidate:
+            runner = _compiled(model, freezing=candidate in FREEZING, compile_mode=compile_mode)
+        out[candidate] = (model, runner, layout)
     return out
+
+
+def model_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-add FLOPs (2 per multiply-add) of the convolutions and linear layers in one inference of ``x``
+    (counted with forward hooks; the elementwise work is left out, as a roofline against the conv peak does)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            per_output = module.in_channels // module.groups * int(torch.tensor(module.kernel_size).prod())
+            total += 2 * output.numel() * per_output
+        elif isinstance(module, torch.nn.Linear):
+            total += 2 * output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.modules.conv._ConvNd | torch.nn.Linear)]  # fmt: skip
+    try:
+        with torch.inference_mode():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+# The conv peak's shape (PERF.md): an R50 res2 1x3x3 conv, 64 -> 64 channels, on 4x64x4x28x28, channels_last_3d.
+PEAK_SHAPE, PEAK_KERNEL = (4, 64, 4, 28, 28), (64, 64, 1, 3, 3)
+
+
+def conv_peak(device: torch.device, dtype: str, *, repeats: int = 30) -> dict[str, Any]:
+    """The device's own channels-last 1x3x3 conv (oneDNN on the CPU, cuDNN on CUDA) at :data:`PEAK_SHAPE`, in the
+    bench's dtype (bf16: the conv in bfloat16): GFLOP/s of its median call over ``repeats`` (random inputs)."""
+    gen = torch.Generator().manual_seed(1)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    cl = torch.channels_last_3d
+    x = torch.randn(PEAK_SHAPE, generator=gen).to(device, torch_dtype).contiguous(memory_format=cl)
+    w = (torch.randn(PEAK_KERNEL, generator=gen) / 24).to(device, torch_dtype).contiguous(memory_format=cl)
+    flops = 2 * x.numel() * PEAK_KERNEL[0] * 9
+
+    def call():
+        with torch.inference_mode():
+            F.conv3d(x, w, padding=(0, 1, 1))
+
+    samples, _ = time_interleaved({"conv": call}, repeats=repeats, warmup=3, device=device)
+    median = statistics.median(samples["conv"])
+    return {"gflops_per_s": flops / median / 1e9, "median_s": median, "shape": list(PEAK_SHAPE),
+            "kernel": list(PEAK_KERNEL), "dtype": dtype, "layout": "channels_last_3d"}  # fmt: skip
 
 
 def percentiles(samples: Sequence[float], points: Sequence[int] = (5, 25, 75, 95)) -> dict[str, float]:
@@ -215,7 +306,8 @@ def run_bench(
     channels_last: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Times ``candidates`` on ``passes``; returns the result dict (see the module docstring)."""
+    """Times ``candidates`` on ``passes``; returns the result dict (see the module docstring). ``channels_last``:
+    every clip (not only the channels-last candidates') and every model in channels_last_3d."""
     from tqdm.auto import tqdm
 
     unknown = [c for c in candidates if c not in CANDIDATES] + [p for p in passes if p not in PASSES]
@@ -231,30 +323,39 @@ def run_bench(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device cuda was asked for but torch sees no CUDA device")
     gen = torch.Generator().manual_seed(0)
-    shape = (batch, 3, frames, size, size)
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    clips = [torch.randn(shape, generator=gen).to(dev).contiguous(memory_format=fmt) for _ in range(2)]  # not zeros
+    shapes = {"inference": (batch, 3, frames, size, size), "training": (batch, 3, frames, size, size),
+              "latency": (1, 3, frames, size, size)}  # fmt: skip
+    clips = {p: [torch.randn(shapes[p], generator=gen).to(dev) for _ in range(2)] for p in passes}  # not zeros
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
     models = _models(model, num_classes, dev, candidates, compile_mode)
     if channels_last:
-        for module, _ in models.values():
+        for module, _, _ in models.values():
             module.to(memory_format=torch.channels_last_3d)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    peaks = [conv_peak(dev, dtype)]
+    flops = {}
+    if models:
+        module = next(iter(models.values()))[0]
+        flops = {p: model_flops(module, clips[p][0][:1]) * shapes[p][0] for p in passes}
     results: dict[str, Any] = {}
     memory_calls: dict[str, dict] = {}
     timings: dict[str, tuple] = {}
-    total = len(passes) * len(candidates) * (repeats + max(warmup, 1) + 1)
+    per_pass = {p: [c for c in models if not (p == "training" and c in FREEZING)] for p in passes}
+    total = sum(len(names) * (repeats + max(warmup, 1) + 1) for names in per_pass.values())
     bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
     for pass_ in passes:
         calls: dict[str, Callable[[], Any]] = {}
-        for name, (module, runner) in models.items():
+        for name in per_pass[pass_]:
+            module, runner, layout = models[name]
+            fmt = torch.channels_last_3d if channels_last else layout
+            inputs = [c.contiguous(memory_format=fmt) for c in clips[pass_]]
             k = [0]
 
-            def clip(k=k):
+            def clip(k=k, inputs=inputs):
                 k[0] += 1
-                return clips[k[0] % 2]
+                return inputs[k[0] % 2]
 
-            if pass_ == "inference":
+            if pass_ != "training":
 
                 def call(module=module, runner=runner, clip=clip):
                     module.eval()
@@ -278,6 +379,8 @@ def run_bench(
         )
         memory_calls[pass_] = calls
         timings[pass_] = (samples, first_call)
+    peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
+    peak = max(p["gflops_per_s"] for p in peaks)
     global _LIBC
     if dev.type == "cpu" and _LIBC is None:
         _LIBC = _glibc()
@@ -289,26 +392,39 @@ def run_bench(
         rows = {}
         for name in calls:
             timing = percentiles(samples[name])
-            rows[name] = {**timing, "clips_per_s": batch / timing["median_s"], "peak_memory_bytes": memory[name],
+            share = flops[pass_] / timing["median_s"] / 1e9 / peak if pass_ != "training" else None
+            rows[name] = {**timing, "clips_per_s": shapes[pass_][0] / timing["median_s"],
+                          "conv_peak_share": share, "peak_memory_bytes": memory[name],
                           "warmup_s": first_call[name]}  # fmt: skip
         results[pass_] = rows
     bar.close()
+    accuracy = _bf16_logits_error(models, clips, passes, autocast) if dtype == "bf16" else None
     return {
         "benchmark": "lgd-fast bench",
         "model": model,
-        "input": list(shape),
+        "input": list(shapes["inference"]),
         "dtype": dtype,
         "device": dev.type,
         "machine": machine_info(dev),
         "settings": {"repeats": repeats, "warmup": warmup, "compile_mode": compile_mode, "channels_last": channels_last,
-                     "threads": torch.get_num_threads(), "candidates": list(candidates)},  # fmt: skip
+                     "threads": torch.get_num_threads(), "candidates": list(candidates),
+                     "passes": list(passes)},  # fmt: skip
+        "conv_peak": {"gflops_per_s": peak, "measurements": peaks},
+        "model_gflops": {p: f / 1e9 for p, f in flops.items()},
+        "accuracy": accuracy,
         "results": results,
-        "target_check": check_targets(results, model, shape, dtype, dev.type, channels_last),
+        "target_check": check_targets(results, model, shapes["inference"], dtype, dev.type, channels_last, accuracy),
         "notes": [
-            "candidates share the reference's weights; compiled = torch.compile(model) (inductor)",
-            "inference: eval, torch.inference_mode; training: forward, cross-entropy of both heads, backward, "
-            "SGD step (momentum 0.9)",
+            "candidates share the reference's weights; compiled = torch.compile(model, dynamic=False) (inductor); "
+            "_freezing: with torch._inductor.config.freezing = True (inference passes only); reference_compiled_"
+            "freezing compiles the channels-last reference",
+            "channels-last candidates get channels_last_3d clips (converted before timing); the others contiguous "
+            "ones, unless settings.channels_last",
+            "inference: eval, torch.inference_mode; latency: the same at batch 1; training: forward, cross-entropy "
+            "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
+            "conv_peak_share: model_gflops / median_s / conv_peak.gflops_per_s (the larger of two measurements of "
+            "the device's own channels-last 1x3x3 conv, before and after the timings)",
             "peak_memory_bytes: CUDA max_memory_allocated over one call minus what was allocated before it; "
             "CPU: the process's peak resident memory during one call (VmHWM, reset just before, after "
             "malloc_trim gave freed heap memory back) minus the resident memory before it",
@@ -316,31 +432,67 @@ def run_bench(
     }
 
 
+def _bf16_logits_error(models, clips, passes, autocast) -> dict[str, float] | None:
+    """The fast model's logits under bf16 autocast against the float32 reference's on the same clip: the largest
+    absolute difference over the largest float32 logit, per head."""
+    if "fast" not in models or "inference" not in passes:
+        return None
+    ref_name = next((c for c in ("reference", "reference_channels_last") if c in models), None)
+    if ref_name is None:
+        return None
+    fast, ref = models["fast"][0].eval(), models[ref_name][0].eval()
+    x = clips["inference"][0]
+    with torch.inference_mode():
+        want = ref(x)
+        with autocast:
+            got = fast(x)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))  # eval: one or both heads
+    heads = ("local", "global") if len(want) == 2 else ("logits",)
+    errors = {head: ((g.float() - w).abs().max() / w.abs().max()).item()
+              for head, g, w in zip(heads, got, want, strict=True)}  # fmt: skip
+    return {"logits_max_error_vs_fp32": max(errors.values()), "per_head": errors, "against": ref_name}
+
+
 def check_targets(
-    results: dict, model: str, shape: Sequence[int], dtype: str, device: str, channels_last: bool = False
+    results: dict,
+    model: str,
+    shape: Sequence[int],
+    dtype: str,
+    device: str,
+    channels_last: bool = False,
+    accuracy: dict | None = None,
 ) -> list[dict]:
-    """The issue's targets (defined for R50, 16x112x112, batch 4, fp32 on the CPU) and the measured values;
+    """The targets (:data:`TARGETS`: R50, 16x112x112, batch 4 on the CPU, per dtype) and the measured values;
     ``met`` is True or False where the target applies to this setting, None (not judged) elsewhere."""
-    applies = model == "lgd3d_r50" and list(shape) == [4, 3, 16, 112, 112] and dtype == "fp32" and device == "cpu"
+    applies = model == "lgd3d_r50" and list(shape) == [4, 3, 16, 112, 112] and device == "cpu"
     applies = applies and not channels_last
     checks = []
-    for pass_, targets in TARGETS.items():
+    for pass_, targets in TARGETS.get(dtype, {}).items():
         rows = results.get(pass_, {})
         if "fast" not in rows:
             continue
         for metric, target in targets.items():
-            other = metric.removeprefix("speedup_vs_").removeprefix("peak_memory_vs_")
-            if other not in rows:
-                continue
-            if metric.startswith("speedup"):
+            if metric == "conv_peak_share":
+                value = rows["fast"].get("conv_peak_share")
+                met = None if value is None else value >= target
+            elif metric == "logits_max_error_vs_fp32":
+                value = None if accuracy is None else accuracy[metric]
+                met = None if value is None else value <= target
+            elif metric.startswith("speedup_vs_"):
+                other = metric.removeprefix("speedup_vs_")
+                if other not in rows:
+                    continue
                 value = rows[other]["median_s"] / rows["fast"]["median_s"]
                 met = value >= target
             else:
-                a, b = rows["fast"]["peak_memory_bytes"], rows[other]["peak_memory_bytes"]
+                other = metric.removeprefix("peak_memory_vs_")
+                a, b = rows["fast"].get("peak_memory_bytes"), rows.get(other, {}).get("peak_memory_bytes")
                 if not a or not b:
                     continue
                 value = a / b
                 met = value <= target
+            if value is None:
+                continue
             checks.append({"pass": pass_, "metric": metric, "target": target, "measured": value,
                            "met": met if applies else None,
                            "target_applies_to_this_setting": applies})  # fmt: skip
@@ -404,25 +556,35 @@ def git_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
-    """A bar chart of clips/s per candidate and pass."""
+    """A bar chart per pass: clips/s of every candidate (higher is faster), each bar labelled with its share of the
+    measured conv peak, and a dashed line where the conv peak would put the model (its FLOPs at that rate)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     passes = list(payload["results"])
-    fig, axes = plt.subplots(1, len(passes), figsize=(6 * len(passes), 3.6), squeeze=False)
-    colors = {"reference": "tab:gray", "reference_compiled": "tab:orange", "fast": "tab:blue",
-              "fast_compiled": "tab:green"}  # fmt: skip
+    fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.4), squeeze=False)
+    colors = {"reference": "tab:gray", "reference_channels_last": "silver", "reference_compiled": "tab:orange",
+              "reference_channels_last_compiled": "gold", "reference_compiled_freezing": "tab:red",
+              "fast": "tab:blue", "fast_compiled": "tab:green", "fast_compiled_freezing": "tab:olive"}  # fmt: skip
+    peak = payload.get("conv_peak", {}).get("gflops_per_s")
     for ax, pass_ in zip(axes[0], passes, strict=True):
         rows = payload["results"][pass_]
         names = list(rows)
         values = [rows[n]["clips_per_s"] for n in names]
-        bars = ax.bar(names, values, color=[colors.get(n, "tab:purple") for n in names])
-        for bar_, v in zip(bars, values, strict=True):
-            ax.annotate(f"{v:.2f}", (bar_.get_x() + bar_.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
-        ax.set_title(f"{pass_}: clips/s (higher is faster)")
-        ax.tick_params(axis="x", labelrotation=20)
+        bars = ax.bar(range(len(names)), values, color=[colors.get(n, "tab:purple") for n in names])
+        for bar_, name, v in zip(bars, names, values, strict=True):
+            share = rows[name].get("conv_peak_share")
+            label = f"{v:.2f}" + ("" if share is None else f"\n{share:.0%}")
+            ax.annotate(label, (bar_.get_x() + bar_.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        gflops = payload.get("model_gflops", {}).get(pass_)
+        if peak and gflops and pass_ != "training":
+            clips = payload["input"][0] if pass_ == "inference" else 1
+            ax.axhline(peak / gflops * clips, color="black", linestyle="--", linewidth=0.8)
+            ax.annotate(f"conv peak {peak:.0f} GFLOP/s", (0, peak / gflops * clips), fontsize=7, va="bottom")
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+        ax.set_title(f"{pass_}: clips/s (higher is faster); % of conv peak", fontsize=9)
     m = payload["machine"]
     where = m.get("cuda_device") or f"{m['cpu']} ({payload['settings']['threads']} threads)"
     fig.suptitle(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']}, {where}, "

@@ -236,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
     bench.add_argument("--channels-last", action="store_true", help="models and clips in channels_last_3d")
-    bench.add_argument("--passes", default="inference,training", help="comma-separated: inference, training")
+    bench.add_argument("--passes", default="inference,training,latency",
+                       help="comma-separated: inference, training, latency (inference at batch 1)")
+    bench.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(
+        ("reference", "reference_channels_last", "reference_compiled", "reference_channels_last_compiled",
+         "reference_compiled_freezing", "fast", "fast_compiled", "fast_compiled_freezing")) + " (default: all)")
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
     bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")
@@ -274,7 +278,8 @@ def _plan(args) -> int:
 def _bench(args) -> int:
     from . import bench
 
-    candidates = [c for c in bench.CANDIDATES if not (args.no_compile and c.endswith("_compiled"))]
+    chosen = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else bench.CANDIDATES
+    candidates = [c for c in chosen if not (args.no_compile and "_compiled" in c)]
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     try:
         payload = bench.run_bench(
@@ -290,19 +295,23 @@ def _bench(args) -> int:
     out = args.out or os.path.join(args.out_dir, f"bench_{args.model}_{args.dtype}{layout}_{where}.json")
     path = bench.write_json(out, payload)
     png = bench.plot_bench(payload, path.with_suffix(".png"))
-    print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}")
+    peak = payload["conv_peak"]["gflops_per_s"]
+    print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}; "
+          f"conv peak {peak:.0f} GFLOP/s (the device's own channels-last 1x3x3 conv, measured in this run)")
     for pass_, rows in payload["results"].items():
         for name, row in rows.items():
-            memory = row["peak_memory_bytes"]
-            print(f"  {pass_:<9} {name:<18} {row['median_s'] * 1e3:9.1f} ms  p95 {row['p95_s'] * 1e3:9.1f} ms  "
-                  f"{row['clips_per_s']:8.2f} clips/s  peak "
+            memory, share = row["peak_memory_bytes"], row["conv_peak_share"]
+            print(f"  {pass_:<9} {name:<32} {row['median_s'] * 1e3:9.1f} ms  p95 {row['p95_s'] * 1e3:9.1f} ms  "
+                  f"{row['clips_per_s']:8.2f} clips/s  {'' if share is None else f'{share:4.0%} of peak  '}peak memory "
                   f"{'n/a' if memory is None else f'{memory / 2**20:.0f} MiB'}")  # fmt: skip
+    if payload["accuracy"]:
+        print(f"  bf16 logits vs fp32: max error {payload['accuracy']['logits_max_error_vs_fp32']:.2e}")
     for check in payload["target_check"]:
         if check["met"] is None:  # the targets are set for one setting: not judged elsewhere
-            verdict = "not judged (the target is set for lgd3d_r50 4x3x16x112x112 fp32 on the CPU)"
+            verdict = "not judged (the targets are set for lgd3d_r50 4x3x16x112x112 on the CPU)"
         else:
             verdict = "met" if check["met"] else "NOT met"
-        print(f"  target {check['pass']} {check['metric']}: {check['measured']:.2f} vs {check['target']} {verdict}")
+        print(f"  target {check['pass']} {check['metric']}: {check['measured']:.3g} vs {check['target']} {verdict}")
     print(f"wrote {path} and {png}")
     return 0
 

@@ -13,39 +13,101 @@ from lgd_fast.cli import main
 
 def test_run_bench_measures_every_candidate_and_pass():
     payload = bench.run_bench("lgd3d_tiny", batch=2, frames=4, size=32, num_classes=5, repeats=3,
-                              candidates=("reference", "fast"), progress=False)  # fmt: skip
+                              candidates=("reference", "reference_channels_last", "fast"), progress=False)  # fmt: skip
     assert payload["device"] == "cpu" and payload["input"] == [2, 3, 4, 32, 32]
     assert payload["machine"]["torch"] == torch.__version__ and "commit" in payload["machine"]
+    peak = payload["conv_peak"]
+    assert len(peak["measurements"]) == 2
+    assert peak["gflops_per_s"] == max(m["gflops_per_s"] for m in peak["measurements"])
+    assert peak["gflops_per_s"] > 1 and peak["measurements"][0]["layout"] == "channels_last_3d"
+    gflops = payload["model_gflops"]
+    assert gflops["inference"] == pytest.approx(2 * gflops["latency"]) and gflops["inference"] > 0  # batch 2 and 1
     for pass_ in bench.PASSES:
         rows = payload["results"][pass_]
-        assert set(rows) == {"reference", "fast"}
+        assert set(rows) == {"reference", "reference_channels_last", "fast"}
         for row in rows.values():
             assert row["calls"] == 3 and 0 < row["min_s"] <= row["p25_s"] <= row["median_s"] <= row["p95_s"]
-            assert row["clips_per_s"] == pytest.approx(2 / row["median_s"])
+            clips = 1 if pass_ == "latency" else 2
+            assert row["clips_per_s"] == pytest.approx(clips / row["median_s"])
             assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
+            if pass_ == "training":
+                assert row["conv_peak_share"] is None
+            else:
+                share = gflops[pass_] / row["median_s"] / peak["gflops_per_s"]
+                assert row["conv_peak_share"] == pytest.approx(share)
     metrics = {(c["pass"], c["metric"]) for c in payload["target_check"]}
-    assert ("inference", "speedup_vs_reference") in metrics and ("training", "speedup_vs_reference") in metrics
+    assert ("inference", "conv_peak_share") in metrics
     assert not any(c["target_applies_to_this_setting"] for c in payload["target_check"])  # tiny, not R50
     assert all(c["met"] is None for c in payload["target_check"])  # and so not judged
+    assert payload["accuracy"] is None  # fp32: no bf16 logits to compare
     json.dumps(payload)
+
+
+def test_model_flops_counts_convs_and_linears():
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, (1, 3, 3), padding=(0, 1, 1), groups=1),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 2 * 5 * 5, 4))  # fmt: skip
+    x = torch.randn(1, 3, 2, 5, 5)
+    assert bench.model_flops(model, x) == 2 * (8 * 2 * 5 * 5) * 3 * 9 + 2 * 4 * 400
+
+
+def test_channels_last_and_freezing_candidates(monkeypatch):
+    """The channels-last candidates get channels_last_3d weights and clips; freezing candidates run only in the
+    inference passes, compiled with inductor's freezing on (what is compiled, with which setting, recorded)."""
+    compiled = []
+
+    def fake_compiled(model, *, freezing, compile_mode):
+        compiled.append((type(model).__name__, freezing))
+        return model
+
+    monkeypatch.setattr(bench, "_compiled", fake_compiled)
+    models = bench._models("lgd3d_tiny", 5, torch.device("cpu"), bench.CANDIDATES, None)
+    for name, (module, _, layout) in models.items():
+        cl = "channels_last" in name or name == "reference_compiled_freezing"
+        assert (layout == torch.channels_last_3d) == cl, name
+        assert module.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d) == cl, name
+    assert compiled == [("LGD3D", False), ("LGD3D", False), ("LGD3D", True), ("FastLGD3D", False),
+                        ("FastLGD3D", True)]  # fmt: skip
+    payload = bench.run_bench("lgd3d_tiny", batch=1, frames=4, size=32, num_classes=5, repeats=1, progress=False,
+                              passes=("inference", "training"))  # fmt: skip
+    assert set(payload["results"]["inference"]) == set(bench.CANDIDATES)
+    assert set(payload["results"]["training"]) == set(bench.CANDIDATES) - bench.FREEZING
+
+
+def test_bf16_run_compares_logits_with_fp32():
+    payload = bench.run_bench("lgd3d_tiny", batch=1, frames=4, size=32, num_classes=5, repeats=1, dtype="bf16",
+                              candidates=("reference", "fast"), passes=("inference",), progress=False)  # fmt: skip
+    accuracy = payload["accuracy"]
+    assert accuracy["against"] == "reference" and set(accuracy["per_head"]) in ({"logits"}, {"local", "global"})
+    assert 0 < accuracy["logits_max_error_vs_fp32"] < 0.1  # bfloat16 rounds: not 0, and not wrong
+    assert payload["conv_peak"]["measurements"][0]["dtype"] == "bf16"
 
 
 def test_target_check_on_a_hand_made_result():
     rows = {
-        "fast": {"median_s": 1.0, "peak_memory_bytes": 70},
+        "fast": {"median_s": 1.0, "peak_memory_bytes": 70, "conv_peak_share": 0.8},
+        "reference_channels_last": {"median_s": 1.4, "peak_memory_bytes": 100},
+        "reference_channels_last_compiled": {"median_s": 1.1, "peak_memory_bytes": 90},
+        "reference_compiled_freezing": {"median_s": 1.1, "peak_memory_bytes": 90},
         "reference": {"median_s": 3.5, "peak_memory_bytes": 100},
-        "reference_compiled": {"median_s": 1.1, "peak_memory_bytes": 90},
     }
     results = {"inference": rows, "training": rows}
     checks = bench.check_targets(results, "lgd3d_r50", [4, 3, 16, 112, 112], "fp32", "cpu")
     got = {(c["pass"], c["metric"]): (round(c["measured"], 3), c["met"]) for c in checks}
     assert got == {
-        ("inference", "speedup_vs_reference"): (3.5, True),
-        ("inference", "speedup_vs_reference_compiled"): (1.1, False),
-        ("training", "speedup_vs_reference"): (3.5, True),
+        ("inference", "speedup_vs_reference_compiled_freezing"): (1.1, False),
+        ("inference", "conv_peak_share"): (0.8, True),
+        ("training", "speedup_vs_reference_channels_last_compiled"): (1.1, False),
         ("training", "peak_memory_vs_reference"): (0.7, True),
     }
     assert all(c["target_applies_to_this_setting"] for c in checks)
+    accuracy = {"logits_max_error_vs_fp32": 0.03}
+    checks = bench.check_targets(results, "lgd3d_r50", [4, 3, 16, 112, 112], "bf16", "cpu", accuracy=accuracy)
+    got = {(c["pass"], c["metric"]): (round(c["measured"], 3), c["met"]) for c in checks}
+    assert got == {
+        ("inference", "speedup_vs_reference_channels_last"): (1.4, True),
+        ("inference", "conv_peak_share"): (0.8, True),
+        ("inference", "logits_max_error_vs_fp32"): (0.03, False),
+    }
 
 
 def test_cli_writes_json_and_png(tmp_path, capsys):
@@ -54,7 +116,8 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
             "--no-compile", "--passes", "inference", "--no-progress", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     payload = json.loads(out.read_text())
-    assert set(payload["results"]) == {"inference"} and set(payload["results"]["inference"]) == {"reference", "fast"}
+    assert set(payload["results"]) == {"inference"}
+    assert set(payload["results"]["inference"]) == {"reference", "reference_channels_last", "fast"}  # no compile
     assert out.with_suffix(".png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "clips/s" in printed and "NOT met" not in printed and "not judged" in printed

@@ -187,8 +187,8 @@ def test_r2plus1d_equals_the_original_eval_and_train(gen, forced):
 
 def test_fused_convs_run_where_the_cpu_strategy_says(gen, monkeypatch):
     calls = []
-    real = torch.ops.lgd_fast.p3d_conv_onednn
-    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = conv_bn_module._onednn  # (conv, norm, x, ...): every fused conv of eager CPU inference
+    monkeypatch.setattr(conv_bn_module, "_onednn", lambda *a, **k: calls.append(a[2].shape) or real(*a, **k))
     model = lgd_fast.convert(_randomise(TinyR2Plus1D(), gen)).eval()
     with torch.no_grad():
         model(torch.randn(1, 3, 4, 64, 64, generator=gen))  # 32x32 frames in layer1, 16x16 in layer2

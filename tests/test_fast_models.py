@@ -13,6 +13,7 @@ from lgd_fast import FastPathUnavailableError, create_model
 from lgd_fast import plan as plan_module
 from lgd_fast.models import FastLGD3D, LGDBlock, to_fast
 from lgd_fast.models import fast as fast_module
+from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.plan import forced
 
 CL = torch.channels_last_3d
@@ -183,14 +184,16 @@ def test_bf16_autocast_within_twice_pytorch_error(gen):
 
 
 def test_cpu_autocast_runs_the_fused_convs_in_bf16(gen, monkeypatch):
-    """The fused oneDNN convs are called directly at CPU inference: they follow autocast as the reference's do."""
+    """The fused oneDNN convs (weights folded and packed) are called directly at CPU inference: they follow autocast
+    as the reference's do."""
     seen = []
-    real = torch.ops.lgd_fast.p3d_conv_onednn
-    def recording(*args):
-        seen.append((args[0].dtype, args[1].dtype))
-        return real(*args)
+    real = conv_bn_module._onednn_packed
 
-    monkeypatch.setattr(torch.ops.lgd_fast, "p3d_conv_onednn", recording)
+    def recording(conv, x, weight, *args):
+        seen.append((x.dtype, weight.dtype))
+        return real(conv, x, weight, *args)
+
+    monkeypatch.setattr(conv_bn_module, "_onednn_packed", recording)
     _, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
     x = torch.randn(2, 3, 8, 32, 32, generator=gen)
     with torch.inference_mode():
