@@ -26,7 +26,11 @@ and kept on the layer, so no forward decides anything again:
   measured for the key is still used; with ``torch.distributed`` initialised, since ranks could pick
   different code): a deterministic rule, measured once on this project's 2-core CPU
   (``benchmarks/run_p3d_cpu.py``, ``benchmarks/results/p3d_cpu.json``). Off the CPU: fused, end fused, as
-  the input comes. On the CPU: layers whose input frames have at least :data:`CPU_FUSED_MIN_PIXELS` (14x14)
+  the input comes (the stem on its own modules). On the CPU, inference without autograd (mode ``eval``) on
+  oneDNN: every LGD block and P3D unit fused in channels_last_3d, the stem's conv1 + bn1 + ReLU as one conv
+  (each conv one oneDNN primitive whose folded weight is packed once into oneDNN's layout: faster than the
+  modules at every R50 frame size, 4x4 included). With gradients: layers whose input frames have at least
+  :data:`CPU_FUSED_MIN_PIXELS` (14x14)
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
   measuring times that and contiguous); smaller ones run their own modules, contiguous; in training the P3D
@@ -174,7 +178,8 @@ def forced(*, fused: bool = True, training: bool = True) -> Iterator[None]:
 
 def _mode(group: Sequence[nn.Module]) -> str:
     modules = [m for g in group for m in g.modules()]
-    grad = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    # (inference mode disables grad mode, so the second test only matters eagerly: dynamo cannot trace it)
+    grad = torch.is_grad_enabled() and (torch.compiler.is_compiling() or not torch.is_inference_mode_enabled())
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(m) for m in modules):
         return "train" if grad else "train, no grad"
     if grad and any(p.requires_grad for m in modules for p in m.parameters(recurse=False)):
