@@ -136,8 +136,15 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 
 def _compiled(model, *, freezing: bool, compile_mode: str | None):
-    """torch.compile of ``model`` (static shapes: each input shape compiles once, weights stay packable), called
-    with inductor's freezing on or off."""
+    """torch.compile of ``model`` (static shapes: each input shape compiles once, weights stay packable) with
+    inductor's freezing on or off, as this compile's own option: dynamo caches graphs by code object and its
+    guards do not look at inductor's global config, so two instances of one class compiled under
+    ``inductor.config.patch(freezing=...)`` share whichever graph was compiled first (measured: the frozen
+    candidate ran the unfrozen graph). A compile ``mode`` and ``options`` exclude each other in torch.compile:
+    with a mode, freezing is patched around each call instead, and a candidate compiled with freezing must then
+    not share its class and weight layout with an unfrozen one."""
+    if compile_mode is None:
+        return torch.compile(model, dynamic=False, options={"freezing": freezing})
     from torch._inductor import config as inductor_config
 
     compiled = torch.compile(model, mode=compile_mode, dynamic=False)
