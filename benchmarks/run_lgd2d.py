@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _harness as h  # noqa: E402
 
-from lgd_fast import create_model  # noqa: E402
+from lgd_fast import bench, create_model  # noqa: E402
 from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
 
 
@@ -33,9 +33,8 @@ def _rel(a, b) -> float:
 
 
 def _compiled(model, *, freezing: bool):
-    # freezing as this compile's own option: under a global inductor_config.patch two instances of one class
-    # share whichever graph dynamo compiled first (lgd_fast.bench._compiled)
-    return torch.compile(model, backend="inductor", options={"freezing": freezing})
+    # a backend of its own per candidate (lgd_fast.bench._compiled says why a global config patch is not enough)
+    return bench._compiled(model, freezing=freezing, compile_mode=None)
 
 
 def measure(model_name: str, batch: int, args) -> dict:

@@ -137,23 +137,34 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 def _compiled(model, *, freezing: bool, compile_mode: str | None):
     """torch.compile of ``model`` (static shapes: each input shape compiles once, weights stay packable) with
-    inductor's freezing on or off, as this compile's own option: dynamo caches graphs by code object and its
-    guards do not look at inductor's global config, so two instances of one class compiled under
-    ``inductor.config.patch(freezing=...)`` share whichever graph was compiled first (measured: the frozen
-    candidate ran the unfrozen graph). A compile ``mode`` and ``options`` exclude each other in torch.compile:
-    with a mode, freezing is patched around each call instead, and a candidate compiled with freezing must then
-    not share its class and weight layout with an unfrozen one."""
-    if compile_mode is None:
-        return torch.compile(model, dynamic=False, options={"freezing": freezing})
+    inductor's freezing on or off, through a backend of its own that compiles under
+    ``inductor.config.patch(freezing=...)``. Dynamo caches graphs by code object and guards on the backend but
+    not on inductor's global config: two instances of one class compiled with the stock backend under a patched
+    config share whichever graph was compiled first (measured: the frozen candidate ran the unfrozen graph), and
+    ``torch.compile(options={"freezing": True})`` did not pack the conv weights (R50's convs stayed
+    ``aten::mkldnn_convolution``)."""
     from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
 
-    compiled = torch.compile(model, mode=compile_mode, dynamic=False)
+    def backend(gm, example_inputs):
+        with inductor_config.patch(freezing=freezing):
+            patches = {} if compile_mode is None else _mode_patches(compile_mode)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+    compiled = torch.compile(model, backend=backend, dynamic=False)
 
     def run(x):
-        with inductor_config.patch(freezing=freezing):
+        with inductor_config.patch(freezing=freezing):  # inductor reads it at run time too (constant handling)
             return compiled(x)
 
     return run
+
+
+def _mode_patches(mode: str) -> dict:
+    """The inductor options of a torch.compile ``mode`` (as torch.compile would apply them)."""
+    from torch._inductor import list_mode_options
+
+    return list_mode_options(mode)
 
 
 def _models(name: str, num_classes: int, device: torch.device, candidates: Sequence[str], compile_mode: str | None):

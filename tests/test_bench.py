@@ -75,19 +75,21 @@ def test_channels_last_and_freezing_candidates(monkeypatch):
 
 def test_each_compiled_candidate_compiles_its_own_graph():
     """Two instances of one class, compiled without and with freezing: each gets its own graph (with freezing
-    patched globally the second silently reused the first's)."""
+    patched globally the second silently reused the first's), and freezing packs the conv weights (with
+    torch.compile's options={"freezing": True} it did not)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     a, b = (create_model("lgd3d_tiny", 5).eval() for _ in range(2))
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 3, 4, 32, 32)
-    before = counters["stats"]["unique_graphs"]
+    before, packs = counters["stats"]["unique_graphs"], counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"]
     with torch.no_grad():
         out_a = bench._compiled(a, freezing=False, compile_mode=None)(x)
         out_b = bench._compiled(b, freezing=True, compile_mode=None)(x)
     assert counters["stats"]["unique_graphs"] - before == 2
     assert torch.allclose(out_a, out_b, rtol=1e-4, atol=1e-5)
+    assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > packs  # freezing packed the weights
 
 
 def test_bf16_run_compares_logits_with_fp32():
