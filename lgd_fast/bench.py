@@ -601,7 +601,7 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             clips = payload["input"][0] if pass_ == "inference" else 1
             ax.axhline(peak / gflops * clips, color="black", linestyle="--", linewidth=0.8)
             ax.annotate(f"conv peak {peak:.0f} GFLOP/s", (0, peak / gflops * clips), fontsize=7, va="bottom")
-        ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=7)
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
         ax.set_title(f"{pass_}: clips/s (higher is faster); % of conv peak", fontsize=9)
     m = payload["machine"]
     where = m.get("cuda_device") or f"{m['cpu']} ({payload['settings']['threads']} threads)"
