@@ -514,7 +514,11 @@ def _traced_cpu_eval(backend: str, x: torch.Tensor, norm: nn.Module | None) -> b
     aten ops (conv, batch_norm with running statistics, add, ReLU). Inductor lowers those as it does the
     reference's: its oneDNN conv with the pointwise ops fused after it and, with freezing, the BatchNorm folded
     into a packed weight with the addition and the ReLU as post-ops. (The eager path's custom op would fold the
-    weight on every call, opaque to inductor: the compiled fast model measured 1.24x slower than eager.)"""
+    weight on every call, opaque to inductor: the compiled fast model measured 1.24x slower than eager.) So the
+    compiled fast model shares the reference's compiled convs, and also an inductor bug of torch 2.13: after a
+    recompile with automatic dynamic shapes at some sizes (LGD-3D tiny at 2x3x3x96x96, then 2x3x8x32x32)
+    lowering the conv fails with ``ValueRangeError: Invalid ranges [0:-1]``, for the reference as for this; with
+    ``torch.compile(model, dynamic=False)`` both compile."""
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and backend in ("auto", "onednn")
             and (norm is None or not uses_batch_stats(norm)))  # fmt: skip
 
