@@ -144,27 +144,22 @@ def _compiled(model, *, freezing: bool, compile_mode: str | None):
     ``torch.compile(options={"freezing": True})`` did not pack the conv weights (R50's convs stayed
     ``aten::mkldnn_convolution``)."""
     from torch._inductor import config as inductor_config
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    def backend(gm, example_inputs):
+    patches = {} if compile_mode is None else list_mode_options(compile_mode)
+
+    def backend(gm, example_inputs):  # every compile, recompiles for a new shape included, under its setting
         with inductor_config.patch(freezing=freezing):
-            patches = {} if compile_mode is None else _mode_patches(compile_mode)
             return compile_fx(gm, example_inputs, config_patches=patches)
 
     compiled = torch.compile(model, backend=backend, dynamic=False)
 
-    def run(x):
-        with inductor_config.patch(freezing=freezing):  # inductor reads it at run time too (constant handling)
+    def run(x):  # dynamo reads the setting too while it traces (torch._dynamo.utils.is_parameter_freezing):
+        with inductor_config.patch(freezing=freezing):  # without it here the weights were not packed
             return compiled(x)
 
     return run
-
-
-def _mode_patches(mode: str) -> dict:
-    """The inductor options of a torch.compile ``mode`` (as torch.compile would apply them)."""
-    from torch._inductor import list_mode_options
-
-    return list_mode_options(mode)
 
 
 def _models(name: str, num_classes: int, device: torch.device, candidates: Sequence[str], compile_mode: str | None):
@@ -492,10 +487,10 @@ def check_targets(
         for metric, target in targets.items():
             if metric == "conv_peak_share":
                 value = rows["fast"].get("conv_peak_share")
-                met = None if value is None else value >= target
+                met = value is not None and value >= target
             elif metric == "logits_max_error_vs_fp32":
                 value = None if accuracy is None else accuracy[metric]
-                met = None if value is None else value <= target
+                met = value is not None and value <= target
             elif metric.startswith("speedup_vs_"):
                 other = metric.removeprefix("speedup_vs_")
                 if other not in rows:

@@ -176,18 +176,20 @@ def _inference_draw(case, dtype, layout, gen) -> list[dict]:
     shortcut = torch.randn(out_shape, generator=gen) if _extra(case).get("shortcut") else None
     at, relu = getattr(torch, dtype), case[7]
 
+    def cast(t, target):
+        return None if t is None else t.to(target)
+
     def modules(c, b, target):
-        cast = (lambda t: None if t is None else t.to(target))  # noqa: E731
-        out = c(cast(x)) + (0 if residual is None else cast(residual))
-        out = (b(out) if b is not None else out) + (0 if shortcut is None else cast(shortcut))
+        out = c(cast(x, target)) + (0 if residual is None else cast(residual, target))
+        out = (b(out) if b is not None else out) + (0 if shortcut is None else cast(shortcut, target))
         return torch.relu(out) if relu else out
 
     with torch.no_grad():
         want = modules(copy.deepcopy(conv).double(), None if bn is None else copy.deepcopy(bn).double(), torch.float64)
         plain = modules(copy.deepcopy(conv).to(at), bn, at)
         fused_conv = copy.deepcopy(conv).to(at)
-        cast = (lambda t: None if t is None else t.to(at))  # noqa: E731
-        got = conv_bn(cast(x), fused_conv, bn, residual=cast(residual), shortcut=cast(shortcut), relu=relu)
+        got = conv_bn(cast(x, at), fused_conv, bn, residual=cast(residual, at), shortcut=cast(shortcut, at),
+                      relu=relu)  # fmt: skip
     packed = conv_bn_module._PACKED.get(fused_conv)
     if layout == "channels_last_3d":  # the packed weight was made for this input and the output is channels-last
         assert packed is not None and packed[1] == x.shape and got.is_contiguous(memory_format=torch.channels_last_3d)

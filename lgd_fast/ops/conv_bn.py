@@ -45,8 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .p3d_conv import _geometry as _p3d_geometry
-from .p3d_conv import autocast_inputs, p3d_conv, sums_about_mean, sums_as_returned
+from .p3d_conv import _mkldnn_conv, autocast_inputs, p3d_conv, sums_about_mean, sums_as_returned
 
 __all__ = [
     "batch_mean_var",
@@ -475,23 +474,9 @@ def _packed(conv, weight, x, padding, strides, dilation) -> torch.Tensor:
 def _onednn_packed(conv, x, weight, bias, residual, relu) -> torch.Tensor:
     """One oneDNN primitive with the packed weight (x in channels_last_3d: the output is channels_last_3d, as the
     plain weight's is)."""
-    if p3d_geometry_reason(conv) is None:
-        padding, strides = _p3d_geometry(weight, _stride(conv))
-    else:
-        padding, strides = _padding(conv), list(_strides(conv))
-    dilation = list(_dilation(conv))
+    padding, strides, dilation = _padding(conv), list(_strides(conv)), list(_dilation(conv))
     packed = _packed(conv, weight, x, padding, strides, dilation)
-    if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise.default(
-            x, packed, bias, padding, strides, dilation, conv.groups, "relu" if relu else "none", [], ""
-        )
-    # As _mkldnn_conv: in bfloat16 oneDNN fuses add+ReLU only for an ungrouped conv writing channels_last_3d.
-    fused_relu = relu and (x.dtype == torch.float32 or conv.groups == 1)
-    out = torch.ops.mkldnn._convolution_pointwise.binary(
-        x, residual.contiguous(memory_format=torch.channels_last_3d), packed, bias, padding, strides, dilation,
-        conv.groups, "add", None, "relu" if fused_relu else None, [], "",
-    )  # fmt: skip
-    return out.relu_() if relu and not fused_relu else out
+    return _mkldnn_conv(x, packed, bias, residual, padding, strides, dilation, conv.groups, relu)
 
 
 def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torch.Tensor:

@@ -255,13 +255,15 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
 
 def _mkldnn_conv(x, w, bias, residual, padding, strides, dilation, groups, relu) -> torch.Tensor:
     """One oneDNN convolution primitive: ``ReLU?(conv(x, w) + bias + residual)``, the addition and the ReLU as
-    post-ops. Output in oneDNN's layout (:func:`onednn_output_format`)."""
-    w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    post-ops. Output in oneDNN's layout (:func:`onednn_output_format`; channels_last_3d for a weight packed by
+    ``torch.ops.mkldnn._reorder_convolution_weight``, in x's dtype already)."""
+    packed = w.is_mkldnn
+    w, bias = w if packed else w.to(x.dtype), None if bias is None else bias.to(x.dtype)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise.default(
             x, w, bias, padding, strides, dilation, groups, "relu" if relu else "none", [], ""
         )
-    layout = onednn_output_format(x, w)
+    layout = torch.channels_last_3d if packed else onednn_output_format(x, w)
     # In bfloat16 oneDNN hands add+ReLU to an ATen kernel without bfloat16 unless the conv is ungrouped and
     # writes channels_last_3d: there, the ReLU after it.
     fused_relu = relu and (x.dtype == torch.float32 or (groups == 1 and layout == torch.channels_last_3d))
