@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -137,3 +138,22 @@ def test_default_plan_and_compiled_fast_lgd2d_match(gen):
         torch._dynamo.reset()  # a fresh cache: the fast LGD-3D's forward is the same code (test_fast_models)
         compiled = torch.compile(fast, backend="inductor")
         assert _rel(compiled(x), expected) < 1e-5
+
+
+def test_measured_plan_times_every_candidate_on_the_kernels(gen, monkeypatch):
+    """plan="measure" also times the contiguous candidates. Contiguous frames seen as videos are (N, T, C, H, W)
+    in memory, neither layout the epilogue's kernels read: the block end must still run its kernel there (it
+    fell back to the reference implementation, with a warning, and so timed the reference in that candidate)."""
+    epilogue = importlib.import_module("lgd_fast.ops.diffusion_epilogue")  # the module (the package exports the op)
+
+    def no_reference(*args):
+        raise AssertionError("diffusion_epilogue ran its reference implementation")
+
+    monkeypatch.setattr(epilogue, "diffusion_epilogue_reference", no_reference)
+    ref = _with_diffusion(create_model("lgd2d_r18", 7, **SMALL, classifier="two_heads"), gen).eval()
+    fast = create_model("lgd2d_r18", 7, fast=True, plan="measure", **SMALL, classifier="two_heads").eval()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 3, 33, 31, generator=gen)
+    with forced_stack_cleared(), torch.no_grad():
+        assert _rel(fast(x), ref(x)) < 1e-5
+    assert "end only/contiguous" in str(fast.execution_plan)  # the contiguous candidates were timed

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import plan as planning
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
-from ..ops._common import memory_format
+from ..ops._common import layout, memory_format
 from ..ops.conv_bn import batch_norm_affine, conv_bn, fusable_reason, norm_reason
 from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
 from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
@@ -76,6 +76,8 @@ def fused_block_forward(
     weights = block_weights(block)
     g, d = global_update(x_mean.to(weights[0].dtype), g.to(weights[0].dtype), *weights,
                          backend=planning.op_backend(op_backend, GLOBAL_BACKENDS))  # fmt: skip
+    if layout(r) is None:  # LGD-2D's contiguous frames seen as videos (N, T, C, H, W): a layout no kernel reads
+        r = r.contiguous()
     s = s.contiguous(memory_format=memory_format(r))
     out, mean = diffusion_epilogue(r, s, d, scale, shift, backend=planning.op_backend(op_backend, EPILOGUE_BACKENDS))
     return out, g, mean
