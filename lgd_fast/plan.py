@@ -126,7 +126,7 @@ class LayerPlan:
     mode: str  # "measure" or "default"
     note: str  # what the layer is and what its fused code covers
     choices: dict[tuple, Choice] = field(default_factory=dict)
-    fusable: bool = True  # a stem: its conv, BatchNorm and ReLU can run as one fused conv (LGD-3D's; not LGD-2D's)
+    fusable: bool = True  # a stem: its conv, BatchNorm and ReLU can run as one fused conv
 
 
 def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:

@@ -216,6 +216,9 @@ class FastLGD2D(_FastNet, LGD2D):
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
         frames), returned as videos."""
+        if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
+            return videos(self.maxpool(frames(conv_bn(choice.to(x), self.conv1, self.bn1, relu=True,
+                                                      backend=choice.request))), x.shape[0])  # fmt: skip
         y = self.maxpool(torch.relu(self.bn1(self.conv1(frames(choice.to(x))))))
         return videos(y, x.shape[0])
 
@@ -242,13 +245,12 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
             to_fast_unit(module, name, backend=backend, plan=mode)
         note = f"LGD block, {unit_note(module)}; block end as one diffusion_epilogue"
         planning.attach(module, "lgd_block", note, backend=backend, mode=mode)
+    fusable = fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None
     if isinstance(model, LGD2D):
         model.__class__ = FastLGD2D
-        planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout", backend=backend,
-                        mode=mode, fusable=False)  # fmt: skip
-        return model
-    model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
-    fusable = fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None
-    planning.attach(model, "stem", "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv",
-                    backend=backend, mode=mode, fusable=fusable)  # fmt: skip
+        note = "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout; in eval conv1+bn1+ReLU as one conv"
+    else:
+        model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
+        note = "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv"
+    planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable)
     return model
