@@ -10,6 +10,7 @@ rule pooled over fresh draws (p3d_cases.check_pooled_ratio says why single draws
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from p3d_cases import check_fp32_draws, check_pooled_ratio, rel
 from torch import nn
 
 from lgd_fast.ops import conv_bn as conv_bn_module
+from lgd_fast.ops.p3d_conv import onednn_takes
 from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason
 
 # (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
@@ -191,7 +193,7 @@ def _inference_draw(case, dtype, layout, gen) -> list[dict]:
         got = conv_bn(cast(x, at), fused_conv, bn, residual=cast(residual, at), shortcut=cast(shortcut, at),
                       relu=relu)  # fmt: skip
     packed = conv_bn_module._PACKED.get(fused_conv)
-    if layout == "channels_last_3d":  # the packed weight was made for this input and the output is channels-last
+    if layout == "channels_last_3d" and onednn_takes(at):  # packed for this input; the output is channels-last
         assert packed is not None and packed[1] == x.shape and got.is_contiguous(memory_format=torch.channels_last_3d)
     else:
         assert packed is None
@@ -212,6 +214,38 @@ def test_inference_with_packed_weights_matches_its_modules(case, dtype, layout, 
         check_fp32_draws(draws, case_id, tol=1e-5)
     else:
         check_pooled_ratio(draws, case_id)
+
+
+def test_bf16_inference_without_onednn_bf16_runs_atens_conv(gen, monkeypatch):
+    """A CPU whose oneDNN has no bfloat16 (AVX2 only: oneDNN raises "bf16 path needs the cpu support ..."): bf16
+    inference, autocast or bf16 weights, runs ATen's convolution and the same epilogue, nothing packed."""
+    p3d_conv_module = importlib.import_module("lgd_fast.ops.p3d_conv")  # the module (the package exports the op)
+    monkeypatch.setattr(p3d_conv_module, "_onednn_bf16", lambda: False)
+
+    class Refuse:  # stands for an op and its overloads (.default, .binary)
+        def __getattr__(self, name):
+            return self
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("a oneDNN primitive of lgd_fast ran")
+
+    for name in ("_reorder_convolution_weight", "_convolution_pointwise"):
+        monkeypatch.setattr(torch.ops.mkldnn, name, Refuse())
+    case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True)
+    conv, bn = _modules(case, gen)
+    bn.eval()
+    x = torch.randn(2, 5, 3, 7, 7, generator=gen)
+    with torch.no_grad():
+        want = torch.relu(copy.deepcopy(bn).double()(copy.deepcopy(conv).double()(x.double())))
+        for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+            xm = x.contiguous(memory_format=memory_format)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got, plain = conv_bn(xm, conv, bn, relu=True), torch.relu(bn(conv(xm)))
+            assert got.dtype == torch.bfloat16 and rel(got, want) <= 2 * rel(plain, want) + 1e-3
+            conv16 = copy.deepcopy(conv).bfloat16()
+            got = conv_bn(xm.bfloat16(), conv16, bn, relu=True)
+            assert got.dtype == torch.bfloat16 and rel(got, want) <= 2 * rel(plain, want) + 1e-3
+            assert conv16 not in conv_bn_module._PACKED and conv not in conv_bn_module._PACKED
 
 
 def test_packed_weights_follow_the_weights_and_the_input_shape(gen):

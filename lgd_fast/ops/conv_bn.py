@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .p3d_conv import _mkldnn_conv, autocast_inputs, p3d_conv, sums_about_mean, sums_as_returned
+from .p3d_conv import _mkldnn_conv, autocast_inputs, onednn_takes, p3d_conv, sums_about_mean, sums_as_returned
 
 __all__ = [
     "batch_mean_var",
@@ -419,7 +419,7 @@ def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None)
     dtypes = {x.dtype} if residual is None else {x.dtype, residual.dtype}
     if torch.is_autocast_enabled("cpu"):
         dtypes = {torch.get_autocast_dtype("cpu")}
-    return dtypes <= {torch.float32, torch.bfloat16}
+    return all(onednn_takes(dtype) for dtype in dtypes)  # bfloat16 only where this CPU's oneDNN runs it
 
 
 def _fold_key(*tensors: torch.Tensor) -> tuple:

@@ -158,9 +158,24 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[to
     return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
+def onednn_takes(dtype: torch.dtype) -> bool:
+    """Whether this CPU runs oneDNN's convolutions in ``dtype``: float32 everywhere, bfloat16 only with AVX-512
+    (BW, VL, DQ) or AVX-NE-CONVERT. On other CPUs (AVX2 only) oneDNN refuses bfloat16 and ATen's own, slower
+    convolution runs it, as it does the reference's."""
+    if dtype == torch.bfloat16:
+        return _onednn_bf16()
+    return dtype == torch.float32
+
+
+def _onednn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _supports(backend: str, x: torch.Tensor) -> str | None:
     if x.dtype not in _DTYPES[backend]:
         return f"dtype {x.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
+    if backend == "onednn" and not onednn_takes(x.dtype):
+        return f"this CPU has no oneDNN {x.dtype} convolution (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT)"
     return None
 
 
