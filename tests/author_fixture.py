@@ -1,11 +1,15 @@
 """Deterministic weights, inputs and gradient probes shared by the author-parity test and its recorder.
 
-``tests/data/author_<arch>.pt`` holds what the first author's public module
+``tests/data/author_<arch>_float64.pt`` holds what the first author's public module
 (ZhaofanQiu/Optimization-Planning-for-3D-ConvNets, model/lgd_p3d_resnet.py, PoolingAverage head) computed
-with the weights from :func:`deterministic_weights` on the input from :func:`deterministic_input`: its
-state_dict key names and shapes, eval-mode logits, training-mode logits, and random projections of every
-parameter gradient and of the input gradient. It was recorded once, outside this repository, by running
-that module with these functions (its code is not part of lgd_fast). Weights and inputs are generated from
+in float64 with the weights from :func:`deterministic_weights` on the input from :func:`deterministic_input`:
+its state_dict key names and shapes, eval-mode logits, training-mode logits, and random projections of every
+parameter gradient and of the input gradient. ``python tests/record_author_fixture.py <checkout>`` records it
+from a checkout of that repository (its code is not part of lgd_fast). float64, because float32 values are
+not a property of the module but of the CPU: the author's own module in float32 on an AVX2 machine moved
+layer1.2.fc1's gradient norm by 1.1e-3 from its float32 recording made on an AVX-512 one (a ReLU input within
+float32 rounding of zero fell the other way). ``author_basic_blocks.pt`` (the author's basic blocks, float32)
+was recorded once outside this repository. Weights and inputs are generated from
 fixed seeds per key, so they do not depend on module construction order; the fixture stores checksums of
 both so that a change in torch's random streams shows up as such, not as a model mismatch.
 """
@@ -59,15 +63,15 @@ def deterministic_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def deterministic_input() -> torch.Tensor:
-    return torch.randn(INPUT_SHAPE, generator=_gen("input"))
+def deterministic_input(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(INPUT_SHAPE, generator=_gen("input")).to(dtype)
 
 
-def head_weights(num_classes: int = NUM_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
+def head_weights(num_classes: int = NUM_CLASSES, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Random upstream gradients for the local and global logits (the training loss is their dot product)."""
     return (
-        torch.randn(INPUT_SHAPE[0], num_classes, generator=_gen("dlocal")),
-        torch.randn(INPUT_SHAPE[0], num_classes, generator=_gen("dglobal")),
+        torch.randn(INPUT_SHAPE[0], num_classes, generator=_gen("dlocal")).to(dtype),
+        torch.randn(INPUT_SHAPE[0], num_classes, generator=_gen("dglobal")).to(dtype),
     )
 
 
@@ -78,10 +82,12 @@ def probe(key: str, grad: torch.Tensor) -> torch.Tensor:
     return torch.stack([(g * direction).sum(), direction.norm(), g.norm()])
 
 
-def run_model(model: nn.Module) -> dict:
-    """Eval logits, train logits and gradient probes of ``model`` (loaded with deterministic weights)."""
-    model.load_state_dict(deterministic_weights(model))
-    x = deterministic_input()
+def run_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> dict:
+    """Eval logits, train logits and gradient probes of ``model`` (loaded with deterministic weights, float32
+    values, then computed in ``dtype``)."""
+    model.to(torch.float32).load_state_dict(deterministic_weights(model))
+    model.to(dtype)
+    x = deterministic_input(dtype)
     model.eval()
     with torch.no_grad():
         eval_logits = model(x)
@@ -89,7 +95,7 @@ def run_model(model: nn.Module) -> dict:
     torch.manual_seed(0)  # dropout draws the same masks in both modules (same call order: local, then global)
     x.requires_grad_(True)
     local, global_ = model(x)
-    dlocal, dglobal = head_weights(local.shape[1])
+    dlocal, dglobal = head_weights(local.shape[1], dtype)
     ((local * dlocal).sum() + (global_ * dglobal).sum()).backward()
     probes = {k: probe(k, p.grad) for k, p in model.named_parameters()}
     probes["<input>"] = probe("<input>", x.grad)
