@@ -67,7 +67,9 @@ def deterministic_input(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(INPUT_SHAPE, generator=_gen("input")).to(dtype)
 
 
-def head_weights(num_classes: int = NUM_CLASSES, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def head_weights(
+    num_classes: int = NUM_CLASSES, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random upstream gradients for the local and global logits (the training loss is their dot product)."""
     return (
         torch.randn(INPUT_SHAPE[0], num_classes, generator=_gen("dlocal")).to(dtype),

@@ -10,16 +10,16 @@ rule pooled over fresh draws (p3d_cases.check_pooled_ratio says why single draws
 from __future__ import annotations
 
 import copy
-import importlib
 
 import pytest
 import torch
 from p3d_cases import check_fp32_draws, check_pooled_ratio, rel
 from torch import nn
 
+from lgd_fast.ops import _backend as backend_module
 from lgd_fast.ops import conv_bn as conv_bn_module
-from lgd_fast.ops.p3d_conv import onednn_takes
 from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason
+from lgd_fast.ops.p3d_conv import onednn_takes
 
 # (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
 # extra: {"conv": Conv3d arguments replacing stride (1, S, S) and same padding (the convs p3d_conv does not take:
@@ -219,8 +219,7 @@ def test_inference_with_packed_weights_matches_its_modules(case, dtype, layout, 
 def test_bf16_inference_without_onednn_bf16_runs_atens_conv(gen, monkeypatch):
     """A CPU whose oneDNN has no bfloat16 (AVX2 only: oneDNN raises "bf16 path needs the cpu support ..."): bf16
     inference, autocast or bf16 weights, runs ATen's convolution and the same epilogue, nothing packed."""
-    p3d_conv_module = importlib.import_module("lgd_fast.ops.p3d_conv")  # the module (the package exports the op)
-    monkeypatch.setattr(p3d_conv_module, "_onednn_bf16", lambda: False)
+    monkeypatch.setattr(backend_module, "_HAS_ONEDNN_BF16", False)
 
     class Refuse:  # stands for an op and its overloads (.default, .binary)
         def __getattr__(self, name):

@@ -216,11 +216,12 @@ class FastLGD2D(_FastNet, LGD2D):
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
         frames), returned as videos."""
+        clips = choice.to(x)
         if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
-            return videos(self.maxpool(frames(conv_bn(choice.to(x), self.conv1, self.bn1, relu=True,
-                                                      backend=choice.request))), x.shape[0])  # fmt: skip
-        y = self.maxpool(torch.relu(self.bn1(self.conv1(frames(choice.to(x))))))
-        return videos(y, x.shape[0])
+            y = frames(conv_bn(clips, self.conv1, self.bn1, relu=True, backend=choice.request))
+        else:
+            y = torch.relu(self.bn1(self.conv1(frames(clips))))
+        return videos(self.maxpool(y), x.shape[0])
 
 
 def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = None) -> FastLGD3D | FastLGD2D:

@@ -58,8 +58,11 @@ _cuda_extension: ModuleType | None = None
 _cuda_extension_error: str | None = None
 _cuda_extension_tried = False
 _warned: set[tuple[str, ...]] = set()
-# A fact of the torch build, read once (torch.compile does not trace torch.backends.mkldnn.is_available).
+# Facts of the torch build and the CPU, read once (torch.compile does not trace torch.backends.mkldnn.is_available,
+# and every conv call asks the second): oneDNN at all, and oneDNN's bfloat16 kernels (AVX-512 BW/VL/DQ or
+# AVX-NE-CONVERT; an AVX2-only CPU has none).
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
+_HAS_ONEDNN_BF16 = _HAS_ONEDNN and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def load_extension() -> ModuleType | None:

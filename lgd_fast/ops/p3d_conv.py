@@ -163,12 +163,8 @@ def onednn_takes(dtype: torch.dtype) -> bool:
     (BW, VL, DQ) or AVX-NE-CONVERT. On other CPUs (AVX2 only) oneDNN refuses bfloat16 and ATen's own, slower
     convolution runs it, as it does the reference's."""
     if dtype == torch.bfloat16:
-        return _onednn_bf16()
+        return _backend._HAS_ONEDNN_BF16
     return dtype == torch.float32
-
-
-def _onednn_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _supports(backend: str, x: torch.Tensor) -> str | None:
@@ -216,8 +212,9 @@ def p3d_conv(
     float32 operands on tf32 tensor cores; None (the default) follows ``torch.backends.cudnn.allow_tf32``, the
     setting cuDNN's own convolutions follow (see :func:`uses_tf32`). ``backend``: ``"triton"``, ``"onednn"``,
     ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``. ``auto`` picks triton on CUDA tensors,
-    onednn on CPU tensors (float32 and bfloat16), else the reference with one warning. Under ``torch.autocast``
-    for x's device, x, weight and residual are cast to the autocast dtype first, as autocast casts a conv's.
+    onednn on CPU tensors (float32, and bfloat16 where the CPU's oneDNN runs it: :func:`onednn_takes`), else the
+    reference with one warning. Under ``torch.autocast`` for x's device, x, weight and residual are cast to the
+    autocast dtype first, as autocast casts a conv's.
 
     Raises:
         ValueError / TypeError: a shape, dtype, device or option that does not fit, naming the argument.
