@@ -1,11 +1,19 @@
 """The fast LGD-2D against the reference at inference: eager, channels-last, torch.compile, compile + freezing.
 
-LGD-2D R50 (TSN: 3 frames of 224x224 per video) at batch 2 and batch 16, fp32, same weights: the reference in
-eval on contiguous clips; the reference moved to channels_last (its frames' convs then run oneDNN's
-channels-last kernels); ``torch.compile`` of the reference; ``torch.compile`` with inductor's freezing (weights
-folded as constants: the strongest inference baseline PyTorch offers); the fast model
-(``create_model(..., fast=True)``, its measured plan) on channels_last_3d clips. Outputs are checked against the
-reference first; timed in alternation (benchmarks/_harness.py). Writes benchmarks/results/lgd2d_<model>_cpu.json.
+LGD-2D R50 (TSN: 3 frames of 224x224 per video) at batch 2 and batch 16, fp32, same weights:
+
+- ``reference``: eval on contiguous clips; ``reference_channels_last``: moved to channels_last and fed
+  channels_last_3d clips (whose frames are then channels-last views: oneDNN's channels-last kernels);
+- ``reference_compiled``: ``torch.compile`` of the contiguous reference; ``reference_channels_last_compiled``:
+  of the channels-last one; ``reference_compiled_freezing``: the channels-last reference compiled with
+  inductor's freezing (weights folded and packed as constants: the strongest inference baseline PyTorch offers,
+  as in ``lgd-fast bench``);
+- ``fast``: ``create_model(..., fast=True)`` with its measured plan on channels_last_3d clips, and the same
+  model under ``torch.compile`` (``fast_compiled``) and compiled with freezing (``fast_compiled_freezing``): a
+  user will compile it.
+
+Outputs are checked against the reference first; timed in alternation (benchmarks/_harness.py). Writes
+benchmarks/results/lgd2d_<model>_cpu.json.
 
     python benchmarks/run_lgd2d.py                 # lgd2d_r50, batch 2 and 16
     python benchmarks/run_lgd2d.py --quick         # batch 2 only, fewer repeats
@@ -49,13 +57,20 @@ def measure(model_name: str, batch: int, args) -> dict:
     cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
     candidates = {
         "reference": lambda i: reference(clips[i]),
-        "reference_channels_last": lambda i: reference_cl(clips[i]),
+        "reference_channels_last": lambda i: reference_cl(cl[i]),
         "fast": lambda i: fast(cl[i]),
     }
     if not args.no_compile:
-        frozen, compiled = _compiled(copy.deepcopy(reference), freezing=True), _compiled(reference, freezing=False)
+        compiled = _compiled(copy.deepcopy(reference), freezing=False)
+        compiled_cl = _compiled(copy.deepcopy(reference_cl), freezing=False)
+        frozen_cl = _compiled(copy.deepcopy(reference_cl), freezing=True)
+        fast_compiled = _compiled(copy.deepcopy(fast), freezing=False)
+        fast_frozen = _compiled(copy.deepcopy(fast), freezing=True)
         candidates["reference_compiled"] = lambda i: compiled(clips[i])
-        candidates["reference_compiled_freezing"] = lambda i: frozen(clips[i])
+        candidates["reference_channels_last_compiled"] = lambda i: compiled_cl(cl[i])
+        candidates["reference_compiled_freezing"] = lambda i: frozen_cl(cl[i])
+        candidates["fast_compiled"] = lambda i: fast_compiled(cl[i])
+        candidates["fast_compiled_freezing"] = lambda i: fast_frozen(cl[i])
     with torch.inference_mode():
         want = reference(clips[0])
         errors = {name: _rel(fn(0), want) for name, fn in candidates.items() if name != "reference"}
@@ -88,10 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
                      "steady_malloc": setup["steady_malloc"]},  # fmt: skip
         "notes": [
-            "reference: eval on contiguous clips; reference_channels_last: moved to channels_last (frames' convs "
-            "channels-last); reference_compiled: torch.compile(inductor); reference_compiled_freezing: the same "
-            "with torch._inductor.config.freezing; fast: create_model(fast=True, plan='measure') on "
-            "channels_last_3d clips",
+            "reference: eval on contiguous clips; reference_channels_last: moved to channels_last, on "
+            "channels_last_3d clips; reference_compiled / reference_channels_last_compiled: torch.compile (inductor, "
+            "a backend of its own) of each; reference_compiled_freezing: the channels-last reference compiled with "
+            "inductor's freezing; fast: create_model(fast=True, plan='measure') on channels_last_3d clips; "
+            "fast_compiled / fast_compiled_freezing: that model compiled without and with freezing",
             "timings: median seconds per call over interleaved repeats; fast_speedup = other / fast",
         ],
         "results": rows,
