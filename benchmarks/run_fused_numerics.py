@@ -38,15 +38,18 @@ def _pooled(pairs: list[tuple[float, float]], trim: bool) -> float:
     return sum(a for a, _ in kept) / (sum(b for _, b in kept) + 2.0**-23)
 
 
-def run(arch: str, seed: int, draws: int, yardstick: str = "contiguous") -> dict:
+def run(arch: str, seed: int, draws: int, yardstick: str = "contiguous", candidate: str = "fast") -> dict:
     shape = SHAPES[arch]
     reference, fast = author_models(arch)
     gen = torch.Generator().manual_seed(seed)
     pairs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(draws):
-        want, plain, ours = draw_gradients(
-            reference, fast, shape, gen, channels_last_reference=yardstick == "channels_last_3d"
-        )
+        if candidate == "fast":
+            want, plain, ours = draw_gradients(
+                reference, fast, shape, gen, channels_last_reference=yardstick == "channels_last_3d"
+            )
+        else:  # the calibration: PyTorch in channels_last_3d judged by the rule against contiguous PyTorch
+            want, plain, ours = draw_gradients(reference, fast, shape, gen, candidate=candidate)
         for k, w in want.items():
             assert torch.isfinite(ours[k]).all(), f"{arch} seed {seed}: {k} not finite"
             pairs.setdefault(k, []).append((rel(ours[k], w), rel(plain[k], w)))
@@ -68,6 +71,7 @@ def run(arch: str, seed: int, draws: int, yardstick: str = "contiguous") -> dict
     return {
         "arch": arch,
         "shape": shape,
+        "candidate": candidate,
         "yardstick": f"the float32 reference in {yardstick} layout",
         "seed": seed,
         "draws": draws,
@@ -114,17 +118,24 @@ def main(argv=None) -> int:
         help="the float32 reference's layout(s), comma-separated: contiguous, channels_last_3d (PyTorch's own kernels "
         "round differently by layout)",
     )
+    parser.add_argument(
+        "--candidate",
+        default="fast",
+        choices=("fast", "reference_channels_last"),
+        help="what is judged: the fast model on its fused code, or (a calibration of the rule) the float32 reference "
+        "in channels_last_3d against the contiguous one (--yardstick contiguous)",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fused_numerics_cpu.json"))
     args = parser.parse_args(argv)
     results = []
     for arch in args.archs.split(","):
         for seed, yardstick in ((s, y) for s in map(int, args.seeds.split(",")) for y in args.yardstick.split(",")):
             start = time.perf_counter()
-            r = run(arch, seed, args.draws, yardstick)
+            r = run(arch, seed, args.draws, yardstick, args.candidate)
             r["seconds"] = round(time.perf_counter() - start, 1)
             results.append(r)
             print(
-                f"{arch} {r['shape']} seed {seed} vs {yardstick}: 2x rule "
+                f"{args.candidate} {arch} {r['shape']} seed {seed} vs {yardstick}: 2x rule "
                 f"{'met' if r['passes_2x_rule'] else 'NOT met'}; worst pooled "
                 f"(trimmed) {r['worst_pooled_trimmed'][0]} {r['worst_pooled_trimmed'][1]:.2f}, over every draw "
                 f"{r['worst_pooled_all'][0]} {r['worst_pooled_all'][1]:.2f} ({r['seconds']} s)",

@@ -51,20 +51,24 @@ def author_models(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return reference, fast
 
 
-def draw_gradients(reference, fast, shape, gen, *, channels_last_reference=False) -> tuple[dict, dict, dict]:
-    """One fresh input and upstream gradients: the gradients in float64, of the float32 reference and of the fast
-    model with every layer on its fused code. ``channels_last_reference``: the float32 reference (weights and
-    input) in channels_last_3d instead."""
+def draw_gradients(reference, fast, shape, gen, *, channels_last_reference=False, candidate="fast"):
+    """One fresh input and upstream gradients: (float64, yardstick, candidate) gradients. The yardstick is the
+    float32 reference, contiguous or (``channels_last_reference``) in channels_last_3d, weights and input. The
+    candidate is the fast model with every layer on its fused code, or with ``candidate="reference_channels_last"``
+    the float32 reference in channels_last_3d (judged against the contiguous yardstick: the rule's calibration)."""
+    cl = torch.channels_last_3d
     x = torch.randn(shape, generator=gen)
     upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
     want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
     if channels_last_reference:
-        cl = torch.channels_last_3d
         plain = _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
     else:
         plain = _gradients(copy.deepcopy(reference), x, upstream)
-    with forced():
-        ours = _gradients(copy.deepcopy(fast), x, upstream)
+    if candidate == "reference_channels_last":
+        ours = _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
+    else:
+        with forced():
+            ours = _gradients(copy.deepcopy(fast), x, upstream)
     assert want.keys() == ours.keys()
     return want, plain, ours
 
