@@ -26,10 +26,10 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
-import author_fixture  # noqa: E402
 from p3d_cases import rel  # noqa: E402
 from test_fused_training_numerics import _gradients, author_models  # noqa: E402
 
+import author_fixture  # noqa: E402
 from lgd_fast.plan import forced  # noqa: E402
 
 SHAPES = {"lgd3d_r50": (2, 3, 16, 112, 112), "lgd3d_r101": (1, 3, 16, 64, 64)}
