@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from p3d_cases import rel  # noqa: E402
-from run_gradient_outliers import SHAPES  # noqa: E402
+from run_gradient_outliers import SHAPES, write_record  # noqa: E402
 from test_fused_training_numerics import author_models  # noqa: E402
 
 import author_fixture  # noqa: E402
@@ -124,20 +123,16 @@ def main(argv=None) -> int:
         for r in rows
     )
     print(f"summed input error of g, ours over PyTorch's: {ratio:.2f}; draws where ours flips that ReLU: {flips}")
-    payload = {
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "arch": args.arch,
-        "shape": shape,
-        "block": args.block,
-        "seed": args.seed,
-        "g_error_ratio": ratio,
-        "ours_flips": flips,
-        "draws": rows,
-    }
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
-    print("wrote", args.out)
+    write_record(
+        args.out,
+        arch=args.arch,
+        shape=shape,
+        block=args.block,
+        seed=args.seed,
+        g_error_ratio=ratio,
+        ours_flips=flips,
+        draws=rows,
+    )
     return 0
 
 

@@ -89,6 +89,13 @@ def clean_pooled(errors: list[dict[str, dict[str, float]]], ratio: float) -> dic
     return out
 
 
+def write_record(path: str, **fields) -> None:
+    """The result file: torch's version and the command, then ``fields``."""
+    with open(path, "w") as f:
+        json.dump({"torch": torch.__version__, "command": " ".join(sys.argv), **fields}, f, indent=1)
+    print("wrote", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="lgd3d_r101", choices=tuple(SHAPES))
@@ -116,21 +123,17 @@ def main(argv=None) -> int:
     total = count(errors_all, args.ratio)
     print(f"all {len(errors_all)} draws:", ", ".join(f"{n} {c['pairs']} pairs in {c['draws']} draws"
                                                     for n, c in total.items()))  # fmt: skip
-    payload = {
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "arch": args.arch,
-        "shape": shape,
-        "threads": torch.get_num_threads(),
-        "ratio": args.ratio,
-        "seconds": round(time.perf_counter() - start, 1),
-        "runs": runs,
-        "total": {n: {k: v for k, v in c.items() if k != "per_draw"} for n, c in total.items()},
-        "clean_pooled_all_draws": clean_pooled(errors_all, args.ratio),
-    }
-    with open(args.out, "w") as f:
-        json.dump(payload, f, indent=1)
-    print("wrote", args.out)
+    write_record(
+        args.out,
+        arch=args.arch,
+        shape=shape,
+        threads=torch.get_num_threads(),
+        ratio=args.ratio,
+        seconds=round(time.perf_counter() - start, 1),
+        runs=runs,
+        total={n: {k: v for k, v in c.items() if k != "per_draw"} for n, c in total.items()},
+        clean_pooled_all_draws=clean_pooled(errors_all, args.ratio),
+    )
     return 0
 
 
