@@ -44,12 +44,9 @@ def run(arch: str, seed: int, draws: int, yardstick: str = "contiguous", candida
     gen = torch.Generator().manual_seed(seed)
     pairs: dict[str, list[tuple[float, float]]] = {}
     for _ in range(draws):
-        if candidate == "fast":
-            want, plain, ours = draw_gradients(
-                reference, fast, shape, gen, channels_last_reference=yardstick == "channels_last_3d"
-            )
-        else:  # the calibration: PyTorch in channels_last_3d judged by the rule against contiguous PyTorch
-            want, plain, ours = draw_gradients(reference, fast, shape, gen, candidate=candidate)
+        want, plain, ours = draw_gradients(
+            reference, fast, shape, gen, channels_last_reference=yardstick == "channels_last_3d", candidate=candidate
+        )
         for k, w in want.items():
             assert torch.isfinite(ours[k]).all(), f"{arch} seed {seed}: {k} not finite"
             pairs.setdefault(k, []).append((rel(ours[k], w), rel(plain[k], w)))

@@ -28,41 +28,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from p3d_cases import rel  # noqa: E402
-from test_fused_training_numerics import _gradients, author_models  # noqa: E402
+from run_fused_numerics import SHAPES  # noqa: E402
+from test_fused_training_numerics import _gradients, author_models, channels_last_gradients  # noqa: E402
 
 import author_fixture  # noqa: E402
 from lgd_fast.plan import forced  # noqa: E402
 
-SHAPES = {"lgd3d_r50": (2, 3, 16, 112, 112), "lgd3d_r101": (1, 3, 16, 64, 64)}
 IMPLEMENTATIONS = ("ours", "reference_contiguous", "reference_channels_last_3d")
 
 
 def draw_errors(reference, fast, shape, gen) -> dict[str, dict[str, float]]:
     """implementation -> parameter (and "input") -> relative error of its gradient against float64."""
-    cl = torch.channels_last_3d
     x = torch.randn(shape, generator=gen)
     upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
     want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
     grads = {
         "reference_contiguous": _gradients(copy.deepcopy(reference), x, upstream),
-        "reference_channels_last_3d": _gradients(
-            copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream
-        ),
+        "reference_channels_last_3d": channels_last_gradients(reference, x, upstream),
     }
     with forced():
         grads["ours"] = _gradients(copy.deepcopy(fast), x, upstream)
     return {name: {k: rel(g[k], w) for k, w in want.items()} for name, g in grads.items()}
 
 
+def is_outlier(err: dict[str, dict[str, float]], name: str, key: str, ratio: float) -> bool:
+    """``name``'s error at ``key`` in one draw is over ``ratio`` times the smaller of the other two's."""
+    return err[name][key] > ratio * max(min(err[o][key] for o in IMPLEMENTATIONS if o != name), 1e-7)
+
+
 def count(errors: list[dict[str, dict[str, float]]], ratio: float) -> dict[str, dict]:
     """Per implementation: outlier (parameter, draw) pairs, the draws holding one, and each draw's count."""
     out = {}
     for name in IMPLEMENTATIONS:
-        others = [o for o in IMPLEMENTATIONS if o != name]
-        per_draw = [
-            sum(1 for k, e in err[name].items() if e > ratio * max(min(err[o][k] for o in others), 1e-7))
-            for err in errors
-        ]
+        per_draw = [sum(1 for k in err[name] if is_outlier(err, name, k, ratio)) for err in errors]
         out[name] = {"pairs": sum(per_draw), "draws": sum(1 for n in per_draw if n), "per_draw": per_draw}
     return out
 
@@ -74,14 +72,7 @@ def clean_pooled(errors: list[dict[str, dict[str, float]]], ratio: float) -> dic
     for ref in IMPLEMENTATIONS[1:]:
         worst = ("", 0.0, 0)
         for k in errors[0]["ours"]:
-            kept = [
-                err
-                for err in errors
-                if not any(
-                    err[n][k] > ratio * max(min(err[o][k] for o in IMPLEMENTATIONS if o != n), 1e-7)
-                    for n in IMPLEMENTATIONS
-                )
-            ]
+            kept = [err for err in errors if not any(is_outlier(err, n, k, ratio) for n in IMPLEMENTATIONS)]
             if kept:
                 r = sum(e["ours"][k] for e in kept) / (sum(e[ref][k] for e in kept) + 2.0**-23)
                 worst = max(worst, (k, r, len(kept)), key=lambda w: w[1])

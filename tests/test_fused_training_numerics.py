@@ -51,21 +51,26 @@ def author_models(arch: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     return reference, fast
 
 
+def channels_last_gradients(reference, x, upstream) -> dict[str, torch.Tensor]:
+    """The float32 reference's gradients with its weights and the input in channels_last_3d."""
+    cl = torch.channels_last_3d
+    return _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
+
+
 def draw_gradients(reference, fast, shape, gen, *, channels_last_reference=False, candidate="fast"):
     """One fresh input and upstream gradients: (float64, yardstick, candidate) gradients. The yardstick is the
     float32 reference, contiguous or (``channels_last_reference``) in channels_last_3d, weights and input. The
     candidate is the fast model with every layer on its fused code, or with ``candidate="reference_channels_last"``
     the float32 reference in channels_last_3d (judged against the contiguous yardstick: the rule's calibration)."""
-    cl = torch.channels_last_3d
     x = torch.randn(shape, generator=gen)
     upstream = [torch.randn(shape[0], author_fixture.NUM_CLASSES, generator=gen) for _ in range(2)]
     want = _gradients(copy.deepcopy(reference).double(), x.double(), upstream)
     if channels_last_reference:
-        plain = _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
+        plain = channels_last_gradients(reference, x, upstream)
     else:
         plain = _gradients(copy.deepcopy(reference), x, upstream)
     if candidate == "reference_channels_last":
-        ours = _gradients(copy.deepcopy(reference).to(memory_format=cl), x.contiguous(memory_format=cl), upstream)
+        ours = channels_last_gradients(reference, x, upstream)
     else:
         with forced():
             ours = _gradients(copy.deepcopy(fast), x, upstream)
