@@ -240,6 +240,62 @@ def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0
         )
 
 
+# Floor of the per-parameter rule in GradientDraws: in 144 LGD-2D draws (24 seeds, 2 threads) every (tensor, draw)
+# outside 2 draws met max(2x, 1e-3); without a floor 7% of them miss 2x at errors near 1e-5 (two fp32 roundings of
+# a 1e-5 error are noise), while a wrong gradient is percents off (a 1% error in a block end's scale gradient fails).
+GRAD_FLOOR = 1e-3
+
+
+class GradientDraws:
+    """A whole model's float32 training gradients over several fresh draws, against float64, by the 2x rule.
+
+    One draw decides little. A ReLU input within float32 rounding of zero falls on either side in two
+    implementations, and at small maps one flipped position moves every gradient below it by percents. Seen:
+    lgd3d_tiny, seed 579733099 (channels_last_3d, kernel head): layer2.0's block-end ReLU input at one position
+    is 7.9e-7 in float64 (the map's largest is 7.1); the float32 reference put it at 6.3e-8, the fast model at or
+    below 0, and every gradient of layer2.0 and below was 1e-3..1e-2 off in the fast model (the reference's
+    1e-6) while layer3 and layer4 were as close as the reference's. LGD-2D, seed 17: layer2.1's first ReLU at
+    1.4e-6 flipped in the fast model only. So, as for the units (``check_pooled_ratio``):
+
+    - per parameter, the candidate's error is within max(2x the yardstick's, ``floor``) in every draw outside
+      that parameter's worst quarter;
+    - over all gradients as one vector, the summed error over the draws outside the worst quarter is within 2x
+      the yardstick's (``check_pooled_ratio``).
+
+    A flip hits a few draws in a hundred, each on its own; a defect repeats in every draw and still fails.
+    """
+
+    def __init__(self, *, floor: float = GRAD_FLOOR):
+        self.floor = floor
+        self.per_key: dict[str, list[tuple[float, int, float, float]]] = {}
+        self.pooled: list[list[dict]] = []
+
+    def add(self, ours: dict, theirs: dict, exact: dict) -> None:
+        """One draw: the candidate's, the yardstick's and the float64 gradients, by parameter name."""
+        assert ours.keys() == theirs.keys() == exact.keys(), "the models' parameters with gradients differ"
+        keys = [k for k, g in exact.items() if g.norm() > 0]
+        draw = len(self.pooled)
+        for key in keys:
+            err, torch_err = rel(ours[key], exact[key]), rel(theirs[key], exact[key])
+            self.per_key.setdefault(key, []).append((err / max(2 * torch_err, self.floor), draw, err, torch_err))
+
+        def flat(grads):
+            return torch.cat([grads[k].double().flatten() for k in keys])
+
+        finite = all(bool(torch.isfinite(g).all()) for g in ours.values())
+        shapes = all(ours[k].shape == exact[k].shape for k in keys)
+        errors = {"err": rel(flat(ours), flat(exact)), "torch_err": rel(flat(theirs), flat(exact))}
+        self.pooled.append([{"name": "all gradients", **errors, "finite": finite, "shape_ok": shapes}])
+
+    def check(self, case: str) -> None:
+        for key, rows in self.per_key.items():  # every draw but this key's worst quarter (the docstring says why)
+            for bound_share, draw, err, torch_err in sorted(rows)[: len(rows) - len(rows) // 4]:
+                assert bound_share <= 1, (
+                    f"{case}, draw {draw}, {key}: ours {err:.2e}, reference {torch_err:.2e} (floor {self.floor})"
+                )
+        check_pooled_ratio(self.pooled, case)
+
+
 def check_fp32_draws(draws: list[list[dict]], case: str, *, tol: float) -> None:
     """float32 blocks: every output within ``tol`` of float64 in every draw but the single worst one per output.
 

@@ -118,30 +118,44 @@ def test_fast_model_is_the_reference_class_with_the_same_keys(gen):
     assert isinstance(fast, FastLGD3D) and list(fast.state_dict()) == list(ref.state_dict())
 
 
+TINY_DRAWS = 8  # fresh weights, input and upstream gradients per draw (p3d_cases.GradientDraws says why)
+
+
 @pytest.mark.parametrize("classifier", ["two_heads", "kernel"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL], ids=["contiguous", "channels_last_3d"])
 def test_tiny_matches_reference_eval_and_train(classifier, memory_format, gen):
-    ref, fast = _pair("lgd3d_tiny", gen, classifier=classifier)
-    ref, fast = ref.to(memory_format=memory_format), fast.to(memory_format=memory_format)
-    x = torch.randn(3, 3, 7, 33, 33, generator=gen).contiguous(memory_format=memory_format)  # odd T, H, W
-    ref.eval(), fast.eval()
-    with torch.no_grad():
-        assert _rel(fast(x), ref(x)) < 1e-5
-    n_out = 2 if classifier == "two_heads" else 1
-    upstream = [torch.randn(3, 7, generator=gen) for _ in range(n_out)]
-    ref64, fast64 = _float64_copies(ref, fast)
-    _, grads64 = _train_step(ref64, x.double(), [u.double() for u in upstream])
-    ref_out, ref_grads = _train_step(ref, x, upstream)
-    fast_out, fast_grads = _train_step(fast, x, upstream)
-    for a, b in zip(fast_out, ref_out, strict=True):
-        assert _rel(a, b) < 1e-5
-    assert fast_grads.keys() == ref_grads.keys() == grads64.keys()
-    _assert_fp32_gradients_close(fast_grads, ref_grads, grads64, factor=2.0)
-    for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
-        if key.endswith("num_batches_tracked"):
-            assert torch.equal(a, b), key
-        else:  # BatchNorm running statistics were updated alike
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+    """Eval outputs, one training step's outputs and BatchNorm statistics to fp32 rounding in every draw; the fp32
+    gradients by the 2x rule against float64 over the draws (``p3d_cases.GradientDraws``: a single draw cannot
+    decide, one ReLU input within float32 rounding of zero flips in either model). Measured over 3200 draws
+    (seeds 0-99, four cases, 8 draws; ``PYTHONPATH=.:tests python benchmarks/run_tiny_gradient_draws.py --seeds
+    0-99``, benchmarks/results/tiny_gradient_draws_cpu.json): 14 draws flipped (all over 10x the reference's
+    error), the rest at a median ratio of 1.01 (p90 1.07); no seed failed. One draw decided before: seed
+    579733099 failed at 2000x."""
+    from p3d_cases import GradientDraws
+
+    gradients = GradientDraws()
+    for _ in range(TINY_DRAWS):
+        ref, fast = _pair("lgd3d_tiny", gen, classifier=classifier)
+        ref, fast = ref.to(memory_format=memory_format), fast.to(memory_format=memory_format)
+        x = torch.randn(3, 3, 7, 33, 33, generator=gen).contiguous(memory_format=memory_format)  # odd T, H, W
+        ref.eval(), fast.eval()
+        with torch.no_grad():
+            assert _rel(fast(x), ref(x)) < 1e-5
+        n_out = 2 if classifier == "two_heads" else 1
+        upstream = [torch.randn(3, 7, generator=gen) for _ in range(n_out)]
+        ref64 = copy.deepcopy(ref).double()
+        _, grads64 = _train_step(ref64, x.double(), [u.double() for u in upstream])
+        ref_out, ref_grads = _train_step(ref, x, upstream)
+        fast_out, fast_grads = _train_step(fast, x, upstream)
+        for a, b in zip(fast_out, ref_out, strict=True):
+            assert _rel(a, b) < 1e-5
+        gradients.add(fast_grads, ref_grads, grads64)
+        for (key, a), b in zip(fast.state_dict().items(), ref.state_dict().values(), strict=True):
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(a, b), key
+            else:  # BatchNorm running statistics were updated alike
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+    gradients.check(f"lgd3d_tiny {classifier} {memory_format}")
 
 
 @pytest.mark.slow
