@@ -9,6 +9,7 @@ rule pooled over fresh draws (p3d_cases.check_pooled_ratio says why single draws
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -165,9 +166,10 @@ def test_conv_bn_matches_its_modules(case, mode, dtype, layout, gen):
         check_pooled_ratio(draws, case_id)
 
 
-def _inference_draw(case, dtype, layout, gen) -> list[dict]:
+def _inference_draw(case, dtype, layout, gen, traced=False) -> list[dict]:
     """Eval, no autograd (the eager CPU path: one oneDNN primitive, the weight folded and, for channels_last_3d
-    input, packed once): the fused call and the modules at the dtype against the modules in float64."""
+    input, packed once): the fused call and the modules at the dtype against the modules in float64. ``traced``:
+    the call as torch.compile traces it (:func:`_as_traced`: ``lgd_fast::conv_bn_folded``)."""
     conv, bn = _modules(case, gen)
     bn = None if bn is None else bn.eval()
     memory_format = torch.channels_last_3d if layout == "channels_last_3d" else torch.contiguous_format
@@ -190,9 +192,16 @@ def _inference_draw(case, dtype, layout, gen) -> list[dict]:
         want = modules(copy.deepcopy(conv).double(), None if bn is None else copy.deepcopy(bn).double(), torch.float64)
         plain = modules(copy.deepcopy(conv).to(at), bn, at)
         fused_conv = copy.deepcopy(conv).to(at)
-        got = conv_bn(cast(x, at), fused_conv, bn, residual=cast(residual, at), shortcut=cast(shortcut, at),
-                      relu=relu)  # fmt: skip
+        with _as_traced() if traced else contextlib.nullcontext() as calls:
+            got = conv_bn(cast(x, at), fused_conv, bn, residual=cast(residual, at), shortcut=cast(shortcut, at),
+                          relu=relu)  # fmt: skip
+    if traced:  # one op call, where this CPU's oneDNN runs the dtype (else the traced aten ops)
+        assert len(calls) == (1 if onednn_takes(at) else 0), calls
     packed = conv_bn_module._PACKED.get(fused_conv)
+    if traced:
+        assert packed is None  # the traced op keeps its own cache, by the weight tensor
+        packed = conv_bn_module._TRACED_FOLDS.get(conv_bn_module._weight(fused_conv))
+        packed = None if packed is None or packed[4] is None else (None, packed[3], packed[4])
     if layout == "channels_last_3d" and onednn_takes(at):  # packed for this input; the output is channels-last
         assert packed is not None and packed[1] == x.shape and got.is_contiguous(memory_format=torch.channels_last_3d)
     else:
@@ -214,6 +223,131 @@ def test_inference_with_packed_weights_matches_its_modules(case, dtype, layout, 
         check_fp32_draws(draws, case_id, tol=1e-5)
     else:
         check_pooled_ratio(draws, case_id)
+
+
+@contextlib.contextmanager
+def _as_traced():
+    """Within the block conv_bn takes the branch it takes under torch.compile's tracing, run eagerly: the same
+    op calls the compiled graph makes. Every ``lgd_fast::conv_bn_folded`` call's fake (under FakeTensorMode, as
+    inductor sees it) must give the real output's sizes, strides and dtype; the calls' arguments are yielded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Checked(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.lgd_fast.conv_bn_folded.default:
+                with FakeTensorMode() as mode:
+                    fakes = torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, (args, kwargs or {}))
+                    fake = func(*fakes[0], **fakes[1])
+                assert (tuple(fake.shape), fake.stride(), fake.dtype) == (tuple(out.shape), out.stride(), out.dtype)
+                calls.append(args)
+            return out
+
+    with pytest.MonkeyPatch.context() as patch, Checked():
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        yield calls
+
+
+@pytest.mark.parametrize(
+    "case,dtype,layout",
+    [(c, d, lay) for c in CASES for d in DTYPES for lay in LAYOUTS],
+    ids=[_case_id(c, "traced", d, lay) for c in CASES for d in DTYPES for lay in LAYOUTS],
+)
+def test_traced_inference_op_matches_its_modules_and_its_fake_the_strides(case, dtype, layout, gen):
+    """Under torch.compile, CPU inference traces each conv as ``lgd_fast::conv_bn_folded`` (the eager path's
+    primitive with its own cache of the folded and packed weight): equal to the modules, its fake the real op's
+    sizes and strides, for every case, dtype and layout."""
+    case_id = _case_id(case, "traced", dtype, layout)
+    draws = [_inference_draw(case, dtype, layout, gen, traced=True)
+             for _ in range(FP32_DRAWS if dtype == "float32" else BF16_DRAWS)]  # fmt: skip
+    if dtype == "float32":
+        check_fp32_draws(draws, case_id, tol=1e-5)
+    else:
+        check_pooled_ratio(draws, case_id)
+
+
+def test_traced_op_folds_once_and_follows_the_weights(gen):
+    """``lgd_fast::conv_bn_folded`` folds (and packs) on its first call and reuses that until a tensor it was
+    given changes in place (version counters) or the input shape does; it refuses what oneDNN cannot run."""
+    case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True)
+    conv, bn = _modules(case, gen)
+    bn.eval()
+    x = torch.randn(2, 5, 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    weight = conv_bn_module._weight(conv)
+    with torch.no_grad(), _as_traced() as calls:
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        first = conv_bn_module._TRACED_FOLDS[weight]
+        folded, packed = first[1], first[4]
+        assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        assert conv_bn_module._TRACED_FOLDS[weight][1] is folded and conv_bn_module._TRACED_FOLDS[weight][4] is packed
+        for change in (lambda: conv.weight.mul_(1.5), lambda: bn.running_var.mul_(2.0), lambda: bn.bias.add_(0.5),
+                       lambda: conv.bias.add_(1.0)):  # fmt: skip
+            change()
+            assert rel(conv_bn(x, conv, bn, relu=True), torch.relu(bn(conv(x)))) < 1e-6
+        wider = torch.randn(3, 5, 3, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+        assert rel(conv_bn(wider, conv, bn, relu=True), torch.relu(bn(conv(wider)))) < 1e-6
+        assert conv_bn_module._TRACED_FOLDS[weight][3] == wider.shape
+    assert len(calls) == 7
+    # inference only (no autograd formula: with autograd conv_bn traces the modules' aten ops), so detached
+    args = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, calls[0])
+    torch.library.opcheck(torch.ops.lgd_fast.conv_bn_folded.default, args)
+    with pytest.raises(ValueError, match="conv_bn_folded runs oneDNN on the CPU in float32 or bfloat16"):
+        torch.ops.lgd_fast.conv_bn_folded(x.double(), weight.double(), [], None, None, None, None, 0.0, None,
+                                          [1, 1, 1], [0, 1, 1], [1, 1, 1], 1, False, True)  # fmt: skip
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["compiled", "compiled_freezing"])
+def test_compiled_conv_bn_matches_eager_folded_or_frozen(freezing, gen):
+    """torch.compile (inductor) of conv_bn at CPU inference equals the eager call. Without freezing the graph
+    calls ``lgd_fast::conv_bn_folded`` (no aten conv) and a second call reuses its folded weight; with freezing
+    on while dynamo traces, the modules' aten conv and batch_norm, which inductor folds and packs itself."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    case = ((1, 3, 3), 2, (2, 5, 3, 9, 9), 6, True, True, True, True)
+    conv, bn = _modules(case, gen)
+    bn.eval()
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv, bn
+
+        def forward(self, x, residual):
+            return conv_bn(x, self.conv, self.bn, residual=residual, relu=True)
+
+    unit, graphs = Unit().eval(), []
+
+    def inductor(gm, example_inputs):
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    for memory_format in (torch.contiguous_format, torch.channels_last_3d):
+        x = torch.randn(2, 5, 3, 9, 9, generator=gen).contiguous(memory_format=memory_format)
+        residual = torch.randn(2, 6, 3, 5, 5, generator=gen)
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.no_grad(), inductor_config.patch(freezing=freezing):
+            want = unit(x, residual)
+            compiled = torch.compile(unit, backend=inductor, dynamic=False)
+            got = compiled(x, residual)
+            cached = conv_bn_module._TRACED_FOLDS.get(conv_bn_module._weight(conv))
+            again = compiled(x, residual)
+        targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+        folded_op = any("conv_bn_folded" in t for t in targets)
+        assert folded_op != freezing and any("conv3d" in t for t in targets) == freezing, targets
+        assert rel(got, want) < 1e-6 and torch.equal(got, again), (memory_format, rel(got, want))
+        if not freezing:
+            assert conv_bn_module._TRACED_FOLDS[conv_bn_module._weight(conv)][1] is cached[1]
+        if onednn_takes(torch.bfloat16):  # under autocast: the casts traced, the op (or aten ops) in bfloat16
+            with torch.no_grad(), inductor_config.patch(freezing=freezing), torch.autocast("cpu", torch.bfloat16):
+                want = unit(x, residual)
+                torch._dynamo.reset()
+                got = torch.compile(unit, backend=inductor, dynamic=False)(x, residual)
+            assert got.dtype == want.dtype == torch.bfloat16 and rel(got, want) < 1e-2, rel(got, want)
 
 
 def test_bf16_inference_without_onednn_bf16_runs_atens_conv(gen, monkeypatch):

@@ -237,28 +237,39 @@ def test_compiled_fast_model_matches(gen):
         assert _rel(compiled(x), ref(x)) < 1e-5
 
 
-def test_fast_model_traces_whole_in_training_and_as_aten_convs_in_eval(gen):
+def test_fast_model_traces_whole_with_its_eval_convs_as_the_folded_op(gen):
     """Dynamo traces the fast model in one graph in training (no graph break: the plan's mode test is traceable)
-    and in eval; on the CPU the eval convs are traced as the modules' own aten ops (conv, batch_norm, add, ReLU)
-    so that inductor fuses them and freezing packs them, never the eager path's custom op."""
+    and in eval. On the CPU the inference convs (no autograd) are traced as ``lgd_fast::conv_bn_folded``, the
+    eager path's primitive with its cached folded weight, and no aten conv; with inductor's freezing on while
+    dynamo traces, and with autograd in eval, they are the modules' own aten ops (conv, batch_norm), which
+    freezing folds and packs and autograd differentiates."""
+    from torch._inductor import config as inductor_config
+
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
     x = torch.randn(2, 3, 8, 32, 32, generator=gen)
     for train in (True, False):  # on a copy: a training forward moves the running statistics
         explained = torch._dynamo.explain(copy.deepcopy(fast).train(train))(x)
         assert explained.graph_count == 1 and explained.graph_break_count == 0, (train, explained.break_reasons)
-    graphs = []
 
-    def recording(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    def traced_targets(grad: bool, freezing: bool = False) -> set[str]:
+        graphs = []
 
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(fast.eval(), backend=recording)(x)
-        assert _rel(out, ref.eval()(x)) < 1e-5
-    targets = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    assert not any("p3d_conv" in t or "conv3d_onednn" in t for t in targets), targets
-    assert any("conv3d" in t for t in targets) and any("batch_norm" in t for t in targets), targets
+        def recording(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad), inductor_config.patch(freezing=freezing):
+            out = torch.compile(fast.eval(), backend=recording)(x)
+            assert _rel(out, ref.eval()(x)) < 1e-5
+        return {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+
+    inference = traced_targets(False)
+    assert any("conv_bn_folded" in t for t in inference), inference
+    assert not any("conv3d" in t or "p3d_conv" in t or "batch_norm" in t for t in inference), inference
+    for targets in (traced_targets(False, freezing=True), traced_targets(True)):
+        assert not any("conv_bn_folded" in t for t in targets), targets
+        assert any("conv3d" in t for t in targets) and any("batch_norm" in t for t in targets), targets
 
 
 def test_compiled_with_freezing_matches(gen):

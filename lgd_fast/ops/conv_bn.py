@@ -21,12 +21,18 @@ variant B's parallel pair); nothing else calls the ``p3d_conv`` ops. It holds:
   (:func:`sync_stats`: Chan's rule in float64, differentiable), and the normalisation's backward all-reduces its
   two channel sums, as SyncBatchNorm does, so K processes normalise and differentiate as one process with the
   global batch;
-- the eager CPU inference path: one oneDNN primitive per conv, the BatchNorm folded into its weight once and
+- the CPU inference path: one oneDNN primitive per conv, the BatchNorm folded into its weight once and
   cached until a parameter or running statistic changes (their version counters are in the cache key); for
   channels_last_3d input the folded weight is also packed once per input shape into the blocked layout the
   primitive reads (``torch.ops.mkldnn._reorder_convolution_weight``, as inductor's freezing packs it), so no call
   reorders it (R50's res4/res5 convs, large weights on small frames, gained up to 15% each). The cache holds the
   packed copy besides the folded one: about twice the model's conv weights in memory, as a frozen graph holds.
+  Under torch.compile without inductor's freezing (no autograd) the same primitive is one opaque op,
+  :func:`conv_bn_folded`, with its own cache by the weight tensor, so a compiled graph neither folds per call
+  nor runs an unfolded BatchNorm. (Written as aten conv + batch_norm, the compiled R50 was 0.93x its eager speed
+  at batch 4 and 0.75x at batch 1, where ATen's conv takes its im2col path.) With freezing on while dynamo
+  traces, the convs are the modules' aten ops, which freezing folds and packs (4% faster at batch 4 than the
+  opaque op in one interleaved run).
 
 A conv's bias is an epilogue shift: ``conv(x) + b`` before the BatchNorm (its statistics include it, as the
 reference's do), and folded into the shift in eval.
@@ -45,13 +51,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .p3d_conv import _mkldnn_conv, autocast_inputs, onednn_takes, p3d_conv, sums_about_mean, sums_as_returned
+from .p3d_conv import (
+    _mkldnn_conv,
+    _onednn_fake,
+    autocast_inputs,
+    conv_output_shape,
+    onednn_takes,
+    p3d_conv,
+    sums_about_mean,
+    sums_as_returned,
+)
 
 __all__ = [
     "batch_mean_var",
     "batch_moments",
     "batch_norm_affine",
     "conv_bn",
+    "conv_bn_folded",
     "conv_sum_bn",
     "folded_norm",
     "fusable_reason",
@@ -190,11 +206,17 @@ def batch_norm_affine(
             _update_running_stats(norm, mean.detach(), var.detach(), r.numel() // channels)
     else:
         mean, var = norm.running_mean.to(acc), norm.running_var.to(acc)
-    scale = torch.rsqrt(var + norm.eps)
+    return _affine_of(mean, var, norm.eps, norm.weight if norm.affine else None, norm.bias if norm.affine else None)
+
+
+def _affine_of(mean, var, eps: float, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's per-channel (scale, shift) from a mean and variance (in the accumulation dtype) and its affine
+    parameters (None: not affine)."""
+    scale = torch.rsqrt(var + eps)
     shift = -mean * scale
-    if norm.affine:
-        scale = scale * norm.weight.to(acc)
-        shift = shift * norm.weight.to(acc) + norm.bias.to(acc)
+    if weight is not None:
+        scale = scale * weight.to(mean.dtype)
+        shift = shift * weight.to(mean.dtype) + bias.to(mean.dtype)
     return scale, shift
 
 
@@ -409,17 +431,28 @@ def _stride(conv: nn.Module) -> int:
     return _strides(conv)[1]
 
 
-def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    """Eager CPU inference (no autograd, not tracing) on the onednn backend: one oneDNN primitive per conv with
-    cached folded weights. (Traced or with autograd, :func:`~lgd_fast.ops.p3d_conv` runs, which folds per call.)"""
-    if backend not in ("auto", "onednn") or torch.is_grad_enabled() or torch.compiler.is_compiling():
+def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None, *, traced: bool = False) -> bool:
+    """CPU inference (no autograd) on the onednn backend, eagerly (``traced=False``) or under torch.compile's
+    tracing (``traced=True``): one oneDNN primitive per conv with cached folded weights. (With autograd,
+    :func:`~lgd_fast.ops.p3d_conv` runs, which folds per call.)"""
+    if backend not in ("auto", "onednn") or torch.is_grad_enabled() or torch.compiler.is_compiling() != traced:
         return False
+    if traced and _inductor_freezing():
+        return False  # inductor folds and packs the modules' aten ops itself (see _traced_cpu_eval)
     if x.device.type != "cpu" or (residual is not None and residual.device.type != "cpu"):
         return False
     dtypes = {x.dtype} if residual is None else {x.dtype, residual.dtype}
     if torch.is_autocast_enabled("cpu"):
         dtypes = {torch.get_autocast_dtype("cpu")}
     return all(onednn_takes(dtype) for dtype in dtypes)  # bfloat16 only where this CPU's oneDNN runs it
+
+
+def _inductor_freezing() -> bool:
+    """Whether inductor's freezing is on (read while dynamo traces, as dynamo reads it to treat the parameters
+    as constants: ``torch._dynamo.utils.is_parameter_freezing``)."""
+    from torch._inductor import config
+
+    return bool(config.freezing)
 
 
 def _fold_key(*tensors: torch.Tensor) -> tuple:
@@ -440,19 +473,25 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
     cached = _FOLDED.get(conv)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            if norm is None:
-                scale = torch.ones(conv.out_channels, dtype=torch.float32, device=conv.weight.device)
-                bias = torch.zeros_like(scale)
-            else:
-                scale, bias = folded_norm(norm, conv.weight)
-            for b in biases:
-                bias = bias + scale * b.to(scale.dtype)
-            weight = _weight(conv)
-            if norm is not None:
-                weight = weight * scale[:, None, None, None, None].to(weight.dtype)
-            cached = (key, weight.to(dtype), bias.to(dtype) if shift and (norm is not None or biases) else None)
+            scale, bias = (None, None) if norm is None else folded_norm(norm, conv.weight)
+            cached = (key, *_fold_into(_weight(conv), scale, bias, biases, dtype, shift))
         _FOLDED[conv] = cached
     return cached[1], cached[2]
+
+
+def _fold_into(weight, scale, bias, biases, dtype, shift: bool):
+    """(weight * scale, bias + scale * sum(biases), or None) in ``dtype``: an eval BatchNorm's (scale, shift)
+    folded into a conv weight (None, None: no norm) with the convs' biases; no bias without ``shift``, nor
+    without a norm and biases."""
+    keep_bias = shift and (scale is not None or bool(biases))
+    if scale is None:
+        scale = torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
+        bias = torch.zeros_like(scale)
+    else:
+        weight = weight * scale[:, None, None, None, None].to(weight.dtype)
+    for b in biases:
+        bias = bias + scale * b.to(scale.dtype)
+    return weight.to(dtype), bias.to(dtype) if keep_bias else None
 
 
 # conv module -> (folded weight, input shape, packed weight): the folded weight reordered once into the blocked
@@ -491,19 +530,103 @@ def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torc
     )
 
 
-# ---- under torch.compile on the CPU: the modules' own ops, for inductor ------------------------------------
+# ---- under torch.compile on the CPU, no autograd: the eager path's primitive, one opaque op per conv -------
+
+
+# conv weight -> [key, folded weight, bias, input shape, packed weight]: the traced op's own cache, by the weight
+# tensor it is given (the module's parameter, or inductor's frozen constant: the same tensor on every call).
+_TRACED_FOLDS = torch.utils.weak.WeakTensorKeyDictionary()
+
+
+@torch.library.custom_op("lgd_fast::conv_bn_folded", mutates_args=())
+def conv_bn_folded(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    biases: list[torch.Tensor],
+    norm_weight: torch.Tensor | None,
+    norm_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    shift: bool,
+) -> torch.Tensor:
+    """``ReLU?(conv(x) * scale + shift + residual)``, the eval BatchNorm (running statistics; None: none) folded
+    into the conv's (C_out, C_in / groups, kt, kh, kw) ``weight`` with the ``biases`` (summed into the output;
+    none without ``shift``), as one oneDNN primitive: what :func:`conv_bn` runs eagerly at CPU inference, as the
+    op torch.compile traces there (no autograd). The folded weight (and, for channels_last_3d x, its packing into
+    oneDNN's blocked layout for x's shape) is made on the first call and kept until one of the tensors given
+    changes (their version counters are in the key), so compiled calls, with or without freezing, do not fold.
+    x and residual in the dtype the conv computes in (float32, or bfloat16 where this CPU's oneDNN runs it)."""
+    if x.device.type != "cpu" or not onednn_takes(x.dtype):
+        raise ValueError(f"lgd_fast::conv_bn_folded runs oneDNN on the CPU in float32 or bfloat16 it takes, got "
+                         f"{x.dtype} on {x.device}")  # fmt: skip
+    tensors = (weight, *biases, *(t for t in (norm_weight, norm_bias, running_mean, running_var) if t is not None))
+    key = (tuple((t._version, t.data_ptr()) for t in tensors), x.dtype, eps, shift, len(biases))
+    cached = _TRACED_FOLDS.get(weight)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            scale = bias = None
+            if running_mean is not None:
+                acc = torch.promote_types(weight.dtype, torch.float32)
+                scale, bias = _affine_of(running_mean.to(acc), running_var.to(acc), eps, norm_weight, norm_bias)
+            cached = [key, *_fold_into(weight, scale, bias, biases, x.dtype, shift), None, None]
+        _TRACED_FOLDS[weight] = cached
+    folded, bias = cached[1], cached[2]
+    if _strictly_channels_last(x):
+        if cached[3] != x.shape:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(folded, padding, stride, dilation, groups,
+                                                                  list(x.shape))  # fmt: skip
+            cached[3:] = [x.shape, packed]
+        folded = cached[4]
+    return _mkldnn_conv(x, folded, bias, residual, padding, stride, dilation, groups, relu)
+
+
+def _strictly_channels_last(x: torch.Tensor) -> bool:
+    """channels_last_3d strides that are not also contiguous ones: oneDNN's packed path."""
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
+@conv_bn_folded.register_fake
+def _(x, weight, biases, norm_weight, norm_bias, running_mean, running_var, eps, residual, stride, padding,
+      dilation, groups, relu, shift):  # fmt: skip
+    if _strictly_channels_last(x):  # the packed weight's primitive writes channels_last_3d
+        shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+        return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
+    return _onednn_fake(x, weight, stride, padding, dilation)
+
+
+def _traced_onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torch.Tensor:
+    """:func:`_onednn` as torch.compile traces it: the autocast casts, then :func:`conv_bn_folded`."""
+    x, residual = autocast_inputs(x.device.type, x, residual)
+    biases = [b for b in (conv.bias, *extra_bias) if b is not None] if shift else []
+    stats = (None,) * 4
+    if norm is not None:
+        stats = (norm.weight, norm.bias, norm.running_mean, norm.running_var) if norm.affine else (
+            None, None, norm.running_mean, norm.running_var)  # fmt: skip
+    return torch.ops.lgd_fast.conv_bn_folded(
+        x, _weight(conv), biases, *stats, 0.0 if norm is None else norm.eps, residual, list(_strides(conv)),
+        _padding(conv), list(_dilation(conv)), conv.groups, relu, shift,
+    )  # fmt: skip
+
+
+# ---- under torch.compile on the CPU with autograd: the modules' own ops, for inductor ---------------------
 
 
 def _traced_cpu_eval(backend: str, x: torch.Tensor, norm: nn.Module | None) -> bool:
-    """Traced by torch.compile, on the CPU's oneDNN, eval statistics: the call is written as the modules' own
-    aten ops (conv, batch_norm with running statistics, add, ReLU). Inductor lowers those as it does the
-    reference's: its oneDNN conv with the pointwise ops fused after it and, with freezing, the BatchNorm folded
-    into a packed weight with the addition and the ReLU as post-ops. (The eager path's custom op would fold the
-    weight on every call, opaque to inductor: the compiled fast model measured 1.24x slower than eager.) So the
-    compiled fast model shares the reference's compiled convs, and also an inductor bug of torch 2.13: after a
-    recompile with automatic dynamic shapes at some sizes (LGD-3D tiny at 2x3x3x96x96, then 2x3x8x32x32)
-    lowering the conv fails with ``ValueRangeError: Invalid ranges [0:-1]``, for the reference as for this; with
-    ``torch.compile(model, dynamic=False)`` both compile."""
+    """Traced by torch.compile, on the CPU's oneDNN, eval statistics, where :func:`conv_bn_folded` does not take the
+    call (autograd on, inductor's freezing on, or a dtype this CPU's oneDNN does not run): the call is written as
+    the modules' own aten ops (conv, batch_norm with running statistics, add, ReLU), which autograd differentiates
+    and inductor lowers as it does the reference's (with freezing: the BatchNorm folded into a packed weight, the
+    addition and the ReLU as post-ops). That shares an inductor bug of torch 2.13 with the reference: after a
+    recompile with automatic dynamic shapes at some sizes (LGD-3D tiny at 2x3x3x96x96, then 2x3x8x32x32) lowering
+    the conv fails with ``ValueRangeError: Invalid ranges [0:-1]``; with ``torch.compile(model, dynamic=False)``
+    both compile."""
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and backend in ("auto", "onednn")
             and (norm is None or not uses_batch_stats(norm)))  # fmt: skip
 
@@ -516,8 +639,8 @@ def _modules_eval(x, conv, norm, residual, shortcut, relu, second=None) -> torch
         return F.conv3d(x, _weight(c), c.bias, _strides(c), padding, _dilation(c), c.groups)
 
     y = run(conv) if second is None else run(conv) + run(second)
-    if residual is not None:
-        y = y + residual
+    if residual is not None:  # in the conv's dtype, as the eager path casts it (a float32 one under autocast)
+        y = y + residual.to(y.dtype)
     if norm is not None:
         y = F.batch_norm(y, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
     if shortcut is not None:
@@ -579,16 +702,18 @@ def conv_bn(
     if norm is None and shortcut is not None:  # without a norm both are additions after the conv
         residual = shortcut if residual is None else (residual + shortcut).to(residual.dtype)
         shortcut = None
-    if not stats and _traced_cpu_eval(backend, x, norm):
-        return _modules_eval(x, conv, norm, residual, shortcut, relu)
-    # eager CPU inference: one oneDNN primitive, the norm folded in, what is added after it as its post-op
+    # CPU inference (eager or traced): one oneDNN primitive, the norm folded in, what is added after it as its
+    # post-op
     if norm is None or not uses_batch_stats(norm):
         added = residual if norm is None else shortcut
-        if not stats and _direct_onednn(backend, x, added if residual is None else residual):
+        traced = torch.compiler.is_compiling()
+        if not stats and _direct_onednn(backend, x, added if residual is None else residual, traced=traced):
             if norm is not None and residual is not None:  # norm(c + r) + s = c * scale + shift + (r * scale + s)
                 x_, residual_ = autocast_inputs(x.device.type, x, residual)
                 added = _added_after_norm(residual_, folded_norm(norm, x_)[0], shortcut)
-            return _onednn(conv, norm, x, added, relu)
+            return (_traced_onednn if traced else _onednn)(conv, norm, x, added, relu)
+    if not stats and _traced_cpu_eval(backend, x, norm):
+        return _modules_eval(x, conv, norm, residual, shortcut, relu)
     if p3d_geometry_reason(conv) is not None:
         return _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats)
     if norm is None:
@@ -656,11 +781,13 @@ def conv_sum_bn(
     ``first(x) * scale + shift`` then ``second(x) * scale + that``, so no pass rescales the first's output."""
     if uses_batch_stats(norm):
         return conv_bn(x, second, norm, residual=conv_bn(x, first, backend=backend), relu=relu, backend=backend)
+    traced = torch.compiler.is_compiling()
+    if _direct_onednn(backend, x, None, traced=traced):
+        run = _traced_onednn if traced else _onednn
+        q = run(first, norm, x, None, False, (second.bias,))
+        return run(second, norm, x, q, relu, shift=False)
     if _traced_cpu_eval(backend, x, norm):
         return _modules_eval(x, first, norm, None, None, relu, second=second)
-    if _direct_onednn(backend, x, None):
-        q = _onednn(first, norm, x, None, False, (second.bias,))
-        return _onednn(second, norm, x, q, relu, shift=False)
     scale, shift = folded_norm(norm, x)
     for conv in (first, second):
         if conv.bias is not None:
