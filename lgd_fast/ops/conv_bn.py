@@ -557,17 +557,19 @@ def conv_bn_folded(
     shift: bool,
 ) -> torch.Tensor:
     """``ReLU?(conv(x) * scale + shift + residual)``, the eval BatchNorm (running statistics; None: none) folded
-    into the conv's (C_out, C_in / groups, kt, kh, kw) ``weight`` with the ``biases`` (summed into the output;
-    none without ``shift``), as one oneDNN primitive: what :func:`conv_bn` runs eagerly at CPU inference, as the
-    op torch.compile traces there (no autograd). The folded weight (and, for channels_last_3d x, its packing into
-    oneDNN's blocked layout for x's shape) is made on the first call and kept until one of the tensors given
-    changes (their version counters are in the key), so compiled calls, with or without freezing, do not fold.
-    x and residual in the dtype the conv computes in (float32, or bfloat16 where this CPU's oneDNN runs it)."""
+    into the conv's ``weight`` (its parameter as it is: (C_out, C_in / groups, kt, kh, kw), or a Conv2d's (C_out,
+    C_in / groups, kh, kw) run over frames) with the ``biases`` (summed into the output; none without ``shift``), as
+    one oneDNN primitive: what :func:`conv_bn` runs eagerly at CPU inference, as the op torch.compile traces there
+    (no autograd). The folded weight (and, for channels_last_3d x, its packing into oneDNN's blocked layout for x's
+    shape) is made on the first call and kept until one of the tensors given changes (their version counters are in
+    the key; inference tensors have none), so compiled calls do not fold. The cache is keyed by ``weight``: pass the
+    module's parameter, not a view made per call. x and residual in the dtype the conv computes in (float32, or
+    bfloat16 where this CPU's oneDNN runs it)."""
     if x.device.type != "cpu" or not onednn_takes(x.dtype):
         raise ValueError(f"lgd_fast::conv_bn_folded runs oneDNN on the CPU in float32 or bfloat16 it takes, got "
                          f"{x.dtype} on {x.device}")  # fmt: skip
     tensors = (weight, *biases, *(t for t in (norm_weight, norm_bias, running_mean, running_var) if t is not None))
-    key = (tuple((t._version, t.data_ptr()) for t in tensors), x.dtype, eps, shift, len(biases))
+    key = (tuple((_version_of(t), t.data_ptr()) for t in tensors), x.dtype, eps, shift, len(biases))
     cached = _TRACED_FOLDS.get(weight)
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -575,7 +577,7 @@ def conv_bn_folded(
             if running_mean is not None:
                 acc = torch.promote_types(weight.dtype, torch.float32)
                 scale, bias = _affine_of(running_mean.to(acc), running_var.to(acc), eps, norm_weight, norm_bias)
-            cached = [key, *_fold_into(weight, scale, bias, biases, x.dtype, shift), None, None]
+            cached = [key, *_fold_into(_as_3d(weight), scale, bias, biases, x.dtype, shift), None, None]
         _TRACED_FOLDS[weight] = cached
     folded, bias = cached[1], cached[2]
     if _strictly_channels_last(x):
@@ -587,6 +589,17 @@ def conv_bn_folded(
     return _mkldnn_conv(x, folded, bias, residual, padding, stride, dilation, groups, relu)
 
 
+def _version_of(t: torch.Tensor) -> int:
+    """A tensor's version counter (0 for an inference tensor, which has none and cannot change outside
+    inference mode)."""
+    return 0 if t.is_inference() else t._version
+
+
+def _as_3d(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv3d's weight, or a Conv2d's viewed with a unit temporal extent (as :func:`_weight`)."""
+    return weight if weight.dim() == 5 else weight.unsqueeze(2)
+
+
 def _strictly_channels_last(x: torch.Tensor) -> bool:
     """channels_last_3d strides that are not also contiguous ones: oneDNN's packed path."""
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
@@ -595,6 +608,7 @@ def _strictly_channels_last(x: torch.Tensor) -> bool:
 @conv_bn_folded.register_fake
 def _(x, weight, biases, norm_weight, norm_bias, running_mean, running_var, eps, residual, stride, padding,
       dilation, groups, relu, shift):  # fmt: skip
+    weight = _as_3d(weight)
     if _strictly_channels_last(x):  # the packed weight's primitive writes channels_last_3d
         shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
         return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
@@ -610,7 +624,7 @@ def _traced_onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) 
         stats = (norm.weight, norm.bias, norm.running_mean, norm.running_var) if norm.affine else (
             None, None, norm.running_mean, norm.running_var)  # fmt: skip
     return torch.ops.lgd_fast.conv_bn_folded(
-        x, _weight(conv), biases, *stats, 0.0 if norm is None else norm.eps, residual, list(_strides(conv)),
+        x, conv.weight, biases, *stats, 0.0 if norm is None else norm.eps, residual, list(_strides(conv)),
         _padding(conv), list(_dilation(conv)), conv.groups, relu, shift,
     )  # fmt: skip
 
