@@ -242,7 +242,8 @@ def test_fast_model_traces_whole_with_its_eval_convs_as_the_folded_op(gen):
     and in eval. On the CPU the inference convs (no autograd) are traced as ``lgd_fast::conv_bn_folded``, the
     eager path's primitive with its cached folded weight, and no aten conv; with inductor's freezing on while
     dynamo traces, and with autograd in eval, they are the modules' own aten ops (conv, batch_norm), which
-    freezing folds and packs and autograd differentiates."""
+    freezing folds and packs and autograd differentiates. Traced for freezing, the global path is the six
+    linears (their weights packed by freezing), else the one ``global_update`` op."""
     from torch._inductor import config as inductor_config
 
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads")
@@ -267,7 +268,10 @@ def test_fast_model_traces_whole_with_its_eval_convs_as_the_folded_op(gen):
     inference = traced_targets(False)
     assert any("conv_bn_folded" in t for t in inference), inference
     assert not any("conv3d" in t or "p3d_conv" in t or "batch_norm" in t for t in inference), inference
-    for targets in (traced_targets(False, freezing=True), traced_targets(True)):
+    assert any("global_update" in t for t in inference), inference
+    frozen = traced_targets(False, freezing=True)  # the global path as the six linears, which freezing packs
+    assert not any("global_update" in t for t in frozen) and any("linear" in t for t in frozen), frozen
+    for targets in (frozen, traced_targets(True)):
         assert not any("conv_bn_folded" in t for t in targets), targets
         assert any("conv3d" in t for t in targets) and any("batch_norm" in t for t in targets), targets
 

@@ -27,6 +27,17 @@ def compile_cache_tag() -> str:
     return f"lgd_fast-{digest.hexdigest()[:16]}"
 
 
+def traced_for_freezing() -> bool:
+    """Whether torch.compile is tracing for inductor's freezing: inductor's freezing on while dynamo traces (dynamo
+    reads the same setting to treat the parameters as constants: ``torch._dynamo.utils.is_parameter_freezing``),
+    without autograd. The ops then write what inductor folds and packs itself as aten ops."""
+    if not torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    from torch._inductor import config
+
+    return bool(config.freezing)
+
+
 def layout(t: torch.Tensor) -> str | None:
     """``"contiguous"``, ``"channels_last_3d"`` or None (neither). A tensor that is both (C == 1, or one
     position) counts as contiguous, as in the C++ kernels."""

@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import traced_for_freezing
 from .p3d_conv import (
     _mkldnn_conv,
     _onednn_fake,
@@ -437,7 +438,7 @@ def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None,
     :func:`~lgd_fast.ops.p3d_conv` runs, which folds per call.)"""
     if backend not in ("auto", "onednn") or torch.is_grad_enabled() or torch.compiler.is_compiling() != traced:
         return False
-    if traced and _inductor_freezing():
+    if traced and traced_for_freezing():
         return False  # inductor folds and packs the modules' aten ops itself (see _traced_cpu_eval)
     if x.device.type != "cpu" or (residual is not None and residual.device.type != "cpu"):
         return False
@@ -445,14 +446,6 @@ def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None,
     if torch.is_autocast_enabled("cpu"):
         dtypes = {torch.get_autocast_dtype("cpu")}
     return all(onednn_takes(dtype) for dtype in dtypes)  # bfloat16 only where this CPU's oneDNN runs it
-
-
-def _inductor_freezing() -> bool:
-    """Whether inductor's freezing is on (read while dynamo traces, as dynamo reads it to treat the parameters
-    as constants: ``torch._dynamo.utils.is_parameter_freezing``)."""
-    from torch._inductor import config
-
-    return bool(config.freezing)
 
 
 def _fold_key(*tensors: torch.Tensor) -> tuple:
