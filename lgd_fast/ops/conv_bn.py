@@ -432,14 +432,13 @@ def _stride(conv: nn.Module) -> int:
     return _strides(conv)[1]
 
 
-def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None, *, traced: bool = False) -> bool:
-    """CPU inference (no autograd) on the onednn backend, eagerly (``traced=False``) or under torch.compile's
-    tracing (``traced=True``): one oneDNN primitive per conv with cached folded weights. (With autograd,
-    :func:`~lgd_fast.ops.p3d_conv` runs, which folds per call.)"""
-    if backend not in ("auto", "onednn") or torch.is_grad_enabled() or torch.compiler.is_compiling() != traced:
+def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """CPU inference (no autograd) on the onednn backend: one oneDNN primitive per conv with cached folded
+    weights, eagerly (:func:`_onednn`) or as torch.compile traces it (:func:`_traced_onednn`), except when traced
+    for inductor's freezing, which folds and packs the modules' aten ops itself (:func:`_traced_cpu_eval`). (With
+    autograd, :func:`~lgd_fast.ops.p3d_conv` runs, which folds per call.)"""
+    if backend not in ("auto", "onednn") or torch.is_grad_enabled() or traced_for_freezing():
         return False
-    if traced and traced_for_freezing():
-        return False  # inductor folds and packs the modules' aten ops itself (see _traced_cpu_eval)
     if x.device.type != "cpu" or (residual is not None and residual.device.type != "cpu"):
         return False
     dtypes = {x.dtype} if residual is None else {x.dtype, residual.dtype}
@@ -514,7 +513,7 @@ def _onednn_packed(conv, x, weight, bias, residual, relu) -> torch.Tensor:
 def _onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) -> torch.Tensor:
     x, residual = autocast_inputs(x.device.type, x, residual)
     weight, bias = _folded(conv, norm, x.dtype, extra_bias, shift=shift)
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    if _strictly_channels_last(x):
         return _onednn_packed(conv, x, weight, bias, residual, relu)
     if p3d_geometry_reason(conv) is None:
         return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, None, bias, residual, _stride(conv), relu)
@@ -612,10 +611,8 @@ def _traced_onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) 
     """:func:`_onednn` as torch.compile traces it: the autocast casts, then :func:`conv_bn_folded`."""
     x, residual = autocast_inputs(x.device.type, x, residual)
     biases = [b for b in (conv.bias, *extra_bias) if b is not None] if shift else []
-    stats = (None,) * 4
-    if norm is not None:
-        stats = (norm.weight, norm.bias, norm.running_mean, norm.running_var) if norm.affine else (
-            None, None, norm.running_mean, norm.running_var)  # fmt: skip
+    # a BatchNorm's weight and bias are None when it is not affine
+    stats = (None,) * 4 if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var)
     return torch.ops.lgd_fast.conv_bn_folded(
         x, conv.weight, biases, *stats, 0.0 if norm is None else norm.eps, residual, list(_strides(conv)),
         _padding(conv), list(_dilation(conv)), conv.groups, relu, shift,
@@ -713,12 +710,11 @@ def conv_bn(
     # post-op
     if norm is None or not uses_batch_stats(norm):
         added = residual if norm is None else shortcut
-        traced = torch.compiler.is_compiling()
-        if not stats and _direct_onednn(backend, x, added if residual is None else residual, traced=traced):
+        if not stats and _direct_onednn(backend, x, added if residual is None else residual):
             if norm is not None and residual is not None:  # norm(c + r) + s = c * scale + shift + (r * scale + s)
                 x_, residual_ = autocast_inputs(x.device.type, x, residual)
                 added = _added_after_norm(residual_, folded_norm(norm, x_)[0], shortcut)
-            return (_traced_onednn if traced else _onednn)(conv, norm, x, added, relu)
+            return (_traced_onednn if torch.compiler.is_compiling() else _onednn)(conv, norm, x, added, relu)
     if not stats and _traced_cpu_eval(backend, x, norm):
         return _modules_eval(x, conv, norm, residual, shortcut, relu)
     if p3d_geometry_reason(conv) is not None:
@@ -788,9 +784,8 @@ def conv_sum_bn(
     ``first(x) * scale + shift`` then ``second(x) * scale + that``, so no pass rescales the first's output."""
     if uses_batch_stats(norm):
         return conv_bn(x, second, norm, residual=conv_bn(x, first, backend=backend), relu=relu, backend=backend)
-    traced = torch.compiler.is_compiling()
-    if _direct_onednn(backend, x, None, traced=traced):
-        run = _traced_onednn if traced else _onednn
+    if _direct_onednn(backend, x, None):
+        run = _traced_onednn if torch.compiler.is_compiling() else _onednn
         q = run(first, norm, x, None, False, (second.bias,))
         return run(second, norm, x, q, relu, shift=False)
     if _traced_cpu_eval(backend, x, norm):
