@@ -7,17 +7,34 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
+#include <unordered_map>
 
 namespace lgd_fast {
 std::string cpu_isa();                      // csrc/cpu/isa.cpp
 void set_cpu_isa(const std::string& name);  // csrc/cpu/isa.cpp
+bool arena_install();                       // csrc/cpu/activation_arena.cpp, wrapped by lgd_fast/arena.py
+void arena_enter();
+void arena_exit();
+int64_t arena_release();
+void arena_poison();
+void arena_configure(int64_t min_bytes, int64_t idle_scopes);
+std::unordered_map<std::string, int64_t> arena_stats();
 }  // namespace lgd_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lgd_fast compiled CPU operators; the ops themselves are reached through torch.ops.lgd_fast.*";
   m.def("cpu_isa", &lgd_fast::cpu_isa, "The SIMD path the CPU kernels use: avx512, avx2 or baseline.");
   m.def("_set_cpu_isa", &lgd_fast::set_cpu_isa, "Forces a SIMD path (avx512, avx2, baseline) or 'auto'; for tests.");
+  // The activation arena (lgd_fast.arena is the interface).
+  m.def("_arena_install", &lgd_fast::arena_install, "Makes the arena the CPU allocator; true if it is.");
+  m.def("_arena_enter", &lgd_fast::arena_enter, "Opens an arena scope on this thread.");
+  m.def("_arena_exit", &lgd_fast::arena_exit, "Closes this thread's innermost arena scope.");
+  m.def("_arena_release", &lgd_fast::arena_release, "Frees every free block; the bytes freed.");
+  m.def("_arena_poison", &lgd_fast::arena_poison, "Fills every free block with 0xFF (NaN): for tests.");
+  m.def("_arena_configure", &lgd_fast::arena_configure, "Sets min_bytes and idle_scopes.");
+  m.def("_arena_stats", &lgd_fast::arena_stats, "The arena's counters.");
 }
 
 TORCH_LIBRARY(lgd_fast, m) {

@@ -1,6 +1,7 @@
 """lgd_fast: fast, faithful PyTorch LGD (Local and Global Diffusion, CVPR 2019) video networks."""
 
 from . import ops  # registers the compiled ops' fake kernels and autograd with torch.library
+from .arena import activation_arena, arena_stats, release_arena
 from .convert import ConversionReport, convert
 from .models import FastPathUnavailableError, create_model, list_models
 from .weights import LoadReport, inflate_imagenet, load_author_checkpoint
@@ -12,10 +13,13 @@ __all__ = [
     "FastPathUnavailableError",
     "LoadReport",
     "__version__",
+    "activation_arena",
+    "arena_stats",
     "convert",
     "create_model",
     "inflate_imagenet",
     "list_models",
     "load_author_checkpoint",
     "ops",
+    "release_arena",
 ]

@@ -3,7 +3,8 @@
 For one model and input shape, candidates with the same weights (:data:`CANDIDATES`): the reference in eager
 mode, contiguous and channels_last_3d; ``torch.compile`` of each; ``torch.compile`` with inductor's freezing of
 the channels-last reference (inference: what a CPU user deploying a model picks); the fast model, eager,
-compiled and compiled with freezing. Three passes: inference (eval, ``torch.inference_mode``), a training
+compiled and compiled with freezing, and eager without its activation arena (``fast_no_arena``, inference:
+what the arena gains). Three passes: inference (eval, ``torch.inference_mode``), a training
 step (forward, loss, backward, SGD step; freezing is for inference only) and latency (inference at batch 1).
 Calls of the candidates alternate (each round calls every candidate once, in a rotating order), so that all
 of them see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, the share
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .arena import arena_stats, release_arena
 
 __all__ = [
     "CANDIDATES",
@@ -57,10 +59,14 @@ CANDIDATES = (
     "reference_channels_last_compiled",
     "reference_compiled_freezing",
     "fast",
+    "fast_no_arena",
     "fast_compiled",
     "fast_compiled_freezing",
 )
 FREEZING = frozenset(c for c in CANDIDATES if c.endswith("_freezing"))  # inference only
+# The fast model eager without its activation arena (lgd_fast.arena), which only inference uses: what the arena
+# gains, measured in the same run.
+INFERENCE_ONLY = FREEZING | {"fast_no_arena"}
 PASSES = ("inference", "training", "latency")  # latency: inference at batch 1
 # The end-to-end targets (PERF.md; LGD-3D R50, 16x112x112, batch 4, CPU), per dtype: the fast model against the
 # named candidate (speedups, peak memory) and its share of the measured conv peak.
@@ -123,7 +129,9 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     if not _LIBC:
         return None
     # Freed memory back to the system first (glibc unmaps big blocks itself; malloc_trim releases the free
-    # parts of its heap), so that the resident size is what is live and every page the call touches counts.
+    # parts of its heap; the activation arena frees its free blocks), so that the resident size is what is live
+    # and every page the call touches counts.
+    release_arena()
     _LIBC.malloc_trim(0)
     rss = _status_bytes("VmRSS")
     try:
@@ -172,6 +180,8 @@ def _models(name: str, num_classes: int, device: torch.device, candidates: Seque
         fast = candidate.startswith("fast")
         model = create_model(name, num_classes, classifier="two_heads", fast=fast).to(device)
         model.load_state_dict(reference.state_dict())
+        if candidate == "fast_no_arena":
+            model.activation_arena = False
         layout = torch.contiguous_format
         if "channels_last" in candidate or candidate == "reference_compiled_freezing":
             model.to(memory_format=torch.channels_last_3d)  # the deployed reference: channels-last end to end
@@ -353,7 +363,7 @@ def run_bench(
     results: dict[str, Any] = {}
     memory_calls: dict[str, dict] = {}
     timings: dict[str, tuple] = {}
-    per_pass = {p: [c for c in models if not (p == "training" and c in FREEZING)] for p in passes}
+    per_pass = {p: [c for c in models if not (p == "training" and c in INFERENCE_ONLY)] for p in passes}
     total = sum(len(names) * (repeats + max(warmup, 1) + 1) for names in per_pass.values())
     bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
     for pass_ in passes:
@@ -425,6 +435,7 @@ def run_bench(
         "conv_peak": {"gflops_per_s": peak, "measurements": peaks},
         "model_gflops": {p: f / 1e9 for p, f in flops.items()},
         "accuracy": accuracy,
+        "activation_arena": arena_stats().as_dict() if dev.type == "cpu" else None,  # after the timings
         "results": results,
         "target_check": check_targets(results, model, shapes["inference"], dtype, dev.type, channels_last, accuracy),
         "notes": [
@@ -436,6 +447,9 @@ def run_bench(
             "inference: eval, torch.inference_mode; latency: the same at batch 1; training: forward, cross-entropy "
             "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
+            "fast: eager CPU inference in the activation arena (lgd_fast.arena); fast_no_arena: without it; "
+            "activation_arena: the pool's counters after the timings; peak memory: the arena's free blocks "
+            "released before each measured call, so it counts the blocks the call takes",
             "conv_peak_share: model_gflops / median_s / conv_peak.gflops_per_s (the larger of two measurements of "
             "the device's own channels-last 1x3x3 conv, before and after the timings)",
             "peak_memory_bytes: CUDA max_memory_allocated over one call minus what was allocated before it; "
@@ -580,7 +594,8 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.4), squeeze=False)
     colors = {"reference": "tab:gray", "reference_channels_last": "silver", "reference_compiled": "tab:orange",
               "reference_channels_last_compiled": "gold", "reference_compiled_freezing": "tab:red",
-              "fast": "tab:blue", "fast_compiled": "tab:green", "fast_compiled_freezing": "tab:olive"}  # fmt: skip
+              "fast": "tab:blue", "fast_no_arena": "lightsteelblue", "fast_compiled": "tab:green",
+              "fast_compiled_freezing": "tab:olive"}  # fmt: skip
     peak = payload.get("conv_peak", {}).get("gflops_per_s")
     for ax, pass_ in zip(axes[0], passes, strict=True):
         rows = payload["results"][pass_]

@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: inference, training, latency (inference at batch 1)")
     bench.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(
         ("reference", "reference_channels_last", "reference_compiled", "reference_channels_last_compiled",
-         "reference_compiled_freezing", "fast", "fast_compiled", "fast_compiled_freezing")) + " (default: all)")
+         "reference_compiled_freezing", "fast", "fast_no_arena", "fast_compiled", "fast_compiled_freezing"))
+        + " (default: all; fast_no_arena: the fast model without its activation arena, inference only)")
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
     bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")

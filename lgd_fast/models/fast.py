@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import plan as planning
+from ..arena import use_arena
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops._common import layout, memory_format
 from ..ops.conv_bn import batch_norm_affine, conv_bn, fusable_reason, norm_reason
@@ -135,6 +136,10 @@ class _FastNet:
     """What the fast LGD-3D and LGD-2D share: the plan, the stem decision, the blocks loop and the heads (each
     subclass runs its own stem and says what its local map looks like on the way out)."""
 
+    # Eager CPU inference runs in the activation arena (lgd_fast.arena): set False on a model to allocate as
+    # PyTorch does.
+    activation_arena: bool = True
+
     @property
     def execution_plan(self) -> planning.ExecutionPlan:
         """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
@@ -144,6 +149,10 @@ class _FastNet:
         """x: (N, 3, T, H, W) -> (the last block's output as videos, g_L, its per-video mean): the mean comes out
         of the last block's epilogue where that block ends fused."""
         self.check_input(x)
+        with use_arena(self, x):  # eager CPU inference: activations in reused memory (lgd_fast.arena)
+            return self._stem_and_blocks_in_scope(x)
+
+    def _stem_and_blocks_in_scope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
                                frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
         x = self._run_stem(stem, x)
@@ -173,8 +182,9 @@ class _FastNet:
         return local_map, g
 
     def forward(self, x: torch.Tensor):
-        local_map, g, local_mean = self.forward_features_and_mean(x)
-        return self.forward_head(local_map, g, local_mean=local_mean)
+        with use_arena(self, x):
+            local_map, g, local_mean = self.forward_features_and_mean(x)
+            return self.forward_head(local_map, g, local_mean=local_mean)
 
 
 class FastLGD3D(_FastNet, LGD3D):

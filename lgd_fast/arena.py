@@ -1,0 +1,134 @@
+"""The activation arena: large CPU tensors made inside it reuse memory freed earlier instead of fresh pages.
+
+glibc serves a large tensor by ``mmap`` (or from heap memory it has trimmed back to the system), so each fresh
+page of a new activation faults, and arrives cold in the caches. An eager model allocates every activation anew
+on each call; a frozen inductor graph too. Inside :func:`activation_arena` (a context manager, reentrant,
+per thread) every CPU tensor of at least ``min_bytes`` (64 KiB by default) takes a block that an earlier tensor
+freed (the smallest that holds it, at most twice its size), else a new one; freeing it, anywhere and later,
+returns the block to the pool. So from the second call with the same shapes a model's forward allocates no new
+memory. Outside a scope nothing changes: every allocation is the previous CPU allocator's own.
+
+The fast LGD models run their eager CPU inference inside it (``model.activation_arena = False`` turns that
+off for one model, ``LGD_FAST_ARENA=0`` for all), and :func:`lgd_fast.convert`-ed containers do per call; wrap
+any other inference loop in it yourself::
+
+    with torch.inference_mode(), lgd_fast.activation_arena():
+        logits = model(clips)
+
+Memory: the pool keeps the blocks of the largest call it served (R50 at batch 4, 16x112x112: about 80 MiB,
+against 69 MiB that glibc's heap touched for the same call), until no scope has taken a block for
+``idle_scopes`` (256) outermost scopes, or :func:`release_arena`. :func:`arena_stats` says what it holds.
+
+The arena becomes the CPU allocator on first use (``c10::SetCPUAllocator``, wrapping the one it replaces). If
+another library installed an allocator of higher priority, :func:`activation_arena` raises, and a fast model
+warns once and runs without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import torch
+
+__all__ = ["ArenaStats", "activation_arena", "arena_stats", "configure_arena", "release_arena", "use_arena"]
+
+log = logging.getLogger(__name__)
+
+ENV = "LGD_FAST_ARENA"
+
+
+class ArenaUnavailableError(RuntimeError):
+    """The arena could not become the CPU allocator (another allocator took precedence)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaStats:
+    """What the pool holds: ``owned_bytes`` in ``blocks`` (in use or free), ``cached_bytes`` free in
+    ``free_blocks``; ``hits`` (requests served from a freed block), ``misses`` (new blocks), ``scopes`` (outermost
+    scopes closed); the settings ``min_bytes`` and ``idle_scopes``; ``installed``: it is the CPU allocator."""
+
+    installed: bool
+    owned_bytes: int
+    cached_bytes: int
+    blocks: int
+    free_blocks: int
+    hits: int
+    misses: int
+    scopes: int
+    min_bytes: int
+    idle_scopes: int
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return dataclasses.asdict(self)
+
+
+def _ext():
+    from . import _C
+
+    return _C
+
+
+def _install() -> bool:
+    """Makes the arena the CPU allocator (the first time); whether it is now (another library may replace it)."""
+    return bool(_ext()._arena_install())
+
+
+@contextlib.contextmanager
+def activation_arena():
+    """Large CPU tensors made on this thread inside the block reuse the arena's freed memory (module docstring).
+    Raises :class:`ArenaUnavailableError` if the arena cannot be the CPU allocator."""
+    if not _install():
+        raise ArenaUnavailableError(
+            "the activation arena is not torch's CPU allocator: another allocator of higher priority was "
+            "installed; run without the arena (LGD_FAST_ARENA=0 for the fast models)"
+        )
+    ext = _ext()
+    ext._arena_enter()
+    try:
+        yield
+    finally:
+        ext._arena_exit()
+
+
+def arena_stats() -> ArenaStats:
+    """The pool's counters now (:class:`ArenaStats`)."""
+    stats = _ext()._arena_stats()
+    stats.pop("depth", None)
+    return ArenaStats(**{k: bool(v) if k == "installed" else int(v) for k, v in stats.items()})
+
+
+def release_arena() -> int:
+    """Frees every free block of the pool (tensors still alive keep theirs); returns the bytes freed."""
+    return int(_ext()._arena_release())
+
+
+def configure_arena(*, min_bytes: int | None = None, idle_scopes: int | None = None) -> None:
+    """Sets the smallest request the arena serves (bytes; smaller ones stay in the heap) and after how many idle
+    outermost scopes an untaken block is freed."""
+    now = arena_stats()
+    _ext()._arena_configure(now.min_bytes if min_bytes is None else int(min_bytes),
+                            now.idle_scopes if idle_scopes is None else int(idle_scopes))  # fmt: skip
+
+
+_WARNED = False
+
+
+def use_arena(module: torch.nn.Module, x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The scope a fast module's forward runs in: :func:`activation_arena` at eager CPU inference (no autograd, not
+    traced by torch.compile) where the module allows it (``module.activation_arena``, default True) and
+    ``LGD_FAST_ARENA`` is not 0; otherwise a no-op. If the arena cannot be installed, warns once and runs
+    without it."""
+    global _WARNED
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+            or not getattr(module, "activation_arena", True) or os.environ.get(ENV, "1") == "0"):  # fmt: skip
+        return contextlib.nullcontext()
+    if not _install():
+        if not _WARNED:
+            log.warning("lgd_fast: the activation arena is not torch's CPU allocator (another allocator of "
+                        "higher priority was installed); fast models run without it")  # fmt: skip
+            _WARNED = True
+        return contextlib.nullcontext()
+    return activation_arena()
