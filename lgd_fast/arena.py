@@ -9,15 +9,16 @@ returns the block to the pool. So from the second call with the same shapes a mo
 memory. Outside a scope nothing changes: every allocation is the previous CPU allocator's own.
 
 The fast LGD models run their eager CPU inference inside it (``model.activation_arena = False`` turns that
-off for one model, ``LGD_FAST_ARENA=0`` for all), and :func:`lgd_fast.convert`-ed containers do per call; wrap
-any other inference loop in it yourself::
+off for one model, ``LGD_FAST_ARENA=0`` for all); :func:`lgd_fast.convert`-ed models do not yet: wrap them,
+and any other inference loop, in it yourself::
 
     with torch.inference_mode(), lgd_fast.activation_arena():
         logits = model(clips)
 
 Memory: the pool keeps the blocks of the largest call it served (R50 at batch 4, 16x112x112: about 80 MiB,
-against 69 MiB that glibc's heap touched for the same call), until no scope has taken a block for
-``idle_scopes`` (256) outermost scopes, or :func:`release_arena`. :func:`arena_stats` says what it holds.
+against 69 MiB that glibc's heap grew by for the same call; a /tmp measurement), until no scope has taken a
+block for ``idle_scopes`` (256) outermost scopes, or :func:`release_arena`. :func:`arena_stats` says what it
+holds.
 
 The arena becomes the CPU allocator on first use (``c10::SetCPUAllocator``, wrapping the one it replaces). If
 another library installed an allocator of higher priority, :func:`activation_arena` raises, and a fast model
