@@ -67,10 +67,13 @@ def test_channels_last_and_freezing_candidates(monkeypatch):
         assert module.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d) == cl, name
     assert compiled == [("LGD3D", False), ("LGD3D", False), ("LGD3D", True), ("FastLGD3D", False),
                         ("FastLGD3D", True)]  # fmt: skip
+    assert [name for name, (module, _, _) in models.items() if not getattr(module, "activation_arena", True)] == [
+        "fast_no_arena"]  # fmt: skip
     payload = bench.run_bench("lgd3d_tiny", batch=1, frames=4, size=32, num_classes=5, repeats=1, progress=False,
                               passes=("inference", "training"))  # fmt: skip
     assert set(payload["results"]["inference"]) == set(bench.CANDIDATES)
-    assert set(payload["results"]["training"]) == set(bench.CANDIDATES) - bench.FREEZING
+    assert set(payload["results"]["training"]) == set(bench.CANDIDATES) - bench.INFERENCE_ONLY
+    assert payload["activation_arena"]["installed"] and payload["activation_arena"]["hits"] > 0
 
 
 def test_each_compiled_candidate_compiles_its_own_graph():
@@ -136,7 +139,8 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert main(argv) == 0
     payload = json.loads(out.read_text())
     assert set(payload["results"]) == {"inference"}
-    assert set(payload["results"]["inference"]) == {"reference", "reference_channels_last", "fast"}  # no compile
+    no_compile = {"reference", "reference_channels_last", "fast", "fast_no_arena"}
+    assert set(payload["results"]["inference"]) == no_compile
     assert out.with_suffix(".png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "clips/s" in printed and "NOT met" not in printed and "not judged" in printed
