@@ -21,8 +21,9 @@ block for ``idle_scopes`` (256) outermost scopes, or :func:`release_arena`. :fun
 holds.
 
 The arena becomes the CPU allocator on first use (``c10::SetCPUAllocator``, wrapping the one it replaces). If
-another library installed an allocator of higher priority, :func:`activation_arena` raises, and a fast model
-warns once and runs without it.
+another library installed an allocator of higher priority (or ``lgd_fast._C`` did not import),
+:func:`activation_arena` raises :class:`ArenaUnavailableError` with the reason, and a fast model warns once and
+runs without it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import logging
 import os
 
 import torch
+
+from .ops._backend import extension_error, load_extension
 
 __all__ = ["ArenaStats", "activation_arena", "arena_stats", "configure_arena", "release_arena", "use_arena"]
 
@@ -67,25 +70,33 @@ class ArenaStats:
 
 
 def _ext():
-    from . import _C
+    """``lgd_fast._C``, which holds the arena; raises :class:`ArenaUnavailableError` with the reason where it did
+    not import."""
+    ext = load_extension()
+    if ext is None:
+        raise ArenaUnavailableError(
+            f"the activation arena is in lgd_fast._C, which did not import ({extension_error()})"
+        )
+    return ext
 
-    return _C
 
-
-def _install() -> bool:
-    """Makes the arena the CPU allocator (the first time); whether it is now (another library may replace it)."""
-    return bool(_ext()._arena_install())
+def _install() -> str | None:
+    """Makes the arena the CPU allocator (the first time); None if it is now, else why not (another library may
+    have replaced it, or the extension did not import)."""
+    if load_extension() is None:
+        return f"lgd_fast._C, which holds it, did not import ({extension_error()})"
+    if not _ext()._arena_install():
+        return "it is not torch's CPU allocator: another allocator of higher priority was installed"
+    return None
 
 
 @contextlib.contextmanager
 def activation_arena():
     """Large CPU tensors made on this thread inside the block reuse the arena's freed memory (module docstring).
     Raises :class:`ArenaUnavailableError` if the arena cannot be the CPU allocator."""
-    if not _install():
-        raise ArenaUnavailableError(
-            "the activation arena is not torch's CPU allocator: another allocator of higher priority was "
-            "installed; run without the arena (LGD_FAST_ARENA=0 for the fast models)"
-        )
+    if (reason := _install()) is not None:
+        raise ArenaUnavailableError(f"the activation arena cannot run: {reason}; run without it (LGD_FAST_ARENA=0 "
+                                    "for the fast models)")  # fmt: skip
     ext = _ext()
     ext._arena_enter()
     try:
@@ -102,8 +113,10 @@ def arena_stats() -> ArenaStats:
 
 
 def release_arena() -> int:
-    """Frees every free block of the pool (tensors still alive keep theirs); returns the bytes freed."""
-    return int(_ext()._arena_release())
+    """Frees every free block of the pool (tensors still alive keep theirs); returns the bytes freed (0 where the
+    extension did not import: there is no pool)."""
+    ext = load_extension()
+    return 0 if ext is None else int(ext._arena_release())
 
 
 def configure_arena(*, min_bytes: int | None = None, idle_scopes: int | None = None) -> None:
@@ -126,10 +139,9 @@ def use_arena(module: torch.nn.Module, x: torch.Tensor) -> contextlib.AbstractCo
     if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
             or not getattr(module, "activation_arena", True) or os.environ.get(ENV, "1") == "0"):  # fmt: skip
         return contextlib.nullcontext()
-    if not _install():
+    if (reason := _install()) is not None:
         if not _WARNED:
-            log.warning("lgd_fast: the activation arena is not torch's CPU allocator (another allocator of "
-                        "higher priority was installed); fast models run without it")  # fmt: skip
+            log.warning("lgd_fast: the activation arena cannot run (%s); fast models run without it", reason)
             _WARNED = True
         return contextlib.nullcontext()
     return activation_arena()

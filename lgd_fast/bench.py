@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .arena import arena_stats, release_arena
+from .ops._backend import extension_available
 
 __all__ = [
     "CANDIDATES",
@@ -435,7 +436,7 @@ def run_bench(
         "conv_peak": {"gflops_per_s": peak, "measurements": peaks},
         "model_gflops": {p: f / 1e9 for p, f in flops.items()},
         "accuracy": accuracy,
-        "activation_arena": arena_stats().as_dict() if dev.type == "cpu" else None,  # after the timings
+        "activation_arena": arena_stats().as_dict() if dev.type == "cpu" and extension_available() else None,
         "results": results,
         "target_check": check_targets(results, model, shapes["inference"], dtype, dev.type, channels_last, accuracy),
         "notes": [

@@ -129,9 +129,9 @@ def test_use_arena_only_at_eager_cpu_inference(monkeypatch):
 def test_unavailable_arena_raises_and_fast_models_warn_once(monkeypatch, caplog):
     import lgd_fast.arena as arena
 
-    monkeypatch.setattr(arena, "_install", lambda: False)
+    monkeypatch.setattr(arena, "_install", lambda: "it is not torch's CPU allocator")
     monkeypatch.setattr(arena, "_WARNED", False)
-    with pytest.raises(ArenaUnavailableError, match="not torch's CPU allocator"):
+    with pytest.raises(ArenaUnavailableError, match="cannot run: it is not torch's CPU allocator"):
         with activation_arena():
             pass
     with torch.no_grad(), caplog.at_level("WARNING", logger="lgd_fast.arena"):
@@ -139,6 +139,19 @@ def test_unavailable_arena_raises_and_fast_models_warn_once(monkeypatch, caplog)
             with use_arena(torch.nn.Identity(), torch.ones(1)):
                 pass
     assert sum("activation arena" in r.message for r in caplog.records) == 1
+
+
+def test_without_the_extension_the_arena_says_why(monkeypatch):
+    import lgd_fast.arena as arena
+
+    monkeypatch.setattr(arena, "load_extension", lambda: None)
+    monkeypatch.setattr(arena, "extension_error", lambda: "ImportError: not built")
+    with pytest.raises(ArenaUnavailableError, match=r"lgd_fast\._C.*did not import \(ImportError: not built\)"):
+        with activation_arena():
+            pass
+    with pytest.raises(ArenaUnavailableError, match="not built"):
+        arena_stats()
+    assert release_arena() == 0
 
 
 @pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd2d_r18"])
