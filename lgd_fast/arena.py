@@ -108,7 +108,6 @@ def activation_arena():
 def arena_stats() -> ArenaStats:
     """The pool's counters now (:class:`ArenaStats`)."""
     stats = _ext()._arena_stats()
-    stats.pop("depth", None)
     return ArenaStats(**{k: bool(v) if k == "installed" else int(v) for k, v in stats.items()})
 
 

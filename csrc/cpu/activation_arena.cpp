@@ -43,30 +43,27 @@ class ActivationArena final : public c10::Allocator {
     if (scope_depth == 0 || nbytes < min_bytes_) {
       return base_->allocate(nbytes);
     }
-    void* data = nullptr;
-    size_t bytes = nbytes;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.lower_bound(nbytes);
       if (it != free_.end() && it->first <= 2 * nbytes) {
-        data = it->second;
-        bytes = it->first;
+        void* data = it->second;
+        const size_t bytes = it->first;
         free_.erase(it);
         cached_bytes_ -= bytes;
         ++hits_;
+        owned_.at(data).last_used = generation_;
+        report(data, static_cast<int64_t>(bytes));
+        return {data, data, &ActivationArena::delete_block, c10::Device(c10::DeviceType::CPU)};
       }
     }
-    if (data == nullptr) {
-      data = c10::alloc_cpu(nbytes);  // throws on failure, as the default allocator does
+    void* data = c10::alloc_cpu(nbytes);  // outside the lock; throws on failure, as the default allocator does
+    {
       std::lock_guard<std::mutex> lock(mutex_);
       owned_[data] = Block{nbytes, generation_};
       owned_bytes_ += nbytes;
       ++misses_;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      owned_.at(data).last_used = generation_;
-      report(data, static_cast<int64_t>(bytes));
+      report(data, static_cast<int64_t>(nbytes));
     }
     return {data, data, &ActivationArena::delete_block, c10::Device(c10::DeviceType::CPU)};
   }
@@ -131,7 +128,6 @@ class ActivationArena final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     return {
         {"installed", static_cast<int64_t>(base_ != nullptr && c10::GetCPUAllocator() == this)},
-        {"depth", scope_depth},
         {"owned_bytes", static_cast<int64_t>(owned_bytes_)},
         {"cached_bytes", static_cast<int64_t>(cached_bytes_)},
         {"blocks", static_cast<int64_t>(owned_.size())},
@@ -149,6 +145,7 @@ class ActivationArena final : public c10::Allocator {
  private:
   static void delete_block(void* data);
   static void delete_any(void* data);
+  void give_back(void* data);  // a block in use back to the free list; the caller holds the lock
 
   // Frees the free blocks not taken in the last `idle` generations (every free block for 0); the bytes freed.
   size_t trim(uint64_t idle) {
@@ -197,25 +194,29 @@ ActivationArena& arena() {
   return *instance;
 }
 
+void ActivationArena::give_back(void* data) {
+  const Block& block = owned_.at(data);
+  free_.emplace(block.bytes, data);
+  cached_bytes_ += block.bytes;
+  report(data, -static_cast<int64_t>(block.bytes));
+}
+
 void ActivationArena::delete_block(void* data) {
   ActivationArena& self = arena();
   std::lock_guard<std::mutex> lock(self.mutex_);
-  const Block& block = self.owned_.at(data);
-  self.free_.emplace(block.bytes, data);
-  self.cached_bytes_ += block.bytes;
-  self.report(data, -static_cast<int64_t>(block.bytes));
+  self.give_back(data);
 }
 
 void ActivationArena::delete_any(void* data) {
   ActivationArena& self = arena();
-  bool pooled;
   {
     std::lock_guard<std::mutex> lock(self.mutex_);
-    pooled = self.owned_.count(data) > 0;
+    if (self.owned_.count(data) > 0) {
+      self.give_back(data);
+      return;
+    }
   }
-  if (pooled) {
-    delete_block(data);
-  } else if (data != nullptr) {
+  if (data != nullptr) {
     self.base_raw_deleter_(data);
   }
 }
