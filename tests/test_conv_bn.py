@@ -400,6 +400,18 @@ def test_packed_weights_follow_the_weights_and_the_input_shape(gen):
         assert conv_bn_module._PACKED[conv][1] == wider.shape
 
 
+def test_a_conv_without_norm_or_bias_sees_its_weight_change_in_place(gen):
+    """With nothing to fold, the folded weight is the parameter itself: an in-place update must still repack it (it
+    did not: the packed copy was keyed by the tensor alone, and later calls ran the old weight)."""
+    case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, False, False, False, True)
+    conv, _ = _modules(case, gen)
+    x = torch.randn(2, 5, 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        for change in (lambda: None, lambda: conv.weight.mul_(1.5), lambda: conv.weight.add_(0.1)):
+            change()
+            assert rel(conv_bn(x, conv, relu=True), torch.relu(conv(x))) < 1e-6
+
+
 def test_eval_inference_folds_the_bias_into_one_onednn_call(gen, monkeypatch):
     """Eager CPU inference: one oneDNN call per conv, BN and the conv's bias folded in (cached until changed)."""
     case = ((1, 3, 3), 1, (2, 5, 3, 7, 7), 6, True, True, False, True)

@@ -448,7 +448,7 @@ def _direct_onednn(backend: str, x: torch.Tensor, residual: torch.Tensor | None)
 
 
 def _fold_key(*tensors: torch.Tensor) -> tuple:
-    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+    return tuple((id(t), _version_of(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
 
 
 # conv module -> (key, weight, bias): the conv's weight with its eval BatchNorm folded in, in one dtype.
@@ -486,19 +486,22 @@ def _fold_into(weight, scale, bias, biases, dtype, shift: bool):
     return weight.to(dtype), bias.to(dtype) if keep_bias else None
 
 
-# conv module -> (folded weight, input shape, packed weight): the folded weight reordered once into the blocked
-# layout oneDNN's primitive for that input shape reads (what inductor's freezing does with torch.compile), so no
-# call reorders it again.
+# conv module -> (folded weight, input shape, packed weight, the folded weight's version): the folded weight
+# reordered once into the blocked layout oneDNN's primitive for that input shape reads (what inductor's freezing
+# does with torch.compile), so no call reorders it again.
 _PACKED: weakref.WeakKeyDictionary[nn.Conv3d, tuple] = weakref.WeakKeyDictionary()
 
 
 def _packed(conv, weight, x, padding, strides, dilation) -> torch.Tensor:
+    # The weight's version is in the key too: with no norm to fold and no cast, the "folded" weight is the conv's
+    # own parameter, which an in-place update changes without making a new tensor.
+    version = _version_of(weight)
     cached = _PACKED.get(conv)
-    if cached is None or cached[0] is not weight or cached[1] != x.shape:
+    if cached is None or cached[0] is not weight or cached[1] != x.shape or cached[3] != version:
         packed = torch.ops.mkldnn._reorder_convolution_weight(
             weight, padding, strides, dilation, conv.groups, list(x.shape)
         )
-        cached = _PACKED[conv] = (weight, x.shape, packed)
+        cached = _PACKED[conv] = (weight, x.shape, packed, version)
     return cached[2]
 
 
