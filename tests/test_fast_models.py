@@ -388,3 +388,30 @@ def test_fast_covers_lgd_networks_only():
     with pytest.raises(TypeError, match="folds BatchNorm only"):
         to_fast(grouped)
     assert issubclass(FastPathUnavailableError, RuntimeError)  # still exported, for models registered later
+
+
+@pytest.mark.parametrize("run", ["eager", "recorded", "compiled"])
+def test_eval_after_training_uses_the_new_running_statistics(run, gen):
+    """Eval folds BatchNorm into the convs and caches the fold; a training forward through the modules (the default
+    plan's choice for small frames) updates the running statistics in place without a new version (only
+    num_batches_tracked gets one). The fold must follow: the next eval equals the reference with those statistics
+    (it did not: the stale fold was 2e-2 off the reference's logits)."""
+    fast = create_model("lgd3d_tiny", num_classes=5, fast=True)
+    fast.recorded_inference = run == "recorded"
+    if run == "compiled":
+        torch._dynamo.reset()  # a fresh dynamo cache, as in test_compiled_fast_model_matches
+    runner = torch.compile(fast, dynamic=False) if run == "compiled" else fast
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)
+    fast.eval()
+    with torch.no_grad():
+        for _ in range(3):  # folded (and recorded)
+            runner(x)
+    fast.train()
+    for _ in range(2):
+        fast(3 * torch.randn(2, 3, 4, 32, 32, generator=gen) + 1).sum().backward()
+    fast.eval()
+    reference = create_model("lgd3d_tiny", num_classes=5).eval()
+    reference.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        got, want = runner(x), reference(x)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()

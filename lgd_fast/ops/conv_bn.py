@@ -459,7 +459,10 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
     """(weight * scale, shift + scale * biases, or None) of ``norm`` (eval; None: the identity) folded into
     ``conv``, in ``dtype``; ``extra_bias``: other convs' biases summed into this one's output (variant B)."""
     biases = [b for b in (conv.bias, *extra_bias) if b is not None] if shift else []
-    stats = () if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var)
+    # num_batches_tracked: nn.BatchNorm's training forward updates the running statistics in place without a new
+    # version; only its counter's add_ makes one (folds were stale after training through the modules)
+    stats = () if norm is None else (norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                                     getattr(norm, "num_batches_tracked", None))  # fmt: skip
     eps = None if norm is None else norm.eps
     key = (_fold_key(conv.weight, *biases, *(t for t in stats if t is not None)), dtype, shift, len(extra_bias), eps)
     cached = _FOLDED.get(conv)
@@ -550,6 +553,7 @@ def conv_bn_folded(
     groups: int,
     relu: bool,
     shift: bool,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``ReLU?(conv(x) * scale + shift + residual)``, the eval BatchNorm (running statistics; None: none) folded
     into the conv's ``weight`` (its parameter as it is: (C_out, C_in / groups, kt, kh, kw), or a Conv2d's (C_out,
@@ -557,13 +561,15 @@ def conv_bn_folded(
     one oneDNN primitive: what :func:`conv_bn` runs eagerly at CPU inference, as the op torch.compile traces there
     (no autograd). The folded weight (and, for channels_last_3d x, its packing into oneDNN's blocked layout for x's
     shape) is made on the first call and kept until one of the tensors given changes (their version counters are in
-    the key; inference tensors have none), so compiled calls do not fold. The cache is keyed by ``weight``: pass the
+    the key; inference tensors have none; pass the norm's ``num_batches_tracked``, whose version is the one that
+    changes when ``nn.BatchNorm``'s training forward updates the running statistics), so compiled calls do not fold. The cache is keyed by ``weight``: pass the
     module's parameter, not a view made per call. x and residual in the dtype the conv computes in (float32, or
     bfloat16 where this CPU's oneDNN runs it)."""
     if x.device.type != "cpu" or not onednn_takes(x.dtype):
         raise ValueError(f"lgd_fast::conv_bn_folded runs oneDNN on the CPU in float32 or bfloat16 it takes, got "
                          f"{x.dtype} on {x.device}")  # fmt: skip
-    tensors = (weight, *biases, *(t for t in (norm_weight, norm_bias, running_mean, running_var) if t is not None))
+    norm = (norm_weight, norm_bias, running_mean, running_var, num_batches_tracked)
+    tensors = (weight, *biases, *(t for t in norm if t is not None))
     key = (tuple((_version_of(t), t.data_ptr()) for t in tensors), x.dtype, eps, shift, len(biases))
     cached = _TRACED_FOLDS.get(weight)
     if cached is None or cached[0] != key:
@@ -602,7 +608,7 @@ def _strictly_channels_last(x: torch.Tensor) -> bool:
 
 @conv_bn_folded.register_fake
 def _(x, weight, biases, norm_weight, norm_bias, running_mean, running_var, eps, residual, stride, padding,
-      dilation, groups, relu, shift):  # fmt: skip
+      dilation, groups, relu, shift, num_batches_tracked=None):  # fmt: skip
     weight = _as_3d(weight)
     if _strictly_channels_last(x):  # the packed weight's primitive writes channels_last_3d
         shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
@@ -619,6 +625,7 @@ def _traced_onednn(conv, norm, x, residual, relu, extra_bias=(), *, shift=True) 
     return torch.ops.lgd_fast.conv_bn_folded(
         x, conv.weight, biases, *stats, 0.0 if norm is None else norm.eps, residual, list(_strides(conv)),
         _padding(conv), list(_dilation(conv)), conv.groups, relu, shift,
+        None if norm is None else getattr(norm, "num_batches_tracked", None),
     )  # fmt: skip
 
 
