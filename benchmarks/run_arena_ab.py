@@ -1,8 +1,11 @@
-"""The activation arena's gain in the fast model, measured as a model runs: the fast LGD-3D eager at CPU inference
-with and without its arena (``model.activation_arena``), the same model and input, calls alternating (order
-flipped every round), medians; outputs checked equal. Writes JSON with the arena's counters.
+"""One switch of the fast model, measured as a model runs: the fast LGD-3D eager at CPU inference with the switch on
+and off, the same model and inputs, calls alternating (order flipped every round), medians; outputs checked equal.
+The switches: ``activation_arena`` (lgd_fast.arena) and ``recorded_inference`` (lgd_fast.recorded: the forward as
+its recorded program of op calls). Writes JSON with the arena's counters.
 
     PYTHONPATH=. python benchmarks/run_arena_ab.py --batch 4 --rounds 10 --out benchmarks/results/arena_ab_cpu.json
+    PYTHONPATH=. python benchmarks/run_arena_ab.py --switch recorded_inference --batch 1 --rounds 20 \\
+        --out benchmarks/results/recorded_ab_b1_cpu.json
 """
 
 import argparse
@@ -20,34 +23,39 @@ from lgd_fast.models import create_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lgd3d_r50")
+    parser.add_argument("--switch", default="activation_arena", choices=("activation_arena", "recorded_inference"))
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=112, help="H = W of the 16-frame clips")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
     fast = create_model(args.model, num_classes=400, fast=True).eval()
-    clips = [torch.randn(args.batch, 3, 16, 112, 112) for _ in range(2)]  # rotated, never zeros
+    clips = [torch.randn(args.batch, 3, 16, args.size, args.size) for _ in range(2)]  # rotated, never zeros
     times = {True: [], False: []}
     with torch.inference_mode():
+        setattr(fast, args.switch, False)
         expected = [fast(c) for c in clips]  # the plan decides and the weights fold on the first calls
-        for arena in (True, False):
-            fast.activation_arena = arena
+        for on in (True, False, True, True):  # with recording on: eager, recorded, then the program
+            setattr(fast, args.switch, on)
             fast(clips[0])
         for i in range(args.rounds):
-            for arena in (True, False) if i % 2 else (False, True):
-                fast.activation_arena = arena
+            for on in (True, False) if i % 2 else (False, True):
+                setattr(fast, args.switch, on)
                 start = time.perf_counter()
                 out = fast(clips[i % 2])
-                times[arena].append(time.perf_counter() - start)
+                times[on].append(time.perf_counter() - start)
                 assert all(torch.equal(a, b) for a, b in zip(out, expected[i % 2], strict=True))
+    median = {"on": statistics.median(times[True]) * 1e3, "off": statistics.median(times[False]) * 1e3}
     result = {
-        "benchmark": "run_arena_ab", "model": args.model, "input": list(clips[0].shape), "rounds": args.rounds,
-        "median_ms": {"arena": statistics.median(times[True]) * 1e3, "no_arena": statistics.median(times[False]) * 1e3},
-        "samples_ms": {"arena": [t * 1e3 for t in times[True]], "no_arena": [t * 1e3 for t in times[False]]},
+        "benchmark": "run_arena_ab", "switch": args.switch, "model": args.model, "input": list(clips[0].shape),
+        "rounds": args.rounds, "median_ms": median,
+        "samples_ms": {"on": [t * 1e3 for t in times[True]], "off": [t * 1e3 for t in times[False]]},
+        "speedup": median["off"] / median["on"], "recorded_programs": {
+            str(k): repr(v) for k, v in lgd_fast.recorded_programs(fast).items()},
         "arena": lgd_fast.arena_stats().as_dict(), "machine": machine_info(torch.device("cpu")), "commit": git_commit(),
     }  # fmt: skip
-    result["speedup"] = result["median_ms"]["no_arena"] / result["median_ms"]["arena"]
-    print(json.dumps({k: result[k] for k in ("input", "median_ms", "speedup")}))
+    print(json.dumps({k: result[k] for k in ("switch", "input", "median_ms", "speedup")}))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

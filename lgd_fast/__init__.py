@@ -4,6 +4,7 @@ from . import ops  # registers the compiled ops' fake kernels and autograd with 
 from .arena import activation_arena, arena_stats, release_arena
 from .convert import ConversionReport, convert
 from .models import FastPathUnavailableError, create_model, list_models
+from .recorded import recorded_programs
 from .weights import LoadReport, inflate_imagenet, load_author_checkpoint
 
 __version__ = "0.1.0"
@@ -21,5 +22,6 @@ __all__ = [
     "list_models",
     "load_author_checkpoint",
     "ops",
+    "recorded_programs",
     "release_arena",
 ]

@@ -3,8 +3,9 @@
 For one model and input shape, candidates with the same weights (:data:`CANDIDATES`): the reference in eager
 mode, contiguous and channels_last_3d; ``torch.compile`` of each; ``torch.compile`` with inductor's freezing of
 the channels-last reference (inference: what a CPU user deploying a model picks); the fast model, eager,
-compiled and compiled with freezing, and eager without its activation arena (``fast_no_arena``, inference:
-what the arena gains). Three passes: inference (eval, ``torch.inference_mode``), a training
+compiled and compiled with freezing, eager without its activation arena (``fast_no_arena``, inference: what the
+arena gains) and eager with every call through its layers' Python (``fast_not_recorded``, inference: what its
+recorded program gains, :mod:`lgd_fast.recorded`). Three passes: inference (eval, ``torch.inference_mode``), a training
 step (forward, loss, backward, SGD step; freezing is for inference only) and latency (inference at batch 1).
 Calls of the candidates alternate (each round calls every candidate once, in a rotating order), so that all
 of them see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, the share
@@ -61,13 +62,16 @@ CANDIDATES = (
     "reference_compiled_freezing",
     "fast",
     "fast_no_arena",
+    "fast_not_recorded",
     "fast_compiled",
     "fast_compiled_freezing",
 )
 FREEZING = frozenset(c for c in CANDIDATES if c.endswith("_freezing"))  # inference only
 # The fast model eager without its activation arena (lgd_fast.arena), which only inference uses: what the arena
 # gains, measured in the same run.
-INFERENCE_ONLY = FREEZING | {"fast_no_arena"}
+# The fast model eager with every call through its layers' Python (no recorded program: lgd_fast.recorded), which
+# only inference records: what recording gains, measured in the same run.
+INFERENCE_ONLY = FREEZING | {"fast_no_arena", "fast_not_recorded"}
 PASSES = ("inference", "training", "latency")  # latency: inference at batch 1
 # The end-to-end targets (PERF.md; LGD-3D R50, 16x112x112, batch 4, CPU), per dtype: the fast model against the
 # named candidate (speedups, peak memory) and its share of the measured conv peak.
@@ -183,6 +187,8 @@ def _models(name: str, num_classes: int, device: torch.device, candidates: Seque
         model.load_state_dict(reference.state_dict())
         if candidate == "fast_no_arena":
             model.activation_arena = False
+        if candidate == "fast_not_recorded":
+            model.recorded_inference = False
         layout = torch.contiguous_format
         if "channels_last" in candidate or candidate == "reference_compiled_freezing":
             model.to(memory_format=torch.channels_last_3d)  # the deployed reference: channels-last end to end
@@ -325,7 +331,7 @@ def run_bench(
     passes: Sequence[str] = PASSES,
     candidates: Sequence[str] = CANDIDATES,
     repeats: int = 5,
-    warmup: int = 1,
+    warmup: int = 2,
     compile_mode: str | None = None,
     channels_last: bool = False,
     progress: bool = True,
@@ -448,7 +454,9 @@ def run_bench(
             "inference: eval, torch.inference_mode; latency: the same at batch 1; training: forward, cross-entropy "
             "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
-            "fast: eager CPU inference in the activation arena (lgd_fast.arena); fast_no_arena: without it; "
+            "fast: eager CPU inference in the activation arena (lgd_fast.arena), as its recorded program "
+            "(lgd_fast.recorded: recorded on its second call, a warm-up call); fast_not_recorded: every call "
+            "through its layers' Python; fast_no_arena: without the arena; "
             "activation_arena: the pool's counters after the timings; peak memory: the arena's free blocks "
             "released before each measured call, so it counts the blocks the call takes",
             "conv_peak_share: model_gflops / median_s / conv_peak.gflops_per_s (the larger of two measurements of "
@@ -595,8 +603,8 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(1, len(passes), figsize=(6.5 * len(passes), 4.4), squeeze=False)
     colors = {"reference": "tab:gray", "reference_channels_last": "silver", "reference_compiled": "tab:orange",
               "reference_channels_last_compiled": "gold", "reference_compiled_freezing": "tab:red",
-              "fast": "tab:blue", "fast_no_arena": "lightsteelblue", "fast_compiled": "tab:green",
-              "fast_compiled_freezing": "tab:olive"}  # fmt: skip
+              "fast": "tab:blue", "fast_no_arena": "lightsteelblue", "fast_not_recorded": "tab:cyan",
+              "fast_compiled": "tab:green", "fast_compiled_freezing": "tab:olive"}  # fmt: skip
     peak = payload.get("conv_peak", {}).get("gflops_per_s")
     for ax, pass_ in zip(axes[0], passes, strict=True):
         rows = payload["results"][pass_]

@@ -29,6 +29,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .bench import CANDIDATES as BENCH_CANDIDATES
 from .models import create_model, list_models, model_entry
 from .models.networks import CLASSIFIERS
 
@@ -238,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--channels-last", action="store_true", help="models and clips in channels_last_3d")
     bench.add_argument("--passes", default="inference,training,latency",
                        help="comma-separated: inference, training, latency (inference at batch 1)")
-    bench.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(
-        ("reference", "reference_channels_last", "reference_compiled", "reference_channels_last_compiled",
-         "reference_compiled_freezing", "fast", "fast_no_arena", "fast_compiled", "fast_compiled_freezing"))
-        + " (default: all; fast_no_arena: the fast model without its activation arena, inference only)")
+    bench.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(BENCH_CANDIDATES)
+                       + " (default: all; fast_no_arena: the fast model without its activation arena, "
+                       "fast_not_recorded: without its recorded program; both inference only)")  # fmt: skip
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed calls first (compilation)")
+    bench.add_argument("--warmup", type=int, default=2,
+                       help="untimed calls first (compilation; the fast model records its inference on its second)")
     bench.add_argument("--no-compile", action="store_true", help="leave out the torch.compile candidates")
     bench.add_argument("--out-dir", default="lgd_bench",
                        help="folder for the results (default: ./lgd_bench): bench_<model>_<dtype>_<device>.json")

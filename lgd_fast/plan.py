@@ -78,6 +78,7 @@ __all__ = [
     "decide",
     "execution_plan",
     "forced",
+    "is_forced",
     "op_backend",
 ]
 
@@ -171,6 +172,11 @@ def forced(*, fused: bool = True, training: bool = True) -> Iterator[None]:
         yield
     finally:
         _FORCED.pop()
+
+
+def is_forced() -> bool:
+    """Whether a :func:`forced` block is open (its choices are not the plan's)."""
+    return bool(_FORCED)
 
 
 # ---- the decision ---------------------------------------------------------------------------------------------
@@ -335,7 +341,10 @@ def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
+                # by value: nn.BatchNorm updates its running statistics without a new version. An unchanged buffer
+                # (eval: all) keeps its version, so a recorded program (lgd_fast.recorded) sees the model unchanged.
+                if not torch.equal(b, s):
+                    b.copy_(s)
 
 
 def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
@@ -446,6 +455,14 @@ class ExecutionPlan:
                 lines.append("    not decided yet: decided on first use for each input shape (ExecutionPlan.resolve)")
             for key, c in plan.choices.items():
                 lines.append(f"    {_describe_key(key)}: {c.label(plan.kind)}, {c.layout}, {c.backend}; {c.why}")
+        from .recorded import recorded_programs  # (it imports this module)
+
+        for (shape, strides, dtype, amp, _), program in recorded_programs(self.model).items():
+            what = "records on its next call" if program is None else program
+            what = f"eager, not recorded: {what}" if isinstance(what, str) and program is not None else what
+            amp = f", autocast {str(amp).removeprefix('torch.')}" if amp is not None else ""
+            lines.append(f"recorded inference, {str(dtype).removeprefix('torch.')} {'x'.join(map(str, shape))} "
+                         f"strides {strides}{amp}: {what}")  # fmt: skip
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -69,6 +69,8 @@ def test_channels_last_and_freezing_candidates(monkeypatch):
                         ("FastLGD3D", True)]  # fmt: skip
     assert [name for name, (module, _, _) in models.items() if not getattr(module, "activation_arena", True)] == [
         "fast_no_arena"]  # fmt: skip
+    assert [name for name, (module, _, _) in models.items() if not getattr(module, "recorded_inference", True)] == [
+        "fast_not_recorded"]  # fmt: skip
     payload = bench.run_bench("lgd3d_tiny", batch=1, frames=4, size=32, num_classes=5, repeats=1, progress=False,
                               passes=("inference", "training"))  # fmt: skip
     assert set(payload["results"]["inference"]) == set(bench.CANDIDATES)
@@ -139,7 +141,7 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert main(argv) == 0
     payload = json.loads(out.read_text())
     assert set(payload["results"]) == {"inference"}
-    no_compile = {"reference", "reference_channels_last", "fast", "fast_no_arena"}
+    no_compile = {"reference", "reference_channels_last", "fast", "fast_no_arena", "fast_not_recorded"}
     assert set(payload["results"]["inference"]) == no_compile
     assert out.with_suffix(".png").stat().st_size > 0
     printed = capsys.readouterr().out

@@ -40,6 +40,7 @@ from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
 from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
 from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
 from ..ops.global_update import block_weights
+from ..recorded import recorded_call
 from .blocks import LGDBlock, broadcast_to_positions
 from .networks import LGD2D, LGD3D
 from .p3d import (
@@ -139,6 +140,9 @@ class _FastNet:
     # Eager CPU inference runs in the activation arena (lgd_fast.arena): set False on a model to allocate as
     # PyTorch does.
     activation_arena: bool = True
+    # Eager CPU inference runs as a recorded program of its op calls once an input key was seen (lgd_fast.recorded):
+    # set False on a model to run every call through its layers' Python.
+    recorded_inference: bool = True
 
     @property
     def execution_plan(self) -> planning.ExecutionPlan:
@@ -183,8 +187,11 @@ class _FastNet:
 
     def forward(self, x: torch.Tensor):
         with use_arena(self, x):
-            local_map, g, local_mean = self.forward_features_and_mean(x)
-            return self.forward_head(local_map, g, local_mean=local_mean)
+            return recorded_call(self, x, self._forward_layers)
+
+    def _forward_layers(self, x: torch.Tensor):
+        local_map, g, local_mean = self.forward_features_and_mean(x)
+        return self.forward_head(local_map, g, local_mean=local_mean)
 
 
 class FastLGD3D(_FastNet, LGD3D):

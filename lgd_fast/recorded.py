@@ -1,0 +1,338 @@
+"""Recorded inference: a fast model's eager CPU inference as one straight-line program of the op calls it makes.
+
+A fast model's eager forward runs Python per layer: the plan's choice, the conv + BatchNorm home's checks, the fold
+and packing caches, layout tests, the arena scope. None of it changes from call to call for the same input shape
+and the same weights, only the op calls do. So, per input key (shape, strides, dtype, autocast, inference mode), the
+fast model records its forward once (its second call for that key, after the first has planned and filled the
+caches), as the ATen and custom-op calls a ``TorchDispatchMode`` sees, and from then on runs that program: one
+generated Python function of those calls, in order, with every intermediate deleted after its last use (so the
+activation arena reuses its memory as eagerly). In the program:
+
+- the input and every value an op computes from it are variables;
+- everything else (folded and packed weights, parameters, buffers, shapes) is a constant, computed once while
+  recording (an op none of whose tensors come from the input is run then and its result kept: the BatchNorm affine
+  of a block end, a weight cast under autocast);
+- an op that makes a tensor from nothing (``empty``, ``zeros``) is called every time, so no two calls share memory.
+
+A program is used only while the model is as it was when recorded: the same modules, the same parameter and buffer
+objects at the same versions (an in-place update, ``load_state_dict``, an optimizer step all change a version), the
+same ``training`` flags and plans. Otherwise the call runs eagerly and the next one records again. Some forwards
+cannot be recorded, and then run eagerly with the reason logged once:
+
+- an op's result read in Python (``.item()``, a comparison used in an ``if``): the path could differ for another
+  input;
+- an op writing into a constant (the recorded program would change it on every call);
+- an output that does not come from the input;
+- parameters that are inference tensors (made under ``torch.inference_mode``), whose changes cannot be seen.
+
+Where it applies: eager (not traced by torch.compile), no autograd (``torch.no_grad`` / ``inference_mode``), the
+model in eval, CPU input, the model's ``recorded_inference`` True (the default) and ``LGD_FAST_RECORD`` not 0, no
+forced plan (:func:`lgd_fast.plan.forced`).
+
+Measured on LGD-3D R50 (fp32, 16x112x112, 2 cores): see the README's *Recorded inference*.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import plan as planning
+
+__all__ = ["ENV", "NotRecordable", "RecordedProgram", "module_state", "record", "recorded_call", "recorded_programs"]
+
+log = logging.getLogger(__name__)
+
+ENV = "LGD_FAST_RECORD"  # "0": fast models run every call eagerly
+MAX_PROGRAMS = 8  # per model: the most recently used input keys keep theirs
+
+
+class NotRecordable(RuntimeError):
+    """The forward cannot run as a recorded program; the message says why. ``output``: what the recording call
+    returned (it ran to its end)."""
+
+    def __init__(self, reason: str, output: Any = None) -> None:
+        super().__init__(reason)
+        self.output = output
+
+
+# ---- recording -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    op: Callable[..., Any]
+    args: list  # templates: ("var", i) | ("const", value) | ("seq", type, [templates])
+    kwargs: dict[str, Any]
+    outs: list[int | None]  # variable per output leaf (None: a None leaf)
+    single: bool  # the op returns one tensor (not a tuple or list)
+
+
+class _Recorder(TorchDispatchMode):
+    """Runs every op as usual and writes down those that read a variable (the input or what was computed from it),
+    and those that make a tensor from nothing; stops writing (``refused``) at the first thing a program cannot do."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.var = WeakIdKeyDictionary()  # tensor -> variable number (weak: a dead tensor's id may be reused)
+        self.var[x] = 0
+        self.count = 1
+        self.steps: list[_Step] = []
+        self.refused: str | None = None
+
+    def _template(self, a: Any) -> tuple:
+        if isinstance(a, torch.Tensor):
+            i = self.var.get(a)
+            return ("var", i) if i is not None else ("const", a)
+        if isinstance(a, list | tuple) and any(isinstance(b, torch.Tensor) for b in a):
+            return ("seq", type(a), [self._template(b) for b in a])
+        return ("const", a)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.refused is not None:
+            return out
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        reads_var = any(a in self.var for a in inputs)
+        leaves, _ = tree_flatten(out)
+        makes_tensor = any(isinstance(o, torch.Tensor) for o in leaves)
+        if not reads_var and (inputs or not makes_tensor):
+            return out  # a constant: computed now, kept as a value of the program
+        if reads_var and not all(o is None or isinstance(o, torch.Tensor) for o in leaves):
+            self.refused = f"{func} returns a value Python reads (the path could depend on the input's values)"
+            return out
+        written = _written_constants(func, args, kwargs, self.var)
+        if written:
+            self.refused = f"{func} writes into {written}, a constant of the program"
+            return out
+        outs = []
+        for o in leaves:
+            if o is None:
+                outs.append(None)
+                continue
+            i = self.var.get(o)  # an in-place op returns its input: the same variable
+            if i is None:
+                i = self.var[o] = self.count
+                self.count += 1
+            outs.append(i)
+        single = isinstance(out, torch.Tensor)
+        self.steps.append(_Step(func, [self._template(a) for a in args],
+                                {k: self._template(v) for k, v in kwargs.items()}, outs, single))  # fmt: skip
+        return out
+
+
+def _written_constants(func, args, kwargs, variables) -> str | None:
+    """The name of an argument ``func`` writes into that is not a variable (a constant), or None."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return None
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        tensors = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(t, torch.Tensor) and t not in variables for t in tensors):
+            return f"its argument {arg.name!r}"
+    return None
+
+
+def record(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[Any, RecordedProgram]:
+    """Calls ``fn(x)`` once, recording its op calls: (its output, the program that recomputes it for another x of
+    the same shape, strides and dtype). Raises :class:`NotRecordable` (after the call ran to its end; its output
+    in the exception's ``output``) with the reason where a program cannot recompute it."""
+    recorder = _Recorder(x)
+    with recorder:
+        out = fn(x)
+    if recorder.refused is not None:
+        raise NotRecordable(recorder.refused, out)
+    leaves, spec = tree_flatten(out)
+    outputs = []
+    for leaf in leaves:
+        i = recorder.var.get(leaf) if isinstance(leaf, torch.Tensor) else None
+        if i is None or i == 0:
+            raise NotRecordable(f"an output ({type(leaf).__name__}) is not computed from the input", out)
+        outputs.append(i)
+    return out, RecordedProgram(recorder.steps, outputs, spec)
+
+
+# ---- the program -----------------------------------------------------------------------------------------------
+
+
+class RecordedProgram:
+    """One recorded forward as a generated Python function of its op calls (``source`` holds its text)."""
+
+    def __init__(self, steps: list[_Step], outputs: list[int], spec) -> None:
+        constants: list[Any] = []
+
+        def expr(t: tuple) -> str:
+            kind = t[0]
+            if kind == "var":
+                return f"v{t[1]}"
+            if kind == "seq":
+                items = ", ".join(expr(u) for u in t[2])
+                return f"[{items}]" if t[1] is list else f"({items},)"
+            value = t[1]
+            if value is None or type(value) in (bool, int, str) or (type(value) is float and math.isfinite(value)):
+                return repr(value)  # a literal reads as itself (a float's repr round-trips exactly)
+            constants.append(value)
+            return f"C[{len(constants) - 1}]"
+
+        last_use: dict[int, int] = {}
+
+        def mark(t: tuple, i: int) -> None:
+            if t[0] == "var":
+                last_use[t[1]] = i
+            elif t[0] == "seq":
+                for u in t[2]:
+                    mark(u, i)
+
+        for i, step in enumerate(steps):
+            for t in (*step.args, *step.kwargs.values()):
+                mark(t, i)
+        for v in outputs:
+            last_use[v] = len(steps)
+        lines = []
+        for i, step in enumerate(steps):
+            call = ", ".join([expr(a) for a in step.args] + [f"{k}={expr(v)}" for k, v in step.kwargs.items()])
+            names = [f"v{o}" if o is not None and o in last_use else "_" for o in step.outs]
+            target = names[0] if step.single else ", ".join(names) + ","
+            lines.append(f"    {target} = F[{i}]({call})  # {step.op}")
+            dead = sorted({v for v, j in last_use.items() if j == i})
+            if dead:
+                lines.append(f"    del {', '.join(f'v{v}' for v in dead)}")
+        lines.append(f"    return [{', '.join(f'v{v}' for v in outputs)}]")
+        self.source = "def program(v0, F, C):\n" + "\n".join(lines) + "\n"
+        namespace: dict[str, Any] = {}
+        exec(compile(self.source, "<lgd_fast recorded program>", "exec"), namespace)
+        self._function = namespace["program"]
+        self._ops = tuple(step.op for step in steps)
+        self._constants = tuple(constants)
+        self._spec = spec
+        self.calls = 0
+
+    @property
+    def num_ops(self) -> int:
+        return len(self._ops)
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        self.calls += 1
+        # The casts autocast made are ops of the program already: it runs them as recorded.
+        with torch.autocast("cpu", enabled=False):
+            return tree_unflatten(self._function(x, self._ops, self._constants), self._spec)
+
+    def __repr__(self) -> str:
+        return f"RecordedProgram({self.num_ops} op calls, {len(self._constants)} constants, {self.calls} calls)"
+
+
+# ---- when a model's program applies --------------------------------------------------------------------------
+
+
+def module_state(module: torch.nn.Module) -> tuple | None:
+    """What a recorded program of ``module`` depends on besides the input: every submodule, its ``training`` flag
+    and plan, its parameter and buffer objects and their versions. None where the versions cannot be read
+    (inference tensors)."""
+    out: list[Any] = []
+    add = out.append
+    stack = [module]
+    try:
+        while stack:
+            m = stack.pop()
+            d = m.__dict__
+            add(id(m))
+            add(d["training"])
+            add(id(d.get("_lgd_plan")))
+            for t in d["_parameters"].values():
+                if t is not None:
+                    add(id(t))
+                    add(t._version)
+            for t in d["_buffers"].values():
+                if t is not None:
+                    add(id(t))
+                    add(t._version)
+            stack.extend(c for c in d["_modules"].values() if c is not None)
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return None
+    return tuple(out)
+
+
+@dataclass
+class _Entry:
+    state: tuple
+    keep: list  # :func:`_kept_alive`
+    program: RecordedProgram | None = None
+    refused: str | None = None
+
+
+def _applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
+            and not module.training and getattr(module, "recorded_inference", True) and os.environ.get(ENV, "1") != "0"
+            and not planning.is_forced())  # fmt: skip
+
+
+def _key(x: torch.Tensor) -> tuple:
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return tuple(x.shape), x.stride(), x.dtype, amp, torch.is_inference_mode_enabled()
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[torch.Tensor], Any]) -> Any:
+    """``forward(x)``, as ``module``'s recorded program where one applies (module docstring): the first call for an
+    input key runs eagerly, the second records, the later ones run the program while ``module`` is unchanged."""
+    if not _applies(module, x):
+        return forward(x)
+    state = module_state(module)
+    if state is None:
+        return forward(x)
+    programs: OrderedDict = module.__dict__.setdefault("_lgd_recorded", OrderedDict())
+    key = _key(x)
+    entry = programs.get(key)
+    if entry is not None:
+        programs.move_to_end(key)
+    if entry is None or entry.state != state:  # a new key, or the module changed: eager now, record next time
+        programs[key] = _Entry(state, _kept_alive(module))
+        while len(programs) > MAX_PROGRAMS:
+            programs.popitem(last=False)
+        return forward(x)
+    if entry.program is not None:
+        return entry.program(x)
+    if entry.refused is not None:
+        return forward(x)
+    try:
+        out, program = record(forward, x)
+    except NotRecordable as e:
+        entry.refused = str(e)
+        if (type(module).__name__, entry.refused) not in _WARNED:
+            _WARNED.add((type(module).__name__, entry.refused))
+            log.warning("lgd_fast: %s runs its inference eagerly (not recorded): %s", type(module).__name__, e)
+        return e.output
+    if module_state(module) == state:  # the recording call changed nothing the program depends on
+        entry.program = program
+    return out
+
+
+def _kept_alive(module: torch.nn.Module) -> list:
+    """The plans, parameters and buffers whose ids ``module_state`` holds, so that no new object takes one of those
+    ids while the state is compared (not the modules: the entry, in the module's own dict, would make a cycle that
+    keeps a dead model's arena blocks until the garbage collector runs)."""
+    plans = [m.__dict__.get("_lgd_plan") for m in module.modules()]
+    return [*plans, *module.parameters(), *module.buffers()]
+
+
+def recorded_programs(module: torch.nn.Module) -> dict[tuple, RecordedProgram | str | None]:
+    """The module's recorded programs by input key (shape, strides, dtype, autocast dtype, inference mode): the
+    program, the reason it could not be recorded, or None (seen once, records on the next call)."""
+    programs = module.__dict__.get("_lgd_recorded", {})
+    return {k: e.program if e.program is not None else e.refused for k, e in programs.items()}

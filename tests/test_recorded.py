@@ -1,0 +1,247 @@
+"""Recorded inference (lgd_fast.recorded): the recorder on small functions (what it keeps as constants, what it
+refuses), and the fast models' recorded programs equal to their eager forward bit for bit, on fresh inputs, with
+every reused arena block poisoned, and given up as soon as the model changes."""
+
+import logging
+import weakref
+
+import pytest
+import torch
+
+from lgd_fast import _C
+from lgd_fast.models import create_model
+from lgd_fast.ops._backend import _HAS_ONEDNN_BF16
+from lgd_fast.plan import forced
+from lgd_fast.recorded import ENV, MAX_PROGRAMS, NotRecordable, RecordedProgram, record, recorded_programs
+
+
+def _clip(arch: str, gen: torch.Generator, batch: int = 2) -> torch.Tensor:
+    shape = (batch, 3, 7, 32, 32) if arch.startswith("lgd3d") else (batch, 3, 3, 48, 48)
+    return torch.randn(shape, generator=gen)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def _program(model, x: torch.Tensor | None = None) -> RecordedProgram:
+    """The model's one recorded program, or the one for x's shape and strides."""
+    programs = recorded_programs(model)
+    if x is None:
+        (program,) = programs.values()
+    else:
+        (program,) = (p for key, p in programs.items() if key[:2] == (tuple(x.shape), x.stride()))
+    assert isinstance(program, RecordedProgram), program
+    return program
+
+
+# ---- the recorder ---------------------------------------------------------------------------------------------
+
+
+def test_constants_are_computed_once_and_the_program_recomputes_the_rest(gen):
+    w = torch.randn(5, 4, generator=gen)
+    b = torch.randn(4, generator=gen)
+
+    def fn(x):
+        return torch.relu(x @ (w * 2) + b.square()), x.sum(0)  # w * 2 and b ** 2 read no input: constants
+
+    x0 = torch.randn(3, 5, generator=gen)
+    out, program = record(fn, x0)
+    assert _equal(out, fn(x0))
+    assert [str(op) for op in program._ops] == ["aten.mm.default", "aten.add.Tensor", "aten.relu.default",
+                                                "aten.sum.dim_IntList"]  # fmt: skip
+    x = torch.randn(3, 5, generator=gen)
+    assert _equal(program(x), fn(x))
+    assert "del v1" in program.source  # an intermediate is dropped after its last use
+
+
+def test_a_tensor_made_from_nothing_is_made_on_every_call(gen):
+    def fn(x):
+        return torch.zeros(x.shape[0]).add_(x.sum(1))
+
+    _, program = record(fn, torch.randn(4, 3, generator=gen))
+    x = torch.randn(4, 3, generator=gen)
+    first, second = program(x), program(x)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, fn(x)) and torch.equal(second, fn(x))
+
+
+def test_a_value_read_in_python_is_refused_and_the_call_still_returns(gen):
+    def fn(x):
+        return x * 2 if x.sum() > 0 else -x
+
+    x = torch.randn(6, generator=gen)
+    with pytest.raises(NotRecordable, match="returns a value Python reads") as info:
+        record(fn, x)
+    assert torch.equal(info.value.output, fn(x))
+
+
+def test_writing_into_a_constant_is_refused(gen):
+    total = torch.zeros(3)
+
+    def fn(x):
+        total.add_(x.sum(0))
+        return x + 1
+
+    with pytest.raises(NotRecordable, match="writes into its argument 'self', a constant"):
+        record(fn, torch.randn(2, 3, generator=gen))
+
+
+def test_an_output_not_computed_from_the_input_is_refused(gen):
+    w = torch.randn(3, generator=gen)
+    with pytest.raises(NotRecordable, match="not computed from the input"):
+        record(lambda x: (x + 1, w), torch.randn(3, generator=gen))
+    with pytest.raises(NotRecordable, match="not computed from the input"):
+        record(lambda x: x, torch.randn(3, generator=gen))
+
+
+# ---- the fast models ------------------------------------------------------------------------------------------
+
+CASES = [
+    ("lgd3d_tiny", "kernel", torch.channels_last_3d, None),
+    ("lgd3d_tiny", "two_heads", torch.contiguous_format, None),
+    ("lgd3d_tiny", "kernel", torch.channels_last_3d, torch.bfloat16),
+    ("lgd2d_r18", "kernel", torch.channels_last_3d, None),
+    ("lgd2d_r18", "two_heads", torch.contiguous_format, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("arch", "classifier", "layout", "amp"), CASES,
+                         ids=[f"{a}-{c}-{str(m).split('.')[-1]}-{d or 'fp32'}" for a, c, m, d in CASES])  # fmt: skip
+def test_recorded_program_equals_the_eager_forward_on_fresh_inputs(arch, classifier, layout, amp, gen):
+    if amp is not None and not _HAS_ONEDNN_BF16:
+        pytest.skip("this CPU's oneDNN has no bfloat16 convolution")
+    fast = create_model(arch, num_classes=7, classifier=classifier, fast=True).eval()
+    eager = create_model(arch, num_classes=7, classifier=classifier, fast=True).eval()
+    eager.load_state_dict(fast.state_dict())
+    eager.recorded_inference = False
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        for _ in range(3):  # eager (plans), eager again (the plan measured: buffers restored), records
+            fast(_clip(arch, gen).contiguous(memory_format=layout))
+        program = _program(fast)
+        for _ in range(2):
+            x = _clip(arch, gen).contiguous(memory_format=layout)
+            expected = eager(x)
+            calls = program.calls
+            _C._arena_poison()  # every arena block the program takes holds NaN until it writes it
+            got = fast(x)
+            assert program.calls == calls + 1
+            assert _equal(got, expected)
+    assert recorded_programs(eager) == {}
+
+
+def _established(model, x):
+    for _ in range(3):
+        model(x)
+    return _program(model, x)
+
+
+@pytest.mark.parametrize("change", ["in-place weight", "load_state_dict", "new parameter", "running statistics",
+                                    "submodule mode"])  # fmt: skip
+def test_a_changed_model_runs_eagerly_and_records_again(change, gen):
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    eager = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    eager.recorded_inference = False
+    x = _clip("lgd3d_tiny", gen)
+    with torch.inference_mode():
+        old = _established(fast, x)
+    with torch.no_grad():
+        conv = fast.layer2[0].conv2
+        if change == "in-place weight":
+            conv.weight.mul_(1.5)
+        elif change == "load_state_dict":
+            state = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                     for k, v in fast.state_dict().items()}  # fmt: skip
+            fast.load_state_dict(state)
+        elif change == "new parameter":
+            conv.weight = torch.nn.Parameter(conv.weight * 0.5)
+        elif change == "running statistics":
+            fast.layer3[0].bn1.running_var.mul_(3.0)
+        else:
+            fast.layer1[0].bn1.train()  # batch statistics in that BatchNorm from now on
+    eager.load_state_dict(fast.state_dict())
+    if change == "submodule mode":
+        eager.layer1[0].bn1.train()
+    with torch.inference_mode():
+        for _ in range(3):
+            y = _clip("lgd3d_tiny", gen)
+            got, expected = fast(y), eager(y)
+            assert old.calls == 1 and _equal(got, expected)
+    if change == "submodule mode":  # a BatchNorm in training updates its buffers on every call: never recorded
+        assert not any(isinstance(p, RecordedProgram) for p in recorded_programs(fast).values())
+    else:
+        assert _program(fast) is not old
+
+
+def test_where_recording_does_not_apply(monkeypatch, gen):
+    x = _clip("lgd3d_tiny", gen)
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    for _ in range(3):
+        fast(x)  # autograd on
+    with torch.no_grad(), forced(fused=True):
+        for _ in range(3):
+            fast(x)
+    fast.train()
+    with torch.no_grad():
+        for _ in range(3):
+            fast(x)
+    fast.eval()
+    monkeypatch.setenv(ENV, "0")
+    with torch.no_grad():
+        for _ in range(3):
+            fast(x)
+    assert recorded_programs(fast) == {}
+    monkeypatch.delenv(ENV)
+    with torch.inference_mode():
+        inference_made = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()  # versions unreadable
+        for _ in range(3):
+            inference_made(x)
+    assert recorded_programs(inference_made) == {}
+
+
+def test_each_input_key_has_its_program_and_the_oldest_go(gen):
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    with torch.inference_mode():
+        x = _clip("lgd3d_tiny", gen)
+        _established(fast, x)
+        _established(fast, x.contiguous(memory_format=torch.channels_last_3d))
+        assert len(recorded_programs(fast)) == 2
+        for size in range(MAX_PROGRAMS):
+            fast(torch.randn(1, 3, 4, 16 + 2 * size, 16, generator=gen))
+    keys = list(recorded_programs(fast))
+    assert len(keys) == MAX_PROGRAMS and keys[0][0] != tuple(x.shape)
+
+
+def test_an_unrecordable_forward_warns_once_and_runs_eagerly(caplog, gen):
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    eager = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    eager.load_state_dict(fast.state_dict())
+    eager.recorded_inference = False
+    for model in (fast, eager):
+        head = model.forward_head
+
+        def forward_head(*args, head=head, **kwargs):  # a value read in Python on the way
+            out = head(*args, **kwargs)
+            return out if out.sum() > 0 else -out
+
+        model.forward_head = forward_head
+    with caplog.at_level(logging.WARNING, logger="lgd_fast.recorded"), torch.no_grad():
+        for _ in range(4):
+            x = _clip("lgd3d_tiny", gen)
+            assert _equal(fast(x), eager(x))
+    warnings = [r.message for r in caplog.records if "not recorded" in r.message]
+    assert len(warnings) == 1 and "returns a value Python reads" in warnings[0]
+    (reason,) = recorded_programs(fast).values()
+    assert "returns a value Python reads" in reason
+
+
+def test_a_dead_model_and_its_programs_go_at_once(gen):
+    """No reference cycle through the recorded programs: the model, its programs and the arena blocks their constants
+    hold are freed when the last reference goes, without waiting for the garbage collector."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    with torch.inference_mode():
+        program = weakref.ref(_established(fast, _clip("lgd3d_tiny", gen)))
+    model = weakref.ref(fast)
+    del fast
+    assert model() is None and program() is None
