@@ -23,6 +23,7 @@ cannot be recorded, and then run eagerly with the reason logged once:
   input;
 - an op writing into a constant (the recorded program would change it on every call);
 - an output that does not come from the input;
+- forward hooks on a submodule, or global ones (Python the program would not call);
 - parameters that are inference tensors (made under ``torch.inference_mode``), whose changes cannot be seen.
 
 Where it applies: eager (not traced by torch.compile), no autograd (``torch.no_grad`` / ``inference_mode``), the
@@ -252,6 +253,7 @@ def module_state(module: torch.nn.Module) -> tuple | None:
             add(id(m))
             add(d["training"])
             add(id(d.get("_lgd_plan")))
+            add(len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]))
             for t in d["_parameters"].values():
                 if t is not None:
                     add(id(t))
@@ -311,6 +313,8 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
     if entry.refused is not None:
         return forward(x)
     try:
+        if (hooked := _hooked_submodule(module)) is not None:
+            raise NotRecordable(f"{hooked} has forward hooks, which a program would not call", forward(x))
         out, program = record(forward, x)
     except NotRecordable as e:
         entry.refused = str(e)
@@ -321,6 +325,18 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
     if module_state(module) == state:  # the recording call changed nothing the program depends on
         entry.program = program
     return out
+
+
+def _hooked_submodule(module: torch.nn.Module) -> str | None:
+    """The name of a submodule with forward (pre-)hooks, "a module" for global ones, or None: a hook is Python that
+    runs when the module is called, and a program calls no module (the root's own hooks run around it as ever)."""
+    nn_module = torch.nn.modules.module
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "every module (global hooks)"
+    for name, m in module.named_modules():
+        if m is not module and (m._forward_hooks or m._forward_pre_hooks):
+            return name
+    return None
 
 
 def _kept_alive(module: torch.nn.Module) -> list:

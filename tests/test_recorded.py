@@ -245,3 +245,20 @@ def test_a_dead_model_and_its_programs_go_at_once(gen):
     model = weakref.ref(fast)
     del fast
     assert model() is None and program() is None
+
+
+def test_a_submodule_hook_keeps_the_forward_eager(gen):
+    """A forward hook on a submodule is Python that runs when that module is called: the program would skip it, so
+    the model is not recorded while one is there, and records once it is removed."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    seen = []
+    handle = fast.kernel_head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = _clip("lgd3d_tiny", gen)
+    with torch.no_grad():
+        for _ in range(4):
+            fast(x)
+        assert len(seen) == 4
+        (reason,) = recorded_programs(fast).values()
+        assert reason == "kernel_head has forward hooks, which a program would not call"
+        handle.remove()
+        _established(fast, x)
