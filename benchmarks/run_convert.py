@@ -4,7 +4,8 @@ Models (tests/foreign_models.py): R(2+1)D-18, R3D-18 and MC3-18 (torchvision's s
 X3D-S-sized X3D (pytorchvideo's). Inference: the original on contiguous clips, the original moved to
 channels_last_3d on channels-last clips, the original under ``torch.compile``, ``lgd_fast.convert(model)`` in
 eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` on channels-last clips (each converted
-layer's layout by its measured plan, written to the JSON); a training step: the original and
+layer's layout by its measured plan, written to the JSON), and that converted model wrapped in
+``lgd_fast.RecordedInference`` (its recorded programs); a training step: the original and
 ``lgd_fast.convert(model)``. Timed in alternation (method: benchmarks/_harness.py) after checking that every
 converted model's outputs equal the original's.
 Writes benchmarks/results/convert_<model>_cpu.json.
@@ -71,13 +72,18 @@ def main(argv: list[str] | None = None) -> None:
     converted_eval = lgd_fast.convert(copy.deepcopy(original)).eval()
     report = str(converted.conversion_report)
     cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
+    recorded = lgd_fast.RecordedInference(converted)  # the same converted model, as recorded programs
     with torch.inference_mode():
         want = original(clips[0])
-        error = {"converted": _rel(converted(cl[0]), want), "converted_eval": _rel(converted_eval(clips[0]), want)}
+        for _ in range(2):  # eager, then recorded: the next calls run the program
+            recorded(cl[0])
+        error = {"converted": _rel(converted(cl[0]), want), "converted_eval": _rel(converted_eval(clips[0]), want),
+                 "converted_recorded": _rel(recorded(cl[0]), want)}  # fmt: skip
     candidates = {
         "original": lambda i: original(clips[i]),
         "original_channels_last": lambda i: original_cl(cl[i]),
         "converted": lambda i: converted(cl[i]),
+        "converted_recorded": lambda i: recorded(cl[i]),
         "converted_eval": lambda i: converted_eval(clips[i]),
     }
     if not args.no_compile:
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         "notes": [
             "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input (each "
             "converted layer's input layout as its measured plan chose); "
+            "converted_recorded = lgd_fast.RecordedInference(converted), the same model as recorded programs "
+            "(lgd_fast.recorded); "
             "converted_eval = lgd_fast.convert(model).eval() on contiguous input; original = the model in eval mode "
             "on contiguous input; original_channels_last = it moved to channels_last_3d, on channels-last input; "
             "original_compiled = torch.compile(original, inductor)",

@@ -4,7 +4,7 @@ from . import ops  # registers the compiled ops' fake kernels and autograd with 
 from .arena import activation_arena, arena_stats, release_arena
 from .convert import ConversionReport, convert
 from .models import FastPathUnavailableError, create_model, list_models
-from .recorded import recorded_programs
+from .recorded import RecordedInference, recorded_programs
 from .weights import LoadReport, inflate_imagenet, load_author_checkpoint
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "ConversionReport",
     "FastPathUnavailableError",
     "LoadReport",
+    "RecordedInference",
     "__version__",
     "activation_arena",
     "arena_stats",

@@ -49,8 +49,18 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import plan as planning
+from .arena import use_arena
 
-__all__ = ["ENV", "NotRecordable", "RecordedProgram", "module_state", "record", "recorded_call", "recorded_programs"]
+__all__ = [
+    "ENV",
+    "NotRecordable",
+    "RecordedInference",
+    "RecordedProgram",
+    "module_state",
+    "record",
+    "recorded_call",
+    "recorded_programs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -352,3 +362,34 @@ def recorded_programs(module: torch.nn.Module) -> dict[tuple, RecordedProgram | 
     program, the reason it could not be recorded, or None (seen once, records on the next call)."""
     programs = module.__dict__.get("_lgd_recorded", {})
     return {k: e.program if e.program is not None else e.refused for k, e in programs.items()}
+
+
+class RecordedInference(torch.nn.Module):
+    """Any model (a :func:`lgd_fast.convert`-ed one, say) whose eager CPU inference runs as the fast LGD models' does:
+    in the activation arena (:mod:`lgd_fast.arena`) and as recorded programs of its op calls (module docstring);
+    every other call (training, autograd, CUDA, torch.compile) is ``model(x)`` as it is.
+
+        runner = lgd_fast.RecordedInference(lgd_fast.convert(model, inference=True))
+        with torch.inference_mode():
+            logits = runner(clips)  # (N, 3, T, H, W): eager, then recorded, then the program
+
+    The model is ``runner.module`` (its state_dict keys gain the ``module.`` prefix, as DDP's). Its forward takes
+    the clip tensor as its one argument; ``recorded_inference`` / ``activation_arena`` on the runner turn either
+    off. A model with forward hooks on its submodules runs eagerly (a program calls no module).
+    """
+
+    recorded_inference: bool = True
+    activation_arena: bool = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"RecordedInference wraps a torch.nn.Module, got {type(model).__name__}")
+        self.module = model
+        self.train(model.training)  # in the model's mode: runner.eval() / .train() set both from then on
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"RecordedInference: the model's one input must be a tensor, got {type(x).__name__}")
+        with use_arena(self, x):
+            return recorded_call(self, x, self.module)

@@ -2,17 +2,28 @@
 refuses), and the fast models' recorded programs equal to their eager forward bit for bit, on fresh inputs, with
 every reused arena block poisoned, and given up as soon as the model changes."""
 
+import copy
 import logging
 import weakref
 
 import pytest
 import torch
 
+import foreign_models
+import lgd_fast
 from lgd_fast import _C
 from lgd_fast.models import create_model
 from lgd_fast.ops._backend import _HAS_ONEDNN_BF16
 from lgd_fast.plan import forced
-from lgd_fast.recorded import ENV, MAX_PROGRAMS, NotRecordable, RecordedProgram, record, recorded_programs
+from lgd_fast.recorded import (
+    ENV,
+    MAX_PROGRAMS,
+    NotRecordable,
+    RecordedInference,
+    RecordedProgram,
+    record,
+    recorded_programs,
+)
 
 
 def _clip(arch: str, gen: torch.Generator, batch: int = 2) -> torch.Tensor:
@@ -262,3 +273,39 @@ def test_a_submodule_hook_keeps_the_forward_eager(gen):
         assert reason == "kernel_head has forward hooks, which a program would not call"
         handle.remove()
         _established(fast, x)
+
+
+@pytest.mark.parametrize("name", ["r3d", "csn"])
+def test_recorded_inference_runs_a_converted_foreign_model(name, gen):
+    """RecordedInference over lgd_fast.convert(model, inference=True) of models written torchvision's and
+    pytorchvideo's way: the program's outputs equal the converted model's eager ones bit for bit on fresh inputs,
+    and the original's to fp32 rounding; outside inference the wrapper is the model."""
+    make = {"r3d": lambda: foreign_models.r3d((1, 1), (8, 16), 5), "csn": foreign_models.csn}[name]
+    original = make().eval()
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    converted = lgd_fast.convert(copy.deepcopy(original), inference=True)
+    runner = lgd_fast.RecordedInference(converted)
+    assert runner.module is converted and set(runner.state_dict()) == {f"module.{k}" for k in converted.state_dict()}
+    clip = lambda: torch.randn(2, 3, 4, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last_3d)  # noqa: E731
+    with torch.inference_mode():
+        x = clip()
+        for _ in range(3):
+            runner(x)
+        program = _program(runner)
+        calls = program.calls
+        for _ in range(2):
+            x = clip()
+            expected = converted(x)
+            _C._arena_poison()
+            got = runner(x)
+            assert _equal(got, expected)
+            assert ((got.double() - original(x).double()).norm() / original(x).double().norm()) < 1e-5
+        assert program.calls == calls + 2
+    out = runner(clip())  # autograd on: the model as it is, no program
+    assert out.requires_grad and program.calls == calls + 2
+    with pytest.raises(TypeError, match="wraps a torch.nn.Module"):
+        RecordedInference(lambda x: x)

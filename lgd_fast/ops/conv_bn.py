@@ -562,9 +562,9 @@ def conv_bn_folded(
     (no autograd). The folded weight (and, for channels_last_3d x, its packing into oneDNN's blocked layout for x's
     shape) is made on the first call and kept until one of the tensors given changes (their version counters are in
     the key; inference tensors have none; pass the norm's ``num_batches_tracked``, whose version is the one that
-    changes when ``nn.BatchNorm``'s training forward updates the running statistics), so compiled calls do not fold. The cache is keyed by ``weight``: pass the
-    module's parameter, not a view made per call. x and residual in the dtype the conv computes in (float32, or
-    bfloat16 where this CPU's oneDNN runs it)."""
+    changes when ``nn.BatchNorm``'s training forward updates the running statistics), so compiled calls do not
+    fold. The cache is keyed by ``weight``: pass the module's parameter, not a view made per call. x and residual in
+    the dtype the conv computes in (float32, or bfloat16 where this CPU's oneDNN runs it)."""
     if x.device.type != "cpu" or not onednn_takes(x.dtype):
         raise ValueError(f"lgd_fast::conv_bn_folded runs oneDNN on the CPU in float32 or bfloat16 it takes, got "
                          f"{x.dtype} on {x.device}")  # fmt: skip
