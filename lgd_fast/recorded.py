@@ -12,16 +12,20 @@ activation arena reuses its memory as eagerly). In the program:
 - everything else (folded and packed weights, parameters, buffers, shapes) is a constant, computed once while
   recording (an op none of whose tensors come from the input is run then and its result kept: the BatchNorm affine
   of a block end, a weight cast under autocast);
-- an op that makes a tensor from nothing (``empty``, ``zeros``) is called every time, so no two calls share memory.
+- an op that makes a tensor from nothing (``empty``, ``zeros``) is called every time, so no two calls share memory;
+  so is one that draws random numbers.
 
-A program is used only while the model is as it was when recorded: the same modules, the same parameter and buffer
-objects at the same versions (an in-place update, ``load_state_dict``, an optimizer step all change a version), the
-same ``training`` flags and plans. Otherwise the call runs eagerly and the next one records again. Some forwards
+A program is used only while the model is as it was when recorded (:func:`module_state`): the same modules, the
+same parameter and buffer objects at the same versions and memory (an in-place update, ``load_state_dict``, an
+optimizer step all change a version), the same ``training`` flags, plans and hooks. Otherwise the call runs eagerly
+and the next one records again. Some forwards
 cannot be recorded, and then run eagerly with the reason logged once:
 
 - an op's result read in Python (``.item()``, a comparison used in an ``if``): the path could differ for another
   input;
 - an op writing into a constant (the recorded program would change it on every call);
+- a shape that depends on the input's values (``nonzero``, a boolean mask), which Python may read with no op;
+- an op returning a nested structure;
 - an output that does not come from the input;
 - forward hooks on a submodule, or global ones (Python the program would not call);
 - parameters that are inference tensors (made under ``torch.inference_mode``), whose changes cannot be seen.
@@ -35,6 +39,7 @@ Measured on LGD-3D R50 (fp32, 16x112x112, 2 cores): see the README's *Recorded i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -54,6 +59,7 @@ from .arena import use_arena
 __all__ = [
     "ENV",
     "NotRecordable",
+    "forget_programs",
     "RecordedInference",
     "RecordedProgram",
     "module_state",
@@ -66,6 +72,7 @@ log = logging.getLogger(__name__)
 
 ENV = "LGD_FAST_RECORD"  # "0": fast models run every call eagerly
 MAX_PROGRAMS = 8  # per model: the most recently used input keys keep theirs
+_STAMPS = itertools.count(1)
 
 
 class NotRecordable(RuntimeError):
@@ -118,14 +125,23 @@ class _Recorder(TorchDispatchMode):
         reads_var = any(a in self.var for a in inputs)
         leaves, _ = tree_flatten(out)
         makes_tensor = any(isinstance(o, torch.Tensor) for o in leaves)
-        if not reads_var and (inputs or not makes_tensor):
+        tags = getattr(func, "tags", ())
+        seeded = torch.Tag.nondeterministic_seeded in tags  # draws from the generator: again on every call
+        if not reads_var and not seeded and (inputs or not makes_tensor):
             return out  # a constant: computed now, kept as a value of the program
         if reads_var and not all(o is None or isinstance(o, torch.Tensor) for o in leaves):
             self.refused = f"{func} returns a value Python reads (the path could depend on the input's values)"
             return out
+        if reads_var and (_data_dependent_shape(func, tags, args)):
+            self.refused = f"{func} gives a shape that depends on the input's values, which Python may read"
+            return out
         written = _written_constants(func, args, kwargs, self.var)
         if written:
             self.refused = f"{func} writes into {written}, a constant of the program"
+            return out
+        single = isinstance(out, torch.Tensor)
+        if not (out is None or single or (isinstance(out, tuple | list) and len(out) == len(leaves))):
+            self.refused = f"{func} returns a nested structure, which a program does not unpack"
             return out
         outs = []
         for o in leaves:
@@ -137,10 +153,19 @@ class _Recorder(TorchDispatchMode):
                 i = self.var[o] = self.count
                 self.count += 1
             outs.append(i)
-        single = isinstance(out, torch.Tensor)
         self.steps.append(_Step(func, [self._template(a) for a in args],
                                 {k: self._template(v) for k, v in kwargs.items()}, outs, single))  # fmt: skip
         return out
+
+
+def _data_dependent_shape(func, tags, args) -> bool:
+    """Whether ``func``'s output shape depends on its inputs' values (``nonzero``, ``masked_select``, indexing with a
+    boolean mask): Python may read it (``y.shape[0]``) without an op, so a program would keep the recorded one."""
+    if torch.Tag.dynamic_output_shape in tags or torch.Tag.data_dependent_output in tags:
+        return True
+    if func in (torch.ops.aten.index.Tensor, torch.ops.aten._unsafe_index.Tensor) and len(args) > 1:
+        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return False
 
 
 def _written_constants(func, args, kwargs, variables) -> str | None:
@@ -217,8 +242,11 @@ class RecordedProgram:
         for i, step in enumerate(steps):
             call = ", ".join([expr(a) for a in step.args] + [f"{k}={expr(v)}" for k, v in step.kwargs.items()])
             names = [f"v{o}" if o is not None and o in last_use else "_" for o in step.outs]
-            target = names[0] if step.single else ", ".join(names) + ","
-            lines.append(f"    {target} = F[{i}]({call})  # {step.op}")
+            if not step.outs or step.outs == [None] and not step.single:  # an op returning None (in place)
+                lines.append(f"    F[{i}]({call})  # {step.op}")
+            else:
+                target = names[0] if step.single else ", ".join(names) + ","
+                lines.append(f"    {target} = F[{i}]({call})  # {step.op}")
             dead = sorted({v for v, j in last_use.items() if j == i})
             if dead:
                 lines.append(f"    del {', '.join(f'v{v}' for v in dead)}")
@@ -260,7 +288,12 @@ def module_state(module: torch.nn.Module) -> tuple | None:
         while stack:
             m = stack.pop()
             d = m.__dict__
-            add(id(m))
+            stamp = d.get("_lgd_stamp")
+            if stamp is None:  # a number no other module gets (an id may be a freed module's)
+                stamp = d["_lgd_stamp"] = next(_STAMPS)
+            add(stamp)
+            add(type(m))
+            add(id(d.get("forward")))  # an instance's own forward, if one was set
             add(d["training"])
             add(id(d.get("_lgd_plan")))
             add(len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]))
@@ -268,14 +301,35 @@ def module_state(module: torch.nn.Module) -> tuple | None:
                 if t is not None:
                     add(id(t))
                     add(t._version)
+                    add(t.data_ptr())  # p.data = other: the same tensor and version, other memory
             for t in d["_buffers"].values():
                 if t is not None:
                     add(id(t))
                     add(t._version)
+                    add(t.data_ptr())
             stack.extend(c for c in d["_modules"].values() if c is not None)
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
+    nn_module = torch.nn.modules.module
+    add(len(nn_module._global_forward_hooks) + len(nn_module._global_forward_pre_hooks))
     return tuple(out)
+
+
+class _Programs(OrderedDict):
+    """A module's programs by input key. A copy of the module (``copy.deepcopy``) or a pickle of it (``torch.save``)
+    gets none: they hold generated functions, and the copy's parameters are other tensors anyway."""
+
+    def __deepcopy__(self, memo) -> _Programs:
+        return _Programs()
+
+    def __reduce__(self):
+        return (_Programs, ())
+
+
+def forget_programs(module: torch.nn.Module) -> None:
+    """Drops ``module``'s recorded programs: its next call per input key runs eagerly, the one after records. For a
+    change the guard does not see (:func:`module_state`)."""
+    module.__dict__.pop("_lgd_recorded", None)
 
 
 @dataclass
@@ -308,7 +362,9 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
     state = module_state(module)
     if state is None:
         return forward(x)
-    programs: OrderedDict = module.__dict__.setdefault("_lgd_recorded", OrderedDict())
+    programs = module.__dict__.get("_lgd_recorded")
+    if programs is None:
+        programs = module.__dict__["_lgd_recorded"] = _Programs()
     key = _key(x)
     entry = programs.get(key)
     if entry is not None:
@@ -351,8 +407,8 @@ def _hooked_submodule(module: torch.nn.Module) -> str | None:
 
 def _kept_alive(module: torch.nn.Module) -> list:
     """The plans, parameters and buffers whose ids ``module_state`` holds, so that no new object takes one of those
-    ids while the state is compared (not the modules: the entry, in the module's own dict, would make a cycle that
-    keeps a dead model's arena blocks until the garbage collector runs)."""
+    ids while the state is compared (modules have stamps instead: keeping them here, in the module's own dict, would
+    make a cycle that keeps a dead model's arena blocks until the garbage collector runs)."""
     plans = [m.__dict__.get("_lgd_plan") for m in module.modules()]
     return [*plans, *module.parameters(), *module.buffers()]
 
@@ -375,7 +431,9 @@ class RecordedInference(torch.nn.Module):
 
     The model is ``runner.module`` (its state_dict keys gain the ``module.`` prefix, as DDP's). Its forward takes
     the clip tensor as its one argument; ``recorded_inference`` / ``activation_arena`` on the runner turn either
-    off. A model with forward hooks on its submodules runs eagerly (a program calls no module).
+    off. A model with forward hooks on its submodules runs eagerly (a program calls no module). A program runs with
+    autocast off, its casts being recorded ops: a third-party custom op whose body relies on autocast would compute
+    in another dtype there (lgd_fast's own ops do not).
     """
 
     recorded_inference: bool = True

@@ -309,3 +309,79 @@ def test_recorded_inference_runs_a_converted_foreign_model(name, gen):
     assert out.requires_grad and program.calls == calls + 2
     with pytest.raises(TypeError, match="wraps a torch.nn.Module"):
         RecordedInference(lambda x: x)
+
+
+def test_a_shape_that_depends_on_the_values_is_refused(gen):
+    def fn(x):
+        kept = x[x > 0]
+        return kept.sum(0) / kept.shape[0]  # the count is read in Python, by no op
+
+    x = torch.randn(6, generator=gen)
+    with pytest.raises(NotRecordable, match="shape that depends on the input's values") as info:
+        record(fn, x)
+    assert torch.equal(info.value.output, fn(x))
+
+
+@torch.library.custom_op("lgd_fast_test::double_in_place", mutates_args=("x",))
+def _double_in_place(x: torch.Tensor) -> None:
+    x.mul_(2)
+
+
+def test_an_op_returning_nothing_and_a_random_draw_run_on_every_call(gen):
+    w = torch.randn(5, generator=gen)
+
+    def fn(x):
+        y = x + 1
+        _double_in_place(y)  # returns None
+        return y + torch.randn_like(w)  # reads only a constant, but draws: again on every call
+
+    _, program = record(fn, torch.randn(5, generator=gen))
+    x = torch.randn(5, generator=gen)
+    torch.manual_seed(7)
+    expected = fn(x)
+    torch.manual_seed(7)
+    assert torch.equal(program(x), expected)
+    assert not torch.equal(program(x), expected)  # the generator moved on, as eagerly
+
+
+def test_changes_the_guard_sees_beyond_versions(gen):
+    """A submodule swapped for another (a new module may reuse a freed one's id), ``p.data = t`` (same tensor, same
+    version), a global hook added after recording: each makes the next call eager."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    runner = RecordedInference(model)
+    x = torch.randn(3, 4, generator=gen)
+    calls = []
+    with torch.no_grad():
+        for change in ("swap", "data"):
+            program = _established(runner, x)
+            before = program.calls
+            if change == "swap":
+                model[1] = torch.nn.GELU()
+            else:
+                model[0].weight.data = torch.randn(4, 4, generator=gen)
+            assert _equal(runner(x), model(x)) and program.calls == before
+        program = _established(runner, x)
+        before = program.calls
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: calls.append(1))
+        try:
+            runner(x)
+            runner(x)
+        finally:
+            handle.remove()
+        assert program.calls == before and len(calls) >= 2
+
+
+def test_a_copy_or_a_pickle_of_a_model_has_no_programs(gen, tmp_path):
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    x = _clip("lgd3d_tiny", gen)
+    with torch.inference_mode():
+        _established(fast, x)
+    twin = copy.deepcopy(fast)
+    assert recorded_programs(twin) == {}
+    torch.save(fast, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert recorded_programs(loaded) == {}
+    with torch.inference_mode():
+        assert _equal(_established(twin, x)(x), fast(x))
+    lgd_fast.recorded.forget_programs(fast)
+    assert recorded_programs(fast) == {}
