@@ -458,8 +458,10 @@ class ExecutionPlan:
         from .recorded import recorded_programs  # (it imports this module)
 
         for (shape, strides, dtype, amp, _), program in recorded_programs(self.model).items():
-            what = "records on its next call" if program is None else program
-            what = f"eager, not recorded: {what}" if isinstance(what, str) and program is not None else what
+            if program is None:
+                what = "records on its next call"
+            else:
+                what = f"eager, not recorded: {program}" if isinstance(program, str) else repr(program)
             amp = f", autocast {str(amp).removeprefix('torch.')}" if amp is not None else ""
             lines.append(f"recorded inference, {str(dtype).removeprefix('torch.')} {'x'.join(map(str, shape))} "
                          f"strides {strides}{amp}: {what}")  # fmt: skip

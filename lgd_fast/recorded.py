@@ -59,9 +59,9 @@ from .arena import use_arena
 __all__ = [
     "ENV",
     "NotRecordable",
-    "forget_programs",
     "RecordedInference",
     "RecordedProgram",
+    "forget_programs",
     "module_state",
     "record",
     "recorded_call",
@@ -132,7 +132,7 @@ class _Recorder(TorchDispatchMode):
         if reads_var and not all(o is None or isinstance(o, torch.Tensor) for o in leaves):
             self.refused = f"{func} returns a value Python reads (the path could depend on the input's values)"
             return out
-        if reads_var and (_data_dependent_shape(func, tags, args)):
+        if reads_var and _data_dependent_shape(func, tags, args):
             self.refused = f"{func} gives a shape that depends on the input's values, which Python may read"
             return out
         written = _written_constants(func, args, kwargs, self.var)
@@ -278,9 +278,12 @@ class RecordedProgram:
 
 
 def module_state(module: torch.nn.Module) -> tuple | None:
-    """What a recorded program of ``module`` depends on besides the input: every submodule, its ``training`` flag
-    and plan, its parameter and buffer objects and their versions. None where the versions cannot be read
-    (inference tensors)."""
+    """What a recorded program of ``module`` depends on besides the input: every submodule (a stamp of its own, its
+    class, an instance ``forward``), its ``training`` flag, plan and hook count, its parameter and buffer objects,
+    their versions and memory, and the global module hooks. None where the versions cannot be read (inference
+    tensors). Not in it: other attributes of a module changed after recording (``bn.eps``, ``conv.padding``, a
+    plain tensor attribute) and writes through ``.data`` (no version): after such a change call
+    :func:`forget_programs`."""
     out: list[Any] = []
     add = out.append
     stack = [module]

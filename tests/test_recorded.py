@@ -13,7 +13,6 @@ import foreign_models
 import lgd_fast
 from lgd_fast import _C
 from lgd_fast.models import create_model
-from lgd_fast.ops._backend import _HAS_ONEDNN_BF16
 from lgd_fast.plan import forced
 from lgd_fast.recorded import (
     ENV,
@@ -121,8 +120,6 @@ CASES = [
 @pytest.mark.parametrize(("arch", "classifier", "layout", "amp"), CASES,
                          ids=[f"{a}-{c}-{str(m).split('.')[-1]}-{d or 'fp32'}" for a, c, m, d in CASES])  # fmt: skip
 def test_recorded_program_equals_the_eager_forward_on_fresh_inputs(arch, classifier, layout, amp, gen):
-    if amp is not None and not _HAS_ONEDNN_BF16:
-        pytest.skip("this CPU's oneDNN has no bfloat16 convolution")
     fast = create_model(arch, num_classes=7, classifier=classifier, fast=True).eval()
     eager = create_model(arch, num_classes=7, classifier=classifier, fast=True).eval()
     eager.load_state_dict(fast.state_dict())
