@@ -10,10 +10,12 @@ step (forward, loss, backward, SGD step; freezing is for inference only) and lat
 Calls of the candidates alternate (each round calls every candidate once, in a rotating order), so that all
 of them see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, the share
 of the measured convolution peak it reaches (the model's FLOPs over its median time, against oneDNN's or
-cuDNN's own channels-last 1x3x3 conv at an R50 res2 shape, measured at the start and end of the same run), and
-peak memory (CUDA: ``torch.cuda.max_memory_allocated`` over one call; CPU, Linux/glibc: the growth of the
-process's peak resident memory during one call, freed memory given back and the high-water mark reset just
-before it). The result holds the device, versions and commit, and the targets with their measured values.
+cuDNN's own channels-last 1x3x3 conv at an R50 res2 shape, measured at the start and end of the same run), the
+share of its time that the model's own convolutions alone take (:func:`conv_floor`: each conv of the model timed on
+its own; a speedup target gets the bound these convs set), and peak memory (CUDA:
+``torch.cuda.max_memory_allocated`` over one call; CPU, Linux/glibc: the growth of the process's peak resident
+memory during one call, freed memory given back and the high-water mark reset just before it). The result holds
+the device, versions and commit, and the targets with their measured values.
 
     lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU
     lgd-fast bench --dtype bf16                      # the same under bf16 autocast
@@ -45,7 +47,9 @@ __all__ = [
     "CANDIDATES",
     "PASSES",
     "TARGETS",
+    "conv_floor",
     "device_slug",
+    "model_convs",
     "percentiles",
     "plot_bench",
     "run_bench",
@@ -226,6 +230,112 @@ def model_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 # The conv peak's shape (PERF.md): an R50 res2 1x3x3 conv, 64 -> 64 channels, on 4x64x4x28x28, channels_last_3d.
 PEAK_SHAPE, PEAK_KERNEL = (4, 64, 4, 28, 28), (64, 64, 1, 3, 3)
+
+
+def model_convs(model: torch.nn.Module, x: torch.Tensor, autocast: torch.autocast) -> list[dict[str, Any]]:
+    """Every convolution one forward of ``x`` runs (forward pre-hooks on the model's conv modules; eval, with
+    autograd on, so that an input that needs no gradient, the clip, is seen as such): per distinct call its
+    input shape, compute dtype (autocast's where it is on), weight shape, settings, whether its input needs a
+    gradient, and how many times it runs."""
+    seen: dict[tuple, dict[str, Any]] = {}
+
+    def hook(module, inputs):
+        x_in = inputs[0]
+        dtype = x_in.dtype
+        if torch.is_autocast_enabled(x_in.device.type) and x_in.is_floating_point():
+            dtype = torch.get_autocast_dtype(x_in.device.type)
+        call = {"input": tuple(x_in.shape), "dtype": dtype, "weight": tuple(module.weight.shape),
+                "bias": module.bias is not None, "stride": tuple(module.stride), "padding": module.padding,
+                "dilation": tuple(module.dilation), "groups": module.groups,
+                "input_grad": x_in.requires_grad}  # fmt: skip
+        key = tuple((k, str(v)) for k, v in call.items())
+        seen.setdefault(key, {**call, "count": 0})["count"] += 1
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, torch.nn.modules.conv._ConvNd)]  # fmt: skip
+    try:
+        with torch.enable_grad(), autocast:
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(seen.values())
+
+
+def conv_floor(
+    model: torch.nn.Module, x: torch.Tensor, *, training: bool, autocast: torch.autocast, repeats: int = 5
+) -> dict[str, Any]:
+    """The model's convolutions alone (:func:`model_convs`), each timed on its own on random data in the
+    channels-last layout, and summed over the calls one forward makes: what a pass of the model would take if
+    nothing but its convolutions ran. Inference: the forward, on the CPU with the weight packed once into
+    oneDNN's layout (``mkldnn._reorder_convolution_weight``, as the fast model and inductor's freezing run it),
+    elsewhere ATen's conv; training: forward and backward as autograd runs them (the input's gradient only where
+    the model needs it). Each call's median over ``repeats`` (after one warm-up) counts.
+
+    Both the fast model and the compiled graphs run their convolutions as these primitives, so no candidate can
+    take less than this (fused post-ops aside); a speedup target over a candidate that takes ``t`` is reachable
+    only if ``t / target`` is at least this floor."""
+    from .ops.p3d_conv import onednn_takes
+
+    calls = model_convs(model, x, autocast)
+    gen = torch.Generator().manual_seed(2)
+    total, flops, rows = 0.0, 0, []
+    for call in calls:
+        shape, dtype, kernel = call["input"], call["dtype"], call["weight"]
+        fmt = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
+        x_c = torch.randn(shape, generator=gen).to(x.device, dtype).contiguous(memory_format=fmt)
+        fan_in = kernel[1] * int(torch.tensor(kernel[2:]).prod())
+        w = (torch.randn(kernel, generator=gen) / fan_in**0.5).to(x.device, dtype).contiguous(memory_format=fmt)
+        b = torch.randn(kernel[0], generator=gen).to(x.device, dtype) if call["bias"] else None
+        conv = F.conv3d if len(shape) == 5 else F.conv2d
+        settings = (call["stride"], call["padding"], call["dilation"], call["groups"])
+        with torch.no_grad():
+            out_shape = conv(x_c, w, b, *settings).shape
+        if training:
+            x_c.requires_grad_(call["input_grad"])
+            params = [t.requires_grad_() for t in (w, b) if t is not None]
+            wrt = ([x_c] if call["input_grad"] else []) + params
+            grad_out = torch.randn(out_shape, generator=gen).to(x.device, dtype).contiguous(memory_format=fmt)
+
+            def run(x_c=x_c, w=w, b=b, conv=conv, settings=settings, wrt=wrt, grad_out=grad_out):
+                torch.autograd.grad(conv(x_c, w, b, *settings), wrt, grad_out)
+
+        else:
+            packed = None
+            if x.device.type == "cpu" and onednn_takes(dtype) and not isinstance(call["padding"], str):
+                args = [list(call["padding"]), list(call["stride"]), list(call["dilation"]), call["groups"]]
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w, *args[:3], args[3], list(shape))
+
+            def run(x_c=x_c, w=w, b=b, conv=conv, settings=settings, packed=packed):
+                with torch.inference_mode():
+                    if packed is None:
+                        conv(x_c, w, b, *settings)
+                    else:
+                        pad, stride, dilation, groups = settings[1], settings[0], settings[2], settings[3]
+                        torch.ops.mkldnn._convolution_pointwise.default(
+                            x_c, packed, b, list(pad), list(stride), list(dilation), groups, "none", [], ""
+                        )
+
+        samples, _ = time_interleaved({"conv": run}, repeats=repeats, warmup=1, device=x.device)
+        median = statistics.median(samples["conv"])
+        # forward: 2 per multiply-add; backward: twice that (input and weight gradients; the clip's input gradient
+        # is not computed, so the stem's backward counts once)
+        passes = 1 if not training else (3 if call["input_grad"] else 2)
+        call_flops = 2 * out_shape.numel() * fan_in * passes
+        total += median * call["count"]
+        flops += call_flops * call["count"]
+        rows.append({**{k: (str(v) if k == "dtype" else v) for k, v in call.items()}, "median_s": median})
+    return {"seconds": total, "gflop": flops / 1e9, "calls": sum(c["count"] for c in calls), "distinct": len(calls),
+            "training": training, "per_call": rows}  # fmt: skip
+
+
+def _conv_floors(name, num_classes, device, clips, passes, autocast, repeats) -> dict[str, dict[str, Any]]:
+    """:func:`conv_floor` per pass, on a channels-last reference of ``name`` (the fast model's convs are the same)."""
+    from .models import create_model
+
+    model = create_model(name, num_classes, classifier="two_heads").to(device, memory_format=torch.channels_last_3d)
+    return {p: conv_floor(model, clips[p][0], training=p == "training", autocast=autocast, repeats=max(repeats, 3))
+            for p in passes}  # fmt: skip
 
 
 def conv_peak(device: torch.device, dtype: str, *, repeats: int = 30) -> dict[str, Any]:
@@ -411,6 +521,7 @@ def run_bench(
         timings[pass_] = (samples, first_call)
     peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
     peak = max(p["gflops_per_s"] for p in peaks)
+    floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if models else {}
     global _LIBC
     if dev.type == "cpu" and _LIBC is None:
         _LIBC = _glibc()
@@ -423,9 +534,11 @@ def run_bench(
         for name in calls:
             timing = percentiles(samples[name])
             share = flops[pass_] / timing["median_s"] / 1e9 / peak if pass_ != "training" else None
+            floor = floors.get(pass_, {}).get("seconds")
+            floor_share = None if floor is None else floor / timing["median_s"]
             rows[name] = {**timing, "clips_per_s": shapes[pass_][0] / timing["median_s"],
-                          "conv_peak_share": share, "peak_memory_bytes": memory[name],
-                          "warmup_s": first_call[name]}  # fmt: skip
+                          "conv_peak_share": share, "conv_floor_share": floor_share,
+                          "peak_memory_bytes": memory[name], "warmup_s": first_call[name]}  # fmt: skip
         results[pass_] = rows
     bar.close()
     accuracy = _bf16_logits_error(models, clips, passes, autocast) if dtype == "bf16" else None
@@ -440,11 +553,13 @@ def run_bench(
                      "threads": torch.get_num_threads(), "candidates": list(candidates),
                      "passes": list(passes)},  # fmt: skip
         "conv_peak": {"gflops_per_s": peak, "measurements": peaks},
+        "conv_floor": floors,
         "model_gflops": {p: f / 1e9 for p, f in flops.items()},
         "accuracy": accuracy,
         "activation_arena": arena_stats().as_dict() if dev.type == "cpu" and extension_available() else None,
         "results": results,
-        "target_check": check_targets(results, model, shapes["inference"], dtype, dev.type, channels_last, accuracy),
+        "target_check": check_targets(results, model, shapes["inference"], dtype, dev.type, channels_last, accuracy,
+                                      floors),
         "notes": [
             "candidates share the reference's weights; compiled = torch.compile(model, dynamic=False) (inductor); "
             "_freezing: with torch._inductor.config.freezing = True (inference passes only); reference_compiled_"
@@ -461,6 +576,10 @@ def run_bench(
             "released before each measured call, so it counts the blocks the call takes",
             "conv_peak_share: model_gflops / median_s / conv_peak.gflops_per_s (the larger of two measurements of "
             "the device's own channels-last 1x3x3 conv, before and after the timings)",
+            "conv_floor: per pass, the model's own convolutions alone (each distinct call timed on its own on random "
+            "channels-last data, oneDNN with a packed weight for CPU inference; training: forward and backward), "
+            "summed over one forward's calls; conv_floor_share: conv_floor.seconds / median_s; a speedup target's "
+            "bound: the other candidate's median over the floor (what a model of nothing but these convs would reach)",
             "peak_memory_bytes: CUDA max_memory_allocated over one call minus what was allocated before it; "
             "CPU: the process's peak resident memory during one call (VmHWM, reset just before, after "
             "malloc_trim gave freed heap memory back) minus the resident memory before it",
@@ -497,9 +616,13 @@ def check_targets(
     device: str,
     channels_last: bool = False,
     accuracy: dict | None = None,
+    floors: dict | None = None,
 ) -> list[dict]:
     """The targets (:data:`TARGETS`: R50, 16x112x112, batch 4 on the CPU, per dtype) and the measured values;
-    ``met`` is True or False where the target applies to this setting, None (not judged) elsewhere."""
+    ``met`` is True or False where the target applies to this setting, None (not judged) elsewhere. With the
+    passes' conv ``floors`` (:func:`conv_floor`), a speedup target also gets its ``bound``: the other candidate's
+    median over the floor, the speedup a model that ran nothing but its convolutions would reach (a target above
+    it needs faster convolutions, not less overhead)."""
     applies = model == "lgd3d_r50" and list(shape) == [4, 3, 16, 112, 112] and device == "cpu"
     applies = applies and not channels_last
     checks = []
@@ -508,6 +631,7 @@ def check_targets(
         if "fast" not in rows:
             continue
         for metric, target in targets.items():
+            extra = {}
             if metric == "conv_peak_share":
                 value = rows["fast"].get("conv_peak_share")
                 met = value is not None and value >= target
@@ -520,6 +644,9 @@ def check_targets(
                     continue
                 value = rows[other]["median_s"] / rows["fast"]["median_s"]
                 met = value >= target
+                floor = (floors or {}).get(pass_, {}).get("seconds")
+                if floor:
+                    extra = {"bound": rows[other]["median_s"] / floor}
             else:
                 other = metric.removeprefix("peak_memory_vs_")
                 a, b = rows["fast"].get("peak_memory_bytes"), rows.get(other, {}).get("peak_memory_bytes")
@@ -531,7 +658,7 @@ def check_targets(
                 continue
             checks.append({"pass": pass_, "metric": metric, "target": target, "measured": value,
                            "met": met if applies else None,
-                           "target_applies_to_this_setting": applies})  # fmt: skip
+                           "target_applies_to_this_setting": applies, **extra})  # fmt: skip
     return checks
 
 
@@ -593,7 +720,8 @@ def git_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
 
 def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """A bar chart per pass: clips/s of every candidate (higher is faster), each bar labelled with its share of the
-    measured conv peak, and a dashed line where the conv peak would put the model (its FLOPs at that rate)."""
+    measured conv peak, a dashed line where the conv peak would put the model (its FLOPs at that rate) and a dotted
+    one where its convolutions alone would (the conv floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -615,6 +743,12 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             share = rows[name].get("conv_peak_share")
             label = f"{v:.2f}" + ("" if share is None else f"\n{share:.0%}")
             ax.annotate(label, (bar_.get_x() + bar_.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        floor = payload.get("conv_floor", {}).get(pass_)
+        if floor:  # what the model's convolutions alone would allow
+            clips = payload["input"][0] if pass_ != "latency" else 1
+            ax.axhline(clips / floor["seconds"], color="tab:red", linestyle=":", linewidth=0.8)
+            ax.annotate(f"convs alone {floor['seconds'] * 1e3:.0f} ms", (len(names) - 1, clips / floor["seconds"]),
+                        fontsize=7, va="bottom", ha="right")  # fmt: skip
         gflops = payload.get("model_gflops", {}).get(pass_)
         if peak and gflops and pass_ != "training":
             clips = payload["input"][0] if pass_ == "inference" else 1

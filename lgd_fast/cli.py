@@ -300,11 +300,17 @@ def _bench(args) -> int:
     peak = payload["conv_peak"]["gflops_per_s"]
     print(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']} on {payload['device']}; "
           f"conv peak {peak:.0f} GFLOP/s (the device's own channels-last 1x3x3 conv, measured in this run)")
+    for pass_, floor in payload.get("conv_floor", {}).items():
+        print(f"  conv floor {pass_}: {floor['seconds'] * 1e3:.1f} ms (the model's {floor['calls']} convolutions alone"
+              f"{', forward and backward' if floor['training'] else ''}: {floor['gflop']:.3g} GFLOP at "
+              f"{floor['gflop'] / floor['seconds']:.0f} GFLOP/s)")  # fmt: skip
     for pass_, rows in payload["results"].items():
         for name, row in rows.items():
             memory, share = row["peak_memory_bytes"], row["conv_peak_share"]
+            floor_share = row.get("conv_floor_share")
             print(f"  {pass_:<9} {name:<32} {row['median_s'] * 1e3:9.1f} ms  p95 {row['p95_s'] * 1e3:9.1f} ms  "
-                  f"{row['clips_per_s']:8.2f} clips/s  {'' if share is None else f'{share:4.0%} of peak  '}peak memory "
+                  f"{row['clips_per_s']:8.2f} clips/s  {'' if share is None else f'{share:4.0%} of peak  '}"
+                  f"{'' if floor_share is None else f'{floor_share:4.0%} convs  '}peak memory "
                   f"{'n/a' if memory is None else f'{memory / 2**20:.0f} MiB'}")  # fmt: skip
     if payload["accuracy"]:
         print(f"  bf16 logits vs fp32: max error {payload['accuracy']['logits_max_error_vs_fp32']:.2e}")
@@ -313,7 +319,9 @@ def _bench(args) -> int:
             verdict = "not judged (the targets are set for lgd3d_r50 4x3x16x112x112 on the CPU)"
         else:
             verdict = "met" if check["met"] else "NOT met"
-        print(f"  target {check['pass']} {check['metric']}: {check['measured']:.3g} vs {check['target']} {verdict}")
+        bound = "" if "bound" not in check else f" (bound {check['bound']:.3g}: the convs alone)"
+        print(f"  target {check['pass']} {check['metric']}: {check['measured']:.3g} vs {check['target']} {verdict}"
+              f"{bound}")  # fmt: skip
     print(f"wrote {path} and {png}")
     return 0
 

@@ -35,6 +35,12 @@ def test_run_bench_measures_every_candidate_and_pass():
             else:
                 share = gflops[pass_] / row["median_s"] / peak["gflops_per_s"]
                 assert row["conv_peak_share"] == pytest.approx(share)
+    floors = payload["conv_floor"]
+    assert set(floors) == set(bench.PASSES) and floors["training"]["training"]
+    for pass_, floor in floors.items():
+        assert floor["seconds"] > 0 and floor["calls"] == sum(c["count"] for c in floor["per_call"])
+        for row in payload["results"][pass_].values():
+            assert row["conv_floor_share"] == pytest.approx(floor["seconds"] / row["median_s"])
     metrics = {(c["pass"], c["metric"]) for c in payload["target_check"]}
     assert ("inference", "conv_peak_share") in metrics
     assert not any(c["target_applies_to_this_setting"] for c in payload["target_check"])  # tiny, not R50
@@ -48,6 +54,35 @@ def test_model_flops_counts_convs_and_linears():
                                 torch.nn.Flatten(), torch.nn.Linear(8 * 2 * 5 * 5, 4))  # fmt: skip
     x = torch.randn(1, 3, 2, 5, 5)
     assert bench.model_flops(model, x) == 2 * (8 * 2 * 5 * 5) * 3 * 9 + 2 * 4 * 400
+
+
+def test_model_convs_lists_every_conv_call():
+    """Each distinct conv call of one forward with its count: the FLOPs they add up to are the model's conv FLOPs;
+    only the stem's input (the clip) needs no gradient; under bf16 autocast the convs compute in bfloat16."""
+    model = create_model("lgd3d_tiny", 5, classifier="two_heads")
+    x = torch.randn(2, 3, 4, 32, 32)
+    off = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+    calls = bench.model_convs(model, x, off)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert sum(c["count"] for c in calls) == len(convs)
+    assert [c["input_grad"] for c in calls].count(False) == 1 and calls[0]["input"] == tuple(x.shape)
+    assert all(c["dtype"] == torch.float32 for c in calls)
+    floor = bench.conv_floor(model, x, training=False, autocast=off, repeats=3)
+    flops = []
+    handles = [m.register_forward_hook(lambda m, i, o: flops.append(2 * o.numel() * m.weight[0].numel()))
+               for m in convs]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    assert floor["gflop"] * 1e9 == pytest.approx(sum(flops))
+    assert floor["seconds"] == pytest.approx(sum(c["median_s"] * c["count"] for c in floor["per_call"]))
+    training = bench.conv_floor(model, x, training=True, autocast=off, repeats=3)
+    stem = 2 * torch.nn.functional.conv3d(x, convs[0].weight, stride=convs[0].stride, padding=convs[0].padding).numel()
+    stem *= convs[0].weight[0].numel()  # forward plus the weight gradient: no input gradient for the clip
+    assert training["gflop"] == pytest.approx(3 * floor["gflop"] - stem / 1e9)
+    on = torch.autocast("cpu", dtype=torch.bfloat16)
+    assert all(c["dtype"] == torch.bfloat16 for c in bench.model_convs(model, x, on))
 
 
 def test_channels_last_and_freezing_candidates(monkeypatch):
@@ -124,6 +159,13 @@ def test_target_check_on_a_hand_made_result():
         ("training", "peak_memory_vs_reference"): (0.7, True),
     }
     assert all(c["target_applies_to_this_setting"] for c in checks)
+    assert not any("bound" in c for c in checks)
+    floors = {"inference": {"seconds": 0.5}, "training": {"seconds": 1.0}}
+    checks = bench.check_targets(results, "lgd3d_r50", [4, 3, 16, 112, 112], "fp32", "cpu", floors=floors)
+    bounds = {(c["pass"], c["metric"]): c.get("bound") for c in checks}
+    assert bounds[("inference", "speedup_vs_reference_compiled_freezing")] == pytest.approx(1.1 / 0.5)
+    assert bounds[("training", "speedup_vs_reference_channels_last_compiled")] == pytest.approx(1.1 / 1.0)
+    assert bounds[("inference", "conv_peak_share")] is None  # a bound is for speedups only
     accuracy = {"logits_max_error_vs_fp32": 0.03}
     checks = bench.check_targets(results, "lgd3d_r50", [4, 3, 16, 112, 112], "bf16", "cpu", accuracy=accuracy)
     got = {(c["pass"], c["metric"]): (round(c["measured"], 3), c["met"]) for c in checks}
