@@ -32,12 +32,22 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
+from typing import Any
 
 import torch
 
 from .ops._backend import extension_error, load_extension
 
-__all__ = ["ArenaStats", "activation_arena", "arena_stats", "configure_arena", "release_arena", "use_arena"]
+__all__ = [
+    "ArenaStats",
+    "activation_arena",
+    "arena_stats",
+    "backward_in_arena",
+    "configure_arena",
+    "release_arena",
+    "use_arena",
+]
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +139,94 @@ def configure_arena(*, min_bytes: int | None = None, idle_scopes: int | None = N
 _WARNED = False
 
 
-def use_arena(module: torch.nn.Module, x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The scope a fast module's forward runs in: :func:`activation_arena` at eager CPU inference (no autograd, not
-    traced by torch.compile) where the module allows it (``module.activation_arena``, default True) and
-    ``LGD_FAST_ARENA`` is not 0; otherwise a no-op. If the arena cannot be installed, warns once and runs
-    without it."""
+def _applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Eager CPU work (not traced by torch.compile) where the module allows the arena (``module.activation_arena``,
+    default True), ``LGD_FAST_ARENA`` is not 0 and the arena can be installed (else a warning, once)."""
     global _WARNED
-    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
-            or not getattr(module, "activation_arena", True) or os.environ.get(ENV, "1") == "0"):  # fmt: skip
-        return contextlib.nullcontext()
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or not getattr(module, "activation_arena", True)
+            or os.environ.get(ENV, "1") == "0"):  # fmt: skip
+        return False
     if (reason := _install()) is not None:
         if not _WARNED:
             log.warning("lgd_fast: the activation arena cannot run (%s); fast models run without it", reason)
             _WARNED = True
+        return False
+    return True
+
+
+def use_arena(module: torch.nn.Module, x: torch.Tensor, *, backward: bool = False) -> contextlib.AbstractContextManager:
+    """The scope a fast module's forward runs in: :func:`activation_arena` for eager CPU work where the module
+    allows it (``module.activation_arena``, default True) and ``LGD_FAST_ARENA`` is not 0; otherwise a no-op. With
+    autograd on, only where the caller also runs the backward of its outputs in the arena (``backward=True`` and
+    :func:`backward_in_arena` on the outputs): a forward alone in the arena would leave the activations it frees
+    in the pool while the backward takes fresh memory from the heap. If the arena cannot be installed, warns once
+    and runs without it."""
+    if torch.is_grad_enabled() and not backward:
         return contextlib.nullcontext()
-    return activation_arena()
+    return activation_arena() if _applies(module, x) else contextlib.nullcontext()
+
+
+class _Pending(threading.local):
+    scopes = 0  # backward scopes entered on this thread whose backward pass has not ended
+
+
+_PENDING = _Pending()
+
+
+def _end_backward_scope(thread: int) -> None:
+    if threading.get_ident() != thread:  # the pass ended on another thread (a device's): the opener's next forward
+        return  # closes the scope (_close_unfinished_backward_scopes)
+    _PENDING.scopes -= 1
+    _ext()._arena_exit()
+
+
+class _BackwardInArena(torch.autograd.Function):
+    """Identity on the outputs; their backward opens an arena scope that the end of the backward pass closes."""
+
+    @staticmethod
+    def forward(ctx, *outputs):
+        ctx.set_materialize_grads(False)  # an unused head's gradient stays None: nothing allocated for it
+        # copies, not views: a caller may change the outputs in place (logits.div_(T)), which autograd forbids on a
+        # custom Function's views; the outputs are logits, (N, classes), in the fast models
+        return tuple(t.clone() for t in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _ext()._arena_enter()
+        _PENDING.scopes += 1
+        # runs when this backward pass ends, on the thread that runs the pass (the caller's, for a CPU graph)
+        thread = threading.get_ident()
+        torch.autograd.Variable._execution_engine.queue_callback(lambda: _end_backward_scope(thread))
+        return grads
+
+
+def _close_unfinished_backward_scopes() -> None:
+    """Scopes of backward passes that raised before their end (their end callback never ran), closed outside any
+    backward pass (a forward inside one, as activation checkpointing runs, is left alone)."""
+    if _PENDING.scopes and torch._C._current_graph_task_id() == -1:
+        log.warning("lgd_fast: %d backward pass(es) in the activation arena did not finish; their scopes are closed "
+                    "now", _PENDING.scopes)  # fmt: skip
+        while _PENDING.scopes:
+            _PENDING.scopes -= 1
+            _ext()._arena_exit()
+
+
+def backward_in_arena(module: torch.nn.Module, x: torch.Tensor, outputs: Any) -> Any:
+    """``outputs`` (a tensor or a tuple of tensors) whose backward, from the point autograd reaches them to the end
+    of that backward pass, runs in the arena (gradients and the backward's temporaries take the blocks the forward's
+    activations free), where :func:`use_arena` with ``backward=True`` put the forward in it: eager CPU work with
+    autograd on. Elsewhere ``outputs`` unchanged, and so are outputs of another structure (a dict: then only the
+    forward ran in the arena)."""
+    if not torch.is_grad_enabled() or not _applies(module, x):
+        return outputs
+    _close_unfinished_backward_scopes()
+    single = isinstance(outputs, torch.Tensor)
+    tensors = (outputs,) if single else tuple(outputs)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or not any(t.requires_grad for t in tensors):
+        return outputs
+    wrapped = _BackwardInArena.apply(*tensors)
+    if single:
+        return wrapped[0]
+    if hasattr(outputs, "_fields"):  # a namedtuple
+        return type(outputs)(*wrapped)
+    return type(outputs)(wrapped) if isinstance(outputs, tuple) else list(wrapped)

@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import plan as planning
-from .arena import use_arena
+from .arena import backward_in_arena, use_arena
 
 __all__ = [
     "ENV",
@@ -452,5 +452,6 @@ class RecordedInference(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"RecordedInference: the model's one input must be a tensor, got {type(x).__name__}")
-        with use_arena(self, x):
-            return recorded_call(self, x, self.module)
+        with use_arena(self, x, backward=True):
+            out = recorded_call(self, x, self.module)
+        return backward_in_arena(self, x, out)

@@ -12,6 +12,7 @@ from lgd_fast.arena import (
     ArenaUnavailableError,
     activation_arena,
     arena_stats,
+    backward_in_arena,
     configure_arena,
     release_arena,
     use_arena,
@@ -47,6 +48,8 @@ def test_reuses_a_freed_block_inside_a_scope_only():
 
 
 def test_best_fit_within_twice_the_request_and_freed_anywhere_returns():
+    before = arena_stats()  # blocks other tests' tensors still hold (a model's cached weights, gradients)
+    held = before.owned_bytes - before.cached_bytes
     with activation_arena():
         a = torch.empty(BIG)
     ptr = a.data_ptr()
@@ -61,18 +64,19 @@ def test_best_fit_within_twice_the_request_and_freed_anywhere_returns():
         assert larger.data_ptr() != ptr
     stats = arena_stats()
     in_use = BIG * 4 + sum(t.untyped_storage().nbytes() for t in (too_small, larger))  # fits holds the whole block
-    assert stats.owned_bytes - stats.cached_bytes == in_use
+    assert stats.owned_bytes - stats.cached_bytes == held + in_use
     del too_small, fits, larger
 
 
 def test_release_frees_free_blocks_and_keeps_live_ones():
+    held = arena_stats().owned_bytes  # blocks other tests' tensors still hold (the fixture freed the free ones)
     with activation_arena():
         live, dead = torch.randn(BIG), torch.empty(BIG * 2)
     del dead
     freed = release_arena()
     assert freed == BIG * 2 * 4
     stats = arena_stats()
-    assert stats.cached_bytes == 0 and stats.owned_bytes == BIG * 4
+    assert stats.cached_bytes == 0 and stats.owned_bytes == held + BIG * 4
     assert torch.isfinite(live).all()
 
 
@@ -123,7 +127,9 @@ def test_use_arena_only_at_eager_cpu_inference(monkeypatch):
         monkeypatch.setenv("LGD_FAST_ARENA", "0")
         assert not isinstance(use_arena(model, x), type(activation_arena()))
     monkeypatch.delenv("LGD_FAST_ARENA")
-    assert not isinstance(use_arena(model, x), type(activation_arena()))  # autograd on
+    assert not isinstance(use_arena(model, x), type(activation_arena()))  # autograd on: only with the backward
+    assert isinstance(use_arena(model, x, backward=True), type(activation_arena()))
+    assert backward_in_arena(model, x, x) is x  # nothing to differentiate
 
 
 def test_unavailable_arena_raises_and_fast_models_warn_once(monkeypatch, caplog):
@@ -173,12 +179,87 @@ def test_fast_model_in_the_arena_equals_without_and_writes_every_reused_block(ar
             assert torch.equal(a, b)
 
 
-def test_training_forward_does_not_use_the_arena(gen):
+def _step(model, x, seed):
+    """Forward (dropout drawn from ``seed``), both heads' loss, backward: (outputs, loss, every gradient)."""
+    torch.manual_seed(seed)
+    local, global_ = model(x)
+    loss = local.square().mean() + global_.square().mean()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [local.detach(), global_.detach(), loss.detach()], [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd2d_r18"])
+def test_training_step_in_the_arena_equals_without_and_writes_every_reused_block(arch, gen):
+    """A training step: the forward and the backward of the outputs run in the arena (two outermost scopes, the
+    backward's closed when the backward pass ends), with outputs and gradients bit for bit those of a step
+    without it, also after every free block was poisoned."""
+    import lgd_fast.arena as arena
+
+    fast = create_model(arch, num_classes=7, classifier="two_heads", fast=True).train()
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen) if arch.startswith("lgd3d") else torch.randn(
+        2, 3, 3, 64, 64, generator=gen)
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    fast.activation_arena = False
+    before = arena_stats()
+    expected = _step(fast, x, seed)
+    assert arena_stats().scopes == before.scopes  # switched off: no scope
+    fast.activation_arena = True
+    first = _step(fast, x, seed)
+    after_first = arena_stats()
+    assert after_first.scopes == before.scopes + 2 and arena._PENDING.scopes == 0
+    _C._arena_poison()  # every block the next step takes holds NaN until the step writes it
+    second = _step(fast, x, seed)
+    assert arena_stats().hits > after_first.hits
+    for outputs, grads in (first, second):
+        for a, b in zip(outputs + grads, expected[0] + expected[1], strict=True):
+            assert torch.equal(a, b), f"seed {seed}"
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        _C._arena_exit()  # every scope was closed
+    local, global_ = fast(x)
+    local.div_(2)  # outputs a caller may change in place
+    (local.sum() + global_.sum()).backward()
+    assert arena._PENDING.scopes == 0
+
+
+def test_forward_features_with_autograd_stays_out_of_the_arena(gen):
+    """A forward alone (its backward not in a scope) would keep freed activations in the pool while the backward
+    takes fresh memory: with autograd on only forward(), whose outputs carry the backward's scope, uses the arena."""
     fast = create_model("lgd3d_tiny", num_classes=7, fast=True).train()
     before = arena_stats()
-    fast(torch.randn(2, 3, 8, 32, 32, generator=gen))
+    local_map, g = fast.forward_features(torch.randn(2, 3, 8, 32, 32, generator=gen))
+    (local_map.sum() + g.sum()).backward()
     after = arena_stats()
     assert (after.hits, after.misses, after.scopes) == (before.hits, before.misses, before.scopes)
+
+
+def test_backward_that_raises_leaves_no_scope_open(gen, caplog):
+    """A backward pass that raises after its arena scope opened never reaches its end callback: the next forward
+    closes that scope (with a warning) before it opens its own."""
+    import lgd_fast.arena as arena
+
+    fast = create_model("lgd3d_tiny", num_classes=7, classifier="two_heads", fast=True).train()
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    local, global_ = fast(x)
+
+    def fail(grad):
+        raise RuntimeError("a hook failed")
+
+    fast.conv1.weight.register_hook(fail)
+    with pytest.raises(RuntimeError, match="a hook failed"):
+        (local.sum() + global_.sum()).backward()
+    assert arena._PENDING.scopes == 1
+    with caplog.at_level("WARNING", logger="lgd_fast.arena"):
+        fast.eval()
+        with torch.no_grad():
+            fast(x)  # inference does not close it: it opens and closes only its own scope
+        assert arena._PENDING.scopes == 1
+        fast.train()
+        fast(x)
+    assert arena._PENDING.scopes == 0
+    assert any("did not finish" in r.message for r in caplog.records)
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        _C._arena_exit()
 
 
 def test_public_names():

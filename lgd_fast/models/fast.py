@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import plan as planning
-from ..arena import use_arena
+from ..arena import backward_in_arena, use_arena
 from ..ops import diffusion_epilogue, global_avg_pool, global_update
 from ..ops._common import layout, memory_format
 from ..ops.conv_bn import batch_norm_affine, conv_bn, fusable_reason, norm_reason
@@ -153,7 +153,7 @@ class _FastNet:
         """x: (N, 3, T, H, W) -> (the last block's output as videos, g_L, its per-video mean): the mean comes out
         of the last block's epilogue where that block ends fused."""
         self.check_input(x)
-        with use_arena(self, x):  # eager CPU inference: activations in reused memory (lgd_fast.arena)
+        with use_arena(self, x):  # eager CPU inference (training: forward's own scope): reused memory (lgd_fast.arena)
             return self._stem_and_blocks_in_scope(x)
 
     def _stem_and_blocks_in_scope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,8 +186,9 @@ class _FastNet:
         return local_map, g
 
     def forward(self, x: torch.Tensor):
-        with use_arena(self, x):
-            return recorded_call(self, x, self._forward_layers)
+        with use_arena(self, x, backward=True):  # with autograd, the outputs' backward runs in the arena too
+            out = recorded_call(self, x, self._forward_layers)
+        return backward_in_arena(self, x, out)
 
     def _forward_layers(self, x: torch.Tensor):
         local_map, g, local_mean = self.forward_features_and_mean(x)
