@@ -755,7 +755,8 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             ax.axhline(peak / gflops * clips, color="black", linestyle="--", linewidth=0.8)
             ax.annotate(f"conv peak {peak:.0f} GFLOP/s", (0, peak / gflops * clips), fontsize=7, va="bottom")
         ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
-        ax.set_title(f"{pass_}: clips/s (higher is faster); % of conv peak", fontsize=9)
+        ax.set_title(f"{pass_}: clips/s (higher is faster)" + ("" if pass_ == "training" else "; % of conv peak"),
+                     fontsize=9)  # fmt: skip
     m = payload["machine"]
     where = m.get("cuda_device") or f"{m['cpu']} ({payload['settings']['threads']} threads)"
     fig.suptitle(f"{payload['model']} {'x'.join(map(str, payload['input']))} {payload['dtype']}, {where}, "
