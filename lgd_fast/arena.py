@@ -8,9 +8,17 @@ freed (the smallest that holds it, at most twice its size), else a new one; free
 returns the block to the pool. So from the second call with the same shapes a model's forward allocates no new
 memory. Outside a scope nothing changes: every allocation is the previous CPU allocator's own.
 
-The fast LGD models run their eager CPU inference inside it (``model.activation_arena = False`` turns that
-off for one model, ``LGD_FAST_ARENA=0`` for all); :func:`lgd_fast.convert`-ed models do not yet: wrap them,
-and any other inference loop, in it yourself::
+The fast LGD models run their eager CPU work inside it (``model.activation_arena = False`` turns that off for
+one model, ``LGD_FAST_ARENA=0`` for all; not under torch.compile or ``torch.func`` transforms): inference, and
+with autograd on the forward and the backward of its outputs: :func:`backward_in_arena` passes the outputs that
+need a gradient through an identity (copies) whose backward opens a scope that the end of that backward pass
+closes, so the gradients and the backward's temporaries take the blocks the forward's saved activations free.
+The engine runs no end callback for a backward pass that raises: its scope stays open on that thread (large
+allocations there served by the pool) until the next forward of a fast model closes it, with a warning. A forward
+alone with autograd on (``forward_features``) stays out of the arena: its freed activations would wait in the
+pool while its backward took fresh heap memory. :func:`lgd_fast.convert`-ed models do not enter it by
+themselves: wrap them in :class:`lgd_fast.RecordedInference` (inference and training alike), or an inference
+loop in the arena yourself::
 
     with torch.inference_mode(), lgd_fast.activation_arena():
         logits = model(clips)
@@ -36,6 +44,7 @@ import threading
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .ops._backend import extension_error, load_extension
 
@@ -140,11 +149,12 @@ _WARNED = False
 
 
 def _applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Eager CPU work (not traced by torch.compile) where the module allows the arena (``module.activation_arena``,
-    default True), ``LGD_FAST_ARENA`` is not 0 and the arena can be installed (else a warning, once)."""
+    """Eager CPU work (not traced by torch.compile, no ``torch.func`` transform) where the module allows the arena
+    (``module.activation_arena``, default True), ``LGD_FAST_ARENA`` is not 0 and the arena can be installed (else a
+    warning, once)."""
     global _WARNED
     if (torch.compiler.is_compiling() or x.device.type != "cpu" or not getattr(module, "activation_arena", True)
-            or os.environ.get(ENV, "1") == "0"):  # fmt: skip
+            or os.environ.get(ENV, "1") == "0" or torch._C._are_functorch_transforms_active()):  # fmt: skip
         return False
     if (reason := _install()) is not None:
         if not _WARNED:
@@ -161,6 +171,7 @@ def use_arena(module: torch.nn.Module, x: torch.Tensor, *, backward: bool = Fals
     :func:`backward_in_arena` on the outputs): a forward alone in the arena would leave the activations it frees
     in the pool while the backward takes fresh memory from the heap. If the arena cannot be installed, warns once
     and runs without it."""
+    _close_unfinished_backward_scopes()
     if torch.is_grad_enabled() and not backward:
         return contextlib.nullcontext()
     return activation_arena() if _applies(module, x) else contextlib.nullcontext()
@@ -181,17 +192,20 @@ def _end_backward_scope(thread: int) -> None:
 
 
 class _BackwardInArena(torch.autograd.Function):
-    """Identity on the outputs; their backward opens an arena scope that the end of the backward pass closes."""
+    """Identity on the outputs that need a gradient; their backward opens an arena scope that the end of the
+    backward pass closes."""
 
     @staticmethod
     def forward(ctx, *outputs):
         ctx.set_materialize_grads(False)  # an unused head's gradient stays None: nothing allocated for it
         # copies, not views: a caller may change the outputs in place (logits.div_(T)), which autograd forbids on a
-        # custom Function's views; the outputs are logits, (N, classes), in the fast models
+        # custom Function's views (the fast models' outputs are logits, (N, classes): small)
         return tuple(t.clone() for t in outputs)
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.compiler.is_compiling():  # traced by compiled autograd: no scope to open at run time
+            return grads
         _ext()._arena_enter()
         _PENDING.scopes += 1
         # runs when this backward pass ends, on the thread that runs the pass (the caller's, for a CPU graph)
@@ -201,32 +215,31 @@ class _BackwardInArena(torch.autograd.Function):
 
 
 def _close_unfinished_backward_scopes() -> None:
-    """Scopes of backward passes that raised before their end (their end callback never ran), closed outside any
-    backward pass (a forward inside one, as activation checkpointing runs, is left alone)."""
-    if _PENDING.scopes and torch._C._current_graph_task_id() == -1:
+    """Scopes of backward passes that raised before their end (the engine runs no end callback then), closed at
+    the next fast forward on the thread, outside any backward pass (a forward inside one, as activation
+    checkpointing runs, leaves them)."""
+    if _PENDING.scopes > 0 and torch._C._current_graph_task_id() == -1:
         log.warning("lgd_fast: %d backward pass(es) in the activation arena did not finish; their scopes are closed "
                     "now", _PENDING.scopes)  # fmt: skip
-        while _PENDING.scopes:
+        while _PENDING.scopes > 0:
             _PENDING.scopes -= 1
             _ext()._arena_exit()
 
 
 def backward_in_arena(module: torch.nn.Module, x: torch.Tensor, outputs: Any) -> Any:
-    """``outputs`` (a tensor or a tuple of tensors) whose backward, from the point autograd reaches them to the end
-    of that backward pass, runs in the arena (gradients and the backward's temporaries take the blocks the forward's
-    activations free), where :func:`use_arena` with ``backward=True`` put the forward in it: eager CPU work with
-    autograd on. Elsewhere ``outputs`` unchanged, and so are outputs of another structure (a dict: then only the
-    forward ran in the arena)."""
+    """``outputs`` (a tensor or any nesting of tuples, lists and dicts of them) with the backward of the tensors
+    that need a gradient, from the point autograd reaches them to the end of that backward pass, in the arena
+    (gradients and the backward's temporaries take the blocks the forward's activations free), where
+    :func:`use_arena` with ``backward=True`` put the forward in it: eager CPU work with autograd on, not under
+    ``torch.func`` transforms. Elsewhere ``outputs`` unchanged. Those tensors come back as copies (autograd forbids
+    changing a custom Function's views in place)."""
+    _close_unfinished_backward_scopes()
     if not torch.is_grad_enabled() or not _applies(module, x):
         return outputs
-    _close_unfinished_backward_scopes()
-    single = isinstance(outputs, torch.Tensor)
-    tensors = (outputs,) if single else tuple(outputs)
-    if not all(isinstance(t, torch.Tensor) for t in tensors) or not any(t.requires_grad for t in tensors):
+    leaves, spec = tree_flatten(outputs)
+    chosen = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not chosen:
         return outputs
-    wrapped = _BackwardInArena.apply(*tensors)
-    if single:
-        return wrapped[0]
-    if hasattr(outputs, "_fields"):  # a namedtuple
-        return type(outputs)(*wrapped)
-    return type(outputs)(wrapped) if isinstance(outputs, tuple) else list(wrapped)
+    for i, t in zip(chosen, _BackwardInArena.apply(*(leaves[i] for i in chosen)), strict=True):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)

@@ -1,6 +1,7 @@
 """The activation arena (lgd_fast.arena): reuse inside a scope only, best fit, release, idle trimming, and the fast
 models' outputs unchanged when every reused block is poisoned."""
 
+import gc
 import threading
 
 import pytest
@@ -24,6 +25,7 @@ BIG = 1 << 18  # float32 elements: 1 MiB, over min_bytes
 
 @pytest.fixture(autouse=True)
 def empty_pool():
+    gc.collect()  # earlier tests' models (their cached weights, gradients) freed now, not in the middle of a test
     release_arena()
     yield
     release_arena()
@@ -249,17 +251,41 @@ def test_backward_that_raises_leaves_no_scope_open(gen, caplog):
     with pytest.raises(RuntimeError, match="a hook failed"):
         (local.sum() + global_.sum()).backward()
     assert arena._PENDING.scopes == 1
-    with caplog.at_level("WARNING", logger="lgd_fast.arena"):
-        fast.eval()
-        with torch.no_grad():
-            fast(x)  # inference does not close it: it opens and closes only its own scope
-        assert arena._PENDING.scopes == 1
-        fast.train()
-        fast(x)
+    fast.activation_arena = False  # switched off since: the scope is closed all the same
+    with caplog.at_level("WARNING", logger="lgd_fast.arena"), torch.no_grad():
+        fast.eval()(x)
     assert arena._PENDING.scopes == 0
     assert any("did not finish" in r.message for r in caplog.records)
     with pytest.raises(RuntimeError, match="without a matching enter"):
         _C._arena_exit()
+
+
+def test_backward_scopes_balance_under_retain_graph_and_checkpointing(gen):
+    """Each backward pass that reaches the outputs opens one scope and closes it (a second pass over a retained
+    graph, a checkpointed model whose forward reruns inside the backward); outputs that need no gradient come back
+    as they are, in any nesting."""
+    from torch.utils.checkpoint import checkpoint
+
+    import lgd_fast.arena as arena
+
+    fast = create_model("lgd3d_tiny", num_classes=7, classifier="two_heads", fast=True).train()
+    x = torch.randn(2, 3, 8, 32, 32, generator=gen)
+    scopes = arena_stats().scopes
+    local, global_ = fast(x)  # forward: one scope
+    loss = local.sum() + global_.sum()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    assert arena_stats().scopes == scopes + 3 and arena._PENDING.scopes == 0
+    local, global_ = checkpoint(fast, x, use_reentrant=False)
+    (local.sum() + global_.sum()).backward()
+    assert arena._PENDING.scopes == 0
+    with pytest.raises(RuntimeError, match="without a matching enter"):
+        _C._arena_exit()
+
+    detached, leaf = torch.randn(3), torch.randn(3, requires_grad=True)
+    out = backward_in_arena(fast, x, {"a": detached, "b": [leaf]})
+    assert out["a"] is detached and not out["a"].requires_grad
+    assert torch.equal(out["b"][0], leaf) and type(out["b"][0].grad_fn).__name__ == "_BackwardInArenaBackward"
 
 
 def test_public_names():

@@ -85,6 +85,42 @@ def test_model_convs_lists_every_conv_call():
     assert all(c["dtype"] == torch.bfloat16 for c in bench.model_convs(model, x, on))
 
 
+def test_conv_floor_counts_grouped_2d_and_1d_convs_by_hand():
+    """FLOPs written out by hand: a grouped Conv3d with a bias, a Conv2d on frames and a Conv1d; a transposed conv
+    is left out; the model's training mode is restored; bound_max uses each conv's fastest call."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv3d(4, 8, (1, 3, 3), padding=(0, 1, 1), groups=2, bias=True)
+            self.b = torch.nn.Conv2d(8, 6, 3, padding="same")
+            self.c = torch.nn.Conv1d(6, 5, 1)
+            self.up = torch.nn.ConvTranspose1d(5, 5, 2, stride=2)
+
+        def forward(self, x):  # (1, 4, 2, 5, 5)
+            y = self.a(x)  # (1, 8, 2, 5, 5)
+            y = self.b(y.transpose(1, 2).flatten(0, 1))  # (2, 6, 5, 5)
+            return self.up(self.c(y.flatten(2)))  # (2, 5, 25) -> (2, 5, 50)
+
+    net = Net().train()
+    x = torch.randn(1, 4, 2, 5, 5)
+    off = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+    floor = bench.conv_floor(net, x, training=False, autocast=off, repeats=3)
+    assert net.training and floor["calls"] == 3
+    a = 2 * (8 * 2 * 5 * 5) * (2 * 9)  # each output: 4 / 2 input channels x 9 taps
+    b = 2 * (2 * 6 * 5 * 5) * (8 * 9)
+    c = 2 * (2 * 5 * 25) * 6
+    assert floor["gflop"] * 1e9 == pytest.approx(a + b + c)
+    training = bench.conv_floor(net, x, training=True, autocast=off, repeats=3)
+    assert training["gflop"] * 1e9 == pytest.approx(2 * a + 3 * b + 3 * c)  # the clip's input gradient: none
+    assert 0 < training["seconds_min"] <= training["seconds"]
+    rows = {"fast": {"median_s": 1.0}, "reference_channels_last_compiled": {"median_s": 2.0}}
+    floors = {"training": {"seconds": 1.0, "seconds_min": 0.5}}
+    (check,) = [c for c in bench.check_targets({"training": rows}, "lgd3d_r50", [4, 3, 16, 112, 112], "fp32", "cpu",
+                                               floors=floors) if c["metric"].startswith("speedup")]  # fmt: skip
+    assert (check["bound"], check["bound_max"]) == (2.0, 4.0)
+
+
 def test_channels_last_and_freezing_candidates(monkeypatch):
     """The channels-last candidates get channels_last_3d weights and clips; freezing candidates run only in the
     inference passes, compiled with inductor's freezing on (what is compiled, with which setting, recorded)."""
