@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lgd_fast.models import P3DBasicBlock, P3DBottleneck
 from lgd_fast.ops import global_update, global_update_reference
@@ -11,7 +12,7 @@ from lgd_fast.ops.global_update import block_weights
 from op_testing import SEED
 
 
-def _case(block, n, gen, dtype=torch.float32):
+def _draw(block, n, gen, dtype):
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / max(p.shape[-1], 1) ** 0.5)
@@ -19,6 +20,25 @@ def _case(block, n, gen, dtype=torch.float32):
     m = torch.randn(n, block.in_channels, generator=gen).abs().to(dtype).requires_grad_()  # a GAP of ReLU output
     g = torch.randn(n, block.in_channels, generator=gen).abs().to(dtype).requires_grad_()
     return [m, g, *weights]
+
+
+def _near_the_kink(case) -> bool:
+    """Whether a ReLU input of the path, ``a + b`` (a from m through fc1, fc2; b from g through fc3, fc4), lies within
+    1e-4 of its terms' size of zero (float64): there float32 and float64 can fall on either side of the kink, and the
+    gradient through that element flips between 0 and its full value (the same hazard as test_op_diffusion_epilogue's
+    inputs move away from)."""
+    m, g, w1, b1, w2, b2, w3, b3, w4, b4 = (t.detach().double() for t in case[:10])
+    a = F.linear(F.linear(m, w1, b1), w2, b2)
+    b = F.linear(F.linear(g, w3, b3), w4, b4)
+    return bool(((a + b).abs() <= 1e-4 * (a.abs() + b.abs())).any())
+
+
+def _case(block, n, gen, dtype=torch.float32):
+    """Random inputs and weights (drawn again while a ReLU input is within rounding of zero: _near_the_kink)."""
+    case = _draw(block, n, gen, dtype)
+    while _near_the_kink(case):
+        case = _draw(block, n, gen, dtype)
+    return case
 
 
 def _rel(a, b):
@@ -67,6 +87,17 @@ def test_compiles_to_one_call(gen):
     assert any("lgd_fast.global_update" in c for c in code)
     for a, b in zip(out, global_update_reference(*inputs), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_near_the_kink_finds_a_relu_input_at_zero(gen):
+    block = P3DBasicBlock(16, 32, variant="A")
+    case = _case(block, 2, gen)
+    assert not _near_the_kink(case)
+    m, g, w1, b1, w2, b2, w3, b3, w4, b4 = (t.detach().double() for t in case[:10])
+    pre = F.linear(F.linear(m, w1, b1), w2, b2) + F.linear(F.linear(g, w3, b3), w4, b4)
+    with torch.no_grad():
+        case[9][0] -= pre[0, 0].float()  # fc4's bias moves sample 0's first ReLU input to zero
+    assert _near_the_kink(case)
 
 
 def test_bad_inputs_are_named(gen):
