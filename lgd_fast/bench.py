@@ -3,10 +3,11 @@
 For one model and input shape, candidates with the same weights (:data:`CANDIDATES`): the reference in eager
 mode, contiguous and channels_last_3d; ``torch.compile`` of each; ``torch.compile`` with inductor's freezing of
 the channels-last reference (inference: what a CPU user deploying a model picks); the fast model, eager,
-compiled and compiled with freezing, eager without its activation arena (``fast_no_arena``, inference: what the
-arena gains) and eager with every call through its layers' Python (``fast_not_recorded``, inference: what its
-recorded program gains, :mod:`lgd_fast.recorded`). Three passes: inference (eval, ``torch.inference_mode``), a training
-step (forward, loss, backward, SGD step; freezing is for inference only) and latency (inference at batch 1).
+compiled and compiled with freezing, eager without its activation arena (``fast_no_arena``: what the arena gains,
+inference and training) and eager with every call through its layers' Python (``fast_not_recorded``, inference:
+what its recorded program gains, :mod:`lgd_fast.recorded`). Three passes: inference (eval,
+``torch.inference_mode``), a training step (forward, loss, backward, SGD step; freezing is for inference only) and
+latency (inference at batch 1).
 Calls of the candidates alternate (each round calls every candidate once, in a rotating order), so that all
 of them see the same machine load. Per candidate and pass: latency median and percentiles, clips/s, the share
 of the measured convolution peak it reaches (the model's FLOPs over its median time, against oneDNN's or
@@ -71,11 +72,11 @@ CANDIDATES = (
     "fast_compiled_freezing",
 )
 FREEZING = frozenset(c for c in CANDIDATES if c.endswith("_freezing"))  # inference only
-# The fast model eager without its activation arena (lgd_fast.arena), which only inference uses: what the arena
-# gains, measured in the same run.
+# fast_no_arena: the fast model eager without its activation arena (lgd_fast.arena; inference, and training's
+# forward and backward): what the arena gains, measured in the same run.
 # The fast model eager with every call through its layers' Python (no recorded program: lgd_fast.recorded), which
 # only inference records: what recording gains, measured in the same run.
-INFERENCE_ONLY = FREEZING | {"fast_no_arena", "fast_not_recorded"}
+INFERENCE_ONLY = FREEZING | {"fast_not_recorded"}
 PASSES = ("inference", "training", "latency")  # latency: inference at batch 1
 # The end-to-end targets (PERF.md; LGD-3D R50, 16x112x112, batch 4, CPU), per dtype: the fast model against the
 # named candidate (speedups, peak memory) and its share of the measured conv peak.
@@ -576,9 +577,9 @@ def run_bench(
             "inference: eval, torch.inference_mode; latency: the same at batch 1; training: forward, cross-entropy "
             "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
-            "fast: eager CPU inference in the activation arena (lgd_fast.arena), as its recorded program "
-            "(lgd_fast.recorded: recorded on its second call, a warm-up call); fast_not_recorded: every call "
-            "through its layers' Python; fast_no_arena: without the arena; "
+            "fast: eager CPU work in the activation arena (lgd_fast.arena; training: forward and backward), "
+            "inference as its recorded program (lgd_fast.recorded: recorded on its second call, a warm-up call); "
+            "fast_not_recorded: every call through its layers' Python; fast_no_arena: without the arena; "
             "activation_arena: the pool's counters after the timings; peak memory: the arena's free blocks "
             "released before each measured call, so it counts the blocks the call takes",
             "conv_peak_share: model_gflops / median_s / conv_peak.gflops_per_s (the larger of two measurements of "

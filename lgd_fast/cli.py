@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: inference, training, latency (inference at batch 1)")
     bench.add_argument("--candidates", help="comma-separated subset of: " + ", ".join(BENCH_CANDIDATES)
                        + " (default: all; fast_no_arena: the fast model without its activation arena, "
-                       "fast_not_recorded: without its recorded program; both inference only)")  # fmt: skip
+                       "fast_not_recorded: without its recorded program, inference only)")  # fmt: skip
     bench.add_argument("--repeats", type=_positive, default=5, help="timed calls per candidate and pass")
     bench.add_argument("--warmup", type=int, default=2,
                        help="untimed calls first (compilation; the fast model records its inference on its second)")

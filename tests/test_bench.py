@@ -146,6 +146,7 @@ def test_channels_last_and_freezing_candidates(monkeypatch):
                               passes=("inference", "training"))  # fmt: skip
     assert set(payload["results"]["inference"]) == set(bench.CANDIDATES)
     assert set(payload["results"]["training"]) == set(bench.CANDIDATES) - bench.INFERENCE_ONLY
+    assert "fast_no_arena" in payload["results"]["training"]  # training runs in the arena too
     assert payload["activation_arena"]["installed"] and payload["activation_arena"]["hits"] > 0
 
 
