@@ -26,6 +26,7 @@ the device, versions and commit, and the targets with their measured values.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -119,12 +120,10 @@ def glibc_mallopt(settings: dict[int, int]):
         return None
 
 
+@functools.cache
 def _glibc():
-    """glibc, for ``malloc_trim``; no setting changed (the process runs on as it was)."""
+    """glibc, for ``malloc_trim``; no setting changed (the process runs on as it was). Loaded once."""
     return glibc_mallopt({})
-
-
-_LIBC = None
 
 
 def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
@@ -136,13 +135,14 @@ def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not _LIBC:
+    libc = _glibc()
+    if not libc:
         return None
     # Freed memory back to the system first (glibc unmaps big blocks itself; malloc_trim releases the free
     # parts of its heap; the activation arena frees its free blocks), so that the resident size is what is live
     # and every page the call touches counts.
     release_arena()
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     rss = _status_bytes("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size (Linux)
@@ -281,7 +281,7 @@ def conv_floor(
     it as it moves every timing. The fast model and the compiled graphs run their convolutions as these primitives
     (fused post-ops aside), so a speedup target over a candidate that takes ``t`` is within reach of less overhead
     only if ``t / target`` is at least about this floor."""
-    from .ops.p3d_conv import onednn_takes
+    from .ops.p3d_conv import _mkldnn_conv, onednn_takes
 
     calls = model_convs(model, x, autocast)
     gen = torch.Generator().manual_seed(2)
@@ -307,21 +307,21 @@ def conv_floor(
                 torch.autograd.grad(conv(x_c, w, b, *settings), wrt, grad_out)
 
         else:
-            packed = None
+            run = None
             if (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and onednn_takes(dtype)
                     and len(shape) in (4, 5) and not isinstance(call["padding"], str)):  # fmt: skip
-                args = [list(call["padding"]), list(call["stride"]), list(call["dilation"]), call["groups"]]
-                packed = torch.ops.mkldnn._reorder_convolution_weight(w, *args[:3], args[3], list(shape))
+                geometry = [list(call[k]) for k in ("padding", "stride", "dilation")]
+                packed = torch.ops.mkldnn._reorder_convolution_weight(w, *geometry, call["groups"], list(shape))
 
-            def run(x_c=x_c, w=w, b=b, conv=conv, settings=settings, packed=packed):
-                with torch.inference_mode():
-                    if packed is None:
+                def run(x_c=x_c, packed=packed, b=b, geometry=geometry, groups=call["groups"]):
+                    with torch.inference_mode():
+                        _mkldnn_conv(x_c, packed, b, None, *geometry, groups, False)
+
+            if run is None:
+
+                def run(x_c=x_c, w=w, b=b, conv=conv, settings=settings):
+                    with torch.inference_mode():
                         conv(x_c, w, b, *settings)
-                    else:
-                        pad, stride, dilation, groups = settings[1], settings[0], settings[2], settings[3]
-                        torch.ops.mkldnn._convolution_pointwise.default(
-                            x_c, packed, b, list(pad), list(stride), list(dilation), groups, "none", [], ""
-                        )
 
         samples, _ = time_interleaved({"conv": run}, repeats=repeats, warmup=1, device=x.device)
         median = statistics.median(samples["conv"])
@@ -530,9 +530,6 @@ def run_bench(
     peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
     peak = max(p["gflops_per_s"] for p in peaks)
     floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if models else {}
-    global _LIBC
-    if dev.type == "cpu" and _LIBC is None:
-        _LIBC = _glibc()
     for pass_ in passes:  # peak memory after the timings (malloc_trim makes the next call fault its pages in)
         calls = memory_calls[pass_]
         memory = {name: _peak_memory(call, dev) for name, call in calls.items()}
@@ -753,15 +750,14 @@ def plot_bench(payload: dict[str, Any], path: str | os.PathLike) -> Path:
             share = rows[name].get("conv_peak_share")
             label = f"{v:.2f}" + ("" if share is None else f"\n{share:.0%}")
             ax.annotate(label, (bar_.get_x() + bar_.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        clips = payload["input"][0] if pass_ != "latency" else 1  # latency: batch 1
         floor = payload.get("conv_floor", {}).get(pass_)
         if floor:  # what the model's convolutions alone would allow
-            clips = payload["input"][0] if pass_ != "latency" else 1
             ax.axhline(clips / floor["seconds"], color="tab:red", linestyle=":", linewidth=0.8)
             ax.annotate(f"convs alone {floor['seconds'] * 1e3:.0f} ms", (len(names) - 1, clips / floor["seconds"]),
                         fontsize=7, va="bottom", ha="right")  # fmt: skip
         gflops = payload.get("model_gflops", {}).get(pass_)
         if peak and gflops and pass_ != "training":
-            clips = payload["input"][0] if pass_ == "inference" else 1
             ax.axhline(peak / gflops * clips, color="black", linestyle="--", linewidth=0.8)
             ax.annotate(f"conv peak {peak:.0f} GFLOP/s", (0, peak / gflops * clips), fontsize=7, va="bottom")
         ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
