@@ -300,16 +300,12 @@ def module_state(module: torch.nn.Module) -> tuple | None:
             add(d["training"])
             add(id(d.get("_lgd_plan")))
             add(len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]))
-            for t in d["_parameters"].values():
-                if t is not None:
-                    add(id(t))
-                    add(t._version)
-                    add(t.data_ptr())  # p.data = other: the same tensor and version, other memory
-            for t in d["_buffers"].values():
-                if t is not None:
-                    add(id(t))
-                    add(t._version)
-                    add(t.data_ptr())
+            for tensors in (d["_parameters"], d["_buffers"]):
+                for t in tensors.values():
+                    if t is not None:
+                        add(id(t))
+                        add(t._version)
+                        add(t.data_ptr())  # p.data = other: the same tensor and version, other memory
             stack.extend(c for c in d["_modules"].values() if c is not None)
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
