@@ -32,7 +32,9 @@ cannot be recorded, and then run eagerly with the reason logged once:
 
 Where it applies: eager (not traced by torch.compile), no autograd (``torch.no_grad`` / ``inference_mode``), the
 model in eval, CPU input, the model's ``recorded_inference`` True (the default) and ``LGD_FAST_RECORD`` not 0, no
-forced plan (:func:`lgd_fast.plan.forced`).
+forced plan (:func:`lgd_fast.plan.forced`). Under torch.compile (not for freezing, autocast off), a fast LGD model's
+CPU inference is traced as one op, ``lgd_fast::recorded_inference``, whose calls run this program eagerly
+(:func:`traced_as_one_op`, at the end of this module).
 
 Measured on LGD-3D R50 (fp32, 16x112x112, 2 cores): see the README's *Recorded inference*.
 """
@@ -43,6 +45,7 @@ import itertools
 import logging
 import math
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import plan as planning
 from .arena import backward_in_arena, use_arena
+from .ops._common import traced_for_freezing
 
 __all__ = [
     "ENV",
@@ -66,6 +70,8 @@ __all__ = [
     "record",
     "recorded_call",
     "recorded_programs",
+    "register_for_compile",
+    "traced_as_one_op",
 ]
 
 log = logging.getLogger(__name__)
@@ -451,3 +457,70 @@ class RecordedInference(torch.nn.Module):
         with use_arena(self, x, backward=True):
             out = recorded_call(self, x, self.module)
         return backward_in_arena(self, x, out)
+
+
+# ---- under torch.compile: the recorded inference as one op -----------------------------------------------------
+#
+# Traced by torch.compile (no freezing), a fast model's CPU inference would become inductor's graph of its ops: no
+# activation arena (every activation a fresh allocation, whose pages fault) and no recorded program, around the very
+# oneDNN convs the eager model calls, which inductor cannot fuse into. Measured on LGD-3D R50 (README, *Compiled*):
+# that graph was slower than the eager fast model, and than the compiled reference. So there, the model's forward is
+# one op, ``lgd_fast::recorded_inference``, whose body is the eager inference (recorded program, arena): one node in
+# the graph (fullgraph=True holds), the model found by ``id(model)``, which dynamo bakes into the graph (and guards,
+# with the model itself). Traced for inductor's freezing, the model is traced as ever (freezing folds and packs the
+# modules' weights itself), as it is with autograd, in training, under autocast, on another device, for export, and
+# where the recorded program does not apply (``recorded_inference`` False, ``LGD_FAST_RECORD=0``, a forced plan).
+
+_COMPILABLE: dict[int, Any] = {}  # id(model) -> weakref.ref(model), for the models that may run as the op
+
+
+def register_for_compile(module: torch.nn.Module) -> None:
+    """Let torch.compile trace ``module``'s CPU inference as ``lgd_fast::recorded_inference``
+    (:func:`traced_as_one_op`); the fast models register themselves when made, converted, copied or unpickled. The
+    entry goes with the model."""
+    key = id(module)
+
+    def gone(ref, key=key):
+        if _COMPILABLE.get(key) is ref:
+            del _COMPILABLE[key]
+
+    _COMPILABLE[key] = weakref.ref(module, gone)
+
+
+def _registered(key: int) -> torch.nn.Module:
+    ref = _COMPILABLE.get(key)
+    module = None if ref is None else ref()
+    if module is None:
+        raise RuntimeError(
+            f"lgd_fast::recorded_inference: no live model with id {key} (a graph compiled for a model that is gone, "
+            "or one never registered: lgd_fast.recorded.register_for_compile)"
+        )
+    return module
+
+
+def traced_as_one_op(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether torch.compile traces ``module(x)`` as ``lgd_fast::recorded_inference`` (the comment above): dynamo
+    tracing (not export, not for freezing), no autograd, CPU, eval, no CPU autocast, the recorded program allowed."""
+    return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not traced_for_freezing()
+            and not torch.is_grad_enabled() and x.device.type == "cpu" and not module.training
+            and not torch.is_autocast_enabled("cpu") and getattr(module, "recorded_inference", True)
+            and os.environ.get(ENV, "1") != "0" and not planning.is_forced())  # fmt: skip
+
+
+@torch.library.custom_op("lgd_fast::recorded_inference", mutates_args=())
+def _recorded_inference(x: torch.Tensor, model: int) -> torch.Tensor:
+    """The model's eager CPU inference (``model._eager_forward``: its recorded program in the activation arena) on x;
+    checked against what the graph was traced with (``model._inference_output_like``)."""
+    module = _registered(model)
+    out = module._eager_forward(x)
+    like = module._inference_output_like(x)
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape or out.dtype != like.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"lgd_fast::recorded_inference: {type(module).__name__} returned {got}, the compiled graph "
+                           f"expects {tuple(like.shape)} {like.dtype}")  # fmt: skip
+    return out
+
+
+@_recorded_inference.register_fake
+def _(x: torch.Tensor, model: int) -> torch.Tensor:
+    return _registered(model)._inference_output_like(x)

@@ -137,7 +137,10 @@ def test_default_plan_and_compiled_fast_lgd2d_match(gen):
         assert "conv+BN+ReLU fused" in str(fast.execution_plan).splitlines()[2]  # eval: the stem as one conv
         torch._dynamo.reset()  # a fresh cache: the fast LGD-3D's forward is the same code (test_fast_models)
         compiled = torch.compile(fast, backend="inductor")
-        assert _rel(compiled(x), expected) < 1e-5
+        assert _rel(compiled(x), expected) < 1e-5  # the recorded program as one op (tests/test_recorded.py)
+        fast.recorded_inference = False  # traced layer by layer
+        torch._dynamo.reset()
+        assert _rel(torch.compile(fast, backend="inductor")(x), expected) < 1e-5
 
 
 def test_measured_plan_times_every_candidate_on_the_kernels(gen, monkeypatch):

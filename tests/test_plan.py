@@ -159,6 +159,7 @@ def test_compiled_model_takes_the_choices_made_eagerly(gen, monkeypatch):
 
     model = create_model("lgd3d_tiny", 5, fast=True, plan="default", classifier="two_heads")
     model = randomise_norms(model, gen).eval()
+    model.recorded_inference = False  # traced layer by layer (else torch.compile calls the eager program as one op)
     x = torch.randn(1, 3, 4, 64, 64, generator=gen)  # 16x16 frames in layer1: the default fuses it
     fused_calls = []
     real = fast_module.fused_block_forward

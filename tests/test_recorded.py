@@ -382,3 +382,107 @@ def test_a_copy_or_a_pickle_of_a_model_has_no_programs(gen, tmp_path):
         assert _equal(_established(twin, x)(x), fast(x))
     lgd_fast.recorded.forget_programs(fast)
     assert recorded_programs(fast) == {}
+
+
+# ---- under torch.compile: the recorded program as one op -------------------------------------------------------
+
+
+def _traced_targets(model, x, *, freezing: bool = False, grad: bool = False, amp: bool = False) -> set[str]:
+    """The call targets dynamo hands its backend when compiling ``model(x)`` (fullgraph) in that setting."""
+    from torch._inductor import config as inductor_config
+
+    graphs = []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    amp_ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    with torch.set_grad_enabled(grad), inductor_config.patch(freezing=freezing), amp_ctx:
+        torch.compile(model, backend=recording, fullgraph=True)(x)
+    return {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd2d_r18"])
+def test_compiled_cpu_inference_is_the_recorded_program_as_one_op(arch, gen):
+    """torch.compile (fullgraph) of a fast model's CPU inference: one ``lgd_fast::recorded_inference`` node, whose
+    calls run the model's recorded program (bit for bit the eager forward's result) in the activation arena."""
+    classifier = "kernel" if arch == "lgd3d_tiny" else "two_heads"  # both heads' logits (_inference_output_like)
+    fast = create_model(arch, num_classes=7, fast=True, classifier=classifier).eval()
+    x = _clip(arch, gen)
+    with torch.no_grad():
+        assert _traced_targets(fast, x) == {"lgd_fast.recorded_inference"}
+        torch._dynamo.reset()
+        compiled = torch.compile(fast, fullgraph=True)
+        eager = fast(x)
+        first = compiled(x)  # the model's second call for this key: it records
+        program = _program(fast, x)
+        calls, hits = program.calls, lgd_fast.arena_stats().hits
+        again = compiled(torch.randn(x.shape, generator=gen))
+        assert _equal(compiled(x), eager) and _equal(first, eager)
+    assert program.calls == calls + 2 and lgd_fast.arena_stats().hits > hits
+    assert again.shape == (2, 7) and torch.isfinite(again).all()
+
+
+def test_compile_traces_the_layers_where_the_program_does_not_apply(gen, monkeypatch):
+    """Freezing (which folds and packs the modules' weights itself), autograd, training, autocast, the recorded
+    program turned off, a forced plan: the model's own ops are traced, as ever; and export never sees the op."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True, classifier="two_heads").eval()
+    x = _clip("lgd3d_tiny", gen)
+    with torch.no_grad():
+        fast(x)  # plans decided eagerly (tracing takes the choices made)
+    settings = {"freezing": {"freezing": True}, "autograd": {"grad": True}, "autocast": {"amp": True}}
+    for why, options in settings.items():
+        targets = _traced_targets(fast, x, **options)
+        assert "lgd_fast.recorded_inference" not in targets and any("conv" in t for t in targets), (why, targets)
+    fast.train()
+    assert "lgd_fast.recorded_inference" not in _traced_targets(fast, x)
+    fast.eval()
+    fast.recorded_inference = False
+    assert "lgd_fast.recorded_inference" not in _traced_targets(fast, x)
+    fast.recorded_inference = True
+    with forced(training=False):
+        assert "lgd_fast.recorded_inference" not in _traced_targets(fast, x)
+    monkeypatch.setenv(ENV, "0")
+    assert "lgd_fast.recorded_inference" not in _traced_targets(fast, x)
+    monkeypatch.delenv(ENV)
+    with torch.no_grad():
+        exported = torch.export.export(fast, (x,))
+    assert not any("recorded_inference" in str(n.target) for n in exported.graph.nodes)
+
+
+def test_compiled_copies_and_unpickled_models_run_their_own_weights(gen, tmp_path):
+    """The op finds its model by id: a copy, or a model loaded from a pickle, registers as itself, never as the
+    model it came from."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    twin = copy.deepcopy(fast)
+    torch.save(fast, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    x = _clip("lgd3d_tiny", gen)
+    with torch.no_grad():
+        for model in (twin, loaded):
+            model.kernel_head.fc.bias.add_(torch.randn(model.kernel_head.fc.bias.shape, generator=gen))
+        torch._dynamo.reset()
+        for model in (fast, twin, loaded):
+            assert _equal(torch.compile(model, fullgraph=True)(x), model(x))
+        assert not torch.equal(twin(x), fast(x))
+
+
+def test_the_op_checks_what_it_returns_and_its_model(gen, monkeypatch):
+    """The op's schema, fake and dispatch pass torch.library.opcheck; an output unlike the one the graph was traced
+    with, or a model that is gone, is an error that says so."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True, classifier="two_heads").eval()
+    x = _clip("lgd3d_tiny", gen)
+    op = torch.ops.lgd_fast.recorded_inference.default
+    with torch.no_grad():
+        torch.library.opcheck(op, (x, id(fast)), test_utils=("test_schema", "test_faketensor"))
+        like = fast._inference_output_like(x)
+        monkeypatch.setattr(type(fast), "_inference_output_like", lambda self, x: like.to(torch.float64))
+        with pytest.raises(RuntimeError, match=r"returned \(2, 7\) torch.float32, the compiled graph expects"):
+            op(x, id(fast))
+        monkeypatch.undo()
+        key = id(fast)
+        del fast
+        with pytest.raises(RuntimeError, match="no live model with id"):
+            op(x, key)

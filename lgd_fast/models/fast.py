@@ -40,7 +40,7 @@ from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
 from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
 from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
 from ..ops.global_update import block_weights
-from ..recorded import recorded_call
+from ..recorded import recorded_call, register_for_compile, traced_as_one_op
 from .blocks import LGDBlock, broadcast_to_positions
 from .networks import LGD2D, LGD3D
 from .p3d import (
@@ -144,6 +144,14 @@ class _FastNet:
     # set False on a model to run every call through its layers' Python.
     recorded_inference: bool = True
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        register_for_compile(self)  # and to_fast, __setstate__ (copies, unpickling): lgd_fast.recorded
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        register_for_compile(self)
+
     @property
     def execution_plan(self) -> planning.ExecutionPlan:
         """How the stem and every block run, per input seen so far (:mod:`lgd_fast.plan`)."""
@@ -186,9 +194,20 @@ class _FastNet:
         return local_map, g
 
     def forward(self, x: torch.Tensor):
+        if traced_as_one_op(self, x):  # torch.compile of CPU inference: the eager program as one op (lgd_fast.recorded)
+            return torch.ops.lgd_fast.recorded_inference(x, id(self))
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: torch.Tensor):
         with use_arena(self, x, backward=True):  # with autograd, the outputs' backward runs in the arena too
             out = recorded_call(self, x, self._forward_layers)
         return backward_in_arena(self, x, out)
+
+    def _inference_output_like(self, x: torch.Tensor) -> torch.Tensor:
+        """An empty tensor like the logits that eval inference on clips ``x`` returns, autocast off: (N, classes) in
+        the dtype of the classifier that makes them."""
+        head = self.kernel_head.fc if self.classifier == "kernel" and self.stage == 2 else self.fc
+        return x.new_empty((x.shape[0], self.num_classes), dtype=head.weight.dtype)
 
     def _forward_layers(self, x: torch.Tensor):
         local_map, g, local_mean = self.forward_features_and_mean(x)
@@ -272,4 +291,5 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
         model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
         note = "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv"
     planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable)
+    register_for_compile(model)
     return model
