@@ -412,3 +412,27 @@ def test_sync_batchnorm_is_batchnorm_outside_a_process_group(gen):
         net.train(mode), converted.train(mode)
         torch.testing.assert_close(converted(x), net(x))
     torch.testing.assert_close(converted.state_dict(), net.state_dict())
+
+
+def test_the_recipe_sgd_is_fused_and_updates_as_the_per_parameter_loop(gen):
+    """make_sgd: torch's fused SGD (one kernel over every parameter) with the recipe's momentum, Nesterov and
+    weight decay; three steps on fresh gradients move the parameters as the per-parameter SGD does, to rounding."""
+    from lgd_fast.engine.config import OptimConfig
+    from lgd_fast.engine.train import make_sgd
+
+    recipe = OptimConfig()
+    params = [torch.randn(shape, generator=gen) for shape in ((7, 5, 1, 3, 3), (7,), (13, 3))]
+    fused_params = [torch.nn.Parameter(p.clone()) for p in params]
+    loop_params = [torch.nn.Parameter(p.clone()) for p in params]
+    fused = make_sgd(fused_params, recipe, lr=0.1)
+    loop = torch.optim.SGD(loop_params, lr=0.1, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                           weight_decay=recipe.weight_decay, foreach=False)  # fmt: skip
+    assert fused.defaults["fused"] and recipe.nesterov and recipe.weight_decay > 0
+    for _ in range(3):
+        for a, b in zip(fused_params, loop_params, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step(), loop.step()
+    for a, b, start in zip(fused_params, loop_params, params, strict=True):
+        moved = (b.detach() - start).norm()
+        assert moved > 0.1 and (a.detach() - b.detach()).norm() <= 1e-6 * moved

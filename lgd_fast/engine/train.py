@@ -46,7 +46,7 @@ from ..data.annotations import read_annotations, read_class_index
 from ..data.loader import ClipSpec, VideoClipLoader
 from ..models import create_model, model_entry
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig, config_dict, config_from_dict, save_config
+from .config import OptimConfig, TrainConfig, config_dict, config_from_dict, save_config
 
 __all__ = ["TrainingDiverged", "Trainer", "build_model", "clip_spec", "train"]
 
@@ -117,6 +117,15 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
     return factor
 
 
+def make_sgd(params: list[torch.nn.Parameter], o: OptimConfig, lr: float) -> torch.optim.SGD:
+    """The recipe's SGD (momentum, Nesterov, weight decay from ``o``) at ``lr``, as torch's fused SGD where every
+    parameter is on the CPU or CUDA: one kernel over all parameters instead of three ops each (LGD-3D R50's 371
+    parameters, 2-core CPU: 10.7 against 28.5 ms a step, README *Training engine*); the same update."""
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                           fused=fused or None)  # fmt: skip
+
+
 class Trainer:
     """Runs ``config`` to the end (or resumes it); ``run()`` returns the final metrics dict."""
 
@@ -168,9 +177,7 @@ class Trainer:
     def _optimizer(self, stage: int, steps_per_epoch: int):
         o, c = self.config.optim, self.config
         lr = o.lr if stage == 1 else o.lr * o.stage2_lr_scale
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov,
-                                    weight_decay=o.weight_decay)
+        optimizer = make_sgd([p for p in self.model.parameters() if p.requires_grad], o, lr)
         epochs = c.epochs if stage == 1 else c.stage2_epochs
         warmup = int(round(o.warmup_epochs * steps_per_epoch)) if stage == 1 else 0
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(epochs * steps_per_epoch, warmup))
