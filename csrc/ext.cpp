@@ -54,4 +54,20 @@ TORCH_LIBRARY(lgd_fast, m) {
   m.def("diffusion_epilogue_backward(Tensor grad_out, Tensor grad_mean, Tensor out, Tensor r, Tensor scale)"
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  m.set_python_module("lgd_fast.ops.batch_norm_train");
+  // The fused units' training BatchNorm (csrc/cpu/batch_norm_train.cpp). z, y, shortcut, grad: (N, C, T, H, W).
+  // -> (2, C) float64: per channel the sum of z and the sum of its squares about the mean.
+  m.def("channel_moments(Tensor z) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // -> act((y - mean) * invstd * weight + bias + shortcut), y's dtype and layout.
+  m.def("bn_relu_forward(Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, Tensor? shortcut,"
+        " bool relu) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // -> (2, C) float32: sum g' and sum g' * xhat (g' the gradient through the ReLU, xhat = (y - mean) * invstd).
+  m.def("bn_relu_backward_sums(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias,"
+        " Tensor? shortcut, bool relu) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // -> grad_y = weight * invstd * (g' - mean_g - xhat * mean_gx), grad_shortcut = g' (empty unless asked).
+  m.def("bn_relu_backward_apply(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias,"
+        " Tensor? shortcut, bool relu, Tensor mean_g, Tensor mean_gx, bool shortcut_grad) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }
