@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import batch_norm_train
 from ._common import traced_for_freezing
 from .p3d_conv import (
     _mkldnn_conv,
@@ -317,9 +318,13 @@ class _BatchMoments(torch.autograd.Function):
     def forward(ctx, r):
         acc = torch.promote_types(r.dtype, torch.float32)
         count = r.numel() // r.shape[1]
-        mean = r.to(acc).sum(_DIMS) / count
-        centred = r.to(acc) - _channel(mean)  # one temporary, squared in place
-        var = centred.mul_(centred).sum(_DIMS) / count
+        if batch_norm_train.kernel_applies(r):  # one pass (lgd_fast.ops.batch_norm_train)
+            total, m2 = torch.ops.lgd_fast.channel_moments(r)  # float64
+            mean, var = (total / count).to(acc), (m2 / count).to(acc)
+        else:
+            mean = r.to(acc).sum(_DIMS) / count
+            centred = r.to(acc) - _channel(mean)  # one temporary, squared in place
+            var = centred.mul_(centred).sum(_DIMS) / count
         ctx.save_for_backward(r, mean)
         return mean, var
 
@@ -368,30 +373,44 @@ class _NormalizeFromStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, mean, invstd, weight, bias, relu, offset, shortcut, group, count):
-        out = _affine(y, mean, invstd, weight, bias, shortcut)
+        # float32 and bfloat16 on the CPU: one pass of the compiled kernel (lgd_fast.ops.batch_norm_train)
+        ctx.kernel = batch_norm_train.kernel_applies(y, shortcut)
+        if ctx.kernel:
+            out = torch.ops.lgd_fast.bn_relu_forward(y, mean, invstd, weight, bias, shortcut, relu)
+        else:
+            out = _affine(y, mean, invstd, weight, bias, shortcut)
+            out = (torch.relu(out) if relu else out).to(y.dtype)
         ctx.save_for_backward(y, mean, invstd, weight, bias, shortcut)
         ctx.relu, ctx.group, ctx.count = relu, group, count
         ctx.offset = None if offset is None else (offset.shape, offset.dtype)
-        return (torch.relu(out) if relu else out).to(y.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         y, mean, invstd, weight, bias, shortcut = ctx.saved_tensors
         acc = mean.dtype
-        xhat = (y.to(acc) - _channel(mean)) * _channel(invstd)
-        g = grad.to(acc)
-        if ctx.relu:
-            g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
-        g_bias, g_weight = g.sum(_DIMS), (g * xhat).sum(_DIMS)
-        totals = torch.stack([g_bias, g_weight])
+        if ctx.kernel:  # the two sums, then grad_y and grad_shortcut: two passes (lgd_fast.ops.batch_norm_train)
+            args = (grad, y, mean, invstd, weight, bias, shortcut, ctx.relu)
+            totals = torch.ops.lgd_fast.bn_relu_backward_sums(*args)
+        else:
+            xhat = (y.to(acc) - _channel(mean)) * _channel(invstd)
+            g = grad.to(acc)
+            if ctx.relu:
+                g = g * (_affine(y, mean, invstd, weight, bias, shortcut) > 0)
+            totals = torch.stack([g.sum(_DIMS), (g * xhat).sum(_DIMS)])
+        g_bias, g_weight = totals[0], totals[1]
         if ctx.group is not None:  # the normalisation's two sums over every process (SyncBatchNorm's backward)
-            totals = totals.double()
+            totals = totals.to(torch.float64, copy=True)  # a copy: g_bias and g_weight stay this process's
             dist.all_reduce(totals, group=ctx.group)
         mean_g, mean_gx = (totals / ctx.count).to(acc)  # ctx.count: the values the statistics cover
-        g_y = _channel(weight.to(acc) * invstd) * (g - _channel(mean_g) - xhat * _channel(mean_gx))
+        if ctx.kernel:
+            g_y, g_shortcut = torch.ops.lgd_fast.bn_relu_backward_apply(*args, mean_g, mean_gx, shortcut is not None)
+            g_shortcut = None if shortcut is None else g_shortcut
+        else:
+            g_y = _channel(weight.to(acc) * invstd) * (g - _channel(mean_g) - xhat * _channel(mean_gx))
+            g_shortcut = None if shortcut is None else g.to(shortcut.dtype)
         # a per-channel offset of y (a conv's bias) cancels in the normalisation: its gradient is exactly zero
         g_offset = None if ctx.offset is None else g_bias.new_zeros(ctx.offset[0], dtype=ctx.offset[1])
-        g_shortcut = None if shortcut is None else g.to(shortcut.dtype)
         # weight and bias: this process's sums; DDP averages them over the processes like every other gradient
         return (g_y.to(y.dtype), None, None, g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_offset,
                 g_shortcut, None, None)  # fmt: skip

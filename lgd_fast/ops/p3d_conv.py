@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
-from . import _backend
+from . import _backend, batch_norm_train
 
 __all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend", "uses_tf32"]
 
@@ -100,8 +100,11 @@ def sums_as_returned(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
     """(2, C): per channel, the sum of z (N, C, T, H, W) and the sum of squares about its mean, over (N, T, H, W),
-    in z's dtype; two passes (no E[z^2] - E[z]^2 cancellation). Differentiable: d/dz of the second is
+    in z's dtype; two passes (no E[z^2] - E[z]^2 cancellation), or one of the compiled kernel where it applies
+    (:mod:`lgd_fast.ops.batch_norm_train`: a float32 CPU z). Differentiable: d/dz of the second is
     2 (z - mean) (the mean's own derivative sums to zero), as autograd gets it with the mean held fixed."""
+    if batch_norm_train.kernel_applies(z):
+        return batch_norm_train.channel_moments(z)
     total = z.sum(_REDUCE)
     mean = (total / (z.numel() // z.shape[1])).detach()
     centred = z - _per_channel(mean)
