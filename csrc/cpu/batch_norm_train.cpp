@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // wide vector types only cross always-inlined calls
@@ -113,26 +114,50 @@ LGD_INLINE void moments_channels_last_body(const T* __restrict__ z, double* part
   float* sum = acc;
   float* sq = acc + C;
   float* res = acc + 2 * C;
+  const int64_t Cv = C - C % W;
   for (int64_t block = begin; block < end; ++block) {
     const int64_t p0 = block * rows, p1 = std::min(P, p0 + rows);
     const float inv = 1.f / static_cast<float>(p1 - p0);
     std::fill(sum, sum + 3 * C, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* zz = z + p * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) store<W>(sum + c, load<W>(sum + c) + load<W>(zz + c));
-      for (; c < C; ++c) sum[c] += load1(zz + c);
+    // row after row (the order the memory is in), four at a time: each channel's partial is loaded and stored
+    // once per four positions
+    int64_t p = p0;
+    for (; p + 4 <= p1; p += 4) {
+      const T *z0 = z + p * C, *z1 = z0 + C, *z2 = z1 + C, *z3 = z2 + C;
+      for (int64_t c = 0; c < Cv; c += W) {
+        store<W>(sum + c, load<W>(sum + c) + ((load<W>(z0 + c) + load<W>(z1 + c)) + (load<W>(z2 + c) + load<W>(z3 + c))));
+      }
+      for (int64_t c = Cv; c < C; ++c) sum[c] += (load1(z0 + c) + load1(z1 + c)) + (load1(z2 + c) + load1(z3 + c));
     }
-    for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // the block's mean
-    for (int64_t p = p0; p < p1; ++p) {
+    for (; p < p1; ++p) {
       const T* zz = z + p * C;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
+      for (int64_t c = 0; c < Cv; c += W) store<W>(sum + c, load<W>(sum + c) + load<W>(zz + c));
+      for (int64_t c = Cv; c < C; ++c) sum[c] += load1(zz + c);
+    }
+    for (int64_t c = 0; c < C; ++c) sum[c] *= inv;  // the block's (rounded) mean
+    for (p = p0; p + 4 <= p1; p += 4) {  // the block is in L2 now
+      const T *z0 = z + p * C, *z1 = z0 + C, *z2 = z1 + C, *z3 = z2 + C;
+      for (int64_t c = 0; c < Cv; c += W) {
+        const V m = load<W>(sum + c);
+        const V d0 = load<W>(z0 + c) - m, d1 = load<W>(z1 + c) - m, d2 = load<W>(z2 + c) - m, d3 = load<W>(z3 + c) - m;
+        store<W>(res + c, load<W>(res + c) + ((d0 + d1) + (d2 + d3)));
+        store<W>(sq + c, load<W>(sq + c) + ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)));
+      }
+      for (int64_t c = Cv; c < C; ++c) {
+        const float m = sum[c];
+        const float d0 = load1(z0 + c) - m, d1 = load1(z1 + c) - m, d2 = load1(z2 + c) - m, d3 = load1(z3 + c) - m;
+        res[c] += (d0 + d1) + (d2 + d3);
+        sq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      }
+    }
+    for (; p < p1; ++p) {
+      const T* zz = z + p * C;
+      for (int64_t c = 0; c < Cv; c += W) {
         const V d = load<W>(zz + c) - load<W>(sum + c);
         store<W>(res + c, load<W>(res + c) + d);
         store<W>(sq + c, load<W>(sq + c) + d * d);
       }
-      for (; c < C; ++c) {
+      for (int64_t c = Cv; c < C; ++c) {
         const float d = load1(zz + c) - sum[c];
         res[c] += d;
         sq[c] += d * d;
@@ -183,22 +208,41 @@ LGD_INLINE void forward_rows_body(const T* __restrict__ y, const T* __restrict__
 template <typename T, int W, bool kRelu>
 LGD_INLINE void forward_channels_last_body(const T* __restrict__ y, const T* __restrict__ s, T* __restrict__ out,
                                            const Params& q, int64_t begin, int64_t end, int64_t C) {
-  for (int64_t p = begin; p < end; ++p) {
-    const T* yy = y + p * C;
-    const T* ss = s ? s + p * C : nullptr;
-    T* oo = out + p * C;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      vf<W> v = (load<W>(yy + c) - load<W>(q.mean + c)) * load<W>(q.a + c) + load<W>(q.b + c);
-      if (ss) v += load<W>(ss + c);
-      store<W>(oo + c, activate<kRelu>(v));
+  using V = vf<W>;
+  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
+  // from q (and any captured reference) after every vector written
+  const float* __restrict__ q_mean = q.mean;
+  const float* __restrict__ q_a = q.a;
+  const float* __restrict__ q_b = q.b;
+  const float* __restrict__ q_inv = q.invstd;
+  const float* __restrict__ q_k = q.k;
+  const float* __restrict__ q_mg = q.mg;
+  const float* __restrict__ q_mgx = q.mgx;
+  const int64_t Cv = C - C % W;
+  // row after row, four at a time (then one): parameters loaded once per four positions
+  auto rows_of = [=](auto count, int64_t p) {
+    constexpr int n = decltype(count)::value;
+    for (int64_t c = 0; c < Cv; c += W) {
+      const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c);
+      for (int r = 0; r < n; ++r) {
+        const int64_t off = (p + r) * C + c;
+        V v = (load<W>(y + off) - m) * a + b;
+        if (s) v += load<W>(s + off);
+        store<W>(out + off, activate<kRelu>(v));
+      }
     }
-    for (; c < C; ++c) {
-      float v = (load1(yy + c) - q.mean[c]) * q.a[c] + q.b[c];
-      if (ss) v += load1(ss + c);
-      store1(oo + c, activate<kRelu>(v));
+    for (int64_t c = Cv; c < C; ++c) {
+      for (int r = 0; r < n; ++r) {
+        const int64_t off = (p + r) * C + c;
+        float v = (load1(y + off) - q_mean[c]) * q_a[c] + q_b[c];
+        if (s) v += load1(s + off);
+        store1(out + off, activate<kRelu>(v));
+      }
     }
-  }
+  };
+  int64_t p = begin;
+  for (; p + 4 <= end; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
+  for (; p < end; ++p) rows_of(std::integral_constant<int, 1>{}, p);
 }
 
 // ---- the normalisation, backward --------------------------------------------------------------------------
@@ -268,29 +312,52 @@ LGD_INLINE void sums_channels_last_body(const T* __restrict__ g, const T* __rest
                                         const Params& q, double* part_g, double* part_gx, float* __restrict__ acc,
                                         int64_t begin, int64_t end, int64_t rows, int64_t P, int64_t C) {
   using V = vf<W>;
+  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
+  // from q (and any captured reference) after every vector written
+  const float* __restrict__ q_mean = q.mean;
+  const float* __restrict__ q_a = q.a;
+  const float* __restrict__ q_b = q.b;
+  const float* __restrict__ q_inv = q.invstd;
+  const float* __restrict__ q_k = q.k;
+  const float* __restrict__ q_mg = q.mg;
+  const float* __restrict__ q_mgx = q.mgx;
   float* ag = acc;
   float* agx = acc + C;
+  const int64_t Cv = C - C % W;
   for (int64_t block = begin; block < end; ++block) {
     const int64_t p0 = block * rows, p1 = std::min(P, p0 + rows);
     std::fill(ag, ag + 2 * C, 0.f);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T *gg = g + p * C, *yy = y + p * C, *ss = s ? s + p * C : nullptr;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        const V d = load<W>(yy + c) - load<W>(q.mean + c);
-        V pre = d * load<W>(q.a + c) + load<W>(q.b + c);
-        if (ss) pre += load<W>(ss + c);
-        const V gm = masked<kRelu>(load<W>(gg + c), pre);
-        store<W>(ag + c, load<W>(ag + c) + gm);
-        store<W>(agx + c, load<W>(agx + c) + gm * (d * load<W>(q.invstd + c)));
+    // row after row, four at a time (then one): parameters and partials loaded once per four positions
+    auto rows_of = [=](auto count, int64_t p) {
+      constexpr int n = decltype(count)::value;
+      for (int64_t c = 0; c < Cv; c += W) {
+        const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c), inv = load<W>(q_inv + c);
+        V sg = load<W>(ag + c), sgx = load<W>(agx + c);
+        for (int r = 0; r < n; ++r) {
+          const int64_t off = (p + r) * C + c;
+          const V d = load<W>(y + off) - m;
+          V pre = d * a + b;
+          if (s) pre += load<W>(s + off);
+          const V gm = masked<kRelu>(load<W>(g + off), pre);
+          sg += gm;
+          sgx += gm * (d * inv);
+        }
+        store<W>(ag + c, sg);
+        store<W>(agx + c, sgx);
       }
-      for (; c < C; ++c) {
-        const float d = load1(yy + c) - q.mean[c];
-        const float gm = masked1<kRelu>(load1(gg + c), d * q.a[c] + q.b[c] + (ss ? load1(ss + c) : 0.f));
-        ag[c] += gm;
-        agx[c] += gm * (d * q.invstd[c]);
+      for (int64_t c = Cv; c < C; ++c) {
+        for (int r = 0; r < n; ++r) {
+          const int64_t off = (p + r) * C + c;
+          const float d = load1(y + off) - q_mean[c];
+          const float gm = masked1<kRelu>(load1(g + off), d * q_a[c] + q_b[c] + (s ? load1(s + off) : 0.f));
+          ag[c] += gm;
+          agx[c] += gm * (d * q_inv[c]);
+        }
       }
-    }
+    };
+    int64_t p = p0;
+    for (; p + 4 <= p1; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
+    for (; p < p1; ++p) rows_of(std::integral_constant<int, 1>{}, p);
     for (int64_t c = 0; c < C; ++c) {
       part_g[block * C + c] = ag[c];
       part_gx[block * C + c] = agx[c];
@@ -335,26 +402,45 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
                                          const Params& q, T* __restrict__ gy, T* __restrict__ gs, int64_t begin,
                                          int64_t end, int64_t C) {
   using V = vf<W>;
-  for (int64_t p = begin; p < end; ++p) {
-    const T *gg = g + p * C, *yy = y + p * C, *ss = s ? s + p * C : nullptr;
-    T *oy = gy + p * C, *os = gs ? gs + p * C : nullptr;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V d = load<W>(yy + c) - load<W>(q.mean + c);
-      V pre = d * load<W>(q.a + c) + load<W>(q.b + c);
-      if (ss) pre += load<W>(ss + c);
-      const V gm = masked<kRelu>(load<W>(gg + c), pre);
-      const V xhat = d * load<W>(q.invstd + c);
-      store<W>(oy + c, (gm - load<W>(q.mg + c) - xhat * load<W>(q.mgx + c)) * load<W>(q.k + c));
-      if (os) store<W>(os + c, gm);
+  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
+  // from q (and any captured reference) after every vector written
+  const float* __restrict__ q_mean = q.mean;
+  const float* __restrict__ q_a = q.a;
+  const float* __restrict__ q_b = q.b;
+  const float* __restrict__ q_inv = q.invstd;
+  const float* __restrict__ q_k = q.k;
+  const float* __restrict__ q_mg = q.mg;
+  const float* __restrict__ q_mgx = q.mgx;
+  const int64_t Cv = C - C % W;
+  // row after row, four at a time (then one): parameters loaded once per four positions
+  auto rows_of = [=](auto count, int64_t p) {
+    constexpr int n = decltype(count)::value;
+    for (int64_t c = 0; c < Cv; c += W) {
+      const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c), inv = load<W>(q_inv + c);
+      const V k = load<W>(q_k + c), mg = load<W>(q_mg + c), mgx = load<W>(q_mgx + c);
+      for (int r = 0; r < n; ++r) {
+        const int64_t off = (p + r) * C + c;
+        const V d = load<W>(y + off) - m;
+        V pre = d * a + b;
+        if (s) pre += load<W>(s + off);
+        const V gm = masked<kRelu>(load<W>(g + off), pre);
+        store<W>(gy + off, (gm - mg - (d * inv) * mgx) * k);
+        if (gs) store<W>(gs + off, gm);
+      }
     }
-    for (; c < C; ++c) {
-      const float d = load1(yy + c) - q.mean[c];
-      const float gm = masked1<kRelu>(load1(gg + c), d * q.a[c] + q.b[c] + (ss ? load1(ss + c) : 0.f));
-      store1(oy + c, (gm - q.mg[c] - (d * q.invstd[c]) * q.mgx[c]) * q.k[c]);
-      if (os) store1(os + c, gm);
+    for (int64_t c = Cv; c < C; ++c) {
+      for (int r = 0; r < n; ++r) {
+        const int64_t off = (p + r) * C + c;
+        const float d = load1(y + off) - q_mean[c];
+        const float gm = masked1<kRelu>(load1(g + off), d * q_a[c] + q_b[c] + (s ? load1(s + off) : 0.f));
+        store1(gy + off, (gm - q_mg[c] - (d * q_inv[c]) * q_mgx[c]) * q_k[c]);
+        if (gs) store1(gs + off, gm);
+      }
     }
-  }
+  };
+  int64_t p = begin;
+  for (; p + 4 <= end; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
+  for (; p < end; ++p) rows_of(std::integral_constant<int, 1>{}, p);
 }
 
 // ---- one compiled copy of each loop per SIMD path ------------------------------------------------------------
