@@ -98,6 +98,18 @@ def copy_bandwidth(
     return {"bytes_per_s": 2 * src.numel() * 4 / median, "median_s": median, "nbytes": float(src.numel() * 4)}
 
 
+def median_ms(fn: Callable[[], Any], calls: int, *, warmup: int = 3) -> float:
+    """``fn()`` called ``warmup`` times, then ``calls`` timed calls: their median in milliseconds (CPU work)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def roofline_seconds(bytes_moved: float, bytes_per_s: float) -> float:
     """The memory floor: the time to move ``bytes_moved`` at ``bytes_per_s``."""
     return bytes_moved / bytes_per_s

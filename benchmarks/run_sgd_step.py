@@ -9,24 +9,18 @@ settings interleaved per round, median over the rounds of each round's median of
 
 import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from lgd_fast.bench import machine_info, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast.bench import machine_info, write_json  # noqa: E402
 from lgd_fast.engine.config import OptimConfig
 from lgd_fast.engine.train import make_sgd
 from lgd_fast.models import create_model
-
-
-def _median_ms(fn, calls: int) -> float:
-    fn()  # warm: momentum buffers made, caches touched
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -53,7 +47,7 @@ def main() -> None:
     rounds = {name: [] for name in settings}
     for _ in range(args.rounds):
         for name, make in settings.items():
-            rounds[name].append(_median_ms(make(), args.calls))
+            rounds[name].append(h.median_ms(make(), args.calls, warmup=1))
     results = {name: {"median_ms": statistics.median(v), "rounds_ms": v} for name, v in rounds.items()}
     for name, r in results.items():
         print(f"{name:36s} {r['median_ms']:7.1f} ms  (rounds: {', '.join(f'{t:.1f}' for t in r['rounds_ms'])})")

@@ -25,13 +25,16 @@ input's bytes.
 """
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lgd_fast.bench import machine_info, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast.bench import machine_info, write_json  # noqa: E402
 
 # (N*T, C, H): R50's stride-1 1x3x3 convs at batch 4, 16x112x112 (4 frames after the stem), C in = C out
 SHAPES = ((16, 64, 28), (16, 128, 14), (16, 256, 7), (16, 512, 4))
@@ -81,17 +84,6 @@ def _errors(y: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _median_ms(fn, calls: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=20)
@@ -116,7 +108,7 @@ def main() -> None:
         def conv(xc=xc, packed=packed, bias=bias):
             return torch.ops.mkldnn._convolution_pointwise(xc, packed, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
 
-        direct = _median_ms(conv, args.calls)
+        direct = h.median_ms(conv, args.calls)
         flops = 2 * frames * size * size * channels * channels * 9
         timing = {"direct_ms": direct, "direct_gflops": flops / direct / 1e6}
         for m in (2, 4):
@@ -124,7 +116,7 @@ def main() -> None:
             v = torch.randn(a * a, tiles, channels, generator=gen)
             u = torch.randn(a * a, channels, channels, generator=gen)
             out = torch.empty(a * a, tiles, channels)
-            gemm = _median_ms(lambda v=v, u=u, out=out: torch.bmm(v, u, out=out), args.calls)
+            gemm = h.median_ms(lambda v=v, u=u, out=out: torch.bmm(v, u, out=out), args.calls)
             timing[f"winograd_f{m}_gemm_ms"] = gemm
             timing[f"winograd_f{m}_gemm_gflops"] = 2 * a * a * tiles * channels * channels / gemm / 1e6
             timing[f"direct_over_winograd_f{m}_gemm"] = direct / gemm

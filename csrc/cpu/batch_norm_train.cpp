@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // wide vector types only cross always-inlined calls
@@ -49,14 +48,16 @@ constexpr int64_t kTaskElems = 16384;     // smallest amount of work worth a thr
 
 // Per-channel parameters of one call, float32: centre (mean), a (invstd * w: the scale of y - mean), b (bias);
 // for the backward also k (w * invstd), mg and mgx (the means of g' and g' * xhat), invstd.
+// The bodies take it by value: a local copy, which the vector stores (memcpy) cannot alias, so the compiler keeps
+// the pointers in registers (through a reference it reloaded them after every vector written: 1.5-2x slower).
 struct Params {
-  const float* mean;
-  const float* invstd;
-  const float* a;
-  const float* b;
-  const float* k;
-  const float* mg;
-  const float* mgx;
+  const float* __restrict__ mean;
+  const float* __restrict__ invstd;
+  const float* __restrict__ a;
+  const float* __restrict__ b;
+  const float* __restrict__ k;
+  const float* __restrict__ mg;
+  const float* __restrict__ mgx;
 };
 
 // ---- statistics -------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ LGD_INLINE V activate(V v) {
 // Contiguous rows [begin, end) of L values, row = n * C + c. s may be null.
 template <typename T, int W, bool kRelu>
 LGD_INLINE void forward_rows_body(const T* __restrict__ y, const T* __restrict__ s, T* __restrict__ out,
-                                  const Params& q, int64_t begin, int64_t end, int64_t C, int64_t L) {
+                                  Params q, int64_t begin, int64_t end, int64_t C, int64_t L) {
   for (int64_t row = begin; row < end; ++row) {
     const int64_t c = row % C;
     const float m = q.mean[c], a = q.a[c], b = q.b[c];
@@ -207,42 +208,25 @@ LGD_INLINE void forward_rows_body(const T* __restrict__ y, const T* __restrict__
 // channels_last positions [begin, end) of C values.
 template <typename T, int W, bool kRelu>
 LGD_INLINE void forward_channels_last_body(const T* __restrict__ y, const T* __restrict__ s, T* __restrict__ out,
-                                           const Params& q, int64_t begin, int64_t end, int64_t C) {
-  using V = vf<W>;
-  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
-  // from q (and any captured reference) after every vector written
-  const float* __restrict__ q_mean = q.mean;
-  const float* __restrict__ q_a = q.a;
-  const float* __restrict__ q_b = q.b;
-  const float* __restrict__ q_inv = q.invstd;
-  const float* __restrict__ q_k = q.k;
-  const float* __restrict__ q_mg = q.mg;
-  const float* __restrict__ q_mgx = q.mgx;
-  const int64_t Cv = C - C % W;
-  // row after row, four at a time (then one): parameters loaded once per four positions
-  auto rows_of = [=](auto count, int64_t p) {
-    constexpr int n = decltype(count)::value;
-    for (int64_t c = 0; c < Cv; c += W) {
-      const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c);
-      for (int r = 0; r < n; ++r) {
-        const int64_t off = (p + r) * C + c;
-        V v = (load<W>(y + off) - m) * a + b;
-        if (s) v += load<W>(s + off);
-        store<W>(out + off, activate<kRelu>(v));
-      }
+                                           Params q, int64_t begin, int64_t end, int64_t C) {
+  // row after row, the order the memory is in (interleaving four rows, to load the parameters once per four, ran
+  // 1.5x slower at C = 256: four streams per tensor)
+  for (int64_t p = begin; p < end; ++p) {
+    const T* yy = y + p * C;
+    const T* ss = s ? s + p * C : nullptr;
+    T* oo = out + p * C;
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      vf<W> v = (load<W>(yy + c) - load<W>(q.mean + c)) * load<W>(q.a + c) + load<W>(q.b + c);
+      if (ss) v += load<W>(ss + c);
+      store<W>(oo + c, activate<kRelu>(v));
     }
-    for (int64_t c = Cv; c < C; ++c) {
-      for (int r = 0; r < n; ++r) {
-        const int64_t off = (p + r) * C + c;
-        float v = (load1(y + off) - q_mean[c]) * q_a[c] + q_b[c];
-        if (s) v += load1(s + off);
-        store1(out + off, activate<kRelu>(v));
-      }
+    for (; c < C; ++c) {
+      float v = (load1(yy + c) - q.mean[c]) * q.a[c] + q.b[c];
+      if (ss) v += load1(ss + c);
+      store1(oo + c, activate<kRelu>(v));
     }
-  };
-  int64_t p = begin;
-  for (; p + 4 <= end; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
-  for (; p < end; ++p) rows_of(std::integral_constant<int, 1>{}, p);
+  }
 }
 
 // ---- the normalisation, backward --------------------------------------------------------------------------
@@ -270,7 +254,7 @@ LGD_INLINE float masked1(float g, float pre) {
 // Contiguous rows [begin, end): per row, sum g' and sum g' * xhat in float64 (float32 over stretches).
 template <typename T, int W, bool kRelu>
 LGD_INLINE void sums_rows_body(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ s,
-                               const Params& q, double* sum_g, double* sum_gx, int64_t begin, int64_t end, int64_t C,
+                               Params q, double* sum_g, double* sum_gx, int64_t begin, int64_t end, int64_t C,
                                int64_t L) {
   using V = vf<W>;
   for (int64_t row = begin; row < end; ++row) {
@@ -309,55 +293,32 @@ LGD_INLINE void sums_rows_body(const T* __restrict__ g, const T* __restrict__ y,
 // channels_last blocks [begin, end) of `rows` positions: per block and channel the float32 sums, as float64.
 template <typename T, int W, bool kRelu>
 LGD_INLINE void sums_channels_last_body(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ s,
-                                        const Params& q, double* part_g, double* part_gx, float* __restrict__ acc,
+                                        Params q, double* part_g, double* part_gx, float* __restrict__ acc,
                                         int64_t begin, int64_t end, int64_t rows, int64_t P, int64_t C) {
   using V = vf<W>;
-  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
-  // from q (and any captured reference) after every vector written
-  const float* __restrict__ q_mean = q.mean;
-  const float* __restrict__ q_a = q.a;
-  const float* __restrict__ q_b = q.b;
-  const float* __restrict__ q_inv = q.invstd;
-  const float* __restrict__ q_k = q.k;
-  const float* __restrict__ q_mg = q.mg;
-  const float* __restrict__ q_mgx = q.mgx;
-  float* ag = acc;
-  float* agx = acc + C;
-  const int64_t Cv = C - C % W;
+  float* __restrict__ ag = acc;
+  float* __restrict__ agx = acc + C;
   for (int64_t block = begin; block < end; ++block) {
     const int64_t p0 = block * rows, p1 = std::min(P, p0 + rows);
     std::fill(ag, ag + 2 * C, 0.f);
-    // row after row, four at a time (then one): parameters and partials loaded once per four positions
-    auto rows_of = [=](auto count, int64_t p) {
-      constexpr int n = decltype(count)::value;
-      for (int64_t c = 0; c < Cv; c += W) {
-        const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c), inv = load<W>(q_inv + c);
-        V sg = load<W>(ag + c), sgx = load<W>(agx + c);
-        for (int r = 0; r < n; ++r) {
-          const int64_t off = (p + r) * C + c;
-          const V d = load<W>(y + off) - m;
-          V pre = d * a + b;
-          if (s) pre += load<W>(s + off);
-          const V gm = masked<kRelu>(load<W>(g + off), pre);
-          sg += gm;
-          sgx += gm * (d * inv);
-        }
-        store<W>(ag + c, sg);
-        store<W>(agx + c, sgx);
+    for (int64_t p = p0; p < p1; ++p) {  // row after row
+      const T *gg = g + p * C, *yy = y + p * C, *ss = s ? s + p * C : nullptr;
+      int64_t c = 0;
+      for (; c + W <= C; c += W) {
+        const V d = load<W>(yy + c) - load<W>(q.mean + c);
+        V pre = d * load<W>(q.a + c) + load<W>(q.b + c);
+        if (ss) pre += load<W>(ss + c);
+        const V gm = masked<kRelu>(load<W>(gg + c), pre);
+        store<W>(ag + c, load<W>(ag + c) + gm);
+        store<W>(agx + c, load<W>(agx + c) + gm * (d * load<W>(q.invstd + c)));
       }
-      for (int64_t c = Cv; c < C; ++c) {
-        for (int r = 0; r < n; ++r) {
-          const int64_t off = (p + r) * C + c;
-          const float d = load1(y + off) - q_mean[c];
-          const float gm = masked1<kRelu>(load1(g + off), d * q_a[c] + q_b[c] + (s ? load1(s + off) : 0.f));
-          ag[c] += gm;
-          agx[c] += gm * (d * q_inv[c]);
-        }
+      for (; c < C; ++c) {
+        const float d = load1(yy + c) - q.mean[c];
+        const float gm = masked1<kRelu>(load1(gg + c), d * q.a[c] + q.b[c] + (ss ? load1(ss + c) : 0.f));
+        ag[c] += gm;
+        agx[c] += gm * (d * q.invstd[c]);
       }
-    };
-    int64_t p = p0;
-    for (; p + 4 <= p1; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
-    for (; p < p1; ++p) rows_of(std::integral_constant<int, 1>{}, p);
+    }
     for (int64_t c = 0; c < C; ++c) {
       part_g[block * C + c] = ag[c];
       part_gx[block * C + c] = agx[c];
@@ -368,7 +329,7 @@ LGD_INLINE void sums_channels_last_body(const T* __restrict__ g, const T* __rest
 // Contiguous rows [begin, end): grad_y and (where gs is not null) grad_s.
 template <typename T, int W, bool kRelu>
 LGD_INLINE void apply_rows_body(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ s,
-                                const Params& q, T* __restrict__ gy, T* __restrict__ gs, int64_t begin, int64_t end,
+                                Params q, T* __restrict__ gy, T* __restrict__ gs, int64_t begin, int64_t end,
                                 int64_t C, int64_t L) {
   using V = vf<W>;
   for (int64_t row = begin; row < end; ++row) {
@@ -399,48 +360,29 @@ LGD_INLINE void apply_rows_body(const T* __restrict__ g, const T* __restrict__ y
 // channels_last positions [begin, end).
 template <typename T, int W, bool kRelu>
 LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __restrict__ y, const T* __restrict__ s,
-                                         const Params& q, T* __restrict__ gy, T* __restrict__ gs, int64_t begin,
+                                         Params q, T* __restrict__ gy, T* __restrict__ gs, int64_t begin,
                                          int64_t end, int64_t C) {
   using V = vf<W>;
-  // the parameters as local restrict pointers: the stores (memcpy) would otherwise make the compiler reload them
-  // from q (and any captured reference) after every vector written
-  const float* __restrict__ q_mean = q.mean;
-  const float* __restrict__ q_a = q.a;
-  const float* __restrict__ q_b = q.b;
-  const float* __restrict__ q_inv = q.invstd;
-  const float* __restrict__ q_k = q.k;
-  const float* __restrict__ q_mg = q.mg;
-  const float* __restrict__ q_mgx = q.mgx;
-  const int64_t Cv = C - C % W;
-  // row after row, four at a time (then one): parameters loaded once per four positions
-  auto rows_of = [=](auto count, int64_t p) {
-    constexpr int n = decltype(count)::value;
-    for (int64_t c = 0; c < Cv; c += W) {
-      const V m = load<W>(q_mean + c), a = load<W>(q_a + c), b = load<W>(q_b + c), inv = load<W>(q_inv + c);
-      const V k = load<W>(q_k + c), mg = load<W>(q_mg + c), mgx = load<W>(q_mgx + c);
-      for (int r = 0; r < n; ++r) {
-        const int64_t off = (p + r) * C + c;
-        const V d = load<W>(y + off) - m;
-        V pre = d * a + b;
-        if (s) pre += load<W>(s + off);
-        const V gm = masked<kRelu>(load<W>(g + off), pre);
-        store<W>(gy + off, (gm - mg - (d * inv) * mgx) * k);
-        if (gs) store<W>(gs + off, gm);
-      }
+  for (int64_t p = begin; p < end; ++p) {  // row after row
+    const T *gg = g + p * C, *yy = y + p * C, *ss = s ? s + p * C : nullptr;
+    T *oy = gy + p * C, *os = gs ? gs + p * C : nullptr;
+    int64_t c = 0;
+    for (; c + W <= C; c += W) {
+      const V d = load<W>(yy + c) - load<W>(q.mean + c);
+      V pre = d * load<W>(q.a + c) + load<W>(q.b + c);
+      if (ss) pre += load<W>(ss + c);
+      const V gm = masked<kRelu>(load<W>(gg + c), pre);
+      const V xhat = d * load<W>(q.invstd + c);
+      store<W>(oy + c, (gm - load<W>(q.mg + c) - xhat * load<W>(q.mgx + c)) * load<W>(q.k + c));
+      if (os) store<W>(os + c, gm);
     }
-    for (int64_t c = Cv; c < C; ++c) {
-      for (int r = 0; r < n; ++r) {
-        const int64_t off = (p + r) * C + c;
-        const float d = load1(y + off) - q_mean[c];
-        const float gm = masked1<kRelu>(load1(g + off), d * q_a[c] + q_b[c] + (s ? load1(s + off) : 0.f));
-        store1(gy + off, (gm - q_mg[c] - (d * q_inv[c]) * q_mgx[c]) * q_k[c]);
-        if (gs) store1(gs + off, gm);
-      }
+    for (; c < C; ++c) {
+      const float d = load1(yy + c) - q.mean[c];
+      const float gm = masked1<kRelu>(load1(gg + c), d * q.a[c] + q.b[c] + (ss ? load1(ss + c) : 0.f));
+      store1(oy + c, (gm - q.mg[c] - (d * q.invstd[c]) * q.mgx[c]) * q.k[c]);
+      if (os) store1(os + c, gm);
     }
-  };
-  int64_t p = begin;
-  for (; p + 4 <= end; p += 4) rows_of(std::integral_constant<int, 4>{}, p);
-  for (; p < end; ++p) rows_of(std::integral_constant<int, 1>{}, p);
+  }
 }
 
 // ---- one compiled copy of each loop per SIMD path ------------------------------------------------------------
@@ -457,7 +399,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     moments_channels_last_body<T, W>(z, pm, pq, acc, begin, end, rows, P, C);                                    \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void forward_rows_##ISA(const T* y, const T* s, T* out, const Params& q, bool relu, int64_t begin,      \
+  TARGET void forward_rows_##ISA(const T* y, const T* s, T* out, Params q, bool relu, int64_t begin,      \
                                  int64_t end, int64_t C, int64_t L) {                                           \
     if (relu) {                                                                                                  \
       forward_rows_body<T, W, true>(y, s, out, q, begin, end, C, L);                                             \
@@ -466,7 +408,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     }                                                                                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void forward_channels_last_##ISA(const T* y, const T* s, T* out, const Params& q, bool relu,            \
+  TARGET void forward_channels_last_##ISA(const T* y, const T* s, T* out, Params q, bool relu,            \
                                           int64_t begin, int64_t end, int64_t C) {                              \
     if (relu) {                                                                                                  \
       forward_channels_last_body<T, W, true>(y, s, out, q, begin, end, C);                                       \
@@ -475,7 +417,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     }                                                                                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void sums_rows_##ISA(const T* g, const T* y, const T* s, const Params& q, bool relu, double* sg,        \
+  TARGET void sums_rows_##ISA(const T* g, const T* y, const T* s, Params q, bool relu, double* sg,        \
                               double* sgx, int64_t begin, int64_t end, int64_t C, int64_t L) {                   \
     if (relu) {                                                                                                  \
       sums_rows_body<T, W, true>(g, y, s, q, sg, sgx, begin, end, C, L);                                         \
@@ -484,7 +426,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     }                                                                                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void sums_channels_last_##ISA(const T* g, const T* y, const T* s, const Params& q, bool relu,           \
+  TARGET void sums_channels_last_##ISA(const T* g, const T* y, const T* s, Params q, bool relu,           \
                                        double* pg, double* pgx, float* acc, int64_t begin, int64_t end,         \
                                        int64_t rows, int64_t P, int64_t C) {                                    \
     if (relu) {                                                                                                  \
@@ -494,7 +436,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     }                                                                                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void apply_rows_##ISA(const T* g, const T* y, const T* s, const Params& q, bool relu, T* gy, T* gs,    \
+  TARGET void apply_rows_##ISA(const T* g, const T* y, const T* s, Params q, bool relu, T* gy, T* gs,    \
                                int64_t begin, int64_t end, int64_t C, int64_t L) {                              \
     if (relu) {                                                                                                  \
       apply_rows_body<T, W, true>(g, y, s, q, gy, gs, begin, end, C, L);                                         \
@@ -503,7 +445,7 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
     }                                                                                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
-  TARGET void apply_channels_last_##ISA(const T* g, const T* y, const T* s, const Params& q, bool relu, T* gy,  \
+  TARGET void apply_channels_last_##ISA(const T* g, const T* y, const T* s, Params q, bool relu, T* gy,  \
                                         T* gs, int64_t begin, int64_t end, int64_t C) {                         \
     if (relu) {                                                                                                  \
       apply_channels_last_body<T, W, true>(g, y, s, q, gy, gs, begin, end, C);                                   \
@@ -528,32 +470,32 @@ void moments_channels_last_isa(const T* z, double* pm, double* pq, float* acc, i
   LGD_CALL_FOR_ISA(moments_channels_last, T, z, pm, pq, acc, begin, end, rows, P, C);
 }
 template <typename T>
-void forward_rows_isa(const T* y, const T* s, T* out, const Params& q, bool relu, int64_t begin, int64_t end,
+void forward_rows_isa(const T* y, const T* s, T* out, Params q, bool relu, int64_t begin, int64_t end,
                       int64_t C, int64_t L) {
   LGD_CALL_FOR_ISA(forward_rows, T, y, s, out, q, relu, begin, end, C, L);
 }
 template <typename T>
-void forward_channels_last_isa(const T* y, const T* s, T* out, const Params& q, bool relu, int64_t begin,
+void forward_channels_last_isa(const T* y, const T* s, T* out, Params q, bool relu, int64_t begin,
                                int64_t end, int64_t C) {
   LGD_CALL_FOR_ISA(forward_channels_last, T, y, s, out, q, relu, begin, end, C);
 }
 template <typename T>
-void sums_rows_isa(const T* g, const T* y, const T* s, const Params& q, bool relu, double* sg, double* sgx,
+void sums_rows_isa(const T* g, const T* y, const T* s, Params q, bool relu, double* sg, double* sgx,
                    int64_t begin, int64_t end, int64_t C, int64_t L) {
   LGD_CALL_FOR_ISA(sums_rows, T, g, y, s, q, relu, sg, sgx, begin, end, C, L);
 }
 template <typename T>
-void sums_channels_last_isa(const T* g, const T* y, const T* s, const Params& q, bool relu, double* pg, double* pgx,
+void sums_channels_last_isa(const T* g, const T* y, const T* s, Params q, bool relu, double* pg, double* pgx,
                             float* acc, int64_t begin, int64_t end, int64_t rows, int64_t P, int64_t C) {
   LGD_CALL_FOR_ISA(sums_channels_last, T, g, y, s, q, relu, pg, pgx, acc, begin, end, rows, P, C);
 }
 template <typename T>
-void apply_rows_isa(const T* g, const T* y, const T* s, const Params& q, bool relu, T* gy, T* gs, int64_t begin,
+void apply_rows_isa(const T* g, const T* y, const T* s, Params q, bool relu, T* gy, T* gs, int64_t begin,
                     int64_t end, int64_t C, int64_t L) {
   LGD_CALL_FOR_ISA(apply_rows, T, g, y, s, q, relu, gy, gs, begin, end, C, L);
 }
 template <typename T>
-void apply_channels_last_isa(const T* g, const T* y, const T* s, const Params& q, bool relu, T* gy, T* gs,
+void apply_channels_last_isa(const T* g, const T* y, const T* s, Params q, bool relu, T* gy, T* gs,
                              int64_t begin, int64_t end, int64_t C) {
   LGD_CALL_FOR_ISA(apply_channels_last, T, g, y, s, q, relu, gy, gs, begin, end, C);
 }
