@@ -26,6 +26,7 @@
 
 #include "isa.h"
 #include "simd.h"
+#include "tensor_dispatch.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -502,10 +503,6 @@ void apply_channels_last_isa(const T* g, const T* y, const T* s, Params q, bool 
 
 // ---- checks ----------------------------------------------------------------------------------------------
 
-bool is_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-}
-
 at::MemoryFormat format_of(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
 }
@@ -528,15 +525,6 @@ at::Tensor per_channel(const char* op, const at::Tensor& t, const char* name, in
   TORCH_CHECK(t.is_floating_point() && t.scalar_type() != at::kDouble, op, ": ", name,
               " must be float32, bfloat16 or float16, got ", t.scalar_type());
   return t.to(at::kFloat).contiguous();
-}
-
-template <typename F>
-void dispatch_float_bf16(at::ScalarType dtype, F&& fn) {
-  if (dtype == at::kFloat) {
-    fn(float{});
-  } else {
-    fn(c10::BFloat16{});
-  }
 }
 
 // Positions per statistics block in channels_last: its C values of every position fit kBlockBytes.

@@ -28,6 +28,7 @@
 
 #include "isa.h"
 #include "simd.h"
+#include "tensor_dispatch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -338,19 +339,6 @@ void backward_channels_last(const T* gout, const float* gmean, const T* out, con
 }
 
 // ---- checks and entry points ----------------------------------------------------------------------
-
-template <typename F>
-void dispatch_float_bf16(at::ScalarType dtype, F&& fn) {
-  if (dtype == at::kFloat) {
-    fn(float{});
-  } else {
-    fn(c10::BFloat16{});
-  }
-}
-
-bool is_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast3d);
-}
 
 void check_large(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "diffusion_epilogue: ", name, " must be a CPU tensor, got ", t.device());
