@@ -57,10 +57,10 @@ from .p3d_conv import (
     _mkldnn_conv,
     _onednn_fake,
     autocast_inputs,
+    channel_sums,
     conv_output_shape,
     onednn_takes,
     p3d_conv,
-    sums_about_mean,
     sums_as_returned,
 )
 
@@ -199,7 +199,7 @@ def batch_norm_affine(
     if not isinstance(norm, _NORMS) and not _synchronised(norm):
         raise TypeError(f"the fused path folds BatchNorm3d only, got {type(norm).__name__}")
     if uses_batch_stats(norm) and stats is None and sync_group(norm) is not None:
-        stats = sums_about_mean(r.to(acc))  # this process's part, differentiable, merged by batch_mean_var
+        stats = channel_sums(r.to(acc))  # this process's part, differentiable, merged by batch_mean_var
     if uses_batch_stats(norm) and stats is not None:
         mean, var = batch_mean_var(norm, stats, r.numel() // channels, acc)
     elif uses_batch_stats(norm):
@@ -713,7 +713,7 @@ def conv_bn(
         relu: apply ReLU last.
         stats: with ``norm=None`` and no shortcut only (the caller applies the norm, as the LGD block's
             epilogue does): also return the per-channel (sum, sum of squares about the mean) of the output,
-            (2, C_out) float32.
+            (2, C_out) float32 (float64 where the CPU kernel computes them: ``p3d_conv.channel_sums``).
         backend: the conv backend (``"auto"``, ``"triton"``, ``"onednn"``, ``"reference"``) for the convs that
             run on :func:`~lgd_fast.ops.p3d_conv` (:func:`p3d_geometry_reason`); the others run on the device's
             own convolution (oneDNN on the CPU, cuDNN on CUDA).
@@ -789,7 +789,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Te
         y = y + residual
     acc = torch.promote_types(y.dtype, torch.float32)
     if norm is not None and uses_batch_stats(norm):
-        return _normalize_train(norm, y, sums_about_mean(y.detach().to(acc)), relu, conv.bias, shortcut)
+        return _normalize_train(norm, y, channel_sums(y.detach().to(acc)), relu, conv.bias, shortcut)
     scale, shift = (None, None) if norm is None else folded_norm(norm, y)
     if conv.bias is not None and scale is not None:
         shift = shift + scale * _bias(conv, y)
@@ -803,7 +803,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Te
     out = (torch.relu(z) if relu else z).to(y.dtype)
     if not stats:
         return out
-    return out, sums_as_returned(z, out)
+    return out, sums_as_returned(z, out, channel_sums)
 
 
 def conv_sum_bn(

@@ -74,7 +74,8 @@ def p3d_conv_reference(
 
     Returns:
         out, in x's dtype and (for the reference) x's layout; with ``stats``, ``(out, stats)`` where stats is
-        (2, C_out) float32 (float64 for float64 inputs).
+        (2, C_out) float32 (float64 for float64 inputs; :func:`p3d_conv` on the CPU's oneDNN backend computes them
+        with :func:`channel_sums`, in float64).
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     padding, strides = _geometry(weight, stride)
@@ -91,20 +92,27 @@ def p3d_conv_reference(
     return out, sums_as_returned(z, out)
 
 
-def sums_as_returned(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """:func:`sums_about_mean` of z as returned (``out``, z rounded to its dtype: what a BatchNorm after the conv
-    takes), with the gradient taken at z (float32 or float64): there the statistics' gradient and the output's,
-    large and nearly cancelling in BatchNorm's backward, meet in z's dtype and round once."""
-    return sums_about_mean(out if out.dtype == z.dtype else z + (out.to(z.dtype) - z).detach())
+def sums_as_returned(z: torch.Tensor, out: torch.Tensor, sums=None) -> torch.Tensor:
+    """``sums`` (:func:`sums_about_mean`, the reference's, by default; the fast paths pass :func:`channel_sums`) of
+    z as returned (``out``, z rounded to its dtype: what a BatchNorm after the conv takes), with the gradient taken
+    at z (float32 or float64): there the statistics' gradient and the output's, large and nearly cancelling in
+    BatchNorm's backward, meet in z's dtype and round once."""
+    return (sums or sums_about_mean)(out if out.dtype == z.dtype else z + (out.to(z.dtype) - z).detach())
+
+
+def channel_sums(z: torch.Tensor) -> torch.Tensor:
+    """:func:`sums_about_mean` as the fast paths compute it: one pass of the compiled kernel where it applies
+    (:mod:`lgd_fast.ops.batch_norm_train`: a float32 or bfloat16 CPU z; then in float64), else the same two passes.
+    Differentiable either way."""
+    if batch_norm_train.kernel_applies(z):
+        return batch_norm_train.channel_moments(z)
+    return sums_about_mean(z)
 
 
 def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
     """(2, C): per channel, the sum of z (N, C, T, H, W) and the sum of squares about its mean, over (N, T, H, W),
-    in z's dtype; two passes (no E[z^2] - E[z]^2 cancellation), or one of the compiled kernel where it applies
-    (:mod:`lgd_fast.ops.batch_norm_train`: a float32 CPU z). Differentiable: d/dz of the second is
+    in z's dtype; two passes (no E[z^2] - E[z]^2 cancellation). Differentiable: d/dz of the second is
     2 (z - mean) (the mean's own derivative sums to zero), as autograd gets it with the mean held fixed."""
-    if batch_norm_train.kernel_applies(z):
-        return batch_norm_train.channel_moments(z)
     total = z.sum(_REDUCE)
     mean = (total / (z.numel() // z.shape[1])).detach()
     centred = z - _per_channel(mean)
@@ -265,7 +273,7 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
     out = (torch.relu(z) if relu else z).to(x.dtype)
     if not stats:
         return out
-    return out, sums_as_returned(z, out)  # stats refuse relu: out is z rounded
+    return out, sums_as_returned(z, out, channel_sums)  # stats refuse relu: out is z rounded
 
 
 def _mkldnn_conv(x, w, bias, residual, padding, strides, dilation, groups, relu) -> torch.Tensor:
