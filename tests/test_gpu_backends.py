@@ -181,7 +181,10 @@ def _gu_case_id(shape, dtype) -> str:
 
 
 def check_rows(rows: list[dict], dtype: str, seed, same_dtype: tuple[str, ...], tol: float = 2e-6) -> None:
-    """fp32 within ``tol`` of fp64; 16-bit within 2x the plain PyTorch error at that dtype (floored at fp32's)."""
+    """fp32 within ``tol`` of fp64, or within 2x plain PyTorch's own fp32 error where that is larger (an output
+    that cancels: grad_d of a (1, 3, 5, 15, 15) clip sums 1125 values of both signs per channel, and PyTorch's
+    float32 composite was 2.70e-6 off fp64 there, the kernel 2.78e-6, seed 469166457); 16-bit within 2x the plain
+    PyTorch error at that dtype (floored at fp32's)."""
     for row in rows:
         name = row["name"]
         assert row["finite"], f"{name}: unwritten or non-finite elements (seed {seed})"
@@ -189,7 +192,9 @@ def check_rows(rows: list[dict], dtype: str, seed, same_dtype: tuple[str, ...], 
         expected_dtype = dtype if name in same_dtype else "float32"
         assert row["dtype"] == expected_dtype, f"{name}: dtype {row['dtype']}"
         if dtype == "float32":
-            assert row["err"] < tol, f"{name}: relative error {row['err']:.2e} (seed {seed})"
+            assert row["err"] < max(tol, 2 * row["torch_err"]), (
+                f"{name}: relative error {row['err']:.2e}, PyTorch float32 {row['torch_err']:.2e} (seed {seed})"
+            )
         else:
             assert row["err"] <= 2 * row["torch_err"] + 2.0**-23, (
                 f"{name}: error {row['err']:.2e} vs PyTorch {dtype} {row['torch_err']:.2e} (seed {seed})"
