@@ -345,10 +345,17 @@ class _Entry:
     refused: str | None = None
 
 
-def _applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    return (not torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and not module.training and getattr(module, "recorded_inference", True) and os.environ.get(ENV, "1") != "0"
+def _program_allowed(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """No autograd, CPU input, the model in eval, its ``recorded_inference`` on, ``LGD_FAST_RECORD`` not 0, no forced
+    plan: where a recorded program may run, eagerly (:func:`_applies`) or as the compiled op
+    (:func:`traced_as_one_op`)."""
+    return (not torch.is_grad_enabled() and x.device.type == "cpu" and not module.training
+            and getattr(module, "recorded_inference", True) and os.environ.get(ENV, "1") != "0"
             and not planning.is_forced())  # fmt: skip
+
+
+def _applies(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and _program_allowed(module, x)
 
 
 def _key(x: torch.Tensor) -> tuple:
@@ -502,9 +509,7 @@ def traced_as_one_op(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether torch.compile traces ``module(x)`` as ``lgd_fast::recorded_inference`` (the comment above): dynamo
     tracing (not export, not for freezing), no autograd, CPU, eval, no CPU autocast, the recorded program allowed."""
     return (torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not traced_for_freezing()
-            and not torch.is_grad_enabled() and x.device.type == "cpu" and not module.training
-            and not torch.is_autocast_enabled("cpu") and getattr(module, "recorded_inference", True)
-            and os.environ.get(ENV, "1") != "0" and not planning.is_forced())  # fmt: skip
+            and not torch.is_autocast_enabled("cpu") and _program_allowed(module, x))  # fmt: skip
 
 
 @torch.library.custom_op("lgd_fast::recorded_inference", mutates_args=())
