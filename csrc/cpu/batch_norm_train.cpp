@@ -48,7 +48,7 @@ constexpr int64_t kMaxBlockRows = 64;     // channels_last: positions per block 
 constexpr int64_t kTaskElems = 16384;     // smallest amount of work worth a thread
 
 // Per-channel parameters of one call, float32: centre (mean), a (invstd * w: the scale of y - mean), b (bias);
-// for the backward also k (w * invstd), mg and mgx (the means of g' and g' * xhat), invstd.
+// for the backward also invstd, mg and mgx (the means of g' and g' * xhat); grad_y scales by a too.
 // The bodies take it by value: a local copy, which the vector stores (memcpy) cannot alias, so the compiler keeps
 // the pointers in registers (through a reference it reloaded them after every vector written: 1.5-2x slower).
 struct Params {
@@ -56,7 +56,6 @@ struct Params {
   const float* __restrict__ invstd;
   const float* __restrict__ a;
   const float* __restrict__ b;
-  const float* __restrict__ k;
   const float* __restrict__ mg;
   const float* __restrict__ mgx;
 };
@@ -335,8 +334,7 @@ LGD_INLINE void apply_rows_body(const T* __restrict__ g, const T* __restrict__ y
   using V = vf<W>;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t c = row % C;
-    const float m = q.mean[c], a = q.a[c], b = q.b[c], inv = q.invstd[c], k = q.k[c], mg = q.mg[c],
-                mgx = q.mgx[c];
+    const float m = q.mean[c], a = q.a[c], b = q.b[c], inv = q.invstd[c], mg = q.mg[c], mgx = q.mgx[c];
     const int64_t off = row * L;
     const T *gg = g + off, *yy = y + off, *ss = s ? s + off : nullptr;
     T *oy = gy + off, *os = gs ? gs + off : nullptr;
@@ -346,13 +344,13 @@ LGD_INLINE void apply_rows_body(const T* __restrict__ g, const T* __restrict__ y
       V pre = d * a + b;
       if (ss) pre += load<W>(ss + l);
       const V gm = masked<kRelu>(load<W>(gg + l), pre);
-      store<W>(oy + l, (gm - mg - (d * inv) * mgx) * k);
+      store<W>(oy + l, (gm - mg - (d * inv) * mgx) * a);
       if (os) store<W>(os + l, gm);
     }
     for (; l < L; ++l) {
       const float d = load1(yy + l) - m;
       const float gm = masked1<kRelu>(load1(gg + l), d * a + b + (ss ? load1(ss + l) : 0.f));
-      store1(oy + l, (gm - mg - (d * inv) * mgx) * k);
+      store1(oy + l, (gm - mg - (d * inv) * mgx) * a);
       if (os) store1(os + l, gm);
     }
   }
@@ -374,13 +372,13 @@ LGD_INLINE void apply_channels_last_body(const T* __restrict__ g, const T* __res
       if (ss) pre += load<W>(ss + c);
       const V gm = masked<kRelu>(load<W>(gg + c), pre);
       const V xhat = d * load<W>(q.invstd + c);
-      store<W>(oy + c, (gm - load<W>(q.mg + c) - xhat * load<W>(q.mgx + c)) * load<W>(q.k + c));
+      store<W>(oy + c, (gm - load<W>(q.mg + c) - xhat * load<W>(q.mgx + c)) * load<W>(q.a + c));
       if (os) store<W>(os + c, gm);
     }
     for (; c < C; ++c) {
       const float d = load1(yy + c) - q.mean[c];
       const float gm = masked1<kRelu>(load1(gg + c), d * q.a[c] + q.b[c] + (ss ? load1(ss + c) : 0.f));
-      store1(oy + c, (gm - q.mg[c] - (d * q.invstd[c]) * q.mgx[c]) * q.k[c]);
+      store1(oy + c, (gm - q.mg[c] - (d * q.invstd[c]) * q.mgx[c]) * q.a[c]);
       if (os) store1(os + c, gm);
     }
   }
@@ -538,10 +536,10 @@ int64_t grain_for(int64_t elems_per_item) {
 
 // The per-channel parameters a call needs, float32, kept alive with the call.
 struct ParamTensors {
-  at::Tensor mean, invstd, a, b, k, mg, mgx;
+  at::Tensor mean, invstd, a, b, mg, mgx;
   Params view() const {
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-    return {ptr(mean), ptr(invstd), ptr(a), ptr(b), ptr(k), ptr(mg), ptr(mgx)};
+    return {ptr(mean), ptr(invstd), ptr(a), ptr(b), ptr(mg), ptr(mgx)};
   }
 };
 
@@ -552,8 +550,7 @@ ParamTensors params(const char* op, const at::Tensor& y, const at::Tensor& mean,
   p.mean = per_channel(op, mean, "mean", C);
   p.invstd = per_channel(op, invstd, "invstd", C);
   const at::Tensor w = per_channel(op, weight, "weight", C);
-  p.a = (p.invstd * w).contiguous();  // the scale of y - mean; also k, the backward's
-  p.k = p.a;
+  p.a = (p.invstd * w).contiguous();  // the scale of y - mean, and of grad_y
   p.b = per_channel(op, bias, "bias", C);
   return p;
 }
