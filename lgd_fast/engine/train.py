@@ -119,8 +119,9 @@ def _lr_lambda(total_steps: int, warmup_steps: int):
 
 def make_sgd(params: list[torch.nn.Parameter], o: OptimConfig, lr: float) -> torch.optim.SGD:
     """The recipe's SGD (momentum, Nesterov, weight decay from ``o``) at ``lr``, as torch's fused SGD where every
-    parameter is on the CPU or CUDA: one kernel over all parameters instead of three ops each (LGD-3D R50's 371
-    parameters, 2-core CPU: 10.7 against 28.5 ms a step, README *Training engine*); the same update."""
+    parameter is on the CPU or CUDA: one kernel over all parameters instead of three ops each (LGD-3D R50's 373
+    parameters, 2-core CPU: 12.8 against 47.1 ms a step, ``benchmarks/run_sgd_step.py``, README *Training and
+    evaluation*); the same update."""
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                            fused=fused or None)  # fmt: skip
