@@ -175,7 +175,30 @@ def test_bf16_run_compares_logits_with_fp32():
     accuracy = payload["accuracy"]
     assert accuracy["against"] == "reference" and set(accuracy["per_head"]) in ({"logits"}, {"local", "global"})
     assert 0 < accuracy["logits_max_error_vs_fp32"] < 0.1  # bfloat16 rounds: not 0, and not wrong
+    assert 0 < accuracy["reference_bf16_max_error_vs_fp32"] < 0.1
+    vs_fp64 = accuracy["relative_error_vs_fp64"]
+    for head, ratio in vs_fp64["fast_over_reference"].items():
+        assert 0 < vs_fp64["reference"][head] < 0.1
+        assert ratio == pytest.approx(vs_fp64["fast"][head] / vs_fp64["reference"][head])
     assert payload["conv_peak"]["measurements"][0]["dtype"] == "bf16"
+
+
+def test_trained_like_gives_batchnorm_and_diffusion_trained_values_seeded():
+    model = create_model("lgd3d_tiny", 5)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    bench.trained_like(model)
+    again = bench.trained_like(create_model("lgd3d_tiny", 5))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, fresh[k])}
+    for key in changed:
+        assert torch.equal(model.state_dict()[key], again.state_dict()[key]), key  # seeded
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    for name in norms:
+        bn = model.get_submodule(name)
+        assert {f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")} <= changed
+        assert 0.5 <= bn.weight.min() and bn.weight.max() < 1.5 and 0.5 <= bn.running_var.min()
+    diffusion = {k for k in fresh if k.endswith("fc6.weight")}
+    assert norms and diffusion and {k for k in changed if "fc6" in k} == diffusion
+    assert changed == diffusion | {f"{n}.{k}" for n in norms for k in ("weight", "bias", "running_mean", "running_var")}
 
 
 def test_target_check_on_a_hand_made_result():
