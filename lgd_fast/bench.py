@@ -20,6 +20,7 @@ the device, versions and commit, and the targets with their measured values.
 
     lgd-fast bench                                   # LGD-3D R50, batch 4, 16x112x112, fp32, CPU
     lgd-fast bench --dtype bf16                      # the same under bf16 autocast
+    lgd-fast bench --dtype bf16-weights --passes inference,latency   # every model and clip in bfloat16
     lgd-fast bench --model lgd3d_tiny --size 32 --no-compile
 """
 
@@ -93,6 +94,10 @@ TARGETS = {
                       "logits_max_error_vs_fp32": 2e-2},  # fmt: skip
     },
 }
+# bf16 weights (every model cast to bfloat16, clips in bfloat16, no autocast): PERF.md's bf16 targets, each against
+# the candidate with bf16 weights; the logits against the float32 model the bf16 one was cast from.
+TARGETS["bf16-weights"] = TARGETS["bf16"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16 autocast", "bf16-weights": "bfloat16 weights and clips, no autocast"}
 
 
 def _status_bytes(key: str) -> int | None:
@@ -372,6 +377,7 @@ def _conv_floors(name, num_classes, device, clips, passes, autocast, repeats) ->
     from .models import create_model
 
     model = create_model(name, num_classes, classifier="two_heads").to(device, memory_format=torch.channels_last_3d)
+    model.to(next(iter(clips.values()))[0].dtype)  # bf16-weights: the model in bfloat16 too
     return {p: conv_floor(model, clips[p][0], training=p == "training", autocast=autocast, repeats=max(repeats, 3))
             for p in passes}  # fmt: skip
 
@@ -380,7 +386,7 @@ def conv_peak(device: torch.device, dtype: str, *, repeats: int = 30) -> dict[st
     """The device's own channels-last 1x3x3 conv (oneDNN on the CPU, cuDNN on CUDA) at :data:`PEAK_SHAPE`, in the
     bench's dtype (bf16: the conv in bfloat16): GFLOP/s of its median call over ``repeats`` (random inputs)."""
     gen = torch.Generator().manual_seed(1)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    torch_dtype = torch.bfloat16 if dtype.startswith("bf16") else torch.float32
     cl = torch.channels_last_3d
     x = torch.randn(PEAK_SHAPE, generator=gen).to(device, torch_dtype).contiguous(memory_format=cl)
     w = (torch.randn(PEAK_KERNEL, generator=gen) / 24).to(device, torch_dtype).contiguous(memory_format=cl)
@@ -491,8 +497,11 @@ def run_bench(
     unknown = [c for c in candidates if c not in CANDIDATES] + [p for p in passes if p not in PASSES]
     if unknown:
         raise ValueError(f"unknown candidates/passes {unknown}; candidates: {CANDIDATES}, passes: {PASSES}")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"dtype must be fp32 or bf16 (bf16: autocast), got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(f'{k} ({v})' for k, v in DTYPES.items())}, got {dtype!r}")
+    if dtype == "bf16-weights" and "training" in passes:
+        raise ValueError("bf16-weights times inference only (a training step keeps float32 master weights: use "
+                         "--dtype bf16, autocast); pass --passes inference,latency")  # fmt: skip
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"repeats >= 1, warmup >= 0 and batch >= 1 are needed (got {repeats}, {warmup}, {batch})")
     if device == "auto":
@@ -506,6 +515,12 @@ def run_bench(
     clips = {p: [torch.randn(shapes[p], generator=gen).to(dev) for _ in range(2)] for p in passes}  # not zeros
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
     models = _models(model, num_classes, dev, candidates, compile_mode)
+    float32_model = None
+    if dtype == "bf16-weights":  # (torch.compile traces on the first call, so the compiled runners see bfloat16)
+        float32_model = copy.deepcopy(next(iter(models.values()))[0]) if models else None
+        clips = {p: [c.to(torch.bfloat16) for c in cs] for p, cs in clips.items()}
+        for module, _, _ in models.values():
+            module.to(torch.bfloat16)
     if channels_last:
         for module, _, _ in models.values():
             module.to(memory_format=torch.channels_last_3d)
@@ -576,7 +591,9 @@ def run_bench(
                           "peak_memory_bytes": memory[name], "warmup_s": first_call[name]}  # fmt: skip
         results[pass_] = rows
     bar.close()
-    accuracy = _bf16_logits_error(models, clips, passes, autocast) if dtype == "bf16" else None
+    accuracy = None
+    if dtype != "fp32":
+        accuracy = _bf16_logits_error(models, clips, passes, autocast, float32_model)
     return {
         "benchmark": "lgd-fast bench",
         "model": model,
@@ -622,11 +639,12 @@ def run_bench(
     }
 
 
-def _bf16_logits_error(models, clips, passes, autocast) -> dict[str, Any] | None:
-    """The fast model's logits under bf16 autocast against the float32 reference's on the same clip: the largest
-    absolute difference over the largest float32 logit, per head; the reference's own under the same autocast
-    by the same measure; and both against the float64 reference by relative error (norm), with their ratio:
-    STYLE.md's rule is at most 2x plain PyTorch's error at the same dtype."""
+def _bf16_logits_error(models, clips, passes, autocast, float32_model=None) -> dict[str, Any] | None:
+    """The fast model's logits in bf16 (under autocast, or with bf16 weights: then ``float32_model`` is the float32
+    model they were cast from) against the float32 reference's on the same clip: the largest absolute difference
+    over the largest float32 logit, per head; the reference's own in bf16 by the same measure; and both against
+    the float64 reference by relative error (norm), with their ratio: STYLE.md's rule is at most 2x plain
+    PyTorch's error at the same dtype."""
     if "fast" not in models or "inference" not in passes:
         return None
     ref_name = next((c for c in ("reference", "reference_channels_last") if c in models), None)
@@ -634,12 +652,14 @@ def _bf16_logits_error(models, clips, passes, autocast) -> dict[str, Any] | None
         return None
     fast, ref = models["fast"][0].eval(), models[ref_name][0].eval()
     x = clips["inference"][0]
+    float32_ref = ref if float32_model is None else float32_model.eval()
+    x32 = x.float()  # bf16-weights: the bfloat16 clip, exactly, in float32
     heads_of = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731  (eval: one or both heads)
     with torch.inference_mode():
-        want = heads_of(ref(x))
+        want = heads_of(float32_ref(x32))
         with autocast:
             got, ref_bf16 = heads_of(fast(x)), heads_of(ref(x))
-        exact = heads_of(copy.deepcopy(ref).double()(x.double()))
+        exact = heads_of(copy.deepcopy(float32_ref).double()(x32.double()))
     heads = ("local", "global") if len(want) == 2 else ("logits",)
 
     def max_error(outs):

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=_positive, default=16)
     bench.add_argument("--size", type=_positive, default=112, help="H = W of the clips")
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    bench.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16: autocast")
+    bench.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "bf16-weights"),
+                       help="bf16: autocast; bf16-weights: every model and clip in bfloat16 (inference passes)")
     bench.add_argument("--channels-last", action="store_true", help="models and clips in channels_last_3d")
     bench.add_argument("--passes", default="inference,training,latency",
                        help="comma-separated: inference, training, latency (inference at batch 1)")
@@ -313,7 +314,11 @@ def _bench(args) -> int:
                   f"{'' if floor_share is None else f'{floor_share:4.0%} convs  '}peak memory "
                   f"{'n/a' if memory is None else f'{memory / 2**20:.0f} MiB'}")  # fmt: skip
     if payload["accuracy"]:
-        print(f"  bf16 logits vs fp32: max error {payload['accuracy']['logits_max_error_vs_fp32']:.2e}")
+        accuracy = payload["accuracy"]
+        ratio = max(accuracy["relative_error_vs_fp64"]["fast_over_reference"].values())
+        print(f"  bf16 logits vs fp32: max error {accuracy['logits_max_error_vs_fp32']:.2e} (the reference's "
+              f"{accuracy['reference_bf16_max_error_vs_fp32']:.2e}); against float64 the fast model's error is "
+              f"{ratio:.2f}x the reference's")  # fmt: skip
     for check in payload["target_check"]:
         if check["met"] is None:  # the targets are set for one setting: not judged elsewhere
             verdict = "not judged (the targets are set for lgd3d_r50 4x3x16x112x112 on the CPU)"

@@ -183,6 +183,33 @@ def test_bf16_run_compares_logits_with_fp32():
     assert payload["conv_peak"]["measurements"][0]["dtype"] == "bf16"
 
 
+def test_bf16_weights_run_every_model_and_clip_in_bfloat16(monkeypatch):
+    seen = []
+    real = bench.time_interleaved
+
+    def recording(calls, **kwargs):  # each candidate's parameters' dtypes when it is timed
+        seen.append({p.dtype for module in models.values() for p in module[0].parameters()})
+        return real(calls, **kwargs)
+
+    real_models = bench._models
+
+    def keep(*args):
+        models.update(real_models(*args))
+        return models
+
+    models = {}
+    monkeypatch.setattr(bench, "time_interleaved", recording)
+    monkeypatch.setattr(bench, "_models", keep)
+    payload = bench.run_bench("lgd3d_tiny", batch=1, frames=4, size=32, num_classes=5, repeats=1, dtype="bf16-weights",
+                              candidates=("reference", "fast"), passes=("inference",), progress=False)  # fmt: skip
+    assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
+    assert payload["dtype"] == "bf16-weights" and payload["conv_peak"]["measurements"][0]["dtype"] == "bf16-weights"
+    assert {row["dtype"] for row in payload["conv_floor"]["inference"]["per_call"]} == {"torch.bfloat16"}
+    accuracy = payload["accuracy"]
+    assert 0 < accuracy["logits_max_error_vs_fp32"] < 0.1 and 0 < accuracy["reference_bf16_max_error_vs_fp32"] < 0.1
+    assert all(0 < v < 0.1 for v in accuracy["relative_error_vs_fp64"]["fast"].values())
+
+
 def test_trained_like_gives_batchnorm_and_diffusion_trained_values_seeded():
     model = create_model("lgd3d_tiny", 5)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -250,6 +277,19 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert "clips/s" in printed and "NOT met" not in printed and "not judged" in printed
 
 
+def test_cli_bf16_prints_both_errors(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "lgd3d_tiny", "--batch", "1", "--frames", "4", "--size", "32", "--repeats", "1",
+            "--no-compile", "--passes", "inference", "--no-progress", "--dtype", "bf16-weights",
+            "--candidates", "reference,fast", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    accuracy = json.loads(out.read_text())["accuracy"]
+    printed = capsys.readouterr().out
+    ratio = max(accuracy["relative_error_vs_fp64"]["fast_over_reference"].values())
+    assert f"max error {accuracy['logits_max_error_vs_fp32']:.2e} (the reference's" in printed
+    assert f"the fast model's error is {ratio:.2f}x the reference's" in printed
+
+
 def test_cli_default_output_is_a_named_folder_where_it_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["bench", "--model", "lgd3d_tiny", "--batch", "1", "--frames", "4", "--size", "32", "--repeats", "1",
@@ -263,8 +303,8 @@ def test_cli_default_output_is_a_named_folder_where_it_runs(tmp_path, monkeypatc
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [({"passes": ("sideways",)}, "unknown candidates/passes"), ({"dtype": "fp8"}, "dtype must be fp32 or bf16"),
-     ({"repeats": 0}, "repeats >= 1")],
+    [({"passes": ("sideways",)}, "unknown candidates/passes"), ({"dtype": "fp8"}, "dtype must be one of fp32"),
+     ({"repeats": 0}, "repeats >= 1"), ({"dtype": "bf16-weights"}, "bf16-weights times inference only")],
 )  # fmt: skip
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
