@@ -2,7 +2,8 @@
 
 Models (tests/foreign_models.py): R(2+1)D-18, R3D-18 and MC3-18 (torchvision's structure), CSN-50 and an
 X3D-S-sized X3D (pytorchvideo's). Inference: the original on contiguous clips, the original moved to
-channels_last_3d on channels-last clips, the original under ``torch.compile``, ``lgd_fast.convert(model)`` in
+channels_last_3d on channels-last clips, the original under ``torch.compile``, the channels-last original under
+``torch.compile`` with inductor's freezing (what a CPU user deploying it picks), ``lgd_fast.convert(model)`` in
 eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` on channels-last clips (each converted
 layer's layout by its measured plan, written to the JSON), and that converted model wrapped in
 ``lgd_fast.RecordedInference`` (its recorded programs); a training step: the original and
@@ -30,7 +31,7 @@ import _harness as h  # noqa: E402
 
 import foreign_models  # noqa: E402
 import lgd_fast  # noqa: E402
-from lgd_fast.bench import time_interleaved, write_json  # noqa: E402
+from lgd_fast.bench import _compiled, time_interleaved, write_json  # noqa: E402
 
 
 def _rel(a, b) -> float:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=list(MODELS), default="r2plus1d")
     h.add_common_arguments(parser, default_out=None, repeats=(8, 3))
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the original")
+    parser.add_argument("--no-freezing", action="store_true", help="leave out torch.compile with freezing")
     args = parser.parse_args(argv)
     args.out = args.out or h.RESULTS_DIR / f"convert_{args.model}_cpu.json"
     setup = h.prepare_run(args)
@@ -90,6 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         torch._dynamo.reset()
         compiled = torch.compile(original, backend="inductor")
         candidates["original_compiled"] = lambda i: compiled(clips[i])
+        if not args.no_freezing:  # its own backend under the setting, as lgd-fast bench compiles it (lgd_fast.bench)
+            frozen = _compiled(copy.deepcopy(original_cl), freezing=True, compile_mode=None)
+            candidates["original_compiled_freezing"] = lambda i: frozen(cl[i])
+            with torch.inference_mode():
+                error["original_compiled_freezing"] = _rel(frozen(cl[0]), want)
     with torch.inference_mode():
         for fn in candidates.values():
             fn(0)
@@ -138,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
             "(lgd_fast.recorded); "
             "converted_eval = lgd_fast.convert(model).eval() on contiguous input; original = the model in eval mode "
             "on contiguous input; original_channels_last = it moved to channels_last_3d, on channels-last input; "
-            "original_compiled = torch.compile(original, inductor)",
+            "original_compiled = torch.compile(original, inductor); original_compiled_freezing = "
+            "torch.compile(original_channels_last) with inductor's freezing, on channels-last input",
             "training_step: forward, cross-entropy, backward, SGD step; converted = lgd_fast.convert(model)",
             "timings: median seconds per call over interleaved repeats; converted_speedup = other / converted",
         ],
