@@ -1,6 +1,7 @@
 """``lgd-fast bench``: end-to-end speed of the fast LGD-3D against what PyTorch alone gives, and the conv peak.
 
-For one model and input shape, candidates with the same weights (:data:`CANDIDATES`): the reference in eager
+For one model and input shape, candidates with the same weights (:data:`CANDIDATES`; one reference's, made
+:func:`trained_like`: BatchNorm statistics and the diffusion path as a trained model has them): the reference in eager
 mode, contiguous and channels_last_3d; ``torch.compile`` of each; ``torch.compile`` with inductor's freezing of
 the channels-last reference (inference: what a CPU user deploying a model picks); the fast model, eager,
 compiled and compiled with freezing, eager without its activation arena (``fast_no_arena``: what the arena gains,
