@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -90,7 +91,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fma_peak_cpu.json"))
     args = parser.parse_args(argv)
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if "avx512f" not in flags or "fma" not in flags:
+        print(f"run_fma_peak.py: error: this measures AVX-512 and FMA instructions, which this CPU "
+              f"({platform.machine()}, /proc/cpuinfo {'read' if flags else 'not found'}) does not report",
+              file=sys.stderr)  # fmt: skip
+        return 2
     has_bf16 = "avx512_bf16" in flags
     ext = load_inline(
         "lgd_fast_fma_peak", cpp_sources=SOURCE, functions=["fma_seconds"], verbose=False,

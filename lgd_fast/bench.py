@@ -191,8 +191,9 @@ def _compiled(model, *, freezing: bool, compile_mode: str | None):
 def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """``model`` (in place) with the statistics a trained model has where a fresh one has identities: every
     BatchNorm's weight in [0.5, 1.5), bias and running mean about N(0, 0.1^2), running variance in [0.5, 1.5);
-    every LGD block's fc6 (the global path's diffusion into the local map, zero at initialisation) about
-    N(0, 0.05^2). Convolution and linear weights keep their initialisation. Seeded: the same values each call.
+    every LGD block's fc6 weight (the global path's diffusion into the local map, zero at initialisation) about
+    N(0, 0.05^2) (its bias stays zero). Convolution and linear weights keep their initialisation. Seeded: the
+    same values each call.
 
     A fresh model's BatchNorms in eval are the identity up to 1/sqrt(1 + eps), which a model in use never has,
     and in bfloat16 that measures something else than the model's accuracy: a fused block end computing
@@ -217,14 +218,17 @@ def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 def _models(name: str, num_classes: int, device: torch.device, candidates: Sequence[str], compile_mode: str | None):
     """candidate -> (module, runner, the memory format its clips come in), every candidate with the weights of one
-    :func:`trained_like` reference."""
+    :func:`trained_like` reference, itself made under a fixed seed (the same weights in every run and call; the
+    global generator is left as it was)."""
     from .models import create_model
 
-    reference = trained_like(create_model(name, num_classes, classifier="two_heads")).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        reference = trained_like(create_model(name, num_classes, classifier="two_heads")).to(device)
+        made = [create_model(name, num_classes, classifier="two_heads", fast=c.startswith("fast")) for c in candidates]
     out = {}
-    for candidate in candidates:
-        fast = candidate.startswith("fast")
-        model = create_model(name, num_classes, classifier="two_heads", fast=fast).to(device)
+    for candidate, model in zip(candidates, made, strict=True):
+        model = model.to(device)
         model.load_state_dict(reference.state_dict())
         if candidate == "fast_no_arena":
             model.activation_arena = False
@@ -501,8 +505,9 @@ def run_bench(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(f'{k} ({v})' for k, v in DTYPES.items())}, got {dtype!r}")
     if dtype == "bf16-weights" and "training" in passes:
-        raise ValueError("bf16-weights times inference only (a training step keeps float32 master weights: use "
-                         "--dtype bf16, autocast); pass --passes inference,latency")  # fmt: skip
+        raise ValueError("dtype bf16-weights (--dtype bf16-weights) times inference only, not the training pass (a "
+                         "training step keeps float32 master weights: --dtype bf16 trains under autocast); pass "
+                         "--passes inference,latency")  # fmt: skip
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"repeats >= 1, warmup >= 0 and batch >= 1 are needed (got {repeats}, {warmup}, {batch})")
     if device == "auto":
@@ -518,7 +523,8 @@ def run_bench(
     models = _models(model, num_classes, dev, candidates, compile_mode)
     float32_model = None
     if dtype == "bf16-weights":  # (torch.compile traces on the first call, so the compiled runners see bfloat16)
-        float32_model = copy.deepcopy(next(iter(models.values()))[0]) if models else None
+        ref_name = next((c for c in ("reference", "reference_channels_last") if c in models), None)
+        float32_model = copy.deepcopy(models[ref_name][0]) if ref_name else None  # what _bf16_logits_error compares
         clips = {p: [c.to(torch.bfloat16) for c in cs] for p, cs in clips.items()}
         for module, _, _ in models.values():
             module.to(torch.bfloat16)
@@ -620,7 +626,13 @@ def run_bench(
             "channels-last candidates get channels_last_3d clips (converted before timing); the others contiguous "
             "ones, unless settings.channels_last",
             "inference: eval, torch.inference_mode; latency: the same at batch 1; training: forward, cross-entropy "
-            "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast",
+            "of both heads, backward, SGD step (momentum 0.9); bf16: torch.autocast; bf16-weights: every model cast "
+            "to bfloat16 and its clips in bfloat16, no autocast (inference passes only)",
+            "weights: one reference made under seed 0 and trained_like (BatchNorm statistics and affine as a trained "
+            "model has them, fc6's weight non-zero), loaded into every candidate",
+            "accuracy (bf16 runs): the fast model's and the reference's logits in bf16 against the float32 reference "
+            "(bf16-weights: the float32 model the weights were cast from), max error over the largest logit, and "
+            "both against its float64 copy by relative error",
             "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
             "fast: eager CPU work in the activation arena (lgd_fast.arena; training: forward and backward), "
             "inference as its recorded program (lgd_fast.recorded: recorded on its second call, a warm-up call); "

@@ -210,6 +210,17 @@ def test_bf16_weights_run_every_model_and_clip_in_bfloat16(monkeypatch):
     assert all(0 < v < 0.1 for v in accuracy["relative_error_vs_fp64"]["fast"].values())
 
 
+def test_every_run_benches_the_same_weights():
+    torch.manual_seed(123)  # whatever the global generator holds, the bench's reference is made under its own seed
+    first = bench._models("lgd3d_tiny", 5, torch.device("cpu"), ("reference", "fast"), None)
+    state = torch.get_rng_state()
+    second = bench._models("lgd3d_tiny", 5, torch.device("cpu"), ("fast",), None)
+    assert torch.equal(torch.get_rng_state(), state)  # and leaves the global generator as it was
+    for key, value in first["reference"][0].state_dict().items():
+        assert torch.equal(value, first["fast"][0].state_dict()[key]), key
+        assert torch.equal(value, second["fast"][0].state_dict()[key]), key
+
+
 def test_trained_like_gives_batchnorm_and_diffusion_trained_values_seeded():
     model = create_model("lgd3d_tiny", 5)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -304,7 +315,7 @@ def test_cli_default_output_is_a_named_folder_where_it_runs(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "kwargs,message",
     [({"passes": ("sideways",)}, "unknown candidates/passes"), ({"dtype": "fp8"}, "dtype must be one of fp32"),
-     ({"repeats": 0}, "repeats >= 1"), ({"dtype": "bf16-weights"}, "bf16-weights times inference only")],
+     ({"repeats": 0}, "repeats >= 1"), ({"dtype": "bf16-weights"}, "times inference only, not the training pass")],
 )  # fmt: skip
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
