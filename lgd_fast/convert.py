@@ -186,16 +186,38 @@ def _why_left(conv_: nn.Conv3d) -> str:
             "convert knows (module docstring)")  # fmt: skip
 
 
+def computes_silu(module: nn.Module) -> bool:
+    """Whether ``module`` is SiLU (Swish, ``x * sigmoid(x)``): ``nn.SiLU``, or a module without parameters or
+    buffers whose output on a float64 probe from -12 to 12 is ``F.silu``'s to 1e-12 (pytorchvideo's ``Swish`` and
+    X3D's as other codebases write it). A module that cannot run on the probe is not."""
+    if isinstance(module, nn.SiLU):
+        return True
+    if next(module.parameters(), None) is not None or next(module.buffers(), None) is not None:
+        return False
+    probe = torch.linspace(-12.0, 12.0, 97, dtype=torch.float64).reshape(1, 97, 1, 1, 1)
+    try:
+        with torch.no_grad():
+            out = module(probe.clone())
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+    want = torch.nn.functional.silu(probe)
+    return isinstance(out, torch.Tensor) and out.shape == want.shape and out.dtype == want.dtype and bool(
+        torch.allclose(out, want, rtol=1e-12, atol=1e-15))  # fmt: skip
+
+
 @dataclass(frozen=True)
 class _Step:
     """One fused conv: module paths (relative to the converted module) of the conv, its BatchNorm3d, the modules
     that run after the BatchNorm inside the same norm slot (X3D's squeeze-excitation), and the activation, which
-    is fused when it is a ReLU and nothing runs between it and the norm."""
+    is fused when it is a ReLU and nothing runs between it and the norm. ``silu``: the activation computes SiLU
+    (:func:`computes_silu`, checked when converting), so without autograd it runs as one ``F.silu`` (one pass
+    where ``x * sigmoid(x)`` takes two and a temporary); with autograd the module's own forward runs."""
 
     conv: str
     norm: str | None = None
     after: tuple[str, ...] = ()
     act: str | None = None
+    silu: bool = False
 
     def fused_relu(self, owner: nn.Module) -> bool:
         return self.act is not None and not self.after and isinstance(owner.get_submodule(self.act), nn.ReLU)
@@ -212,7 +234,8 @@ def _step_forward(owner: nn.Module, step: _Step, x: torch.Tensor, backend: str, 
     for path in step.after:
         x = get(path)(x)
     if step.act is not None and not relu:
-        x = get(step.act)(x)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        x = torch.nn.functional.silu(x) if step.silu and not grad else get(step.act)(x)
     return x
 
 
@@ -230,7 +253,8 @@ def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
         for path in step.paths()[1:]:
             module = owner.get_submodule(path)
             unfused = path == step.act and not step.fused_relu(owner)
-            parts.append(f"{path} ({type(module).__name__}{', after' if unfused else ''})")
+            silu = ", as F.silu without autograd" if path == step.act and step.silu else ""
+            parts.append(f"{path} ({type(module).__name__}{', after' if unfused else ''}{silu})")
     kinds = [_kind(owner.get_submodule(s.conv)) for s in steps]
     label = "(2+1)D run" if len(steps) == 2 and set(kinds) == {"spatial", "temporal"} else "conv run"
     return f"{label} " + " -> ".join(parts)
@@ -381,13 +405,14 @@ def _norm_step(owner: nn.Module, conv: str, norm: str | None, act: str | None) -
         return None, f"{conv}: {reason}"
     norm_ = None if norm is None else _slot(owner, norm)
     act = act if act is not None and _slot(owner, act) is not None else None
+    silu = act is not None and computes_silu(_slot(owner, act))
     if norm_ is None:
-        return _Step(conv, None, (), act), None
+        return _Step(conv, None, (), act, silu), None
     if type(norm_) is nn.BatchNorm3d:
-        return _Step(conv, norm, (), act), None
+        return _Step(conv, norm, (), act, silu), None
     if isinstance(norm_, nn.Sequential) and len(norm_) and type(norm_[0]) is nn.BatchNorm3d:
         rest = tuple(f"{norm}.{child}" for child in list(norm_._modules)[1:])
-        return _Step(conv, f"{norm}.{next(iter(norm_._modules))}", rest, act), None
+        return _Step(conv, f"{norm}.{next(iter(norm_._modules))}", rest, act, silu), None
     return None, f"{norm}: {norm_reason(norm_)}"
 
 

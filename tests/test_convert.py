@@ -374,7 +374,8 @@ def test_every_conv_bn_of_foreign_models_is_fused(name):
     if name == "x3d":  # the stem's swapped names: conv_t holds the spatial conv, conv_xy the depthwise temporal one
         stem = dict(report.converted)["blocks.0"]
         assert "conv.conv_t (spatial 1x3x3) -> conv.conv_xy (temporal 5x1x1, groups 8) -> norm (BatchNorm3d)" in stem
-        assert "act_b (Swish, after)" in described and "norm_b.1 (SqueezeExcitation)" in described
+        assert "act_b (Swish, after, as F.silu without autograd)" in described
+        assert "norm_b.1 (SqueezeExcitation)" in described
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
@@ -451,3 +452,55 @@ def test_a_wider_shortcut_under_autocast_promotes_as_the_original(gen):
         want, got = original.blocks[3](x), converted.blocks[3](x)
     assert got.dtype == want.dtype == torch.float32
     assert _rel(got, want) < 1e-2  # both round the branch to bfloat16
+
+
+class _ScaledSwish(nn.Module):  # x * sigmoid(beta x): not SiLU for beta != 1
+    def forward(self, x):
+        return x * torch.sigmoid(1.5 * x)
+
+
+class _LearnedSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+class _Float32Only(nn.Module):
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            raise TypeError("float32 only")
+        return x * torch.sigmoid(x)
+
+
+def test_computes_silu_recognises_swish_by_what_it_computes():
+    from lgd_fast.convert import computes_silu
+
+    assert computes_silu(nn.SiLU()) and computes_silu(foreign_models.Swish())
+    for module in (nn.ReLU(), nn.Identity(), _ScaledSwish(), _LearnedSwish(), _Float32Only()):
+        assert not computes_silu(module), type(module).__name__
+
+
+def test_converted_swish_runs_as_silu_without_autograd_and_as_its_module_with(gen, monkeypatch):
+    model = foreign_models.x3d().eval()
+    with torch.no_grad():
+        for m in model.modules():  # trained-like BatchNorms: not identities
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    x = torch.randn(2, 3, 6, 32, 32, generator=gen)
+    with torch.no_grad():
+        want, exact = model(x), copy.deepcopy(model).double()(x.double())
+    converted = lgd_fast.convert(copy.deepcopy(model), inference=True)
+    calls = []
+    real = foreign_models.Swish.forward
+    monkeypatch.setattr(foreign_models.Swish, "forward", lambda self, t: calls.append(1) or real(self, t))
+    with torch.inference_mode(), forced_plan():  # every layer on its fused code (a layer on its modules calls them)
+        got = converted(x)
+    assert not calls  # every Swish ran as F.silu
+    assert _rel(got, exact) <= max(2 * _rel(want, exact), 1e-6), (_rel(got, exact), _rel(want, exact))
+    with torch.enable_grad(), forced_plan():
+        converted(x.requires_grad_())
+    assert len(calls) == 3  # with autograd, the module's own forward (X3D's three bottlenecks)
