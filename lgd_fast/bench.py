@@ -188,12 +188,12 @@ def _compiled(model, *, freezing: bool, compile_mode: str | None):
     return run
 
 
-def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def trained_like(model: torch.nn.Module, seed: int = 0, *, generator: torch.Generator | None = None) -> torch.nn.Module:
     """``model`` (in place) with the statistics a trained model has where a fresh one has identities: every
     BatchNorm's weight in [0.5, 1.5), bias and running mean about N(0, 0.1^2), running variance in [0.5, 1.5);
     every LGD block's fc6 weight (the global path's diffusion into the local map, zero at initialisation) about
     N(0, 0.05^2) (its bias stays zero). Convolution and linear weights keep their initialisation. Seeded: the
-    same values each call.
+    same values each call (``generator``, where given, draws them instead of a fresh one seeded with ``seed``).
 
     A fresh model's BatchNorms in eval are the identity up to 1/sqrt(1 + eps), which a model in use never has,
     and in bfloat16 that measures something else than the model's accuracy: a fused block end computing
@@ -202,7 +202,7 @@ def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     The bench's accuracy figures are taken on this model; its timings do not depend on the values."""
     from .models.blocks import LGDBlock
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
@@ -523,7 +523,7 @@ def run_bench(
     models = _models(model, num_classes, dev, candidates, compile_mode)
     float32_model = None
     if dtype == "bf16-weights":  # (torch.compile traces on the first call, so the compiled runners see bfloat16)
-        ref_name = next((c for c in ("reference", "reference_channels_last") if c in models), None)
+        ref_name = _accuracy_reference(models)
         float32_model = copy.deepcopy(models[ref_name][0]) if ref_name else None  # what _bf16_logits_error compares
         clips = {p: [c.to(torch.bfloat16) for c in cs] for p, cs in clips.items()}
         for module, _, _ in models.values():
@@ -652,6 +652,12 @@ def run_bench(
     }
 
 
+def _accuracy_reference(models) -> str | None:
+    """The candidate whose logits the bf16 accuracy is measured against: the eager reference, contiguous or
+    channels-last (None if neither runs)."""
+    return next((c for c in ("reference", "reference_channels_last") if c in models), None)
+
+
 def _bf16_logits_error(models, clips, passes, autocast, float32_model=None) -> dict[str, Any] | None:
     """The fast model's logits in bf16 (under autocast, or with bf16 weights: then ``float32_model`` is the float32
     model they were cast from) against the float32 reference's on the same clip: the largest absolute difference
@@ -660,7 +666,7 @@ def _bf16_logits_error(models, clips, passes, autocast, float32_model=None) -> d
     PyTorch's error at the same dtype."""
     if "fast" not in models or "inference" not in passes:
         return None
-    ref_name = next((c for c in ("reference", "reference_channels_last") if c in models), None)
+    ref_name = _accuracy_reference(models)
     if ref_name is None:
         return None
     fast, ref = models["fast"][0].eval(), models[ref_name][0].eval()

@@ -11,6 +11,7 @@ from torch import nn
 
 from lgd_fast import FastPathUnavailableError, create_model
 from lgd_fast import plan as plan_module
+from lgd_fast.bench import trained_like
 from lgd_fast.models import FastLGD3D, LGDBlock, to_fast
 from lgd_fast.models import fast as fast_module
 from lgd_fast.models.blocks import video_mean
@@ -31,17 +32,9 @@ def fused_everywhere():
 
 
 def _with_diffusion(model, gen):
-    """Non-trivial weights: random BN statistics and a non-zero global->local path (fc6)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm3d | nn.BatchNorm2d):  # BatchNorm2d: LGD-2D (tests/test_fast_lgd2d.py)
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
-            elif isinstance(m, LGDBlock):
-                m.fc6.weight.copy_(0.05 * torch.randn(m.fc6.weight.shape, generator=gen))
-    return model
+    """Non-trivial weights: random BN statistics and a non-zero global->local path (fc6), drawn from ``gen``
+    (lgd_fast.bench.trained_like, BatchNorm2d of LGD-2D included)."""
+    return trained_like(model, generator=gen)
 
 
 def _pair(name, gen, num_classes=7, **options):
