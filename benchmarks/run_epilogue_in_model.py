@@ -125,8 +125,9 @@ def main(argv=None) -> int:
     bandwidth = h.copy_bandwidth()
     nbytes = 3 * torch.Size(SHAPE).numel() * 4  # read r, read s, write out (the (N, C) mean and d are < 0.1%)
     floor_s = nbytes / bandwidth["bytes_per_s"]
-    rows = {name: {"median_ms": statistics.median(v) * 1e3, "p10_ms": sorted(v)[len(v) // 10] * 1e3,
-                   "p90_ms": sorted(v)[(9 * len(v)) // 10] * 1e3} for name, v in samples.items()}  # fmt: skip
+    timings = {name: h.Timing.from_samples(v) for name, v in samples.items()}  # the project's percentiles
+    rows = {name: {"median_ms": t.median_s * 1e3, "p10_ms": t.p10_s * 1e3, "p90_ms": t.p90_s * 1e3}
+            for name, t in timings.items()}  # fmt: skip
     for name in ("cpp_arena", "cpp"):
         rows[name]["vs_compiled"] = rows["compiled"]["median_ms"] / rows[name]["median_ms"]
         rows[name]["copy_bw_fraction"] = floor_s * 1e3 / rows[name]["median_ms"]
