@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "isa.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -37,16 +38,17 @@ namespace lgd_fast {
 namespace {
 
 // ---- SIMD building blocks (GCC/Clang vector extensions; width set by the enclosing target) ---------
+// float32 vectors, their loads (bfloat16 widened) and fold_halves are the shared ones of simd.h; the float64
+// vectors the sums fold into are this file's own.
 
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
+using simd::f32x16;
+using simd::f32x4;
+using simd::f32x8;
+using simd::fold_halves;
 typedef double f64x2 __attribute__((vector_size(16)));
 typedef double f64x4 __attribute__((vector_size(32)));
 typedef double f64x8 __attribute__((vector_size(64)));
 typedef double f64x16 __attribute__((vector_size(128)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
 constexpr int64_t kBlock = 8192;          // elements a float32 sum covers (128 per lane) before folding into float64
 constexpr int64_t kRowChunk = 32768;      // elements of one row a task handles (multiple of kBlock)
@@ -66,11 +68,7 @@ struct Lanes<float> {
   using V = f32x16;
   using D = f64x16;
   static constexpr int64_t W = 16;
-  static LGD_INLINE V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
+  static LGD_INLINE V load(const float* p) { return simd::load<W>(p); }
   static LGD_INLINE A scalar(float v) { return v; }
 };
 
@@ -80,15 +78,7 @@ struct Lanes<c10::BFloat16> {
   using V = f32x16;
   using D = f64x16;
   static constexpr int64_t W = 16;
-  static LGD_INLINE V load(const c10::BFloat16* p) {
-    // bfloat16 is the top half of a float32: widening is a zero-extend and a shift.
-    u16x16 h;
-    std::memcpy(&h, p, sizeof(h));
-    const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-    V v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  }
+  static LGD_INLINE V load(const c10::BFloat16* p) { return simd::load<W>(p); }  // widened exactly
   static LGD_INLINE A scalar(c10::BFloat16 v) {
     const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
     float f;
@@ -114,14 +104,7 @@ struct Lanes<double> {
 template <typename T>
 using acc_t = typename Lanes<T>::A;
 
-// Horizontal sums by halving (vextract + add), never through memory.
-template <typename Half, typename Full>
-LGD_INLINE Half fold_halves(const Full& v) {
-  Half lo, hi;
-  std::memcpy(&lo, &v, sizeof(Half));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-  return lo + hi;
-}
+// Horizontal sums by halving (vextract + add), never through memory; float32 ones folded into float64.
 LGD_INLINE double hsum(const f64x2& v) { return v[0] + v[1]; }
 LGD_INLINE double hsum(const f64x4& v) { return hsum(fold_halves<f64x2>(v)); }
 LGD_INLINE double hsum(const f64x8& v) { return hsum(fold_halves<f64x4>(v)); }
