@@ -17,6 +17,15 @@ from lgd_fast.ops import p3d_conv, p3d_conv_reference
 from op_testing import random_input
 
 KINDS = {"spatial": (1, 3, 3), "temporal": (3, 1, 1), "pointwise": (1, 1, 1)}
+# (kind, stride, (N, C, T, H, W), C_out): the Triton kernels' geometries (tests/test_p3d_triton.py under the
+# interpreter, tests/test_gpu_backends.py on a GPU).
+CONV_GEOMETRIES = [
+    ("spatial", 1, (3, 5, 5, 9, 9), 7),  # 1215 output positions: two weight-gradient splits
+    ("spatial", 2, (1, 3, 1, 15, 15), 5),
+    ("temporal", 1, (1, 37, 7, 7, 7), 3),  # 37 input channels: two K steps of 32 (interpreter tiles)
+    ("temporal", 2, (1, 5, 5, 9, 9), 9),
+    ("pointwise", 2, (1, 19, 5, 9, 9), 67),  # 67 output channels: two column tiles of 64, and K steps in dgrad
+]
 EPILOGUES = {
     "none": {},
     "affine_relu": {"scale": True, "shift": True, "relu": True},
@@ -36,8 +45,9 @@ def conv_case_id(kind, stride, shape, co, epilogue, dtype, layout) -> str:
     return f"{kind}-s{stride}-{'x'.join(map(str, shape))}-{co}-{epilogue}-{dtype}-{layout}"
 
 
-def run_conv_case(kind, stride, shape, co, epilogue, dtype, layout, backend, gen) -> list[dict]:
-    """One p3d_conv case: rows for out, stats (if asked) and the gradient of every input."""
+def run_conv_case(kind, stride, shape, co, epilogue, dtype, layout, backend, gen, device="cpu") -> list[dict]:
+    """One p3d_conv case: rows for out, stats (if asked) and the gradient of every input. The values are drawn on
+    the CPU (the same draws on every device); ``device`` runs ours, PyTorch's and the float64 reference there."""
     dtype = getattr(torch, dtype)
     opts = EPILOGUES[epilogue]
     n, ci, t, h, w = shape
@@ -59,8 +69,10 @@ def run_conv_case(kind, stride, shape, co, epilogue, dtype, layout, backend, gen
     gout = torch.randn((n, co, t, ho, wo), generator=gen).to(dtype).float()
     gstats = torch.randn((2, co), generator=gen) / (n * t * ho * wo)
 
+    gout, gstats = gout.to(device), gstats.to(device)
+
     def run(fn, cast):
-        leaves = {k: cast(v).detach().requires_grad_() for k, v in tensors.items()}
+        leaves = {k: cast(v.to(device)).detach().requires_grad_() for k, v in tensors.items()}
         args = {k: v for k, v in leaves.items() if k not in ("x", "weight")}
         result = fn(leaves["x"], leaves["weight"], stride=stride, relu=bool(opts.get("relu")), stats=stats, **args)
         out, st = result if stats else (result, None)

@@ -23,19 +23,14 @@ import sys
 
 import pytest
 import torch
+from p3d_cases import CONV_GEOMETRIES  # shared with test_gpu_backends.py; tests/ is on the path (conftest, or script)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-CONV_GEOMETRIES = [
-    ("spatial", 1, (3, 5, 5, 9, 9), 7),  # 1215 output positions: two weight-gradient splits
-    ("spatial", 2, (1, 3, 1, 15, 15), 5),
-    ("temporal", 1, (1, 37, 7, 7, 7), 3),  # 37 input channels: two K steps of 32 (interpreter tiles)
-    ("temporal", 2, (1, 5, 5, 9, 9), 9),
-    ("pointwise", 2, (1, 19, 5, 9, 9), 67),  # 67 output channels: two column tiles of 64, and K steps in dgrad
-]
 CONV_CASES = [
     (*geo, epilogue, dtype, "channels_last_3d")
     for geo in CONV_GEOMETRIES
