@@ -14,7 +14,8 @@ short still brings back the figures that matter most):
 5. ``ops-diffusion``: the diffusion epilogue (CUDA and Triton) against eager, compile and the copy bandwidth.
 
 ``--quick`` bounds the whole run to ``--budget`` seconds (default 480: 8 minutes): a step starts only while enough
-time is left and is stopped at the deadline; autotuning is bounded to 2 configs per kernel
+time is left and is stopped at the deadline or at its own cap (CUDA tests 150 s, the bf16 bench 160 s, fp32 130 s,
+the P3D units 100 s: one step's compiles cannot starve the next); autotuning is bounded to 2 configs per kernel
 (``$LGD_FAST_AUTOTUNE_CONFIGS``). Results go to ``--out``, else ``$OUT`` where set (the device tool's folder),
 else ``benchmarks/results/gpu_suite_<gpu name>/``: at most 7 files (``gpu_suite.log``, ``gpu_suite.json``,
 ``cuda_tests.xml``, ``bench_bf16.json``, ``bench_fp32.json``, ``ops_p3d_units.json``, ``ops_diffusion.json``),
@@ -52,11 +53,13 @@ FILES = ("gpu_suite.log", "gpu_suite.json", "cuda_tests.xml", "bench_bf16.json",
 
 @dataclass
 class Step:
-    """One command of the suite: ``min_s`` is the least time left for it to be worth starting."""
+    """One command of the suite: ``min_s`` is the least time left for it to be worth starting; ``max_s`` (with a
+    budget) the most it may take, so that one slow step (compiles, autotuning) cannot starve those after it."""
 
     name: str
     argv: list[str]
     min_s: float = 20.0
+    max_s: float = float("inf")
     result: str | None = None  # the JSON file it writes, under the output folder
     env: dict[str, str] = field(default_factory=dict)
 
@@ -92,18 +95,21 @@ def _steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:
     else:
         steps.append(Step("build", [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
                           min_s=60.0, env={"MAX_JOBS": str(os.cpu_count() or 4)}))  # fmt: skip
-    steps.append(Step("doctor", [py, "-m", "lgd_fast", "doctor"], min_s=5.0))
-    steps.append(Step("cuda-tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-                                     f"--junitxml={out / 'cuda_tests.xml'}", "tests"], min_s=30.0))  # fmt: skip
+    steps.append(Step("doctor", [py, "-m", "lgd_fast", "doctor"], min_s=5.0, max_s=60.0))
+    # -v --durations: a step stopped at its max_s still leaves, in the log, which tests passed and what took long
+    steps.append(Step("cuda-tests", [py, "-m", "pytest", "-m", "cuda", "-v", "--tb=short", "--durations=15", "-p",
+                                     "no:cacheprovider", f"--junitxml={out / 'cuda_tests.xml'}", "tests"],
+                      min_s=30.0, max_s=150.0))  # fmt: skip
     mode = ["--smoke"] if args.smoke else ["--quick"] if args.quick else []
     for dtype in ("bf16", "fp32"):
         result = f"bench_{dtype}.json"
         argv = [py, __file__, "--bench-one", dtype, "--out", str(out / result), *mode]
-        steps.append(Step(f"bench-{dtype}", argv, min_s=90.0, result=result))
+        steps.append(Step(f"bench-{dtype}", argv, min_s=90.0, max_s=160.0 if dtype == "bf16" else 130.0,
+                          result=result))  # fmt: skip
     device = ["--device", "cpu"] if args.smoke else []
     units = [*device, *(["--smoke", "--no-compile"] if args.smoke else ["--quick"] if args.quick else [])]
     argv = [py, str(ROOT / "benchmarks/run_p3d_gpu.py"), *units, "--out", str(out / "ops_p3d_units.json")]
-    steps.append(Step("ops-p3d", argv, min_s=45.0, result="ops_p3d_units.json"))
+    steps.append(Step("ops-p3d", argv, min_s=45.0, max_s=100.0, result="ops_p3d_units.json"))
     epilogue = ["--device", "cpu" if args.smoke else "cuda", "--no-wait", *mode]
     steps.append(Step("ops-diffusion", [py, str(ROOT / "benchmarks/run_diffusion_epilogue.py"), *epilogue, "--out",
                                         str(out / "ops_diffusion.json"), "--plot", str(scratch / "ops_diffusion.png")],
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gpu_suite: {step.name:<14} skipped ({rows[-1]['why']})", flush=True)
                 continue
             print(f"gpu_suite: {step.name:<14} ...", end=" ", flush=True)
-            row = _run(step, log, float("inf") if left is None else left, env)
+            row = _run(step, log, float("inf") if left is None else min(left, step.max_s), env)
             if step.result and (out / step.result).exists():
                 row["result"] = step.result
             rows.append(row)
