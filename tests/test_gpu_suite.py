@@ -4,6 +4,7 @@
 - Autotuning is bounded by ``$LGD_FAST_AUTOTUNE_CONFIGS`` in the pruning every autotuned kernel runs.
 - ``benchmarks/gpu_suite.py --quick --smoke`` runs every step on the CPU and writes its few files to the folder
   asked for; without ``--smoke`` and without a GPU it says so and exits 2.
+- A step that does not pass runs its fallback (``--prebuilt``'s import check falls back to the build).
 """
 
 from __future__ import annotations
@@ -112,3 +113,25 @@ def test_a_step_past_the_budget_is_skipped_and_named(tmp_path):
     skipped = [row for row in summary["steps"] if row["status"] == "skipped"]
     assert skipped and all("budget left" in row["why"] for row in skipped)
     assert "not passed" in done.stderr and skipped[0]["step"] in done.stderr
+
+
+@needs_no_gpu
+def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(tmp_path, monkeypatch, capsys):
+    """--prebuilt's check falls back to the build: the failed check stays in the summary and the log, and the
+    fallback's own outcome decides the suite's exit code."""
+    monkeypatch.syspath_prepend(str(SUITE.parent))
+    import gpu_suite
+
+    py = sys.executable
+
+    def steps(args, out, scratch):
+        build = gpu_suite.Step("build", [py, "-c", "print('built')"])
+        return [gpu_suite.Step("prebuilt", [py, "-c", "raise SystemExit('no _C_cuda here')"], fallback=build)]
+
+    monkeypatch.setattr(gpu_suite, "_steps", steps)
+    assert gpu_suite.main(["--quick", "--smoke", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert [(r["step"], r["status"]) for r in summary["steps"]] == [("prebuilt", "failed"), ("build", "passed")]
+    log = (tmp_path / "gpu_suite.log").read_text()
+    assert "no _C_cuda here" in log and "built" in log
+    assert "no _C_cuda here" in capsys.readouterr().out  # the reason is printed, not only logged
