@@ -35,9 +35,10 @@ if _HAS_TRITON:
     from ._common import rounded as _rounded
 
     # (BLOCK_N samples, BLOCK_O outputs, BLOCK_K reduction, warps, stages). A dot needs 16 or more on each
-    # side. Eight warps and no software pipelining: `lgd-fast doctor --aot sm_80,sm_90a` showed register
-    # spills with 4 warps or 2 stages for some of these tiles (the four stages' loops are all inlined).
-    _TILES = [(16, 64, 32, 8, 1), (32, 32, 32, 8, 1)]
+    # side. No software pipelining (the four stages' loops are all inlined; 2 stages spilled). Four warps: with
+    # eight, triton 3.6 (the GPU machine's) spilled 4-8 bytes in float32 on sm_90a, triton 3.9 did not; with four
+    # neither spills at any dtype or target (`lgd-fast doctor --aot sm_80,sm_90a` under each, 2026-12-06).
+    _TILES = [(16, 64, 32, 4, 1), (32, 32, 32, 4, 1)]
     if interpreting():
         _TILES = [(16, 32, 32, 1, 1)]
 
