@@ -385,7 +385,7 @@ def plot_op_benchmark(
     where = where or f"{m['device']} ({m['torch_threads']} threads, {m['lgd_fast_cpu_isa']})"
     fig.suptitle(
         f"{op}, {where}, torch {m['torch']}, "
-        f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {m['commit'][:10]}",
+        f"copy bw {payload['copy_bandwidth']['bytes_per_s'] / 1e9:.0f} GB/s, commit {(m['commit'] or 'unknown')[:10]}",
         fontsize=10,
     )
     return save_figure(fig, path)

@@ -76,4 +76,7 @@ if [ "$REHEARSE" = 1 ]; then
   echo "== rehearse: every Triton kernel compiled for sm_80/sm_90a by triton $GPU_TRITON, as its JIT does"
   "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py -k "compile_for_sm80_and_sm90a or without_the_hints"
 fi
-echo "== done: carry the two .so files and run \`bash benchmarks/gpu_suite.sh --quick --prebuilt\` on the GPU"
+commit=$(git -C "$ROOT" rev-parse HEAD)
+[ -z "$(git -C "$ROOT" status --porcelain -- . ':(exclude)benchmarks/results')" ] || commit="$commit (uncommitted edits: commit first)"
+echo "== done: carry the two .so files and run on the GPU (its copy of the tree has no .git: name the commit):"
+echo "   LGD_FAST_COMMIT=$commit bash benchmarks/gpu_suite.sh --quick --prebuilt"

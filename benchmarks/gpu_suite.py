@@ -27,6 +27,9 @@ are collected and skip): it checks the suite's own plumbing and measures nothing
 
     bash benchmarks/gpu_suite.sh --quick             # on a lent GPU: at most 8 minutes, results in $OUT
     bash benchmarks/gpu_suite.sh --quick --prebuilt  # the same, lgd_fast/_C*.so built here and carried
+
+The GPU machine's copy of the tree has no ``.git``: set ``LGD_FAST_COMMIT`` to the commit it was made from, which
+every result file then records (``machine.commit``, with ``commit_from``); ``gpu_prebuild.sh`` prints the line.
     python benchmarks/gpu_suite.py --quick --smoke   # here, no GPU: a minute, every step's code path
 """
 
@@ -86,13 +89,32 @@ def _bench_one(args: argparse.Namespace) -> int:
         sizes = dict(model="lgd3d_r50", batch=16 if args.quick else 32, frames=16, size=112, num_classes=400,
                      device="cuda", repeats=5 if args.quick else 20)  # fmt: skip
         candidates = ["reference", "reference_compiled", "fast"] + ([] if args.quick else ["fast_compiled"])
-    payload = bench.run_bench(**sizes, dtype=args.bench_one, candidates=candidates, warmup=1, channels_last=True,
-                              passes=("inference", "training"), progress=False)  # fmt: skip
-    payload["settings"]["smoke"] = args.smoke
-    print("wrote", bench.write_json(args.out, payload))
-    for pass_, rows in payload["results"].items():
+    payload = None
+    for pass_ in ("inference", "training"):  # one call and one write per pass: a step stopped at its cap during
+        # training (compiles, autotuning) still brings back the inference figures
+        part = bench.run_bench(**sizes, dtype=args.bench_one, candidates=candidates, warmup=1, channels_last=True,
+                               passes=(pass_,), progress=False)  # fmt: skip
+        payload = part if payload is None else _merge_passes(payload, part)
+        payload["settings"]["smoke"] = args.smoke
+        print("wrote", bench.write_json(args.out, payload))
+        rows = part["results"][pass_]
         print(f"{pass_}: " + ", ".join(f"{name} {row['median_s'] * 1e3:.2f} ms" for name, row in rows.items()))
     return 0
+
+
+def _merge_passes(payload: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``part`` (one more pass of the same bench) folded into ``payload``: its results, target checks, FLOPs and conv
+    floors; each pass's conv peak stays its own (``conv_peak_by_pass``: its rows' ``conv_peak_share`` and target
+    checks were computed with it), ``conv_peak`` is the first's; the accuracy is the later one where both have it."""
+    merged = {**payload, "results": {**payload["results"], **part["results"]}}
+    merged["settings"] = {**payload["settings"], "passes": payload["settings"]["passes"] + part["settings"]["passes"]}
+    merged["target_check"] = payload["target_check"] + part["target_check"]
+    merged["model_gflops"] = {**payload["model_gflops"], **part["model_gflops"]}
+    merged["conv_floor"] = {**payload["conv_floor"], **part["conv_floor"]}
+    first = payload.get("conv_peak_by_pass") or {p: payload["conv_peak"] for p in payload["results"]}
+    merged["conv_peak_by_pass"] = {**first, **{p: part["conv_peak"] for p in part["results"]}}
+    merged["accuracy"] = part["accuracy"] or payload["accuracy"]
+    return merged
 
 
 def _steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:

@@ -179,7 +179,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     m = payload["machine"]
     fig.suptitle(
         f"video decoding, {m['device']} ({m['cores']} cores), DALI {m['dali']}, PyAV {m['pyav']}, "
-        f"commit {m['commit'][:10]}", fontsize=10,
+        f"commit {(m['commit'] or 'unknown')[:10]}", fontsize=10,
     )
     return h.save_figure(fig, path)
 

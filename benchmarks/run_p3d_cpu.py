@@ -496,7 +496,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
     m = payload["machine"]
     fig.suptitle(
         f"P3D convolutions, LGD-3D R50 shapes (batch 4, 16x112x112), {m['device']} "
-        f"({m['torch_threads']} threads), torch {m['torch']}, commit {m['commit'][:10]}",
+        f"({m['torch_threads']} threads), torch {m['torch']}, commit {(m['commit'] or 'unknown')[:10]}",
         fontsize=10,
     )
     return h.save_figure(fig, path)

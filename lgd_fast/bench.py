@@ -796,16 +796,21 @@ def cpu_name() -> str:
 def git_commit(root: str | os.PathLike | None = None) -> dict[str, Any]:
     """``{"commit": sha or None, "dirty": bool}`` of the checkout at ``root`` (default: this package's): dirty
     when a tracked file differs from the commit or a new one is added, benchmarks/results/ aside (results are
-    what a run writes, not what it runs)."""
+    what a run writes, not what it runs). Where there is no git checkout (a copy of the working tree without
+    ``.git``, as the GPU machine gets), ``$LGD_FAST_COMMIT`` names the commit the copy was made from, recorded as
+    said (``"commit_from": "LGD_FAST_COMMIT"``, dirty unknown); else the commit is None."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    unknown = {"commit": None, "dirty": None}
+    if os.environ.get("LGD_FAST_COMMIT"):
+        unknown = {"commit": os.environ["LGD_FAST_COMMIT"], "dirty": None, "commit_from": "LGD_FAST_COMMIT"}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)benchmarks/results"], cwd=root,
                                 capture_output=True, text=True, timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return unknown
     if commit.returncode != 0:
-        return {"commit": None, "dirty": None}
+        return unknown
     return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
 
 

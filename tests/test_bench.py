@@ -320,3 +320,17 @@ def test_cli_default_output_is_a_named_folder_where_it_runs(tmp_path, monkeypatc
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bench.run_bench("lgd3d_tiny", progress=False, **kwargs)
+
+
+def test_git_commit_outside_a_checkout_takes_the_named_commit_or_none(tmp_path, monkeypatch):
+    """A copy of the tree without .git (the GPU machine's) records $LGD_FAST_COMMIT, said so, or no commit."""
+    from lgd_fast.bench import git_commit
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path either
+    monkeypatch.delenv("LGD_FAST_COMMIT", raising=False)
+    assert git_commit(tmp_path) == {"commit": None, "dirty": None}
+    monkeypatch.setenv("LGD_FAST_COMMIT", "0123456789abcdef")
+    assert git_commit(tmp_path) == {"commit": "0123456789abcdef", "dirty": None, "commit_from": "LGD_FAST_COMMIT"}
+    here = git_commit()  # this package's checkout, where it is one: git's own answer, whatever the variable says
+    if here.get("commit_from") is None:
+        assert here["commit"] not in (None, "0123456789abcdef")
