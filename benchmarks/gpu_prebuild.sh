@@ -35,7 +35,7 @@ if [ ! -x "$GPU_VENV/bin/python" ]; then
   "$GPU_PYTHON" -m venv "$GPU_VENV"
 fi
 PY=$GPU_VENV/bin/python
-if ! "$PY" -c "import torch, triton, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH' or triton.__version__ != '$GPU_TRITON')" 2>/dev/null; then
+if ! "$PY" -c "import torch, triton, sys; sys.exit(torch.__version__.split('+')[0] != '$GPU_TORCH' or torch.version.cuda is None or triton.__version__ != '$GPU_TRITON')" 2>/dev/null; then
   echo "== torch $GPU_TORCH (its CUDA build, from PyPI: a few GB), triton $GPU_TRITON"
   "$PY" -m pip install -q "torch==$GPU_TORCH" "triton==$GPU_TRITON" ninja numpy pyyaml tqdm matplotlib pytest pytest-benchmark
 fi
@@ -53,7 +53,8 @@ echo "== CUDA_HOME $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -1))"
 
 WORK=$(mktemp -d /tmp/lgd_fast_gpu_build.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-git ls-files -z | xargs -0 cp --parents -t "$WORK"  # the working tree's tracked files, edits included
+# the working tree's tracked files, edits included (one deleted here but not yet committed is left out)
+git ls-files -z | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$WORK"
 echo "== build in $WORK (TORCH_CUDA_ARCH_LIST=9.0: the H100/H200's sm_90)"
 start=$SECONDS
 (cd "$WORK" && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
@@ -77,6 +78,9 @@ if [ "$REHEARSE" = 1 ]; then
   "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu_backends.py -k "compile_for_sm80_and_sm90a or without_the_hints"
 fi
 commit=$(git -C "$ROOT" rev-parse HEAD)
-[ -z "$(git -C "$ROOT" status --porcelain -- . ':(exclude)benchmarks/results')" ] || commit="$commit (uncommitted edits: commit first)"
+if [ -n "$(git -C "$ROOT" status --porcelain -- . ':(exclude)benchmarks/results')" ]; then
+  commit="$commit-dirty"
+  echo "   (uncommitted edits: commit them first, or the results cannot be tied to a commit)"
+fi
 echo "== done: carry the two .so files and run on the GPU (its copy of the tree has no .git: name the commit):"
 echo "   LGD_FAST_COMMIT=$commit bash benchmarks/gpu_suite.sh --quick --prebuilt"

@@ -14,8 +14,9 @@ short still brings back the figures that matter most):
 5. ``ops-diffusion``: the diffusion epilogue (CUDA and Triton) against eager, compile and the copy bandwidth.
 
 ``--quick`` bounds the whole run to ``--budget`` seconds (default 480: 8 minutes): a step starts only while enough
-time is left and is stopped at the deadline or at its own cap (CUDA tests 150 s, the bf16 bench 160 s, fp32 130 s,
-the P3D units 100 s: one step's compiles cannot starve the next); autotuning is bounded to 2 configs per kernel
+time is left and is stopped at the deadline, at its own cap (CUDA tests 150 s, the bf16 bench 160 s, fp32 130 s,
+the P3D units 100 s) or where the steps after it would lose the least time each needs to start (one step's compiles
+cannot starve the rest); autotuning is bounded to 2 configs per kernel
 (``$LGD_FAST_AUTOTUNE_CONFIGS``). Results go to ``--out``, else ``$OUT`` where set (the device tool's folder),
 else ``benchmarks/results/gpu_suite_<gpu name>/``: at most 7 files (``gpu_suite.log``, ``gpu_suite.json``,
 ``cuda_tests.xml``, ``bench_bf16.json``, ``bench_fp32.json``, ``ops_p3d_units.json``, ``ops_diffusion.json``),
@@ -27,10 +28,10 @@ are collected and skip): it checks the suite's own plumbing and measures nothing
 
     bash benchmarks/gpu_suite.sh --quick             # on a lent GPU: at most 8 minutes, results in $OUT
     bash benchmarks/gpu_suite.sh --quick --prebuilt  # the same, lgd_fast/_C*.so built here and carried
+    python benchmarks/gpu_suite.py --quick --smoke   # here, no GPU: a minute, every step's code path
 
 The GPU machine's copy of the tree has no ``.git``: set ``LGD_FAST_COMMIT`` to the commit it was made from, which
 every result file then records (``machine.commit``, with ``commit_from``); ``gpu_prebuild.sh`` prints the line.
-    python benchmarks/gpu_suite.py --quick --smoke   # here, no GPU: a minute, every step's code path
 """
 
 from __future__ import annotations
@@ -51,14 +52,24 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_BUDGET_S = 480.0
 AUTOTUNE_CONFIGS_QUICK = "2"
+STEP_SLACK_S = 2.0  # kept per later step beyond its min_s: a process's start and stop, so that it is not skipped
 # --prebuilt: lgd_fast._C and lgd_fast._C_cuda already in lgd_fast/ (built elsewhere against the same torch and
 # Python, e.g. `TORCH_CUDA_ARCH_LIST=9.0 pip install -e .` with a CUDA torch and nvcc, and carried): they must import
-# here and the CUDA one must load its kernels, else the suite builds as usual.
+# here and the CUDA one must run a kernel (the diffusion epilogue on a small tensor, against float64), else the
+# suite builds as usual: a missing sm_90 image or a runtime mismatch shows at that launch, not at the import.
 PREBUILT_CHECK = """
+import torch
 from lgd_fast import _C, _C_cuda
-from lgd_fast.ops import _backend
+from lgd_fast.ops import _backend, diffusion_epilogue, diffusion_epilogue_reference
 assert _backend.cuda_extension_available(), _backend.cuda_extension_error()
-print("prebuilt extensions import:", _C.__file__, _C_cuda.__file__)
+g = torch.Generator().manual_seed(0)
+r, s = (torch.randn(2, 24, 3, 5, 7, generator=g) for _ in range(2))
+d, scale, shift = torch.randn(2, 24, generator=g), torch.rand(24, generator=g) + 0.5, torch.randn(24, generator=g)
+out, mean = diffusion_epilogue(*(t.cuda() for t in (r, s, d, scale, shift)), backend="cuda")
+want, want_mean = diffusion_epilogue_reference(*(t.double() for t in (r, s, d, scale, shift)))
+errors = [((a.cpu().double() - b).norm() / b.norm()).item() for a, b in ((out, want), (mean, want_mean))]
+assert max(errors) < 1e-6, f"the prebuilt CUDA kernel is wrong: relative errors {errors}"
+print("prebuilt extensions import and run:", _C.__file__, _C_cuda.__file__, "errors", errors)
 """
 FILES = ("gpu_suite.log", "gpu_suite.json", "cuda_tests.xml", "bench_bf16.json", "bench_fp32.json",
          "ops_p3d_units.json", "ops_diffusion.json")  # fmt: skip
@@ -67,7 +78,8 @@ FILES = ("gpu_suite.log", "gpu_suite.json", "cuda_tests.xml", "bench_bf16.json",
 @dataclass
 class Step:
     """One command of the suite: ``min_s`` is the least time left for it to be worth starting; ``max_s`` (with a
-    budget) the most it may take, so that one slow step (compiles, autotuning) cannot starve those after it."""
+    budget) the most it may take. Under a budget a step also stops where the steps after it would lose their
+    ``min_s`` (but it gets its own ``min_s``), so that one slow step (compiles, autotuning) cannot starve them."""
 
     name: str
     argv: list[str]
@@ -79,7 +91,8 @@ class Step:
 
 
 def _bench_one(args: argparse.Namespace) -> int:
-    """``--bench-one``: one ``lgd_fast.bench.run_bench`` call written as JSON (no PNG: the file count is bounded)."""
+    """``--bench-one``: ``lgd_fast.bench.run_bench`` once per pass (inference, then training), the JSON rewritten
+    after each (no PNG: the file count is bounded). Each pass builds its models and measures the conv peak anew."""
     from lgd_fast import bench
 
     if args.smoke:
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:  # a result from an earlier run must not pass for this one's
         (out / name).unlink(missing_ok=True)
+        (out / f"{name}.tmp").unlink(missing_ok=True)  # bench.write_json's, where a step was stopped mid-write
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     if args.quick or args.smoke:
@@ -287,24 +301,33 @@ def main(argv: list[str] | None = None) -> int:
         (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
+    def attempt(step: Step, reserve: float, log) -> dict[str, Any] | None:
+        """Runs ``step`` if its ``min_s`` is left, keeping ``reserve`` seconds for the steps after it; None if
+        skipped (the row says why)."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left < step.min_s:
+            rows.append({"step": step.name, "status": "skipped", "exit_code": None, "seconds": 0.0,
+                         "why": f"{left:.0f} s of the budget left, the step needs at least {step.min_s:.0f} s"})
+            print(f"gpu_suite: {step.name:<14} skipped ({rows[-1]['why']})", flush=True)
+            return None
+        print(f"gpu_suite: {step.name:<14} ...", end=" ", flush=True)
+        timeout = float("inf") if left is None else min(step.max_s, max(left - reserve, step.min_s))
+        return _run(step, log, timeout, env)
+
     with open(log_path, "w") as log:
-        for step in _steps(args, out, scratch):
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left < step.min_s:
-                rows.append({"step": step.name, "status": "skipped", "exit_code": None, "seconds": 0.0,
-                             "why": f"{left:.0f} s of the budget left, the step needs at least {step.min_s:.0f} s"})
-                print(f"gpu_suite: {step.name:<14} skipped ({rows[-1]['why']})", flush=True)
-                continue
-            print(f"gpu_suite: {step.name:<14} ...", end=" ", flush=True)
-            row = _run(step, log, float("inf") if left is None else min(left, step.max_s), env)
-            if row["status"] != "passed" and step.fallback is not None:
+        steps = _steps(args, out, scratch)
+        for i, step in enumerate(steps):
+            reserve = sum(later.min_s + STEP_SLACK_S for later in steps[i + 1 :])
+            row = attempt(step, reserve, log)
+            if row is not None and row["status"] != "passed" and step.fallback is not None:
                 tail = _log_tail(log_path, step.name)
                 print(f"{row['status']}, so {step.fallback.name} instead:\n{tail}", flush=True)
                 rows.append({**row, "fell_back_to": step.fallback.name})
                 step = step.fallback
-                left = None if deadline is None else deadline - time.monotonic()
-                print(f"gpu_suite: {step.name:<14} ...", end=" ", flush=True)
-                row = _run(step, log, float("inf") if left is None else min(left, step.max_s), env)
+                row = attempt(step, reserve, log)
+            if row is None:
+                write_summary(complete=False)
+                continue
             if step.result and (out / step.result).exists():
                 row["result"] = step.result
             rows.append(row)

@@ -502,42 +502,6 @@ def test_diffusion_epilogue_on_gpu_matches_reference(backend):
         check_rows(rows[_case_id(shape, fmt, dtype)], dtype, SEED, DIFFUSION_SAME_DTYPE)
 
 
-# p3d_conv's compiled Triton kernels on the GPU: every conv kind and stride of tests/test_p3d_triton.py's
-# geometries (odd channel counts, T = 1 to 7, H = W = 7 to 15), each shape's first call a training call with the
-# statistics (Triton's real autotuner, over at most $LGD_FAST_AUTOTUNE_CONFIGS configs, benchmarks every config
-# into the per-tile partials first: the stale-partials defect of issue 16 showed exactly there), float32 (tf32 off),
-# bfloat16 (and float16 once), both layouts.
-def _gpu_conv_cases() -> list[tuple]:
-    from p3d_cases import CONV_GEOMETRIES
-
-    layouts = ["channels_last_3d", "contiguous"] * len(CONV_GEOMETRIES)
-    cases = [(*geo, epilogue, dtype, layout) for geo, layout in zip(CONV_GEOMETRIES, layouts, strict=False)
-             for epilogue, dtype in (("affine_stats", "float32"), ("residual_stats", "bfloat16"))]  # fmt: skip
-    return cases + [(*CONV_GEOMETRIES[0], "affine_residual_relu", "float16", "channels_last_3d")]
-
-
-GPU_CONV_CASES = _gpu_conv_cases()
-
-
-@pytest.mark.cuda
-@needs_cuda
-@pytest.mark.parametrize("case", GPU_CONV_CASES, ids=[f"{c[0]}-s{c[1]}-{c[4]}-{c[5]}-{c[6]}" for c in GPU_CONV_CASES])
-def test_p3d_conv_triton_on_gpu_matches_reference(case, monkeypatch):
-    """The same checks as tests/test_p3d_triton.py's interpreter run (float32 within 5e-6 of float64, 16 bits
-    within 2x cuDNN's own error, statistics within 1e-5 of the output's float64 sums), on the real kernels."""
-    import p3d_cases
-
-    from op_testing import SEED
-
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 products, ours and cuDNN's
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    seed = SEED + GPU_CONV_CASES.index(case)
-    rows = p3d_cases.run_conv_case(*case, backend="triton", gen=torch.Generator().manual_seed(seed), device="cuda")
-    names = {r["name"] for r in rows}
-    assert {"out", "grad_x", "grad_weight"} <= names and ("stats_of_out" in names) == case[4].endswith("stats")
-    p3d_cases.check_rows(rows, case[5], f"{p3d_cases.conv_case_id(*case)} (seed {seed})", fp32_tol=5e-6)
-
-
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("backend", ["triton", "cpp"])
@@ -607,6 +571,42 @@ def test_fast_model_on_gpu_matches_reference(dtype, monkeypatch):
         for model in (fast, ref, exact):
             model.zero_grad(set_to_none=True)
 
+
+# p3d_conv's compiled Triton kernels on the GPU, on every conv kind and stride of tests/test_p3d_triton.py's
+# geometries (odd channel counts, T = 1 to 7, H = W = 7 to 15), each shape's first call a training call with the
+# statistics (Triton's real autotuner, over at most $LGD_FAST_AUTOTUNE_CONFIGS configs, benchmarks every config
+# into the per-tile partials first: the stale-partials defect of issue 16 showed exactly there), float32 (tf32 off),
+# bfloat16 (and float16 once), both layouts. Last in the file: when the GPU suite's time runs out, the whole-model
+# test above matters more.
+def _gpu_conv_cases() -> list[tuple]:
+    from p3d_cases import CONV_GEOMETRIES
+
+    layouts = ["channels_last_3d", "contiguous"] * len(CONV_GEOMETRIES)
+    cases = [(*geo, epilogue, dtype, layout) for geo, layout in zip(CONV_GEOMETRIES, layouts, strict=False)
+             for epilogue, dtype in (("affine_stats", "float32"), ("residual_stats", "bfloat16"))]  # fmt: skip
+    return cases + [(*CONV_GEOMETRIES[0], "affine_residual_relu", "float16", "channels_last_3d")]
+
+
+GPU_CONV_CASES = _gpu_conv_cases()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_CONV_CASES, ids=[f"{c[0]}-s{c[1]}-{c[4]}-{c[5]}-{c[6]}" for c in GPU_CONV_CASES])
+def test_p3d_conv_triton_on_gpu_matches_reference(case, monkeypatch):
+    """The same checks as tests/test_p3d_triton.py's interpreter run (float32 within 5e-6 of float64, 16 bits
+    within 2x cuDNN's own error, statistics within 1e-5 of the output's float64 sums), on the real kernels."""
+    import p3d_cases
+
+    from op_testing import SEED
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # full float32 products, ours and cuDNN's
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    seed = SEED + GPU_CONV_CASES.index(case)
+    rows = p3d_cases.run_conv_case(*case, backend="triton", gen=torch.Generator().manual_seed(seed), device="cuda")
+    names = {r["name"] for r in rows}
+    assert {"out", "grad_x", "grad_weight"} <= names and ("stats_of_out" in names) == case[4].endswith("stats")
+    p3d_cases.check_rows(rows, case[5], f"{p3d_cases.conv_case_id(*case)} (seed {seed})", fp32_tol=5e-6)
 
 if __name__ == "__main__":  # the interpreter run of (a): TRITON_INTERPRET=1 is set by the fixture above
     assert os.environ.get("TRITON_INTERPRET") == "1"

@@ -135,3 +135,28 @@ def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(tmp_path, mon
     log = (tmp_path / "gpu_suite.log").read_text()
     assert "no _C_cuda here" in log and "built" in log
     assert "no _C_cuda here" in capsys.readouterr().out  # the reason is printed, not only logged
+
+
+@needs_no_gpu
+def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(tmp_path, monkeypatch):
+    """Under a budget a step is stopped at its own cap, and before the steps after it lose their ``min_s`` (plus
+    gpu_suite.STEP_SLACK_S each): in a 20 s budget a sleeping step, followed by steps that keep 3 and 9 s, is
+    stopped after about 8 s, the next at its 1 s cap, and the last still runs."""
+    monkeypatch.syspath_prepend(str(SUITE.parent))
+    import gpu_suite
+
+    py = sys.executable
+
+    def steps(args, out, scratch):
+        slow = gpu_suite.Step("slow", [py, "-c", "import time; time.sleep(60)"], min_s=1.0)
+        capped = gpu_suite.Step("capped", [py, "-c", "import time; time.sleep(60)"], min_s=1.0, max_s=1.0)
+        last = gpu_suite.Step("last", [py, "-c", "print('ran')"], min_s=7.0)
+        return [slow, capped, last]
+
+    monkeypatch.setattr(gpu_suite, "_steps", steps)
+    assert gpu_suite.STEP_SLACK_S == 2.0  # the figures below assume it
+    assert gpu_suite.main(["--quick", "--smoke", "--budget", "20", "--out", str(tmp_path)]) == 1
+    rows = {r["step"]: r for r in json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]}
+    assert rows["slow"]["status"] == "timed out" and 6.0 <= rows["slow"]["seconds"] <= 9.0, rows["slow"]
+    assert rows["capped"]["status"] == "timed out" and rows["capped"]["seconds"] < 3.0, rows["capped"]
+    assert rows["last"]["status"] == "passed"
