@@ -17,7 +17,9 @@ short still brings back the figures that matter most):
 time is left and is stopped at the deadline, at its own cap (CUDA tests 150 s, the bf16 bench 160 s, fp32 130 s,
 the P3D units 100 s) or where the steps after it would lose the least time each needs to start (one step's compiles
 cannot starve the rest); autotuning is bounded to 2 configs per kernel
-(``$LGD_FAST_AUTOTUNE_CONFIGS``). Results go to ``--out``, else ``$OUT`` where set (the device tool's folder),
+(``$LGD_FAST_AUTOTUNE_CONFIGS``) and the fast model runs its default plan (``$LGD_FAST_PLAN=default``: on CUDA the
+fused Triton path; measuring every block's candidates on the first call does not fit). Results go to ``--out``,
+else ``$OUT`` where set (the device tool's folder),
 else ``benchmarks/results/gpu_suite_<gpu name>/``: at most 7 files (``gpu_suite.log``, ``gpu_suite.json``,
 ``cuda_tests.xml``, ``bench_bf16.json``, ``bench_fp32.json``, ``ops_p3d_units.json``, ``ops_diffusion.json``),
 and a short table is printed last.
@@ -52,6 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 QUICK_BUDGET_S = 480.0
 AUTOTUNE_CONFIGS_QUICK = "2"
+INTERRUPT_GRACE_S = 10.0  # from a step's interrupt at its timeout to its kill
 STEP_SLACK_S = 2.0  # kept per later step beyond its min_s: a process's start and stop, so that it is not skipped
 # --prebuilt: lgd_fast._C and lgd_fast._C_cuda already in lgd_fast/ (built elsewhere against the same torch and
 # Python, e.g. `TORCH_CUDA_ARCH_LIST=9.0 pip install -e .` with a CUDA torch and nvcc, and carried): they must import
@@ -109,6 +112,8 @@ def _bench_one(args: argparse.Namespace) -> int:
                                passes=(pass_,), progress=False)  # fmt: skip
         payload = part if payload is None else _merge_passes(payload, part)
         payload["settings"]["smoke"] = args.smoke
+        payload["settings"]["plan"] = os.environ.get("LGD_FAST_PLAN", "measure")  # the fast model's plan mode
+        payload["settings"]["autotune_configs"] = os.environ.get("LGD_FAST_AUTOTUNE_CONFIGS", "all")
         print("wrote", bench.write_json(args.out, payload))
         rows = part["results"][pass_]
         print(f"{pass_}: " + ", ".join(f"{name} {row['median_s'] * 1e3:.2f} ms" for name, row in rows.items()))
@@ -168,7 +173,9 @@ def _steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:
 
 
 def _run(step: Step, log, timeout: float, env: dict[str, str]) -> dict[str, Any]:
-    """Runs one step in its own process group, its output appended to ``log``; stopped at ``timeout``."""
+    """Runs one step in its own process group, its output appended to ``log``; stopped at ``timeout``: first an
+    interrupt (SIGINT: pytest then still writes its JUnit file and its summary of what ran), then, if it has not
+    ended ``INTERRUPT_GRACE_S`` later, a kill."""
     log.write(f"\n=== {step.name}: {' '.join(step.argv)}\n")
     log.flush()
     start = time.perf_counter()
@@ -178,8 +185,12 @@ def _run(step: Step, log, timeout: float, env: dict[str, str]) -> dict[str, Any]
         rc = proc.wait(timeout=max(timeout, 1.0))
         status = "passed" if rc == 0 else "failed"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
         status = "timed out"
     seconds = time.perf_counter() - start
     log.write(f"\n=== {step.name}: {status} (exit {rc}) in {seconds:.1f} s\n")
@@ -272,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
     if args.quick or args.smoke:
         env.setdefault("LGD_FAST_AUTOTUNE_CONFIGS", AUTOTUNE_CONFIGS_QUICK)
+        # The fast model's default plan (on CUDA: the fused Triton path) rather than measuring every block's
+        # candidates on its first call, which a short lease cannot afford; recorded in every result file.
+        env.setdefault("LGD_FAST_PLAN", "default")
     scratch = Path(tempfile.mkdtemp(prefix="lgd_gpu_suite_"))
     log_path = out / "gpu_suite.log"
     rows = []
@@ -293,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
             "seconds": round(time.time() - started, 1),
             "autotune_configs": env.get("LGD_FAST_AUTOTUNE_CONFIGS", "all"),
+            "plan": env.get("LGD_FAST_PLAN", "measure"),
             "machine": machine_info(device),
             "doctor": doctor.report() if complete else None,
             "steps": rows,
@@ -317,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(log_path, "w") as log:
         steps = _steps(args, out, scratch)
         for i, step in enumerate(steps):
-            reserve = sum(later.min_s + STEP_SLACK_S for later in steps[i + 1 :])
+            later = steps[i + 1 :]  # their least times, and the grace a stopped step may take to end
+            reserve = sum(s.min_s + STEP_SLACK_S for s in later) + (INTERRUPT_GRACE_S if later else 0.0)
             row = attempt(step, reserve, log)
             if row is not None and row["status"] != "passed" and step.fallback is not None:
                 tail = _log_tail(log_path, step.name)

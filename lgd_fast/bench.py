@@ -27,6 +27,7 @@ the device, versions and commit, and the targets with their measured values.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import functools
@@ -658,6 +659,18 @@ def _accuracy_reference(models) -> str | None:
     return next((c for c in ("reference", "reference_channels_last") if c in models), None)
 
 
+@contextlib.contextmanager
+def _exact_float32():
+    """float32 convolutions and matmuls without tf32 inside (CUDA's defaults allow it in cuDNN's convs); the
+    switches are restored after. No effect on the CPU."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _bf16_logits_error(models, clips, passes, autocast, float32_model=None) -> dict[str, Any] | None:
     """The fast model's logits in bf16 (under autocast, or with bf16 weights: then ``float32_model`` is the float32
     model they were cast from) against the float32 reference's on the same clip: the largest absolute difference
@@ -675,7 +688,8 @@ def _bf16_logits_error(models, clips, passes, autocast, float32_model=None) -> d
     x32 = x.float()  # bf16-weights: the bfloat16 clip, exactly, in float32
     heads_of = lambda out: out if isinstance(out, tuple) else (out,)  # noqa: E731  (eval: one or both heads)
     with torch.inference_mode():
-        want = heads_of(float32_ref(x32))
+        with _exact_float32():  # the float32 yardstick in float32, not tf32 (cuDNN's default on CUDA)
+            want = heads_of(float32_ref(x32))
         with autocast:
             got, ref_bf16 = heads_of(fast(x)), heads_of(ref(x))
         exact = heads_of(copy.deepcopy(float32_ref).double()(x32.double()))

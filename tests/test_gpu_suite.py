@@ -140,8 +140,8 @@ def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(tmp_path, mon
 @needs_no_gpu
 def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(tmp_path, monkeypatch):
     """Under a budget a step is stopped at its own cap, and before the steps after it lose their ``min_s`` (plus
-    gpu_suite.STEP_SLACK_S each): in a 20 s budget a sleeping step, followed by steps that keep 3 and 9 s, is
-    stopped after about 8 s, the next at its 1 s cap, and the last still runs."""
+    gpu_suite.STEP_SLACK_S each, and one INTERRUPT_GRACE_S): in a 30 s budget a sleeping step, followed by steps
+    that keep 3 and 9 s, is interrupted after about 8 s, the next at its 1 s cap, and the last still runs."""
     monkeypatch.syspath_prepend(str(SUITE.parent))
     import gpu_suite
 
@@ -154,9 +154,34 @@ def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(tmp_path, 
         return [slow, capped, last]
 
     monkeypatch.setattr(gpu_suite, "_steps", steps)
-    assert gpu_suite.STEP_SLACK_S == 2.0  # the figures below assume it
-    assert gpu_suite.main(["--quick", "--smoke", "--budget", "20", "--out", str(tmp_path)]) == 1
+    assert gpu_suite.STEP_SLACK_S == 2.0 and gpu_suite.INTERRUPT_GRACE_S == 10.0  # the figures below assume them
+    assert gpu_suite.main(["--quick", "--smoke", "--budget", "30", "--out", str(tmp_path)]) == 1
     rows = {r["step"]: r for r in json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]}
     assert rows["slow"]["status"] == "timed out" and 6.0 <= rows["slow"]["seconds"] <= 9.0, rows["slow"]
     assert rows["capped"]["status"] == "timed out" and rows["capped"]["seconds"] < 3.0, rows["capped"]
     assert rows["last"]["status"] == "passed"
+
+
+@needs_no_gpu
+def test_a_pytest_step_stopped_at_its_cap_still_writes_its_junit_file(tmp_path, monkeypatch):
+    """The stop is an interrupt first: pytest reports what ran (the suite's cuda_tests.xml) before it ends."""
+    monkeypatch.syspath_prepend(str(SUITE.parent))
+    import gpu_suite
+
+    tests = tmp_path / "sleepy"
+    tests.mkdir()
+    (tests / "test_sleepy.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
+                                          "def test_slow():\n    time.sleep(120)\n")  # fmt: skip
+    xml = tmp_path / "out" / "cuda_tests.xml"
+    py = sys.executable
+
+    def steps(args, out, scratch):
+        argv = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", str(tests)]
+        return [gpu_suite.Step("cuda-tests", argv, min_s=1.0, max_s=8.0)]
+
+    monkeypatch.setattr(gpu_suite, "_steps", steps)
+    assert gpu_suite.main(["--quick", "--smoke", "--out", str(tmp_path / "out")]) == 1
+    row = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())["steps"][0]
+    assert row["status"] == "timed out" and row["seconds"] < 8.0 + gpu_suite.INTERRUPT_GRACE_S, row
+    report = xml.read_text()
+    assert 'name="test_quick"' in report and "KeyboardInterrupt" in (tmp_path / "out" / "gpu_suite.log").read_text()
