@@ -13,6 +13,8 @@
 
 #include <tuple>
 
+#include "cpu/small_linear.h"
+
 namespace lgd_fast {
 namespace {
 
@@ -52,6 +54,13 @@ std::tuple<at::Tensor, at::Tensor> global_update(const at::Tensor& m, const at::
 
   // Computed in the inputs' dtype: autocast must not recast the GEMMs below (the caller chose the dtype).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  if (small_linear_applies(m, w1, b1)) {  // CPU float32, a few clips: cpu/small_linear.h's kernel, not ATen's GEMM
+    const auto linear = [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+      return small_linear_applies(x, w, b) ? small_linear(x, w, b) : at::addmm(b, x, w.t());
+    };
+    at::Tensor g_new = linear(linear(m, w1, b1), w2, b2).add_(linear(linear(g, w3, b3), w4, b4)).clamp_min_(0);
+    return {g_new, linear(linear(g_new, w5, b5), w6, b6)};
+  }
   at::Tensor a = at::addmm(b2, at::addmm(b1, m, w1.t()), w2.t());
   a.addmm_(at::addmm(b3, g, w3.t()), w4.t()).add_(b4);
   at::Tensor g_new = a.clamp_min_(0);

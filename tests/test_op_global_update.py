@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lgd_fast.models import P3DBasicBlock, P3DBottleneck
 from lgd_fast.ops import global_update, global_update_reference
 from lgd_fast.ops.global_update import block_weights
-from op_testing import SEED
+from op_testing import SEED, usable_isas
 
 
 def _draw(block, n, gen, dtype):
@@ -59,6 +59,26 @@ def test_matches_reference_forward_and_every_gradient(block, n, gen):
         assert _rel(a, b) < 1e-6, f"seed {SEED}"
     for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
         assert _rel(a, b) < 1e-5, f"gradient {i} (seed {SEED})"
+
+
+@pytest.mark.parametrize("isa", usable_isas(), indirect=True)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9])
+def test_cpu_float32_few_rows_kernel_on_every_simd_path(isa, n, gen):
+    """CPU float32 with at most 8 rows runs csrc/cpu/small_linear.cpp's kernel (9 rows: ATen's addmm): every SIMD
+    path, 1 to 4 rows of x per pass over W and the leftover 1-3, an odd number of W rows (a single one after the
+    pairs) and inputs shorter than a vector, with a tail past the vectors, or a whole number of them (in 65, hidden
+    5, out 80). The forward within 2x PyTorch's float32 error against float64 (or 1e-6); the backward is unchanged
+    (test_matches_reference_forward_and_every_gradient)."""
+    block = P3DBottleneck(65, 20, variant="A")  # global path: fc1 (5, 65), fc2 (80, 5), fc5 (5, 80), ...
+    inputs = _case(block, n, gen)
+    exact = global_update_reference(*[t.detach().double() for t in inputs])
+    plain = global_update_reference(*[t.detach() for t in inputs])
+    with torch.no_grad():
+        ours = global_update(*[t.detach() for t in inputs], backend="cpp")
+    for name, a, p, e in zip(("g_new", "d"), ours, plain, exact, strict=True):
+        assert torch.isfinite(a).all() and a.shape == e.shape
+        err, torch_err = _rel(a, e), _rel(p, e)
+        assert err <= max(2 * torch_err, 1e-6), f"{name} on {isa}, {n} rows: {err:.2e} vs {torch_err:.2e} (seed {SEED})"
 
 
 def test_bf16_within_twice_pytorch_error(gen):
