@@ -78,12 +78,28 @@ def test_fp32_matches_fp64_reference(shape, fmt, isa, gen, poisoned):
     gout, gmean = _upstream(shape, torch.float32, gen)
     ours = _run(lambda *a: diffusion_epilogue(*a, backend="cpp"), inputs, gout, gmean)
     ref = _run(diffusion_epilogue_reference, [t.detach().double().requires_grad_() for t in inputs], gout, gmean)
+    scales = _sum_magnitudes(inputs, gout, gmean)
     for name, a, b in zip(NAMES, ours, ref, strict=True):
         assert torch.isfinite(a).all(), f"{name}: unwritten or non-finite elements (seed {SEED})"
         assert a.shape == b.shape and a.dtype == torch.float32, name
-        assert _rel(a, b) < 2e-6, f"{name}: relative error {_rel(a, b):.2e} (seed {SEED})"
+        err = _rel(a, b) if name not in scales else ((a.double() - b).norm() / scales[name].norm()).item()
+        assert err < 2e-6, f"{name}: relative error {err:.2e} (seed {SEED})"
     for t in (ours[0], ours[2], ours[3]):
         assert_layout(t, FORMATS[fmt])
+
+
+def _sum_magnitudes(inputs, gout, gmean) -> dict[str, torch.Tensor]:
+    """For the gradients that are sums over positions of terms of both signs (grad_d, grad_shift: of g; grad_scale: of
+    g * r, with g the gradient at the ReLU's input), the float64 sums of the terms' magnitudes: their float32 error
+    is judged against these, as summation's error bound is, not against the sums themselves, which cancel. (Against
+    the sums a 2e-6 threshold failed PyTorch's own float32 too, 4.3e-6 on a grad_shift of 0.39 over 1029 terms of
+    size about 1, and the kernel at 2.1e-6 on grad_scale, seed 3939768605.)"""
+    r, s, d, scale, shift = (t.detach().double() for t in inputs)
+    z = r * scale[:, None, None, None] + shift[:, None, None, None] + s + d[:, :, None, None, None]
+    positions = z[0, 0].numel()
+    g = (gout.double() + gmean.double()[:, :, None, None, None] / positions) * (z > 0)
+    return {"grad_d": g.abs().sum((2, 3, 4)), "grad_shift": g.abs().sum((0, 2, 3, 4)),
+            "grad_scale": (g * r).abs().sum((0, 2, 3, 4))}  # fmt: skip
 
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
