@@ -184,42 +184,36 @@ LGD_INLINE void backward_channels_last_body(const T* __restrict__ gout, const fl
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / chunks, p0 = (task % chunks) * kPosChunk, p1 = std::min(L, p0 + kPosChunk);
     for (int64_t c = 0; c < C; ++c) gm[c] = gmean[n * C + c] * inv_L;
-    std::fill(ag, ag + C, 0.f);
-    std::fill(agr, agr + C, 0.f);
     double *pg = part_g + task * C, *pgr = part_gr + task * C;
     std::fill(pg, pg + C, 0.0);
     std::fill(pgr, pgr + C, 0.0);
-    for (int64_t p = p0; p < p1; ++p) {
-      if (p > p0 && (p - p0) % kFoldPositions == 0) {  // float32 sums of at most kFoldPositions terms, then float64
-        for (int64_t c = 0; c < C; ++c) {
-          pg[c] += ag[c];
-          pgr[c] += agr[c];
+    for (int64_t q0 = p0; q0 < p1; q0 += kFoldPositions) {  // float32 sums of kFoldPositions terms, then float64
+      std::fill(ag, ag + C, 0.f);
+      std::fill(agr, agr + C, 0.f);
+      for (int64_t p = q0, q1 = std::min(p1, q0 + kFoldPositions); p < q1; ++p) {
+        const int64_t off = (n * L + p) * C;
+        const T *go = gout + off, *oo = out + off, *rr = r + off;
+        T *gr = grad_r + off, *gs = grad_s + off;
+        int64_t c = 0;
+        for (; c + W <= C; c += W) {
+          const V g = (load<W>(oo + c) > zero) ? load<W>(go + c) + load<W>(gm + c) : zero;
+          store<W>(gs + c, g);
+          store<W>(gr + c, g * load<W>(scale + c));
+          store<W>(ag + c, load<W>(ag + c) + g);
+          store<W>(agr + c, load<W>(agr + c) + g * load<W>(rr + c));
         }
-        std::fill(ag, ag + C, 0.f);
-        std::fill(agr, agr + C, 0.f);
+        for (; c < C; ++c) {
+          const float g = load1(oo + c) > 0.f ? load1(go + c) + gm[c] : 0.f;
+          store1(gs + c, g);
+          store1(gr + c, g * scale[c]);
+          ag[c] += g;
+          agr[c] += g * load1(rr + c);
+        }
       }
-      const int64_t off = (n * L + p) * C;
-      const T *go = gout + off, *oo = out + off, *rr = r + off;
-      T *gr = grad_r + off, *gs = grad_s + off;
-      int64_t c = 0;
-      for (; c + W <= C; c += W) {
-        const V g = (load<W>(oo + c) > zero) ? load<W>(go + c) + load<W>(gm + c) : zero;
-        store<W>(gs + c, g);
-        store<W>(gr + c, g * load<W>(scale + c));
-        store<W>(ag + c, load<W>(ag + c) + g);
-        store<W>(agr + c, load<W>(agr + c) + g * load<W>(rr + c));
+      for (int64_t c = 0; c < C; ++c) {
+        pg[c] += ag[c];
+        pgr[c] += agr[c];
       }
-      for (; c < C; ++c) {
-        const float g = load1(oo + c) > 0.f ? load1(go + c) + gm[c] : 0.f;
-        store1(gs + c, g);
-        store1(gr + c, g * scale[c]);
-        ag[c] += g;
-        agr[c] += g * load1(rr + c);
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      pg[c] += ag[c];
-      pgr[c] += agr[c];
     }
   }
 }

@@ -16,51 +16,41 @@ using simd::hsum;
 using simd::load;
 using simd::vf;
 
-// Rows [h0, h1) of y for the R rows of x starting at x (row stride C) into y (row stride H).
-template <int W, int R>
-LGD_INLINE void rows_body(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                          float* __restrict__ y, int64_t C, int64_t H, int64_t h0, int64_t h1) {
+// y's columns h .. h + P - 1 (P rows of W: independent accumulators, each W vector loaded once for the R rows)
+// for the R rows of x starting at x (row stride C) into y (row stride H).
+template <int W, int R, int P>
+LGD_INLINE void w_rows(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                       float* __restrict__ y, int64_t C, int64_t H, int64_t h) {
   using V = vf<W>;
+  V acc[P][R];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) acc[p][r] = V{};
+  int64_t c = 0;
+  for (; c + W <= C; c += W) {
+    V u[P];
+    for (int p = 0; p < P; ++p) u[p] = load<W>(w + (h + p) * C + c);
+    for (int r = 0; r < R; ++r) {
+      const V v = load<W>(x + r * C + c);
+      for (int p = 0; p < P; ++p) acc[p][r] += u[p] * v;
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const float* wp = w + (h + p) * C;
+    for (int r = 0; r < R; ++r) {
+      float t = 0.f;
+      for (int64_t k = c; k < C; ++k) t += wp[k] * x[r * C + k];
+      y[r * H + h + p] = hsum(acc[p][r]) + t + b[h + p];
+    }
+  }
+}
+
+// Columns [h0, h1) of y for the R rows of x: two rows of W at a time, then the odd one.
+template <int W, int R>
+LGD_INLINE void rows_body(const float* x, const float* w, const float* b, float* y, int64_t C, int64_t H, int64_t h0,
+                          int64_t h1) {
   int64_t h = h0;
-  for (; h + 2 <= h1; h += 2) {  // two rows of W: independent accumulators, W loaded once per pair of x loads
-    const float* w0 = w + h * C;
-    const float* w1 = w0 + C;
-    V a0[R], a1[R];
-    for (int r = 0; r < R; ++r) a0[r] = a1[r] = V{};
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V u0 = load<W>(w0 + c), u1 = load<W>(w1 + c);
-      for (int r = 0; r < R; ++r) {
-        const V v = load<W>(x + r * C + c);
-        a0[r] += u0 * v;
-        a1[r] += u1 * v;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float t0 = 0.f, t1 = 0.f;
-      for (int64_t k = c; k < C; ++k) {
-        t0 += w0[k] * x[r * C + k];
-        t1 += w1[k] * x[r * C + k];
-      }
-      y[r * H + h] = hsum(a0[r]) + t0 + b[h];
-      y[r * H + h + 1] = hsum(a1[r]) + t1 + b[h + 1];
-    }
-  }
-  for (; h < h1; ++h) {
-    const float* w0 = w + h * C;
-    V a0[R];
-    for (int r = 0; r < R; ++r) a0[r] = V{};
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {
-      const V u0 = load<W>(w0 + c);
-      for (int r = 0; r < R; ++r) a0[r] += u0 * load<W>(x + r * C + c);
-    }
-    for (int r = 0; r < R; ++r) {
-      float t0 = 0.f;
-      for (int64_t k = c; k < C; ++k) t0 += w0[k] * x[r * C + k];
-      y[r * H + h] = hsum(a0[r]) + t0 + b[h];
-    }
-  }
+  for (; h + 2 <= h1; h += 2) w_rows<W, R, 2>(x, w, b, y, C, H, h);
+  if (h < h1) w_rows<W, R, 1>(x, w, b, y, C, H, h);
 }
 
 template <int W>
