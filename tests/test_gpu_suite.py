@@ -25,6 +25,15 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the suite where there is no GPU")
 
 
+@pytest.fixture
+def gpu_suite(monkeypatch):
+    """benchmarks/gpu_suite.py as a module, for tests that replace its steps."""
+    monkeypatch.syspath_prepend(str(SUITE.parent))
+    import gpu_suite
+
+    return gpu_suite
+
+
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {**os.environ, "PYTHONPATH": path, **extra}
@@ -116,12 +125,9 @@ def test_a_step_past_the_budget_is_skipped_and_named(tmp_path):
 
 
 @needs_no_gpu
-def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(tmp_path, monkeypatch, capsys):
+def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(gpu_suite, tmp_path, monkeypatch, capsys):
     """--prebuilt's check falls back to the build: the failed check stays in the summary and the log, and the
     fallback's own outcome decides the suite's exit code."""
-    monkeypatch.syspath_prepend(str(SUITE.parent))
-    import gpu_suite
-
     py = sys.executable
 
     def steps(args, out, scratch):
@@ -138,13 +144,10 @@ def test_a_step_that_fails_runs_its_fallback_and_both_are_recorded(tmp_path, mon
 
 
 @needs_no_gpu
-def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(tmp_path, monkeypatch):
+def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(gpu_suite, tmp_path, monkeypatch):
     """Under a budget a step is stopped at its own cap, and before the steps after it lose their ``min_s`` (plus
     gpu_suite.STEP_SLACK_S each, and one INTERRUPT_GRACE_S): in a 30 s budget a sleeping step, followed by steps
     that keep 3 and 9 s, is interrupted after about 8 s, the next at its 1 s cap, and the last still runs."""
-    monkeypatch.syspath_prepend(str(SUITE.parent))
-    import gpu_suite
-
     py = sys.executable
 
     def steps(args, out, scratch):
@@ -163,11 +166,8 @@ def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(tmp_path, 
 
 
 @needs_no_gpu
-def test_a_pytest_step_stopped_at_its_cap_still_writes_its_junit_file(tmp_path, monkeypatch):
+def test_a_pytest_step_stopped_at_its_cap_still_writes_its_junit_file(gpu_suite, tmp_path, monkeypatch):
     """The stop is an interrupt first: pytest reports what ran (the suite's cuda_tests.xml) before it ends."""
-    monkeypatch.syspath_prepend(str(SUITE.parent))
-    import gpu_suite
-
     tests = tmp_path / "sleepy"
     tests.mkdir()
     (tests / "test_sleepy.py").write_text("import time\n\ndef test_quick():\n    pass\n\n"
