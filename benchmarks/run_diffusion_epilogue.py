@@ -135,9 +135,21 @@ def _global_candidates(fast: str, weights: list[torch.Tensor], compiled) -> dict
     }
 
 
+def _with_global_backward(fn: Callable[[Any], Any], weights: list[torch.Tensor]) -> Callable[[Any], Any]:
+    """``fn`` then autograd.grad of (g', d) with respect to m, g and every weight (the upstream gradients drawn
+    once per input set, with it)."""
+
+    def run(x):
+        m, g, grads = x
+        return torch.autograd.grad(fn((m, g)), [m, g, *weights], grads)
+
+    return run
+
+
 def global_update_rows(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    """global_update forward: the fused backend (triton on CUDA, cpp on the CPU) and the cpp op's ATen GEMMs vs
-    six nn.Linear calls (reference) and torch.compile of them, per call (latency; the bytes are the weights)."""
+    """global_update forward, and forward+backward: the fused backend (triton on CUDA, cpp on the CPU) and the cpp
+    op's ATen GEMMs vs six nn.Linear calls (reference) and torch.compile of them, per call (latency; the bytes are
+    the weights: read once forward; read again and their gradients written once backward, so 3x for both)."""
     fast = "triton" if device == "cuda" and "triton" in fused_backends(device) else "cpp"
     rows = []
     shapes, dtypes = (SMOKE_GLOBAL_SHAPES, {"fp32": torch.float32}) if args.smoke else (GLOBAL_SHAPES, DTYPES)
@@ -149,13 +161,23 @@ def global_update_rows(args: argparse.Namespace, device: str) -> list[dict[str, 
             weights = [w.to(device=device, dtype=dtype) for w in weights]
             inputs = [(torch.rand(n, c_in, device=device).to(dtype), torch.randn(n, c_in, device=device).to(dtype))
                       for _ in range(8)]  # fmt: skip
-            torch._dynamo.reset()
-            compiled = torch.compile(global_update_reference, backend="inductor", dynamic=False)
-            candidates = _global_candidates(fast, weights, compiled)
             nbytes = sum(w.numel() * w.element_size() for w in weights)
-            describe = {"shape_name": shape_name, "shape": [n, c_in, c_out], "dtype": dtype_name}
-            rows.append(h.measure_op_row(candidates, inputs, args, describe=describe, nbytes=nbytes,
-                                         bytes_per_s=args.bandwidth, fast=fast, device=device))  # fmt: skip
+            for pass_ in PASSES:
+                torch._dynamo.reset()
+                compiled = torch.compile(global_update_reference, backend="inductor", dynamic=False)
+                candidates = _global_candidates(fast, weights, compiled)
+                pass_inputs = inputs
+                if pass_ == "forward+backward":
+                    for w in weights:
+                        w.requires_grad_()
+                    candidates = {k: _with_global_backward(fn, weights) for k, fn in candidates.items()}
+                    pass_inputs = [(m.clone().requires_grad_(), g.clone().requires_grad_(),
+                                    [torch.randn(n, c_out, device=device).to(dtype) for _ in range(2)])
+                                   for m, g in inputs]  # fmt: skip
+                describe = {"shape_name": shape_name, "shape": [n, c_in, c_out], "dtype": dtype_name, "pass": pass_}
+                rows.append(h.measure_op_row(candidates, pass_inputs, args, describe=describe,
+                                             nbytes=nbytes * (1 if pass_ == "forward" else 3),
+                                             bytes_per_s=args.bandwidth, fast=fast, device=device))  # fmt: skip
     return rows
 
 
@@ -230,8 +252,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "of dst.copy_(src) on 256 MiB)",
             "steady_malloc: glibc told to reuse freed memory (no mmap, no trim; see _harness.steady_malloc)",
             "foreign_load_cores: CPU cores other processes kept busy while that row was timed (shared machine)",
-            "global_update rows: forward of the global path; bytes_moved = the weights; on CUDA 'cpp' is the same "
-            "op as six ATen GEMM launches, the fused one is one Triton launch",
+            "global_update rows: the global path's forward, and forward+backward (autograd.grad of (g', d) w.r.t. "
+            "m, g and the 12 weights); bytes_moved = the weights (forward), 3x them (forward+backward: read twice, "
+            "their gradients written once); on CUDA 'cpp' is the same op as ATen GEMM launches, the fused one is one "
+            "Triton launch forward",
         ],
         "results": results,
     }

@@ -20,4 +20,11 @@ bool small_linear_applies(const at::Tensor& x, const at::Tensor& w, const at::Te
 // kernel for ops' forwards below autograd (global_update's): it records no gradient.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
+// The two products of a linear layer's backward, for the same few rows (float32 CPU, contiguous, checked):
+// x (N <= kSmallLinearMaxRows, K) W (K, C) -> x W (N, C), the input's gradient (W streamed once per 4 rows of x, each
+// sum in float32 in k order, as a GEMM's), and gy (N, O) x (N, I) -> gy^T x (O, I), the weight's gradient (a rank-N
+// update, written once). No autograd.
+at::Tensor small_matmul(const at::Tensor& x, const at::Tensor& w);
+at::Tensor small_outer(const at::Tensor& gy, const at::Tensor& x);
+
 }  // namespace lgd_fast

@@ -5,9 +5,12 @@
 
 The reference is six ``nn.Linear`` calls, an add and a ReLU. The op is one call: on CUDA tensors one Triton
 kernel launch (``lgd_fast/kernels/global_update.py``, registered as ``lgd_fast::global_update_triton``), on
-CPU tensors one call into ``torch.ops.lgd_fast.global_update`` (ATen GEMMs in C++, any device:
-``csrc/global_update.cpp``). Both have fake kernels for ``torch.compile`` and the same autograd formula,
-registered here.
+CPU tensors one call into ``torch.ops.lgd_fast.global_update`` (C++, any device: ``csrc/global_update.cpp``;
+float32 with at most 8 clips on the CPU's few-row kernels, ``csrc/cpu/small_linear``, else ATen's GEMMs). Both
+have fake kernels for ``torch.compile`` and the same autograd formula, registered here (``_grad``); on CPU
+tensors the backward is one call too, ``torch.ops.lgd_fast.global_update_backward`` (the same formula in C++,
+on the few-row kernels where the forward takes them), except in a double backward, which differentiates the
+formula in PyTorch.
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ def _grad(ctx, grad_g, grad_d):
         grad_g = torch.zeros_like(g_new)
     if grad_d is None:
         grad_d = torch.zeros_like(g_new)
+    if g_new.device.type == "cpu" and not torch.is_grad_enabled():  # one C++ call (small-row kernels in float32)
+        return tuple(torch.ops.lgd_fast.global_update_backward(grad_g, grad_d, *ctx.saved_tensors))
+    # The same formula in PyTorch: off the CPU, and differentiable again (a double backward: create_graph=True)
     h5 = F.linear(g_new, w5, b5)
     grad_w6, grad_b6 = grad_d.t() @ h5, grad_d.sum(0)
     grad_h5 = grad_d @ w6
@@ -136,7 +142,13 @@ def _grad(ctx, grad_g, grad_d):
     )  # fmt: skip
 
 
-_REGISTERED = register_compiled_op(OP_NAME, _fake, _grad, _setup_context)
+def _backward_fake(grad_g, grad_d, m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6, g_new):
+    """The C++ backward's outputs: each gradient a fresh contiguous tensor of its input's shape."""
+    inputs = (m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6)
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs]
+
+
+_REGISTERED = register_compiled_op(OP_NAME, _fake, _grad, _setup_context, backward_fake=_backward_fake)
 
 
 # ---- the Triton op (only where triton imports) ------------------------------------------------------
