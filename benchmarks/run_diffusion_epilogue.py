@@ -163,6 +163,8 @@ def global_update_rows(args: argparse.Namespace, device: str) -> list[dict[str, 
                       for _ in range(8)]  # fmt: skip
             nbytes = sum(w.numel() * w.element_size() for w in weights)
             for pass_ in PASSES:
+                if pass_ == "forward+backward" and dtype != torch.float32:
+                    continue  # see the notes: inductor fails to compile the bf16 reference's backward on the CPU
                 torch._dynamo.reset()
                 compiled = torch.compile(global_update_reference, backend="inductor", dynamic=False)
                 candidates = _global_candidates(fast, weights, compiled)
@@ -255,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "global_update rows: the global path's forward, and forward+backward (autograd.grad of (g', d) w.r.t. "
             "m, g and the 12 weights); bytes_moved = the weights (forward), 3x them (forward+backward: read twice, "
             "their gradients written once); on CUDA 'cpp' is the same op as ATen GEMM launches, the fused one is one "
-            "Triton launch forward",
+            "Triton launch forward; forward+backward in float32 only (torch 2.13's inductor failed to compile the "
+            "bf16 reference's backward on the CPU: a C++ 'conflicting declaration' in its generated kernel)",
         ],
         "results": results,
     }
