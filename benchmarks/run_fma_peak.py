@@ -85,35 +85,50 @@ double fma_seconds(int64_t iters, int64_t threads, int64_t kind) {
 KINDS = {"fp32_fma_512": (0, 32), "fp32_fma_256": (1, 16), "bf16_dot_512": (2, 64)}  # name: (kind, FLOP/instr.)
 
 
+def cpu_flags() -> set[str]:
+    return set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+
+
+def build_fma_extension(has_bf16: bool):
+    """The FMA-chain timer above, compiled at run time."""
+    return load_inline(
+        "lgd_fast_fma_peak", cpp_sources=SOURCE, functions=["fma_seconds"], verbose=False,
+        build_directory=tempfile.mkdtemp(prefix="fma_peak_"),
+        extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx2", "-mfma"] + (["-mavx512bf16"] if has_bf16 else []),
+        extra_ldflags=["-fopenmp"],
+    )  # fmt: skip
+
+
+def fma_peak(ext, name: str, *, iters: int, repeats: int, threads: int) -> dict:
+    """GFLOP/s of ``KINDS[name]`` on ``threads`` threads: the median of ``repeats`` calls after a warm-up."""
+    kind, flop = KINDS[name]
+    ext.fma_seconds(iters // 10, threads, kind)  # warm-up: clocks up
+    seconds = [ext.fma_seconds(iters, threads, kind) for _ in range(repeats)]
+    flops = flop * 12 * iters * threads
+    return {"gflops_per_s": flops / statistics.median(seconds) / 1e9,
+            "best_gflops_per_s": flops / min(seconds) / 1e9, "seconds": seconds}  # fmt: skip
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20_000_000, help="rounds of 12 FMAs per thread per call")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fma_peak_cpu.json"))
     args = parser.parse_args(argv)
-    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    flags = cpu_flags()
     if "avx512f" not in flags or "fma" not in flags:
         print(f"run_fma_peak.py: error: this measures AVX-512 and FMA instructions, which this CPU "
               f"({platform.machine()}, /proc/cpuinfo {'read' if flags else 'not found'}) does not report",
               file=sys.stderr)  # fmt: skip
         return 2
     has_bf16 = "avx512_bf16" in flags
-    ext = load_inline(
-        "lgd_fast_fma_peak", cpp_sources=SOURCE, functions=["fma_seconds"], verbose=False,
-        build_directory=tempfile.mkdtemp(prefix="fma_peak_"),
-        extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx2", "-mfma"] + (["-mavx512bf16"] if has_bf16 else []),
-        extra_ldflags=["-fopenmp"],
-    )  # fmt: skip
+    ext = build_fma_extension(has_bf16)
     threads = torch.get_num_threads()
     rows = {}
-    for name, (kind, flop) in KINDS.items():
+    for name, (kind, _) in KINDS.items():
         if kind == 2 and not has_bf16:
             continue
-        ext.fma_seconds(args.iters // 10, threads, kind)  # warm-up: clocks up
-        seconds = [ext.fma_seconds(args.iters, threads, kind) for _ in range(args.repeats)]
-        flops = flop * 12 * args.iters * threads
-        rows[name] = {"gflops_per_s": flops / statistics.median(seconds) / 1e9,
-                      "best_gflops_per_s": flops / min(seconds) / 1e9, "seconds": seconds}  # fmt: skip
+        rows[name] = fma_peak(ext, name, iters=args.iters, repeats=args.repeats, threads=threads)
         print(f"{name}: {rows[name]['gflops_per_s']:.0f} GFLOP/s (best {rows[name]['best_gflops_per_s']:.0f}) "
               f"on {threads} threads")
     convs = {}
