@@ -10,8 +10,9 @@
 # The versions are the GPU machine's (the device tool's KINDS.md): override with GPU_PYTHON (an interpreter of the
 # same minor version), GPU_TORCH, GPU_TRITON; GPU_VENV says where the venv goes. The build runs in a copy of the
 # working tree, so this checkout's own install is left alone; only the two .so files land in lgd_fast/ (ignored by
-# git; carry them with the device call: `carry: ["lgd_fast/_C.cpython-312-x86_64-linux-gnu.so",
-# "lgd_fast/_C_cuda.cpython-312-x86_64-linux-gnu.so"]`). Needs nvcc of the GPU torch's CUDA version (13.0) here.
+# git, with the stamp of the sources they were built from, lgd_fast/_C.sources-sha256; carry the three with the device
+# call: `carry: ["lgd_fast/_C.cpython-312-x86_64-linux-gnu.so", "lgd_fast/_C_cuda.cpython-312-x86_64-linux-gnu.so",
+# "lgd_fast/_C.sources-sha256"]`). Needs nvcc of the GPU torch's CUDA version (13.0) here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -66,6 +67,9 @@ for name in _C _C_cuda; do
   echo "   lgd_fast/$name$tag ($(du -h "$ROOT/lgd_fast/$name$tag" | cut -f1))"
 done
 (cd "$WORK" && "$PY" -c "from lgd_fast import _C, _C_cuda; print('   both import here (no GPU: kernels not run)')")
+# the digest of the sources they were built from, which --prebuilt checks on the GPU machine against its copy
+"$PY" "$WORK/benchmarks/gpu_suite.py" --sources-digest > "$ROOT/lgd_fast/_C.sources-sha256"
+echo "   lgd_fast/_C.sources-sha256 ($(cut -c1-12 "$ROOT/lgd_fast/_C.sources-sha256"): csrc/ and setup.py as built)"
 
 if [ "$REHEARSE" = 1 ]; then
   cd "$WORK"
@@ -82,5 +86,6 @@ if [ -n "$(git -C "$ROOT" status --porcelain -- . ':(exclude)benchmarks/results'
   commit="$commit-dirty"
   echo "   (uncommitted edits: commit them first, or the results cannot be tied to a commit)"
 fi
-echo "== done: carry the two .so files and run on the GPU (its copy of the tree has no .git: name the commit):"
+echo "== done: carry lgd_fast/_C$tag, lgd_fast/_C_cuda$tag and lgd_fast/_C.sources-sha256, and run on the GPU"
+echo "   (its copy of the tree has no .git: name the commit):"
 echo "   LGD_FAST_COMMIT=$commit bash benchmarks/gpu_suite.sh --quick --prebuilt"

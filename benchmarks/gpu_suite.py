@@ -39,6 +39,7 @@ every result file then records (``machine.commit``, with ``commit_from``); ``gpu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -57,9 +58,40 @@ AUTOTUNE_CONFIGS_QUICK = "2"
 INTERRUPT_GRACE_S = 10.0  # from a step's interrupt at its timeout to its kill
 STEP_SLACK_S = 2.0  # kept per later step beyond its min_s: a process's start and stop, so that it is not skipped
 # --prebuilt: lgd_fast._C and lgd_fast._C_cuda already in lgd_fast/ (built elsewhere against the same torch and
-# Python, e.g. `TORCH_CUDA_ARCH_LIST=9.0 pip install -e .` with a CUDA torch and nvcc, and carried): they must import
-# here and the CUDA one must run a kernel (the diffusion epilogue on a small tensor, against float64), else the
-# suite builds as usual: a missing sm_90 image or a runtime mismatch shows at that launch, not at the import.
+# Python by benchmarks/gpu_prebuild.sh, and carried): they must have been built from this tree's extension sources
+# (the stamp gpu_prebuild.sh writes beside them: SOURCES_STAMP, the digest of csrc/ and setup.py), import here, and
+# the CUDA one must run a kernel (the diffusion epilogue on a small tensor, against float64), else the suite builds
+# as usual: binaries of older sources would miss ops that newer Python calls, and a missing sm_90 image or a runtime
+# mismatch shows at that launch, not at the import.
+SOURCES_STAMP = Path("lgd_fast") / "_C.sources-sha256"
+
+
+def extension_sources_digest(root: Path = ROOT) -> str:
+    """sha256 of the extensions' sources: every file under csrc/ and setup.py, paths and contents, in path order."""
+    digest = hashlib.sha256()
+    paths = sorted(p for p in (root / "csrc").rglob("*") if p.is_file()) + [root / "setup.py"]
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+STAMP_CHECK = """
+import pathlib, sys
+stamp = pathlib.Path(STAMP)
+got = stamp.read_text().strip() if stamp.exists() else None
+if got != WANT:
+    found = "is missing" if got is None else "says " + got[:12]
+    sys.exit(f"the prebuilt extensions were not built from this tree's csrc/ and setup.py: {stamp} {found}, the "
+             f"sources hash to {WANT[:12]} (run benchmarks/gpu_prebuild.sh again and carry its three files)")
+"""
+
+
+def prebuilt_check(root: Path = ROOT) -> str:
+    """The --prebuilt step's Python: the stamp against ``root``'s sources (STAMP_CHECK), then PREBUILT_CHECK."""
+    stamp = f"STAMP, WANT = {str(root / SOURCES_STAMP)!r}, {extension_sources_digest(root)!r}"
+    return stamp + STAMP_CHECK + PREBUILT_CHECK
+
+
 PREBUILT_CHECK = """
 import torch
 from lgd_fast import _C, _C_cuda
@@ -147,7 +179,7 @@ def _steps(args: argparse.Namespace, out: Path, scratch: Path) -> list[Step]:
         build = Step("build", [py, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."],
                      min_s=60.0, env={"MAX_JOBS": str(os.cpu_count() or 4)})  # fmt: skip
         if args.prebuilt:  # extensions built elsewhere for this torch and Python: a lease's minute and a half saved
-            steps.append(Step("prebuilt", [py, "-c", PREBUILT_CHECK], min_s=5.0, max_s=60.0, fallback=build))
+            steps.append(Step("prebuilt", [py, "-c", prebuilt_check()], min_s=5.0, max_s=60.0, fallback=build))
         else:
             steps.append(build)
     steps.append(Step("doctor", [py, "-m", "lgd_fast", "doctor"], min_s=5.0, max_s=60.0))
@@ -262,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prebuilt", action="store_true",
                         help="use lgd_fast/_C*.so already built for this torch (built as usual if they do not import)")
     parser.add_argument("--bench-one", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
+    parser.add_argument("--sources-digest", action="store_true", help=argparse.SUPPRESS)  # gpu_prebuild.sh's stamp
     args = parser.parse_args(argv)
+    if args.sources_digest:
+        print(extension_sources_digest())
+        return 0
     if args.bench_one:
         return _bench_one(args)
     import torch

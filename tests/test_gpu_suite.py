@@ -5,6 +5,7 @@
 - ``benchmarks/gpu_suite.py --quick --smoke`` runs every step on the CPU and writes its few files to the folder
   asked for; without ``--smoke`` and without a GPU it says so and exits 2.
 - A step that does not pass runs its fallback (``--prebuilt``'s import check falls back to the build).
+- ``--prebuilt`` refuses extensions built from other sources than the tree's (``gpu_prebuild.sh``'s stamp).
 """
 
 from __future__ import annotations
@@ -185,3 +186,34 @@ def test_a_pytest_step_stopped_at_its_cap_still_writes_its_junit_file(gpu_suite,
     assert row["status"] == "timed out" and row["seconds"] < 8.0 + gpu_suite.INTERRUPT_GRACE_S, row
     report = xml.read_text()
     assert 'name="test_quick"' in report and "KeyboardInterrupt" in (tmp_path / "out" / "gpu_suite.log").read_text()
+
+
+def test_prebuilt_check_refuses_extensions_built_from_other_sources(gpu_suite, tmp_path):
+    """The --prebuilt step first compares gpu_prebuild.sh's stamp with the digest of the tree's csrc/ and setup.py:
+    missing or different, it exits naming both (and the suite builds); equal, it goes on to import the extensions
+    (here that import fails, with no CUDA extension: the stamp is not what stops it). The digest follows every
+    source file's contents and names."""
+    root = tmp_path / "tree"
+    (root / "csrc" / "cpu").mkdir(parents=True)
+    (root / "lgd_fast").mkdir()
+    (root / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
+    (root / "setup.py").write_text("# setup\n")
+    digest = gpu_suite.extension_sources_digest(root)
+
+    def check() -> subprocess.CompletedProcess:
+        code = gpu_suite.prebuilt_check(root)
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=ROOT)
+
+    missing = check()
+    assert missing.returncode != 0 and "is missing" in missing.stderr and digest[:12] in missing.stderr
+    stamp = root / gpu_suite.SOURCES_STAMP
+    stamp.write_text("0" * 64 + "\n")
+    stale = check()
+    assert stale.returncode != 0 and "says 000000000000" in stale.stderr and digest[:12] in stale.stderr
+    stamp.write_text(digest + "\n")
+    assert "not built from this tree" not in check().stderr
+    (root / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 2; }\n")
+    assert gpu_suite.extension_sources_digest(root) != digest
+    (root / "csrc" / "cpu" / "kernel.cpp").write_text("int f() { return 1; }\n")
+    (root / "csrc" / "cpu" / "kernel.cpp").rename(root / "csrc" / "cpu" / "other.cpp")
+    assert gpu_suite.extension_sources_digest(root) != digest
