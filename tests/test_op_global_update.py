@@ -140,14 +140,38 @@ def test_backward_op_opcheck_and_double_backward(gen):
 
 
 def test_bf16_within_twice_pytorch_error(gen):
+    """bfloat16: the forward and every gradient of the C++ backward (its ATen path) within 2x PyTorch's own bfloat16
+    error against float64, pooled over 4 draws per tensor (as the few-row kernel test pools its small gradients).
+    The backward is given PyTorch's bfloat16 g' (whose ReLU mask it differentiates through): in bfloat16 a ReLU
+    input within a few units of rounding of zero lands on either side in two implementations, and a flipped mask
+    moves a gradient by its whole value (seen: 21% on one draw), which is the forward's rounding, not the
+    backward's; _case keeps such inputs only 1e-4 away, float32's margin."""
     block = P3DBottleneck(64, 16, variant="A")
-    inputs = _case(block, 3, gen, torch.bfloat16)
-    exact = global_update_reference(*[t.detach().double() for t in inputs])
-    ours = global_update(*inputs, backend="cpp")
-    plain = global_update_reference(*inputs)
-    for a, t, b in zip(ours, plain, exact, strict=True):
-        assert a.dtype == torch.bfloat16
-        assert _rel(a, b) <= 2 * _rel(t, b) + 2.0**-23
+    names = ["g_new", "d", "m", "g"] + [f"{k}{i}" for i in range(1, 7) for k in ("w", "b")]
+    ours_sq, torch_sq = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for _ in range(4):
+        inputs = [t.detach() for t in _case(block, 3, gen, torch.bfloat16)]
+        exact_in = [t.double().requires_grad_() for t in inputs]
+        plain_in = [t.clone().requires_grad_() for t in inputs]
+        up = [torch.randn(3, inputs[4].shape[0], generator=gen, dtype=torch.float64) for _ in range(2)]
+
+        def run(fn, wrt, up=up):
+            outs = fn(*wrt)
+            grads = torch.autograd.grad(sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, up, strict=True)), wrt)
+            return [*outs, *grads]
+
+        exact = run(global_update_reference, exact_in)
+        plain = run(global_update_reference, plain_in)
+        with torch.no_grad():
+            ours = [*global_update(*inputs, backend="cpp"), *torch.ops.lgd_fast.global_update_backward(
+                *(u.to(torch.bfloat16) for u in up), *inputs, plain[0].detach())]  # fmt: skip
+        for name, a, p, e in zip(names, ours, plain, exact, strict=True):
+            assert a.dtype == torch.bfloat16, name
+            ours_sq[name] += _rel(a, e) ** 2
+            torch_sq[name] += _rel(p, e) ** 2
+    for name in names:
+        err, torch_err = ours_sq[name] ** 0.5, torch_sq[name] ** 0.5
+        assert err <= 2 * torch_err, f"{name}: {err:.2e} vs PyTorch's {torch_err:.2e} (seed {SEED})"
 
 
 def test_gradcheck_and_opcheck(gen):
