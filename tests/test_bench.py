@@ -334,3 +334,39 @@ def test_git_commit_outside_a_checkout_takes_the_named_commit_or_none(tmp_path, 
     here = git_commit()  # this package's checkout, where it is one: git's own answer, whatever the variable says
     if here.get("commit_from") is None:
         assert here["commit"] not in (None, "0123456789abcdef")
+
+
+def test_training_convs_script_counts_and_times_every_direction(monkeypatch):
+    """benchmarks/run_training_convs.py: its FLOP count per conv call, summed over a forward, equals
+    model_flops' hook count less the linear layers'; a call's three directions are timed (positive), the input
+    gradient left out (0) where the model does not need it (the clip's conv); and stride-1 1x1x1 convs, only
+    they, get the torch.mm timings."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run_training_convs as script
+
+    torch.manual_seed(0)
+    model = create_model("lgd3d_r50", 5)  # bottlenecks: stride-1 1x1x1 convs too
+    x = torch.randn(1, 3, 8, 32, 32)
+    calls = bench.model_convs(model, x, torch.autocast("cpu", enabled=False))
+    linear = []  # the linear layers' FLOPs in one forward, counted as they run
+    handles = [m.register_forward_hook(lambda m, i, o: linear.append(2 * o.numel() * m.in_features))
+               for m in model.modules() if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    assert sum(c["count"] * script.flops_of(c) for c in calls) == bench.model_flops(model, x) - sum(linear)
+    gen = torch.Generator().manual_seed(0)
+    stem = next(c for c in calls if not c["input_grad"])
+    inner = next(c for c in calls if c["input_grad"] and tuple(c["weight"][2:]) == (1, 1, 1)
+                 and tuple(c["stride"]) == (1, 1, 1))  # fmt: skip
+    for call in (stem, inner):
+        for layout in script.LAYOUTS.values():
+            seconds = script.time_call(call, layout, gen, repeats=1)
+            assert seconds["forward"] > 0 and seconds["weight_grad"] > 0
+            assert (seconds["input_grad"] > 0) == call["input_grad"]
+    assert script.time_gemm(stem, gen, repeats=1) is None
+    gemm = script.time_gemm(inner, gen, repeats=1)
+    assert all(gemm[d] > 0 for d in script.DIRECTIONS)
