@@ -17,6 +17,7 @@ read high. The FMA peak is measured in the same run (``run_fma_peak.py``'s regis
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ import run_fma_peak  # noqa: E402
 
 from lgd_fast.bench import model_convs, write_json  # noqa: E402
 from lgd_fast.models import create_model  # noqa: E402
+from lgd_fast.ops.p3d_conv import conv_output_shape  # noqa: E402
 
 LAYOUTS = {"channels_last_3d": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 DIRECTIONS = ("forward", "input_grad", "weight_grad")
@@ -87,12 +89,8 @@ def time_gemm(call: dict, gen: torch.Generator, repeats: int) -> dict[str, float
 
 def flops_of(call: dict) -> int:
     """2 per multiply-add of one direction of the call (forward, input gradient and weight gradient alike)."""
-    c_out, c_in_per_group, kt, kh, kw = call["weight"]
-    n, _, t, hh, ww = call["input"]
-    st, sh, sw = call["stride"]
-    pt, ph, pw = call["padding"]
-    out = [(size + 2 * pad - k) // s + 1 for size, pad, k, s in ((t, pt, kt, st), (hh, ph, kh, sh), (ww, pw, kw, sw))]
-    return 2 * n * c_out * out[0] * out[1] * out[2] * c_in_per_group * kt * kh * kw
+    out = conv_output_shape(call["input"], call["weight"], call["stride"], call["padding"], call["dilation"])
+    return 2 * math.prod(out) * math.prod(call["weight"][1:])
 
 
 def main(argv=None) -> int:

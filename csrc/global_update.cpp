@@ -32,6 +32,11 @@ void check_linear(const at::Tensor& w, const at::Tensor& b, const char* name, in
               name, " has dtype ", w.scalar_type(), " but m has dtype ", like.scalar_type());
 }
 
+// x W^T + b: cpu/small_linear.h's kernel where it applies (CPU float32, a few rows), else ATen's addmm.
+at::Tensor few_row_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return small_linear_applies(x, w, b) ? small_linear(x, w, b) : at::addmm(b, x, w.t());
+}
+
 void global_update_checks(const at::Tensor& m, const at::Tensor& g, const at::Tensor& w1, const at::Tensor& b1,
                           const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& w3, const at::Tensor& b3,
                           const at::Tensor& w4, const at::Tensor& b4, const at::Tensor& w5, const at::Tensor& b5,
@@ -65,11 +70,9 @@ std::tuple<at::Tensor, at::Tensor> global_update(const at::Tensor& m, const at::
   // Computed in the inputs' dtype: autocast must not recast the GEMMs below (the caller chose the dtype).
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (small_linear_applies(m, w1, b1)) {  // CPU float32, a few clips: cpu/small_linear.h's kernel, not ATen's GEMM
-    const auto linear = [](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-      return small_linear_applies(x, w, b) ? small_linear(x, w, b) : at::addmm(b, x, w.t());
-    };
-    at::Tensor g_new = linear(linear(m, w1, b1), w2, b2).add_(linear(linear(g, w3, b3), w4, b4)).clamp_min_(0);
-    return {g_new, linear(linear(g_new, w5, b5), w6, b6)};
+    const auto& lin = few_row_linear;
+    at::Tensor g_new = lin(lin(m, w1, b1), w2, b2).add_(lin(lin(g, w3, b3), w4, b4)).clamp_min_(0);
+    return {g_new, lin(lin(g_new, w5, b5), w6, b6)};
   }
   at::Tensor a = at::addmm(b2, at::addmm(b1, m, w1.t()), w2.t());
   a.addmm_(at::addmm(b3, g, w3.t()), w4.t()).add_(b4);
@@ -97,9 +100,10 @@ std::vector<at::Tensor> global_update_backward(
                 " is ", t.scalar_type(), " on ", t.device(), " but m is ", m.scalar_type(), " on ", m.device());
   }
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const bool kernels = small_linear_applies(m.contiguous(), w1, b1);
+  const at::Tensor gd = grad_d.contiguous(), gn = g_new.contiguous(), mc = m.contiguous(), gc = g.contiguous();
+  const bool kernels = small_linear_applies(mc, w1, b1);
   const auto lin = [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-    return kernels && small_linear_applies(x, w, b) ? small_linear(x, w, b) : at::addmm(b, x, w.t());
+    return kernels ? few_row_linear(x, w, b) : at::addmm(b, x, w.t());
   };
   const auto times = [&](const at::Tensor& x, const at::Tensor& w) {  // x W
     return kernels && w.is_contiguous() ? small_matmul(x, w) : at::mm(x, w);
@@ -107,7 +111,6 @@ std::vector<at::Tensor> global_update_backward(
   const auto weight_grad = [&](const at::Tensor& gy, const at::Tensor& x) {  // gy^T x
     return kernels ? small_outer(gy, x) : at::mm(gy.t(), x);
   };
-  const at::Tensor gd = grad_d.contiguous(), gn = g_new.contiguous(), mc = m.contiguous(), gc = g.contiguous();
   const at::Tensor h5 = lin(gn, w5, b5);
   at::Tensor grad_w6 = weight_grad(gd, h5), grad_b6 = gd.sum(0);
   const at::Tensor grad_h5 = times(gd, w6);

@@ -45,6 +45,24 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+GRAD_NAMES = ["m", "g"] + [f"{k}{i}" for i in range(1, 7) for k in ("w", "b")]  # global_update's inputs, in order
+
+
+def _grads(outputs, wrt, up):
+    """The gradients of (g', d) . up with respect to ``wrt``."""
+    return torch.autograd.grad(sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, up, strict=True)), wrt)
+
+
+def _assert_pooled_within_twice(draws, names, context: str) -> None:
+    """STYLE.md's 2x rule over several draws: ``draws`` holds per draw (ours, PyTorch's, float64) lists in ``names``'
+    order; each tensor's relative errors against float64 are pooled (root of the summed squares over the draws), ours
+    within 2x PyTorch's."""
+    for i, name in enumerate(names):
+        err = sum(_rel(ours[i], exact[i]) ** 2 for ours, _, exact in draws) ** 0.5
+        torch_err = sum(_rel(plain[i], exact[i]) ** 2 for _, plain, exact in draws) ** 0.5
+        assert err <= 2 * torch_err, f"{name}{context}: {err:.2e} vs PyTorch's {torch_err:.2e} (seed {SEED})"
+
+
 @pytest.mark.parametrize("block", [P3DBottleneck(65, 16, variant="A"), P3DBasicBlock(48, 32, variant="B", stride=2)])
 @pytest.mark.parametrize("n", [1, 3])
 def test_matches_reference_forward_and_every_gradient(block, n, gen):
@@ -67,8 +85,8 @@ def test_cpu_float32_few_rows_kernel_on_every_simd_path(isa, n, gen):
     """CPU float32 with at most 8 rows runs csrc/cpu/small_linear.cpp's kernel (9 rows: ATen's addmm): every SIMD
     path, 1 to 4 rows of x per pass over W and the leftover 1-3, an odd number of W rows (a single one after the
     pairs) and inputs shorter than a vector, with a tail past the vectors, or a whole number of them (in 65, hidden
-    5, out 80). The forward within 2x PyTorch's float32 error against float64 (or 1e-6); the backward is unchanged
-    (test_matches_reference_forward_and_every_gradient)."""
+    5, out 80). The forward within 2x PyTorch's float32 error against float64 (or 1e-6); the backward's kernels:
+    test_cpu_float32_few_rows_backward_kernel_on_every_simd_path."""
     block = P3DBottleneck(65, 20, variant="A")  # global path: fc1 (5, 65), fc2 (80, 5), fc5 (5, 80), ...
     inputs = _case(block, n, gen)
     exact = global_update_reference(*[t.detach().double() for t in inputs])
@@ -99,32 +117,21 @@ def test_cpu_float32_few_rows_backward_kernel_on_every_simd_path(isa, n, size, g
     there each gradient's relative errors are pooled over 8 draws (root of the summed squares; the worst of 14
     gradients over 40 such tests: 1.00-1.40x)."""
     block = _BLOCKS[size]()
-    draws = 8 if size == "odd" else 1
-    names = ["m", "g"] + [f"{k}{i}" for i in range(1, 7) for k in ("w", "b")]
-    ours_sq, torch_sq = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    for _ in range(draws):
+    count = 8 if size == "odd" else 1
+    draws = []
+    for _ in range(count):
         inputs = _case(block, n, gen)
         exact_in = [t.detach().double().requires_grad_() for t in inputs]
         plain_in = [t.detach().requires_grad_() for t in inputs]
         c_out = inputs[4].shape[0]  # fc2 (w2) gives g' and d their C_out
         up = [torch.randn(n, c_out, generator=gen, dtype=torch.float64) for _ in range(2)]
-
-        def grads(outputs, wrt, up=up):
-            return torch.autograd.grad(sum((o * u.to(o.dtype)).sum() for o, u in zip(outputs, up, strict=True)), wrt)
-
-        exact = grads(global_update_reference(*exact_in), exact_in)
-        plain = grads(global_update_reference(*plain_in), plain_in)
-        ours = grads(global_update(*inputs, backend="cpp"), inputs)
-        for name, a, p, e in zip(names, ours, plain, exact, strict=True):
+        ours = _grads(global_update(*inputs, backend="cpp"), inputs, up)
+        for name, a, e in zip(GRAD_NAMES, ours, exact_in, strict=True):
             assert a.shape == e.shape and a.is_contiguous() and torch.isfinite(a).all(), f"grad of {name} (seed {SEED})"
-            ours_sq[name] += _rel(a, e) ** 2
-            torch_sq[name] += _rel(p, e) ** 2
-    for name in names:
-        err, torch_err = ours_sq[name] ** 0.5, torch_sq[name] ** 0.5
-        assert err <= 2 * torch_err, (
-            f"grad of {name} on {isa}, {n} rows, {size}, {draws} draws: {err:.2e} vs PyTorch's {torch_err:.2e} "
-            f"(seed {SEED})"
-        )
+        draws.append((ours, _grads(global_update_reference(*plain_in), plain_in, up),
+                      _grads(global_update_reference(*exact_in), exact_in, up)))  # fmt: skip
+    _assert_pooled_within_twice(draws, [f"grad of {name}" for name in GRAD_NAMES],
+                                f" on {isa}, {n} rows, {size}, {count} draws")  # fmt: skip
 
 
 def test_backward_op_opcheck_and_double_backward(gen):
@@ -147,31 +154,20 @@ def test_bf16_within_twice_pytorch_error(gen):
     moves a gradient by its whole value (seen: 21% on one draw), which is the forward's rounding, not the
     backward's; _case keeps such inputs only 1e-4 away, float32's margin."""
     block = P3DBottleneck(64, 16, variant="A")
-    names = ["g_new", "d", "m", "g"] + [f"{k}{i}" for i in range(1, 7) for k in ("w", "b")]
-    ours_sq, torch_sq = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    draws = []
     for _ in range(4):
         inputs = [t.detach() for t in _case(block, 3, gen, torch.bfloat16)]
         exact_in = [t.double().requires_grad_() for t in inputs]
         plain_in = [t.clone().requires_grad_() for t in inputs]
         up = [torch.randn(3, inputs[4].shape[0], generator=gen, dtype=torch.float64) for _ in range(2)]
-
-        def run(fn, wrt, up=up):
-            outs = fn(*wrt)
-            grads = torch.autograd.grad(sum((o * u.to(o.dtype)).sum() for o, u in zip(outs, up, strict=True)), wrt)
-            return [*outs, *grads]
-
-        exact = run(global_update_reference, exact_in)
-        plain = run(global_update_reference, plain_in)
+        exact = global_update_reference(*exact_in)
+        plain = global_update_reference(*plain_in)
         with torch.no_grad():
             ours = [*global_update(*inputs, backend="cpp"), *torch.ops.lgd_fast.global_update_backward(
                 *(u.to(torch.bfloat16) for u in up), *inputs, plain[0].detach())]  # fmt: skip
-        for name, a, p, e in zip(names, ours, plain, exact, strict=True):
-            assert a.dtype == torch.bfloat16, name
-            ours_sq[name] += _rel(a, e) ** 2
-            torch_sq[name] += _rel(p, e) ** 2
-    for name in names:
-        err, torch_err = ours_sq[name] ** 0.5, torch_sq[name] ** 0.5
-        assert err <= 2 * torch_err, f"{name}: {err:.2e} vs PyTorch's {torch_err:.2e} (seed {SEED})"
+        assert all(t.dtype == torch.bfloat16 for t in ours)
+        draws.append((ours, [*plain, *_grads(plain, plain_in, up)], [*exact, *_grads(exact, exact_in, up)]))
+    _assert_pooled_within_twice(draws, ["g_new", "d", *GRAD_NAMES], "")
 
 
 def test_gradcheck_and_opcheck(gen):
