@@ -134,6 +134,23 @@ def test_cpu_float32_few_rows_backward_kernel_on_every_simd_path(isa, n, size, g
                                 f" on {isa}, {n} rows, {size}, {count} draws")  # fmt: skip
 
 
+def test_backward_op_names_bad_inputs(gen):
+    """global_update_backward called directly: the forward's checks, and the upstream gradients and g' checked
+    against (N, C_out) and m's dtype, each named."""
+    m, g, *w = [t.detach() for t in _case(P3DBottleneck(65, 20, variant="A"), 3, gen)]
+    g_new, _ = global_update(m, g, *w, backend="cpp")
+    up = torch.randn(g_new.shape, generator=gen)
+    backward = torch.ops.lgd_fast.global_update_backward
+    with pytest.raises(RuntimeError, match=r"grad_g must be \(N, C_out\)"):
+        backward(up[:, :5], up, m, g, *w, g_new)
+    with pytest.raises(RuntimeError, match="grad_d is torch.float64|grad_d is Double"):
+        backward(up, up.double(), m, g, *w, g_new)
+    with pytest.raises(RuntimeError, match=r"g_new must be \(N, C_out\)"):
+        backward(up, up, m, g, *w, g_new[:1])
+    with pytest.raises(RuntimeError, match="fc1 weight must have shape"):
+        backward(up, up, m[:, :5], g[:, :5], *w, g_new)
+
+
 def test_backward_op_opcheck_and_double_backward(gen):
     """The C++ backward's fake kernel (sizes and strides) against the op, both paths (4 rows: the kernels; 9:
     ATen); and a double backward (create_graph) still differentiates the gradient, through the PyTorch formula."""
