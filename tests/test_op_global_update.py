@@ -45,6 +45,28 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def _magnitudes(inputs, up):
+    """The float64 scales that summation's error bound holds float32 errors to: (g', d) and every gradient of
+    (g', d) . up, computed as the reference computes them but on the magnitudes of the inputs, weights and ``up``, the
+    ReLU passing where the exact input is positive (_case keeps it away from zero). A linear's output is then
+    |W| |x| + |b| and its input gradient |W|^T |gy|: the sums of the terms' magnitudes, where the values themselves
+    can cancel to almost nothing. (Judged against the values, PyTorch's own float32 d was 1.5e-6 off at hidden width 2,
+    and the kernel's, at 1.18e-6, failed a 1e-6 threshold at LGD_FAST_TEST_SEED=619: 3.2x PyTorch's error in that
+    draw, 1.05-1.12x its median over 32.)"""
+    exact = [t.detach().double() for t in inputs]
+    m, g, w1, b1, w2, b2, w3, b3, w4, b4 = exact[:10]
+    passes = F.linear(F.linear(m, w1, b1), w2, b2) + F.linear(F.linear(g, w3, b3), w4, b4) > 0
+    sizes = [t.abs().requires_grad_() for t in exact]
+    m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6 = sizes
+    g_new = (F.linear(F.linear(m, w1, b1), w2, b2) + F.linear(F.linear(g, w3, b3), w4, b4)) * passes
+    outputs = (g_new, F.linear(F.linear(g_new, w5, b5), w6, b6))
+    return [o.detach() for o in outputs], list(_grads(outputs, sizes, [u.double().abs() for u in up]))
+
+
+def _error_against(a, exact, scale) -> float:
+    return ((a.double() - exact.double()).norm() / scale.norm().clamp_min(1e-30)).item()
+
+
 GRAD_NAMES = ["m", "g"] + [f"{k}{i}" for i in range(1, 7) for k in ("w", "b")]  # global_update's inputs, in order
 
 
@@ -66,17 +88,23 @@ def _assert_pooled_within_twice(draws, names, context: str) -> None:
 @pytest.mark.parametrize("block", [P3DBottleneck(65, 16, variant="A"), P3DBasicBlock(48, 32, variant="B", stride=2)])
 @pytest.mark.parametrize("n", [1, 3])
 def test_matches_reference_forward_and_every_gradient(block, n, gen):
+    """Outputs and gradients against float64, the error measured against the sums of the terms' magnitudes
+    (_magnitudes). 3000 seeds of these four cases (a /tmp study): ours at most 3.4e-8 on the outputs and 6.9e-8 on
+    the gradients, PyTorch's float32 3.8e-8 and 1.5e-7."""
     inputs = _case(block, n, gen)
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     ours = global_update(*inputs, backend="cpp")
     ref = global_update_reference(*ref_inputs)
     up = [torch.randn(t.shape, generator=gen) for t in ref]
-    grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(ours, up, strict=True)), inputs)
-    ref_grads = torch.autograd.grad(sum((o * u.double()).sum() for o, u in zip(ref, up, strict=True)), ref_inputs)
-    for a, b in zip(ours, ref, strict=True):
-        assert _rel(a, b) < 1e-6, f"seed {SEED}"
-    for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True)):
-        assert _rel(a, b) < 1e-5, f"gradient {i} (seed {SEED})"
+    grads = _grads(ours, inputs, up)
+    ref_grads = _grads(ref, ref_inputs, up)
+    out_scales, grad_scales = _magnitudes(inputs, up)
+    for name, a, b, scale in zip(("g_new", "d"), ours, ref, out_scales, strict=True):
+        err = _error_against(a, b, scale)
+        assert err < 2e-7, f"{name}: {err:.2e} of its terms' magnitudes (seed {SEED})"
+    for name, a, b, scale in zip(GRAD_NAMES, grads, ref_grads, grad_scales, strict=True):
+        err = _error_against(a, b, scale)
+        assert err < 4e-7, f"grad of {name}: {err:.2e} of its terms' magnitudes (seed {SEED})"
 
 
 @pytest.mark.parametrize("isa", usable_isas(), indirect=True)
