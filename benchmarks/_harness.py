@@ -255,6 +255,113 @@ def measure_op_row(
     return row
 
 
+# ---- candidates in processes of their own ----------------------------------------------------------
+
+
+def _isolated_worker(conn, build, args: tuple, threads: int, steady: bool) -> None:
+    """A candidate's process: the coordinator's threads, in-process compiles and malloc setting, then builds its
+    call (``build(*args)`` -> (call, info)), sends ``("ready", info)`` and answers each ``("time", n)`` with the
+    seconds of n calls until ``("stop", 0)``."""
+    import traceback
+
+    import torch._inductor.config
+
+    from lgd_fast.ops._common import compile_cache_tag
+
+    torch.set_num_threads(threads)
+    torch._inductor.config.compile_threads = 1  # as prepare_run sets it
+    torch.compiler.config.cache_key_tag = compile_cache_tag()
+    if steady:
+        steady_malloc()
+    try:
+        call, info = build(*args)
+    except BaseException:  # the coordinator names the candidate and shows this
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", info))
+    while True:
+        command, n = conn.recv()
+        if command == "stop":
+            return
+        seconds = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - t0)
+        conn.send(seconds)
+
+
+def _answer(name: str, conn) -> Any:
+    try:
+        return conn.recv()
+    except EOFError:
+        raise RuntimeError(f"candidate {name!r}: its process died (see its output above)") from None
+
+
+def time_isolated(
+    builders: Mapping[str, tuple[Callable[..., tuple[Callable[[], Any], dict]], tuple]],
+    *,
+    repeats: int,
+    warmup: int,
+    burst: int = 2,
+    steady: bool = False,
+    progress: Callable[[str], Any] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    """Times each candidate in a process of its own, as one model per process is deployed: nothing another
+    candidate built (oneDNN's primitive and weight caches, compiled graphs, the heap's state) is there with it.
+
+    ``builders``: name -> (build, args), ``build`` a module-level function (processes are spawned) returning
+    (call, info): ``call()`` runs the candidate once, ``info`` is sent back. The processes are built one after
+    another (no two compile at once), warmed up ``warmup`` calls each, then timed in ``repeats`` rounds that hand
+    each process ``burst`` back-to-back calls in turn, the order shifting by one every round; the first call of
+    each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
+    time. ``steady``: each process runs :func:`steady_malloc` first (pass what :func:`prepare_run` returned).
+    Returns name -> the seconds of its timed calls, and name -> its ``info``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    threads = torch.get_num_threads()
+    workers: dict[str, tuple[Any, Any]] = {}
+    infos: dict[str, dict] = {}
+    try:
+        for name, (build, args) in builders.items():
+            if progress is not None:
+                progress(f"building {name}")
+            parent, child = context.Pipe()
+            process = context.Process(target=_isolated_worker, args=(child, build, args, threads, steady), daemon=True)
+            process.start()
+            child.close()
+            workers[name] = (process, parent)
+            status, info = _answer(name, parent)
+            if status == "error":
+                raise RuntimeError(f"candidate {name!r} failed to build in its process:\n{info}")
+            infos[name] = info
+        for name, (_, conn) in workers.items():
+            conn.send(("time", warmup))
+            _answer(name, conn)
+        names = list(workers)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]
+                conn = workers[name][1]
+                conn.send(("time", burst))
+                seconds = _answer(name, conn)
+                samples[name].extend(seconds[1:] if burst > 1 else seconds)
+            if progress is not None:
+                progress(f"round {r + 1}/{repeats}")
+        return samples, infos
+    finally:
+        for process, conn in workers.values():
+            try:
+                conn.send(("stop", 0))
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
 # ---- a benchmark script's command line and set-up ---------------------------------------------------
 
 

@@ -8,11 +8,13 @@ eval on contiguous clips, and ``lgd_fast.convert(model, inference=True)`` on cha
 layer's layout by its measured plan, written to the JSON), and that converted model wrapped in
 ``lgd_fast.RecordedInference`` (its recorded programs); a training step: the original and
 ``lgd_fast.convert(model)``. Timed in alternation (method: benchmarks/_harness.py) after checking that every
-converted model's outputs equal the original's.
-Writes benchmarks/results/convert_<model>_cpu.json.
+converted model's outputs equal the original's. With ``--isolated`` each candidate is built and timed in a
+process of its own (one model per process, as deployed; benchmarks/_harness.py: time_isolated), the processes
+taking turns. Writes benchmarks/results/convert_<model>_cpu.json (``--isolated``: convert_<model>_isolated_cpu.json).
 
     python benchmarks/run_convert.py [--model r2plus1d]   # batch 2, 16x112x112, fp32
     python benchmarks/run_convert.py --quick              # batch 1, 8x112x112, fewer repeats
+    python benchmarks/run_convert.py --model x3d --quick --isolated
 """
 
 from __future__ import annotations
@@ -49,22 +51,44 @@ MODELS = {
 }
 
 
+INFERENCE = ("original", "original_channels_last", "converted", "converted_recorded", "converted_eval",
+             "original_compiled", "original_compiled_freezing")  # fmt: skip
+TRAINING = ("original", "converted")
+
+
+def _setup(model: str, shape: tuple[int, ...]):
+    """The original model (seeded: every process builds the same weights), two clips and labels."""
+    torch.manual_seed(0)
+    original = MODELS[model][1]()
+    gen = torch.Generator().manual_seed(1)
+    clips = [torch.randn(shape, generator=gen) for _ in range(2)]
+    labels = torch.randint(0, 400, (shape[0],), generator=gen)
+    return original, clips, labels
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="r2plus1d")
     h.add_common_arguments(parser, default_out=None, repeats=(8, 3))
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile of the original")
     parser.add_argument("--no-freezing", action="store_true", help="leave out torch.compile with freezing")
+    parser.add_argument(
+        "--isolated", action="store_true", help="each candidate in its own process (convert_<model>_isolated_cpu.json)"
+    )
     args = parser.parse_args(argv)
-    args.out = args.out or h.RESULTS_DIR / f"convert_{args.model}_cpu.json"
+    suffix = "_isolated" if args.isolated else ""
+    args.out = args.out or h.RESULTS_DIR / f"convert_{args.model}{suffix}_cpu.json"
     setup = h.prepare_run(args)
     shape = (1, 3, 8, 112, 112) if args.quick else (2, 3, 16, 112, 112)
-    torch.manual_seed(0)
-    description, make = MODELS[args.model]
-    original = make()
-    gen = torch.Generator().manual_seed(1)
-    clips = [torch.randn(shape, generator=gen) for _ in range(2)]
-    labels = torch.randint(0, 400, (shape[0],), generator=gen)
+    run = _run_isolated if args.isolated else _run_in_process
+    rows, plans, report = run(args, shape, setup)
+    _write(args, shape, setup, rows, plans, report)
+
+
+def _run_in_process(args, shape, setup):
+    """Every candidate in this process, timed in alternation."""
+    original, clips, labels = _setup(args.model, shape)
+    make = MODELS[args.model][1]
     rows = {}
 
     # inference
@@ -125,6 +149,103 @@ def main(argv: list[str] | None = None) -> None:
     steps = {"original": step(train_original), "converted": step(train_converted)}
     samples, _ = time_interleaved(steps, inputs=[0, 1], warmup=1, repeats=max(2, args.repeats // 2))
     rows["training_step"] = {"timings": {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}}
+    return rows, plans, report
+
+
+def _kept(args) -> list[str]:
+    leave = set()
+    if args.no_compile:
+        leave |= {"original_compiled", "original_compiled_freezing"}
+    if args.no_freezing:
+        leave.add("original_compiled_freezing")
+    return [name for name in INFERENCE if name not in leave]
+
+
+def _run_isolated(args, shape, setup):
+    """Each candidate in a process of its own (benchmarks/_harness.py: time_isolated), as one model per process is
+    deployed: no candidate runs beside what another built (oneDNN's primitive and weight caches, compiled graphs,
+    the heap's state)."""
+    timed = {}
+    for pass_, names, build, repeats, warmup in (
+        ("inference", _kept(args), _isolated_inference, args.repeats, args.warmup),
+        ("training_step", TRAINING, _isolated_training, max(2, args.repeats // 2), 1),
+    ):
+        builders = {name: (build, (args.model, name, shape)) for name in names}
+        timed[pass_] = h.time_isolated(builders, repeats=repeats, warmup=warmup, steady=setup["steady_malloc"],
+                                       progress=lambda what, p=pass_: print(p, what, flush=True))  # fmt: skip
+    rows = {}
+    for pass_, (samples, _) in timed.items():
+        rows[pass_] = {"timings": {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}}
+    infos = timed["inference"][1]
+    rows["inference"]["output_rel_error"] = {name: info["output_rel_error"] for name, info in infos.items()}
+    plans = {name: info["execution_plan"] for name, info in infos.items() if "execution_plan" in info}
+    return rows, plans, infos["converted"]["conversion_report"]
+
+
+def _isolated_inference(model: str, name: str, shape: tuple[int, ...]):
+    """Inference candidate ``name`` in its own process (h.time_isolated): the same weights and clips as
+    _run_in_process, its output checked against the original's."""
+    original, clips, _ = _setup(model, shape)
+    original.eval()
+    cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
+    info = {}
+    if name == "original":
+        candidate, inputs = original, clips
+    elif name == "original_channels_last":
+        candidate, inputs = copy.deepcopy(original).to(memory_format=torch.channels_last_3d), cl
+    elif name in ("converted", "converted_recorded"):
+        candidate, inputs = lgd_fast.convert(copy.deepcopy(original), inference=True), cl
+        info["conversion_report"] = str(candidate.conversion_report)
+    elif name == "converted_eval":
+        candidate, inputs = lgd_fast.convert(copy.deepcopy(original)).eval(), clips
+    elif name == "original_compiled":
+        candidate, inputs = torch.compile(original, backend="inductor"), clips
+    elif name == "original_compiled_freezing":
+        channels_last = copy.deepcopy(original).to(memory_format=torch.channels_last_3d)
+        candidate, inputs = _compiled(channels_last, freezing=True, compile_mode=None), cl
+    else:
+        raise ValueError(f"unknown inference candidate {name!r}; expected one of {INFERENCE}")
+    run = lgd_fast.RecordedInference(candidate) if name == "converted_recorded" else candidate
+    with torch.inference_mode():
+        want = original(clips[0])
+        for _ in range(2):  # recorded: eager, then the program
+            got = run(inputs[0])
+    info["output_rel_error"] = _rel(got, want)
+    if name.startswith("converted"):
+        info["execution_plan"] = candidate.execution_plan.to_dict()
+    k = [0]
+
+    def call():
+        k[0] += 1
+        with torch.inference_mode():
+            run(inputs[k[0] % 2])
+
+    return call, info
+
+
+def _isolated_training(model: str, name: str, shape: tuple[int, ...]):
+    """Training-step candidate ``name`` ("original" or "converted") in its own process, as _run_in_process's."""
+    original, clips, labels = _setup(model, shape)
+    with torch.no_grad():
+        labels = labels % original.eval()(clips[0]).shape[1]
+    if name not in TRAINING:
+        raise ValueError(f"unknown training candidate {name!r}; expected one of {TRAINING}")
+    candidate = original if name == "original" else lgd_fast.convert(copy.deepcopy(original))
+    opt = torch.optim.SGD(candidate.parameters(), lr=1e-3)
+    k = [0]
+
+    def call():
+        k[0] += 1
+        loss = torch.nn.functional.cross_entropy(candidate.train()(clips[k[0] % 2]), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return call, {}
+
+
+def _write(args, shape, setup, rows, plans, report) -> None:
+    description = MODELS[args.model][0]
     for name, row in rows.items():
         med = {k: t["median_s"] for k, t in row["timings"].items()}
         row["converted_speedup"] = {k: med[k] / med["converted"] for k in med if k != "converted"}
@@ -136,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         "input": list(shape),
         "machine": h.machine_info(),
         "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
+                     "steady_malloc": setup["steady_malloc"], "isolated": args.isolated},  # fmt: skip
         "conversion_report": report,
         "notes": [
             "inference: converted = lgd_fast.convert(model, inference=True) on channels_last_3d input (each "
@@ -149,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
             "torch.compile(original_channels_last) with inductor's freezing, on channels-last input",
             "training_step: forward, cross-entropy, backward, SGD step; converted = lgd_fast.convert(model)",
             "timings: median seconds per call over interleaved repeats; converted_speedup = other / converted",
+            "isolated: each candidate built and timed in a process of its own, the processes handed 2 back-to-back "
+            "calls in turn, the first of each pair left out (benchmarks/_harness.py: time_isolated); otherwise "
+            "every candidate in one process, one call each in turn",
         ],
         "results": rows,
         "execution_plans": plans,  # each converted layer's choice (fused or not, layout) and its measured times

@@ -370,3 +370,61 @@ def test_training_convs_script_counts_and_times_every_direction(monkeypatch):
     assert script.time_gemm(stem, gen, repeats=1) is None
     gemm = script.time_gemm(inner, gen, repeats=1)
     assert all(gemm[d] > 0 for d in script.DIRECTIONS)
+
+
+def _isolated_candidate(delay_s: float, fail: bool):
+    """A candidate for _harness.time_isolated (module level: the spawned process imports it by name)."""
+    import os
+    import time
+
+    if fail:
+        raise ValueError("this candidate cannot be built")
+    return (lambda: time.sleep(delay_s)), {"pid": os.getpid(), "threads": torch.get_num_threads()}
+
+
+def test_time_isolated_runs_each_candidate_in_a_process_of_its_own(monkeypatch):
+    """benchmarks/_harness.py time_isolated: each candidate built and called in its own process (not this one),
+    with this process's thread count; ``repeats`` bursts of ``burst`` calls each, the first of a burst left out,
+    every kept sample at least the call's own sleep; a candidate that fails to build is named with its traceback,
+    and its processes are gone afterwards."""
+    import os
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import _harness
+
+    builders = {"a": (_isolated_candidate, (0.002, False)), "b": (_isolated_candidate, (0.004, False))}
+    samples, infos = _harness.time_isolated(builders, repeats=3, warmup=1, burst=3)
+    assert {len(s) for s in samples.values()} == {6}
+    assert min(samples["a"]) >= 0.002 and min(samples["b"]) >= 0.004
+    pids = {info["pid"] for info in infos.values()}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert all(info["threads"] == torch.get_num_threads() for info in infos.values())
+    builders = {"a": builders["a"], "bad": (_isolated_candidate, (0.0, True))}  # a built one, then a failure
+    with pytest.raises(RuntimeError, match=r"(?s)candidate 'bad' failed to build.*cannot be built"):
+        _harness.time_isolated(builders, repeats=1, warmup=0)
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
+
+
+def test_convert_script_isolated_candidates_build_and_match(monkeypatch):
+    """benchmarks/run_convert.py --isolated: what each candidate's process builds (here in this process, at a small
+    clip): the converted model in inference and eval, recorded, and a training step of the converted model; the
+    outputs equal the original's to float32 rounding, the plan and the conversion report come back."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run_convert as script
+
+    shape = (1, 3, 4, 32, 32)
+    for name in ("converted", "converted_recorded", "converted_eval", "original_channels_last"):
+        call, info = script._isolated_inference("r3d", name, shape)
+        call()
+        assert info["output_rel_error"] < 1e-5, name
+        assert ("execution_plan" in info) == name.startswith("converted")
+    assert "conv run" in script._isolated_inference("r3d", "converted", shape)[1]["conversion_report"]
+    call, _ = script._isolated_training("r3d", "converted", shape)
+    call()
+    with pytest.raises(ValueError, match="unknown inference candidate 'other'"):
+        script._isolated_inference("r3d", "other", shape)
