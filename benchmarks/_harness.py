@@ -305,6 +305,7 @@ def time_isolated(
     warmup: int,
     burst: int = 2,
     steady: bool = False,
+    gap_s: float = 0.05,
     progress: Callable[[str], Any] | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, dict]]:
     """Times each candidate in a process of its own, as one model per process is deployed: nothing another
@@ -315,7 +316,9 @@ def time_isolated(
     another (no two compile at once), warmed up ``warmup`` calls each, then timed in ``repeats`` rounds that hand
     each process ``burst`` back-to-back calls in turn, the order shifting by one every round; the first call of
     each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
-    time. ``steady``: each process runs :func:`steady_malloc` first (pass what :func:`prepare_run` returned).
+    time, and ``gap_s`` passes between turns: libgomp's threads wait busy for a while after their last parallel
+    region, and without the gap they took the next process's cores (the eager X3D's median 45 ms against 22 ms
+    with a 50 ms gap, 23 ms in one process). ``steady``: each process runs :func:`steady_malloc` first (pass what :func:`prepare_run` returned).
     Returns name -> the seconds of its timed calls, and name -> its ``info``."""
     import multiprocessing
 
@@ -345,6 +348,7 @@ def time_isolated(
             for j in range(len(names)):
                 name = names[(r + j) % len(names)]
                 conn = workers[name][1]
+                time.sleep(gap_s)  # the last process's threads stop spinning (libgomp waits busy a while)
                 conn.send(("time", burst))
                 seconds = _answer(name, conn)
                 samples[name].extend(seconds[1:] if burst > 1 else seconds)
