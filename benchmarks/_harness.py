@@ -318,8 +318,8 @@ def time_isolated(
     each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
     time, and ``gap_s`` passes between turns: libgomp's threads wait busy for a while after their last parallel
     region, and without the gap they took the next process's cores (the eager X3D's median 45 ms against 22 ms
-    with a 50 ms gap, 23 ms in one process). ``steady``: each process runs :func:`steady_malloc` first (pass what :func:`prepare_run` returned).
-    Returns name -> the seconds of its timed calls, and name -> its ``info``."""
+    with a 50 ms gap, 23 ms in one process). ``steady``: each process runs :func:`steady_malloc` first (pass
+    what :func:`prepare_run` returned). Returns name -> the seconds of its timed calls, and name -> its ``info``."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
