@@ -428,3 +428,23 @@ def test_convert_script_isolated_candidates_build_and_match(monkeypatch):
     call()
     with pytest.raises(ValueError, match="unknown inference candidate 'other'"):
         script._isolated_inference("r3d", "other", shape)
+
+
+def test_isolated_bench_script_builds_candidates_as_bench_does(monkeypatch):
+    """benchmarks/run_isolated_bench.py: what each candidate's process builds (here in this process, lgd3d_tiny at a
+    small clip): lgd_fast.bench's candidates with the same weights, so the fast model's logits equal the
+    channels-last reference's to float32 rounding, and a training step of the fast model runs."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run_isolated_bench as script
+
+    shape = (2, 3, 4, 32, 32)
+    _, want = script._build("lgd3d_tiny", "reference_channels_last", "inference", shape)
+    call, got = script._build("lgd3d_tiny", "fast", "inference", shape)
+    for a, b in zip(got["logits"], want["logits"], strict=True):
+        assert script._rel(torch.tensor(a), torch.tensor(b)) < 1e-5
+    assert call().shape == (2, script.NUM_CLASSES)
+    step, info = script._build("lgd3d_tiny", "fast", "training", shape)
+    step()
+    assert info == {}
