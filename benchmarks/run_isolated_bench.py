@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = (batch, 3, args.frames, args.size, args.size)
         builders = {c: (_build, (args.model, c, pass_, shape)) for c in CANDIDATES[pass_]}
         repeats = args.repeats if pass_ != "training" else max(2, args.repeats // 2)
-        samples, infos = h.time_isolated(builders, repeats=repeats, warmup=args.warmup if pass_ != "training" else 1,
+        samples, infos = h.time_isolated(builders, repeats=repeats, warmup=args.warmup,
                                          steady=setup["steady_malloc"],
                                          progress=lambda what, p=pass_: print(p, what, flush=True))  # fmt: skip
         timings = {c: h.Timing.from_samples(s).to_dict() for c, s in samples.items()}
