@@ -291,11 +291,18 @@ def _isolated_worker(conn, build, args: tuple, threads: int, steady: bool) -> No
         conn.send(seconds)
 
 
-def _answer(name: str, conn) -> Any:
+def _answer(name: str, process, conn) -> Any:
+    """The next message from candidate ``name``'s process; a clear error naming it when the process has died."""
     try:
+        while not conn.poll(1.0):
+            if not process.is_alive():
+                break
         return conn.recv()
-    except EOFError:
-        raise RuntimeError(f"candidate {name!r}: its process died (see its output above)") from None
+    except (EOFError, OSError):
+        pass
+    process.join(timeout=5)
+    raise RuntimeError(f"candidate {name!r}: its process ended with exit code {process.exitcode} (a negative code is "
+                       "the signal that killed it; any traceback is in the output above)")  # fmt: skip
 
 
 def time_isolated(
@@ -335,22 +342,22 @@ def time_isolated(
             process.start()
             child.close()
             workers[name] = (process, parent)
-            status, info = _answer(name, parent)
+            status, info = _answer(name, process, parent)
             if status == "error":
                 raise RuntimeError(f"candidate {name!r} failed to build in its process:\n{info}")
             infos[name] = info
-        for name, (_, conn) in workers.items():
+        for name, (process, conn) in workers.items():
             conn.send(("time", warmup))
-            _answer(name, conn)
+            _answer(name, process, conn)
         names = list(workers)
         samples: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for j in range(len(names)):
                 name = names[(r + j) % len(names)]
-                conn = workers[name][1]
+                process, conn = workers[name]
                 time.sleep(gap_s)  # the last process's threads stop spinning (libgomp waits busy a while)
                 conn.send(("time", burst))
-                seconds = _answer(name, conn)
+                seconds = _answer(name, process, conn)
                 samples[name].extend(seconds[1:] if burst > 1 else seconds)
             if progress is not None:
                 progress(f"round {r + 1}/{repeats}")

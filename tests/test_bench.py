@@ -372,21 +372,23 @@ def test_training_convs_script_counts_and_times_every_direction(monkeypatch):
     assert all(gemm[d] > 0 for d in script.DIRECTIONS)
 
 
-def _isolated_candidate(delay_s: float, fail: bool):
-    """A candidate for _harness.time_isolated (module level: the spawned process imports it by name)."""
+def _isolated_candidate(delay_s: float, fail: bool, dies: bool = False):
+    """A candidate for _harness.time_isolated (module level: the spawned process imports it by name); ``dies``: its
+    process exits with code 3 on the first call."""
     import os
     import time
 
     if fail:
         raise ValueError("this candidate cannot be built")
-    return (lambda: time.sleep(delay_s)), {"pid": os.getpid(), "threads": torch.get_num_threads()}
+    call = (lambda: os._exit(3)) if dies else (lambda: time.sleep(delay_s))
+    return call, {"pid": os.getpid(), "threads": torch.get_num_threads()}
 
 
 def test_time_isolated_runs_each_candidate_in_a_process_of_its_own(monkeypatch):
     """benchmarks/_harness.py time_isolated: each candidate built and called in its own process (not this one),
     with this process's thread count; ``repeats`` bursts of ``burst`` calls each, the first of a burst left out,
     every kept sample at least the call's own sleep; a candidate that fails to build is named with its traceback,
-    and its processes are gone afterwards."""
+    one whose process dies with its exit code, and the processes are gone afterwards."""
     import os
     from pathlib import Path
 
@@ -394,15 +396,22 @@ def test_time_isolated_runs_each_candidate_in_a_process_of_its_own(monkeypatch):
     import _harness
 
     builders = {"a": (_isolated_candidate, (0.002, False)), "b": (_isolated_candidate, (0.004, False))}
-    samples, infos = _harness.time_isolated(builders, repeats=3, warmup=1, burst=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if threads != 1 else 2)  # not what a spawned process starts with
+    try:
+        samples, infos = _harness.time_isolated(builders, repeats=3, warmup=1, burst=3)
+        assert all(info["threads"] == torch.get_num_threads() for info in infos.values())
+    finally:
+        torch.set_num_threads(threads)
     assert {len(s) for s in samples.values()} == {6}
     assert min(samples["a"]) >= 0.002 and min(samples["b"]) >= 0.004
     pids = {info["pid"] for info in infos.values()}
     assert len(pids) == 2 and os.getpid() not in pids
-    assert all(info["threads"] == torch.get_num_threads() for info in infos.values())
     builders = {"a": builders["a"], "bad": (_isolated_candidate, (0.0, True))}  # a built one, then a failure
     with pytest.raises(RuntimeError, match=r"(?s)candidate 'bad' failed to build.*cannot be built"):
         _harness.time_isolated(builders, repeats=1, warmup=0)
+    with pytest.raises(RuntimeError, match=r"candidate 'dies': its process ended with exit code 3"):
+        _harness.time_isolated({"dies": (_isolated_candidate, (0.0, False, True))}, repeats=1, warmup=1)
     import multiprocessing
 
     assert not multiprocessing.active_children()
