@@ -21,6 +21,7 @@ from lgd_fast.ops import _backend as backend_module
 from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.ops.conv_bn import conv_bn, conv_sum_bn, fusable_reason, norm_reason, p3d_geometry_reason
 from lgd_fast.ops.p3d_conv import onednn_takes
+from op_testing import SEED
 
 # (kernel, stride, (N, C_in, T, H, W), C_out, bias, norm, residual, relu[, extra]); odd sizes, both strides.
 # extra: {"conv": Conv3d arguments replacing stride (1, S, S) and same padding (the convs p3d_conv does not take:
@@ -569,3 +570,36 @@ def test_norm_rule_and_bad_calls():
     assert "GroupNorm, not BatchNorm3d" in norm_reason(nn.GroupNorm(2, 4))
     with pytest.raises(ValueError, match="pass norm=None"):
         conv_bn(torch.randn(1, 4, 1, 3, 3), nn.Conv3d(4, 4, 1), nn.BatchNorm3d(4), stats=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d], ids=["contiguous", "cl"])
+def test_batch_moments_backward_in_one_pass(dtype, memory_format, gen):
+    """conv_bn.batch_moments' backward, (g_mean + 2 (r - mean) g_var) / count, runs as batch_norm_train's one-pass
+    kernel on CPU float32/bfloat16 in either layout (the op is called; r's dtype and layout come back): against
+    float64, within 2x the error of the three PyTorch ops it replaced in r's own dtype, pooled over 4 draws (odd
+    sizes, the mean 4 standard deviations from zero, where centring matters). Double backward and float64 keep the
+    ops: gradcheck."""
+    shape = (3, 5, 3, 7, 6)
+    count = shape[0] * shape[2] * shape[3] * shape[4]
+    ours_err = plain_err = 0.0
+    for _ in range(4):
+        r = (torch.randn(shape, generator=gen) + 4.0).to(dtype).contiguous(memory_format=memory_format)
+        g_mean, g_var = torch.randn(2, shape[1], generator=gen)
+        x = r.clone().requires_grad_()
+        mean, var = conv_bn_module.batch_moments(x)
+        with torch.profiler.profile() as prof:
+            (grad,) = torch.autograd.grad((mean * g_mean).sum() + (var * g_var).sum(), x, retain_graph=True)
+        assert any(e.name == "lgd_fast::bn_relu_forward" for e in prof.events())
+        assert grad.dtype == dtype and grad.is_contiguous(memory_format=memory_format)
+        g_mean_, g_var_, m = (t.detach()[:, None, None, None] for t in (g_mean, g_var, mean))
+        exact = (g_mean_.double() + 2 * (r.double() - r.double().mean((0, 2, 3, 4), keepdim=True)) * g_var_) / count
+        plain = (r.float() - m).mul_(2 * g_var_ / count) + g_mean_ / count  # the three ops it replaced, r's dtype
+        (twice,) = torch.autograd.grad((mean * g_mean).sum() + (var * g_var).sum(), x, create_graph=True)
+        assert rel(twice.detach(), exact) <= 2 * rel(plain.to(dtype), exact) + 1e-7  # (create_graph: the ops)
+        ours_err += rel(grad, exact) ** 2
+        plain_err += rel(plain.to(dtype), exact) ** 2
+    assert ours_err**0.5 <= 2 * plain_err**0.5, f"{ours_err**0.5:.2e} vs {plain_err**0.5:.2e} (seed {SEED})"
+    r64 = (torch.randn((2, 3, 2, 3, 2), generator=gen, dtype=torch.float64) + 4.0).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: conv_bn_module.batch_moments(t), (r64,))
+    assert torch.autograd.gradgradcheck(lambda t: conv_bn_module.batch_moments(t), (r64,))

@@ -312,7 +312,9 @@ class _BatchMoments(torch.autograd.Function):
     """Per-channel mean and biased variance of r (N, C, T, H, W) over (N, T, H, W) in two passes: the mean, then
     the mean square of the centred values (no E[r^2] - E[r]^2 cancellation where the mean is many standard
     deviations from zero). Backward: (g_mean + 2 (r - mean) g_var) / count, centred likewise, so the mean's and
-    the variance's gradients do not cancel in low precision either."""
+    the variance's gradients do not cancel in low precision either; where the kernels apply in one pass, as
+    batch_norm_train's normalisation kernel ((r - mean) * invstd * weight + bias with invstd = 2 g_var / count,
+    weight 1, bias g_mean / count), instead of three passes and a temporary."""
 
     @staticmethod
     def forward(ctx, r):
@@ -334,6 +336,10 @@ class _BatchMoments(torch.autograd.Function):
         count = r.numel() // r.shape[1]
         if g_var is None:
             return _channel(g_mean / count).expand(r.shape).to(r.dtype)
+        if batch_norm_train.kernel_applies(r) and not torch.is_grad_enabled():  # (a double backward: the ops below)
+            shift = torch.zeros_like(mean) if g_mean is None else g_mean / count
+            return torch.ops.lgd_fast.bn_relu_forward(r, mean, 2 * g_var / count, torch.ones_like(mean), shift, None,
+                                                      False)  # fmt: skip
         grad = (r.to(mean.dtype) - _channel(mean)).mul_(_channel(2 * g_var / count))  # one temporary
         if g_mean is not None:
             grad.add_(_channel(g_mean / count))
