@@ -323,9 +323,10 @@ def time_isolated(
     another (no two compile at once), warmed up ``warmup`` calls each, then timed in ``repeats`` rounds that hand
     each process ``burst`` back-to-back calls in turn, the order shifting by one every round; the first call of
     each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
-    time, and ``gap_s`` passes between turns: libgomp's threads wait busy for a while after their last parallel
-    region, and without the gap they took the next process's cores (the eager X3D's median 45 ms against 22 ms
-    with a 50 ms gap, 23 ms in one process). ``steady``: each process runs :func:`steady_malloc` first (pass
+    time, and ``gap_s`` passes between turns, a precaution: libgomp's threads wait busy for a while after their
+    last parallel region. (Its effect is not established: a run without the gap had the eager X3D at 45 ms and the
+    next, with it, at 22 ms, but a later run with the gap measured 45 ms again in a slow phase of the machine; a
+    /proc sample of an R(2+1)D run with the gap found one process busy at a time.) ``steady``: each process runs :func:`steady_malloc` first (pass
     what :func:`prepare_run` returned). Returns name -> the seconds of its timed calls, and name -> its ``info``."""
     import multiprocessing
 
@@ -355,7 +356,7 @@ def time_isolated(
             for j in range(len(names)):
                 name = names[(r + j) % len(names)]
                 process, conn = workers[name]
-                time.sleep(gap_s)  # the last process's threads stop spinning (libgomp waits busy a while)
+                time.sleep(gap_s)  # the last process's threads stop spinning (libgomp may wait busy)
                 conn.send(("time", burst))
                 seconds = _answer(name, process, conn)
                 samples[name].extend(seconds[1:] if burst > 1 else seconds)
