@@ -327,7 +327,8 @@ def time_isolated(
     last parallel region. (Its effect is not established: a run without the gap had the eager X3D at 45 ms and the
     next, with it, at 22 ms, but a later run with the gap measured 45 ms again in a slow phase of the machine; a
     /proc sample of an R(2+1)D run with the gap found one process busy at a time.) ``steady``: each process runs
-    :func:`steady_malloc` first (pass what :func:`prepare_run` returned). Returns name -> the seconds of its timed calls, and name -> its ``info``."""
+    :func:`steady_malloc` first (pass what :func:`prepare_run` returned). Returns name -> the seconds of its timed
+    calls, and name -> its ``info``."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
