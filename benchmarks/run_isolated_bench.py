@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -44,34 +43,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _build(model: str, candidate: str, pass_: str, shape: tuple[int, ...]):
-    """One candidate of one pass in this (spawned) process, as lgd_fast.bench.run_bench makes and calls it."""
-    from lgd_fast.bench import _models
+    """One candidate of one pass in this (spawned) process, made and called as lgd_fast.bench.run_bench does (its
+    _models and pass_call), fp32."""
+    from lgd_fast.bench import _models, pass_call
 
     module, runner, layout = _models(model, NUM_CLASSES, torch.device("cpu"), [candidate], None)[candidate]
     gen = torch.Generator().manual_seed(0)
     clips = [torch.randn(shape, generator=gen).contiguous(memory_format=layout) for _ in range(2)]  # not zeros
     labels = torch.randint(0, NUM_CLASSES, (shape[0],), generator=gen)
-    k = [0]
+    call = pass_call(pass_, module, runner, clips, labels, torch.autocast("cpu", enabled=False))
     if pass_ == "training":
-        optimizer = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
-
-        def call():
-            k[0] += 1
-            module.train()
-            local, global_ = runner(clips[k[0] % 2])
-            loss = F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
         return call, {}
-
-    def call():
-        k[0] += 1
-        module.eval()
-        with torch.inference_mode():
-            return runner(clips[k[0] % 2])
-
     out = call()  # clip 1's logits (in eval the two heads' combined), compared across processes, sent by value
     return call, {"logits": [t.tolist() for t in (out if isinstance(out, (tuple, list)) else (out,))]}
 

@@ -479,6 +479,40 @@ def time_interleaved(
     return samples, warmup_s
 
 
+def pass_call(pass_: str, module: torch.nn.Module, runner: Callable, inputs: Sequence[torch.Tensor],
+              labels: torch.Tensor, autocast) -> Callable[[], Any]:  # fmt: skip
+    """One timed call of a candidate in ``pass_``, each call on the next of ``inputs`` in turn: inference (and
+    latency) in eval under ``torch.inference_mode`` and ``autocast``, returning the logits; training, a step: train
+    mode, the forward under ``autocast``, cross-entropy of both heads in float32, backward, SGD (lr 1e-4, momentum
+    0.9, its own optimizer). ``runner`` is ``module`` or its compiled form."""
+    k = [0]
+
+    def clip() -> torch.Tensor:
+        k[0] += 1
+        return inputs[k[0] % len(inputs)]
+
+    if pass_ != "training":
+
+        def call():
+            module.eval()
+            with torch.inference_mode(), autocast:
+                return runner(clip())
+
+        return call
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        module.train()
+        with autocast:
+            local, global_ = runner(clip())
+            loss = F.cross_entropy(local.float(), labels) + F.cross_entropy(global_.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def run_bench(
     model: str = "lgd3d_r50",
     *,
@@ -550,31 +584,7 @@ def run_bench(
             module, runner, layout = models[name]
             fmt = torch.channels_last_3d if channels_last else layout
             inputs = [c.contiguous(memory_format=fmt) for c in clips[pass_]]
-            k = [0]
-
-            def clip(k=k, inputs=inputs):
-                k[0] += 1
-                return inputs[k[0] % 2]
-
-            if pass_ != "training":
-
-                def call(module=module, runner=runner, clip=clip):
-                    module.eval()
-                    with torch.inference_mode(), autocast:
-                        runner(clip())
-            else:
-                optimizer = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
-
-                def call(module=module, runner=runner, clip=clip, optimizer=optimizer):
-                    module.train()
-                    with autocast:
-                        local, global_ = runner(clip())
-                        loss = F.cross_entropy(local.float(), labels) + F.cross_entropy(global_.float(), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-
-            calls[name] = call
+            calls[name] = pass_call(pass_, module, runner, inputs, labels, autocast)
         samples, first_call = time_interleaved(  # the warm-up compiles and warms the allocator
             calls, repeats=repeats, warmup=max(warmup, 1), device=dev, progress=bar.update
         )
