@@ -93,63 +93,80 @@ def _run_in_process(args, shape, setup):
 
     # inference
     original.eval()
-    original_cl = copy.deepcopy(original).to(memory_format=torch.channels_last_3d)
-    converted = lgd_fast.convert(copy.deepcopy(original), inference=True)
-    converted_eval = lgd_fast.convert(copy.deepcopy(original)).eval()
-    report = str(converted.conversion_report)
     cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
-    recorded = lgd_fast.RecordedInference(converted)  # the same converted model, as recorded programs
+    torch._dynamo.reset()
+    shared = {}
+    built = {name: _inference_candidate(name, original, clips, cl, shared) for name in _kept(args)}
     with torch.inference_mode():
         want = original(clips[0])
-        for _ in range(2):  # eager, then recorded: the next calls run the program
-            recorded(cl[0])
-        error = {"converted": _rel(converted(cl[0]), want), "converted_eval": _rel(converted_eval(clips[0]), want),
-                 "converted_recorded": _rel(recorded(cl[0]), want)}  # fmt: skip
-    candidates = {
-        "original": lambda i: original(clips[i]),
-        "original_channels_last": lambda i: original_cl(cl[i]),
-        "converted": lambda i: converted(cl[i]),
-        "converted_recorded": lambda i: recorded(cl[i]),
-        "converted_eval": lambda i: converted_eval(clips[i]),
-    }
-    if not args.no_compile:
-        torch._dynamo.reset()
-        compiled = torch.compile(original, backend="inductor")
-        candidates["original_compiled"] = lambda i: compiled(clips[i])
-        if not args.no_freezing:  # its own backend under the setting, as lgd-fast bench compiles it (lgd_fast.bench)
-            frozen = _compiled(copy.deepcopy(original_cl), freezing=True, compile_mode=None)
-            candidates["original_compiled_freezing"] = lambda i: frozen(cl[i])
-            with torch.inference_mode():
-                error["original_compiled_freezing"] = _rel(frozen(cl[0]), want)
-    with torch.inference_mode():
-        for fn in candidates.values():
-            fn(0)
+        error = {name: _checked(run, inputs, want) for name, (run, inputs) in built.items()}
+        candidates = {name: (lambda i, run=run, inputs=inputs: run(inputs[i])) for name, (run, inputs) in built.items()}
         samples, _ = time_interleaved(candidates, inputs=[0, 1], warmup=args.warmup, repeats=args.repeats)
     timings = {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}
     rows["inference"] = {"output_rel_error": error, "timings": timings}
-    plans = {"converted": converted.execution_plan.to_dict(), "converted_eval": converted_eval.execution_plan.to_dict()}
+    plans = {name: _converted_model(built[name][0], shared).execution_plan.to_dict()
+             for name in ("converted", "converted_eval")}  # fmt: skip
+    report = str(shared["converted"].conversion_report)
     labels = labels % want.shape[1]
 
     # training step
     train_original = make()
     train_original.load_state_dict(original.state_dict())
     train_converted = lgd_fast.convert(copy.deepcopy(train_original))
-
-    def step(model):
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def run(i):
-            loss = torch.nn.functional.cross_entropy(model.train()(clips[i]), labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        return run
-
-    steps = {"original": step(train_original), "converted": step(train_converted)}
+    steps = {"original": _training_step(train_original, clips, labels),
+             "converted": _training_step(train_converted, clips, labels)}  # fmt: skip
     samples, _ = time_interleaved(steps, inputs=[0, 1], warmup=1, repeats=max(2, args.repeats // 2))
     rows["training_step"] = {"timings": {k: h.Timing.from_samples(v).to_dict() for k, v in samples.items()}}
     return rows, plans, report
+
+
+def _inference_candidate(name: str, original, clips, cl, shared: dict):
+    """(what to call, its clips) for inference candidate ``name``, ``original`` in eval; ``cl``: the clips in
+    channels_last_3d. ``shared`` keeps the one ``convert(inference=True)`` model that "converted" and
+    "converted_recorded" (it as recorded programs) share within a process."""
+    if name == "original":
+        return original, clips
+    if name == "original_channels_last":
+        return copy.deepcopy(original).to(memory_format=torch.channels_last_3d), cl
+    if name in ("converted", "converted_recorded"):
+        if "converted" not in shared:
+            shared["converted"] = lgd_fast.convert(copy.deepcopy(original), inference=True)
+        converted = shared["converted"]
+        return (converted if name == "converted" else lgd_fast.RecordedInference(converted)), cl
+    if name == "converted_eval":
+        return lgd_fast.convert(copy.deepcopy(original)).eval(), clips
+    if name == "original_compiled":
+        return torch.compile(original, backend="inductor"), clips
+    if name == "original_compiled_freezing":  # its own backend under the setting, as lgd-fast bench compiles it
+        channels_last = copy.deepcopy(original).to(memory_format=torch.channels_last_3d)
+        return _compiled(channels_last, freezing=True, compile_mode=None), cl
+    raise ValueError(f"unknown inference candidate {name!r}; expected one of {INFERENCE}")
+
+
+def _converted_model(run, shared: dict):
+    """The converted model behind a converted candidate's ``run`` (the recorded one's is the shared model)."""
+    return shared["converted"] if isinstance(run, lgd_fast.RecordedInference) else run
+
+
+def _checked(run, inputs, want) -> float:
+    """Two calls on the first clip (the recorded candidate's first runs eager, the next its program), then the
+    output's relative error against the original's ``want``."""
+    for _ in range(2):
+        got = run(inputs[0])
+    return _rel(got, want)
+
+
+def _training_step(model, clips, labels):
+    """A training step of ``model`` on clip i (forward, cross-entropy, backward, SGD at lr 1e-3)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def run(i):
+        loss = torch.nn.functional.cross_entropy(model.train()(clips[i]), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return run
 
 
 def _kept(args) -> list[str]:
@@ -183,36 +200,20 @@ def _run_isolated(args, shape, setup):
 
 
 def _isolated_inference(model: str, name: str, shape: tuple[int, ...]):
-    """Inference candidate ``name`` in its own process (h.time_isolated): the same weights and clips as
-    _run_in_process, its output checked against the original's."""
+    """Inference candidate ``name`` in its own process (h.time_isolated): built by _inference_candidate from the
+    same weights and clips as _run_in_process, its output checked against the original's."""
     original, clips, _ = _setup(model, shape)
     original.eval()
     cl = [c.contiguous(memory_format=torch.channels_last_3d) for c in clips]
-    info = {}
-    if name == "original":
-        candidate, inputs = original, clips
-    elif name == "original_channels_last":
-        candidate, inputs = copy.deepcopy(original).to(memory_format=torch.channels_last_3d), cl
-    elif name in ("converted", "converted_recorded"):
-        candidate, inputs = lgd_fast.convert(copy.deepcopy(original), inference=True), cl
-        info["conversion_report"] = str(candidate.conversion_report)
-    elif name == "converted_eval":
-        candidate, inputs = lgd_fast.convert(copy.deepcopy(original)).eval(), clips
-    elif name == "original_compiled":
-        candidate, inputs = torch.compile(original, backend="inductor"), clips
-    elif name == "original_compiled_freezing":
-        channels_last = copy.deepcopy(original).to(memory_format=torch.channels_last_3d)
-        candidate, inputs = _compiled(channels_last, freezing=True, compile_mode=None), cl
-    else:
-        raise ValueError(f"unknown inference candidate {name!r}; expected one of {INFERENCE}")
-    run = lgd_fast.RecordedInference(candidate) if name == "converted_recorded" else candidate
+    shared = {}
+    run, inputs = _inference_candidate(name, original, clips, cl, shared)
     with torch.inference_mode():
-        want = original(clips[0])
-        for _ in range(2):  # recorded: eager, then the program
-            got = run(inputs[0])
-    info["output_rel_error"] = _rel(got, want)
+        info = {"output_rel_error": _checked(run, inputs, original(clips[0]))}
     if name.startswith("converted"):
-        info["execution_plan"] = candidate.execution_plan.to_dict()
+        converted = _converted_model(run, shared)
+        info["execution_plan"] = converted.execution_plan.to_dict()
+        if name == "converted":
+            info["conversion_report"] = str(converted.conversion_report)
     k = [0]
 
     def call():
@@ -225,21 +226,18 @@ def _isolated_inference(model: str, name: str, shape: tuple[int, ...]):
 
 def _isolated_training(model: str, name: str, shape: tuple[int, ...]):
     """Training-step candidate ``name`` ("original" or "converted") in its own process, as _run_in_process's."""
+    if name not in TRAINING:
+        raise ValueError(f"unknown training candidate {name!r}; expected one of {TRAINING}")
     original, clips, labels = _setup(model, shape)
     with torch.no_grad():
         labels = labels % original.eval()(clips[0]).shape[1]
-    if name not in TRAINING:
-        raise ValueError(f"unknown training candidate {name!r}; expected one of {TRAINING}")
     candidate = original if name == "original" else lgd_fast.convert(copy.deepcopy(original))
-    opt = torch.optim.SGD(candidate.parameters(), lr=1e-3)
+    run = _training_step(candidate, clips, labels)
     k = [0]
 
     def call():
         k[0] += 1
-        loss = torch.nn.functional.cross_entropy(candidate.train()(clips[k[0] % 2]), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        run(k[0] % 2)
 
     return call, {}
 
