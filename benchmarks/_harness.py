@@ -264,13 +264,8 @@ def _isolated_worker(conn, build, args: tuple, threads: int, steady: bool) -> No
     seconds of n calls until ``("stop", 0)``."""
     import traceback
 
-    import torch._inductor.config
-
-    from lgd_fast.ops._common import compile_cache_tag
-
     torch.set_num_threads(threads)
-    torch._inductor.config.compile_threads = 1  # as prepare_run sets it
-    torch.compiler.config.cache_key_tag = compile_cache_tag()
+    compile_in_process()
     if steady:
         steady_malloc()
     try:
@@ -395,22 +390,27 @@ def add_common_arguments(parser, *, default_out: Path | None, repeats: tuple[int
     parser.set_defaults(_repeats_default=repeats)
 
 
+def compile_in_process() -> None:
+    """Inductor compiles in this process (no pool of compile workers competing with the timed calls), and no graph
+    compiled under an older op is reused (the compile cache keyed by the ops' sources)."""
+    import torch._inductor.config
+
+    from lgd_fast.ops._common import compile_cache_tag
+
+    torch._inductor.config.compile_threads = 1
+    torch.compiler.config.cache_key_tag = compile_cache_tag()
+
+
 def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Applies the common flags before timing: threads, in-process compiles, malloc, a quiet machine, bandwidth.
 
     Returns ``{"steady_malloc", "foreign_load_before_cores", "copy_bandwidth"}`` for the result file.
     """
-    import torch._inductor.config
-
     if args.repeats is None:
         args.repeats = args._repeats_default[1 if args.quick else 0]
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Inductor compiles in this process: no pool of compile workers competing with the timed calls.
-    torch._inductor.config.compile_threads = 1
-    from lgd_fast.ops._common import compile_cache_tag
-
-    torch.compiler.config.cache_key_tag = compile_cache_tag()  # no graph compiled under an older op is reused
+    compile_in_process()
     steady = False if args.system_malloc else steady_malloc()
     quiet = None if args.no_wait else wait_until_quiet(max_wait_s=args.max_wait)
     bandwidth = copy_bandwidth(device=device)
