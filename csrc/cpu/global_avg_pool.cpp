@@ -23,6 +23,7 @@
 
 #include "isa.h"
 #include "simd.h"
+#include "tensor_dispatch.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -256,29 +257,29 @@ void channel_sums(const T* x, double* sums, acc_t<T>* acc, int64_t begin, int64_
 
 // ---- forward and backward -------------------------------------------------------------------------
 
-// x: rows x L, contiguous; out[r] = mean(x[r, :]).
-template <typename T>
-void forward_contiguous(const T* x, T* out, int64_t rows, int64_t L) {
+// x: rows x L, contiguous; out[r] = mean(x[r, :]), rounded once to O (x's type, or float32 for channel_means).
+template <typename T, typename O = T>
+void forward_contiguous(const T* x, O* out, int64_t rows, int64_t L) {
   const int64_t chunks = ceil_div(L, kRowChunk);  // long rows are split so few rows still fill the threads
   std::vector<double> sums(rows * chunks);
   const int64_t grain = std::max<int64_t>(1, kTaskElems / std::min(L, kRowChunk));
   at::parallel_for(0, rows * chunks, grain, [&](int64_t begin, int64_t end) {
     row_sums<T>(x, sums.data(), begin, end, L, chunks);
     if (chunks == 1) {
-      for (int64_t r = begin; r < end; ++r) out[r] = static_cast<T>(sums[r] / static_cast<double>(L));
+      for (int64_t r = begin; r < end; ++r) out[r] = static_cast<O>(sums[r] / static_cast<double>(L));
     }
   });
   if (chunks == 1) return;
   for (int64_t r = 0; r < rows; ++r) {
     double total = 0.0;
     for (int64_t k = 0; k < chunks; ++k) total += sums[r * chunks + k];
-    out[r] = static_cast<T>(total / static_cast<double>(L));
+    out[r] = static_cast<O>(total / static_cast<double>(L));
   }
 }
 
 // x: N x P x C (channels_last_3d, P = T*H*W positions); out[n, c] = mean_p x[n, p, c].
-template <typename T>
-void forward_channels_last(const T* x, T* out, int64_t N, int64_t C, int64_t P) {
+template <typename T, typename O = T>
+void forward_channels_last(const T* x, O* out, int64_t N, int64_t C, int64_t P) {
   const int64_t chunks = ceil_div(P, kPosChunk);
   std::vector<double> sums(N * chunks * C);  // one C-vector per (n, chunk of positions)
   at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
@@ -293,7 +294,7 @@ void forward_channels_last(const T* x, T* out, int64_t N, int64_t C, int64_t P) 
         const double* src = sums.data() + (n * chunks + k) * C;
         for (int64_t c = 0; c < C; ++c) total[c] += src[c];
       }
-      for (int64_t c = 0; c < C; ++c) out[n * C + c] = static_cast<T>(total[c] / static_cast<double>(P));
+      for (int64_t c = 0; c < C; ++c) out[n * C + c] = static_cast<O>(total[c] / static_cast<double>(P));
     }
   });
 }
@@ -412,6 +413,22 @@ at::Tensor global_avg_pool_backward_cpu(const at::Tensor& grad, at::IntArrayRef 
 }
 
 }  // namespace
+
+at::Tensor channel_means_f32(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3) * x.size(4);
+  at::Tensor out = at::empty({N, C}, x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::Contiguous));
+  if (N * C == 0) return out;
+  if (L == 0) return out.fill_(std::numeric_limits<double>::quiet_NaN());
+  dispatch_float_bf16(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if (is_channels_last(x)) {
+      forward_channels_last<T, float>(x.const_data_ptr<T>(), out.mutable_data_ptr<float>(), N, C, L);
+    } else {
+      forward_contiguous<T, float>(x.const_data_ptr<T>(), out.mutable_data_ptr<float>(), N * C, L);
+    }
+  });
+  return out;
+}
 
 TORCH_LIBRARY_IMPL(lgd_fast, CPU, m) {
   m.impl("global_avg_pool", &global_avg_pool_cpu);

@@ -5,6 +5,7 @@ from .diffusion_epilogue import diffusion_epilogue, diffusion_epilogue_reference
 from .global_avg_pool import global_avg_pool, global_avg_pool_reference
 from .global_update import global_update, global_update_reference
 from .p3d_conv import p3d_conv, p3d_conv_reference
+from .squeeze_excite import squeeze_excite, squeeze_excite_reference
 
 __all__ = [
     "choose_backend",
@@ -18,4 +19,6 @@ __all__ = [
     "global_update_reference",
     "p3d_conv",
     "p3d_conv_reference",
+    "squeeze_excite",
+    "squeeze_excite_reference",
 ]
