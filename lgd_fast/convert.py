@@ -48,6 +48,7 @@ from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
+from .ops.squeeze_excite import squeeze_excite, squeeze_excite_convs
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -211,13 +212,17 @@ class _Step:
     that run after the BatchNorm inside the same norm slot (X3D's squeeze-excitation), and the activation, which
     is fused when it is a ReLU and nothing runs between it and the norm. ``silu``: the activation computes SiLU
     (:func:`computes_silu`, checked when converting), so without autograd it runs as one ``F.silu`` (one pass
-    where ``x * sigmoid(x)`` takes two and a temporary); with autograd the module's own forward runs."""
+    where ``x * sigmoid(x)`` takes two and a temporary); with autograd the module's own forward runs.
+    ``excite``: ``after`` is one squeeze-excitation module (proved by :func:`squeeze_excite_convs`) and the
+    activation SiLU; the paths of its two 1x1x1 convs, so that on CPU without autograd the module and the SiLU
+    run as one :func:`lgd_fast.ops.squeeze_excite` call (two passes over the activation instead of four)."""
 
     conv: str
     norm: str | None = None
     after: tuple[str, ...] = ()
     act: str | None = None
     silu: bool = False
+    excite: tuple[str, str] | None = None
 
     def fused_relu(self, owner: nn.Module) -> bool:
         return self.act is not None and not self.after and isinstance(owner.get_submodule(self.act), nn.ReLU)
@@ -231,12 +236,25 @@ def _step_forward(owner: nn.Module, step: _Step, x: torch.Tensor, backend: str, 
     get = owner.get_submodule
     relu = step.fused_relu(owner)
     x = conv_bn(x, get(step.conv), step.norm and get(step.norm), relu=relu, backend=backend, **epilogue)
+    if step.excite is not None and _excite_applies(owner, step, x):
+        fc1, fc2 = get(step.excite[0]), get(step.excite[1])
+        return squeeze_excite(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, silu=True)
     for path in step.after:
         x = get(path)(x)
     if step.act is not None and not relu:
         grad = torch.is_grad_enabled() and x.requires_grad
         x = torch.nn.functional.silu(x) if step.silu and not grad else get(step.act)(x)
     return x
+
+
+def _excite_applies(owner: nn.Module, step: _Step, x: torch.Tensor) -> bool:
+    """Whether ``step``'s squeeze-excitation and SiLU run as one op on ``x``: CPU, no autograd, and no hooks on
+    the modules the op stands in for (they would not run)."""
+    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    stood_in = [owner.get_submodule(p) for p in (*step.after, step.act)]
+    stood_in += [m for p in step.after for m in owner.get_submodule(p).modules()]
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in stood_in)
 
 
 def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
@@ -254,6 +272,8 @@ def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
             module = owner.get_submodule(path)
             unfused = path == step.act and not step.fused_relu(owner)
             silu = ", as F.silu without autograd" if path == step.act and step.silu else ""
+            if step.excite is not None and path in (*step.after, step.act):
+                silu = ", with the SiLU as one squeeze_excite op on CPU without autograd"
             parts.append(f"{path} ({type(module).__name__}{', after' if unfused else ''}{silu})")
     kinds = [_kind(owner.get_submodule(s.conv)) for s in steps]
     label = "(2+1)D run" if len(steps) == 2 and set(kinds) == {"spatial", "temporal"} else "conv run"
@@ -412,7 +432,11 @@ def _norm_step(owner: nn.Module, conv: str, norm: str | None, act: str | None) -
         return _Step(conv, norm, (), act, silu), None
     if isinstance(norm_, nn.Sequential) and len(norm_) and type(norm_[0]) is nn.BatchNorm3d:
         rest = tuple(f"{norm}.{child}" for child in list(norm_._modules)[1:])
-        return _Step(conv, f"{norm}.{next(iter(norm_._modules))}", rest, act, silu), None
+        excite = None
+        if silu and len(rest) == 1 and (convs := squeeze_excite_convs(owner.get_submodule(rest[0]),
+                                                                       conv_.out_channels)):  # fmt: skip
+            excite = (f"{rest[0]}.{convs[0]}", f"{rest[0]}.{convs[1]}")
+        return _Step(conv, f"{norm}.{next(iter(norm_._modules))}", rest, act, silu, excite), None
     return None, f"{norm}: {norm_reason(norm_)}"
 
 

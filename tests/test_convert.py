@@ -375,7 +375,8 @@ def test_every_conv_bn_of_foreign_models_is_fused(name):
         stem = dict(report.converted)["blocks.0"]
         assert "conv.conv_t (spatial 1x3x3) -> conv.conv_xy (temporal 5x1x1, groups 8) -> norm (BatchNorm3d)" in stem
         assert "act_b (Swish, after, as F.silu without autograd)" in described
-        assert "norm_b.1 (SqueezeExcitation)" in described
+        fused = "norm_b.1 (SqueezeExcitation, with the SiLU as one squeeze_excite op on CPU without autograd)"
+        assert fused in described
 
 
 @pytest.mark.parametrize("forced", [False, True], ids=["default-plan", "fused-everywhere"])
@@ -499,8 +500,52 @@ def test_converted_swish_runs_as_silu_without_autograd_and_as_its_module_with(ge
     monkeypatch.setattr(foreign_models.Swish, "forward", lambda self, t: calls.append(1) or real(self, t))
     with torch.inference_mode(), forced_plan():  # every layer on its fused code (a layer on its modules calls them)
         got = converted(x)
-    assert not calls  # every Swish ran as F.silu
+    assert not calls  # every Swish ran as F.silu, or inside the squeeze_excite op
     assert _rel(got, exact) <= max(2 * _rel(want, exact), 1e-6), (_rel(got, exact), _rel(want, exact))
     with torch.enable_grad(), forced_plan():
         converted(x.requires_grad_())
     assert len(calls) == 3  # with autograd, the module's own forward (X3D's three bottlenecks)
+
+
+def _count_calls(monkeypatch, owner, name):
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_converted_squeeze_excitation_runs_as_one_op_without_autograd(gen, monkeypatch):
+    """X3D's squeeze-excitation + Swish: one squeeze_excite call per SE block on CPU without autograd (equal to
+    the original by STYLE.md's rule), the modules themselves with autograd or with a hook on one of them."""
+    from lgd_fast.ops.squeeze_excite import squeeze_excite_convs
+
+    model = foreign_models.x3d(widths=(8, 16), blocks=(3, 2)).eval()
+    with torch.no_grad():
+        for m in model.modules():  # trained-like BatchNorms and gates
+            if isinstance(m, nn.BatchNorm3d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    x = torch.randn(2, 3, 5, 30, 30, generator=gen)
+    with torch.no_grad():
+        want, exact = model(x), copy.deepcopy(model).double()(x.double())
+    converted = lgd_fast.convert(copy.deepcopy(model), inference=True)
+    blocks = [m for m in converted.modules() if isinstance(m, foreign_models.SqueezeExcitation)]
+    assert len(blocks) == 3  # j = 0 and 2 of the first stage, j = 0 of the second
+    ops = _count_calls(monkeypatch, torch.ops.lgd_fast, "squeeze_excite")
+    modules = _count_calls(monkeypatch, foreign_models.SqueezeExcitation, "forward")
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        ops.clear()
+        with torch.inference_mode(), forced_plan():
+            got = converted(x.contiguous(memory_format=fmt))
+        assert len(ops) == 3 and not modules, (len(ops), len(modules))
+        assert _rel(got, exact) <= max(2 * _rel(want, exact), 1e-6), (_rel(got, exact), _rel(want, exact))
+    ops.clear()
+    with torch.enable_grad(), forced_plan():
+        converted(x.requires_grad_())
+    assert not ops and len(modules) == 3  # with autograd, the modules' own forwards
+    modules.clear()
+    blocks[1].register_forward_hook(lambda *_: None)
+    with torch.inference_mode(), forced_plan():
+        converted(x.detach())
+    assert len(ops) == 2 and len(modules) == 1  # the hooked module runs itself, so its hook runs
+    assert squeeze_excite_convs(blocks[0], 16) == ("block.0", "block.2")
