@@ -417,6 +417,22 @@ def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:
     return {"steady_malloc": steady, "foreign_load_before_cores": quiet, "copy_bandwidth": bandwidth}
 
 
+def start_op_run(args) -> dict[str, Any]:
+    """The start of an op script's run: exits with the reason if lgd_fast._C is not built, applies the common
+    flags (:func:`prepare_run`) and prints the copy bandwidth and the CPU kernels' SIMD path. Returns
+    prepare_run's dict."""
+    from lgd_fast.ops import extension_available, extension_error
+
+    if not extension_available():
+        raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
+    from lgd_fast import _C
+
+    setup = prepare_run(args)
+    print(f"copy bandwidth: {setup['copy_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
+          f"cpu path {_C.cpu_isa()}")  # fmt: skip
+    return setup
+
+
 # ---- result files ----------------------------------------------------------------------------------
 
 

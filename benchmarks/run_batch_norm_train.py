@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast.bench import write_json  # noqa: E402
-from lgd_fast.ops import extension_available, extension_error  # noqa: E402
 from lgd_fast.ops.batch_norm_train import channel_moments, kernel_applies  # noqa: E402
 from lgd_fast.ops.conv_bn import _normalize_train  # noqa: E402
 
@@ -98,13 +97,10 @@ def make_candidates(shape, pass_: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not extension_available():
-        raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
     from lgd_fast import _C
 
-    setup = h.prepare_run(args)
+    setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
-    print(f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
     dtypes = {"fp32": torch.float32} if args.quick else DTYPES
     results = []

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast.bench import write_json  # noqa: E402
-from lgd_fast.ops import extension_available, extension_error, global_avg_pool, global_avg_pool_reference  # noqa: E402
+from lgd_fast.ops import global_avg_pool, global_avg_pool_reference  # noqa: E402
 
 # (N, C, T, H, W) where LGD-3D R50 pools (16x112x112 clips, batch 8): res2 (the brief's shape) and res5.
 SHAPES = {"res2": (8, 256, 8, 28, 28), "res5": (8, 2048, 2, 4, 4)}
@@ -75,13 +75,10 @@ def make_candidates(pass_: str) -> dict[str, Callable[[Any], Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not extension_available():
-        raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
     from lgd_fast import _C
 
-    setup = h.prepare_run(args)
+    setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
-    print(f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write), cpu path {_C.cpu_isa()}")
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
     results = []
     for shape_name, shape in shapes.items():

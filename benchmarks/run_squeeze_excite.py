@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast.bench import write_json  # noqa: E402
-from lgd_fast.ops import extension_available, extension_error, squeeze_excite, squeeze_excite_reference  # noqa: E402
+from lgd_fast.ops import squeeze_excite, squeeze_excite_reference  # noqa: E402
 
 # (N, C, T, H, W) of the converted X3D's squeeze-excitations (inner width C, reduced to max(C // 16, 2)).
 SHAPES = {"res2": (1, 48, 8, 28, 28), "res3": (1, 96, 8, 14, 14), "res4": (1, 192, 8, 7, 7),
@@ -67,13 +67,10 @@ def make_candidates(module: SqueezeExciteSiLU) -> dict[str, Callable[[Any], Any]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if not extension_available():
-        raise SystemExit(f"lgd_fast._C is not built: {extension_error()}")
     from lgd_fast import _C
 
-    setup = h.prepare_run(args)
+    setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
-    print(f"copy bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s (read + write), cpu path {_C.cpu_isa()}")
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES
     results = []
     torch.manual_seed(0)

@@ -484,20 +484,32 @@ def test_computes_silu_recognises_swish_by_what_it_computes():
         assert not computes_silu(module), type(module).__name__
 
 
-def test_converted_swish_runs_as_silu_without_autograd_and_as_its_module_with(gen, monkeypatch):
-    model = foreign_models.x3d().eval()
+def _trained_like_x3d(gen, **sizes):
+    """foreign_models.x3d(**sizes) in eval with trained-like BatchNorms (not identities)."""
+    model = foreign_models.x3d(**sizes).eval()
     with torch.no_grad():
-        for m in model.modules():  # trained-like BatchNorms: not identities
+        for m in model.modules():
             if isinstance(m, nn.BatchNorm3d):
                 m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
                 m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return model
+
+
+def _count_calls(monkeypatch, owner, name):
+    """A list that grows by one at every call of ``owner.<name>`` (which still runs) while the test runs."""
+    calls = []
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_converted_swish_runs_as_silu_without_autograd_and_as_its_module_with(gen, monkeypatch):
+    model = _trained_like_x3d(gen)
     x = torch.randn(2, 3, 6, 32, 32, generator=gen)
     with torch.no_grad():
         want, exact = model(x), copy.deepcopy(model).double()(x.double())
     converted = lgd_fast.convert(copy.deepcopy(model), inference=True)
-    calls = []
-    real = foreign_models.Swish.forward
-    monkeypatch.setattr(foreign_models.Swish, "forward", lambda self, t: calls.append(1) or real(self, t))
+    calls = _count_calls(monkeypatch, foreign_models.Swish, "forward")
     with torch.inference_mode(), forced_plan():  # every layer on its fused code (a layer on its modules calls them)
         got = converted(x)
     assert not calls  # every Swish ran as F.silu, or inside the squeeze_excite op
@@ -507,24 +519,12 @@ def test_converted_swish_runs_as_silu_without_autograd_and_as_its_module_with(ge
     assert len(calls) == 3  # with autograd, the module's own forward (X3D's three bottlenecks)
 
 
-def _count_calls(monkeypatch, owner, name):
-    calls = []
-    real = getattr(owner, name)
-    monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def test_converted_squeeze_excitation_runs_as_one_op_without_autograd(gen, monkeypatch):
     """X3D's squeeze-excitation + Swish: one squeeze_excite call per SE block on CPU without autograd (equal to
     the original by STYLE.md's rule), the modules themselves with autograd or with a hook on one of them."""
     from lgd_fast.ops.squeeze_excite import squeeze_excite_convs
 
-    model = foreign_models.x3d(widths=(8, 16), blocks=(3, 2)).eval()
-    with torch.no_grad():
-        for m in model.modules():  # trained-like BatchNorms and gates
-            if isinstance(m, nn.BatchNorm3d):
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    model = _trained_like_x3d(gen, widths=(8, 16), blocks=(3, 2))
     x = torch.randn(2, 3, 5, 30, 30, generator=gen)
     with torch.no_grad():
         want, exact = model(x), copy.deepcopy(model).double()(x.double())

@@ -48,6 +48,20 @@ def layout(t: torch.Tensor) -> str | None:
     return None
 
 
+CPP_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+def cpp_float_input_reason(backend: str, x: torch.Tensor) -> str | None:
+    """Why a CPU kernel taking float32 / bfloat16 / float64 tensors, contiguous or channels_last_3d
+    (global_avg_pool's, squeeze_excite's), cannot take ``x``; None if it can. A ``supports`` for
+    ``_backend.choose_backend``."""
+    if x.dtype not in CPP_FLOAT_DTYPES:
+        return f"dtype {x.dtype} is not one of float32, bfloat16, float64"
+    if layout(x) is None:
+        return "x is neither contiguous nor channels_last_3d"
+    return None
+
+
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """The ``torch.memory_format`` that keeps ``t``'s layout: channels_last_3d where t is in it (and not also
     contiguous), else contiguous."""

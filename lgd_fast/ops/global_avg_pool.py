@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import layout, register_compiled_op
+from ._common import CPP_FLOAT_DTYPES, cpp_float_input_reason, layout, register_compiled_op
 
 __all__ = ["global_avg_pool", "global_avg_pool_reference"]
 
 OP_NAME = "global_avg_pool"
 BACKENDS = ("cpp", "reference")
-_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -34,14 +33,6 @@ def global_avg_pool_reference(x: torch.Tensor) -> torch.Tensor:
     if x.dtype in _LOW_PRECISION:
         return x.to(torch.promote_types(x.dtype, torch.float32)).mean(dim=(2, 3, 4)).to(x.dtype)
     return x.mean(dim=(2, 3, 4))
-
-
-def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
-    if x.dtype not in _CPP_DTYPES:
-        return f"dtype {x.dtype} is not one of float32, bfloat16, float64"
-    if layout(x) is None:
-        return "x is neither contiguous nor channels_last_3d"
-    return None
 
 
 def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -62,7 +53,7 @@ def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
     """
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=cpp_float_input_reason)
     if choice == "cpp":
         return torch.ops.lgd_fast.global_avg_pool(x)
     return global_avg_pool_reference(x)
@@ -74,7 +65,7 @@ def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
 def _fake(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 5:
         raise RuntimeError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _CPP_DTYPES:
+    if x.dtype not in CPP_FLOAT_DTYPES:
         raise RuntimeError(f"{OP_NAME}: x must have dtype float32, bfloat16 or float64, got {x.dtype}")
     return x.new_empty((x.shape[0], x.shape[1]))
 

@@ -27,13 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
-from ._common import layout, register_compiled_op
+from ._common import CPP_FLOAT_DTYPES, cpp_float_input_reason, layout, register_compiled_op
 
 __all__ = ["squeeze_excite", "squeeze_excite_convs", "squeeze_excite_reference"]
 
 OP_NAME = "squeeze_excite"
 BACKENDS = ("cpp", "reference")
-_CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -95,14 +94,6 @@ def _check(x, w1, b1, w2, b2) -> None:
                          f"float32, got {w1.dtype} on {w1.device}")  # fmt: skip
 
 
-def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
-    if x.dtype not in _CPP_DTYPES:
-        return f"dtype {x.dtype} is not one of float32, bfloat16, float64"
-    if layout(x) is None:
-        return "x is neither contiguous nor channels_last_3d"
-    return None
-
-
 def squeeze_excite(x, w1, b1, w2, b2, *, silu: bool = True, backend: str | None = None) -> torch.Tensor:
     """Squeeze-excitation of x (then SiLU when ``silu``), differentiable: :func:`squeeze_excite_reference`'s
     result, the compiled kernel's arithmetic (means from float64 sums, the gate in float32, one rounding of the
@@ -124,7 +115,7 @@ def squeeze_excite(x, w1, b1, w2, b2, *, silu: bool = True, backend: str | None 
         RuntimeError: the backend asked for cannot run here.
     """
     _check(x, w1, b1, w2, b2)
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=cpp_float_input_reason)
     if choice == "cpp":
         return torch.ops.lgd_fast.squeeze_excite(x, w1, b1, w2, b2, silu)
     return squeeze_excite_reference(x, w1, b1, w2, b2, silu=silu)
@@ -181,7 +172,7 @@ def squeeze_excite_convs(module: nn.Module, channels: int) -> tuple[str, str] | 
 def _fake(x, w1, b1, w2, b2, silu):
     if x.dim() != 5:
         raise RuntimeError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in _CPP_DTYPES:
+    if x.dtype not in CPP_FLOAT_DTYPES:
         raise RuntimeError(f"{OP_NAME}: x must have dtype float32, bfloat16 or float64, got {x.dtype}")
     if layout(x) is None:
         raise RuntimeError(f"{OP_NAME}: x must be contiguous or channels_last_3d, got strides {x.stride()}")
