@@ -47,7 +47,9 @@ from .models.blocks import P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
+from .ops._common import cpp_float_input_reason
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
+from .ops.squeeze_excite import BACKENDS as SQUEEZE_EXCITE_BACKENDS
 from .ops.squeeze_excite import squeeze_excite, squeeze_excite_convs
 
 __all__ = ["ConversionReport", "convert"]
@@ -238,7 +240,8 @@ def _step_forward(owner: nn.Module, step: _Step, x: torch.Tensor, backend: str, 
     x = conv_bn(x, get(step.conv), step.norm and get(step.norm), relu=relu, backend=backend, **epilogue)
     if step.excite is not None and _excite_applies(owner, step, x):
         fc1, fc2 = get(step.excite[0]), get(step.excite[1])
-        return squeeze_excite(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, silu=True)
+        return squeeze_excite(x, fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias, silu=True,
+                              backend=planning.op_backend(backend, SQUEEZE_EXCITE_BACKENDS))  # fmt: skip
     for path in step.after:
         x = get(path)(x)
     if step.act is not None and not relu:
@@ -248,13 +251,19 @@ def _step_forward(owner: nn.Module, step: _Step, x: torch.Tensor, backend: str, 
 
 
 def _excite_applies(owner: nn.Module, step: _Step, x: torch.Tensor) -> bool:
-    """Whether ``step``'s squeeze-excitation and SiLU run as one op on ``x``: CPU, no autograd, and no hooks on
-    the modules the op stands in for (they would not run)."""
-    if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+    """Whether ``step``'s squeeze-excitation and SiLU run as one op on ``x``: a CPU tensor the kernel takes
+    (float32, bfloat16, float64; contiguous or channels_last_3d), nothing for autograd to record (neither x nor
+    the layers' parameters), the modules it stands in for in eval (what was proved) and no hooks on them, of
+    their own or global (they would not run)."""
+    if x.device.type != "cpu" or cpp_float_input_reason("cpp", x) is not None:
         return False
     stood_in = [owner.get_submodule(p) for p in (*step.after, step.act)]
     stood_in += [m for p in step.after for m in owner.get_submodule(p).modules()]
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in stood_in)
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in stood_in for p in m.parameters())):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in stood_in)
 
 
 def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:

@@ -549,3 +549,36 @@ def test_converted_squeeze_excitation_runs_as_one_op_without_autograd(gen, monke
         converted(x.detach())
     assert len(ops) == 2 and len(modules) == 1  # the hooked module runs itself, so its hook runs
     assert squeeze_excite_convs(blocks[0], 16) == ("block.0", "block.2")
+
+
+def test_converted_squeeze_excitation_leaves_the_op_where_the_modules_must_run(gen, monkeypatch):
+    """The modules run in training mode, when autograd would record the SE's parameters, under a global hook, for
+    float16 input; backend="reference" runs the op's plain-PyTorch reference, not the kernel."""
+    model = _trained_like_x3d(gen)
+    converted = lgd_fast.convert(copy.deepcopy(model), inference=True)
+    ops = _count_calls(monkeypatch, torch.ops.lgd_fast, "squeeze_excite")
+    modules = _count_calls(monkeypatch, foreign_models.SqueezeExcitation, "forward")
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)
+
+    def run(model_, t=x):
+        ops.clear(), modules.clear()
+        with forced_plan():
+            model_(t)
+        return len(ops), len(modules)
+
+    with torch.no_grad():
+        assert run(converted) == (2, 0)
+        converted.train()
+        assert run(converted) == (0, 2)  # train mode: what was proved in eval does not hold for every module
+        converted.eval()
+        handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
+        try:
+            assert run(converted) == (0, 2)
+        finally:
+            handle.remove()
+        assert run(converted.half(), x.half())[0] == 0
+        converted.float()
+    assert run(converted) == (0, 2)  # grad enabled, parameters requiring grad: autograd records them
+    reference = lgd_fast.convert(copy.deepcopy(model), inference=True, backend="reference")
+    with torch.no_grad():
+        assert run(reference) == (0, 0)  # the op's reference: neither the kernel nor the modules

@@ -27,9 +27,10 @@ FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
 ISAS = usable_isas()
 
 # (N, C, T, H, W, R): channel counts off every vector width (tails), one position, many positions per task,
-# C = 1 (both layouts at once), and X3D-S's own res2 shape.
+# C = 1 (both layouts at once), more than 8 clips (the gate through ATen's addmm instead of small_linear), and
+# the benchmarked X3D's res2 shape.
 SHAPES = [(1, 5, 1, 1, 1, 2), (2, 17, 3, 5, 7, 3), (3, 48, 2, 9, 11, 4), (1, 1, 3, 4, 5, 2), (2, 33, 4, 23, 19, 5),
-          (1, 48, 8, 28, 28, 3)]  # fmt: skip
+          (11, 20, 2, 3, 5, 3), (1, 48, 8, 28, 28, 3)]  # fmt: skip
 
 
 def _id(shape):
@@ -160,6 +161,35 @@ def test_bitwise_reproducible_across_thread_counts(fmt, gen):
     assert torch.equal(first, single)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_without_biases(fmt, gen):
+    x = random_input((3, 21, 2, 5, 6), torch.float32, FORMATS[fmt], gen)
+    w1, _, w2, _ = (None if p is None else p.detach() for p in _params(21, 4, torch.float32, gen))
+    got = squeeze_excite(x, w1, None, w2, None, backend="cpp")
+    exact = squeeze_excite_reference(x.double(), w1.double(), None, w2.double(), None)
+    plain = _plain(x, w1, None, w2, None, True)
+    assert _rel(got, exact) <= 2 * _rel(plain, exact) + 2**-24, (_rel(got, exact), _rel(plain, exact))
+
+
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_extreme_values_as_pytorch(isa):
+    """Past the exponential's clamp (|v| > 88) SiLU is PyTorch's v * sigmoid(v); an infinity or NaN in a channel
+    makes its gate (a mean) NaN, as in PyTorch."""
+    # (the largest well below float32's 3.4e38: the means' float32 partial sums must not overflow)
+    values = torch.tensor([-1e36, -1e30, -1e3, -88.5, -88.0, -87.5, -20.0, 0.0, 20.0, 88.5, 1e30, 1e36])
+    index = torch.arange(12).reshape(12, 1, 1) + torch.arange(5).reshape(5, 1) * 4 + torch.arange(4)  # C, H, W
+    x = values[index % 12][None, :, None].expand(2, 12, 3, 5, 4).contiguous()
+    w1, w2 = torch.zeros(2, 12), torch.zeros(12, 2)
+    b2 = torch.full((12,), 30.0)  # a gate of exactly 1 in float32: the SiLU sees x itself
+    for t in (x, x.contiguous(memory_format=CL)):
+        torch.testing.assert_close(squeeze_excite(t, w1, None, w2, b2, backend="cpp"), t * torch.sigmoid(t),
+                                   rtol=1.3e-6, atol=1e-36)  # fmt: skip
+    x[0, 3, 1, 2, 2], x[1, 5, 0, 0, 1] = float("inf"), float("nan")
+    want = squeeze_excite_reference(x, w1, None, w2, b2)
+    assert want[0, 3].isnan().all() and want[1, 5].isnan().all()
+    torch.testing.assert_close(squeeze_excite(x, w1, None, w2, b2, backend="cpp"), want, equal_nan=True)
+
+
 def test_float32_weights_with_bfloat16_input_as_under_autocast(gen):
     x = random_input((2, 24, 3, 6, 6), torch.bfloat16, CL, gen)
     params = [p.detach() for p in _params(24, 3, torch.float32, gen)]
@@ -182,12 +212,14 @@ def test_opcheck(fmt, dtype, gen):
     torch.library.opcheck(torch.ops.lgd_fast.squeeze_excite.default, (x, w1, None, w2, None, False))
 
 
+@pytest.mark.parametrize("channels", [9, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
-def test_fake_kernel_matches_the_real_sizes_and_strides(fmt, gen):
+def test_fake_kernel_matches_the_real_sizes_and_strides(fmt, dtype, channels, gen):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    x = random_input((2, 9, 3, 5, 4), torch.float32, FORMATS[fmt], gen)
-    params = [p.detach() for p in _params(9, 2, torch.float32, gen)]
+    x = random_input((2, channels, 3, 5, 4), dtype, FORMATS[fmt], gen)
+    params = [p.detach() for p in _params(channels, 2, torch.float32, gen)]
     real = torch.ops.lgd_fast.squeeze_excite(x, *params, True)
     with FakeTensorMode() as mode:
         fake = torch.ops.lgd_fast.squeeze_excite(mode.from_tensor(x), *[mode.from_tensor(p) for p in params], True)
@@ -247,10 +279,13 @@ def test_rejects_bad_shapes_dtypes_and_layouts(gen):
                                squeeze_excite_reference(strided, w1, b1, w2, b2))  # fmt: skip
 
 
-def test_empty_input():
-    x = torch.randn(0, 4, 2, 3, 3)
+@pytest.mark.parametrize("shape", [(0, 4, 2, 3, 3), (2, 4, 0, 3, 3)], ids=_id)
+@pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
+def test_empty_input(shape, fmt):
+    x = torch.randn(shape).contiguous(memory_format=FORMATS[fmt])
     w1, w2 = torch.randn(2, 4), torch.randn(4, 2)
-    assert squeeze_excite(x, w1, None, w2, None, backend="cpp").shape == x.shape
+    got = squeeze_excite(x, w1, None, w2, None, backend="cpp")
+    assert got.shape == x.shape and got.stride() == x.stride()
 
 
 # ---- recognising squeeze-excitation modules ---------------------------------------------------------------

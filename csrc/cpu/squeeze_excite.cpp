@@ -2,7 +2,7 @@
 //
 // squeeze_excite(x, w1, b1, w2, b2, silu), x: (N, C, T, H, W), w1: (R, C), w2: (C, R):
 //   m = mean of x over (T, H, W)                          (N, C)   one read of x (global_avg_pool.cpp's sums)
-//   s = sigmoid(w2 relu(w1 m + b1) + b2)                  (N, C)   a few thousand multiply-adds, in float64
+//   s = sigmoid(w2 relu(w1 m + b1) + b2)                  (N, C)   a few thousand multiply-adds, in float32
 //   out = silu(x * s) if silu else x * s                           one read of x, one write of out
 // where PyTorch's modules take a mean, two convolutions, a ReLU, a sigmoid, a product and a SiLU: seven calls and
 // two more passes over x. silu(x) = x / (1 + exp(-x)), computed in float32 (bfloat16 widened, rounded once).
@@ -10,7 +10,8 @@
 // exp is this file's own: exp(t) = 2^k * exp(r), k = round(t / ln 2), r = t - k ln 2 (ln 2 in two parts), exp(r)
 // by its Taylor polynomial to degree 7 (truncation below 1e-8 relative on |r| <= ln 2 / 2), 2^k put together
 // from its bits; t is clamped to [-87, 88] so that 2^k stays a normal float. Its error is that of the float32
-// arithmetic, about an ulp (tests/test_op_squeeze_excite.py holds it to twice PyTorch's SiLU error).
+// arithmetic, about an ulp (tests/test_op_squeeze_excite.py holds it to twice PyTorch's SiLU error). SiLU of
+// v < -88, where exp(-v) would pass the clamp, is v * 0 as PyTorch's v * sigmoid(v) (-0, and NaN for -inf).
 //
 // The elementwise loops are compiled once per SIMD path (AVX-512, AVX2, baseline x86-64; isa.h), and a vector's
 // worth of tail runs through the same vector code on a padded copy, so every element gets the same arithmetic
@@ -77,7 +78,8 @@ LGD_INLINE vf<W> vexp(vf<W> t) {
 
 template <int W>
 LGD_INLINE vf<W> vsilu(vf<W> v) {
-  return v / (1.0f + vexp<W>(-v));
+  const vf<W> s = v / (1.0f + vexp<W>(-v));
+  return (v < -88.0f) ? v * 0.0f : s;
 }
 #pragma GCC pop_options
 
