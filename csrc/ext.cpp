@@ -55,8 +55,9 @@ TORCH_LIBRARY(lgd_fast, m) {
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.set_python_module("lgd_fast.ops.squeeze_excite");
-  // Squeeze-excitation, with the SiLU after it in X3D (csrc/cpu/squeeze_excite.cpp). x: (N, C, T, H, W), w1: (R, C), w2: (C, R) ->
-  // x * s (then SiLU when silu), s = sigmoid(w2 relu(w1 mean(x) + b1) + b2) per (n, c); x's dtype and layout.
+  // Squeeze-excitation, with the SiLU after it in X3D (csrc/cpu/squeeze_excite.cpp).
+  // x: (N, C, T, H, W), w1: (R, C), w2: (C, R) -> x * s (then SiLU when silu),
+  // s = sigmoid(w2 relu(w1 mean(x) + b1) + b2) per (n, c); x's dtype and layout.
   m.def("squeeze_excite(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool silu) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   m.set_python_module("lgd_fast.ops.batch_norm_train");

@@ -257,8 +257,7 @@ def _excite_applies(owner: nn.Module, step: _Step, x: torch.Tensor) -> bool:
     their own or global (they would not run)."""
     if x.device.type != "cpu" or cpp_float_input_reason("cpp", x) is not None:
         return False
-    stood_in = [owner.get_submodule(p) for p in (*step.after, step.act)]
-    stood_in += [m for p in step.after for m in owner.get_submodule(p).modules()]
+    stood_in = [owner.get_submodule(step.act), *(m for p in step.after for m in owner.get_submodule(p).modules())]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in stood_in for p in m.parameters())):
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:

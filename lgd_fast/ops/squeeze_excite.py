@@ -145,8 +145,7 @@ def squeeze_excite_convs(module: nn.Module, channels: int) -> tuple[str, str] | 
     (p1, c1), (p2, c2) = convs
     if c1.in_channels != channels or c2.out_channels != channels or c1.out_channels != c2.in_channels:
         return None
-    owned = {id(t) for _, m in convs for t in m.parameters(recurse=False)}
-    if any(id(t) not in owned for t in module.parameters()) or next(module.buffers(), None) is not None:
+    if next(module.buffers(), None) is not None:  # (no other parameters: the two are the only modules with any)
         return None
     probe_module = copy.deepcopy(module).double().eval()
     q1, q2 = probe_module.get_submodule(p1), probe_module.get_submodule(p2)
