@@ -7,10 +7,13 @@ output: relative errors (norm of the difference over the norm of the float64 val
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 
+from lgd_fast.models import p3d as p3d_models
 from lgd_fast.models.blocks import P3DBasicBlock, P3DBottleneck
 from lgd_fast.models.p3d import to_fast_unit
 from lgd_fast.ops import p3d_conv, p3d_conv_reference
@@ -144,6 +147,98 @@ def randomise_block(block: torch.nn.Module, gen: torch.Generator) -> torch.nn.Mo
     return block
 
 
+class ReluBranches:
+    """The ReLUs of one run of a P3D block, in call order: ``F.relu`` (the reference's modules, the global path)
+    and the fused convs' ReLU (``conv_bn`` / ``conv_sum_bn`` with ``relu=True``, as the fast units call them).
+
+    Recording (``force=None``) keeps each ReLU's input where it sees one (``F.relu``) and each output's mask
+    (``> 0``). Forcing (``force``: another run's masks) makes each ``F.relu`` multiply its input by the given mask:
+    a float64 run of the reference through exactly the branches that run took.
+    """
+
+    def __init__(self, force: list[torch.Tensor] | None = None):
+        self.force = force
+        self.inputs: list[torch.Tensor | None] = []
+        self.masks: list[torch.Tensor] = []
+        self._fused = 0  # > 0 inside a fused conv, whose own code may call F.relu
+
+    def _relu(self, real):
+        def relu(x, inplace=False):
+            if self._fused:
+                return real(x, inplace=inplace)
+            k = len(self.masks)
+            if self.force is not None:
+                if k >= len(self.force) or self.force[k].shape != x.shape:
+                    raise AssertionError(f"ReLU {k} of the float64 run does not match the recorded run's")
+                out = x * self.force[k].to(x.dtype)
+            else:
+                self.inputs.append(x.detach().clone())
+                out = real(x, inplace=inplace)
+            self.masks.append(out.detach() > 0)
+            return out
+
+        return relu
+
+    def _fused_conv(self, real):
+        def conv(*args, relu=False, **kwargs):
+            self._fused += 1
+            try:
+                out = real(*args, relu=relu, **kwargs)
+            finally:
+                self._fused -= 1
+            if relu:
+                if self.force is not None:
+                    raise AssertionError("a forced run must be the reference's, whose ReLUs are F.relu")
+                self.inputs.append(None)  # the fused conv's ReLU input never leaves the kernel
+                self.masks.append((out[0] if isinstance(out, tuple) else out).detach() > 0)
+            return out
+
+        return conv
+
+    @contextlib.contextmanager
+    def active(self):
+        saved = F.relu, p3d_models.conv_bn, p3d_models.conv_sum_bn
+        F.relu = self._relu(saved[0])
+        p3d_models.conv_bn, p3d_models.conv_sum_bn = self._fused_conv(saved[1]), self._fused_conv(saved[2])
+        try:
+            yield self
+        finally:
+            F.relu, p3d_models.conv_bn, p3d_models.conv_sum_bn = saved
+
+
+def branch_rows(exact: ReluBranches, ours: ReluBranches, plain: ReluBranches) -> list[dict]:
+    """One row per ReLU: where our mask differs from the float64 one, the largest float64 ReLU input there
+    (``flip_value``), against the largest error of PyTorch's ReLU input at the same dtype (``flip_bound``).
+    A rounding flips only inputs within rounding of zero; a mask that drops real values does not."""
+    if not (len(exact.masks) == len(ours.masks) == len(plain.masks)):
+        return [{"name": "relu count", "finite": True, "shape_ok": False, "flip_value": 0.0, "flip_bound": 0.0}]
+    rows = []
+    for k, (z, mask, z_plain) in enumerate(zip(exact.inputs, ours.masks, plain.inputs, strict=True)):
+        flipped = mask != (z > 0)
+        rows.append(
+            {
+                "name": f"relu{k} flips",
+                "finite": True,
+                "shape_ok": mask.shape == z.shape,
+                "flips": int(flipped.sum()),
+                "flip_value": z[flipped].abs().max().item() if flipped.any() else 0.0,
+                "flip_bound": (z_plain.double() - z).abs().max().item(),
+            }
+        )
+    return rows
+
+
+def check_branches(rows: list[dict], case: str) -> None:
+    """Each ReLU flipped only inputs within twice PyTorch's largest error of that input (``branch_rows``)."""
+    for row in rows:
+        if "flip_value" in row:
+            assert row["shape_ok"], f"{case} {row['name']}: the runs' ReLUs differ in number or shape"
+            assert row["flip_value"] <= 2 * row["flip_bound"], (
+                f"{case} {row['name']}: {row['flips']} masks differ from float64's, at inputs up to "
+                f"{row['flip_value']:.2e}; PyTorch's inputs are within {row['flip_bound']:.2e} of float64's"
+            )
+
+
 def run_unit_case(
     unit, variant, stride, shape, planes, mode, dtype, gen, *, scope="block", layout="contiguous"
 ) -> list[dict]:
@@ -151,6 +246,13 @@ def run_unit_case(
 
     The plain PyTorch yardstick runs in the same layout: PyTorch's own kernels differ by layout (its bfloat16
     BatchNorm backward was seen to be less accurate on channels_last_3d than on contiguous tensors).
+
+    Each run is judged against the float64 reference taken through that run's own ReLU branches
+    (:class:`ReluBranches`): a ReLU input within rounding of zero falls on either side in two implementations,
+    and at the tests' small maps one flipped position with a large gradient moves a weight gradient by tens of
+    percent (seen at bfloat16: 0.119 against PyTorch's 0.043, from flips alone). That is a fact about the input,
+    not the kernel. What a flip may be is checked on its own (``branch_rows``): only inputs within rounding of
+    zero. So the 2x rule measures the arithmetic, and a wrong mask (one that drops a real value) still fails.
 
     scope "block": the whole LGD block (fused unit, fused projection shortcut, global path): outputs x' and g',
     the gradients of x, g and every parameter, and in training the running statistics after the step.
@@ -167,14 +269,15 @@ def run_unit_case(
     g = torch.randn(shape[0], ci, generator=gen, dtype=torch.float64)
     upstream = {}
 
-    def run(block, cast):
+    def run(block, cast, branches):
         block = copy.deepcopy(block).to(cast)
         xs = x.to(cast).contiguous(memory_format=LAYOUTS[layout]).requires_grad_()
         gs = g.to(cast).requires_grad_()
-        if scope == "block":
-            outputs = dict(zip(("out", "g"), block(xs, gs), strict=True))
-        else:
-            outputs = {"out": block.residual(xs) + block.shortcut(xs)}
+        with branches.active():
+            if scope == "block":
+                outputs = dict(zip(("out", "g"), block(xs, gs), strict=True))
+            else:
+                outputs = {"out": block.residual(xs) + block.shortcut(xs)}
         for k, v in outputs.items():
             upstream.setdefault(k, torch.randn(v.shape, generator=gen, dtype=torch.float64))
         loss = sum((v.double() * upstream[k]).sum() for k, v in outputs.items())
@@ -186,16 +289,22 @@ def run_unit_case(
             named.update({k: v for k, v in block.named_buffers() if k.endswith(("running_mean", "running_var"))})
         return named
 
-    reference = run(ref, torch.float64)
-    plain = run(ref, dtype)
-    ours = run(to_fast_unit(copy.deepcopy(ref)), dtype)
-    return [
+    exact, plain_branches, our_branches = ReluBranches(), ReluBranches(), ReluBranches()
+    reference = run(ref, torch.float64, exact)
+    plain = run(ref, dtype, plain_branches)
+    ours = run(to_fast_unit(copy.deepcopy(ref)), dtype, our_branches)
+    rows = branch_rows(exact, our_branches, plain_branches)
+    if any(not row["shape_ok"] for row in rows):
+        return rows
+    for_plain = run(ref, torch.float64, ReluBranches(force=plain_branches.masks))
+    for_ours = run(ref, torch.float64, ReluBranches(force=our_branches.masks))
+    return rows + [
         {
             "name": name,
             "finite": bool(torch.isfinite(a).all()),
             "shape_ok": a.shape == reference[name].shape,
-            "err": rel(a, reference[name]),
-            "torch_err": rel(plain[name], reference[name]),
+            "err": rel(a, for_ours[name]),
+            "torch_err": rel(plain[name], for_plain[name]),
         }
         for name, a in ours.items()
     ]
@@ -226,25 +335,34 @@ def check_rows(rows: list[dict], dtype: str, case: str, *, fp32_tol: float) -> N
             )
 
 
-def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0) -> None:
+def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0, set_aside: float = 0.25) -> None:
     """The 2x-PyTorch rule over several fresh draws: per output, the sum of our errors is at most ``limit`` times
-    the sum of PyTorch's errors at the same dtype, over the draws left after setting aside the worst quarter (by
-    our error over PyTorch's).
+    the sum of PyTorch's errors at the same dtype, over the draws left after setting aside the worst
+    ``set_aside`` share (by our error over PyTorch's). Draws that carry ReLU branch rows (``run_unit_case``) are
+    judged against the float64 run through their own branches, and their branches are checked here.
 
     Used for bfloat16 units, where one draw's error is mostly rounding noise: ReLU masks and batch statistics
     move with every rounding, and at the tests' small maps (4x4 frames after a stride 2) one flipped mask at a
     position with a large gradient moves a weight gradient by tens of percent. Measured over 24 draws of a
     stride-2 bottleneck in training: about one draw in six at 25-37x PyTorch's error, the pooled ratio 1.2-1.35
     (and single draws from 0.2x to 8x elsewhere). A systematic excess moves every draw and still fails.
+
+    The fast units' draws need no set-aside (``set_aside=0``): judged through their own ReLU branches, over
+    40 seeds x 40 CPU cases x 16 draws the pooled ratio over all draws was at most 1.32 (/tmp study, the
+    bfloat16 cases of tests/test_p3d_units.py); through the float64 reference's branches the same draws had
+    set-asides to explain, and 8 interpreted draws with three flipped ones failed (ratio 2.03, seed 3665499384).
     """
     errors: dict[str, list[tuple[float, float]]] = {}
     for rows in draws:
+        check_branches(rows, case)
         for row in rows:
+            if "flip_value" in row:
+                continue
             assert row["finite"], f"{case} {row['name']}: unwritten or non-finite elements"
             assert row["shape_ok"], f"{case} {row['name']}: wrong shape"
             errors.setdefault(row["name"], []).append((row["err"], row["torch_err"]))
     for name, pairs in errors.items():
-        kept = sorted(pairs, key=lambda p: p[0] / (p[1] + 2.0**-24))[: len(pairs) - len(pairs) // 4]
+        kept = sorted(pairs, key=lambda p: p[0] / (p[1] + 2.0**-24))[: len(pairs) - int(len(pairs) * set_aside)]
         ours, torch_ = sum(a for a, _ in kept), sum(b for _, b in kept) + 2.0**-23
         assert ours <= limit * torch_, (
             f"{case} {name}: summed error {ours:.3e} over {len(kept)} of {len(pairs)} draws vs PyTorch's "
@@ -317,7 +435,10 @@ def check_fp32_draws(draws: list[list[dict]], case: str, *, tol: float) -> None:
     """
     errors: dict[str, list[float]] = {}
     for rows in draws:
+        check_branches(rows, case)
         for row in rows:
+            if "flip_value" in row:
+                continue
             assert row["finite"], f"{case} {row['name']}: unwritten or non-finite elements"
             assert row["shape_ok"], f"{case} {row['name']}: wrong shape"
             errors.setdefault(row["name"], []).append(row["err"])

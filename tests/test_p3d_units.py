@@ -13,7 +13,14 @@ import copy
 
 import pytest
 import torch
-from p3d_cases import check_fp32_draws, check_pooled_ratio, randomise_block, run_unit_case, unit_case_id
+from p3d_cases import (
+    ReluBranches,
+    check_fp32_draws,
+    check_pooled_ratio,
+    randomise_block,
+    run_unit_case,
+    unit_case_id,
+)
 
 from lgd_fast import plan
 from lgd_fast.models import (
@@ -24,6 +31,7 @@ from lgd_fast.models import (
     create_model,
     to_fast,
 )
+from lgd_fast.models import p3d as p3d_models
 from lgd_fast.models.p3d import to_fast_unit
 from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.ops import p3d_conv
@@ -70,7 +78,55 @@ def test_fast_unit_matches_reference_block(case, gen):
     if scope == "block":
         check_fp32_draws(draws, unit_case_id(*case), tol=1e-4)
     else:
-        check_pooled_ratio(draws, unit_case_id(*case))
+        check_pooled_ratio(draws, unit_case_id(*case), set_aside=0)
+
+
+def test_the_float64_run_forced_through_its_own_branches_is_the_reference(gen):
+    """ReluBranches' forcing reproduces a run exactly when given that run's own masks, and moves it when one mask
+    element flips: run_unit_case's yardstick differs from the float64 reference only where the branches do."""
+    block = randomise_block(P3DBottleneck(12, 5, variant="C", stride=2, global_reduction=4), gen).double()
+    x = torch.randn(2, 12, 3, 9, 9, generator=gen, dtype=torch.float64)
+    g = torch.randn(2, 12, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(2, 5 * 4, 3, 5, 5, generator=gen, dtype=torch.float64)
+
+    def run(branches):
+        model = copy.deepcopy(block)
+        xs = x.clone().requires_grad_()
+        with branches.active():
+            out, g_out = model(xs, g)
+        grads = torch.autograd.grad((out * upstream).sum() + g_out.sum(), [xs, *model.parameters()])
+        return [out, g_out, *grads]
+
+    recorded = ReluBranches()
+    natural = run(recorded)
+    assert len(recorded.masks) == 5  # the unit's three (C variant), the global path's and the block end's
+    for a, b in zip(natural, run(ReluBranches(force=recorded.masks)), strict=True):
+        assert torch.equal(a, b)
+    flipped = [m.clone() for m in recorded.masks]
+    flipped[0].view(-1)[0] ^= True
+    assert not torch.equal(natural[2], run(ReluBranches(force=flipped))[2])  # grad_x
+
+
+def test_a_fused_relu_that_drops_a_real_value_fails_the_unit_check(gen, monkeypatch):
+    """Each run is judged through its own ReLU branches (run_unit_case); a branch no rounding explains (the
+    largest value of a fused ReLU's output zeroed, with a backward that agrees) must still fail, by the flip
+    check."""
+    real = p3d_models.conv_bn
+
+    def drops_largest(*args, relu=False, **kwargs):
+        out = real(*args, relu=relu, **kwargs)
+        if not relu:
+            return out
+        keep = torch.ones_like(out, memory_format=torch.contiguous_format)
+        keep.view(-1)[out.detach().flatten().argmax()] = 0  # flatten and a contiguous view: the logical order
+        return out * keep
+
+    monkeypatch.setattr(p3d_models, "conv_bn", drops_largest)
+    geometry = ("bottleneck", "A", 1, (2, 20, 3, 7, 7), 5, "eval", "bfloat16")
+    with plan.forced():
+        draws = [run_unit_case(*geometry, gen=gen, scope="unit", layout="channels_last_3d") for _ in range(2)]
+    with pytest.raises(AssertionError, match=r"relu0 flips: \d+ masks differ from float64.s"):
+        check_pooled_ratio(draws, "dropped value", set_aside=0)
 
 
 def test_fast_units_load_the_reference_state_dict_and_add_no_state():
