@@ -60,15 +60,7 @@ def input_set_count(bytes_per_set: int, *, min_sets: int = 3, cache_multiple: fl
     return max(min_sets, want)
 
 
-def steady_malloc() -> bool:
-    """Makes glibc keep freed memory for reuse: no mmap for big blocks, no trimming of the heap (Linux/glibc).
-
-    By default glibc maps blocks above its (at most 32 MiB) mmap threshold fresh from the kernel and unmaps
-    them on free, so every call that allocates a big output pays page faults (tens of ms for 50 MB), and
-    whether a call does depends on what ran before it. Caching allocators (PyTorch's CUDA one, jemalloc,
-    tcmalloc) do not; with this the timings measure the kernels. Returns False where it cannot apply.
-    """
-    return _bench.glibc_mallopt({_bench.M_MMAP_MAX: 0, _bench.M_TRIM_THRESHOLD: 2**31 - 1}) is not None
+steady_malloc = _bench.steady_malloc  # (lgd_fast.bench, for the isolated processes)
 
 
 # ---- floors ----------------------------------------------------------------------------------------
@@ -257,117 +249,7 @@ def measure_op_row(
 
 # ---- candidates in processes of their own ----------------------------------------------------------
 
-
-def _isolated_worker(conn, build, args: tuple, threads: int, steady: bool) -> None:
-    """A candidate's process: the coordinator's threads, in-process compiles and malloc setting, then builds its
-    call (``build(*args)`` -> (call, info)), sends ``("ready", info)`` and answers each ``("time", n)`` with the
-    seconds of n calls until ``("stop", 0)``."""
-    import traceback
-
-    torch.set_num_threads(threads)
-    compile_in_process()
-    if steady:
-        steady_malloc()
-    try:
-        call, info = build(*args)
-    except BaseException:  # the coordinator names the candidate and shows this
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ready", info))
-    while True:
-        command, n = conn.recv()
-        if command == "stop":
-            return
-        seconds = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            call()
-            seconds.append(time.perf_counter() - t0)
-        conn.send(seconds)
-
-
-def _answer(name: str, process, conn) -> Any:
-    """The next message from candidate ``name``'s process; a clear error naming it when the process has died."""
-    try:
-        while not conn.poll(1.0):
-            if not process.is_alive():
-                break
-        return conn.recv()
-    except (EOFError, OSError):
-        pass
-    process.join(timeout=5)
-    raise RuntimeError(f"candidate {name!r}: its process ended with exit code {process.exitcode} (a negative code is "
-                       "the signal that killed it; any traceback is in the output above)")  # fmt: skip
-
-
-def time_isolated(
-    builders: Mapping[str, tuple[Callable[..., tuple[Callable[[], Any], dict]], tuple]],
-    *,
-    repeats: int,
-    warmup: int,
-    burst: int = 2,
-    steady: bool = False,
-    gap_s: float = 0.05,
-    progress: Callable[[str], Any] | None = None,
-) -> tuple[dict[str, list[float]], dict[str, dict]]:
-    """Times each candidate in a process of its own, as one model per process is deployed: nothing another
-    candidate built (oneDNN's primitive and weight caches, compiled graphs, the heap's state) is there with it.
-
-    ``builders``: name -> (build, args), ``build`` a module-level function (processes are spawned) returning
-    (call, info): ``call()`` runs the candidate once, ``info`` is sent back. The processes are built one after
-    another (no two compile at once), warmed up ``warmup`` calls each, then timed in ``repeats`` rounds that hand
-    each process ``burst`` back-to-back calls in turn, the order shifting by one every round; the first call of
-    each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
-    time, and ``gap_s`` passes between turns, a precaution: libgomp's threads wait busy for a while after their
-    last parallel region. (Its effect is not established: a run without the gap had the eager X3D at 45 ms and the
-    next, with it, at 22 ms, but a later run with the gap measured 45 ms again in a slow phase of the machine; a
-    /proc sample of an R(2+1)D run with the gap found one process busy at a time.) ``steady``: each process runs
-    :func:`steady_malloc` first (pass what :func:`prepare_run` returned). Returns name -> the seconds of its timed
-    calls, and name -> its ``info``."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    threads = torch.get_num_threads()
-    workers: dict[str, tuple[Any, Any]] = {}
-    infos: dict[str, dict] = {}
-    try:
-        for name, (build, args) in builders.items():
-            if progress is not None:
-                progress(f"building {name}")
-            parent, child = context.Pipe()
-            process = context.Process(target=_isolated_worker, args=(child, build, args, threads, steady), daemon=True)
-            process.start()
-            child.close()
-            workers[name] = (process, parent)
-            status, info = _answer(name, process, parent)
-            if status == "error":
-                raise RuntimeError(f"candidate {name!r} failed to build in its process:\n{info}")
-            infos[name] = info
-        for name, (process, conn) in workers.items():
-            conn.send(("time", warmup))
-            _answer(name, process, conn)
-        names = list(workers)
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(repeats):
-            for j in range(len(names)):
-                name = names[(r + j) % len(names)]
-                process, conn = workers[name]
-                time.sleep(gap_s)  # the last process's threads stop spinning (libgomp may wait busy)
-                conn.send(("time", burst))
-                seconds = _answer(name, process, conn)
-                samples[name].extend(seconds[1:] if burst > 1 else seconds)
-            if progress is not None:
-                progress(f"round {r + 1}/{repeats}")
-        return samples, infos
-    finally:
-        for process, conn in workers.values():
-            try:
-                conn.send(("stop", 0))
-            except (BrokenPipeError, OSError):
-                pass
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+time_isolated = _bench.time_isolated  # (lgd_fast.bench: lgd-fast bench --isolated uses it too)
 
 
 # ---- a benchmark script's command line and set-up ---------------------------------------------------
@@ -390,15 +272,7 @@ def add_common_arguments(parser, *, default_out: Path | None, repeats: tuple[int
     parser.set_defaults(_repeats_default=repeats)
 
 
-def compile_in_process() -> None:
-    """Inductor compiles in this process (no pool of compile workers competing with the timed calls), and no graph
-    compiled under an older op is reused (the compile cache keyed by the ops' sources)."""
-    import torch._inductor.config
-
-    from lgd_fast.ops._common import compile_cache_tag
-
-    torch._inductor.config.compile_threads = 1
-    torch.compiler.config.cache_key_tag = compile_cache_tag()
+compile_in_process = _bench.compile_in_process  # (lgd_fast.bench, for the isolated processes)
 
 
 def prepare_run(args, device: torch.device | str = "cpu") -> dict[str, Any]:

@@ -110,7 +110,7 @@ def _status_bytes(key: str) -> int | None:
     return int(match.group(1)) * 1024 if match else None
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (benchmarks/_harness.steady_malloc)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (steady_malloc)
 
 
 def glibc_mallopt(settings: dict[int, int]):
@@ -133,6 +133,28 @@ def glibc_mallopt(settings: dict[int, int]):
 def _glibc():
     """glibc, for ``malloc_trim``; no setting changed (the process runs on as it was). Loaded once."""
     return glibc_mallopt({})
+
+
+def steady_malloc() -> bool:
+    """Makes glibc keep freed memory for reuse: no mmap for big blocks, no trimming of the heap (Linux/glibc).
+
+    By default glibc maps blocks above its (at most 32 MiB) mmap threshold fresh from the kernel and unmaps
+    them on free, so every call that allocates a big output pays page faults (tens of ms for 50 MB), and
+    whether a call does depends on what ran before it. Caching allocators (PyTorch's CUDA one, jemalloc,
+    tcmalloc) do not; with this the timings measure the kernels. Returns False where it cannot apply.
+    """
+    return glibc_mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}) is not None
+
+
+def compile_in_process() -> None:
+    """Inductor compiles in this process (no pool of compile workers competing with the timed calls), and no graph
+    compiled under an older op is reused (the compile cache keyed by the ops' sources)."""
+    import torch._inductor.config
+
+    from .ops._common import compile_cache_tag
+
+    torch._inductor.config.compile_threads = 1
+    torch.compiler.config.cache_key_tag = compile_cache_tag()
 
 
 def _peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
@@ -479,6 +501,118 @@ def time_interleaved(
     return samples, warmup_s
 
 
+def _isolated_worker(conn, build, args: tuple, threads: int, steady: bool) -> None:
+    """A candidate's process: the coordinator's threads, in-process compiles and malloc setting, then builds its
+    call (``build(*args)`` -> (call, info)), sends ``("ready", info)`` and answers each ``("time", n)`` with the
+    seconds of n calls until ``("stop", 0)``."""
+    import traceback
+
+    torch.set_num_threads(threads)
+    compile_in_process()
+    if steady:
+        steady_malloc()
+    try:
+        call, info = build(*args)
+    except BaseException:  # the coordinator names the candidate and shows this
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", info))
+    while True:
+        command, n = conn.recv()
+        if command == "stop":
+            return
+        seconds = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            call()
+            seconds.append(time.perf_counter() - t0)
+        conn.send(seconds)
+
+
+def _answer(name: str, process, conn) -> Any:
+    """The next message from candidate ``name``'s process; a clear error naming it when the process has died."""
+    try:
+        while not conn.poll(1.0):
+            if not process.is_alive():
+                break
+        return conn.recv()
+    except (EOFError, OSError):
+        pass
+    process.join(timeout=5)
+    raise RuntimeError(f"candidate {name!r}: its process ended with exit code {process.exitcode} (a negative code is "
+                       "the signal that killed it; any traceback is in the output above)")  # fmt: skip
+
+
+def time_isolated(
+    builders: Mapping[str, tuple[Callable[..., tuple[Callable[[], Any], dict]], tuple]],
+    *,
+    repeats: int,
+    warmup: int,
+    burst: int = 2,
+    steady: bool = False,
+    gap_s: float = 0.05,
+    progress: Callable[[str], Any] | None = None,
+) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    """Times each candidate in a process of its own, as one model per process is deployed: nothing another
+    candidate built (oneDNN's primitive and weight caches, compiled graphs, the heap's state) is there with it.
+
+    ``builders``: name -> (build, args), ``build`` a module-level function (processes are spawned) returning
+    (call, info): ``call()`` runs the candidate once, ``info`` is sent back. The processes are built one after
+    another (no two compile at once), warmed up ``warmup`` calls each, then timed in ``repeats`` rounds that hand
+    each process ``burst`` back-to-back calls in turn, the order shifting by one every round; the first call of
+    each burst (the process's threads waking up) is left out unless ``burst`` is 1. Only one process runs at a
+    time, and ``gap_s`` passes between turns, a precaution: libgomp's threads wait busy for a while after their
+    last parallel region. (Its effect is not established: a run without the gap had the eager X3D at 45 ms and the
+    next, with it, at 22 ms, but a later run with the gap measured 45 ms again in a slow phase of the machine; a
+    /proc sample of an R(2+1)D run with the gap found one process busy at a time.) ``steady``: each process runs
+    :func:`steady_malloc` first (pass what :func:`prepare_run` returned). Returns name -> the seconds of its timed
+    calls, and name -> its ``info``."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    threads = torch.get_num_threads()
+    workers: dict[str, tuple[Any, Any]] = {}
+    infos: dict[str, dict] = {}
+    try:
+        for name, (build, args) in builders.items():
+            if progress is not None:
+                progress(f"building {name}")
+            parent, child = context.Pipe()
+            process = context.Process(target=_isolated_worker, args=(child, build, args, threads, steady), daemon=True)
+            process.start()
+            child.close()
+            workers[name] = (process, parent)
+            status, info = _answer(name, process, parent)
+            if status == "error":
+                raise RuntimeError(f"candidate {name!r} failed to build in its process:\n{info}")
+            infos[name] = info
+        for name, (process, conn) in workers.items():
+            conn.send(("time", warmup))
+            _answer(name, process, conn)
+        names = list(workers)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]
+                process, conn = workers[name]
+                time.sleep(gap_s)  # the last process's threads stop spinning (libgomp may wait busy)
+                conn.send(("time", burst))
+                seconds = _answer(name, process, conn)
+                samples[name].extend(seconds[1:] if burst > 1 else seconds)
+            if progress is not None:
+                progress(f"round {r + 1}/{repeats}")
+        return samples, infos
+    finally:
+        for process, conn in workers.values():
+            try:
+                conn.send(("stop", 0))
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
 def pass_call(pass_: str, module: torch.nn.Module, runner: Callable, inputs: Sequence[torch.Tensor],
               labels: torch.Tensor, autocast) -> Callable[[], Any]:  # fmt: skip
     """One timed call of a candidate in ``pass_``, each call on the next of ``inputs`` in turn: inference (and
@@ -513,6 +647,53 @@ def pass_call(pass_: str, module: torch.nn.Module, runner: Callable, inputs: Seq
     return step
 
 
+def _isolated_candidate(spec: dict[str, Any]) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """Candidate ``spec["candidate"]`` of pass ``spec["pass"]`` built in this (spawned) process as :func:`run_bench`
+    builds it in its own (:func:`_models`, the same seeded weights; :func:`pass_call`), warmed up and its peak
+    memory measured: (its call, ``{"warmup_s", "peak_memory_bytes"}``) for :func:`time_isolated`."""
+    dev = torch.device(spec["device"])
+    name, pass_ = spec["candidate"], spec["pass"]
+    module, runner, layout = _models(spec["model"], spec["num_classes"], dev, [name], spec["compile_mode"])[name]
+    gen = torch.Generator().manual_seed(0)
+    clips = [torch.randn(spec["shape"], generator=gen) for _ in range(2)]  # not zeros
+    labels = torch.randint(0, spec["num_classes"], (spec["shape"][0],), generator=gen).to(dev)
+    if spec["dtype"] == "bf16-weights":
+        module.to(torch.bfloat16)
+        clips = [c.to(torch.bfloat16) for c in clips]
+    if spec["channels_last"]:
+        module.to(memory_format=torch.channels_last_3d)
+        layout = torch.channels_last_3d
+    inputs = [c.to(dev).contiguous(memory_format=layout) for c in clips]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=spec["dtype"] == "bf16")
+    call = pass_call(pass_, module, runner, inputs, labels, autocast)
+    t0 = time.perf_counter()
+    for _ in range(spec["warmup"]):  # compiles, records, warms the allocator
+        call()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    warmup_s = time.perf_counter() - t0
+    return call, {"warmup_s": warmup_s, "peak_memory_bytes": _peak_memory(call, dev)}
+
+
+def _time_passes_isolated(spec, shapes, per_pass, repeats, warmup, bar) -> tuple[dict, dict]:
+    """pass -> (samples, warm-up seconds) and pass -> peak memory per candidate, each candidate of each pass built
+    and timed in a process of its own (:func:`time_isolated`), one pass after another."""
+    timings, memory = {}, {}
+    for pass_, names in per_pass.items():
+        args = {**spec, "pass": pass_, "shape": shapes[pass_], "warmup": warmup}
+        builders = {n: (_isolated_candidate, ({**args, "candidate": n},)) for n in names}
+
+        def progress(message: str, pass_=pass_) -> None:
+            bar.set_description(f"bench {pass_}: {message}")
+            if message.startswith("round"):
+                bar.update(1)
+
+        samples, infos = time_isolated(builders, repeats=repeats, warmup=1, progress=progress)
+        timings[pass_] = (samples, {n: info["warmup_s"] for n, info in infos.items()})
+        memory[pass_] = {n: info["peak_memory_bytes"] for n, info in infos.items()}
+    return timings, memory
+
+
 def run_bench(
     model: str = "lgd3d_r50",
     *,
@@ -529,9 +710,12 @@ def run_bench(
     compile_mode: str | None = None,
     channels_last: bool = False,
     progress: bool = True,
+    isolated: bool = False,
 ) -> dict[str, Any]:
     """Times ``candidates`` on ``passes``; returns the result dict (see the module docstring). ``channels_last``:
-    every clip (not only the channels-last candidates') and every model in channels_last_3d."""
+    every clip (not only the channels-last candidates') and every model in channels_last_3d. ``isolated``: each
+    candidate of each pass built, warmed up, measured for memory and timed in a process of its own, the
+    processes taking turns (:func:`time_isolated`); otherwise every candidate in this process, interleaved."""
     from tqdm.auto import tqdm
 
     unknown = [c for c in candidates if c not in CANDIDATES] + [p for p in passes if p not in PASSES]
@@ -576,9 +760,15 @@ def run_bench(
     memory_calls: dict[str, dict] = {}
     timings: dict[str, tuple] = {}
     per_pass = {p: [c for c in models if not (p == "training" and c in INFERENCE_ONLY)] for p in passes}
-    total = sum(len(names) * (repeats + max(warmup, 1) + 1) for names in per_pass.values())
-    bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
-    for pass_ in passes:
+    if isolated:
+        spec = {"model": model, "num_classes": num_classes, "device": str(dev), "compile_mode": compile_mode,
+                "dtype": dtype, "channels_last": channels_last}  # fmt: skip
+        bar = tqdm(total=len(passes) * repeats, desc="bench", unit="round", disable=not progress)
+        timings, isolated_memory = _time_passes_isolated(spec, shapes, per_pass, repeats, max(warmup, 1), bar)
+    else:
+        total = sum(len(names) * (repeats + max(warmup, 1) + 1) for names in per_pass.values())
+        bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
+    for pass_ in passes if not isolated else ():
         calls: dict[str, Callable[[], Any]] = {}
         for name in per_pass[pass_]:
             module, runner, layout = models[name]
@@ -594,12 +784,15 @@ def run_bench(
     peak = max(p["gflops_per_s"] for p in peaks)
     floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if models else {}
     for pass_ in passes:  # peak memory after the timings (malloc_trim makes the next call fault its pages in)
-        calls = memory_calls[pass_]
-        memory = {name: _peak_memory(call, dev) for name, call in calls.items()}
-        bar.update(len(calls))
+        if isolated:  # measured in each candidate's own process, before its timings
+            memory = isolated_memory[pass_]
+        else:
+            calls = memory_calls[pass_]
+            memory = {name: _peak_memory(call, dev) for name, call in calls.items()}
+            bar.update(len(calls))
         samples, first_call = timings[pass_]
         rows = {}
-        for name in calls:
+        for name in per_pass[pass_]:
             timing = percentiles(samples[name])
             share = flops[pass_] / timing["median_s"] / 1e9 / peak if pass_ != "training" else None
             floor = floors.get(pass_, {}).get("seconds")
@@ -621,7 +814,7 @@ def run_bench(
         "machine": machine_info(dev),
         "settings": {"repeats": repeats, "warmup": warmup, "compile_mode": compile_mode, "channels_last": channels_last,
                      "threads": torch.get_num_threads(), "candidates": list(candidates),
-                     "passes": list(passes)},  # fmt: skip
+                     "passes": list(passes), "isolated": isolated},  # fmt: skip
         "conv_peak": {"gflops_per_s": peak, "measurements": peaks},
         "conv_floor": floors,
         "model_gflops": {p: f / 1e9 for p, f in flops.items()},
@@ -644,7 +837,10 @@ def run_bench(
             "accuracy (bf16 runs): the fast model's and the reference's logits in bf16 against the float32 reference "
             "(bf16-weights: the float32 model the weights were cast from), max error over the largest logit, and "
             "both against its float64 copy by relative error",
-            "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)",
+            "latency percentiles over interleaved calls (a round calls every candidate once, rotating order)"
+            if not isolated else "isolated: each candidate of each pass built, warmed up, measured for memory and "
+            "timed in a process of its own (time_isolated); the processes take turns of 2 back-to-back calls, the "
+            "first left out, 50 ms apart, the order rotating each round",
             "fast: eager CPU work in the activation arena (lgd_fast.arena; training: forward and backward), "
             "inference as its recorded program (lgd_fast.recorded: recorded on its second call, a warm-up call); "
             "fast_not_recorded: every call through its layers' Python; fast_no_arena: without the arena; "

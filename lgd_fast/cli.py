@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out-dir", default="lgd_bench",
                        help="folder for the results (default: ./lgd_bench): bench_<model>_<dtype>_<device>.json")
     bench.add_argument("--out", help="JSON path instead (e.g. benchmarks/results/....json); a PNG is written beside it")
+    bench.add_argument("--isolated", action="store_true",
+                       help="each candidate built and timed in a process of its own, the processes taking turns (as "
+                            "one model per process is deployed; default: all in this process, interleaved)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -288,13 +291,13 @@ def _bench(args) -> int:
         payload = bench.run_bench(
             args.model, batch=args.batch, frames=args.frames, size=args.size, device=args.device, dtype=args.dtype,
             passes=passes, candidates=candidates, repeats=args.repeats, warmup=args.warmup,
-            channels_last=args.channels_last, progress=not args.no_progress,
+            channels_last=args.channels_last, progress=not args.no_progress, isolated=args.isolated,
         )  # fmt: skip
     except (ValueError, RuntimeError) as err:
         print(f"lgd-fast bench: error: {err}", file=sys.stderr)
         return 2
     where = bench.device_slug(payload["device"], name=payload["machine"].get("cuda_device", "cuda"))
-    layout = "_cl3d" if args.channels_last else ""
+    layout = ("_cl3d" if args.channels_last else "") + ("_isolated" if args.isolated else "")
     out = args.out or os.path.join(args.out_dir, f"bench_{args.model}_{args.dtype}{layout}_{where}.json")
     path = bench.write_json(out, payload)
     png = bench.plot_bench(payload, path.with_suffix(".png"))

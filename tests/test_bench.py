@@ -288,6 +288,44 @@ def test_cli_writes_json_and_png(tmp_path, capsys):
     assert "clips/s" in printed and "NOT met" not in printed and "not judged" in printed
 
 
+def test_cli_isolated_times_each_candidate_in_a_process_of_its_own(tmp_path, capsys):
+    """lgd-fast bench --isolated: every candidate of every pass timed (time_isolated: its own process, tested in
+    test_time_isolated_runs_each_candidate_in_a_process_of_its_own), with the warm-up and peak memory its process
+    measured; the file is named and its settings and notes say so."""
+    argv = ["bench", "--model", "lgd3d_tiny", "--batch", "2", "--frames", "4", "--size", "32", "--repeats", "2",
+            "--passes", "inference,training", "--candidates", "reference_channels_last,fast", "--isolated",
+            "--no-progress", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    path = tmp_path / "bench_lgd3d_tiny_fp32_isolated_cpu.json"
+    payload = json.loads(path.read_text())
+    assert payload["settings"]["isolated"] is True
+    assert any(note.startswith("isolated: each candidate") for note in payload["notes"])
+    for pass_ in ("inference", "training"):
+        rows = payload["results"][pass_]
+        assert set(rows) == {"reference_channels_last", "fast"}
+        for row in rows.values():
+            assert row["calls"] == 2 and 0 < row["min_s"] <= row["median_s"] and row["warmup_s"] > 0
+            assert row["peak_memory_bytes"] is None or row["peak_memory_bytes"] > 0
+    assert "training  fast" in capsys.readouterr().out
+
+
+def test_an_isolated_candidate_is_built_as_run_bench_builds_it():
+    """What each --isolated process builds (here in this process): the candidates with one set of weights (the
+    fast model's logits equal the channels-last reference's to float32 rounding), bf16 weights where asked, and a
+    training step."""
+    spec = {"model": "lgd3d_tiny", "num_classes": 5, "device": "cpu", "compile_mode": None, "dtype": "fp32",
+            "channels_last": False, "pass": "inference", "shape": (2, 3, 4, 32, 32), "warmup": 1}  # fmt: skip
+    want, info = bench._isolated_candidate({**spec, "candidate": "reference_channels_last"})
+    got, _ = bench._isolated_candidate({**spec, "candidate": "fast"})
+    assert info["warmup_s"] > 0 and set(info) == {"warmup_s", "peak_memory_bytes"}
+    a, b = got(), want()
+    assert a.shape == (2, 5) and ((a - b).norm() / b.norm()).item() < 1e-5
+    half, _ = bench._isolated_candidate({**spec, "candidate": "fast", "dtype": "bf16-weights"})
+    assert half().dtype == torch.bfloat16
+    step, _ = bench._isolated_candidate({**spec, "candidate": "fast", "pass": "training"})
+    step()
+
+
 def test_cli_bf16_prints_both_errors(tmp_path, capsys):
     out = tmp_path / "bench.json"
     argv = ["bench", "--model", "lgd3d_tiny", "--batch", "1", "--frames", "4", "--size", "32", "--repeats", "1",
