@@ -208,32 +208,42 @@ class ReluBranches:
 
 def branch_rows(exact: ReluBranches, ours: ReluBranches, plain: ReluBranches) -> list[dict]:
     """One row per ReLU: where our mask differs from the float64 one, the largest float64 ReLU input there
-    (``flip_value``), against the largest error of PyTorch's ReLU input at the same dtype (``flip_bound``).
-    A rounding flips only inputs within rounding of zero; a mask that drops real values does not."""
+    (``flip_value``), against the largest error of PyTorch's ReLU input at the same dtype (``flip_bound``), the
+    largest float64 input (``scale``), and how many masks differ in ours and in PyTorch's (``flips``,
+    ``torch_flips``). A rounding flips only inputs within rounding of zero; a mask that drops real values does not."""
     if not (len(exact.masks) == len(ours.masks) == len(plain.masks)):
         return [{"name": "relu count", "finite": True, "shape_ok": False, "flip_value": 0.0, "flip_bound": 0.0}]
     rows = []
-    for k, (z, mask, z_plain) in enumerate(zip(exact.inputs, ours.masks, plain.inputs, strict=True)):
-        flipped = mask != (z > 0)
-        rows.append(
-            {
-                "name": f"relu{k} flips",
-                "finite": True,
-                "shape_ok": mask.shape == z.shape,
-                "flips": int(flipped.sum()),
-                "flip_value": z[flipped].abs().max().item() if flipped.any() else 0.0,
-                "flip_bound": (z_plain.double() - z).abs().max().item(),
-            }
-        )
+    for k, (z, mask, z_plain, plain_mask) in enumerate(zip(exact.inputs, ours.masks, plain.inputs, plain.masks,
+                                                           strict=True)):  # fmt: skip
+        row = {"name": f"relu{k} flips", "finite": True, "shape_ok": mask.shape == z.shape, "flip_value": 0.0,
+               "flip_bound": 0.0}  # fmt: skip
+        if row["shape_ok"]:
+            flipped = mask != (z > 0)
+            row.update(
+                flips=int(flipped.sum()),
+                torch_flips=int((plain_mask != (z > 0)).sum()),
+                flip_value=z[flipped].abs().max().item() if flipped.any() else 0.0,
+                flip_bound=(z_plain.double() - z).abs().max().item(),
+                scale=z.abs().max().item(),
+            )
+        rows.append(row)
     return rows
 
 
-def check_branches(rows: list[dict], case: str) -> None:
-    """Each ReLU flipped only inputs within twice PyTorch's largest error of that input (``branch_rows``)."""
+def check_branches(rows: list[dict], case: str, *, floor: float = 0.0) -> None:
+    """Each ReLU flipped only inputs within twice PyTorch's largest error of that input, or within ``floor`` times
+    the largest input (a float32 case's tolerance: there PyTorch's error can be far below it) (``branch_rows``).
+
+    What this cannot see: a ReLU whose threshold moved by less than that band (at bfloat16 about 1e-2 of the
+    largest input), which is what rounding does. The number of flips is not judged: at these sizes it is a few
+    per ReLU and draw (bfloat16 CPU units, a /tmp study over 22800 ReLU draws: 3.42 on average ours, 3.50
+    PyTorch's), too few for a ratio rule that a correct kernel would not fail by chance."""
     for row in rows:
         if "flip_value" in row:
             assert row["shape_ok"], f"{case} {row['name']}: the runs' ReLUs differ in number or shape"
-            assert row["flip_value"] <= 2 * row["flip_bound"], (
+            bound = max(2 * row["flip_bound"], floor * row["scale"])
+            assert row["flip_value"] <= bound, (
                 f"{case} {row['name']}: {row['flips']} masks differ from float64's, at inputs up to "
                 f"{row['flip_value']:.2e}; PyTorch's inputs are within {row['flip_bound']:.2e} of float64's"
             )
@@ -260,6 +270,9 @@ def run_unit_case(
     and of every parameter of the unit, and in training the running statistics (the global path, the
     reference's own code, is left out: its gradients are sums through the block's last ReLU, whose mask
     flips with any rounding, so at bfloat16 they measure noise, not the unit).
+
+    The plan must not measure candidates while a run records its ReLUs (each would add its own): callers run
+    under :func:`lgd_fast.plan.forced` (the tests' plan is "default", which measures nothing, in any case).
     """
     dtype = getattr(torch, dtype)
     ci = shape[1]
@@ -435,7 +448,7 @@ def check_fp32_draws(draws: list[list[dict]], case: str, *, tol: float) -> None:
     """
     errors: dict[str, list[float]] = {}
     for rows in draws:
-        check_branches(rows, case)
+        check_branches(rows, case, floor=tol)
         for row in rows:
             if "flip_value" in row:
                 continue

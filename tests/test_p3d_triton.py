@@ -171,11 +171,11 @@ def test_triton_fast_unit_matches_reference(interpreted, case):
 
     draws = interpreted["unit"][_unit_id(case)]
     label = f"{_unit_id(case)} (seed {interpreted['seed']})"
-    assert {"out", "grad_x", "grad_conv1.weight"} <= {r["name"] for r in draws[0]}
-    if case[-1] == "float32":
+    if case[-1] == "float32":  # (first: a run whose ReLUs differ from the reference's is named there)
         check_fp32_draws(draws, label, tol=1e-4)
     else:
         check_pooled_ratio(draws, label, set_aside=0)
+    assert {"out", "grad_x", "grad_conv1.weight"} <= {r["name"] for r in draws[0]}
 
 
 def test_first_training_call_through_the_autotuner_has_exact_statistics(interpreted):
