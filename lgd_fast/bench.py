@@ -774,18 +774,18 @@ def run_bench(
     else:
         total = sum(len(names) * (repeats + max(warmup, 1) + 1) for names in per_pass.values())
         bar = tqdm(total=total, desc="bench", unit="call", disable=not progress)
-    for pass_ in passes if not isolated else ():
-        calls: dict[str, Callable[[], Any]] = {}
-        for name in per_pass[pass_]:
-            module, runner, layout = models[name]
-            fmt = torch.channels_last_3d if channels_last else layout
-            inputs = [c.contiguous(memory_format=fmt) for c in clips[pass_]]
-            calls[name] = pass_call(pass_, module, runner, inputs, labels, autocast)
-        samples, first_call = time_interleaved(  # the warm-up compiles and warms the allocator
-            calls, repeats=repeats, warmup=max(warmup, 1), device=dev, progress=bar.update
-        )
-        memory_calls[pass_] = calls
-        timings[pass_] = (samples, first_call)
+        for pass_ in passes:
+            calls: dict[str, Callable[[], Any]] = {}
+            for name in per_pass[pass_]:
+                module, runner, layout = models[name]
+                fmt = torch.channels_last_3d if channels_last else layout
+                inputs = [c.contiguous(memory_format=fmt) for c in clips[pass_]]
+                calls[name] = pass_call(pass_, module, runner, inputs, labels, autocast)
+            samples, first_call = time_interleaved(  # the warm-up compiles and warms the allocator
+                calls, repeats=repeats, warmup=max(warmup, 1), device=dev, progress=bar.update
+            )
+            memory_calls[pass_] = calls
+            timings[pass_] = (samples, first_call)
     peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
     peak = max(p["gflops_per_s"] for p in peaks)
     floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if models else {}
