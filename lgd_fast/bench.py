@@ -745,7 +745,8 @@ def run_bench(
               "latency": (1, 3, frames, size, size)}  # fmt: skip
     clips = {p: [torch.randn(shapes[p], generator=gen).to(dev) for _ in range(2)] for p in passes}  # not zeros
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(dev)
-    models = _models(model, num_classes, dev, candidates, compile_mode)
+    names = list(dict.fromkeys(candidates))
+    models = _models(model, num_classes, dev, _built_here(names, dtype, passes, isolated), compile_mode)
     float32_model = None
     if dtype == "bf16-weights":  # (torch.compile traces on the first call, so the compiled runners see bfloat16)
         ref_name = _accuracy_reference(models)
@@ -759,13 +760,15 @@ def run_bench(
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     peaks = [conv_peak(dev, dtype)]
     flops = {}
-    if models:
-        module = next(iter(models.values()))[0]
-        flops = {p: model_flops(module, clips[p][0][:1]) * shapes[p][0] for p in passes}
+    if names:  # counted on a plain reference: a fast model's first call at a shape measures its plan, every trial
+        from .models import create_model  # through its modules' hooks
+
+        plain = create_model(model, num_classes, classifier="two_heads")
+        flops = {p: model_flops(plain, clips[p][0][:1].float().cpu()) * shapes[p][0] for p in passes}
     results: dict[str, Any] = {}
     memory_calls: dict[str, dict] = {}
     timings: dict[str, tuple] = {}
-    per_pass = {p: [c for c in models if not (p == "training" and c in INFERENCE_ONLY)] for p in passes}
+    per_pass = {p: [c for c in names if not (p == "training" and c in INFERENCE_ONLY)] for p in passes}
     if isolated:
         spec = {"model": model, "num_classes": num_classes, "device": str(dev), "compile_mode": compile_mode,
                 "dtype": dtype, "channels_last": channels_last}  # fmt: skip
@@ -788,7 +791,7 @@ def run_bench(
             timings[pass_] = (samples, first_call)
     peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
     peak = max(p["gflops_per_s"] for p in peaks)
-    floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if models else {}
+    floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if names else {}
     for pass_ in passes:  # peak memory after the timings (malloc_trim makes the next call fault its pages in)
         if isolated:  # measured in each candidate's own process, before its timings
             memory = isolated_memory[pass_]
@@ -863,6 +866,17 @@ def run_bench(
             "malloc_trim gave freed heap memory back) minus the resident memory before it",
         ],
     }
+
+
+def _built_here(names: list[str], dtype: str, passes: Sequence[str], isolated: bool) -> list[str]:
+    """The candidates :func:`run_bench` builds in its own process: all of them, or with ``isolated`` (each timed
+    candidate built in a process of its own) only what the bf16 accuracy compares, the fast model and its eager
+    reference (:func:`_bf16_logits_error`: bf16 runs with an inference pass)."""
+    if not isolated:
+        return names
+    if dtype == "fp32" or "fast" not in names or "inference" not in passes:
+        return []
+    return [c for c in ("fast", _accuracy_reference(names)) if c is not None]
 
 
 def _accuracy_reference(models) -> str | None:

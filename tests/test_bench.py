@@ -56,6 +56,49 @@ def test_model_flops_counts_convs_and_linears():
     assert bench.model_flops(model, x) == 2 * (8 * 2 * 5 * 5) * 3 * 9 + 2 * 4 * 400
 
 
+def test_model_gflops_are_counted_on_a_plain_reference_whichever_candidate_comes_first():
+    """A fast model's hooks miscount its FLOPs: its fused convs call no module (and a measured plan's first call at
+    a shape runs every trial through its modules, each counted). run_bench counts a plain reference's."""
+    x = torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = bench.model_flops(create_model("lgd3d_tiny", 5, classifier="two_heads"), x)
+    fast = create_model("lgd3d_tiny", 5, classifier="two_heads", fast=True)
+    assert bench.model_flops(fast, x) < want  # (the fc's alone: the default plan, as conftest sets)
+    measured = create_model("lgd3d_tiny", 5, classifier="two_heads", fast=True, plan="measure")
+    assert bench.model_flops(measured, x) > want  # its plan's trials
+    payload = bench.run_bench("lgd3d_tiny", batch=2, frames=4, size=32, num_classes=5, repeats=1, warmup=0,
+                              passes=("inference", "latency"), candidates=("fast",), progress=False)  # fmt: skip
+    assert payload["model_gflops"] == {"inference": pytest.approx(2 * want / 1e9), "latency": pytest.approx(want / 1e9)}
+
+
+def test_isolated_bench_builds_here_only_what_the_bf16_accuracy_compares(monkeypatch):
+    """--isolated: each timed candidate is built in its own process, so run_bench's process builds only the fast
+    model and its eager reference for the bf16 logits (none for fp32), and still times every candidate."""
+    names = ["reference_compiled", "fast", "reference_channels_last", "reference"]
+    assert bench._built_here(names, "fp32", ["inference"], isolated=False) == names
+    assert bench._built_here(names, "fp32", ["inference"], isolated=True) == []
+    assert bench._built_here(names, "bf16", ["inference"], isolated=True) == ["fast", "reference"]
+    assert bench._built_here(names[:3], "bf16-weights", ["latency", "inference"], True) == [
+        "fast", "reference_channels_last"]  # fmt: skip
+    assert bench._built_here(names, "bf16", ["training"], isolated=True) == []  # no inference, no accuracy
+    assert bench._built_here(["reference_compiled", "fast"], "bf16", ["inference"], isolated=True) == ["fast"]
+    built, timed = [], []
+    models = bench._models
+    monkeypatch.setattr(bench, "_models", lambda *a: built.extend(a[3]) or models(*a))
+
+    def fake_timing(spec, shapes, per_pass, repeats, warmup, bar):  # (the processes: the CLI test above)
+        timed.append(per_pass)
+        samples = {p: ({n: [0.01 + 0.001 * i for i in range(repeats)] for n in ns}, dict.fromkeys(ns, 0.1))
+                   for p, ns in per_pass.items()}  # fmt: skip
+        return samples, {p: dict.fromkeys(ns) for p, ns in per_pass.items()}
+
+    monkeypatch.setattr(bench, "_time_passes_isolated", fake_timing)
+    payload = bench.run_bench("lgd3d_tiny", batch=2, frames=4, size=32, num_classes=5, repeats=2, dtype="bf16",
+                              passes=("inference",), candidates=names, isolated=True, progress=False)  # fmt: skip
+    assert built == ["fast", "reference"] and timed == [{"inference": names}]
+    assert set(payload["results"]["inference"]) == set(names)
+    assert payload["accuracy"]["against"] == "reference" and payload["accuracy"]["logits_max_error_vs_fp32"] < 2e-2
+
+
 def test_model_convs_lists_every_conv_call():
     """Each distinct conv call of one forward with its count: the FLOPs they add up to are the model's conv FLOPs;
     only the stem's input (the clip) needs no gradient; under bf16 autocast the convs compute in bfloat16."""
