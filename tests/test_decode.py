@@ -78,6 +78,20 @@ def test_bad_files_name_the_problem(videos, tmp_path):
             read_clip(path, [0], backend="pyav")
 
 
+@pytest.mark.parametrize("codec", ["vp9", "h264", "mjpeg"])
+def test_an_audio_track_longer_than_the_video_is_no_truncation(tmp_path, codec):
+    """Downloaded clips carry audio, often running past the picture: the container's duration spans both, so the
+    truncation check reads the video stream's own (MP4 and AVI: the stream's duration; WebM: its DURATION tag).
+    Cut short, the WebM is still caught."""
+    path = write_video(tmp_path / "with_audio", 25, codec=codec, audio_seconds=3.0)
+    info = probe(path)
+    assert info.num_frames == 25 and info.codec == codec
+    assert read_clip(path, [0, 24], backend="pyav").shape == (2, 48, 64, 3)
+    if codec == "vp9":
+        with pytest.raises(VideoError, match=r"truncated: \d+ frames where its duration promises 25"):
+            probe(truncate(path, tmp_path / "cut.webm", 0.4))
+
+
 def test_bad_indices_and_backend(videos):
     with pytest.raises(VideoError, match="frame 37 asked for, the video has 37 frames"):
         read_clip(videos["vp9"], [0, 37], backend="dali")

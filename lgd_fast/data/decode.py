@@ -2,10 +2,10 @@
 
 ``probe(path)`` reads a file's container without decoding pixels: codec, size, frame rate and the number
 of frames (counted from the demuxed packets, so it is right for files whose headers carry no count), and
-rejects what training must skip: a missing or empty file, no video stream, a truncated file (fewer
-frames than its stated duration promises), zero frames. ``read_clip(path, frame_indices, backend=...)``
-returns the frames asked for, in the order asked, as a uint8 tensor (T, H, W, 3) RGB: the same frames from
-either backend (tests/test_decode.py checks it).
+rejects what training must skip: a missing or empty file, no video stream, a truncated file (fewer frames
+than its video stream's stated duration promises; an audio track may run longer), zero frames.
+``read_clip(path, frame_indices, backend=...)`` returns the frames asked for, in the order asked, as a uint8
+tensor (T, H, W, 3) RGB: the same frames from either backend (tests/test_decode.py checks it).
 
 DALI decodes on a GPU (``device="mixed"``: H.264, HEVC, VP8, VP9, AV1 where the card decodes it) or on the
 CPU (VP8, VP9 and MJPEG only). ``backend="auto"`` takes DALI where it can decode the file and PyAV
@@ -94,8 +94,8 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             height, width = stream.codec_context.height, stream.codec_context.width
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else 0.0
+            duration = _video_seconds(container, stream)
             count = sum(1 for packet in container.demux(stream) if packet.size)
-            duration = container.duration  # microseconds, from the header, or None
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
@@ -103,12 +103,30 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     if count == 0:
         raise VideoError(path, "no video frames")
     if duration and fps:
-        expected = int(round(float(Fraction(duration, 1_000_000) * Fraction(fps).limit_denominator(1001))))
+        expected = int(round(float(duration * Fraction(fps).limit_denominator(1001))))
         if count < expected - _TRUNCATION_SLACK:
             raise VideoError(path, f"truncated: {count} frames where its duration promises {expected}")
     if height <= 0 or width <= 0:
         raise VideoError(path, f"bad frame size {width}x{height}")
     return VideoInfo(path=path, codec=codec, num_frames=count, height=height, width=width, fps=fps)
+
+
+def _video_seconds(container, stream) -> Fraction | None:
+    """How long the header says the video stream runs, in seconds, or None where it does not say: the stream's own
+    duration, else Matroska's per-stream ``DURATION`` tag, else the container's, but only when the video is its one
+    stream (a container's duration spans every stream: audio running past the picture is no truncation)."""
+    if stream.duration and stream.time_base:
+        return Fraction(stream.duration) * Fraction(stream.time_base)
+    tag = stream.metadata.get("DURATION") or stream.metadata.get("duration")
+    if tag:
+        try:
+            hours, minutes, seconds = tag.split(":")
+            return (int(hours) * 60 + int(minutes)) * 60 + Fraction(seconds)
+        except ValueError:
+            pass  # not h:mm:ss.fraction: the container's length below, or none
+    if container.duration and len(container.streams) == 1:
+        return Fraction(container.duration, 1_000_000)  # microseconds
+    return None
 
 
 # ---- DALI ----------------------------------------------------------------------------------------------
