@@ -110,6 +110,24 @@ def test_file_broken_after_probing_is_skipped_in_the_epoch(records, tmp_path, ca
         write_video(tmp_path / "victim", 20, seed=9)  # restore for the next backend
 
 
+def test_a_dali_failure_with_no_bad_file_is_an_error_not_a_quiet_switch_to_pyav(records, monkeypatch):
+    """A DALI batch that fails is decoded by PyAV to find the broken file (the test above); where PyAV finds none,
+    DALI itself failed, and the loader says so instead of running the epoch on PyAV under backend 'dali'."""
+    loader = VideoClipLoader(records, spec=SPEC, batch_size=4, backend="dali", num_workers=0)
+
+    def fails(plans, encoded):
+        raise RuntimeError("[DALI] simulated decoder failure")
+
+    monkeypatch.setattr(loader, "_run_dali", fails)
+    with pytest.raises(RuntimeError, match=r"DALI failed on a batch whose every file PyAV decodes \(.*v\d\.webm.*"
+                                           r"simulated decoder failure.*backend='pyav'"):  # fmt: skip
+        next(iter(loader))
+    monkeypatch.setattr(loader, "_build_dali", lambda: (_ for _ in ()).throw(RuntimeError("no pipeline")))
+    loader._pipeline = None
+    with pytest.raises(RuntimeError, match="^no pipeline$"):  # a pipeline that cannot be built: its own error
+        next(iter(loader))
+
+
 def test_test_time_sharding_partitions_the_videos(records):
     ids = []
     for shard_id in range(4):

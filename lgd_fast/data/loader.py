@@ -370,12 +370,19 @@ class VideoClipLoader:
             if not good:
                 yield None, bad
                 continue
+            if self._pipeline is None:  # (outside the try: a pipeline that cannot be built is no bad file)
+                self._pipeline = self._build_dali()
             try:
                 clips = self._run_dali(good, encoded)
-            except RuntimeError as exc:  # a file DALI cannot decode: find it with PyAV, keep the rest
+            except RuntimeError as exc:  # a file broken since probing: find it with PyAV, keep the rest
                 self._pipeline = None
-                logger.debug("DALI batch failed (%s); decoding it with PyAV", exc)
                 batch, more_bad = _collate([_PyAVClips(good, self.spec)[i] for i in range(len(good))])
+                if not more_bad:  # every file decodes: DALI itself failed, and PyAV does not quietly stand in
+                    files = ", ".join(p.path for p in good)
+                    raise RuntimeError(f"DALI failed on a batch whose every file PyAV decodes ({files}): {exc}. No "
+                                       "file is bad, so none is skipped; backend='pyav' decodes them with PyAV "
+                                       "(lgd-fast train --set data.backend=pyav)") from exc  # fmt: skip
+                logger.info("DALI failed on a batch (%s); PyAV found the unreadable file(s), the rest kept", exc)
                 yield batch, bad + more_bad
                 continue
             labels = torch.tensor([p.label for p in good])
