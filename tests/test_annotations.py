@@ -277,6 +277,25 @@ def test_list_long_line_is_shortened(tmp_path):
     assert "..." in message and len(message) < 300
 
 
+def test_text_that_is_not_utf8_names_file_line_and_byte(tmp_path):
+    """A list, a Kinetics CSV or a class index saved as Latin-1: an AnnotationError with the file, the line and the
+    byte (a bare UnicodeDecodeError named neither); a UTF-8 byte-order mark and CRLF lines still read."""
+    listed = tmp_path / "train.txt"
+    listed.write_bytes(b"a.mp4 0\r\ncaf\xe9.mp4 1\r\n")
+    error = _expect_error(str(listed), 2)
+    assert "not UTF-8 text (byte 0xe9 at column 4)" in str(error) and "caf\ufffd.mp4 1" in str(error)
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_bytes(b"label,youtube_id,time_start,time_end\na,x,10,20\ncaf\xe9,y,1,2\n")
+    _expect_error(str(csv_path), 3)
+    index = tmp_path / "classes.txt"
+    index.write_bytes(b"walking\ncaf\xe9\n")
+    with pytest.raises(AnnotationError, match=r"classes.txt:2: not UTF-8 text \(byte 0xe9"):
+        read_class_index(index)
+    listed.write_bytes(b"\xef\xbb\xbfa.mp4 0\r\ncaf\xc3\xa9.mp4 1\r\n")
+    assert [r.label for r in read_annotations(str(listed))] == [0, 1]
+    assert read_annotations(str(listed))[1].path.endswith("caf\u00e9.mp4")
+
+
 def test_list_empty_file(tmp_path):
     assert read_annotations(_write(tmp_path / "empty.txt", "# nothing\n\n")) == []
 

@@ -29,6 +29,7 @@ whose message names the file, the 1-based line number and the line.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -81,10 +82,25 @@ class VideoRecord:
     label: int
 
 
+def _text(path: str | os.PathLike) -> str:
+    """The text of an annotation file: UTF-8, a byte-order mark allowed; other bytes are an
+    :class:`AnnotationError` naming the line (a bare UnicodeDecodeError names neither file nor line)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        end = data.find(b"\n", exc.start)
+        line = data[start : len(data) if end < 0 else end].decode("utf-8", errors="replace").rstrip("\r")
+        raise AnnotationError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at column {exc.start - start + 1}); "
+                              "save the file as UTF-8", path=path, line_no=data[: exc.start].count(b"\n") + 1,
+                              line=line) from None  # fmt: skip
+
+
 def read_class_index(path: str | os.PathLike) -> list[str]:
     """Class names, one per line: line ``i`` (0-based) is label ``i``. Blank lines at the end are ignored."""
-    with open(path, encoding="utf-8-sig") as f:
-        lines = f.read().splitlines()
+    lines = _text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -201,7 +217,7 @@ def _parse_label(text: str, num_classes: int | None) -> int:
 def _read_list(path, root: str, class_index: list[str] | None) -> list[VideoRecord]:
     num_classes = None if class_index is None else len(class_index)
     records = []
-    with open(path, encoding="utf-8-sig") as f:
+    with io.StringIO(_text(path), newline=None) as f:  # (newline=None: \r\n and \r end lines, as open() reads)
         for line_no, line in enumerate(f, 1):
             text = line.strip()
             if not text or text.startswith("#"):
@@ -281,8 +297,7 @@ def _parse_time(text: str) -> int:
 
 
 def _read_kinetics_csv(path, root: str, class_index: list[str] | None, split: str | None) -> list[VideoRecord]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        text = f.read()
+    text = _text(path)
     lines = re.split(r"\r\n|\n|\r", text)  # physical lines, numbered as csv.reader counts them
     reader = csv.reader(lines)
     header = [name.strip() for name in next(reader, [])]
