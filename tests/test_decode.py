@@ -92,6 +92,23 @@ def test_an_audio_track_longer_than_the_video_is_no_truncation(tmp_path, codec):
             probe(truncate(path, tmp_path / "cut.webm", 0.4))
 
 
+def test_a_frame_size_that_changes_mid_stream_is_a_video_error(videos, monkeypatch):
+    """A stream whose frames change size (probe reads the first size only) cannot make one clip tensor: a
+    VideoError naming the file and both sizes, which the loader skips (np.stack's ValueError ended training)."""
+    from lgd_fast.data import decode
+
+    rgb, converted = decode.frame_to_rgb, []
+
+    def resized_after_the_first(frame):  # called for the frames asked for, in stream order: 0, 5, 9
+        converted.append(frame)
+        return rgb(frame) if len(converted) == 1 else rgb(frame)[:32, :40]
+
+    monkeypatch.setattr(decode, "frame_to_rgb", resized_after_the_first)
+    with pytest.raises(VideoError, match=r"frame size changes mid-stream: 64x48 at frame 0, 40x32 at frame 5") as info:
+        read_clip(videos["vp9"], [0, 5, 9], backend="pyav")
+    assert info.value.path == videos["vp9"]
+
+
 def test_bad_indices_and_backend(videos):
     with pytest.raises(VideoError, match="frame 37 asked for, the video has 37 frames"):
         read_clip(videos["vp9"], [0, 37], backend="dali")

@@ -268,6 +268,12 @@ def _read_pyav(path: str, indices: np.ndarray) -> torch.Tensor:
     missing = sorted(wanted - frames.keys())
     if missing:
         raise VideoError(path, f"frames {missing[:5]}{'...' if len(missing) > 5 else ''} are past the end")
+    sizes = {i: f.shape[:2] for i, f in sorted(frames.items())}
+    first = next(iter(sizes.items()))
+    other = next(((i, size) for i, size in sizes.items() if size != first[1]), None)
+    if other is not None:  # (a clip is one tensor: np.stack would fail with a ValueError naming no file)
+        raise VideoError(path, f"the frame size changes mid-stream: {first[1][1]}x{first[1][0]} at frame {first[0]}, "
+                               f"{other[1][1]}x{other[1][0]} at frame {other[0]}")  # fmt: skip
     return torch.from_numpy(np.stack([frames[int(i)] for i in indices]))
 
 
