@@ -107,6 +107,10 @@ def test_file_broken_after_probing_is_skipped_in_the_epoch(records, tmp_path, ca
         caplog.clear()
         seen = sum(len(b.labels) for b in loader)
         assert seen == len(records) and [p for p, _ in loader.skipped] == [victim.path], backend
+        loader.batch_size, loader.yield_empty = 1, True  # (distributed training) its batch comes as None
+        batches = list(loader)
+        assert len(batches) == len(records) + 1 and sum(b is None for b in batches) == 1, backend
+        assert [p for p, _ in loader.skipped] == [victim.path], backend
         write_video(tmp_path / "victim", 20, seed=9)  # restore for the next backend
 
 

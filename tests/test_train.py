@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from lgd_fast import create_model
 from lgd_fast.cli import main
 from lgd_fast.data.synthetic import make_dataset
 from lgd_fast.engine import ConfigError, TrainingDiverged, load_checkpoint, load_config, train
+from lgd_fast.engine.checkpoint import save_checkpoint
 
 SMALL = [
     "data.resize_shorter=32", "data.crop=24", "data.clip_len=8", "data.test_clips=2", "data.workers=0",
@@ -241,6 +243,12 @@ def test_config_file_then_flags(tmp_path):
         ("epochs: [1, 2]\n", [], "epochs .*must be int"),
         ("- 1\n", [], "must hold a mapping"),
         ("", ["optim"], "--set takes key=value"),
+        ("", ["max_steps_per_epoch=-1"], "max_steps_per_epoch must be >= 0"),  # (it trained nothing, quietly)
+        ("", ["optim.momentum=-3"], r"optim.momentum must be in \[0, 1\)"),
+        ("", ["optim.momentum=0"], "optim.nesterov needs optim.momentum > 0"),
+        ("", ["optim.stage2_lr_scale=-1"], "optim.stage2_lr_scale must be > 0"),
+        ("", ["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
+        ("", ["data.clip_len=0"], "data.clip_len, step, .* must be >= 1"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, overrides, message):
@@ -299,8 +307,14 @@ def test_training_switches_run(dataset, tmp_path, flags):
         assert (tmp_path / "run" / "plan.txt").read_text().startswith("execution plan of ")
     if "amp=fp16" in flags:  # the loss scaler's state is checkpointed and read back on resume
         assert state["scaler"]["scale"] > 0 and state["scaler"]["_growth_tracker"] >= 0
+        # a scale no fresh scaler reaches in 3 steps (65536, halved at most once a step on overflow): the resumed
+        # run goes on from it (grown only after 2000 clean steps)
+        state["scaler"].update(scale=1024.0, _growth_tracker=5)
+        save_checkpoint(state, tmp_path / "run" / "checkpoints" / "last.pt")
         metrics = train(_config(dataset, tmp_path / "run", "epochs=1", "stage2_epochs=2", *flags))
         assert metrics["epoch"] == 3
+        resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["scaler"]
+        assert resumed["scale"] <= 1024.0 and resumed["_growth_tracker"] <= 5 + 3, resumed  # (3 steps more)
     else:
         assert state["scaler"] == {}
 
@@ -321,6 +335,38 @@ def test_init_from_replaces_heads_of_another_label_set(dataset, tmp_path, caplog
     caplog.set_level("WARNING")
     train(config)
     assert "replaced (new shape, kept initialised)" in caplog.text and "fc.weight" in caplog.text
+
+
+def test_init_from_reads_wrapped_state_dicts_and_refuses_a_file_that_fits_nothing(tmp_path, caplog):
+    """model.init_from: an lgd_fast checkpoint under any name, a plain state dict, or one under "state_dict"
+    (mmaction2, Lightning) or "model_state" (PySlowFast) fine-tunes; a file none of whose tensors fits the model
+    is an error (it read as a flat state dict and trained from scratch after a warning), an unreadable one too."""
+    from types import SimpleNamespace
+
+    from lgd_fast.engine.train import Trainer
+
+    source = create_model("lgd3d_tiny", 4, classifier="two_heads")
+    weights = source.state_dict()
+    wrapped = {f"module.{k}": v for k, v in weights.items()}  # (DDP's names)
+    for name, payload in [("run.pth", {"model": weights, "epoch": 3}), ("plain.pt", weights),
+                          ("mm.pth", {"state_dict": weights, "meta": {"epoch": 1}}),
+                          ("slowfast.pyth", {"model_state": wrapped})]:  # fmt: skip
+        torch.save(payload, tmp_path / name)
+        target = SimpleNamespace(model=create_model("lgd3d_tiny", 4, classifier="two_heads"), rank=0,
+                                 config=SimpleNamespace(model=SimpleNamespace(name="lgd3d_tiny")))  # fmt: skip
+        Trainer._init_from(target, str(tmp_path / name))
+        assert target.init_report["loaded"] == len(weights) and not target.init_report["missing"], name
+        assert all(torch.equal(v, weights[k]) for k, v in target.model.state_dict().items()), name
+    fresh = create_model("lgd3d_tiny", 4, classifier="two_heads").state_dict()
+    assert not all(torch.equal(v, weights[k]) for k, v in fresh.items())  # (a fresh model's differ)
+    torch.save({"state_dict": {"backbone.conv1.weight": torch.ones(2)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth: none of its 1 tensors fits lgd3d_tiny .*backbone.conv1.weight"):
+        Trainer._init_from(target, str(tmp_path / "other.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "run.pth").read_bytes()[:300])
+    with pytest.raises(ValueError, match="cut.pth: cannot read its weights: its zip archive is damaged"):
+        Trainer._init_from(target, str(tmp_path / "cut.pth"))
+    with pytest.raises(FileNotFoundError, match="no weights file at"):
+        Trainer._init_from(target, str(tmp_path / "absent.pth"))
 
 
 def test_demo_meets_its_targets(tmp_path, capsys):
@@ -398,6 +444,44 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, 
             assert ((value - b["model"][key]).norm() <= 1e-10 * value.norm() + 1e-12), key
     losses = [(r["train_loss"], s["train_loss"]) for r, s in zip(a["history"], b["history"], strict=True)]
     assert all(abs(x - y) <= 1e-10 * abs(x) for x, y in losses), losses
+
+
+def _step_agreement(rank: int, world: int, init: str, batches: list, answers) -> None:
+    """One process of test_a_step_missing_on_one_process_is_skipped_on_all (module level: spawned by name)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from lgd_fast.engine.train import Trainer
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        trainer = SimpleNamespace(distributed=True, rank=rank, world=world)
+        answers.put((rank, [Trainer._every_process_has(trainer, b) for b in batches[rank]]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_missing_on_one_process_is_skipped_on_all(tmp_path):
+    """A process whose part of a global batch was all unreadable gets None from its loader (yield_empty); every
+    process then skips that step together (one process a step short of the others would hang DDP)."""
+    import torch.multiprocessing as mp
+
+    from lgd_fast.engine.train import Trainer
+
+    assert Trainer._every_process_has(type("T", (), {"distributed": False})(), None) is False
+    batches = [["b", None, "b", "b"], ["b", "b", "b", None]]  # rank 0 lacks step 2, rank 1 step 4
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    workers = [ctx.Process(target=_step_agreement, args=(r, 2, init, batches, answers)) for r in range(2)]
+    for w in workers:
+        w.start()
+    got = dict(answers.get(timeout=120) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    assert got == {0: [True, False, True, False], 1: [True, False, True, False]}
 
 
 def test_sync_batchnorm_is_batchnorm_outside_a_process_group(gen):

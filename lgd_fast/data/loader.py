@@ -218,6 +218,9 @@ class VideoClipLoader:
         num_workers: PyAV DataLoader workers; DALI decoding threads.
         seed: with the epoch number, decides every random choice.
         progress: a progress bar while probing the files.
+        yield_empty: a batch whose every clip was unreadable comes as ``None`` (counted in ``skipped`` as ever)
+            instead of being left out, so that processes taking one step per batch stay in step: distributed
+            training skips such a step on every process.
     """
 
     records: Sequence[VideoRecord]
@@ -232,6 +235,7 @@ class VideoClipLoader:
     seed: int = 0
     drop_last: bool = False
     progress: bool = False
+    yield_empty: bool = False
 
     def __post_init__(self):
         if self.backend not in ("auto", "dali", "pyav"):
@@ -322,7 +326,7 @@ class VideoClipLoader:
             plans = plans[self.shard_id :: self.num_shards]
         return plans
 
-    def __iter__(self) -> Iterator[ClipBatch]:
+    def __iter__(self) -> Iterator[ClipBatch | None]:
         start = self._start_batch
         plans = self._plans()[start * self.batch_size :]
         self.skipped, self._carried_skips, self._start_batch = self._carried_skips, [], 0
@@ -333,9 +337,10 @@ class VideoClipLoader:
             for path, reason in bad:
                 logger.warning("skipping %s: %s", path, reason)
             self.skipped.extend(bad)
-            if batch is None or (self.drop_last and len(batch.labels) < self.batch_size):
-                continue
-            yield batch
+            if batch is None and self.yield_empty:
+                yield None
+            elif batch is not None and not (self.drop_last and len(batch.labels) < self.batch_size):
+                yield batch
         if self.skipped or self.dropped:
             logger.warning(
                 "epoch %d: %d clip(s) skipped (unreadable during the epoch), %d file(s) left out (unusable when "

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_weights", "rng_state", "save_checkpoint", "set_rng_state"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -56,6 +56,36 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path}: not an lgd_fast checkpoint (no 'model' entry)")
     return payload
+
+
+# where a weights file keeps its state dict: an lgd_fast checkpoint; mmaction2 and Lightning; PySlowFast
+WEIGHTS_ENTRIES = ("model", "state_dict", "model_state")
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The named tensors of a weights file to fine-tune from (``weights_only=True``): an lgd_fast checkpoint, a
+    plain state dict, or one kept under ``"state_dict"`` (mmaction2, Lightning) or ``"model_state"``
+    (PySlowFast); whatever its name ends with.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, or no tensors by name in it (names the file and the reason).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: cannot read its weights: {_why_unreadable(path, exc)}") from None
+    entry = next((k for k in WEIGHTS_ENTRIES if isinstance(payload, dict) and isinstance(payload.get(k), dict)), None)
+    if entry is not None:
+        payload = payload[entry]
+    tensors = {k: v for k, v in payload.items() if torch.is_tensor(v)} if isinstance(payload, dict) else {}
+    if not tensors:
+        raise ValueError(f"{path}: no tensors by name in it (expected a state dict, or one under "
+                         f"{', '.join(repr(k) for k in WEIGHTS_ENTRIES)})")  # fmt: skip
+    return tensors
 
 
 def _why_unreadable(path: Path, exc: Exception) -> str:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..data.annotations import read_annotations, read_class_index
 from ..data.loader import ClipSpec, VideoClipLoader
 from ..models import create_model, model_entry
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
 from .config import OptimConfig, TrainConfig, config_dict, config_from_dict, save_config
 
 __all__ = ["TrainingDiverged", "Trainer", "build_model", "clip_spec", "train"]
@@ -145,7 +145,9 @@ class Trainer:
         self.distributed = self.world > 1
         self._owns_group = self.distributed and not dist.is_initialized()
         if self._owns_group:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            # GPUs: NCCL for DDP and the BatchNorm statistics, gloo for the run's own CPU tensors (the epoch's
+            # sums, the step agreement), which NCCL alone refuses
+            dist.init_process_group("cpu:gloo,cuda:nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if config.optim.batch_size % self.world:
@@ -167,7 +169,7 @@ class Trainer:
                       progress=c.progress and self.rank == 0)
         self.train_loader = VideoClipLoader(
             train_records, batch_size=c.optim.batch_size // self.world, training=True, seed=c.seed,
-            shard_id=self.rank, num_shards=self.world, drop_last=False, **common,
+            shard_id=self.rank, num_shards=self.world, drop_last=False, yield_empty=True, **common,
         )
         self.val_loader = (
             VideoClipLoader(val_records, batch_size=c.optim.batch_size, training=False, **common)
@@ -331,6 +333,8 @@ class Trainer:
         for batch in self.train_loader:
             if done >= steps_per_epoch:
                 break
+            if not self._every_process_has(batch):
+                continue
             clips = batch.clips.to(self.device, self.dtype, non_blocking=True)
             if c.model.channels_last:
                 clips = clips.contiguous(memory_format=torch.channels_last_3d)
@@ -392,6 +396,20 @@ class Trainer:
             "skipped_clips": skipped,
             "dropped_files": len(self.train_loader.dropped),
         }
+
+    def _every_process_has(self, batch) -> bool:
+        """Whether this step trains: every process has a batch for it. A process whose part of the global batch
+        was unreadable throughout (``None`` from the loader) makes every process skip the step, as DDP's gradient
+        reduction and the sums' all-reduce need every process in every step (one process a step short of the
+        others would hang the run)."""
+        if not self.distributed:
+            return batch is not None
+        missing = torch.tensor([float(batch is None)])
+        dist.all_reduce(missing)  # (a CPU tensor: gloo, beside NCCL on GPUs)
+        if missing.item() and self.rank == 0:
+            logger.warning("a step skipped on every process: %d of %d had no readable clip of its part of the batch "
+                           "(the others' clips of it unused)", int(missing.item()), self.world)  # fmt: skip
+        return missing.item() == 0
 
     # ---- what the run says: the log, TensorBoard, the plan -------------------------------------------------
 
@@ -550,7 +568,7 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """Fine-tuning: loads every tensor of ``path`` whose name and shape fit; heads of another label set
         keep their initialisation. Logs what was loaded, replaced and left."""
-        source = load_checkpoint(path)["model"] if str(path).endswith(".pt") else torch.load(path, weights_only=True)
+        source = read_weights(path)
         own = self.model.state_dict()
         loaded, replaced, unexpected = {}, [], []
         for key, value in source.items():
@@ -562,6 +580,10 @@ class Trainer:
             else:
                 loaded[key] = value
         missing = [k for k in own if k not in loaded and not any(k in r for r in replaced)]
+        if not loaded:  # fine-tuning asked for, training from scratch would follow: an error, not a warning
+            names = ", ".join(list(source)[:3])
+            raise ValueError(f"model.init_from {path}: none of its {len(source)} tensors fits {self.config.model.name} "
+                             f"by name and shape (its first: {names}); nothing to fine-tune from")  # fmt: skip
         self.model.load_state_dict(loaded, strict=False)
         if self.rank == 0:
             logger.warning(
