@@ -341,11 +341,20 @@ def _checkpoint_and_loader(args, *, reverse: bool = False):
     """(model, class names, test loader over --list or the run's val list) for eval and extract."""
     from pathlib import Path
 
-    from .data import read_annotations
+    from .data import read_annotations, read_class_index
     from .data.loader import VideoClipLoader
     from .engine import clip_spec, load_trained
 
     model, config, class_names = load_trained(args.checkpoint)
+    index = Path(args.data) / config.data.class_index if args.data else None
+    if index is not None and index.is_file():  # the list's labels are numbers into this index
+        data_names = read_class_index(index)
+        if data_names != list(class_names):
+            pairs = zip(data_names, class_names, strict=False)
+            first = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(data_names), len(class_names)))
+            raise ValueError(f"{index} ({len(data_names)} classes) differs from the checkpoint's class names "
+                             f"({len(class_names)}) from label {first} on: the list's labels would be read as other "
+                             "classes")  # fmt: skip
     listing = args.list or str(Path(args.data) / config.data.val_list)
     records = read_annotations(listing, class_index=class_names)
     loader = VideoClipLoader(records, spec=clip_spec(config, config.model.name, reverse=reverse),
@@ -467,7 +476,11 @@ def _eval(args) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lgd-fast eval: error: {err}", file=sys.stderr)
         return 2
-    result = evaluate(model, loader, num_classes=len(class_names), class_names=class_names)
+    try:
+        result = evaluate(model, loader, num_classes=len(class_names), class_names=class_names)
+    except ValueError as err:  # e.g. no video could be evaluated
+        print(f"lgd-fast eval: error: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent
     paths = write_eval(result, out, class_names=class_names, prefix="eval_reversed" if args.reverse else "eval")
     print(format_eval(result, class_names))

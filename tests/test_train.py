@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +287,14 @@ def test_cli_train_then_eval(dataset, tmp_path, capsys):
     assert not list(out.glob("feats.pt*"))
     assert main(["train", "--data", dataset, "--out", str(tmp_path / "x"), "--set", "optim.bogus=1"]) == 2
     assert "unknown config key 'optim.bogus'" in capsys.readouterr().err
+    swapped = tmp_path / "swapped"  # the data's class index in another order: its labels name other classes
+    shutil.copytree(dataset, swapped)
+    names = (swapped / "classes.txt").read_text().splitlines()
+    (swapped / "classes.txt").write_text("\n".join([*names[:2], names[3], names[2]]) + "\n")
+    for command in ("eval", "extract"):
+        argv = [command, "--data", str(swapped), "--checkpoint", checkpoint, "--out", str(tmp_path / "e.npz")]
+        assert main(argv) == 2
+        assert "differs from the checkpoint's class names (4) from label 2 on" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -323,6 +332,21 @@ def test_resuming_with_another_model_is_refused(dataset, tmp_path):
     train(_config(dataset, tmp_path / "r", "epochs=1", "stage2_epochs=0"))
     with pytest.raises(ValueError, match="model.classifier='kernel'.*another --out"):
         train(_config(dataset, tmp_path / "r", "epochs=2", "model.classifier=two_heads"))
+    path = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    names = list(state["class_names"])
+    save_checkpoint({**state, "class_names": [names[1], names[0], *names[2:]]}, path)  # same count, other meaning
+    with pytest.raises(ValueError, match=f"other class names \\(label 0: '{names[1]}' -> '{names[0]}'; label 1"):
+        train(_config(dataset, tmp_path / "r", "epochs=2", "stage2_epochs=0"))
+    # stopped after batch 1 of epoch 2: its remaining batches are the plan of its seed and batch size
+    steps = state["step"]
+    in_epoch = {"batches": 1, "of": steps, "processes": 1, "position": 1, "sums": [0.0, 0.0, 0.0], "seconds": 1.0,
+                "skipped": []}  # fmt: skip
+    save_checkpoint({**state, "in_epoch": in_epoch}, path)
+    with pytest.raises(ValueError, match=f"stopped within an epoch.* but seed 0 -> 5, steps per epoch {steps} -> "):
+        train(_config(dataset, tmp_path / "r", "epochs=2", "stage2_epochs=0", "seed=5", "max_steps_per_epoch=1"))
+    metrics = train(_config(dataset, tmp_path / "r", "epochs=2", "stage2_epochs=0"))  # its own settings: resumes
+    assert metrics["epoch"] == 2
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -510,6 +510,7 @@ class Trainer:
         in_epoch = {
             "batches": done,
             "of": self.steps_per_epoch,
+            "processes": self.world,
             "position": self.train_loader.position,
             "sums": totals.tolist(),
             "seconds": seconds,
@@ -564,6 +565,23 @@ class Trainer:
         if len(state["class_names"]) != num_classes:
             raise ValueError(f"{self.ckpt_dir / 'last.pt'} has {len(state['class_names'])} classes, the data "
                              f"{num_classes}: use another --out to start a new run")
+        pairs = enumerate(zip(state["class_names"], self.class_names, strict=True))
+        renamed = [f"label {i}: {a!r} -> {b!r}" for i, (a, b) in pairs if a != b]
+        if renamed:  # the same count, other meanings: every label the model learnt would now name another class
+            shown = "; ".join(renamed[:3]) + ("; ..." if len(renamed) > 3 else "")
+            raise ValueError(f"{self.ckpt_dir / 'last.pt'} was trained with other class names ({shown}): use "
+                             "another --out to start a new run")  # fmt: skip
+        in_epoch = state.get("in_epoch")
+        if in_epoch:  # the rest of an epoch is its remaining batches: the same plan, cut the same way
+            then = {"optim.batch_size": saved.optim.batch_size, "seed": saved.seed, "steps per epoch": in_epoch["of"],
+                    "processes": in_epoch.get("processes", self.world)}  # fmt: skip
+            now_ = {"optim.batch_size": now.optim.batch_size, "seed": now.seed, "steps per epoch": self.steps_per_epoch,
+                    "processes": self.world}  # fmt: skip
+            changed = [f"{k} {then[k]} -> {now_[k]}" for k in then if then[k] != now_[k]]
+            if changed:
+                raise ValueError(f"{_describe_checkpoint(self.ckpt_dir / 'last.pt', state)} stopped within an epoch, "
+                                 f"whose remaining batches need the settings it ran with, but {', '.join(changed)}: "
+                                 "resume with them to finish the epoch, or use another --out")  # fmt: skip
 
     def _init_from(self, path: str) -> None:
         """Fine-tuning: loads every tensor of ``path`` whose name and shape fit; heads of another label set
