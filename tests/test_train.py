@@ -328,6 +328,24 @@ def test_training_switches_run(dataset, tmp_path, flags):
         assert state["scaler"] == {}
 
 
+def test_a_failed_validation_keeps_the_epoch_it_follows(dataset, tmp_path, monkeypatch):
+    """Validation runs before the epoch's checkpoint: when it fails (out of memory, no readable video, Ctrl-C), the
+    epoch's training is saved first, and a rerun goes on with the next epoch."""
+    from lgd_fast.engine.train import Trainer
+
+    def fails(self):
+        raise RuntimeError("validation failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_validate", fails)
+        with pytest.raises(RuntimeError, match="validation failed"):
+            train(_config(dataset, tmp_path / "v", "epochs=2", "stage2_epochs=0"))
+    state = load_checkpoint(tmp_path / "v" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and state["in_epoch"] is None and "val_top1" not in state["history"][0]
+    metrics = train(_config(dataset, tmp_path / "v", "epochs=2", "stage2_epochs=0"))
+    assert metrics["epoch"] == 2 and [("val_top1" in r) for r in metrics["history"]] == [False, True]
+
+
 def test_resuming_with_another_model_is_refused(dataset, tmp_path):
     train(_config(dataset, tmp_path / "r", "epochs=1", "stage2_epochs=0"))
     with pytest.raises(ValueError, match="model.classifier='kernel'.*another --out"):

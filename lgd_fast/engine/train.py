@@ -275,7 +275,15 @@ class Trainer:
             resume_at = in_epoch if epoch == start_epoch else None
             row = self._train_epoch(epoch, total_epochs, stage, optimizer, scheduler, steps_per_epoch, resume_at)
             if (epoch + 1) % c.eval_every == 0 or epoch + 1 == total_epochs:
-                row.update(self._validate())
+                try:
+                    row.update(self._validate())
+                except BaseException:  # (an error, a Ctrl-C) the epoch's training is kept, without its validation
+                    if self.rank == 0:
+                        self.history.append(row)
+                        self._save(epoch + 1, stage, optimizer, scheduler, row)
+                        logger.error("validation after epoch %d stopped; the epoch's training is in %s", epoch + 1,
+                                     self.last_saved)  # fmt: skip
+                    raise
             self.history.append(row)
             if self.rank == 0:
                 self._save(epoch + 1, stage, optimizer, scheduler, row)
