@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder for eval.json and eval_confusion.png (default: the checkpoint's run)")
     evaluate.add_argument("--reverse", action="store_true", help="play every clip backwards (time-order control)")
     evaluate.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars (probing, evaluating)")
 
     extract = sub.add_parser("extract", help="per-video local and global representations of a checkpoint")
     extract.add_argument("--data", required=True, help="dataset folder (its val list and classes.txt)")
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output file, .npz or .safetensors: local, global, video_ids (line in the list), "
                               "paths, labels, views")  # fmt: skip
     extract.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bars (probing, extracting)")
 
     pred = sub.add_parser("predict", help="top-k classes of video files from a trained checkpoint")
     pred.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any codec PyAV or DALI decodes)")
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top-k", type=_positive, default=5, help="classes per video (default 5)")
     pred.add_argument("--json", action="store_true", help="print JSON (one object per video) instead of text")
     pred.add_argument("--backend", choices=("auto", "dali", "pyav"), help="decoding backend (default: the run's)")
+    pred.add_argument("--no-progress", action="store_true", help="no progress bars (probing, predicting)")
 
     plan = sub.add_parser(
         "plan", help="the fast model's execution plan: how each layer runs for an input size (fused, layout, why)"
@@ -359,7 +362,8 @@ def _checkpoint_and_loader(args, *, reverse: bool = False):
     records = read_annotations(listing, class_index=class_names)
     loader = VideoClipLoader(records, spec=clip_spec(config, config.model.name, reverse=reverse),
                              batch_size=config.optim.batch_size, training=False,
-                             backend=args.backend or config.data.backend, num_workers=config.data.workers)
+                             backend=args.backend or config.data.backend, num_workers=config.data.workers,
+                             progress=not args.no_progress)  # fmt: skip
     return model, class_names, loader
 
 
@@ -436,7 +440,7 @@ def _extract(args) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lgd-fast extract: error: {err}", file=sys.stderr)
         return 2
-    features = extract_features(model, loader)
+    features = extract_features(model, loader, progress=not args.no_progress)
     try:
         path = save_features(features, args.out)
     except ImportError as err:
@@ -452,7 +456,8 @@ def _predict(args) -> int:
 
     _setup_logging(quiet=True)  # a bad file is reported with its prediction row, not as a log line
     try:
-        predictions = predict(args.checkpoint, args.videos, top_k=args.top_k, backend=args.backend)
+        predictions = predict(args.checkpoint, args.videos, top_k=args.top_k, backend=args.backend,
+                              progress=not args.no_progress)  # fmt: skip
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"lgd-fast predict: error: {err}", file=sys.stderr)
         return 2
@@ -477,7 +482,8 @@ def _eval(args) -> int:
         print(f"lgd-fast eval: error: {err}", file=sys.stderr)
         return 2
     try:
-        result = evaluate(model, loader, num_classes=len(class_names), class_names=class_names)
+        result = evaluate(model, loader, num_classes=len(class_names), class_names=class_names,
+                          progress=not args.no_progress)  # fmt: skip
     except ValueError as err:  # e.g. no video could be evaluated
         print(f"lgd-fast eval: error: {err}", file=sys.stderr)
         return 2

@@ -265,6 +265,9 @@ def test_cli_train_then_eval(dataset, tmp_path, capsys):
     assert main(argv + [a for item in SMALL for a in ("--set", item)]) == 0
     assert "val top-1" in capsys.readouterr().out
     assert main(["eval", "--data", dataset, "--checkpoint", str(out / "checkpoints" / "last.pt")]) == 0
+    assert "probing videos" in capsys.readouterr().err  # eval, extract and predict show their probing
+    assert main(["eval", "--data", dataset, "--checkpoint", str(out / "checkpoints" / "last.pt"), "--no-progress"]) == 0
+    assert "probing videos" not in capsys.readouterr().err
     assert (out / "eval.json").exists() and (out / "eval_confusion.png").exists()
     result = json.loads((out / "eval.json").read_text())
     assert result["num_videos"] == 8 and 0.0 <= result["top1"] <= 1.0
