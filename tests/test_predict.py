@@ -12,6 +12,7 @@ from lgd_fast.cli import main
 from lgd_fast.data.annotations import read_annotations
 from lgd_fast.data.synthetic import make_dataset
 from lgd_fast.engine import load_checkpoint, predict
+from lgd_fast.engine.checkpoint import CHECKPOINT_FORMAT, write_text_atomic
 from video_testing import truncate, write_video
 
 SMALL = [
@@ -112,6 +113,25 @@ def test_a_file_that_is_not_a_checkpoint_says_so(run, tmp_path, capsys, content,
     assert main(["predict", "--checkpoint", str(bad), shutil.which("python") or "x.webm"]) == 2
     err = capsys.readouterr().err
     assert message in err and "weights_only" not in err
+
+
+def test_a_checkpoint_of_a_newer_format_names_it(tmp_path):
+    newer = tmp_path / "newer.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "format": CHECKPOINT_FORMAT + 1}, newer)
+    with pytest.raises(ValueError, match=f"newer lgd_fast \\(checkpoint format {CHECKPOINT_FORMAT + 1}; this"):
+        load_checkpoint(newer)
+
+
+def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """config.yaml, metrics.json and eval.json are written as checkpoints are: a failure while writing keeps the
+    old text and leaves no temporary file."""
+    path = tmp_path / "metrics.json"
+    write_text_atomic(path, "old\n")
+    with pytest.raises(TypeError):
+        write_text_atomic(path, b"new: bytes are no text")  # fails inside the write
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
 
 
 def test_a_checkpoint_holding_objects_is_refused_without_advice(tmp_path):

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_weights", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "read_weights", "rng_state", "save_checkpoint", "set_rng_state",
+           "write_text_atomic"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -36,7 +37,41 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """``path``'s new text written as :func:`save_checkpoint` writes: a temporary file, flushed, renamed over it
+    (a run killed meanwhile leaves the old text or the new, never half)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
+    return path
+
+
+def _sync_folder(folder: Path) -> None:
+    """The rename itself to disk (a power cut after it keeps the new name), where the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # (Windows: folders do not open)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the file's own data is already synced
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -55,6 +90,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not an lgd_fast checkpoint: {_why_unreadable(path, exc)}") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise ValueError(f"{path}: not an lgd_fast checkpoint (no 'model' entry)")
+    if isinstance(payload.get("format"), int) and payload["format"] > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: written by a newer lgd_fast (checkpoint format {payload['format']}; this version "
+                         f"reads format {CHECKPOINT_FORMAT}): upgrade lgd_fast to read it")  # fmt: skip
     return payload
 
 

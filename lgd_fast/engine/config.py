@@ -224,8 +224,9 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
     """Writes the resolved config as YAML (readable back with ``load_config(path)``)."""
-    with open(path, "w") as f:
-        yaml.safe_dump(config_dict(config), f, sort_keys=False)
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config_dict(config), sort_keys=False))  # (a kill keeps the old one)
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import write_text_atomic
+
 __all__ = [
     "EvalResult",
     "aggregate_views",
@@ -393,7 +395,7 @@ def write_eval(
     payload["class_names"] = names
     payload["per_class_table"] = _per_class_table(result, names)
     paths = {"json": out_dir / f"{prefix}.json"}
-    paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
+    write_text_atomic(paths["json"], json.dumps(payload, indent=1) + "\n")
     try:
         png = _plot_confusion(result, names, out_dir / f"{prefix}_confusion.png")
     except ImportError as err:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..data.annotations import read_annotations, read_class_index
 from ..data.loader import ClipSpec, VideoClipLoader
 from ..models import create_model, model_entry
-from .checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, read_weights, rng_state, save_checkpoint, set_rng_state, write_text_atomic
 from .config import OptimConfig, TrainConfig, config_dict, config_from_dict, save_config
 
 __all__ = ["TrainingDiverged", "Trainer", "build_model", "clip_spec", "train"]
@@ -422,10 +422,12 @@ class Trainer:
     # ---- what the run says: the log, TensorBoard, the plan -------------------------------------------------
 
     def _remove_partial_checkpoints(self) -> None:
-        """A run killed while writing a checkpoint leaves its temporary file (the checkpoint itself is intact)."""
-        for leftover in sorted(self.ckpt_dir.glob(".*.tmp")) if self.ckpt_dir.is_dir() else []:
-            leftover.unlink()
-            logger.info("removed %s, a checkpoint a killed run was still writing", leftover)
+        """A run killed while writing a checkpoint, metrics.json or config.yaml leaves its temporary file (the file
+        itself is intact)."""
+        for folder in (self.ckpt_dir, self.out):
+            for leftover in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+                leftover.unlink()
+                logger.info("removed %s, a file a killed run was still writing", leftover)
 
     def _log_start(self, total_epochs, steps_per_epoch, *, resumed: bool, stage: int) -> None:
         c = self.config
@@ -544,9 +546,7 @@ class Trainer:
                     self.tensorboard.add_scalar(f"epoch/{key}", row[key], epoch)
             self.tensorboard.flush()
         metrics = self._metrics()
-        tmp = self.out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, self.out / "metrics.json")
+        write_text_atomic(self.out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         _plot_curves(self.history, self.out / "curves.png")
 
     def _metrics(self) -> dict[str, Any]:
