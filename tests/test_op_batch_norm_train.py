@@ -129,9 +129,10 @@ def test_statistics_do_not_depend_on_the_thread_count(gen):
         assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=list(DTYPES))
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
-def test_fake_kernels_give_the_real_sizes_and_strides(fmt, gen):
-    y, s, grad, mean, invstd, weight, bias, count = _case((2, 9, 3, 5, 7), torch.float32, fmt, gen, True)
+def test_fake_kernels_give_the_real_sizes_and_strides(fmt, dtype, gen):
+    y, s, grad, mean, invstd, weight, bias, count = _case((2, 9, 3, 5, 7), dtype, fmt, gen, True)
     mean_g, mean_gx = torch.randn(2, 9, generator=gen)
     calls = [
         (torch.ops.lgd_fast.channel_moments.default, (y,)),

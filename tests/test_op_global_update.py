@@ -229,6 +229,18 @@ def test_gradcheck_and_opcheck(gen):
     torch.library.opcheck(torch.ops.lgd_fast.global_update.default, [t.float() for t in inputs])
 
 
+@pytest.mark.parametrize("n", [4, 9])  # the few-row kernels, ATen's GEMMs
+def test_bf16_fake_kernels_give_the_real_sizes_and_strides(n, gen):
+    """bfloat16 through the forward and backward ops: the fakes' sizes, strides and dtypes are the real ones."""
+    m, g, *w = [t.detach() for t in _case(P3DBottleneck(65, 20, variant="A"), n, gen, torch.bfloat16)]
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.lgd_fast.global_update.default, [m, g, *w], test_utils=checks)
+    g_new, _ = torch.ops.lgd_fast.global_update(m, g, *w)
+    grads = [torch.randn(g_new.shape, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    torch.library.opcheck(torch.ops.lgd_fast.global_update_backward.default, [*grads, m, g, *w, g_new],
+                          test_utils=checks)  # fmt: skip
+
+
 def test_compiles_to_one_call(gen):
     from torch._inductor.utils import run_and_get_code
 

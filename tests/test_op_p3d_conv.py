@@ -207,16 +207,19 @@ def test_opcheck_onednn_inference_op(residual, gen):
 @pytest.mark.parametrize("x_layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("w_layout", ["contiguous", "channels_last_3d"])
 @pytest.mark.parametrize("epilogue", ["none", "scale+residual+relu"])
-def test_onednn_fake_gives_the_real_sizes_and_strides(kernel, x_layout, w_layout, epilogue, gen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_onednn_fake_gives_the_real_sizes_and_strides(kernel, x_layout, w_layout, epilogue, dtype, gen):
     """torch.compile trusts the fake kernel's strides: it must give the real op's for every layout of input and
-    weight (oneDNN writes channels_last_3d when either suggests it)."""
+    weight (oneDNN writes channels_last_3d when either suggests it), in float32 and bfloat16."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if not onednn_takes(dtype):
+        pytest.skip(f"oneDNN does not run {dtype} convolutions on this CPU")
     formats = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-    x = torch.randn(2, 6, 3, 9, 9, generator=gen).contiguous(memory_format=formats[x_layout])
-    w = torch.randn(5, 6, *kernel, generator=gen).contiguous(memory_format=formats[w_layout])
+    x = torch.randn(2, 6, 3, 9, 9, generator=gen).to(dtype).contiguous(memory_format=formats[x_layout])
+    w = torch.randn(5, 6, *kernel, generator=gen).to(dtype).contiguous(memory_format=formats[w_layout])
     scale = torch.rand(5, generator=gen) + 0.5 if epilogue != "none" else None
-    residual = torch.randn(2, 5, 3, 5, 5, generator=gen) if epilogue != "none" else None
+    residual = torch.randn(2, 5, 3, 5, 5, generator=gen).to(dtype) if epilogue != "none" else None
     args = (x, w, scale, None, residual, 2, epilogue != "none")
     real = torch.ops.lgd_fast.p3d_conv_onednn(*args)
     with FakeTensorMode() as mode:

@@ -91,7 +91,68 @@ def _interpreted_checks() -> dict:
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+    results["opchecks"] = _more_opchecks(gen)
+    results["direct_errors"] = _direct_call_errors(gen)
     return results
+
+
+def _more_opchecks(gen: torch.Generator) -> list[str]:
+    """The forward in the other layout and in bfloat16, and the backward op itself: schema and fake (sizes and
+    strides against the interpreted kernels' outputs)."""
+    checks = ("test_schema", "test_faketensor")
+    done = []
+    x = torch.randn(2, 6, 3, 7, 7, generator=gen)  # contiguous
+    w = torch.randn(5, 6, 3, 1, 1, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (x.to(dtype), w.to(dtype), torch.rand(5, generator=gen) + 0.5, torch.randn(5, generator=gen), None,
+                1, True, False, False)  # fmt: skip
+        torch.library.opcheck(torch.ops.lgd_fast.p3d_conv_triton.default, args, test_utils=checks)
+        done.append(f"forward contiguous {dtype}")
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        xs = torch.randn(1, 6, 3, 7, 7, generator=gen).contiguous(memory_format=layout)
+        ws = torch.randn(5, 6, 1, 3, 3, generator=gen)
+        out, _ = torch.ops.lgd_fast.p3d_conv_triton(xs, ws, None, None, None, 2, False, True, False)
+        grad = torch.randn(out.shape, generator=gen).contiguous(memory_format=layout)
+        args = (grad, torch.randn(2, 5, generator=gen), out, xs, ws, torch.rand(5, generator=gen) + 0.5, 2, False,
+                True, False, [True, True, True, True, True])  # fmt: skip
+        torch.library.opcheck(torch.ops.lgd_fast.p3d_conv_triton_backward.default, args, test_utils=checks)
+        done.append(f"backward {layout}")
+    return done
+
+
+def _direct_call_errors(gen: torch.Generator) -> dict[str, str]:
+    """Each Triton op called directly (as torch.compile's graphs and users may) with inputs that do not fit: the
+    message it raises, or "no error" (its kernels would index past a tensor on a GPU)."""
+    global_update = importlib.import_module("lgd_fast.ops.global_update")  # (the package's name is the function)
+    assert global_update._TRITON_REGISTERED, "the global update's triton op did not register"
+    x = torch.randn(1, 6, 3, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(5, 6, 1, 3, 3, generator=gen)
+    out, _ = torch.ops.lgd_fast.p3d_conv_triton(x, w, None, None, None, 1, False, False, False)
+    m = torch.randn(2, 8, generator=gen)
+    fc = [torch.randn(*shape, generator=gen) for shape in [(4, 8), (4,), (6, 4), (6,), (4, 8), (4,), (6, 4), (6,),
+                                                             (4, 6), (4,), (6, 4), (6,)]]  # fmt: skip
+    calls = {
+        "conv input channels": lambda: torch.ops.lgd_fast.p3d_conv_triton(x, w[:, :4], None, None, None, 1, False,
+                                                                           False, False),  # fmt: skip
+        "conv residual": lambda: torch.ops.lgd_fast.p3d_conv_triton(x, w, None, None, out[:, :, :2], 1, False,
+                                                                    False, False),  # fmt: skip
+        "conv scale": lambda: torch.ops.lgd_fast.p3d_conv_triton(x, w, torch.ones(4), None, None, 1, False, False,
+                                                                 False),  # fmt: skip
+        "backward grad_out": lambda: torch.ops.lgd_fast.p3d_conv_triton_backward(
+            out[:, :, :, :5], out.new_zeros(2, 0), out, x, w, None, 1, False, False, False, [True] * 5),
+        "backward grad_stats": lambda: torch.ops.lgd_fast.p3d_conv_triton_backward(
+            out, out.new_zeros(2, 3), out, x, w, None, 1, False, True, False, [True] * 5),
+        "global update weight": lambda: torch.ops.lgd_fast.global_update_triton(m, m, *fc[:2], fc[2][:, :3], *fc[3:]),
+        "global update g": lambda: torch.ops.lgd_fast.global_update_triton(m, m[:1], *fc),
+    }
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = "no error"
+        except (ValueError, TypeError) as exc:
+            errors[name] = str(exc)
+    return errors
 
 
 def _autotuned_statistics(seed: int) -> dict:
@@ -183,6 +244,26 @@ def test_first_training_call_through_the_autotuner_has_exact_statistics(interpre
     assert result["block_m"] == 64  # the larger tile won: the smaller one's partials are in the buffer
     for call, (sum_err, m2_err) in enumerate(result["errors"]):
         assert sum_err < 1e-6 and m2_err < 1e-5, f"call {call + 1}: statistics off by {sum_err:.2e}, {m2_err:.2e}"
+
+
+def test_triton_ops_called_directly_check_their_inputs(interpreted):
+    """The Triton ops are public (torch.ops.lgd_fast.*): inputs that do not fit raise a message naming them,
+    before a kernel would index past a tensor on the GPU; the backward op and the forward's other layouts and
+    dtypes pass torch.library.opcheck (schema, fake sizes and strides)."""
+    errors = interpreted["direct_errors"]
+    expected = {
+        "conv input channels": "weight takes 4 input channels but x has 6",
+        "conv residual": "residual must have the output's shape (1, 5, 3, 7, 7), got (1, 5, 2, 7, 7)",
+        "conv scale": "scale must have shape (C_out,) = (5,), got (4,)",
+        "backward grad_out": "backward: grad_out must have the output's shape (1, 5, 3, 7, 7), got (1, 5, 3, 5, 7)",
+        "backward grad_stats": "backward: grad_stats must be (2, C_out) = (2, 5), got (2, 3)",
+        "global update weight": "fc2 weight must have shape (6, 4) and bias (6,), got (6, 3) and (6,)",
+        "global update g": "g must have m's shape (2, 8), got (1, 8)",
+    }
+    assert set(errors) == set(expected)
+    for name, message in expected.items():
+        assert message in errors[name], f"{name}: {errors[name]}"
+    assert len(interpreted["opchecks"]) == 4
 
 
 if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET=1 is set by the fixture above

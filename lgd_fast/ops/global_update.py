@@ -165,6 +165,7 @@ def _register_triton() -> bool:
         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor,
         w4: torch.Tensor, b4: torch.Tensor, w5: torch.Tensor, b5: torch.Tensor, w6: torch.Tensor, b6: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        _check_for_triton(m, g, (w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6))  # (also when called directly)
         return kernels.forward(m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6)
 
     _triton_forward.register_autograd(_grad, setup_context=_setup_context)

@@ -159,6 +159,25 @@ def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
         )
 
 
+def _check_backward(grad_out, grad_stats, out, x, weight, scale, stride, stats, needs) -> None:
+    """The backward op's inputs fit one another (its kernels index by these extents: a mismatch would read past
+    a tensor on the GPU rather than fail)."""
+    _check(x, weight, stride, scale, None, None, False, False)
+    n, _, t, h, w = x.shape
+    want = (n, weight.shape[0], t, (h - 1) // stride + 1, (w - 1) // stride + 1)
+    for name, tensor in (("out", out), ("grad_out", grad_out)):
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{OP_NAME} backward: {name} must have the output's shape {want}, got "
+                             f"{tuple(tensor.shape)}")  # fmt: skip
+        if tensor.device != x.device:
+            raise ValueError(f"{OP_NAME} backward: {name} is on {tensor.device} but x is on {x.device}")
+    if stats and grad_stats.numel() and tuple(grad_stats.shape) != (2, want[1]):
+        raise ValueError(f"{OP_NAME} backward: grad_stats must be (2, C_out) = (2, {want[1]}), got "
+                         f"{tuple(grad_stats.shape)}")  # fmt: skip
+    if len(needs) != 5:
+        raise ValueError(f"{OP_NAME} backward: needs holds 5 flags (x, weight, scale, shift, residual), got {needs}")
+
+
 def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The conv's tensors (input, weight, residual) in the autocast dtype when ``torch.autocast`` is on for
     ``device_type``, as autocast casts a conv's; else as they are. (The direct oneDNN calls of
@@ -417,6 +436,7 @@ def _register_triton() -> bool:
         stats: bool,
         allow_tf32: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check(x, weight, stride, scale, shift, residual, relu, stats)  # (called directly, not through p3d_conv)
         return kernels.forward(x, weight, scale, shift, residual, stride, relu, stats, allow_tf32)
 
     @torch.library.triton_op(f"lgd_fast::{OP_NAME}_triton_backward", mutates_args=())
@@ -433,6 +453,7 @@ def _register_triton() -> bool:
         allow_tf32: bool,
         needs: Sequence[bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_backward(grad_out, grad_stats, out, x, weight, scale, stride, stats, needs)
         # dL/dz through the ReLU and the statistics (d sum / dz = 1, d sum (z - mean)^2 / dz = 2 (z - mean): the
         # mean's own derivative sums to zero there; z = out, which has no ReLU with stats)
         gz = grad_out.float()
