@@ -49,6 +49,7 @@ from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
 from .ops._common import cpp_float_input_reason
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
+from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.squeeze_excite import BACKENDS as SQUEEZE_EXCITE_BACKENDS
 from .ops.squeeze_excite import squeeze_excite, squeeze_excite_convs
 
@@ -117,6 +118,9 @@ def convert(
         _convert_p3d_blocks(model, report, claimed, options)
     for name, module in list(model.named_modules()):
         if id(module) in claimed:
+            continue
+        if isinstance(module, _FusedSequentialMixin) and _stale(module):  # changed since: its runs found anew
+            _convert_sequential(name, module, report, claimed, options)
             continue
         if isinstance(module, _FusedSequentialMixin | _FusedChainMixin | _FusedResidualMixin):
             report.left.append((name, "already converted (its plan is kept)"))
@@ -227,7 +231,7 @@ class _Step:
     excite: tuple[str, str] | None = None
 
     def fused_relu(self, owner: nn.Module) -> bool:
-        return self.act is not None and not self.after and isinstance(owner.get_submodule(self.act), nn.ReLU)
+        return self.act is not None and not self.after and _is_relu(owner.get_submodule(self.act))
 
     def paths(self) -> list[str]:
         return [p for p in (self.conv, self.norm, *self.after, self.act) if p is not None]
@@ -294,6 +298,23 @@ class _Run:
 
     steps: list[_Step]
     names: list[str]
+    ids: tuple[int, ...] = ()  # the modules it covered when converted (a changed Sequential is run as it is)
+
+
+def _is_relu(module: nn.Module) -> bool:
+    """``nn.ReLU`` itself or a subclass that keeps its forward (a subclass computing something else is not fused)."""
+    return isinstance(module, nn.ReLU) and type(module).forward is nn.ReLU.forward
+
+
+def _hooked(modules) -> bool:
+    """Whether a fused path would skip hooks: global module hooks, or hooks (forward, pre-forward, backward) on
+    any of ``modules`` or their children, which the fused convs do not call (weight_norm's pre-hook among them).
+    Their modules then run as they are."""
+    m = nn.modules.module
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
+        return True
+    return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
+               for module in modules for sub in module.modules())  # fmt: skip
 
 
 def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str | None, str | None, int]:
@@ -301,7 +322,7 @@ def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str |
     norm = relu = None
     if j < len(children) and type(children[j][1]) is nn.BatchNorm3d:
         norm, j = children[j][0], j + 1
-    if j < len(children) and isinstance(children[j][1], nn.ReLU):
+    if j < len(children) and _is_relu(children[j][1]):
         relu, j = children[j][0], j + 1
     return norm, relu, j
 
@@ -332,7 +353,7 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
         if len(steps) == 1 and norm is None and relu is None:
             i += 1  # a conv alone: nothing to fuse
             continue
-        runs.append(_Run(steps, [n for n, _ in children[i:j]]))
+        runs.append(_Run(steps, [n for n, _ in children[i:j]], tuple(id(m) for _, m in children[i:j])))
         i = j
     return runs, refused
 
@@ -359,6 +380,12 @@ class _FusedSequentialMixin:
     _lgd_runs: list[_Run]
 
     def forward(self, x):
+        if _stale(self):
+            if not self.__dict__.get("_lgd_said_changed"):  # sliced, inserted into, a child replaced: said once
+                self._lgd_said_changed = True
+                logger.warning("%s changed since lgd_fast.convert (a slice, or children inserted or replaced): "
+                               "its children run as they are; convert it again to fuse them", type(self).__name__)
+            return nn.Sequential.forward(self, x)
         starts = {run.names[0]: run for run in self._lgd_runs}
         skip: set[str] = set()
         for name, module in self._modules.items():
@@ -369,6 +396,11 @@ class _FusedSequentialMixin:
                 x = module(x)
                 continue
             modules = [self._modules[n] for n in run.names]
+            skip.update(run.names)
+            if _hooked(modules):  # (no plan measured either: its timing runs would call the hooks too)
+                for module in modules:
+                    x = module(x)
+                continue
 
             def fused(t: torch.Tensor, backend: str, run=run) -> torch.Tensor:
                 for step in run.steps:
@@ -376,8 +408,13 @@ class _FusedSequentialMixin:
                 return t
 
             x = _planned(self._modules[run.names[0]], modules, x, fused)
-            skip.update(run.names)
         return x
+
+
+def _stale(seq: nn.Module) -> bool:
+    """Whether a converted Sequential's runs no longer name the modules they covered (or it has none: a slice)."""
+    runs = seq.__dict__.get("_lgd_runs")
+    return runs is None or not all(tuple(id(seq._modules.get(n)) for n in run.names) == run.ids for run in runs)
 
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
@@ -390,15 +427,27 @@ def _fused_class(cls: type, mixin: type) -> type:
 
 
 def _convert_sequential(name: str, seq: nn.Sequential, report: ConversionReport, claimed: set[int], options) -> None:
-    runs, refused = _find_runs(list(seq._modules.items()))
     prefix = f"{name}." if name else ""
+    cls = type(seq).__bases__[1] if isinstance(seq, _FusedSequentialMixin) else type(seq)  # (converted again)
+    if cls.forward is not nn.Sequential.forward:  # its own forward decides what its children compute
+        for child, module in seq._modules.items():
+            if isinstance(module, nn.Conv3d):
+                report.left.append((prefix + child, f"in {type(seq).__name__}, whose forward is its own (not "
+                                                    "nn.Sequential's), left as it is"))  # fmt: skip
+                claimed.add(id(module))
+        return
+    runs, refused = _find_runs(list(seq._modules.items()))
     for child, reason in refused:
         report.left.append((prefix + child, reason))
         claimed.add(id(seq._modules[child]))
     if not runs:
+        if cls is not type(seq):  # converted once, nothing to fuse now: its own class again
+            seq.__class__ = cls
+            seq.__dict__.pop("_lgd_runs", None)
         return
-    seq.__class__ = _fused_class(type(seq), _FusedSequentialMixin)
+    seq.__class__ = _fused_class(cls, _FusedSequentialMixin)
     seq._lgd_runs = runs
+    seq.__dict__.pop("_lgd_said_changed", None)
     for run in runs:
         description = _describe_steps(seq, run.steps)
         planning.attach(seq._modules[run.names[0]], "conv_run", description, backend=options[0], mode=options[1])
@@ -518,12 +567,56 @@ class _FusedChainMixin:
 
     _lgd_links: list[_Step | str]
 
+    def _lgd_fused(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        return _run_links(self, self._lgd_links, x, backend)
+
     def forward(self, x):
-        return _planned_own(self, _FusedChainMixin, x, lambda t, backend: _run_links(self, self._lgd_links, t, backend))
+        return _planned_own(self, _FusedChainMixin, x, self._lgd_fused)
+
+
+PROBE_SHAPE = (2, 4, 16, 16)  # N, T, H, W of the input a recognised block is probed on
+
+
+def _probe_reason(module: nn.Module, mixin: type, in_channels: int, backend: str) -> str | None:
+    """None if ``module``'s fused path (converted with ``mixin``) computes what its own forward computes, else why
+    not. Blocks are recognised by class name and attributes, so a forward that does more than the pattern (a
+    scaled branch, stochastic depth, an extra term) must be caught before it is replaced: both run on a random
+    (N, C, T, H, W) probe (:data:`PROBE_SHAPE`), in eval and in training, on a copy (the module's statistics and
+    the random generators stay as they were; both runs start from one seed), and must agree to rounding."""
+    import copy
+
+    param = next(module.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, torch.device("cpu"))
+    n, t, h, w = PROBE_SHAPE
+    x = torch.randn(n, in_channels, t, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+    request = planning.op_backend(backend, CONV_BACKENDS)
+    for training in (False, True):
+        probe = copy.deepcopy(module).train(training)
+        outs = []
+        for run in (lambda t, probe=probe: _original_forward(probe, mixin, t),
+                    lambda t, probe=probe: probe._lgd_fused(t, request)):  # fmt: skip
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                torch.manual_seed(0)
+                try:
+                    outs.append(run(x.clone()))
+                except Exception as exc:  # noqa: BLE001 (whatever fails, the block is not the pattern)
+                    return f"its forward could not be probed ({type(exc).__name__}: {exc})"
+        want, got = outs
+        if not (isinstance(want, torch.Tensor) and isinstance(got, torch.Tensor) and want.shape == got.shape):
+            return "its forward returns something else than the pattern's tensor"
+        err = ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
+        if not err <= tol:
+            return (f"its forward computes something else than the pattern (on a probe in "
+                    f"{'training' if training else 'eval'}: relative difference {err:.2g})")  # fmt: skip
+    return None
 
 
 def _planned_own(module: nn.Module, mixin: type, x: torch.Tensor, fused) -> torch.Tensor:
-    """``fused(x, backend)`` or the module's original forward, as its plan chooses."""
+    """``fused(x, backend)`` or the module's original forward, as its plan chooses (the original where a hook
+    would be skipped: :func:`_hooked`)."""
+    if _hooked(module.children()):
+        return _original_forward(module, mixin, x)
 
     def run(choice: planning.Choice, t: torch.Tensor) -> torch.Tensor:
         t = choice.to(t)
@@ -546,8 +639,15 @@ def _convert_chain(name: str, module: nn.Module, report: ConversionReport, claim
         report.left.append((name, f"{what}: {links[0]}"))
         claimed |= {id(m) for m in module.modules() if isinstance(m, nn.Conv3d)}
         return True
-    module.__class__ = _fused_class(type(module), _FusedChainMixin)
+    cls = type(module)
+    module.__class__ = _fused_class(cls, _FusedChainMixin)
     module._lgd_links = links
+    in_channels = module.get_submodule(steps[0].conv).in_channels if steps else None  # (steps in forward order)
+    if in_channels and (why := _probe_reason(module, _FusedChainMixin, in_channels, options[0])) is not None:
+        module.__class__ = cls
+        del module._lgd_links
+        report.left.append((name, f"{what} {cls.__name__}, left as it is: {why}"))
+        return True
     description = f"{what} {type(module).__name__}: " + _describe_steps(module, steps)
     planning.attach(module, "conv_run", description, backend=options[0], mode=options[1])
     report.converted.append((name, description))
@@ -595,13 +695,13 @@ def _residual_reason(module: nn.Module, kind: str) -> str | None:
             return "its last conv is not an nn.Sequential of exactly (Conv3d, BatchNorm3d)"
         if fusable_reason(last[0]) is not None:
             return fusable_reason(last[0])
-        return None if isinstance(module.relu, nn.ReLU) else f"its relu is {type(module.relu).__name__}"
+        return None if _is_relu(module.relu) else f"its relu is {type(module.relu).__name__}, not ReLU"
     branch = _chain_steps(module.branch2)
     if branch is None or branch[0] != "bottleneck block" or isinstance(branch[1][-1], str):
         return "its branch2 is not a bottleneck block convert fuses"
     if branch[1][-1].after or branch[1][-1].act is not None:
         return "its branch2 does not end in conv -> BatchNorm3d"
-    if module.activation is not None and not isinstance(module.activation, nn.ReLU):
+    if module.activation is not None and not _is_relu(module.activation):
         return f"its activation is {type(module.activation).__name__}, not ReLU"
     if not _is_sum(module.branch_fusion):
         return "its branch_fusion is not the sum"
@@ -617,29 +717,29 @@ class _FusedResidualMixin:
 
     _lgd_residual: str
 
-    def forward(self, x):
-        def fused(t: torch.Tensor, backend: str) -> torch.Tensor:
-            if self._lgd_residual == "torchvision":
-                shortcut = t if self.downsample is None else self.downsample(t)
-                convs = [self.conv1, self.conv2] + ([self.conv3] if hasattr(self, "conv3") else [])
-                for container in convs[:-1]:
-                    t = container(t)
-                out = conv_bn(t, convs[-1][0], convs[-1][1], shortcut=shortcut, relu=True, backend=backend)
-                return out.to(t.dtype)  # torchvision adds in place (out += residual): the branch's dtype
-            if self.branch1_conv is None:
-                shortcut = t
-            else:
-                norm = "branch1_norm" if self.branch1_norm is not None else None
-                shortcut = _step_forward(self, _Step("branch1_conv", norm), t, backend)
-            links = self._lgd_branch_links
-            y = _run_links(self.branch2, links[:-1], t, backend)
-            relu = self.activation is not None
-            last = links[-1]
-            norm = last.norm and self.branch2.get_submodule(last.norm)
-            return conv_bn(y, self.branch2.get_submodule(last.conv), norm, shortcut=shortcut, relu=relu,
-                           backend=backend)  # fmt: skip
+    def _lgd_fused(self, t: torch.Tensor, backend: str) -> torch.Tensor:
+        if self._lgd_residual == "torchvision":
+            shortcut = t if self.downsample is None else self.downsample(t)
+            convs = [self.conv1, self.conv2] + ([self.conv3] if hasattr(self, "conv3") else [])
+            for container in convs[:-1]:
+                t = container(t)
+            out = conv_bn(t, convs[-1][0], convs[-1][1], shortcut=shortcut, relu=True, backend=backend)
+            return out.to(t.dtype)  # torchvision adds in place (out += residual): the branch's dtype
+        if self.branch1_conv is None:
+            shortcut = t
+        else:
+            norm = "branch1_norm" if self.branch1_norm is not None else None
+            shortcut = _step_forward(self, _Step("branch1_conv", norm), t, backend)
+        links = self._lgd_branch_links
+        y = _run_links(self.branch2, links[:-1], t, backend)
+        relu = self.activation is not None
+        last = links[-1]
+        norm = last.norm and self.branch2.get_submodule(last.norm)
+        return conv_bn(y, self.branch2.get_submodule(last.conv), norm, shortcut=shortcut, relu=relu,
+                       backend=backend)  # fmt: skip
 
-        return _planned_own(self, _FusedResidualMixin, x, fused)
+    def forward(self, x):
+        return _planned_own(self, _FusedResidualMixin, x, self._lgd_fused)
 
 
 def _convert_residual(name: str, module: nn.Module, report: ConversionReport, claimed: set[int], options) -> None:
@@ -650,12 +750,21 @@ def _convert_residual(name: str, module: nn.Module, report: ConversionReport, cl
     if reason is not None:
         report.left.append((name, f"residual block {type(module).__name__}, its end left unfused: {reason}"))
         return
-    module.__class__ = _fused_class(type(module), _FusedResidualMixin)
+    cls = type(module)
+    module.__class__ = _fused_class(cls, _FusedResidualMixin)
     module._lgd_residual = kind
     if kind == "pytorchvideo":
         module._lgd_branch_links = _chain_steps(module.branch2)[1]
-        if module.branch1_conv is not None:
-            claimed.add(id(module.branch1_conv))
+    first = (next(m for m in module.conv1.modules() if isinstance(m, nn.Conv3d)) if kind == "torchvision"
+             else module.branch2.conv_a)  # fmt: skip
+    if (why := _probe_reason(module, _FusedResidualMixin, first.in_channels, options[0])) is not None:
+        module.__class__ = cls
+        for attr in ("_lgd_residual", "_lgd_branch_links"):
+            module.__dict__.pop(attr, None)
+        report.left.append((name, f"residual block {cls.__name__}, its end left unfused: {why}"))
+        return
+    if kind == "pytorchvideo" and module.branch1_conv is not None:
+        claimed.add(id(module.branch1_conv))
     last = ("conv3" if hasattr(module, "conv3") else "conv2") if kind == "torchvision" else "branch2.conv_c"
     description = (f"residual block {type(module).__name__}: {last}'s BatchNorm, the shortcut addition and the "
                    "ReLU fused into its conv")  # fmt: skip

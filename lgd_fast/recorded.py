@@ -332,9 +332,13 @@ class _Programs(OrderedDict):
 
 
 def forget_programs(module: torch.nn.Module) -> None:
-    """Drops ``module``'s recorded programs: its next call per input key runs eagerly, the one after records. For a
-    change the guard does not see (:func:`module_state`)."""
+    """Drops ``module``'s recorded programs, and its convs' folded weights (:func:`lgd_fast.ops.conv_bn.forget_folds`):
+    its next call per input key runs eagerly, the one after records. For a change the guard does not see
+    (:func:`module_state`)."""
+    from .ops.conv_bn import forget_folds
+
     module.__dict__.pop("_lgd_recorded", None)
+    forget_folds(module)
 
 
 @dataclass

@@ -228,6 +228,170 @@ def test_unfusable_patterns_are_left_with_the_reason(gen):
         lgd_fast.convert("not a model")
 
 
+class _Residual(nn.Sequential):
+    """A Sequential with a forward of its own (a residual around its children)."""
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _Standardised(nn.Conv3d):
+    """A conv whose forward standardises its weight (the fused convs would read the raw weight)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3, 4), keepdim=True)) / (w.std((1, 2, 3, 4), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _Clipped(nn.ReLU):
+    def forward(self, x):
+        return x.clamp(0, 1)
+
+
+def _block(conv=nn.Conv3d, relu=nn.ReLU, container=nn.Sequential):
+    return container(conv(8, 8, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(8), relu())
+
+
+@pytest.mark.parametrize("case", ["sequential_forward", "conv_forward", "relu_forward"])
+def test_modules_with_a_forward_of_their_own_are_not_fused_past(case, gen):
+    """convert fuses what nn.Conv3d, nn.ReLU and nn.Sequential compute: a subclass with a forward of its own
+    (a residual Sequential, weight standardisation, a clipped ReLU) keeps it: left with the reason, and the
+    converted model equals the original, eval and train, on the fused plan."""
+    make = {"sequential_forward": lambda: _block(container=_Residual),
+            "conv_forward": lambda: _block(conv=_Standardised), "relu_forward": lambda: _block(relu=_Clipped)}[case]
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    original = _randomise(make(), gen)
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused")
+    report = converted.conversion_report
+    if case == "relu_forward":  # the conv and its BatchNorm still fuse; the ReLU runs after, as itself
+        assert "0 (spatial 1x3x3) -> 1 (BatchNorm3d)" in report.converted[0][1] and "2" not in report.converted[0][1]
+    else:
+        reason = {"sequential_forward": "whose forward is its own", "conv_forward": "has a forward of its own"}[case]
+        assert not report.converted and reason in dict(report.left)["0"], report
+    x = 2 * torch.randn(2, 8, 3, 9, 9, generator=gen)  # (inputs past the clip)
+    for mode in (False, True):
+        original.train(mode), converted.train(mode)
+        assert _rel(converted(x), original(x)) < 1e-5, mode
+    torch.testing.assert_close(converted.state_dict(), original.state_dict())
+
+
+def test_hooks_on_converted_modules_run(gen):
+    """A fused run would skip its modules' hooks (weight_norm's pre-hook among them): while any of its modules or
+    the global registry has one, the run calls its modules, with no plan measured (its timing would call them)."""
+    original = _randomise(nn.Sequential(_block(), nn.Conv3d(8, 4, 1), nn.BatchNorm3d(4)), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="measure").eval()
+    assert len(converted.conversion_report.converted) == 2
+    x = torch.randn(2, 8, 3, 9, 9, generator=gen)
+    calls = []
+    for model in (original, converted):
+        model[0][1].register_forward_hook(lambda m, i, o: 2 * o)  # the BatchNorm's output doubled
+        model[2].register_forward_pre_hook(lambda m, i: calls.append(m) or None)
+    with torch.no_grad():
+        assert _rel(converted(x), original(x)) < 1e-6
+    assert len(calls) == 2  # once each: no measuring run called it
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)  # a global hook: modules run too
+    try:
+        with torch.no_grad():
+            assert _rel(converted(x), original(x)) < 1e-6
+    finally:
+        handle.remove()
+
+
+def test_a_lazy_conv_is_left_and_one_value_per_channel_is_refused_in_training(gen):
+    lazy = lgd_fast.convert(nn.Sequential(nn.LazyConv3d(4, 1), nn.BatchNorm3d(4)))
+    assert "a lazy module" in dict(lazy.conversion_report.left)["0"]
+    converted = lgd_fast.convert(nn.Sequential(nn.Conv3d(4, 8, 1), nn.BatchNorm3d(8), nn.ReLU()), plan="fused")
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        converted.train()(torch.randn(1, 4, 1, 1, 1, generator=gen))
+    assert converted[1].running_var.eq(1).all()  # untouched
+
+
+def _not_the_pattern(base: type, how: str) -> type:
+    """A subclass of a block convert recognises by name (and so named as it), whose forward does more."""
+
+    def forward(self, x):
+        out = base.forward(self, x)
+        if how == "scaled":  # a learnt scale on the output (layer scale)
+            return out * 0.5
+        if self.training:  # stochastic depth: a random sample's whole output dropped in training only
+            return out * (torch.rand(out.shape[0], 1, 1, 1, 1) > 0.5)
+        return out
+
+    return type(base.__name__, (base,), {"forward": forward})
+
+
+@pytest.mark.parametrize("how", ["scaled", "dropped_in_training"])
+@pytest.mark.parametrize("block", ["torchvision BasicBlock", "pytorchvideo Conv2plus1d"])
+def test_a_recognised_block_whose_forward_does_more_is_left(block, how, gen):
+    """Residual blocks and pytorchvideo's chains are recognised by class name and attributes and their forward
+    replaced: a probe (eval and training, on a copy) compares the two first; one that computes more is left as it
+    is, with the reason, and equals the original (the plain block converts: its probe passes)."""
+    def make(cls):
+        if block.startswith("torchvision"):
+            return nn.Sequential(cls(8, 8, conv_builder=foreign_models.Conv3DSimple))
+        pair = _pytorchvideo_pair(False)
+        pair.__class__ = cls
+        return nn.Sequential(pair)
+
+    base = foreign_models.BasicBlock if block.startswith("torchvision") else Conv2plus1d
+    plain = lgd_fast.convert(make(base), plan="fused").conversion_report
+    assert any(block.split()[1] in what for _, what in plain.converted), plain
+    original = _randomise(make(_not_the_pattern(base, how)), gen)
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused")
+    left = dict(converted.conversion_report.left)["0"]
+    assert "left" in left and "computes something else than the pattern (on a probe in " in left, left
+    assert ("training" if how.startswith("dropped") else "eval") in left
+    x = torch.randn(2, 8, 3, 9, 9, generator=gen)
+    for mode in (False, True):
+        original.train(mode), converted.train(mode)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            want = original(x)
+            torch.manual_seed(1)
+            assert _rel(converted(x), want) < 1e-5, mode
+
+
+def test_a_converted_sequential_changed_afterwards_runs_its_children_and_converts_again(gen, caplog):
+    """Slicing a converted Sequential, or inserting or replacing children, leaves its runs naming other modules:
+    it runs its children as they are (one warning) until converted again, which finds its runs anew."""
+    original = _randomise(nn.Sequential(*_block(), nn.Conv3d(8, 4, 1), nn.BatchNorm3d(4), nn.ReLU()), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused").eval()
+    x = torch.randn(2, 8, 3, 9, 9, generator=gen)
+    with torch.no_grad():
+        head = converted[:3]  # a slice: the same class, no runs of its own
+        assert _rel(head(x), original[:3](x)) < 1e-5 and "changed since lgd_fast.convert" in caplog.text
+        converted.insert(3, nn.Identity())  # children renumbered: run 2 now starts at an Identity
+        assert _rel(converted(x), original(x)) < 1e-5
+        again = lgd_fast.convert(converted, plan="fused")
+        new = [w for _, w in again.conversion_report.converted if not w.endswith("(by an earlier convert call)")]
+        assert len(new) == 2 and "conv run 4 (1x1x1)" in new[1] and _rel(again(x), original(x)) < 1e-5
+        assert len(lgd_fast.convert(head, plan="fused").conversion_report.converted) == 1
+        assert _rel(head(x), original[:3](x)) < 1e-5
+
+
+def test_forget_folds_after_changes_the_fold_key_cannot_see(gen):
+    """A write through .data, or a parameter made and changed under inference mode (no version counter), is not
+    seen by the eager inference path's folded weights; forget_folds (and forget_programs) makes it fold again."""
+    from lgd_fast.ops.conv_bn import forget_folds
+    from lgd_fast.recorded import forget_programs
+
+    original = _randomise(_block(), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused", inference=True)
+    x = torch.randn(2, 8, 3, 9, 9, generator=gen)
+    with torch.no_grad():
+        converted(x)
+        for model in (original, converted):
+            model[0].weight.data.mul_(2)  # (the version counter does not move)
+        assert _rel(converted(x), original(x)) > 0.1  # the stale fold, as documented
+        forget_folds(converted)
+        assert _rel(converted(x), original(x)) < 1e-5
+        for model in (original, converted):
+            model[1].running_var.data.mul_(4)
+        forget_programs(converted)
+        assert _rel(converted(x), original(x)) < 1e-5
+
+
 def test_project_models(gen):
     ref = create_model("lgd3d_tiny", 5, classifier="two_heads")
     model = lgd_fast.convert(copy.deepcopy(ref))

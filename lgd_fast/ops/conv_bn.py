@@ -101,6 +101,10 @@ def fusable_reason(conv: nn.Module) -> str | None:
     """
     if not isinstance(conv, nn.Conv3d | nn.Conv2d):
         return f"{type(conv).__name__} is not a Conv3d (or a Conv2d over frames)"
+    if type(conv).forward not in (nn.Conv3d.forward, nn.Conv2d.forward):  # (weight standardisation, QAT, ...)
+        return f"{type(conv).__name__} has a forward of its own (the fused convs read only its weight)"
+    if isinstance(conv, nn.modules.lazy.LazyModuleMixin):  # (a lazy conv becomes a Conv3d once initialised)
+        return f"{type(conv).__name__} is not initialised yet (a lazy module): run it once, then convert"
     if conv.padding_mode != "zeros":
         return f"padding_mode {conv.padding_mode!r} (the fused convs pad with zeros)"
     if _padding(conv) is None:
@@ -240,6 +244,9 @@ def _group_mean_var(norm, stats, count, dtype, offset=None):
     group = sync_group(norm)
     if group is not None:
         stats, count = sync_stats(stats, count, group)
+    if count <= 1:  # as BatchNorm refuses: one value has no variance, and the running variance would go to 0
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} per channel for "
+                         f"{type(norm).__name__}({norm.num_features})")  # fmt: skip
     mean = stats[0].to(dtype) / count
     var = stats[1].to(dtype) / count
     if norm.training and norm.track_running_stats:
@@ -616,9 +623,18 @@ def conv_bn_folded(
 
 
 def _version_of(t: torch.Tensor) -> int:
-    """A tensor's version counter (0 for an inference tensor, which has none and cannot change outside
-    inference mode)."""
+    """A tensor's version counter (0 for an inference tensor, which has none: a change made to it inside
+    inference mode is not seen, nor a write through ``.data``; :func:`forget_folds` after such changes)."""
     return 0 if t.is_inference() else t._version
+
+
+def forget_folds(module: nn.Module) -> None:
+    """Drops the folded (and oneDNN-packed) weights of every conv in ``module``: its next eager inference call
+    folds them again. For changes their key does not see: writes through ``.data``, and parameters made under
+    ``torch.inference_mode`` and changed there (such tensors have no version counter)."""
+    for m in module.modules():
+        _FOLDED.pop(m, None)
+        _PACKED.pop(m, None)
 
 
 def _as_3d(weight: torch.Tensor) -> torch.Tensor:
