@@ -501,15 +501,19 @@ def _step_agreement(rank: int, world: int, init: str, batches: list, answers) ->
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        trainer = SimpleNamespace(distributed=True, rank=rank, world=world)
-        answers.put((rank, [Trainer._every_process_has(trainer, b) for b in batches[rank]]))
+        skipped = [(f"rank{rank}.webm", "truncated")] * (rank + 1)  # each process's own part of the data
+        loader = SimpleNamespace(skipped=skipped)
+        trainer = SimpleNamespace(distributed=True, rank=rank, world=world, train_loader=loader)
+        agreed = [Trainer._every_process_has(trainer, b) for b in batches[rank]]
+        answers.put((rank, agreed, Trainer._every_process_skipped(trainer)))
     finally:
         dist.destroy_process_group()
 
 
 def test_a_step_missing_on_one_process_is_skipped_on_all(tmp_path):
     """A process whose part of a global batch was all unreadable gets None from its loader (yield_empty); every
-    process then skips that step together (one process a step short of the others would hang DDP)."""
+    process then skips that step together (one process a step short of the others would hang DDP). The skipped
+    clips the run reports and checkpoints are every process's, not rank 0's alone."""
     import torch.multiprocessing as mp
 
     from lgd_fast.engine.train import Trainer
@@ -522,11 +526,12 @@ def test_a_step_missing_on_one_process_is_skipped_on_all(tmp_path):
     workers = [ctx.Process(target=_step_agreement, args=(r, 2, init, batches, answers)) for r in range(2)]
     for w in workers:
         w.start()
-    got = dict(answers.get(timeout=120) for _ in workers)
+    got = {rank: rest for rank, *rest in (answers.get(timeout=120) for _ in workers)}
     for w in workers:
         w.join(timeout=60)
         assert w.exitcode == 0
-    assert got == {0: [True, False, True, False], 1: [True, False, True, False]}
+    skipped = [("rank0.webm", "truncated"), ("rank1.webm", "truncated"), ("rank1.webm", "truncated")]
+    assert got == {0: [[True, False, True, False], skipped], 1: [[True, False, True, False], skipped]}
 
 
 def test_sync_batchnorm_is_batchnorm_outside_a_process_group(gen):

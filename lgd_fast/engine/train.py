@@ -330,7 +330,8 @@ class Trainer:
             done, seconds_before = int(resume["batches"]), float(resume["seconds"])
             if self.rank == 0:  # the sums over every process; the others add theirs from here on
                 sums = torch.tensor(resume["sums"], dtype=torch.float64)
-            self.train_loader.set_epoch(epoch, start_batch=int(resume["position"]), skipped=resume["skipped"])
+            carried = resume["skipped"] if self.rank == 0 else ()  # every process's skips so far, kept by rank 0
+            self.train_loader.set_epoch(epoch, start_batch=int(resume["position"]), skipped=carried)
         else:
             self.train_loader.set_epoch(epoch)
         every = c.checkpoint_every_steps
@@ -391,7 +392,7 @@ class Trainer:
             dist.all_reduce(sums)
         seconds = time.perf_counter() - start + seconds_before
         clips = max(sums[2].item(), 1.0)
-        skipped = len(self.train_loader.skipped)
+        skipped = len(self._every_process_skipped())
         return {
             "epoch": epoch + 1,
             "stage": stage,
@@ -404,6 +405,15 @@ class Trainer:
             "skipped_clips": skipped,
             "dropped_files": len(self.train_loader.dropped),
         }
+
+    def _every_process_skipped(self) -> list[tuple[str, str]]:
+        """The clips skipped so far in this epoch by every process (each reads its own part of the data), rank 0's
+        first; a collective: every process calls it at the same point."""
+        if not self.distributed:
+            return list(self.train_loader.skipped)
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, [tuple(item) for item in self.train_loader.skipped])
+        return [item for part in parts for item in part]
 
     def _every_process_has(self, batch) -> bool:
         """Whether this step trains: every process has a batch for it. A process whose part of the global batch
@@ -515,6 +525,7 @@ class Trainer:
         totals = sums.clone()
         if self.distributed:  # every process is here at the same step; rank 0 keeps the sums over all of them
             dist.all_reduce(totals)
+        skipped = self._every_process_skipped()
         if self.rank != 0:
             return
         in_epoch = {
@@ -524,7 +535,7 @@ class Trainer:
             "position": self.train_loader.position,
             "sums": totals.tolist(),
             "seconds": seconds,
-            "skipped": [list(item) for item in self.train_loader.skipped],
+            "skipped": [list(item) for item in skipped],
         }
         if self.tensorboard is not None:  # what TensorBoard holds is what the checkpoint holds
             self.tensorboard.flush()
