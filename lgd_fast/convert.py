@@ -308,13 +308,22 @@ def _is_relu(module: nn.Module) -> bool:
 
 def _hooked(modules) -> bool:
     """Whether a fused path would skip hooks: global module hooks, or hooks (forward, pre-forward, backward) on
-    any of ``modules`` or their children, which the fused convs do not call (weight_norm's pre-hook among them).
-    Their modules then run as they are."""
+    any of ``modules`` (each checked itself: pass every module of the subtree), which the fused convs do not call
+    (weight_norm's pre-hook among them). Their modules then run as they are."""
     m = nn.modules.module
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
         return True
-    return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
-               for module in modules for sub in module.modules())  # fmt: skip
+    for sub in modules:
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return True
+    return False
+
+
+def _watched(module: nn.Module) -> tuple[nn.Module, ...]:
+    """Every module under ``module`` (not itself), kept when it is converted: what :func:`_hooked` checks on each
+    call (a walk of the tree every call cost 0.8 ms a forward on an X3D). Modules put into it after convert are
+    watched once it is converted again."""
+    return tuple(sub for child in module.children() for sub in child.modules())
 
 
 def _norm_and_relu(children: list[tuple[str, nn.Module]], j: int) -> tuple[str | None, str | None, int]:
@@ -615,7 +624,7 @@ def _probe_reason(module: nn.Module, mixin: type, in_channels: int, backend: str
 def _planned_own(module: nn.Module, mixin: type, x: torch.Tensor, fused) -> torch.Tensor:
     """``fused(x, backend)`` or the module's original forward, as its plan chooses (the original where a hook
     would be skipped: :func:`_hooked`)."""
-    if _hooked(module.children()):
+    if _hooked(module.__dict__.get("_lgd_watched") or _watched(module)):
         return _original_forward(module, mixin, x)
 
     def run(choice: planning.Choice, t: torch.Tensor) -> torch.Tensor:
@@ -642,10 +651,11 @@ def _convert_chain(name: str, module: nn.Module, report: ConversionReport, claim
     cls = type(module)
     module.__class__ = _fused_class(cls, _FusedChainMixin)
     module._lgd_links = links
+    module._lgd_watched = _watched(module)
     in_channels = module.get_submodule(steps[0].conv).in_channels if steps else None  # (steps in forward order)
     if in_channels and (why := _probe_reason(module, _FusedChainMixin, in_channels, options[0])) is not None:
         module.__class__ = cls
-        del module._lgd_links
+        del module._lgd_links, module._lgd_watched
         report.left.append((name, f"{what} {cls.__name__}, left as it is: {why}"))
         return True
     description = f"{what} {type(module).__name__}: " + _describe_steps(module, steps)
@@ -753,13 +763,14 @@ def _convert_residual(name: str, module: nn.Module, report: ConversionReport, cl
     cls = type(module)
     module.__class__ = _fused_class(cls, _FusedResidualMixin)
     module._lgd_residual = kind
+    module._lgd_watched = _watched(module)
     if kind == "pytorchvideo":
         module._lgd_branch_links = _chain_steps(module.branch2)[1]
     first = (next(m for m in module.conv1.modules() if isinstance(m, nn.Conv3d)) if kind == "torchvision"
              else module.branch2.conv_a)  # fmt: skip
     if (why := _probe_reason(module, _FusedResidualMixin, first.in_channels, options[0])) is not None:
         module.__class__ = cls
-        for attr in ("_lgd_residual", "_lgd_branch_links"):
+        for attr in ("_lgd_residual", "_lgd_branch_links", "_lgd_watched"):
             module.__dict__.pop(attr, None)
         report.left.append((name, f"residual block {cls.__name__}, its end left unfused: {why}"))
         return
