@@ -26,29 +26,22 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     ``path``: a run killed at any moment leaves either the old checkpoint or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**payload, "format": CHECKPOINT_FORMAT}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _sync_folder(path.parent)
-    return path
+    return _replace(path, "wb", lambda f: torch.save({**payload, "format": CHECKPOINT_FORMAT}, f))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """``path``'s new text written as :func:`save_checkpoint` writes: a temporary file, flushed, renamed over it
     (a run killed meanwhile leaves the old text or the new, never half)."""
-    path = Path(path)
+    return _replace(Path(path), "w", lambda f: f.write(text))
+
+
+def _replace(path: Path, mode: str, write) -> Path:
+    """``write(f)`` into a temporary file beside ``path``, flushed to disk and renamed over ``path``, the folder
+    synced after; on any failure the temporary file is removed and ``path`` is as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
