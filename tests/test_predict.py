@@ -122,6 +122,28 @@ def test_a_checkpoint_of_a_newer_format_names_it(tmp_path):
         load_checkpoint(newer)
 
 
+def test_a_checkpoint_keeps_the_current_gpu_generator_and_restores_it_there(monkeypatch):
+    """One process a device (DDP): the checkpoint holds the CPU generator and the current device's (every process
+    draws alike), and restores it on the resuming process's own device; it never reads every device's state (rank
+    0's view of the others is their first state, and reading them makes a context on each). A checkpoint written
+    before, with every device's state as rank 0 saw them, restores rank 0's own. (CUDA's calls faked: no GPU
+    here.)"""
+    from lgd_fast.engine.checkpoint import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state was read"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device's state was set"))
+    state = rng_state()
+    assert state["cuda"].tolist() == [7] and torch.equal(state["torch"], torch.get_rng_state())
+    set_rng_state(state)
+    set_rng_state({**state, "cuda": [torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)]})
+    assert [t.tolist() for t in restored] == [[7], [3]]
+
+
 def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
     """config.yaml, metrics.json and eval.json are written as checkpoints are: a failure while writing keeps the
     old text and leaves no temporary file."""

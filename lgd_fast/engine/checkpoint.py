@@ -138,13 +138,19 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """The CPU generator's state and, on a GPU, the current device's: each process trains on one device and every
+    process seeds and draws alike, so rank 0's device state is every rank's own (rank 0 never drew on the other
+    devices: their states in its process are their first ones, and reading them made a context on each)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores :func:`rng_state`'s generators, the GPU one on this process's current device. (Checkpoints
+    written before kept every device's state as rank 0 saw it: its own device's, the first, is the one.)"""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list | tuple) else cuda)
