@@ -425,6 +425,28 @@ def test_compiled_cpu_inference_is_the_recorded_program_as_one_op(arch, gen):
     assert again.shape == (2, 7) and torch.isfinite(again).all()
 
 
+@pytest.mark.parametrize("setting", ["bfloat16 weights", "channels_last_3d clip"])
+def test_the_op_runs_bf16_models_and_channels_last_clips(setting, gen):
+    """The recorded_inference op with a bfloat16 model (its clips bfloat16) and with a channels_last_3d clip: traced
+    as the one op, opcheck'd (schema, fake sizes, strides and dtype against the real call), and its compiled calls
+    the eager forward's result bit for bit."""
+    fast = create_model("lgd3d_tiny", num_classes=7, fast=True, classifier="two_heads").eval()
+    x = _clip("lgd3d_tiny", gen)
+    if setting.startswith("bfloat16"):
+        fast, x = fast.to(torch.bfloat16), x.to(torch.bfloat16)
+    else:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        assert _traced_targets(fast, x) == {"lgd_fast.recorded_inference"}
+        torch.library.opcheck(torch.ops.lgd_fast.recorded_inference.default, (x, id(fast)),
+                              test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+        torch._dynamo.reset()
+        compiled = torch.compile(fast, fullgraph=True)
+        eager = fast(x)
+        first, second = compiled(x), compiled(x)  # (the second of the model's calls for this key records)
+        assert eager.dtype == x.dtype and _equal(first, eager) and _equal(second, eager)
+
+
 def test_compile_traces_the_layers_where_the_program_does_not_apply(gen, monkeypatch):
     """Freezing (which folds and packs the modules' weights itself), autograd, training, autocast, the recorded
     program turned off, a forced plan: the model's own ops are traced, as ever; and export never sees the op."""
