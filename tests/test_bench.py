@@ -537,3 +537,28 @@ def test_isolated_bench_script_builds_candidates_as_bench_does(monkeypatch):
     step, info = script._build("lgd3d_tiny", "fast", "training", shape)
     step()
     assert info == {}
+
+
+def test_conv_bn_script_times_every_candidate_against_the_conv_peak(monkeypatch, tmp_path):
+    """benchmarks/run_conv_bn.py at a tiny case (the P3D path with a shortcut, a depthwise conv: both of conv_bn's
+    eager ops), one repeat: every candidate timed, its conv-peak share computed from the run's own peak, and the
+    fused output within float32 rounding of the modules'."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import run_conv_bn as script
+
+    cases = {"p3d": ((1, 8, 2, 6, 6), 16, (1, 3, 3), (1, 1, 1), 1, True),
+             "depthwise": ((1, 8, 2, 6, 6), 8, (3, 3, 3), (1, 1, 1), 8, False)}  # fmt: skip
+    monkeypatch.setattr(script, "CASES", cases)
+    monkeypatch.setattr(script, "QUICK", tuple(cases))
+    out = tmp_path / "conv_bn.json"
+    script.main(["--quick", "--no-wait", "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    peak = payload["conv_peak"]["fp32"]["gflops_per_s"]
+    assert [r["case"] for r in payload["results"]] == ["p3d", "depthwise"] and peak > 1
+    assert [r["p3d_geometry"] for r in payload["results"]] == [True, False]
+    for row in payload["results"]:
+        assert set(row["timings"]) == set(script.IMPLS) and row["fast_vs_modules_relative_error"] < 1e-5
+        for name, timing in row["timings"].items():
+            assert row["conv_peak_share"][name] == pytest.approx(row["gflop"] * 1e9 / (peak * 1e9) / timing["median_s"])
