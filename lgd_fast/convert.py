@@ -125,7 +125,8 @@ def convert(
         if isinstance(module, _FusedSequentialMixin | _FusedChainMixin | _FusedResidualMixin):
             report.left.append((name, "already converted (its plan is kept)"))
             if not isinstance(module, _FusedResidualMixin):  # a block's inner modules were reported on their own
-                claimed |= {id(m) for m in module.modules()}
+                claimed |= {id(m) for m in module.modules()
+                            if m is module or not (isinstance(m, _FusedSequentialMixin) and _stale(m))}  # fmt: skip
             elif getattr(module, "branch1_conv", None) is not None:  # its shortcut conv runs in the fused forward
                 claimed.add(id(module.branch1_conv))
             continue
@@ -298,7 +299,7 @@ class _Run:
 
     steps: list[_Step]
     names: list[str]
-    ids: tuple[int, ...] = ()  # the modules it covered when converted (a changed Sequential is run as it is)
+    types: tuple[type, ...] = ()  # its children's classes when converted (a changed Sequential runs as it is)
 
 
 def _is_relu(module: nn.Module) -> bool:
@@ -311,7 +312,8 @@ def _hooked(modules) -> bool:
     any of ``modules`` (each checked itself: pass every module of the subtree), which the fused convs do not call
     (weight_norm's pre-hook among them). Their modules then run as they are."""
     m = nn.modules.module
-    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks:
+    if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or (
+            m._global_backward_pre_hooks):  # fmt: skip
         return True
     for sub in modules:
         if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
@@ -362,7 +364,7 @@ def _find_runs(children: list[tuple[str, nn.Module]]) -> tuple[list[_Run], list[
         if len(steps) == 1 and norm is None and relu is None:
             i += 1  # a conv alone: nothing to fuse
             continue
-        runs.append(_Run(steps, [n for n, _ in children[i:j]], tuple(id(m) for _, m in children[i:j])))
+        runs.append(_Run(steps, [n for n, _ in children[i:j]], tuple(type(m) for _, m in children[i:j])))
         i = j
     return runs, refused
 
@@ -421,9 +423,11 @@ class _FusedSequentialMixin:
 
 
 def _stale(seq: nn.Module) -> bool:
-    """Whether a converted Sequential's runs no longer name the modules they covered (or it has none: a slice)."""
+    """Whether a converted Sequential's runs no longer name modules of the classes they covered (children inserted
+    or replaced by others), or it has none (a slice). Classes, not identities: a copy (deepcopy, an EMA model,
+    DataParallel's replicas) has new children of the same classes, and stays fused."""
     runs = seq.__dict__.get("_lgd_runs")
-    return runs is None or not all(tuple(id(seq._modules.get(n)) for n in run.names) == run.ids for run in runs)
+    return runs is None or not all(tuple(type(seq._modules.get(n)) for n in run.names) == run.types for run in runs)
 
 
 _FUSED_CLASSES: dict[tuple[type, type], type] = {}
@@ -590,21 +594,29 @@ def _probe_reason(module: nn.Module, mixin: type, in_channels: int, backend: str
     """None if ``module``'s fused path (converted with ``mixin``) computes what its own forward computes, else why
     not. Blocks are recognised by class name and attributes, so a forward that does more than the pattern (a
     scaled branch, stochastic depth, an extra term) must be caught before it is replaced: both run on a random
-    (N, C, T, H, W) probe (:data:`PROBE_SHAPE`), in eval and in training, on a copy (the module's statistics and
-    the random generators stay as they were; both runs start from one seed), and must agree to rounding."""
+    (N, C, T, H, W) probe (:data:`PROBE_SHAPE`), in eval and in training, and must agree to rounding. They run on a
+    copy whose hooks are removed (a user's hooks see no probe) and whose parameters and buffers are drawn afresh
+    from one seed (a term that vanishes at the current weights, as a zero-initialised last BatchNorm's branch,
+    or weights not loaded yet, would hide a difference); both runs start from one seed. A block that cannot be
+    copied or run so is left, with the reason."""
     import copy
 
     param = next(module.parameters(), None)
     dtype, device = (param.dtype, param.device) if param is not None else (torch.float32, torch.device("cpu"))
     n, t, h, w = PROBE_SHAPE
-    x = torch.randn(n, in_channels, t, h, w, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, in_channels, t, h, w, generator=gen).to(device, dtype)
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     request = planning.op_backend(backend, CONV_BACKENDS)
+    try:
+        probe = copy.deepcopy(module)
+    except Exception as exc:  # noqa: BLE001 (e.g. weight_norm's computed weight, which deepcopy refuses)
+        return f"it could not be copied to be probed ({type(exc).__name__}: {exc})"
+    _redraw(probe, gen)
     for training in (False, True):
-        probe = copy.deepcopy(module).train(training)
+        probe.train(training)
         outs = []
-        for run in (lambda t, probe=probe: _original_forward(probe, mixin, t),
-                    lambda t, probe=probe: probe._lgd_fused(t, request)):  # fmt: skip
+        for run in (lambda t: _original_forward(probe, mixin, t), lambda t: probe._lgd_fused(t, request)):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 torch.manual_seed(0)
                 try:
@@ -619,6 +631,26 @@ def _probe_reason(module: nn.Module, mixin: type, in_channels: int, backend: str
             return (f"its forward computes something else than the pattern (on a probe in "
                     f"{'training' if training else 'eval'}: relative difference {err:.2g})")  # fmt: skip
     return None
+
+
+def _redraw(module: nn.Module, gen: torch.Generator) -> None:
+    """``module`` (a probe's copy) without hooks and with every floating parameter and buffer drawn afresh: weights
+    at He scale, BatchNorm scales and running variances in [0.5, 1.5), other vectors and scalars normal."""
+    with torch.no_grad():
+        for sub in module.modules():
+            for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks, sub._backward_pre_hooks):
+                hooks.clear()
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if not t.is_floating_point():
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("running_var", "weight") and t.dim() == 1:  # a norm's variance and scale
+                fresh = 0.5 + torch.rand(t.shape, generator=gen)
+            elif t.dim() > 1:
+                fresh = torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5
+            else:
+                fresh = torch.randn(t.shape, generator=gen)
+            t.copy_(fresh.to(t.dtype))
 
 
 def _planned_own(module: nn.Module, mixin: type, x: torch.Tensor, fused) -> torch.Tensor:

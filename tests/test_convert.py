@@ -392,6 +392,41 @@ def test_forget_folds_after_changes_the_fold_key_cannot_see(gen):
         assert _rel(converted(x), original(x)) < 1e-5
 
 
+def test_the_probe_copes_with_weight_norm_hooks_and_a_zero_initialised_branch(gen):
+    """The block probe: a block it cannot copy (weight_norm's computed weight) is left with the reason and keeps its
+    class; a user's hook sees no probe input; a scale on the branch hidden at the current weights (a zero-initialised
+    last BatchNorm makes the branch 0) is still found, on freshly drawn probe weights."""
+    block = foreign_models.BasicBlock(8, 8, conv_builder=foreign_models.Conv3DSimple)
+    block.conv1[0] = torch.nn.utils.weight_norm(block.conv1[0])
+    report = lgd_fast.convert(nn.Sequential(block), plan="fused").conversion_report
+    assert type(block) is foreign_models.BasicBlock and "could not be copied to be probed" in dict(report.left)["0"]
+    seen = []
+    hooked = foreign_models.BasicBlock(8, 8, conv_builder=foreign_models.Conv3DSimple)
+    hooked.conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    assert lgd_fast.convert(nn.Sequential(hooked), plan="fused").conversion_report.converted and seen == []
+    scaled = _not_the_pattern(foreign_models.BasicBlock, "scaled")(8, 8, conv_builder=foreign_models.Conv3DSimple)
+    nn.init.zeros_(scaled.conv2[1].weight)  # torchvision's zero_init_residual: the branch is 0, its scale unseen
+    left = dict(lgd_fast.convert(nn.Sequential(scaled), plan="fused").conversion_report.left)
+    assert "computes something else than the pattern" in left["0"]
+
+
+def test_a_copy_of_a_converted_sequential_stays_fused_and_a_nested_changed_one_converts_again(gen, caplog):
+    """Staleness is judged by the children's classes, so a deepcopy (an EMA model, DataParallel's replicas) keeps
+    its runs; a changed Sequential inside a converted one is converted anew by the next convert call."""
+    original = _randomise(nn.Sequential(_block(), nn.Conv3d(8, 4, 1), nn.BatchNorm3d(4)), gen).eval()
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused").eval()
+    x = torch.randn(2, 8, 3, 9, 9, generator=gen)
+    twin = copy.deepcopy(converted)
+    with torch.no_grad():
+        assert _rel(twin(x), original(x)) < 1e-5
+    assert "changed since lgd_fast.convert" not in caplog.text
+    converted[0].insert(1, nn.Identity())  # the inner run now starts at the BatchNorm's old place
+    lgd_fast.convert(converted, plan="fused")
+    with torch.no_grad():
+        assert _rel(converted(x), original(x)) < 1e-5
+    assert "changed since lgd_fast.convert" not in caplog.text  # converted again before it ran
+
+
 def test_project_models(gen):
     ref = create_model("lgd3d_tiny", 5, classifier="two_heads")
     model = lgd_fast.convert(copy.deepcopy(ref))
