@@ -114,18 +114,26 @@ def test_file_broken_after_probing_is_skipped_in_the_epoch(records, tmp_path, ca
         write_video(tmp_path / "victim", 20, seed=9)  # restore for the next backend
 
 
-def test_a_dali_failure_with_no_bad_file_is_an_error_not_a_quiet_switch_to_pyav(records, monkeypatch):
-    """A DALI batch that fails is decoded by PyAV to find the broken file (the test above); where PyAV finds none,
-    DALI itself failed, and the loader says so instead of running the epoch on PyAV under backend 'dali'."""
-    loader = VideoClipLoader(records, spec=SPEC, batch_size=4, backend="dali", num_workers=0)
+def test_a_dali_failure_with_no_bad_file_is_an_error_under_dali_and_said_under_auto(records, monkeypatch, caplog):
+    """A DALI batch that fails is decoded by PyAV to find the broken file (the test above). Where PyAV finds none,
+    DALI itself failed (a stream its decoder lacks): with backend 'dali' (or strict) that is an error naming the
+    files; with 'auto' PyAV decodes the batch, with a warning each time and the batch in ``pyav_batches``."""
 
     def fails(plans, encoded):
         raise RuntimeError("[DALI] simulated decoder failure")
 
+    loader = VideoClipLoader(records, spec=SPEC, batch_size=4, backend="dali", num_workers=0)
     monkeypatch.setattr(loader, "_run_dali", fails)
     with pytest.raises(RuntimeError, match=r"DALI failed on a batch whose every file PyAV decodes \(.*v\d\.webm.*"
-                                           r"simulated decoder failure.*backend='pyav'"):  # fmt: skip
+                                           r"simulated decoder failure.*backend='auto'"):  # fmt: skip
         next(iter(loader))
+    auto = VideoClipLoader(records, spec=SPEC, batch_size=4, backend="auto", num_workers=0)
+    assert auto.backend_used == "dali"  # (VP9: DALI decodes it here)
+    monkeypatch.setattr(auto, "_run_dali", fails)
+    want = list(VideoClipLoader(records, spec=SPEC, batch_size=4, backend="pyav", num_workers=0))
+    got = list(auto)
+    assert len(got) == len(want) and all(torch.equal(a.clips, b.clips) for a, b in zip(got, want, strict=True))
+    assert len(auto.pyav_batches) == len(want) and "PyAV decoded it (backend 'auto')" in caplog.text
     monkeypatch.setattr(loader, "_build_dali", lambda: (_ for _ in ()).throw(RuntimeError("no pipeline")))
     loader._pipeline = None
     with pytest.raises(RuntimeError, match="^no pipeline$"):  # a pipeline that cannot be built: its own error

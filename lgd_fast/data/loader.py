@@ -248,6 +248,7 @@ class VideoClipLoader:
         self._carried_skips: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str]] = []
         self.dropped: list[tuple[str, str]] = []  # files found unusable when probing
+        self.pyav_batches: list[tuple[str, str]] = []  # (files, DALI's error): batches DALI failed and PyAV decoded
         shard(range(1), 0, self.num_shards)  # validates num_shards
         shard(range(self.num_shards), self.shard_id, self.num_shards)  # validates shard_id
         ids = list(range(len(self.records)))
@@ -337,10 +338,10 @@ class VideoClipLoader:
             for path, reason in bad:
                 logger.warning("skipping %s: %s", path, reason)
             self.skipped.extend(bad)
-            if batch is None and self.yield_empty:
-                yield None
-            elif batch is not None and not (self.drop_last and len(batch.labels) < self.batch_size):
+            if batch is not None and not (self.drop_last and len(batch.labels) < self.batch_size):
                 yield batch
+            elif self.yield_empty:  # (a batch dropped for being short too: every process yields one item a batch)
+                yield None
         if self.skipped or self.dropped:
             logger.warning(
                 "epoch %d: %d clip(s) skipped (unreadable during the epoch), %d file(s) left out (unusable when "
@@ -382,12 +383,17 @@ class VideoClipLoader:
             except RuntimeError as exc:  # a file broken since probing: find it with PyAV, keep the rest
                 self._pipeline = None
                 batch, more_bad = _collate([_PyAVClips(good, self.spec)[i] for i in range(len(good))])
-                if not more_bad:  # every file decodes: DALI itself failed, and PyAV does not quietly stand in
+                if not more_bad:  # every file decodes: DALI itself failed on one (a profile NVDEC lacks, ...)
                     files = ", ".join(p.path for p in good)
-                    raise RuntimeError(f"DALI failed on a batch whose every file PyAV decodes ({files}): {exc}. No "
-                                       "file is bad, so none is skipped; backend='pyav' decodes them with PyAV "
-                                       "(lgd-fast train --set data.backend=pyav)") from exc  # fmt: skip
-                logger.info("DALI failed on a batch (%s); PyAV found the unreadable file(s), the rest kept", exc)
+                    if self.backend == "dali" or self.strict:  # asked for by name, or no fallback: no stand-in
+                        raise RuntimeError(
+                            f"DALI failed on a batch whose every file PyAV decodes ({files}): {exc}. No file is bad, "
+                            "so none is skipped; backend='auto' lets PyAV decode such a batch (lgd-fast train --set "
+                            "data.backend=auto), backend='pyav' every batch") from exc
+                    self.pyav_batches.append((files, str(exc)))  # backend='auto': PyAV stands in, said each time
+                    logger.warning("DALI failed on a batch (%s); PyAV decoded it (backend 'auto'): %s", exc, files)
+                else:
+                    logger.info("DALI failed on a batch (%s); PyAV found the unreadable file(s), the rest kept", exc)
                 yield batch, bad + more_bad
                 continue
             labels = torch.tensor([p.label for p in good])
