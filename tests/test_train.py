@@ -333,7 +333,7 @@ def test_training_switches_run(dataset, tmp_path, flags):
 
 def test_a_failed_validation_keeps_the_epoch_it_follows(dataset, tmp_path, monkeypatch):
     """Validation runs before the epoch's checkpoint: when it fails (out of memory, no readable video, Ctrl-C), the
-    epoch's training is saved first, and a rerun goes on with the next epoch."""
+    epoch's training is saved first, and a rerun validates it, then goes on (the last epoch's too)."""
     from lgd_fast.engine.train import Trainer
 
     def fails(self):
@@ -345,8 +345,16 @@ def test_a_failed_validation_keeps_the_epoch_it_follows(dataset, tmp_path, monke
             train(_config(dataset, tmp_path / "v", "epochs=2", "stage2_epochs=0"))
     state = load_checkpoint(tmp_path / "v" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and state["in_epoch"] is None and "val_top1" not in state["history"][0]
-    metrics = train(_config(dataset, tmp_path / "v", "epochs=2", "stage2_epochs=0"))
-    assert metrics["epoch"] == 2 and [("val_top1" in r) for r in metrics["history"]] == [False, True]
+    assert state["validation_pending"]
+    metrics = train(_config(dataset, tmp_path / "v", "epochs=2", "stage2_epochs=0"))  # validates epoch 1 first
+    assert metrics["epoch"] == 2 and [("val_top1" in r) for r in metrics["history"]] == [True, True]
+    with monkeypatch.context() as patch:  # the last epoch's validation stopped: the rerun runs it, and only it
+        patch.setattr(Trainer, "_validate", fails)
+        with pytest.raises(RuntimeError, match="validation failed"):
+            train(_config(dataset, tmp_path / "w", "epochs=1", "stage2_epochs=0"))
+    metrics = train(_config(dataset, tmp_path / "w", "epochs=1", "stage2_epochs=0"))
+    assert [r["epoch"] for r in metrics["history"]] == [1] and metrics["val_top1"] is not None
+    assert not load_checkpoint(tmp_path / "w" / "checkpoints" / "last.pt")["validation_pending"]
 
 
 def test_resuming_with_another_model_is_refused(dataset, tmp_path):

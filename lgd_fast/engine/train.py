@@ -263,6 +263,12 @@ class Trainer:
             save_config(c, self.out / "config.yaml")
         self._open_tensorboard()
         self._wrap()
+        if state is not None and state.get("validation_pending") and self.history:  # it stopped last time
+            row = self.history[-1]
+            row.update(self._validate())
+            if self.rank == 0:
+                self._save(start_epoch, stage, optimizer, scheduler, row)
+                self._log_epoch(row, total_epochs)
         for epoch in range(start_epoch, total_epochs):
             if c.model.classifier == "kernel" and epoch == c.epochs and stage == 1:
                 stage = 2
@@ -278,9 +284,9 @@ class Trainer:
                 try:
                     row.update(self._validate())
                 except BaseException:  # (an error, a Ctrl-C) the epoch's training is kept, without its validation
-                    if self.rank == 0:
+                    if self.rank == 0:  # (the rerun validates it first: validation_pending)
                         self.history.append(row)
-                        self._save(epoch + 1, stage, optimizer, scheduler, row)
+                        self._save(epoch + 1, stage, optimizer, scheduler, row, validation_pending=True)
                         logger.error("validation after epoch %d stopped; the epoch's training is in %s", epoch + 1,
                                      self.last_saved)  # fmt: skip
                     raise
@@ -543,8 +549,9 @@ class Trainer:
         self.last_saved = _describe_checkpoint(path, {"epoch": epoch, "step": self.step, "in_epoch": in_epoch})
         logger.info("checkpoint %s", self.last_saved)
 
-    def _save(self, epoch, stage, optimizer, scheduler, row) -> None:
+    def _save(self, epoch, stage, optimizer, scheduler, row, *, validation_pending: bool = False) -> None:
         payload = self._payload(epoch, stage, optimizer, scheduler)
+        payload["validation_pending"] = validation_pending  # its validation stopped: the rerun runs it first
         top1 = row.get("val_top1")
         if top1 is not None and top1 > self.best_top1:
             self.best_top1 = payload["best_top1"] = top1
