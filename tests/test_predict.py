@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -126,8 +127,8 @@ def test_a_checkpoint_keeps_the_current_gpu_generator_and_restores_it_there(monk
     """One process a device (DDP): the checkpoint holds the CPU generator and the current device's (every process
     draws alike), and restores it on the resuming process's own device; it never reads every device's state (rank
     0's view of the others is their first state, and reading them makes a context on each). A checkpoint written
-    before, with every device's state as rank 0 saw them, restores rank 0's own. (CUDA's calls faked: no GPU
-    here.)"""
+    before, with every device's state as its process saw them, restores this process's device's. (CUDA's calls
+    faked: no GPU here.)"""
     from lgd_fast.engine.checkpoint import rng_state, set_rng_state
 
     restored = []
@@ -136,12 +137,13 @@ def test_a_checkpoint_keeps_the_current_gpu_generator_and_restores_it_there(monk
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every device's state was read"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every device's state was set"))
     state = rng_state()
     assert state["cuda"].tolist() == [7] and torch.equal(state["torch"], torch.get_rng_state())
     set_rng_state(state)
     set_rng_state({**state, "cuda": [torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)]})
-    assert [t.tolist() for t in restored] == [[7], [3]]
+    assert [t.tolist() for t in restored] == [[7], [4]]  # (the old format: this process's device, cuda:1)
 
 
 def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
@@ -154,6 +156,9 @@ def test_text_files_are_replaced_whole_or_not_at_all(tmp_path):
     assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
     write_text_atomic(path, "new\n")
     assert path.read_text() == "new\n"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes files (mkstemp alone: 0600)
 
 
 def test_a_checkpoint_holding_objects_is_refused_without_advice(tmp_path):

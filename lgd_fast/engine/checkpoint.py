@@ -40,6 +40,7 @@ def _replace(path: Path, mode: str, write) -> Path:
     synced after; on any failure the temporary file is removed and ``path`` is as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would give (mkstemp makes it 0600)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
             f.flush()
@@ -51,6 +52,13 @@ def _replace(path: Path, mode: str, write) -> Path:
         raise
     _sync_folder(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and back: POSIX has no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _sync_folder(folder: Path) -> None:
@@ -149,8 +157,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores :func:`rng_state`'s generators, the GPU one on this process's current device. (Checkpoints
-    written before kept every device's state as rank 0 saw it: its own device's, the first, is the one.)"""
+    written before kept every device's state as the saving process saw them: this device's is restored, right
+    for one process; under DDP rank 0's view of the others was never drawn from, as before.)"""
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list | tuple) else cuda)
+        if isinstance(cuda, list | tuple):  # every device's, as the saving process saw them: this device's
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)
