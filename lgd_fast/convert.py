@@ -265,9 +265,7 @@ def _excite_applies(owner: nn.Module, step: _Step, x: torch.Tensor) -> bool:
     stood_in = [owner.get_submodule(step.act), *(m for p in step.after for m in owner.get_submodule(p).modules())]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for m in stood_in for p in m.parameters())):
         return False
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    return not any(m.training or m._forward_hooks or m._forward_pre_hooks for m in stood_in)
+    return not _hooked(stood_in) and not any(m.training for m in stood_in)
 
 
 def _describe_steps(owner: nn.Module, steps: list[_Step]) -> str:
@@ -590,6 +588,22 @@ class _FusedChainMixin:
 PROBE_SHAPE = (2, 4, 16, 16)  # N, T, H, W of the input a recognised block is probed on
 
 
+def _fuse_if_equal(module: nn.Module, mixin: type, in_channels: int | None, backend: str, **attrs) -> str | None:
+    """Converts ``module`` with ``mixin`` (its class, ``attrs`` and the modules it watches for hooks) and keeps the
+    conversion if :func:`_probe_reason` finds the fused path equal to its own forward (None); otherwise puts the
+    module back as it was and returns the reason. ``in_channels`` None: nothing to probe."""
+    cls = type(module)
+    module.__class__ = _fused_class(cls, mixin)
+    attrs["_lgd_watched"] = _watched(module)
+    module.__dict__.update(attrs)
+    why = None if in_channels is None else _probe_reason(module, mixin, in_channels, backend)
+    if why is not None:
+        module.__class__ = cls
+        for attr in attrs:
+            del module.__dict__[attr]
+    return why
+
+
 def _probe_reason(module: nn.Module, mixin: type, in_channels: int, backend: str) -> str | None:
     """None if ``module``'s fused path (converted with ``mixin``) computes what its own forward computes, else why
     not. Blocks are recognised by class name and attributes, so a forward that does more than the pattern (a
@@ -681,13 +695,9 @@ def _convert_chain(name: str, module: nn.Module, report: ConversionReport, claim
         claimed |= {id(m) for m in module.modules() if isinstance(m, nn.Conv3d)}
         return True
     cls = type(module)
-    module.__class__ = _fused_class(cls, _FusedChainMixin)
-    module._lgd_links = links
-    module._lgd_watched = _watched(module)
     in_channels = module.get_submodule(steps[0].conv).in_channels if steps else None  # (steps in forward order)
-    if in_channels and (why := _probe_reason(module, _FusedChainMixin, in_channels, options[0])) is not None:
-        module.__class__ = cls
-        del module._lgd_links, module._lgd_watched
+    why = _fuse_if_equal(module, _FusedChainMixin, in_channels, options[0], _lgd_links=links)
+    if why is not None:
         report.left.append((name, f"{what} {cls.__name__}, left as it is: {why}"))
         return True
     description = f"{what} {type(module).__name__}: " + _describe_steps(module, steps)
@@ -793,17 +803,11 @@ def _convert_residual(name: str, module: nn.Module, report: ConversionReport, cl
         report.left.append((name, f"residual block {type(module).__name__}, its end left unfused: {reason}"))
         return
     cls = type(module)
-    module.__class__ = _fused_class(cls, _FusedResidualMixin)
-    module._lgd_residual = kind
-    module._lgd_watched = _watched(module)
-    if kind == "pytorchvideo":
-        module._lgd_branch_links = _chain_steps(module.branch2)[1]
+    links = {"_lgd_branch_links": _chain_steps(module.branch2)[1]} if kind == "pytorchvideo" else {}
     first = (next(m for m in module.conv1.modules() if isinstance(m, nn.Conv3d)) if kind == "torchvision"
              else module.branch2.conv_a)  # fmt: skip
-    if (why := _probe_reason(module, _FusedResidualMixin, first.in_channels, options[0])) is not None:
-        module.__class__ = cls
-        for attr in ("_lgd_residual", "_lgd_branch_links", "_lgd_watched"):
-            module.__dict__.pop(attr, None)
+    why = _fuse_if_equal(module, _FusedResidualMixin, first.in_channels, options[0], _lgd_residual=kind, **links)
+    if why is not None:
         report.left.append((name, f"residual block {cls.__name__}, its end left unfused: {why}"))
         return
     if kind == "pytorchvideo" and module.branch1_conv is not None:
