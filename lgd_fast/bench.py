@@ -400,11 +400,10 @@ def conv_floor(
             "distinct": len(calls), "training": training, "per_call": rows}  # fmt: skip
 
 
-def _conv_floors(name, num_classes, device, clips, passes, autocast, repeats) -> dict[str, dict[str, Any]]:
-    """:func:`conv_floor` per pass, on a channels-last reference of ``name`` (the fast model's convs are the same)."""
-    from .models import create_model
-
-    model = create_model(name, num_classes, classifier="two_heads").to(device, memory_format=torch.channels_last_3d)
+def _conv_floors(model, device, clips, passes, autocast, repeats) -> dict[str, dict[str, Any]]:
+    """:func:`conv_floor` per pass, on ``model``, a plain reference (the fast model's convs are the same), moved here
+    to ``device`` in channels_last_3d."""
+    model.to(device, memory_format=torch.channels_last_3d)
     model.to(next(iter(clips.values()))[0].dtype)  # bf16-weights: the model in bfloat16 too
     return {p: conv_floor(model, clips[p][0], training=p == "training", autocast=autocast, repeats=max(repeats, 3))
             for p in passes}  # fmt: skip
@@ -791,7 +790,7 @@ def run_bench(
             timings[pass_] = (samples, first_call)
     peaks.append(conv_peak(dev, dtype))  # again at the end: the machine's load may have changed
     peak = max(p["gflops_per_s"] for p in peaks)
-    floors = _conv_floors(model, num_classes, dev, clips, passes, autocast, repeats) if names else {}
+    floors = _conv_floors(plain, dev, clips, passes, autocast, repeats) if names else {}  # (the FLOPs' reference)
     for pass_ in passes:  # peak memory after the timings (malloc_trim makes the next call fault its pages in)
         if isolated:  # measured in each candidate's own process, before its timings
             memory = isolated_memory[pass_]
