@@ -296,43 +296,72 @@ def test_compiled_with_freezing_matches(gen):
         assert _rel(torch.compile(fast)(x), ref(x)) < 1e-5
 
 
-def test_training_converges_alike(gen):
-    """Convergence: reference and fast models trained 6 SGD steps from the same weights on the same batches.
+def _six_sgd_steps(model, batches, *, perturb: torch.Generator | None = None, size: float = 0.0) -> list[float]:
+    """Six SGD steps (momentum 0.9) over ``batches`` seen three times, in ``model``'s dtype; the losses. With
+    ``perturb``, every weight and every input element is first multiplied by its own 1 + U(-size, size)."""
+    dtype = next(model.parameters()).dtype
+    if perturb is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + size * (2 * torch.rand(p.shape, generator=perturb, dtype=p.dtype) - 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    model.train()
+    losses = []
+    for x, y in batches * 3:
+        x = x.to(dtype)
+        if perturb is not None:
+            x = x * (1 + size * (2 * torch.rand(x.shape, generator=perturb, dtype=dtype) - 1))
+        local, global_ = model(x)
+        loss = nn.functional.cross_entropy(local, y) + nn.functional.cross_entropy(global_, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
-    The yardstick is the same run in float64. Usually both float32 runs stay within ~5e-7 of it (the
-    weight updates of all six steps, all tensors together); now and then a rounding-level difference flips
-    a ReLU or max-pool decision and a float32 run, the reference's or the fast one's, moves ~1e-3..6e-3 away
-    (measured over 20 seeds). So: the fast model's updates are within max(3x the reference's error, 2%) of
-    the float64 run's, and every loss within 1% of the reference's; wrong updates are O(1) off."""
+
+def test_training_converges_alike(gen):
+    """Convergence: the fast model trained 6 SGD steps from the reference's weights on the same batches ends
+    where the reference does, judged against the same run in float64.
+
+    Six steps amplify any rounding-level difference that flips a ReLU or max-pool decision: the layers of
+    this tiny model end at 2x2 frames, where BatchNorm averages over 64 values per channel, and one flipped
+    position moves every gradient below it by percents. Seen: seed 2417165517, a layer3.0 ReLU input at
+    -4.8e-7 in float64 (the float32 reference: -2.1e-6, same side; the fast model: the other side), and the
+    fast model's updates 4.75e-2 away from the float64 run's, the reference's 5.6e-7. So the yardstick is
+    the spread of equally valid float32 runs: the reference run again from weights and inputs each moved by
+    a relative 1e-6 (8 float32 roundings), six times. Over 156 seeds (/tmp study, four to six such runs)
+    they landed from 2e-6 to 3e-2 off the float64 run; the fast model flipped in 13 seeds, each time as far
+    off as one of them (ratio 1.00 to the farthest), and was never farther. Rule: the fast model's updates
+    (all six steps, all tensors) and its every loss are within 2x the farthest perturbed run's distance to the
+    float64 run (losses: plus 1e-5 relative). This checks convergence and catches O(1) errors; in a draw with
+    a near-tie it cannot see a few percent on one gradient. Per-step gradients to the 2x rule over many draws:
+    ``test_tiny_matches_reference_eval_and_train``."""
     ref, fast = _pair("lgd3d_tiny", gen, classifier="two_heads", dropout=0.0)  # no dropout noise on 4 clips
-    ref64 = copy.deepcopy(ref).double()
-    start = {k: v.detach().clone().double() for k, v in ref.state_dict().items()}
+    start = copy.deepcopy(ref)
     # Two fixed batches, seen three times each: a model that learns at all lowers this loss.
-    pair = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in range(2)]
+    batches = [(torch.randn(4, 3, 8, 32, 32, generator=gen), torch.randint(0, 7, (4,), generator=gen)) for _ in "ab"]
+    runs = {"fast": fast, "float64": copy.deepcopy(ref).double()}
+    runs.update({f"perturbed {i}": copy.deepcopy(ref) for i in range(6)})
     losses = {}
-    for name, model in (("ref", ref), ("fast", fast), ("ref64", ref64)):
-        opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-        model.train()
-        losses[name] = []
-        for x, y in pair * 3:
-            local, global_ = model(x.double() if name == "ref64" else x)
-            loss = nn.functional.cross_entropy(local, y) + nn.functional.cross_entropy(global_, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses[name].append(loss.item())
-    first, last = sum(losses["ref"][:2]), sum(losses["ref"][-2:])
-    assert last < first, f"the reference did not learn ({losses['ref']}): the comparison would be empty"
-    for a, b in zip(losses["fast"], losses["ref"], strict=True):
-        assert abs(a - b) <= 1e-2 * abs(b), losses
-    keys = [k for k, v in ref64.state_dict().items() if v.is_floating_point()]
-    states = {name: m.state_dict() for name, m in (("ref", ref), ("fast", fast), ("ref64", ref64))}
+    for name, model in runs.items():
+        perturbed = name.startswith("perturbed")
+        losses[name] = _six_sgd_steps(model, batches, perturb=gen if perturbed else None, size=1e-6)
+    exact = losses["float64"]
+    assert sum(exact[-2:]) < sum(exact[:2]), f"the model did not learn ({exact}): the comparison would be empty"
+    keys = [k for k, v in start.state_dict().items() if v.is_floating_point()]
 
     def updates(name):
-        return torch.cat([(states[name][k].double() - start[k]).flatten() for k in keys])
+        state, before = runs[name].state_dict(), start.state_dict()
+        return torch.cat([(state[k].double() - before[k].double()).flatten() for k in keys])
 
-    fast_err, ref_err = _rel(updates("fast"), updates("ref64")), _rel(updates("ref"), updates("ref64"))
-    assert fast_err <= max(3 * ref_err, 2e-2), f"updates of 6 steps: fast {fast_err:.2e}, reference {ref_err:.2e}"
+    want = updates("float64")
+    spread = {name: _rel(updates(name), want) for name in runs if name.startswith("perturbed")}
+    loss_spread = max(abs(a - b) for name in spread for a, b in zip(losses[name], exact, strict=True))
+    fast_err = _rel(updates("fast"), want)
+    assert fast_err <= 2 * max(spread.values()), f"updates of 6 steps: fast {fast_err:.2e}, perturbed {spread}"
+    for a, b in zip(losses["fast"], exact, strict=True):
+        assert abs(a - b) <= 2 * loss_spread + 1e-5 * abs(b), (losses["fast"], exact, loss_spread)
 
 
 def test_cpu_default_strategy_matches_reference(gen, monkeypatch):
