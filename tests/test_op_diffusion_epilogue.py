@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lgd_fast.ops import _backend, diffusion_epilogue, diffusion_epilogue_reference
-from op_testing import SEED, assert_layout, random_input, usable_isas
+from op_testing import SEED, assert_layout, diffusion_inputs, preactivation_terms, random_input, usable_isas
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
@@ -22,31 +22,8 @@ ISAS = usable_isas()  # every SIMD path of the kernel this CPU runs (AVX-512, AV
 
 
 def _inputs(shape, dtype, fmt, gen):
-    """r, s around 0 so that ReLU cuts about half of the elements; d, scale, shift in float32.
-
-    No ReLU input lies within rounding of zero: where the float64 pre-activation is within 16 roundings of ``dtype``
-    of its terms' size, s moves it well away (upwards). Such an element's side of zero is decided by rounding, in
-    PyTorch's float32 as in the kernel (seen: 1.06e-8 in float64, 0.0 in both), and its gradient then differs
-    from float64's by the whole upstream value: a kink the comparison with float64 cannot judge, not an error
-    (1 element of 5265 gave grad_r a 6.4e-3 relative error, seed 2103389020)."""
-    n, c = shape[:2]
-    r = random_input(shape, dtype, FORMATS[fmt], gen) - 1.0
-    s = random_input(shape, dtype, FORMATS[fmt], gen) - 1.0
-    d = 0.5 * torch.randn(n, c, generator=gen)
-    scale = 0.5 + torch.rand(c, generator=gen)
-    shift = 0.2 * torch.randn(c, generator=gen)
-    terms = _preactivation_terms(r, s, d, scale, shift)
-    z = sum(terms)
-    tolerance = 16 * torch.finfo(dtype).eps * sum(t.abs() for t in terms)
-    near_zero = z.abs() <= tolerance
-    s = torch.where(near_zero, s.double() + 64 * tolerance, s.double()).to(dtype).contiguous(memory_format=FORMATS[fmt])
-    return [t.detach().requires_grad_(True) for t in (r, s, d, scale, shift)]
-
-
-def _preactivation_terms(r, s, d, scale, shift) -> list[torch.Tensor]:
-    """The ReLU input's four terms in float64, broadcast: r * scale, shift, s, d."""
-    r, s, d, scale, shift = (t.detach().double() for t in (r, s, d, scale, shift))
-    return [r * scale[:, None, None, None], shift[:, None, None, None], s, d[:, :, None, None, None]]
+    """r, s, d, scale, shift, no ReLU input within rounding of zero (``op_testing.diffusion_inputs``)."""
+    return diffusion_inputs(shape, dtype, FORMATS[fmt], gen)
 
 
 def _upstream(shape, dtype, gen):
@@ -99,7 +76,7 @@ def _sum_magnitudes(inputs, gout, gmean) -> dict[str, torch.Tensor]:
     is judged against these, as summation's error bound is, not against the sums themselves, which cancel. (Against
     the sums a 2e-6 threshold failed PyTorch's own float32 too, 4.3e-6 on a grad_shift of 0.39 over 1029 terms of
     size about 1, and the kernel at 2.1e-6 on grad_scale, seed 3939768605.)"""
-    z = sum(_preactivation_terms(*inputs))
+    z = sum(preactivation_terms(*inputs))
     r = inputs[0].detach().double()
     positions = z[0, 0].numel()
     g = (gout.double() + gmean.double()[:, :, None, None, None] / positions) * (z > 0)

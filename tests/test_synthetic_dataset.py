@@ -161,14 +161,16 @@ def ridge_classifier(features: np.ndarray, labels: np.ndarray):
 
 
 def test_single_frames_cannot_tell_twins_apart_but_frame_order_can():
-    """Per twin pair, fit on 40 + 40 videos, test on 40 + 40 others (one random frame each for the frame classifier).
+    """Per twin pair, fit on 80 + 80 videos, test on 80 + 80 others (one random frame each for the frame classifier).
 
     Single frames and unordered frame sets have the same distribution for both twins, so any classifier's expected
-    held-out accuracy is exactly 1/2; pooled over the pairs (n = 400) its standard deviation is 0.025: we allow 4
-    of them. The positive control (a motion feature computed from consecutive frames) must beat 90% on every pair.
+    held-out accuracy is exactly 1/2; pooled over the pairs (n = 800) its standard deviation is at most 0.018: we
+    allow 4.5 of them (0.080), which a true null crosses in under 7e-6 of runs per check (at 4 of them over 400
+    videos, 0.10, it was 6.3e-5 each: a CI run in 8000 failed on nothing). The positive control (a motion feature
+    computed from consecutive frames) must beat 90% on every pair.
     """
     rng = np.random.default_rng(SEED)
-    n, frames = 40, 16
+    n, frames = 80, 16
     frame_hits, bag_hits, tested = 0, 0, 0
     for pair in range(len(PAIRS)):
         split = {}
@@ -191,7 +193,7 @@ def test_single_frames_cannot_tell_twins_apart_but_frame_order_can():
         motion_accuracy = (motion(np.stack([motion_features(v) for v in test_videos])) == test_labels).mean()
         assert motion_accuracy > 0.9, (PAIRS[pair].forward, motion_accuracy)
 
-    tolerance = 4 * 0.5 / np.sqrt(tested)
+    tolerance = 4.5 * 0.5 / np.sqrt(tested)
     assert abs(frame_hits / tested - 0.5) < tolerance, (frame_hits / tested, SEED)
     assert abs(bag_hits / tested - 0.5) < tolerance, (bag_hits / tested, SEED)
 
