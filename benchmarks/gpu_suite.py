@@ -228,7 +228,7 @@ def _run(step: Step, log, timeout: float, env: dict[str, str]) -> dict[str, Any]
     log.write(f"\n=== {step.name}: {status} (exit {rc}) in {seconds:.1f} s\n")
     log.flush()
     return {"step": step.name, "status": status, "exit_code": rc, "seconds": round(seconds, 1),
-            "command": step.argv}  # fmt: skip
+            "cap_s": round(max(timeout, 1.0), 1), "command": step.argv}  # fmt: skip
 
 
 def _log_tail(path: Path, step: str, lines: int = 25) -> str:

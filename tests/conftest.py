@@ -32,6 +32,22 @@ def seeded_global_rng(request):
     torch.manual_seed((SEED ^ zlib.crc32(request.node.name.encode()) ^ 0x9E3779B9) & 0xFFFFFFFF)
 
 
+@pytest.fixture(autouse=True)
+def process_settings_restored():
+    """torch's process-wide settings as they were before each test (deterministic algorithms and their NaN fill
+    of fresh memory, intra-op threads): a test that changes one and fails half-way does not run the rest of the
+    suite under it."""
+    import torch.utils.deterministic
+
+    was = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           torch.utils.deterministic.fill_uninitialized_memory, torch.get_num_threads())  # fmt: skip
+    yield
+    torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    torch.utils.deterministic.fill_uninitialized_memory = was[2]
+    if torch.get_num_threads() != was[3]:
+        torch.set_num_threads(was[3])
+
+
 def pytest_report_header(config):
     return f"test seed: LGD_FAST_TEST_SEED={SEED} replays this run's random inputs"
 

@@ -3,6 +3,7 @@ refuses), and the fast models' recorded programs equal to their eager forward bi
 every reused arena block poisoned, and given up as soon as the model changes."""
 
 import copy
+import importlib
 import logging
 import weakref
 
@@ -23,6 +24,8 @@ from lgd_fast.recorded import (
     record,
     recorded_programs,
 )
+
+recorded_module = importlib.import_module("lgd_fast.recorded")  # the module (its warn-once set)
 
 
 def _clip(arch: str, gen: torch.Generator, batch: int = 2) -> torch.Tensor:
@@ -221,7 +224,8 @@ def test_each_input_key_has_its_program_and_the_oldest_go(gen):
     assert len(keys) == MAX_PROGRAMS and keys[0][0] != tuple(x.shape)
 
 
-def test_an_unrecordable_forward_warns_once_and_runs_eagerly(caplog, gen):
+def test_an_unrecordable_forward_warns_once_and_runs_eagerly(caplog, gen, monkeypatch):
+    monkeypatch.setattr(recorded_module, "_WARNED", set())  # once per process: an earlier run here may have warned
     fast = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
     eager = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
     eager.load_state_dict(fast.state_dict())

@@ -72,9 +72,14 @@ def test_resume_ends_with_the_same_weights(dataset, tmp_path, monkeypatch, stop_
             raise KeyboardInterrupt
         return real(self, epoch, *args)
 
-    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    seen = []
+    monkeypatch.setattr(Trainer, "_train_epoch", lambda *a: seen.append(torch.are_deterministic_algorithms_enabled())
+                        or interrupted(*a))  # fmt: skip
+    assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(KeyboardInterrupt):
         train(_config(dataset, tmp_path / "split", "epochs=2", "stage2_epochs=1", "deterministic=true"))
+    # deterministic for the run's length, the process's own setting back afterwards (an interrupted run too)
+    assert seen and all(seen) and not torch.are_deterministic_algorithms_enabled()
     monkeypatch.setattr(Trainer, "_train_epoch", real)
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == stop_at
     caplog.clear()
@@ -477,13 +482,18 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, 
     pair = tmp_path / "pair"
     argv = ["train", "--out", str(pair), "--no-progress", *[a for item in common for a in ("--set", item)]]
     argv += ["--checkpoint-every-steps", "1"]  # mid-epoch checkpoints: every rank joins the sums' all-reduce
-    port = {("sync_batchnorm", False): "29531", ("norm_eval", False): "29532", ("sync_batchnorm", True): "29533"}[
-        norm, fast
-    ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    # --standalone: the rendezvous on a free port of localhost (a fixed port fails while anything else holds it)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lgd_fast", *argv]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    # its own process group: a timeout kills torchrun's workers too, not only torchrun
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            _, stderr = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode == 0, stderr[-4000:]
     a = load_checkpoint(single / "checkpoints" / "last.pt")
     b = load_checkpoint(pair / "checkpoints" / "last.pt")
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]

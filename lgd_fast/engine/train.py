@@ -152,8 +152,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if config.optim.batch_size % self.world:
             raise ValueError(f"optim.batch_size {config.optim.batch_size} is not divisible by {self.world} processes")
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True)
 
     # ---- set-up -------------------------------------------------------------------------------------------
 
@@ -210,6 +208,17 @@ class Trainer:
     # ---- the run ------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """The run; with ``deterministic``, torch's deterministic algorithms for its length (this process's
+        setting as it was afterwards: a caller that trains in-process keeps its own)."""
+        was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        if self.config.deterministic:
+            torch.use_deterministic_algorithms(True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+    def _run(self) -> dict[str, Any]:
         c = self.config
         torch.manual_seed(c.seed)
         num_classes = self._data()
