@@ -9,7 +9,7 @@ PyTorch: the yardstick), and the reference in float64. Per gradient, the fast mo
 the draws is at most 2x the reference's (``p3d_cases.check_pooled_ratio``, which sets the worst quarter of draws
 aside: one ReLU position within float32 rounding of zero lands on either side in two implementations and moves
 a gradient near the head by one position's share. Seen here: single draws at 47x-6966x on a block-end bias,
-while the pooled ratio stays at 1.1-1.5). Where ours is over 2x in a draw, the reference also runs from inputs
+while the pooled ratio stays at 1.1-1.5). Where ours jumps over 10x in a draw, the reference also runs from inputs
 moved by one rounding, and a flip it shows there counts as PyTorch's error for that draw (the test's docstring).
 
 Before the convs' statistics were taken about the mean (they were the sum of squares, the variance then
@@ -105,13 +105,13 @@ def other_rounding_luck(reference, x, upstream, gen, runs: int = 8) -> list[dict
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CASES))
 def test_fused_training_gradients_meet_the_2x_rule(arch, gen):
-    """Per draw and gradient, PyTorch's error is the float32 reference's; where ours is over 2x it, the
-    reference is run 8 times more from the input moved by at most one rounding (``other_rounding_luck``), and a
-    gradient that jumped in one of those runs (over 10x the first run's error: a flipped ReLU position) takes
-    the largest such error as PyTorch's for that draw. Seen at LGD_FAST_TEST_SEED=2925068468 (R50): the fast
-    model flipped a position in 7 of 16 draws, the reference in 3, and layer4.1.fc1.weight failed the pooled rule
-    at 3.2x (single draws 107-374x); in 4 of those draws one to three of four such runs jumped exactly as far.
-    Quiet draws and gradients keep the first run's error, so a systematic excess still fails."""
+    """Per draw and gradient, PyTorch's error is the float32 reference's. Where ours jumped over 10x it on some
+    gradient (a flipped ReLU position, not rounding noise), the reference is run 8 times more from the input
+    moved by at most one rounding (``other_rounding_luck``), and a gradient that jumped over 10x in one of those
+    runs takes the largest such error as PyTorch's for that draw. Seen at LGD_FAST_TEST_SEED=2925068468 (R50):
+    the fast model flipped a position in 7 of 16 draws, the reference in 3, and layer4.1.fc1.weight failed the
+    pooled rule at 3.2x (single draws 107-374x); in 4 of those draws one to three of four such runs jumped
+    exactly as far. Quiet draws and gradients keep the first run's error, so a systematic excess still fails."""
     shape, draws = CASES[arch]
     reference, fast = author_models(arch)
     rows = []
@@ -119,7 +119,7 @@ def test_fused_training_gradients_meet_the_2x_rule(arch, gen):
         x, upstream = draw_inputs(shape, gen)
         want, plain, ours = gradients_three_ways(reference, fast, x, upstream)
         torch_err = {k: rel(plain[k], w) for k, w in want.items()}
-        if any(rel(ours[k], w) > 2 * torch_err[k] for k, w in want.items()):
+        if any(rel(ours[k], w) > 10 * torch_err[k] for k, w in want.items()):  # a jump, not 2-8x noise
             for other in other_rounding_luck(reference, x, upstream, gen):
                 for k, w in want.items():
                     err = rel(other[k], w)
