@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -228,7 +229,8 @@ def _run(step: Step, log, timeout: float, env: dict[str, str]) -> dict[str, Any]
     log.write(f"\n=== {step.name}: {status} (exit {rc}) in {seconds:.1f} s\n")
     log.flush()
     return {"step": step.name, "status": status, "exit_code": rc, "seconds": round(seconds, 1),
-            "cap_s": round(max(timeout, 1.0), 1), "command": step.argv}  # fmt: skip
+            "cap_s": None if math.isinf(timeout) else round(max(timeout, 1.0), 1),  # None: no cap
+            "command": step.argv}  # fmt: skip
 
 
 def _log_tail(path: Path, step: str, lines: int = 25) -> str:
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped (the row says why)."""
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left < step.min_s:
-            rows.append({"step": step.name, "status": "skipped", "exit_code": None, "seconds": 0.0,
+            rows.append({"step": step.name, "status": "skipped", "exit_code": None, "seconds": 0.0, "cap_s": None,
                          "why": f"{left:.0f} s of the budget left, the step needs at least {step.min_s:.0f} s"})
             print(f"gpu_suite: {step.name:<14} skipped ({rows[-1]['why']})", flush=True)
             return None

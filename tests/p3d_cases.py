@@ -367,7 +367,9 @@ def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0
     """The 2x-PyTorch rule over several fresh draws: per output, the sum of our errors is at most ``limit`` times
     the sum of PyTorch's errors at the same dtype, over the draws left after setting aside the worst
     ``set_aside`` share (by our error over PyTorch's). Draws that carry ReLU branch rows (``run_unit_case``) are
-    judged against the float64 run through their own branches, and their branches are checked here.
+    judged against the float64 run through their own branches, and their branches are checked here. A row
+    marked ``excused`` (PyTorch's own run flipped that gradient under other rounding luck) leaves both sums; at
+    most half of a gradient's draws may be excused.
 
     Used for bfloat16 units, where one draw's error is mostly rounding noise: ReLU masks and batch statistics
     move with every rounding, and at the tests' small maps (4x4 frames after a stride 2) one flipped mask at a
@@ -381,6 +383,7 @@ def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0
     set-asides to explain, and 8 interpreted draws with three flipped ones failed (ratio 2.03, seed 3665499384).
     """
     errors: dict[str, list[tuple[float, float]]] = {}
+    excused: dict[str, int] = {}
     for rows in draws:
         check_branches(rows, case)
         for row in rows:
@@ -388,7 +391,12 @@ def check_pooled_ratio(draws: list[list[dict]], case: str, *, limit: float = 2.0
                 continue
             assert row["finite"], f"{case} {row['name']}: unwritten or non-finite elements"
             assert row["shape_ok"], f"{case} {row['name']}: wrong shape"
+            if row.get("excused"):  # PyTorch itself flipped there under other rounding: not judged by error
+                excused[row["name"]] = excused.get(row["name"], 0) + 1
+                continue
             errors.setdefault(row["name"], []).append((row["err"], row["torch_err"]))
+    for name, count in excused.items():
+        assert 2 * count <= len(draws), f"{case} {name}: {count} of {len(draws)} draws excused, half at the most"
     for name, pairs in errors.items():
         kept = sorted(pairs, key=lambda p: p[0] / (p[1] + 2.0**-24))[: len(pairs) - int(len(pairs) * set_aside)]
         ours, torch_ = sum(a for a, _ in kept), sum(b for _, b in kept) + 2.0**-23

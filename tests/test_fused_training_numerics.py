@@ -10,7 +10,7 @@ the draws is at most 2x the reference's (``p3d_cases.check_pooled_ratio``, which
 aside: one ReLU position within float32 rounding of zero lands on either side in two implementations and moves
 a gradient near the head by one position's share. Seen here: single draws at 47x-6966x on a block-end bias,
 while the pooled ratio stays at 1.1-1.5). Where ours jumps over 10x in a draw, the reference also runs from inputs
-moved by one rounding, and a flip it shows there counts as PyTorch's error for that draw (the test's docstring).
+moved by one rounding, and a gradient it flips there is excused in that draw (the test's docstring).
 
 Before the convs' statistics were taken about the mean (they were the sum of squares, the variance then
 E[z^2] - E[z]^2), R101's layer4 gradients at this input (2x2x2 maps, BatchNorms over 8 values) were 700x plain
@@ -91,7 +91,7 @@ def gradients_three_ways(reference, fast, x, upstream, *, channels_last_referenc
     return want, plain, ours
 
 
-def other_rounding_luck(reference, x, upstream, gen, runs: int = 8) -> list[dict[str, torch.Tensor]]:
+def other_rounding_luck(reference, x, upstream, gen: torch.Generator, runs: int = 8) -> list[dict[str, torch.Tensor]]:
     """The float32 reference's gradients from ``runs`` copies of ``x``, each element moved by at most one float32
     rounding (a relative 2^-23): plain PyTorch again, with other rounding luck. Where a ReLU input lies within the
     float32 run's error of zero, some of these runs put it on the other side, as another implementation may."""
@@ -108,25 +108,25 @@ def test_fused_training_gradients_meet_the_2x_rule(arch, gen):
     """Per draw and gradient, PyTorch's error is the float32 reference's. Where ours jumped over 10x it on some
     gradient (a flipped ReLU position, not rounding noise), the reference is run 8 times more from the input
     moved by at most one rounding (``other_rounding_luck``), and a gradient that jumped over 10x in one of those
-    runs takes the largest such error as PyTorch's for that draw. Seen at LGD_FAST_TEST_SEED=2925068468 (R50):
-    the fast model flipped a position in 7 of 16 draws, the reference in 3, and layer4.1.fc1.weight failed the
-    pooled rule at 3.2x (single draws 107-374x); in 4 of those draws one to three of four such runs jumped
-    exactly as far. Quiet draws and gradients keep the first run's error, so a systematic excess still fails."""
+    runs is excused in that draw: a flip PyTorch makes too, so that draw cannot judge it (at most half of a
+    gradient's draws; ``check_pooled_ratio``). Seen at LGD_FAST_TEST_SEED=2925068468 (R50): the fast model
+    flipped a position in 7 of 16 draws, the reference in 3, and layer4.1.fc1.weight failed the pooled rule at
+    3.2x (single draws 107-374x); of the 5 such draws rerun with four moved inputs (/tmp), 4 had one to three
+    runs jump exactly as far. Excused draws leave both sums, so a systematic excess is still judged in the rest."""
     shape, draws = CASES[arch]
     reference, fast = author_models(arch)
     rows = []
     for _ in range(draws):
         x, upstream = draw_inputs(shape, gen)
+        luck = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)))  # drawn every draw
         want, plain, ours = gradients_three_ways(reference, fast, x, upstream)
         torch_err = {k: rel(plain[k], w) for k, w in want.items()}
+        excused = set()
         if any(rel(ours[k], w) > 10 * torch_err[k] for k, w in want.items()):  # a jump, not 2-8x noise
-            for other in other_rounding_luck(reference, x, upstream, gen):
-                for k, w in want.items():
-                    err = rel(other[k], w)
-                    if err > 10 * rel(plain[k], w):
-                        torch_err[k] = max(torch_err[k], err)
+            for other in other_rounding_luck(reference, x, upstream, luck):
+                excused |= {k for k, w in want.items() if rel(other[k], w) > 10 * torch_err[k]}
         rows.append([
-            {"name": k, "err": rel(ours[k], w), "torch_err": torch_err[k],
+            {"name": k, "err": rel(ours[k], w), "torch_err": torch_err[k], "excused": k in excused,
              "finite": bool(torch.isfinite(ours[k]).all()), "shape_ok": ours[k].shape == w.shape}
             for k, w in want.items()
         ])  # fmt: skip

@@ -161,8 +161,8 @@ def test_a_slow_step_is_stopped_where_the_next_would_lose_its_minimum(gpu_suite,
     assert gpu_suite.STEP_SLACK_S == 2.0 and gpu_suite.INTERRUPT_GRACE_S == 10.0  # the figures below assume them
     assert gpu_suite.main(["--quick", "--smoke", "--budget", "30", "--out", str(tmp_path)]) == 1
     rows = {r["step"]: r for r in json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]}
-    # the caps decided (exact), and each step stopped at its cap: after it, and before the kill would come (how
-    # long a loaded machine takes to deliver the interrupt and reap the process is not this test's business)
+    # the caps decided (to within the suite's start-up), and each step stopped at its cap: after it, and before
+    # the kill would come (how long a loaded machine takes to deliver the interrupt and reap it is not tested)
     assert rows["slow"]["status"] == "timed out" and rows["slow"]["cap_s"] == pytest.approx(8.0, abs=0.5), rows["slow"]
     assert rows["capped"]["status"] == "timed out" and rows["capped"]["cap_s"] == 1.0, rows["capped"]
     for row in (rows["slow"], rows["capped"]):

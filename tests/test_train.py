@@ -485,13 +485,16 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(dataset, 
     # --standalone: the rendezvous on a free port of localhost (a fixed port fails while anything else holds it)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lgd_fast", *argv]
-    # its own process group: a timeout kills torchrun's workers too, not only torchrun
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           start_new_session=True) as process:
         try:
             _, stderr = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired:  # SIGTERM: torchrun stops its workers (each in a session of its own)
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
             raise
     assert process.returncode == 0, stderr[-4000:]
     a = load_checkpoint(single / "checkpoints" / "last.pt")
