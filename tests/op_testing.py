@@ -40,6 +40,15 @@ def assert_layout(t: torch.Tensor, memory_format) -> None:
     assert t.is_contiguous(memory_format=memory_format), f"stride {t.stride()} is not {memory_format}"
 
 
+def near_zero(terms: list[torch.Tensor], dtype: torch.dtype, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where, margin): the positions whose ReLU input, the float64 sum of ``terms``, lies within ``margin`` of zero,
+    16 roundings of ``dtype`` of the terms' magnitude (plus ``floor``). There rounding decides the side of zero,
+    and the gradient through the position differs from float64's by its whole upstream value: the tests move such
+    inputs away by a few margins."""
+    margin = 16 * torch.finfo(dtype).eps * sum(t.abs() for t in terms) + floor
+    return sum(terms).abs() <= margin, margin
+
+
 def diffusion_inputs(shape, dtype, memory_format, gen) -> list[torch.Tensor]:
     """diffusion_epilogue's inputs r, s, d, scale, shift (leaves): r, s around 0 so that ReLU cuts about half of
     the elements; d, scale, shift in float32.
@@ -55,11 +64,8 @@ def diffusion_inputs(shape, dtype, memory_format, gen) -> list[torch.Tensor]:
     d = 0.5 * torch.randn(n, c, generator=gen)
     scale = 0.5 + torch.rand(c, generator=gen)
     shift = 0.2 * torch.randn(c, generator=gen)
-    terms = preactivation_terms(r, s, d, scale, shift)
-    z = sum(terms)
-    tolerance = 16 * torch.finfo(dtype).eps * sum(t.abs() for t in terms)
-    near_zero = z.abs() <= tolerance
-    s = torch.where(near_zero, s.double() + 64 * tolerance, s.double()).to(dtype)
+    near, margin = near_zero(preactivation_terms(r, s, d, scale, shift), dtype)
+    s = torch.where(near, s.double() + 64 * margin, s.double()).to(dtype)
     s = s.contiguous(memory_format=memory_format)
     return [t.detach().requires_grad_(True) for t in (r, s, d, scale, shift)]
 

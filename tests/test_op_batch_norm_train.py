@@ -14,7 +14,7 @@ import torch
 
 from lgd_fast.ops import batch_norm_train as bnt
 from lgd_fast.ops.conv_bn import _normalize_train
-from op_testing import assert_layout, random_input, usable_isas
+from op_testing import assert_layout, near_zero, random_input, usable_isas
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
@@ -44,9 +44,8 @@ def _case(shape, dtype, fmt, gen, shortcut: bool):
     invstd = torch.rsqrt(y.var((0, 2, 3, 4), correction=0) + 1e-5)
     scale = (invstd * weight.double())[:, None, None, None]
     terms = [(y - mean[:, None, None, None]) * scale, bias.double()[:, None, None, None]] + ([s] if shortcut else [])
-    tolerance = 16 * torch.finfo(dtype).eps * sum(t.abs() for t in terms) + 1e-6
-    near = sum(terms).abs() <= tolerance
-    y = torch.where(near, y + 64 * tolerance / scale, y)
+    near, margin = near_zero(terms, dtype, floor=1e-6)
+    y = torch.where(near, y + 64 * margin / scale, y)
     y, s = (None if t is None else t.to(dtype).contiguous(memory_format=FORMATS[fmt]) for t in (y, s))
     grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).contiguous(memory_format=FORMATS[fmt])
     stats = bnt.channel_moments_reference(y.double())
@@ -182,8 +181,8 @@ def test_normalize_train_on_the_kernels_is_batchnorm_relu_plus_shortcut(fmt, gen
         dims = (0, 2, 3, 4)
         scale = (torch.rsqrt(y64.var(dims, correction=0) + 1e-5) * norm.weight.double())[:, None, None, None]
         terms = [(y64 - y64.mean(dims, keepdim=True)) * scale, norm.bias.double()[:, None, None, None], s.double()]
-        tolerance = 16 * torch.finfo(torch.float32).eps * sum(t.abs() for t in terms) + 1e-6
-        s.add_(torch.where(sum(terms).abs() <= tolerance, 64 * tolerance, 0.0).float())
+        near, margin = near_zero(terms, torch.float32, floor=1e-6)
+        s.add_(torch.where(near, 64 * margin, 0.0).float())
     twin = torch.nn.BatchNorm3d(13).double().train()
     twin.load_state_dict(norm.state_dict())
     upstream = torch.randn(shape, generator=gen)
