@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,9 +55,29 @@ UNIT_CASES = [
 UNIT_DRAWS = 8
 UNIT_FP32_DRAWS = 3
 UNIT_LAYOUT = "channels_last_3d"  # the kernels' layout, so PyTorch's yardstick runs in it too
+SHARDS = 2  # interpreter processes (this machine's cores)
 
 
-def _interpreted_checks() -> dict:
+def _shard(costs: list[float], n: int) -> list[int]:
+    """Which of n processes runs each case: the costliest first, each to the process with the least so far."""
+    load, owner = [0.0] * n, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owner[i] = min(range(n), key=load.__getitem__)
+        load[owner[i]] += costs[i]
+    return owner
+
+
+def _costs() -> tuple[list[float], list[float]]:
+    """Each case's interpreter time, roughly: output positions times draws (a unit draw costs about as much as
+    four conv cases: several convs, forward and backward)."""
+    conv = [math.prod(shape[:1] + shape[2:]) / stride**2 for _, stride, shape, *_ in CONV_CASES]
+    unit = [4 * math.prod(shape[:1] + shape[2:]) / stride**2 * (UNIT_FP32_DRAWS if dtype == "float32" else UNIT_DRAWS)
+            for _, _, stride, shape, _, _, dtype in UNIT_CASES]  # fmt: skip
+    return conv, unit
+
+
+def _interpreted_checks(shard: int = 0, shards: int = 1) -> dict:
+    """The results of this process's share of the cases (``_shard``); the one-off checks run in shard 0."""
     import p3d_cases
 
     from lgd_fast.ops.p3d_conv import _TRITON_REGISTERED
@@ -66,11 +87,18 @@ def _interpreted_checks() -> dict:
     assert _TRITON_REGISTERED, "the triton op did not register"
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    results = {"seed": SEED, "conv": {}, "unit": {}}
+    results: dict = {"seed": SEED, "conv": {}, "unit": {}}
+    conv_costs, unit_costs = _costs()
+    owner = _shard(conv_costs + unit_costs, shards)
+    conv_owner, unit_owner = owner[: len(CONV_CASES)], owner[len(CONV_CASES) :]
     for i, case in enumerate(CONV_CASES):
+        if conv_owner[i] != shard:
+            continue
         gen = torch.Generator().manual_seed(SEED + i)
         results["conv"][p3d_cases.conv_case_id(*case)] = p3d_cases.run_conv_case(*case, backend="triton", gen=gen)
     for i, case in enumerate(UNIT_CASES):
+        if unit_owner[i] != shard:
+            continue
         gen = torch.Generator().manual_seed(SEED + 1000 + i)
         scope = "block" if case[-1] == "float32" else "unit"
         with forced():  # interpreted tensors live on the CPU, whose default training path is native
@@ -79,6 +107,8 @@ def _interpreted_checks() -> dict:
                 for _ in range(UNIT_FP32_DRAWS if scope == "block" else UNIT_DRAWS)
             ]
         results["unit"][p3d_cases.unit_case_id(*case, UNIT_LAYOUT)] = draws
+    if shard != 0:
+        return results
     results["autotune"] = _autotuned_statistics(SEED)
     # The op's registration (schema, autograd, fake kernel); the AOT-dispatch part of opcheck needs real
     # kernels, which the interpreter's launches are not.
@@ -193,15 +223,36 @@ def _autotuned_statistics(seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def interpreted():
+    """The interpreter run's results, from SHARDS processes side by side (the interpreter is single-threaded
+    Python; each case draws from its own seed, so the split changes no result)."""
     from op_testing import SEED
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "LGD_FAST_BACKEND": "triton"}
     env.update(PYTHONPATH=os.pathsep.join([ROOT, HERE]), LGD_FAST_TEST_SEED=str(SEED))
-    done = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, f"interpreter run failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    runs = [
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), str(k), str(SHARDS)], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for k in range(SHARDS)
+    ]
+    try:
+        outputs = [run.communicate(timeout=900) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+    results: dict = {}
+    for k, (run, (out, err)) in enumerate(zip(runs, outputs, strict=True)):
+        assert run.returncode == 0, f"interpreter run {k} of {SHARDS} failed:\n{out[-3000:]}\n{err[-6000:]}"
+        for key, value in json.loads(out.strip().splitlines()[-1]).items():
+            if isinstance(value, dict) and key in results:
+                assert not set(value) & set(results[key]), f"shards overlap in {key}"
+                results[key].update(value)
+            else:
+                assert key not in results or results[key] == value, f"shards disagree on {key}"
+                results[key] = value
+    assert len(results["conv"]) == len(CONV_CASES) and len(results["unit"]) == len(UNIT_CASES)
+    return results
 
 
 def _conv_id(case):
@@ -268,4 +319,6 @@ def test_triton_ops_called_directly_check_their_inputs(interpreted):
 
 if __name__ == "__main__":  # the interpreter run: TRITON_INTERPRET=1 is set by the fixture above
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    print(json.dumps(_interpreted_checks()))
+    shard, shards = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (0, 1)
+    torch.set_num_threads(1)  # the shards run side by side, one core each
+    print(json.dumps(_interpreted_checks(shard, shards)))
