@@ -20,7 +20,11 @@ and kept on the layer, so no forward decides anything again:
   :data:`REPEATS` rounds of interleaved calls, more for fast layers; each candidate's fastest call counts,
   since interference only slows a call down; forward only with no grad, forward and backward otherwise,
   running statistics restored afterwards), and the fastest is kept unless it beats the default by less than
-  :data:`MARGIN` (timing noise should not flip a choice). Identical layers (same class, variant, parameter
+  :data:`MARGIN` (timing noise should not flip a choice). Inference that will run as a recorded program
+  (:mod:`lgd_fast.recorded`: a fast model's eager CPU inference from its second call) is timed as that: each
+  candidate as the program of its own op calls, since an eager call's Python per op would favour the candidate
+  with fewer ops (on lgd3d_tiny at batch 16 eager timing chose the blocks' own modules, which ran 8-12% slower
+  than fused blocks once recorded). Identical layers (same class, variant, parameter
   shapes and strides) share one measurement, as inductor's autotuning caches a choice by shape.
 - ``default``, and whenever measuring is not possible (under ``torch.compile`` tracing, where a choice already
   measured for the key is still used; with ``torch.distributed`` initialised, since ranks could pick
@@ -174,6 +178,18 @@ def forced(*, fused: bool = True, training: bool = True) -> Iterator[None]:
         _FORCED.pop()
 
 
+@contextlib.contextmanager
+def recorded_next() -> Iterator[None]:
+    """Within the block, the forward's inference (mode ``eval``) will run as a recorded program
+    (:mod:`lgd_fast.recorded` enters it around a model's first, eager call for an input key): measuring then
+    times each candidate as a program of its own op calls, which is what will run."""
+    _RECORDED_NEXT.append(True)
+    try:
+        yield
+    finally:
+        _RECORDED_NEXT.pop()
+
+
 def is_forced() -> bool:
     """Whether a :func:`forced` block is open (its choices are not the plan's)."""
     return bool(_FORCED)
@@ -262,8 +278,9 @@ def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str) -> li
     return [Choice(True, False, AS_INPUT, backend, ""), Choice(False, False, AS_INPUT, "modules", "")]
 
 
-# identical layers share a measurement: (signature, key) -> Choice
+# identical layers share a measurement: (signature, key, timed as programs) -> Choice
 _MEASURED: dict[tuple, Choice] = {}
+_RECORDED_NEXT: list[bool] = []
 
 
 def _signature(group: Sequence[nn.Module]) -> tuple:
@@ -318,11 +335,12 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     elif torch.compiler.is_compiling():
         return default
     elif plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        signature = (_signature(group), plan.kind, plan.backend, str(x.device), key)
+        as_programs = mode == "eval" and device == "cpu" and bool(_RECORDED_NEXT)
+        signature = (_signature(group), plan.kind, plan.backend, str(x.device), key, as_programs)
         choice = _MEASURED.get(signature)
         if choice is None:
             candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode)]
-            choice = _measure(group, plan, mode, default, candidates, runner, (x, *args))
+            choice = _measure(group, plan, mode, default, candidates, runner, (x, *args), as_programs)
             _MEASURED[signature] = choice
     else:
         choice = default
@@ -347,8 +365,39 @@ def _buffers_kept(modules: Sequence[nn.Module]) -> Iterator[None]:
                     b.copy_(s)
 
 
-def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
-    """Times every candidate on ``inputs`` (module docstring); the layer's buffers are restored after."""
+def _programs(candidates: Sequence[Choice], runner, inputs: tuple) -> dict[int, Callable[[], Any]] | None:
+    """Each candidate's call as a recorded program of its op calls (:func:`lgd_fast.recorded.record`; the tensors
+    among ``inputs`` its variables), or None where one cannot be recorded."""
+    from .recorded import NotRecordable, record  # (it imports this module)
+
+    where = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+    tensors = [inputs[i] for i in where]
+
+    def function(choice: Choice) -> Callable[..., Any]:
+        def run(*values: torch.Tensor) -> Any:
+            args = list(inputs)
+            for i, value in zip(where, values, strict=True):
+                args[i] = value
+            return runner(choice, *args)
+
+        return run
+
+    calls = {}
+    with torch.no_grad():
+        for i, choice in enumerate(candidates):
+            try:
+                _, program = record(function(choice), *tensors)
+            except NotRecordable:
+                return None
+            calls[i] = lambda program=program: program(*tensors)
+    return calls
+
+
+def _measure(group, plan, mode, default, candidates, runner, inputs, as_programs: bool = False) -> Choice:
+    """Times every candidate on ``inputs`` (module docstring); the layer's buffers are restored after. With
+    ``as_programs`` (inference a recorded program will run: :func:`recorded_next`) each candidate is timed as the
+    program of its op calls, where every candidate can be recorded: eager calls add Python per op, which a
+    program does not run, so they would favour the candidate with fewer ops."""
     x = inputs[0]
     backward = mode in ("train", "eval+grad")  # forward only where the call itself computes no gradient
     params = [p for g in group for p in g.parameters() if p.requires_grad] if backward else []
@@ -374,8 +423,12 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
     from .bench import time_interleaved  # the project's one timer (lgd_fast.bench imports the package)
 
     calls = {i: (lambda c=c: call(c)) for i, c in enumerate(candidates)}
+    timed = "measured"
     with _buffers_kept(group):
         _, warmup = time_interleaved(calls, repeats=0, warmup=1, device=x.device)  # folds weights, fills caches
+        programs = _programs(candidates, runner, inputs) if as_programs and not backward else None
+        if programs is not None:  # (recording ran each once more: their warm-up; the rounds as counted eagerly)
+            calls, timed = programs, "measured as recorded programs"
         rounds = int(MIN_SECONDS / max(sum(warmup.values()), 1e-9))
         times, _ = time_interleaved(calls, repeats=min(max(rounds, REPEATS), MAX_REPEATS), device=x.device)
     best_times = [min(times[i]) for i in range(len(candidates))]  # interference only ever slows a call down
@@ -388,7 +441,7 @@ def _measure(group, plan, mode, default, candidates, runner, inputs) -> Choice:
         best = same[0]  # within the margin of the default: keep the default
     pairs = zip(candidates, best_times, strict=True)
     summary = ", ".join(f"{c.label(plan.kind)}/{c.layout} {1e3 * t:.2f}" for c, t in pairs)
-    return replace(candidates[best], why=f"measured (ms): {summary}")
+    return replace(candidates[best], why=f"{timed} (ms): {summary}")
 
 
 # ---- printing -------------------------------------------------------------------------------------------------

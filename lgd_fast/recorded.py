@@ -106,11 +106,12 @@ class _Recorder(TorchDispatchMode):
     """Runs every op as usual and writes down those that read a variable (the input or what was computed from it),
     and those that make a tensor from nothing; stops writing (``refused``) at the first thing a program cannot do."""
 
-    def __init__(self, x: torch.Tensor) -> None:
+    def __init__(self, *inputs: torch.Tensor) -> None:
         super().__init__()
         self.var = WeakIdKeyDictionary()  # tensor -> variable number (weak: a dead tensor's id may be reused)
-        self.var[x] = 0
-        self.count = 1
+        for i, x in enumerate(inputs):
+            self.var[x] = i
+        self.count = len(inputs)
         self.steps: list[_Step] = []
         self.refused: str | None = None
 
@@ -189,23 +190,28 @@ def _written_constants(func, args, kwargs, variables) -> str | None:
     return None
 
 
-def record(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[Any, RecordedProgram]:
-    """Calls ``fn(x)`` once, recording its op calls: (its output, the program that recomputes it for another x of
-    the same shape, strides and dtype). Raises :class:`NotRecordable` (after the call ran to its end; its output
-    in the exception's ``output``) with the reason where a program cannot recompute it."""
-    recorder = _Recorder(x)
+def record(fn: Callable[..., Any], x: torch.Tensor, *more: torch.Tensor) -> tuple[Any, RecordedProgram]:
+    """Calls ``fn(x, *more)`` once, recording its op calls: (its output, the program that recomputes it for other
+    inputs of the same shapes, strides and dtypes, called as ``program(x, *more)``). Raises :class:`NotRecordable`
+    (after the call ran to its end; its output in the exception's ``output``) with the reason where a program
+    cannot recompute it."""
+    inputs = (x, *more)
+    recorder = _Recorder(*inputs)
     with recorder:
-        out = fn(x)
+        out = fn(*inputs)
     if recorder.refused is not None:
         raise NotRecordable(recorder.refused, out)
     leaves, spec = tree_flatten(out)
     outputs = []
     for leaf in leaves:
+        if leaf is None:  # (a None output is returned as None)
+            outputs.append(None)
+            continue
         i = recorder.var.get(leaf) if isinstance(leaf, torch.Tensor) else None
-        if i is None or i == 0:
+        if i is None or i < len(inputs):
             raise NotRecordable(f"an output ({type(leaf).__name__}) is not computed from the input", out)
         outputs.append(i)
-    return out, RecordedProgram(recorder.steps, outputs, spec)
+    return out, RecordedProgram(recorder.steps, outputs, spec, len(inputs))
 
 
 # ---- the program -----------------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ def record(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[Any, Rec
 class RecordedProgram:
     """One recorded forward as a generated Python function of its op calls (``source`` holds its text)."""
 
-    def __init__(self, steps: list[_Step], outputs: list[int], spec) -> None:
+    def __init__(self, steps: list[_Step], outputs: list[int | None], spec, num_inputs: int = 1) -> None:
         constants: list[Any] = []
 
         def expr(t: tuple) -> str:
@@ -243,7 +249,8 @@ class RecordedProgram:
             for t in (*step.args, *step.kwargs.values()):
                 mark(t, i)
         for v in outputs:
-            last_use[v] = len(steps)
+            if v is not None:
+                last_use[v] = len(steps)
         lines = []
         for i, step in enumerate(steps):
             call = ", ".join([expr(a) for a in step.args] + [f"{k}={expr(v)}" for k, v in step.kwargs.items()])
@@ -256,8 +263,9 @@ class RecordedProgram:
             dead = sorted({v for v, j in last_use.items() if j == i})
             if dead:
                 lines.append(f"    del {', '.join(f'v{v}' for v in dead)}")
-        lines.append(f"    return [{', '.join(f'v{v}' for v in outputs)}]")
-        self.source = "def program(v0, F, C):\n" + "\n".join(lines) + "\n"
+        lines.append(f"    return [{', '.join('None' if v is None else f'v{v}' for v in outputs)}]")
+        params = "".join(f"v{i}, " for i in range(num_inputs))
+        self.source = f"def program({params}F, C):\n" + "\n".join(lines) + "\n"
         namespace: dict[str, Any] = {}
         exec(compile(self.source, "<lgd_fast recorded program>", "exec"), namespace)
         self._function = namespace["program"]
@@ -270,11 +278,11 @@ class RecordedProgram:
     def num_ops(self) -> int:
         return len(self._ops)
 
-    def __call__(self, x: torch.Tensor) -> Any:
+    def __call__(self, x: torch.Tensor, *more: torch.Tensor) -> Any:
         self.calls += 1
         # The casts autocast made are ops of the program already: it runs them as recorded.
         with torch.autocast("cpu", enabled=False):
-            return tree_unflatten(self._function(x, self._ops, self._constants), self._spec)
+            return tree_unflatten(self._function(x, *more, self._ops, self._constants), self._spec)
 
     def __repr__(self) -> str:
         return f"RecordedProgram({self.num_ops} op calls, {len(self._constants)} constants, {self.calls} calls)"
@@ -389,7 +397,8 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
         programs[key] = _Entry(state, _kept_alive(module))
         while len(programs) > MAX_PROGRAMS:
             programs.popitem(last=False)
-        return forward(x)
+        with planning.recorded_next():  # the plan's measurements time what will run: programs
+            return forward(x)
     if entry.program is not None:
         return entry.program(x)
     if entry.refused is not None:

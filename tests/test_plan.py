@@ -78,8 +78,42 @@ def test_choices_are_made_once_per_key(gen, measured):
         assert len(calls) == 5  # cached by key: nothing measured again
         model(torch.randn(2, 3, 4, 64, 64, generator=gen))  # a new shape is a new key
     assert len(calls) == 10
-    for row in model.execution_plan.to_dict():
-        assert len(row["choices"]) == 2 and all(c["why"].startswith("measured (ms): ") for c in row["choices"]), row
+    for row in model.execution_plan.to_dict():  # inference a recorded program runs: timed as programs
+        assert len(row["choices"]) == 2, row
+        assert all(c["why"].startswith("measured as recorded programs (ms): ") for c in row["choices"]), row
+
+
+def test_inference_is_measured_as_the_program_that_will_run(gen, measured, monkeypatch):
+    """Where the model records its inference (lgd_fast.recorded), each candidate is timed as the program of its
+    own op calls: an eager call adds Python per op that the program does not run. Without recording, eagerly."""
+    programs = []
+    real = planning._programs
+    monkeypatch.setattr(planning, "_programs", lambda *a: programs.append(len(a[0])) or real(*a))
+    x = torch.randn(1, 3, 4, 32, 32, generator=gen)
+    for recorded in (True, False):
+        planning._MEASURED.clear()
+        programs.clear()
+        reference = randomise_norms(create_model("lgd3d_tiny", 10, classifier="two_heads"), gen).eval()
+        model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
+        model.load_state_dict(reference.state_dict())
+        model.recorded_inference = recorded
+        with torch.no_grad():
+            for _ in range(3):  # measured, recorded, run as the program (or eagerly)
+                assert _rel(model(x), reference(x)) < 1e-5
+        whys = [c["why"] for row in model.execution_plan.to_dict() for c in row["choices"]]
+        assert len(whys) == 5, whys
+        if recorded:  # every candidate of the stem (3) and of each block (6) became a program
+            assert programs == [3, 6, 6, 6, 6]
+            assert all(w.startswith("measured as recorded programs (ms): ") for w in whys), whys
+            assert "RecordedProgram" in str(model.execution_plan)
+        else:
+            assert programs == [] and all(w.startswith("measured (ms): ") for w in whys), whys
+    with torch.enable_grad():  # a forward with autograd records nothing: measured eagerly, forward and backward
+        planning._MEASURED.clear()
+        model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
+        model(x.requires_grad_())
+        whys = [c["why"] for row in model.execution_plan.to_dict() for c in row["choices"]]
+        assert all(w.startswith("measured (ms): ") for w in whys), whys
 
 
 def _run(channels: int) -> nn.Sequential:

@@ -36,6 +36,8 @@ def _clip(arch: str, gen: torch.Generator, batch: int = 2) -> torch.Tensor:
 def _equal(a, b) -> bool:
     if isinstance(a, tuple):
         return len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
+    if a is None or b is None:
+        return a is b
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
@@ -107,6 +109,25 @@ def test_an_output_not_computed_from_the_input_is_refused(gen):
         record(lambda x: (x + 1, w), torch.randn(3, generator=gen))
     with pytest.raises(NotRecordable, match="not computed from the input"):
         record(lambda x: x, torch.randn(3, generator=gen))
+
+
+def test_several_inputs_are_variables_and_a_none_output_stays_none(gen):
+    """record(fn, x, *more): every input a variable of the program (what the plan times a layer's candidates as),
+    an output that is None returned as None; an input returned as it came is not computed from the inputs."""
+    w = torch.randn(5, 4, generator=gen)
+
+    def fn(x, g):
+        return x @ w + g, None, g.sum(0)
+
+    x0, g0 = torch.randn(3, 5, generator=gen), torch.randn(3, 4, generator=gen)
+    out, program = record(fn, x0, g0)
+    assert _equal(out, fn(x0, g0)) and out[1] is None
+    x, g = torch.randn(3, 5, generator=gen), torch.randn(3, 4, generator=gen)
+    got = program(x, g)
+    assert got[1] is None and _equal(got, fn(x, g))  # g is a variable: not its recorded value
+    assert not torch.equal(got[2], out[2])
+    with pytest.raises(NotRecordable, match="not computed from the input"):
+        record(lambda x, g: (x + 1, g), x0, g0)
 
 
 # ---- the fast models ------------------------------------------------------------------------------------------
