@@ -108,6 +108,23 @@ def test_inference_is_measured_as_the_program_that_will_run(gen, measured, monke
             assert "RecordedProgram" in str(model.execution_plan)
         else:
             assert programs == [] and all(w.startswith("measured (ms): ") for w in whys), whys
+    import lgd_fast.recorded as recorded_module
+
+    def refuse(fn, *inputs):  # one candidate that cannot be recorded: every candidate of that layer timed eagerly
+        out = fn(*inputs)
+        if isinstance(out, tuple):  # (a block's candidates return a tuple, the stem's a tensor)
+            raise recorded_module.NotRecordable("refused by the test", out)
+        return real_record(fn, *inputs)
+
+    real_record = recorded_module.record
+    monkeypatch.setattr(recorded_module, "record", refuse)
+    planning._MEASURED.clear()
+    model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
+    with torch.no_grad():
+        model(x)
+    whys = [c["why"] for row in model.execution_plan.to_dict() for c in row["choices"]]
+    assert whys[0].startswith("measured as recorded programs (ms): "), whys  # the stem
+    assert all(w.startswith("measured (ms): ") for w in whys[1:]), whys
     with torch.enable_grad():  # a forward with autograd records nothing: measured eagerly, forward and backward
         planning._MEASURED.clear()
         model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
