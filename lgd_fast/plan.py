@@ -20,7 +20,9 @@ and kept on the layer, so no forward decides anything again:
   :data:`REPEATS` rounds of interleaved calls, more for fast layers; each candidate's fastest call counts,
   since interference only slows a call down; forward only with no grad, forward and backward otherwise,
   running statistics restored afterwards), and the fastest is kept unless it beats the default by less than
-  :data:`MARGIN` (timing noise should not flip a choice). Inference that will run as a recorded program
+  :data:`MARGIN` (timing noise should not flip a choice); then the default's code is kept, in the layout the
+  input comes in where that runs within the margin too (a layout change is measured with the layer, the change
+  back that it may cause in the next layer is not). Inference that will run as a recorded program
   (:mod:`lgd_fast.recorded`: a fast model's eager CPU inference from its second call) is timed as that: each
   candidate as the program of its own op calls, since an eager call's Python per op would favour the candidate
   with fewer ops (on lgd3d_tiny at batch 16 eager timing chose the blocks' own modules, which ran 8-12% slower
@@ -93,6 +95,7 @@ REPEATS = 3  # timed calls per candidate at least; more, up to MAX_REPEATS, whil
 MAX_REPEATS = 10
 MIN_SECONDS = 0.2
 MARGIN = 0.05
+STAY_IN_LAYOUT = True  # within the margin, the layout the input comes in (benchmarks/run_plan_layout_ab.py)
 CL, CONTIGUOUS, AS_INPUT = "channels_last_3d", "contiguous", "as_input"
 _FORMATS = {CL: torch.channels_last_3d, CONTIGUOUS: torch.contiguous_format}
 
@@ -439,6 +442,11 @@ def _measure(group, plan, mode, default, candidates, runner, inputs, as_programs
     same = [i for i, c in enumerate(candidates) if shape(c) == shape(default)]
     if same and best_times[best] > (1 - MARGIN) * best_times[same[0]]:
         best = same[0]  # within the margin of the default: keep the default
+        # ... in the layout x comes in, where that runs within the margin too: a layout change here is measured
+        # with this layer, but the change back that it may cause in the next is not
+        stay = [i for i, c in enumerate(candidates) if shape(c) == (*shape(default)[:2], layout_of(x))]
+        if STAY_IN_LAYOUT and stay and best_times[best] > (1 - MARGIN) * best_times[stay[0]]:
+            best = stay[0]
     pairs = zip(candidates, best_times, strict=True)
     summary = ", ".join(f"{c.label(plan.kind)}/{c.layout} {1e3 * t:.2f}" for c, t in pairs)
     return replace(candidates[best], why=f"{timed} (ms): {summary}")

@@ -305,3 +305,36 @@ def test_plan_fused_runs_every_layer_fused_and_equals_the_reference(gen, no_meas
     choices = [(layer, c) for layer, p in fast.execution_plan.layers() for c in p.choices.values()]
     blocks = [c for layer, c in choices if layer]  # the stem is the model itself: ""
     assert len(blocks) == 8 and all(c.fused and c.end and c.why == "plan fused" for c in blocks), choices
+
+
+@pytest.mark.parametrize(
+    "x_layout, times, chosen",
+    [
+        ("channels_last_3d", (0.97, 1.00), "channels_last_3d"),  # both within the margin: no layout change
+        ("channels_last_3d", (1.10, 1.00), "contiguous"),  # the default beats staying by more than the margin
+        ("contiguous", (0.97, 1.00), "contiguous"),  # the default, in the layout x comes in
+        ("contiguous", (0.90, 1.00), "channels_last_3d"),  # beats the default by more than the margin
+        ("channels_last_3d", (1.04, 1.00), "channels_last_3d"),  # staying is within the margin of the default
+    ],
+)
+def test_within_the_margin_a_layer_keeps_the_layout_its_input_comes_in(monkeypatch, x_layout, times, chosen):
+    """The margin rule (timing noise should not flip a choice) keeps the default's code in the layout x already
+    has where that runs within the margin: a layout change is measured with this layer, the change back it may
+    cause in the next is not (lgd3d_tiny's measured training plan changed layout at three of four blocks)."""
+    import lgd_fast.bench
+
+    def scripted(calls, *, repeats, warmup=0, device=None, **_):  # candidate i takes times[i]
+        if repeats == 0:
+            return {}, {i: times[i] for i in calls}
+        return {i: [times[i]] * repeats for i in calls}, {}
+
+    monkeypatch.setattr(lgd_fast.bench, "time_interleaved", scripted)
+    conv = nn.Conv3d(4, 4, 1)
+    plan = planning.attach(conv, "conv_run", "a test layer", backend="auto", mode="measure")
+    cl, contiguous = planning.CL, planning.CONTIGUOUS
+    candidates = [planning.Choice(False, False, lay, "modules", "") for lay in (cl, contiguous)]
+    default = planning.Choice(False, False, contiguous, "modules", "default")
+    formats = {"channels_last_3d": torch.channels_last_3d, "contiguous": torch.contiguous_format}
+    x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=formats[x_layout])
+    choice = planning._measure([conv], plan, "eval", default, candidates, lambda c, t: conv(t), (x,))
+    assert choice.layout == chosen, choice.why
