@@ -22,11 +22,14 @@ and kept on the layer, so no forward decides anything again:
   running statistics restored afterwards), and the fastest is kept unless it beats the default by less than
   :data:`MARGIN` (timing noise should not flip a choice); then the default's code is kept, in the layout the
   input comes in where that runs within the margin too (a layout change is measured with the layer, the change
-  back that it may cause in the next layer is not). Inference that will run as a recorded program
-  (:mod:`lgd_fast.recorded`: a fast model's eager CPU inference from its second call) is timed as that: each
-  candidate as the program of its own op calls, since an eager call's Python per op would favour the candidate
-  with fewer ops (on lgd3d_tiny at batch 16 eager timing chose the blocks' own modules, which ran 8-12% slower
-  than fused blocks once recorded). Identical layers (same class, variant, parameter
+  back that it may cause in the next layer is not; the stem excepted, whose default is the first block's
+  layout). Inference that will run as a recorded program (:mod:`lgd_fast.recorded`: a fast model's eager CPU
+  inference records on its second call for an input key and runs the program from the third) is timed as
+  that: each candidate as the program of its own op calls, since an eager call's Python per op would favour
+  the candidate with fewer ops (on lgd3d_tiny at batch 16 eager timing chose the blocks' own modules, which ran
+  8-12% slower than fused blocks once recorded). Where a candidate cannot be recorded, the layer's candidates
+  are timed eagerly; where the model's own recording is refused later (:mod:`lgd_fast.recorded` logs why), its
+  layers keep the choices timed as programs and run eagerly. Identical layers (same class, variant, parameter
   shapes and strides) share one measurement, as inductor's autotuning caches a choice by shape.
 - ``default``, and whenever measuring is not possible (under ``torch.compile`` tracing, where a choice already
   measured for the key is still used; with ``torch.distributed`` initialised, since ranks could pick
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -186,11 +190,11 @@ def recorded_next() -> Iterator[None]:
     """Within the block, the forward's inference (mode ``eval``) will run as a recorded program
     (:mod:`lgd_fast.recorded` enters it around a model's first, eager call for an input key): measuring then
     times each candidate as a program of its own op calls, which is what will run."""
-    _RECORDED_NEXT.append(True)
+    _RECORDED_NEXT.depth = getattr(_RECORDED_NEXT, "depth", 0) + 1
     try:
         yield
     finally:
-        _RECORDED_NEXT.pop()
+        _RECORDED_NEXT.depth -= 1
 
 
 def is_forced() -> bool:
@@ -283,7 +287,7 @@ def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str) -> li
 
 # identical layers share a measurement: (signature, key, timed as programs) -> Choice
 _MEASURED: dict[tuple, Choice] = {}
-_RECORDED_NEXT: list[bool] = []
+_RECORDED_NEXT = threading.local()  # .depth: recorded_next() scopes open on this thread
 
 
 def _signature(group: Sequence[nn.Module]) -> tuple:
@@ -338,7 +342,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     elif torch.compiler.is_compiling():
         return default
     elif plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        as_programs = mode == "eval" and device == "cpu" and bool(_RECORDED_NEXT)
+        as_programs = mode == "eval" and device == "cpu" and getattr(_RECORDED_NEXT, "depth", 0) > 0
         signature = (_signature(group), plan.kind, plan.backend, str(x.device), key, as_programs)
         choice = _MEASURED.get(signature)
         if choice is None:
@@ -373,14 +377,20 @@ def _programs(candidates: Sequence[Choice], runner, inputs: tuple) -> dict[int, 
     among ``inputs`` its variables), or None where one cannot be recorded."""
     from .recorded import NotRecordable, record  # (it imports this module)
 
-    where = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
-    tensors = [inputs[i] for i in where]
+    tensors: list[torch.Tensor] = []  # each tensor once (the first block takes g and x_mean as one tensor)
+    where = []  # (argument position, index into tensors)
+    for i, a in enumerate(inputs):
+        if isinstance(a, torch.Tensor):
+            same = [k for k, t in enumerate(tensors) if t is a]
+            where.append((i, same[0] if same else len(tensors)))
+            if not same:
+                tensors.append(a)
 
     def function(choice: Choice) -> Callable[..., Any]:
         def run(*values: torch.Tensor) -> Any:
             args = list(inputs)
-            for i, value in zip(where, values, strict=True):
-                args[i] = value
+            for i, k in where:
+                args[i] = values[k]
             return runner(choice, *args)
 
         return run
@@ -388,8 +398,8 @@ def _programs(candidates: Sequence[Choice], runner, inputs: tuple) -> dict[int, 
     calls = {}
     with torch.no_grad():
         for i, choice in enumerate(candidates):
-            try:
-                _, program = record(function(choice), *tensors)
+            try:  # (a unit whose shortcut is its input returns that input: the program returns it too)
+                _, program = record(function(choice), *tensors, inputs_out=True)
             except NotRecordable:
                 return None
             calls[i] = lambda program=program: program(*tensors)
@@ -429,7 +439,7 @@ def _measure(group, plan, mode, default, candidates, runner, inputs, as_programs
     timed = "measured"
     with _buffers_kept(group):
         _, warmup = time_interleaved(calls, repeats=0, warmup=1, device=x.device)  # folds weights, fills caches
-        programs = _programs(candidates, runner, inputs) if as_programs and not backward else None
+        programs = _programs(candidates, runner, inputs) if as_programs else None
         if programs is not None:  # (recording ran each once more: their warm-up; the rounds as counted eagerly)
             calls, timed = programs, "measured as recorded programs"
         rounds = int(MIN_SECONDS / max(sum(warmup.values()), 1e-9))
@@ -440,16 +450,19 @@ def _measure(group, plan, mode, default, candidates, runner, inputs, as_programs
         return c.fused, c.end, layout_of(x) if c.layout == AS_INPUT else c.layout
 
     same = [i for i, c in enumerate(candidates) if shape(c) == shape(default)]
+    kept = ""
     if same and best_times[best] > (1 - MARGIN) * best_times[same[0]]:
         best = same[0]  # within the margin of the default: keep the default
         # ... in the layout x comes in, where that runs within the margin too: a layout change here is measured
-        # with this layer, but the change back that it may cause in the next is not
+        # with this layer, but the change back that it may cause in the next is not. (Not the stem: its default
+        # layout is the first block's, and staying in the clip's would move the change into that block.)
         stay = [i for i, c in enumerate(candidates) if shape(c) == (*shape(default)[:2], layout_of(x))]
-        if STAY_IN_LAYOUT and stay and best_times[best] > (1 - MARGIN) * best_times[stay[0]]:
-            best = stay[0]
+        if (STAY_IN_LAYOUT and plan.kind != "stem" and stay and stay[0] != best
+                and best_times[best] > (1 - MARGIN) * best_times[stay[0]]):  # fmt: skip
+            best, kept = stay[0], f"; within {MARGIN:.0%} of the default: kept the input's layout"
     pairs = zip(candidates, best_times, strict=True)
     summary = ", ".join(f"{c.label(plan.kind)}/{c.layout} {1e3 * t:.2f}" for c, t in pairs)
-    return replace(candidates[best], why=f"{timed} (ms): {summary}")
+    return replace(candidates[best], why=f"{timed} (ms): {summary}{kept}")
 
 
 # ---- printing -------------------------------------------------------------------------------------------------

@@ -110,6 +110,8 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.var = WeakIdKeyDictionary()  # tensor -> variable number (weak: a dead tensor's id may be reused)
         for i, x in enumerate(inputs):
+            if x in self.var:
+                raise ValueError(f"record: input {i} is input {self.var[x]} again (each input one tensor object)")
             self.var[x] = i
         self.count = len(inputs)
         self.steps: list[_Step] = []
@@ -190,11 +192,13 @@ def _written_constants(func, args, kwargs, variables) -> str | None:
     return None
 
 
-def record(fn: Callable[..., Any], x: torch.Tensor, *more: torch.Tensor) -> tuple[Any, RecordedProgram]:
+def record(fn: Callable[..., Any], x: torch.Tensor, *more: torch.Tensor,
+           inputs_out: bool = False) -> tuple[Any, RecordedProgram]:  # fmt: skip
     """Calls ``fn(x, *more)`` once, recording its op calls: (its output, the program that recomputes it for other
-    inputs of the same shapes, strides and dtypes, called as ``program(x, *more)``). Raises :class:`NotRecordable`
-    (after the call ran to its end; its output in the exception's ``output``) with the reason where a program
-    cannot recompute it."""
+    inputs of the same shapes, strides and dtypes, called as ``program(x, *more)``; each input a distinct tensor).
+    Raises :class:`NotRecordable` (after the call ran to its end; its output in the exception's ``output``) with
+    the reason where a program cannot recompute it: among them an output that is one of the inputs, unless
+    ``inputs_out`` (the program then returns that input)."""
     inputs = (x, *more)
     recorder = _Recorder(*inputs)
     with recorder:
@@ -208,7 +212,7 @@ def record(fn: Callable[..., Any], x: torch.Tensor, *more: torch.Tensor) -> tupl
             outputs.append(None)
             continue
         i = recorder.var.get(leaf) if isinstance(leaf, torch.Tensor) else None
-        if i is None or i < len(inputs):
+        if i is None or (i < len(inputs) and not inputs_out):
             raise NotRecordable(f"an output ({type(leaf).__name__}) is not computed from the input", out)
         outputs.append(i)
     return out, RecordedProgram(recorder.steps, outputs, spec, len(inputs))
@@ -397,6 +401,8 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
         programs[key] = _Entry(state, _kept_alive(module))
         while len(programs) > MAX_PROGRAMS:
             programs.popitem(last=False)
+        if _hooked_submodule(module) is not None:  # (it will not record: see below)
+            return forward(x)
         with planning.recorded_next():  # the plan's measurements time what will run: programs
             return forward(x)
     if entry.program is not None:

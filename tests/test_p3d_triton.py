@@ -1,10 +1,10 @@
 """The Triton backend of p3d_conv and the fast P3D units, run by the Triton interpreter on this GPU-less machine.
 
-The interpreter must be on before triton is imported, so the cases run in a subprocess (this file run as a
+The interpreter must be on before triton is imported, so the cases run in subprocesses (this file run as a
 script, with TRITON_INTERPRET=1 and LGD_FAST_BACKEND=triton, which routes p3d_conv and diffusion_epilogue to
-their Triton kernels) and the test functions here check its JSON. Shapes are small: the interpreter runs
-every program of every launch in Python. Fresh allocations are NaN there (poisoned), so an element a kernel
-forgets to write shows as non-finite.
+their Triton kernels; two side by side, each a share of the cases) and the test functions here check their
+JSON. Shapes are small: the interpreter runs every program of every launch in Python. Fresh allocations are NaN
+there (poisoned), so an element a kernel forgets to write shows as non-finite.
 
 - p3d_conv: every conv kind at strides 1 and 2 (T = 1, 5, 7; H = W = 7, 9, 15; batch 1 and 3; odd channel
   counts), every epilogue, float32 (within 5e-6 of float64), bfloat16 and float16 (2x PyTorch's error),
@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -234,8 +235,9 @@ def interpreted():
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         for k in range(SHARDS)
     ]
+    deadline = time.monotonic() + 900  # for both together
     try:
-        outputs = [run.communicate(timeout=900) for run in runs]
+        outputs = [run.communicate(timeout=max(deadline - time.monotonic(), 1)) for run in runs]
     finally:
         for run in runs:
             if run.poll() is None:

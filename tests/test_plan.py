@@ -110,11 +110,11 @@ def test_inference_is_measured_as_the_program_that_will_run(gen, measured, monke
             assert programs == [] and all(w.startswith("measured (ms): ") for w in whys), whys
     import lgd_fast.recorded as recorded_module
 
-    def refuse(fn, *inputs):  # one candidate that cannot be recorded: every candidate of that layer timed eagerly
+    def refuse(fn, *inputs, **options):  # a candidate that cannot be recorded: its layer's all timed eagerly
         out = fn(*inputs)
         if isinstance(out, tuple):  # (a block's candidates return a tuple, the stem's a tensor)
             raise recorded_module.NotRecordable("refused by the test", out)
-        return real_record(fn, *inputs)
+        return real_record(fn, *inputs, **options)
 
     real_record = recorded_module.record
     monkeypatch.setattr(recorded_module, "record", refuse)
@@ -338,3 +338,7 @@ def test_within_the_margin_a_layer_keeps_the_layout_its_input_comes_in(monkeypat
     x = torch.randn(1, 4, 2, 3, 3).contiguous(memory_format=formats[x_layout])
     choice = planning._measure([conv], plan, "eval", default, candidates, lambda c, t: conv(t), (x,))
     assert choice.layout == chosen, choice.why
+    assert choice.why.endswith("kept the input's layout") == (times[0] > 0.95 and chosen != default.layout)
+    stem = planning.attach(nn.Conv3d(4, 4, 1), "stem", "a test stem", backend="auto", mode="measure")
+    choice = planning._measure([conv], stem, "eval", default, candidates, lambda c, t: conv(t), (x,))
+    assert choice.layout == (chosen if times[0] <= 0.95 else default.layout), "the stem keeps its default layout"

@@ -34,10 +34,10 @@ def _clip(arch: str, gen: torch.Generator, batch: int = 2) -> torch.Tensor:
 
 
 def _equal(a, b) -> bool:
-    if isinstance(a, tuple):
-        return len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
     if a is None or b is None:
         return a is b
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
@@ -128,6 +128,11 @@ def test_several_inputs_are_variables_and_a_none_output_stays_none(gen):
     assert not torch.equal(got[2], out[2])
     with pytest.raises(NotRecordable, match="not computed from the input"):
         record(lambda x, g: (x + 1, g), x0, g0)
+    _, program = record(lambda x, g: (x + 1, g), x0, g0, inputs_out=True)  # (the plan's layer candidates)
+    got = program(x, g)
+    assert got[1] is g and torch.equal(got[0], x + 1)
+    with pytest.raises(ValueError, match="input 1 is input 0 again"):
+        record(lambda x, y: x + y, x0, x0)
 
 
 # ---- the fast models ------------------------------------------------------------------------------------------
