@@ -30,6 +30,9 @@ left unfused.
 cached); the fast LGD models it also moves to channels_last_3d. Elsewhere each converted layer's plan puts its
 input in the layout it runs fastest in (measured on first use: channels_last_3d and contiguous timed; by the
 default rule, channels_last_3d for frames of 14x14 and more), so a layout change that does not pay is not made.
+What the model returns keeps the original's layout all the same: a forward hook on the converted model puts each
+5-D tensor it returns in the memory format the unconverted model returns it in (its input's, or channels_last_3d
+where its conv weights were), so a caller's ``.view()`` of a feature map works as before.
 
 Save converted models with ``state_dict()`` (the converted classes are made at run time and do not pickle).
 """
@@ -47,11 +50,12 @@ from .models.blocks import P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
-from .ops._common import cpp_float_input_reason
+from .ops._common import cpp_float_input_reason, memory_format
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.squeeze_excite import BACKENDS as SQUEEZE_EXCITE_BACKENDS
 from .ops.squeeze_excite import squeeze_excite, squeeze_excite_convs
+from .recorded import PURE_FORWARD_HOOKS, impure_forward_hooks
 
 __all__ = ["ConversionReport", "convert"]
 
@@ -148,8 +152,42 @@ def convert(
     object.__setattr__(model, "conversion_report", report)
     if not isinstance(model, FastLGD3D | FastLGD2D):  # the fast LGD models have the property
         object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))
+        # its 5-D outputs in the layout the unconverted model returns (_in_the_original_layout)
+        model._lgd_weights_channels_last = any(
+            memory_format(m.weight) == torch.channels_last_3d for m in model.modules()
+            if isinstance(m, nn.Conv3d) and not nn.parameter.is_lazy(m.weight))  # fmt: skip
+        if _in_the_original_layout not in model._forward_hooks.values():
+            model.register_forward_hook(_in_the_original_layout)
     logger.info("lgd_fast.convert:\n%s", report)
     return model
+
+
+def _in_the_original_layout(module: nn.Module, args: tuple, output):
+    """The converted model's forward hook: every 5-D tensor it returns in the memory format the unconverted model
+    returns it in. ATen's convolutions write channels_last_3d where their input or weight is in it, and keep a
+    contiguous input contiguous otherwise; the plan may run a conv run in the other layout, which would leak to the
+    caller (a ``.view()`` of a returned feature map would fail). The expected format: channels_last_3d if the input
+    is, or if the model's conv weights were when it was converted; else contiguous. It only copies (torch ops):
+    a recorded program (:mod:`lgd_fast.recorded`) records it with the rest."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return None
+    cl = memory_format(x) == torch.channels_last_3d or module.__dict__.get("_lgd_weights_channels_last", False)
+    expected = torch.channels_last_3d if cl else torch.contiguous_format
+
+    def fix(t):
+        if isinstance(t, torch.Tensor) and t.dim() == 5 and memory_format(t) != expected:
+            return t.contiguous(memory_format=expected)
+        return t
+
+    if isinstance(output, torch.Tensor):
+        return fix(output)
+    if isinstance(output, tuple | list) and any(isinstance(t, torch.Tensor) and t.dim() == 5 for t in output):
+        return type(output)(fix(t) for t in output)
+    return None
+
+
+PURE_FORWARD_HOOKS.add(_in_the_original_layout)
 
 
 # ---- P3D blocks in other models ----------------------------------------------------------------------------
@@ -314,7 +352,7 @@ def _hooked(modules) -> bool:
             m._global_backward_pre_hooks):  # fmt: skip
         return True
     for sub in modules:
-        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+        if impure_forward_hooks(sub) or sub._backward_hooks or sub._backward_pre_hooks:
             return True
     return False
 

@@ -424,14 +424,25 @@ def recorded_call(module: torch.nn.Module, x: torch.Tensor, forward: Callable[[t
     return out
 
 
+# Forward hooks that only compute from the output with torch ops (no other Python effect): a recording sees their
+# ops as the program's own, so a submodule carrying one records (lgd_fast.convert's layout hook).
+PURE_FORWARD_HOOKS: set[Callable[..., Any]] = set()
+
+
+def impure_forward_hooks(m: torch.nn.Module) -> bool:
+    """Whether ``m`` has forward pre-hooks, or forward hooks other than :data:`PURE_FORWARD_HOOKS`."""
+    return bool(m._forward_pre_hooks) or any(h not in PURE_FORWARD_HOOKS for h in m._forward_hooks.values())
+
+
 def _hooked_submodule(module: torch.nn.Module) -> str | None:
     """The name of a submodule with forward (pre-)hooks, "a module" for global ones, or None: a hook is Python that
-    runs when the module is called, and a program calls no module (the root's own hooks run around it as ever)."""
+    runs when the module is called, and a program calls no module (the root's own hooks run around it as ever).
+    A pure hook (:data:`PURE_FORWARD_HOOKS`) does not count: its ops are recorded with the rest."""
     nn_module = torch.nn.modules.module
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return "every module (global hooks)"
     for name, m in module.named_modules():
-        if m is not module and (m._forward_hooks or m._forward_pre_hooks):
+        if m is not module and impure_forward_hooks(m):
             return name
     return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 
 import pytest
 import torch
@@ -24,6 +25,8 @@ from lgd_fast.models import FastLGD3D
 from lgd_fast.models import p3d as p3d_module
 from lgd_fast.ops import conv_bn as conv_bn_module
 from lgd_fast.plan import forced as forced_plan
+
+recorded_module = importlib.import_module("lgd_fast.recorded")
 
 
 def TinyR2Plus1D():  # noqa: N802 (a model constructor, named like one)
@@ -781,3 +784,42 @@ def test_converted_squeeze_excitation_leaves_the_op_where_the_modules_must_run(g
     reference = lgd_fast.convert(copy.deepcopy(model), inference=True, backend="reference")
     with torch.no_grad():
         assert run(reference) == (0, 0)  # the op's reference: neither the kernel nor the modules
+
+
+def _feature_extractor(gen) -> nn.Sequential:
+    """A (2+1)D feature extractor as torchvision writes its stem: its 5-D output is what a caller consumes."""
+    model = nn.Sequential(
+        nn.Conv3d(3, 12, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(12), nn.ReLU(inplace=True),
+        nn.Conv3d(12, 12, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.BatchNorm3d(12), nn.ReLU(inplace=True),
+    )  # fmt: skip
+    return _randomise(model, gen)
+
+
+@pytest.mark.parametrize("weights", ["contiguous", "channels_last_3d"])
+def test_a_converted_model_returns_the_layout_the_original_returns(gen, weights):
+    """The plan may run a conv run channels-last on a contiguous input (or the other way round); the converted
+    model's 5-D output still comes in the layout the original's does, so a caller's .view() works as before: the
+    input's, or channels-last where the original's conv weights are (as ATen's convs choose). Eval and training,
+    eagerly and under RecordedInference (whose program records the copy)."""
+    original = _feature_extractor(gen)
+    if weights == "channels_last_3d":
+        original.to(memory_format=torch.channels_last_3d)
+    converted = lgd_fast.convert(copy.deepcopy(original), plan="fused")  # fused runs: channels_last_3d
+    lgd_fast.convert(converted, plan="fused")  # a second call keeps one hook
+    assert len(converted._forward_hooks) == 1
+    runner = lgd_fast.RecordedInference(converted)
+    for train in (False, True):
+        original.train(train), runner.train(train)  # (the runner sets its module's mode too)
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            x = torch.randn(2, 3, 4, 16, 16, generator=gen).contiguous(memory_format=layout)
+            with torch.no_grad():
+                expected = copy.deepcopy(original)(x)
+                outs = [converted(x)] if train else [runner(x) for _ in range(3)]  # eager, recorded, the program
+            for got in outs:
+                assert got.stride() == expected.stride(), (train, layout, got.stride(), expected.stride())
+                assert ((got - expected).norm() / expected.norm()).item() < 1e-5
+                if expected.is_contiguous():  # a caller's view, which channels-last strides would refuse
+                    got.view(2, -1)
+            if not train:  # the third call ran the program: the hook's copy is one of its ops, not a refusal
+                programs = [p for p in recorded_module.recorded_programs(runner).values() if p is not None]
+                assert any(isinstance(p, recorded_module.RecordedProgram) and p.calls == 1 for p in programs), programs
