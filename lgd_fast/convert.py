@@ -30,9 +30,9 @@ left unfused.
 cached); the fast LGD models it also moves to channels_last_3d. Elsewhere each converted layer's plan puts its
 input in the layout it runs fastest in (measured on first use: channels_last_3d and contiguous timed; by the
 default rule, channels_last_3d for frames of 14x14 and more), so a layout change that does not pay is not made.
-What the model returns keeps the original's layout all the same: a forward hook on the converted model puts each
-5-D tensor it returns in the memory format the unconverted model returns it in (its input's, or channels_last_3d
-where its conv weights were), so a caller's ``.view()`` of a feature map works as before.
+What the model returns does not leak that choice: where the input and every conv weight are contiguous (so the
+unconverted model's output certainly is), a forward hook on the converted model makes each 5-D tensor it returns
+in channels_last_3d contiguous, so a caller's ``.view()`` of a feature map works as before.
 
 Save converted models with ``state_dict()`` (the converted classes are made at run time and do not pickle).
 """
@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import plan as planning
 from .models.blocks import P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
-from .ops._common import cpp_float_input_reason, memory_format
+from .ops._common import cpp_float_input_reason, layout
 from .ops.conv_bn import conv_bn, fusable_reason, norm_reason, p3d_geometry_reason
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.squeeze_excite import BACKENDS as SQUEEZE_EXCITE_BACKENDS
@@ -152,39 +153,37 @@ def convert(
     object.__setattr__(model, "conversion_report", report)
     if not isinstance(model, FastLGD3D | FastLGD2D):  # the fast LGD models have the property
         object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))
-        # its 5-D outputs in the layout the unconverted model returns (_in_the_original_layout)
-        model._lgd_weights_channels_last = any(
-            memory_format(m.weight) == torch.channels_last_3d for m in model.modules()
-            if isinstance(m, nn.Conv3d) and not nn.parameter.is_lazy(m.weight))  # fmt: skip
-        if _in_the_original_layout not in model._forward_hooks.values():
-            model.register_forward_hook(_in_the_original_layout)
+        # no channels-last output where the unconverted model's is contiguous (_in_the_original_layout)
+        object.__setattr__(model, "_lgd_convs", tuple(m for m in model.modules() if isinstance(m, nn.Conv3d)))
+        if report.converted and _in_the_original_layout not in model._forward_hooks.values():
+            model.register_forward_hook(_in_the_original_layout, prepend=True, with_kwargs=True)
     logger.info("lgd_fast.convert:\n%s", report)
     return model
 
 
-def _in_the_original_layout(module: nn.Module, args: tuple, output):
-    """The converted model's forward hook: every 5-D tensor it returns in the memory format the unconverted model
-    returns it in. ATen's convolutions write channels_last_3d where their input or weight is in it, and keep a
-    contiguous input contiguous otherwise; the plan may run a conv run in the other layout, which would leak to the
-    caller (a ``.view()`` of a returned feature map would fail). The expected format: channels_last_3d if the input
-    is, or if the model's conv weights were when it was converted; else contiguous. It only copies (torch ops):
-    a recorded program (:mod:`lgd_fast.recorded`) records it with the rest."""
-    x = args[0] if args else None
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+def _in_the_original_layout(module: nn.Module, args: tuple, kwargs: dict, output):
+    """The converted model's forward hook: a 5-D tensor it returns channels-last where the unconverted model's is
+    certainly contiguous is made contiguous, so a caller's ``.view()`` works as before. Certain means: the input
+    (the first 5-D tensor among the arguments) contiguous and every conv weight of the model contiguous, where
+    ATen's convs, on every path and dtype, write contiguous output; only the plan's choice of channels_last_3d
+    for a layer makes it channels-last then. Elsewhere (channels-last input or weights, where ATen's own choice
+    depends on path and dtype) nothing is changed. A forward that itself moves its input to channels_last_3d is
+    not seen: its output is made contiguous too. It only copies (torch ops): a recorded program
+    (:mod:`lgd_fast.recorded`) records it with the rest."""
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() == 5]
+    if not tensors or not tensors[0].is_contiguous():
         return None
-    cl = memory_format(x) == torch.channels_last_3d or module.__dict__.get("_lgd_weights_channels_last", False)
-    expected = torch.channels_last_3d if cl else torch.contiguous_format
+    if any(not conv.weight.is_contiguous() for conv in module.__dict__.get("_lgd_convs", ())
+           if not nn.parameter.is_lazy(conv.weight)):  # fmt: skip
+        return None
+    leaves, spec = tree_flatten(output)
 
-    def fix(t):
-        if isinstance(t, torch.Tensor) and t.dim() == 5 and memory_format(t) != expected:
-            return t.contiguous(memory_format=expected)
-        return t
+    def leaked(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 5 and layout(t) == "channels_last_3d"
 
-    if isinstance(output, torch.Tensor):
-        return fix(output)
-    if isinstance(output, tuple | list) and any(isinstance(t, torch.Tensor) and t.dim() == 5 for t in output):
-        return type(output)(fix(t) for t in output)
-    return None
+    if not any(leaked(t) for t in leaves):
+        return None
+    return tree_unflatten([t.contiguous() if leaked(t) else t for t in leaves], spec)
 
 
 PURE_FORWARD_HOOKS.add(_in_the_original_layout)
@@ -346,7 +345,8 @@ def _is_relu(module: nn.Module) -> bool:
 def _hooked(modules) -> bool:
     """Whether a fused path would skip hooks: global module hooks, or hooks (forward, pre-forward, backward) on
     any of ``modules`` (each checked itself: pass every module of the subtree), which the fused convs do not call
-    (weight_norm's pre-hook among them). Their modules then run as they are."""
+    (weight_norm's pre-hook among them). Their modules then run as they are. A pure forward hook
+    (``PURE_FORWARD_HOOKS``: the layout hook a converted submodule carries) does not count."""
     m = nn.modules.module
     if m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or (
             m._global_backward_pre_hooks):  # fmt: skip

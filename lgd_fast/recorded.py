@@ -27,7 +27,8 @@ cannot be recorded, and then run eagerly with the reason logged once:
 - a shape that depends on the input's values (``nonzero``, a boolean mask), which Python may read with no op;
 - an op returning a nested structure;
 - an output that does not come from the input;
-- forward hooks on a submodule, or global ones (Python the program would not call);
+- forward hooks on a submodule, or global ones (Python the program would not call; a pure hook, one in
+  :data:`PURE_FORWARD_HOOKS` such as :func:`lgd_fast.convert`'s layout hook, is recorded with the rest);
 - parameters that are inference tensors (made under ``torch.inference_mode``), whose changes cannot be seen.
 
 Where it applies: eager (not traced by torch.compile), no autograd (``torch.no_grad`` / ``inference_mode``), the
@@ -431,7 +432,8 @@ PURE_FORWARD_HOOKS: set[Callable[..., Any]] = set()
 
 def impure_forward_hooks(m: torch.nn.Module) -> bool:
     """Whether ``m`` has forward pre-hooks, or forward hooks other than :data:`PURE_FORWARD_HOOKS`."""
-    return bool(m._forward_pre_hooks) or any(h not in PURE_FORWARD_HOOKS for h in m._forward_hooks.values())
+    return bool(m._forward_pre_hooks) or bool(m._forward_hooks) and any(
+        h not in PURE_FORWARD_HOOKS for h in m._forward_hooks.values())  # fmt: skip
 
 
 def _hooked_submodule(module: torch.nn.Module) -> str | None:
@@ -473,9 +475,9 @@ class RecordedInference(torch.nn.Module):
 
     The model is ``runner.module`` (its state_dict keys gain the ``module.`` prefix, as DDP's). Its forward takes
     the clip tensor as its one argument; ``recorded_inference`` / ``activation_arena`` on the runner turn either
-    off. A model with forward hooks on its submodules runs eagerly (a program calls no module). A program runs with
-    autocast off, its casts being recorded ops: a third-party custom op whose body relies on autocast would compute
-    in another dtype there (lgd_fast's own ops do not).
+    off. A model with forward hooks on its submodules (pure ones aside) runs eagerly (a program calls no module).
+    A program runs with autocast off, its casts being recorded ops: a third-party custom op whose body relies on
+    autocast would compute in another dtype there (lgd_fast's own ops do not).
     """
 
     recorded_inference: bool = True
