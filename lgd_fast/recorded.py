@@ -298,8 +298,8 @@ class RecordedProgram:
 
 def module_state(module: torch.nn.Module) -> tuple | None:
     """What a recorded program of ``module`` depends on besides the input: every submodule (a stamp of its own, its
-    class, an instance ``forward``), its ``training`` flag, plan and hook count, its parameter and buffer objects,
-    their versions and memory, and the global module hooks. None where the versions cannot be read (inference
+    class, an instance ``forward``), its ``training`` flag, plan and hooks (their handles), its parameter and buffer
+    objects, their versions and memory, and the global module hooks. None where the versions cannot be read (inference
     tensors). Not in it: other attributes of a module changed after recording (``bn.eps``, ``conv.padding``, a
     plain tensor attribute) and writes through ``.data`` (no version): after such a change call
     :func:`forget_programs`."""
@@ -318,7 +318,8 @@ def module_state(module: torch.nn.Module) -> tuple | None:
             add(id(d.get("forward")))  # an instance's own forward, if one was set
             add(d["training"])
             add(id(d.get("_lgd_plan")))
-            add(len(d["_forward_hooks"]) + len(d["_forward_pre_hooks"]))
+            add(tuple(d["_forward_hooks"]))  # the hooks' handle ids: a hook swapped for another is a change
+            add(tuple(d["_forward_pre_hooks"]))
             for tensors in (d["_parameters"], d["_buffers"]):
                 for t in tensors.values():
                     if t is not None:
@@ -329,7 +330,8 @@ def module_state(module: torch.nn.Module) -> tuple | None:
     except RuntimeError:  # "Inference tensors do not track version counter"
         return None
     nn_module = torch.nn.modules.module
-    add(len(nn_module._global_forward_hooks) + len(nn_module._global_forward_pre_hooks))
+    add(tuple(nn_module._global_forward_hooks))
+    add(tuple(nn_module._global_forward_pre_hooks))
     return tuple(out)
 
 

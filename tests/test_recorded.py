@@ -539,3 +539,29 @@ def test_the_op_checks_what_it_returns_and_its_model(gen, monkeypatch):
         del fast
         with pytest.raises(RuntimeError, match="no live model with id"):
             op(x, key)
+
+
+def test_a_pure_hook_swapped_for_another_hook_is_a_change(gen, monkeypatch):
+    """A submodule's pure forward hook (PURE_FORWARD_HOOKS) is recorded with the program; replacing it with another
+    hook (the same number of hooks) is a change: the next call runs eagerly and calls the new hook, not the stale
+    program."""
+
+    def pure(module, args, output):
+        return output * 2
+
+    monkeypatch.setattr(recorded_module, "PURE_FORWARD_HOOKS", {pure})
+    inner = torch.nn.Linear(4, 3)
+    model = torch.nn.Sequential(inner, torch.nn.ReLU()).eval()
+    runner = RecordedInference(model).eval()
+    x = torch.randn(2, 4, generator=gen)
+    handle = inner.register_forward_hook(pure)
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, inner.weight, inner.bias)  # the Linear without its hooks
+        for _ in range(3):  # eager, recorded, the program
+            out = runner(x)
+        assert torch.equal(out, torch.relu(2 * plain)) and _program(runner).calls == 1
+        handle.remove()
+        seen = []
+        inner.register_forward_hook(lambda m, a, o: seen.append(o.shape) or o * 3)
+        out = runner(x)
+    assert seen == [(2, 3)] and torch.equal(out, torch.relu(3 * plain))  # the new hook ran: no stale program
