@@ -170,18 +170,18 @@ def _in_the_original_layout(module: nn.Module, args: tuple, kwargs: dict, output
     depends on path and dtype) nothing is changed. A forward that itself moves its input to channels_last_3d is
     not seen: its output is made contiguous too. It only copies (torch ops): a recorded program
     (:mod:`lgd_fast.recorded`) records it with the rest."""
-    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() == 5]
-    if not tensors or not tensors[0].is_contiguous():
-        return None
-    if any(not conv.weight.is_contiguous() for conv in module.__dict__.get("_lgd_convs", ())
-           if not nn.parameter.is_lazy(conv.weight)):  # fmt: skip
-        return None
     leaves, spec = tree_flatten(output)
 
     def leaked(t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() == 5 and layout(t) == "channels_last_3d"
 
-    if not any(leaked(t) for t in leaves):
+    if not any(leaked(t) for t in leaves):  # (most calls: logits, or a feature map as the original's; checked first)
+        return None
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.dim() == 5]
+    if not tensors or not tensors[0].is_contiguous():
+        return None
+    if any(not conv.weight.is_contiguous() for conv in module.__dict__.get("_lgd_convs", ())
+           if not nn.parameter.is_lazy(conv.weight)):  # fmt: skip
         return None
     return tree_unflatten([t.contiguous() if leaked(t) else t for t in leaves], spec)
 
