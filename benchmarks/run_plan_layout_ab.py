@@ -1,23 +1,23 @@
 """The measured plan's margin rule with and without staying in the input's layout (``lgd_fast.plan.STAY_IN_LAYOUT``),
 measured as a model runs: two fast models of the same weights, each planned (measure mode) on its first training
-steps with the switch on or off, then their training steps (forward of both heads, cross-entropy, backward, SGD
-with momentum) alternating, order flipped every round; medians. Writes JSON with each model's layouts per planned
-layer.
+steps with the switch on or off, then their training steps (``lgd_fast.bench.pass_call``'s, as ``lgd-fast bench``
+times them: forward of both heads, cross-entropy, backward, SGD with momentum) alternating, order flipped every
+round; medians. Writes JSON with each model's layouts per planned layer.
 
     PYTHONPATH=. python benchmarks/run_plan_layout_ab.py --model lgd3d_tiny --batch 16 --size 32 --rounds 60 \\
         --out benchmarks/results/plan_layout_ab_tiny_cpu.json
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from lgd_fast import plan as planning
-from lgd_fast.bench import git_commit, machine_info, trained_like
+from lgd_fast.bench import git_commit, machine_info, pass_call, trained_like
 from lgd_fast.models import create_model
 
 
@@ -36,22 +36,14 @@ def main() -> None:
     labels = torch.randint(0, 400, (args.batch,), generator=gen)
     steps, layouts = {}, {}
     for stay in (True, False):
-        model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="measure").train()
+        model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="measure")
         model.load_state_dict(reference.state_dict())
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-        def step(x, model=model, optimizer=optimizer):
-            local, global_ = model(x)
-            loss = F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        step = pass_call("training", model, model, clips, labels, contextlib.nullcontext())  # next clip each call
         planning._MEASURED.clear()  # each model measures its own plan under its rule
         planning.STAY_IN_LAYOUT = stay
         try:
-            for c in clips:
-                step(c)
+            for _ in clips:
+                step()
         finally:
             planning.STAY_IN_LAYOUT = True
         steps[stay] = step
@@ -61,7 +53,7 @@ def main() -> None:
     for i in range(args.rounds):
         for stay in (True, False) if i % 2 else (False, True):
             start = time.perf_counter()
-            steps[stay](clips[i % 2])
+            steps[stay]()
             times[stay].append(time.perf_counter() - start)
     median = {k: statistics.median(times[k]) * 1e3 for k in (True, False)}
     payload = {
