@@ -342,3 +342,67 @@ def test_within_the_margin_a_layer_keeps_the_layout_its_input_comes_in(monkeypat
     stem = planning.attach(nn.Conv3d(4, 4, 1), "stem", "a test stem", backend="auto", mode="measure")
     choice = planning._measure([conv], stem, "eval", default, candidates, lambda c, t: conv(t), (x,))
     assert choice.layout == (chosen if times[0] <= 0.95 else default.layout), "the stem keeps its default layout"
+
+
+def _conv_weight_layouts(model: nn.Module) -> dict[str, str]:
+    return {name: "cl" if not m.weight.is_contiguous() else "contiguous"
+            for name, m in model.named_modules() if isinstance(m, nn.Conv3d) and m.weight.shape[2:].numel() > 1}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_layers_training_channels_last_get_channels_last_conv_weights(gen, no_measuring, monkeypatch, autocast):
+    """The default plan trains lgd3d_tiny's stem and the blocks taking 16x16 frames channels-last and the smaller
+    blocks contiguous: exactly those three get channels_last_3d conv weights, once, with the same values and state_dict;
+    steps with them equal steps with contiguous weights bit for bit (forward, loss, every gradient, two SGD steps);
+    inference alone leaves them as they are."""
+    ref = randomise_norms(create_model("lgd3d_tiny", 5, dropout=0.0, classifier="two_heads"), gen)
+    x = torch.randn(2, 3, 8, 64, 64, generator=gen)  # 4 frames in the blocks (bf16 weight gradients of 3-frame
+    y = torch.randint(0, 5, (2,), generator=gen)  # temporal convs on 2 frames are garbage in ATen: test_aten_bugs.py)
+
+    def fast_model():
+        m = create_model("lgd3d_tiny", 5, dropout=0.0, classifier="two_heads", fast=True, plan="default")
+        m.load_state_dict(ref.state_dict())
+        return m
+
+    def steps(model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        out = []
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                local, global_ = model(x)
+                loss = nn.functional.cross_entropy(local.float(), y) + nn.functional.cross_entropy(global_.float(), y)
+            opt.zero_grad()
+            loss.backward()
+            out.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+            opt.step()
+        return out
+
+    model = fast_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        model.eval()(x)
+    assert set(_conv_weight_layouts(model).values()) == {"contiguous"}, "inference changed the weights' layout"
+    ids = [id(p) for p in model.parameters()]
+    got = steps(model.train())
+    layouts = _conv_weight_layouts(model)
+    cl = {name.split(".")[0] for name, lay in layouts.items() if lay == "cl"}
+    assert cl == {"conv1", "layer1", "layer2"}, layouts
+    assert all(lay == "cl" for name, lay in layouts.items() if name.split(".")[0] in cl), layouts
+    assert [id(p) for p in model.parameters()] == ids, "the same parameters"
+    why = [c.why for _, p in model.execution_plan.layers() for c in p.choices.values()]
+    assert sum("conv weights made channels_last_3d" in w for w in why) == 3, why
+
+    monkeypatch.setattr(planning, "CL_WEIGHTS_IN_TRAINING", False)
+    plain = fast_model()
+    want = steps(plain.train())
+    assert set(_conv_weight_layouts(plain).values()) == {"contiguous"}
+    for (loss, grads), (loss_want, grads_want) in zip(got, want, strict=True):
+        assert torch.equal(loss, loss_want)
+        assert len(grads) == len(grads_want)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads_want, strict=True))
+    for (k, v), w in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    ref.load_state_dict(model.state_dict())  # a channels-last state_dict loads into the plain reference
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert not torch.equal(state["conv1.weight"], ref.conv1.weight), "the steps trained the weights"
