@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import conv3d
+
 P3D_VARIANTS = ("A", "B", "C")
 
 
@@ -56,14 +58,25 @@ def broadcast_to_positions(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return d.repeat_interleave(x.shape[0] // d.shape[0], dim=0)[:, :, None, None]
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (the same parameters, state_dict and forward) for the padded convs, computed by
+    :func:`lgd_fast.ops._common.conv3d`: ``F.conv3d`` except where PyTorch's CPU bfloat16 weight gradient is wrong
+    (a padded dimension no longer than the kernel: 3x1x1 convs on two or three frames), which it pads first."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(input, weight, bias)
+        return conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 def conv1x3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv3d:
     """Spatial part of a P3D pair: 1x3x3, carries the spatial stride."""
-    return nn.Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
+    return Conv3d(in_channels, out_channels, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1), bias=False)
 
 
 def conv3x1x1(in_channels: int, out_channels: int, spatial_stride: int = 1) -> nn.Conv3d:
     """Temporal part of a P3D pair: 3x1x1, temporal stride 1, padding 1 (variant B also strides in space)."""
-    return nn.Conv3d(
+    return Conv3d(
         in_channels, out_channels, (3, 1, 1), stride=(1, spatial_stride, spatial_stride), padding=(1, 0, 0), bias=False
     )
 

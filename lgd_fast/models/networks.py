@@ -24,6 +24,7 @@ from torch import nn
 from .blocks import (
     BasicBlock2d,
     Bottleneck2d,
+    Conv3d,
     LGDBlock,
     P3DBasicBlock,
     P3DBottleneck,
@@ -191,7 +192,7 @@ class LGD3D(LGDNet):
             feature_dim=feature_dim,
         )
         self.early_stride = early_stride
-        self.conv1 = nn.Conv3d(
+        self.conv1 = Conv3d(
             3, stem_width, (early_stride, 7, 7), stride=(early_stride, 2, 2), padding=(0, 3, 3), bias=False
         )
         self.bn1 = norm_layer(stem_width)

@@ -11,7 +11,7 @@ import torch
 
 from . import _backend
 
-__all__ = ["compile_cache_tag", "layout", "memory_format", "register_compiled_op"]
+__all__ = ["compile_cache_tag", "conv3d", "layout", "memory_format", "register_compiled_op"]
 
 
 def compile_cache_tag() -> str:
@@ -90,3 +90,48 @@ def register_compiled_op(
         backward_grad, backward_setup = backward_autograd
         torch.library.register_autograd(f"lgd_fast::{name}_backward", backward_grad, setup_context=backward_setup)
     return True
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1) -> torch.Tensor:  # fmt: skip
+    """``F.conv3d``, padding explicitly where ATen's own padding gives a wrong bfloat16 weight gradient on the CPU.
+
+    In PyTorch 2.13's CPU build, the bfloat16 weight gradient of a 3-D convolution (oneDNN's backward-weights,
+    either layout, autocast or bfloat16 tensors) is garbage (values near 1e36, NaN) where a dimension is padded and
+    the kernel's (dilated) extent there reaches the input's size: a P3D unit's 3x1x1 temporal conv on clips of two
+    or three frames (LGD-3D R50 on 8-frame clips: two frames from layer1 on), a 3x3 conv over 1x1 frames. float32
+    and float16 are right, so are the output and the input's gradient; zero-padding the input first and
+    convolving without padding gives the right weight gradient in every case measured
+    (``tests/test_aten_workarounds.py`` checks both the bug and this). Only those calls pad (a copy of x): on the
+    CPU, in bfloat16 (x's dtype or CPU autocast's), when the weight needs a gradient."""
+    if _bf16_weight_grad_needs_padding(x, weight, padding, dilation):
+        pads = _explicit_padding(weight.shape[2:], padding, dilation)
+        x, padding = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair]), 0
+    return torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)
+
+
+def _explicit_padding(kernel, padding, dilation) -> list[tuple[int, int]]:
+    """(before, after) per dimension for ``padding`` (ints, or "same" / "valid" as F.conv3d takes them)."""
+    dilation = _triple(dilation)
+    if padding == "valid":
+        return [(0, 0)] * 3
+    if padding == "same":  # (stride 1: F.conv3d's rule, the extra one after)
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(kernel, dilation, strict=True)]
+    return [(p, p) for p in _triple(padding)]
+
+
+def _bf16_weight_grad_needs_padding(x: torch.Tensor, weight: torch.Tensor, padding, dilation) -> bool:
+    if x.device.type != "cpu" or x.dim() != 5 or not (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if x.dtype != torch.bfloat16 and not (autocast and x.dtype == torch.float32):
+        return False
+    kernel, dilation = weight.shape[2:], _triple(dilation)
+    pads = _explicit_padding(kernel, padding, dilation)
+    return any(
+        max(p) > 0 and d * (k - 1) + 1 >= n for p, k, d, n in zip(pads, kernel, dilation, x.shape[2:], strict=True)
+    )

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import batch_norm_train
-from ._common import traced_for_freezing
+from ._common import conv3d, traced_for_freezing
 from .p3d_conv import (
     _mkldnn_conv,
     _onednn_fake,
@@ -691,7 +691,7 @@ def _modules_eval(x, conv, norm, residual, shortcut, relu, second=None) -> torch
     def run(c):
         padding = _padding(c)
         padding = c.padding if padding is None else padding  # "same" that pads one side more: as the module
-        return F.conv3d(x, _weight(c), c.bias, _strides(c), padding, _dilation(c), c.groups)
+        return conv3d(x, _weight(c), c.bias, _strides(c), padding, _dilation(c), c.groups)
 
     y = run(conv) if second is None else run(conv) + run(second)
     if residual is not None:  # in the conv's dtype, as the eager path casts it (a float32 one under autocast)
@@ -806,7 +806,7 @@ def _conv_bn_general(x, conv, norm, residual, shortcut, relu, stats) -> torch.Te
     # adds it: rounding first and adding after moves a ReLU's zero crossing by the bias's rounding); with one, it
     # cancels in training and folds into the shift in eval.
     bias = conv.bias.to(x.dtype) if norm is None and conv.bias is not None else None
-    y = F.conv3d(x, _weight(conv).to(x.dtype), bias, _strides(conv), _padding(conv), _dilation(conv), conv.groups)
+    y = conv3d(x, _weight(conv).to(x.dtype), bias, _strides(conv), _padding(conv), _dilation(conv), conv.groups)
     if residual is not None:
         y = y + residual
     acc = torch.promote_types(y.dtype, torch.float32)

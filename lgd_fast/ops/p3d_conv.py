@@ -27,10 +27,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format
 
 from . import _backend, batch_norm_train
+from ._common import conv3d
 
 __all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend", "uses_tf32"]
 
@@ -79,7 +79,7 @@ def p3d_conv_reference(
     """
     acc = torch.promote_types(x.dtype, torch.float32)
     padding, strides = _geometry(weight, stride)
-    z = F.conv3d(x, weight.to(x.dtype), stride=strides, padding=padding).to(acc)
+    z = conv3d(x, weight.to(x.dtype), stride=strides, padding=padding).to(acc)
     if scale is not None:
         z = z * _per_channel(scale.to(acc))
     if shift is not None:
@@ -281,7 +281,7 @@ def _onednn(x, weight, stride, scale, shift, residual, relu, stats):
         return torch.ops.lgd_fast.p3d_conv_onednn(x, weight, scale, shift, residual, stride, relu)
     padding, strides = _geometry(weight, stride)
     # With autograd or statistics: ATen's conv, then the epilogue in float32 (rounded once), as the reference.
-    y = F.conv3d(x, weight.to(x.dtype), stride=strides, padding=padding)
+    y = conv3d(x, weight.to(x.dtype), stride=strides, padding=padding)
     z = y.float() if y.dtype != torch.float32 and (stats or scale is not None or shift is not None) else y
     if scale is not None:
         z = z * _per_channel(scale.to(z.dtype))
