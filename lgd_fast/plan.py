@@ -100,7 +100,6 @@ MAX_REPEATS = 10
 MIN_SECONDS = 0.2
 MARGIN = 0.05
 STAY_IN_LAYOUT = True  # within the margin, the layout the input comes in (benchmarks/run_plan_layout_ab.py)
-CL_WEIGHTS_IN_TRAINING = True  # a layer training channels-last has channels_last_3d conv weights (_decide)
 CL, CONTIGUOUS, AS_INPUT = "channels_last_3d", "contiguous", "as_input"
 _FORMATS = {CL: torch.channels_last_3d, CONTIGUOUS: torch.contiguous_format}
 
@@ -352,38 +351,8 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
             _MEASURED[signature] = choice
     else:
         choice = default
-    if _weights_to_channels_last(plan, group, choice, x, mode):
-        choice = replace(choice, why=f"{choice.why}; conv weights made channels_last_3d")
     plan.choices[key] = choice
     return choice
-
-
-def _weights_to_channels_last(plan: LayerPlan, group: Sequence[nn.Module], choice: Choice, x: torch.Tensor,
-                              mode: str) -> bool:  # fmt: skip
-    """Where a layer of a fast LGD model runs channels-last on the CPU with autograd or batch statistics, its
-    contiguous 5-D conv weights become channels_last_3d (in place: the same parameters, values and state_dict),
-    as ``model.to(memory_format=torch.channels_last_3d)`` makes them. A contiguous weight under a channels-last
-    input is reordered on every call, forward and backward, and its gradient copied back: on lgd3d_tiny at batch
-    16 about 1.4 ms of a 26 ms training step (README, issue 14). Only the stem and LGD blocks (converted models'
-    layers and units keep their weights: a contiguous input would then give channels-last outputs, unlike the
-    original), not in inference without autograd (the fused convs fold and pack their weights once), not with
-    torch.distributed initialised (DDP lays its gradient buckets out by the parameters' strides when it wraps the
-    model). Whether it changed any weight."""
-    if not CL_WEIGHTS_IN_TRAINING or mode == "eval" or x.device.type != "cpu" or plan.kind not in ("stem", "lgd_block"):
-        return False
-    if (choice.layout if choice.layout != AS_INPUT else layout_of(x)) != CL:
-        return False
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return False
-    changed = False
-    for m in (m for g in group for m in g.modules()):
-        w = getattr(m, "weight", None)
-        if (isinstance(m, nn.Conv3d) and isinstance(w, nn.Parameter) and w.dim() == 5 and w.is_contiguous()
-                and not w.is_contiguous(memory_format=torch.channels_last_3d)):  # fmt: skip
-            with torch.no_grad():
-                w.data = w.data.contiguous(memory_format=torch.channels_last_3d)
-            changed = True
-    return changed
 
 
 @contextlib.contextmanager
