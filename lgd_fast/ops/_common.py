@@ -104,7 +104,8 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     convolving without padding gives the right weight gradient in every case measured
     (``tests/test_aten_workarounds.py`` checks both the bug and this). Only those calls pad (a copy of x): on the
     CPU, in bfloat16 (x's dtype or CPU autocast's), when the weight needs a gradient."""
-    if _bf16_weight_grad_needs_padding(x, weight, padding, dilation):
+    same_strided = padding == "same" and _triple(stride) != (1, 1, 1)  # (F.conv3d raises for it: let it)
+    if _bf16_weight_grad_needs_padding(x, weight, padding, dilation) and not same_strided:
         pads = _explicit_padding(weight.shape[2:], padding, dilation)
         x, padding = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair]), 0
     return torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups)
@@ -128,7 +129,7 @@ def _bf16_weight_grad_needs_padding(x: torch.Tensor, weight: torch.Tensor, paddi
     if x.device.type != "cpu" or x.dim() != 5 or not (torch.is_grad_enabled() and weight.requires_grad):
         return False
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    if x.dtype != torch.bfloat16 and not (autocast and x.dtype == torch.float32):
+    if x.dtype != torch.bfloat16 and not (autocast and x.dtype in (torch.float32, torch.float16)):
         return False
     kernel, dilation = weight.shape[2:], _triple(dilation)
     pads = _explicit_padding(kernel, padding, dilation)
