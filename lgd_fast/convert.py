@@ -16,9 +16,11 @@ What it converts:
   with its bias and the BatchNorm and ReLU after it in its epilogue (folded in eval; from the conv's
   statistics in training).
 
-Conversion changes classes only (a container becomes a subclass of its own class with another ``forward``),
-never modules, parameters or buffers: the state_dict is the same, key for key, and the converted model
-computes the same function. Every converted layer gets an execution plan (:mod:`lgd_fast.plan`: fused or its
+Conversion changes classes only (a container becomes a subclass of its own class with another ``forward``; a
+padded ``nn.Conv3d`` becomes :class:`lgd_fast.models.blocks.Conv3d`, which works around PyTorch's wrong CPU
+bfloat16 weight gradient where a padded dimension is no longer than the kernel: ``report.patched``), never
+modules, parameters or buffers: the state_dict is the same, key for key, and the converted model computes the
+same function. Every converted layer gets an execution plan (:mod:`lgd_fast.plan`: fused or its
 own modules, chosen by measurement on first use per input shape, or by the documented default);
 ``model.execution_plan`` prints it. Converting an already converted model keeps what was converted (the
 report says so) and plans what is new.
@@ -47,7 +49,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import plan as planning
-from .models.blocks import P3DBasicBlock, P3DBottleneck
+from .models.blocks import Conv3d, P3DBasicBlock, P3DBottleneck
 from .models.fast import FastLGD2D, FastLGD3D, to_fast
 from .models.networks import LGD2D, LGD3D
 from .models.p3d import FastP3DBasicBlock, FastP3DBottleneck, check_fusable, to_fast_unit
@@ -69,13 +71,47 @@ class ConversionReport:
 
     converted: list[tuple[str, str]] = field(default_factory=list)
     left: list[tuple[str, str]] = field(default_factory=list)
+    # padded nn.Conv3d given PyTorch's bf16 weight-gradient workaround (lgd_fast.models.blocks.Conv3d, README)
+    patched: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)}:"]
         lines += [f"  {name or '(model)'}: {what}" for name, what in self.converted]
         lines.append(f"left as they were {len(self.left)}:")
         lines += [f"  {name or '(model)'}: {why}" for name, why in self.left]
+        if self.patched:
+            lines.append(f"padded Conv3d given the CPU bf16 weight-gradient workaround {len(self.patched)}: "
+                         + ", ".join(self.patched))  # fmt: skip
         return "\n".join(lines)
+
+
+def _patch_padded_convs(model: nn.Module) -> list[str]:
+    """Every plain ``nn.Conv3d`` with zero padding becomes :class:`lgd_fast.models.blocks.Conv3d` (a class change
+    only: the same parameters, state_dict and function), whose forward pads where PyTorch's CPU bfloat16 weight
+    gradient is wrong (:func:`lgd_fast.ops._common.conv3d`): a converted layer that runs as its own modules would
+    otherwise train on garbage there. Its names."""
+    patched = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        if (not isinstance(module, nn.Conv3d) or getattr(cls, "lgd_padded_workaround", False)
+                or cls._conv_forward is not nn.Conv3d._conv_forward or module.padding_mode != "zeros"):  # fmt: skip
+            continue
+        if module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding)):
+            module.__class__ = Conv3d if cls is nn.Conv3d else _padded_class(cls)
+            patched.append(name)
+    return patched
+
+
+_PADDED_CLASSES: dict[type, type] = {}
+
+
+def _padded_class(cls: type) -> type:
+    """A subclass of an ``nn.Conv3d`` subclass (torchvision's ``Conv3DSimple``, ...) of the same name, with
+    :class:`Conv3d`'s ``_conv_forward``."""
+    if cls not in _PADDED_CLASSES:
+        _PADDED_CLASSES[cls] = type(cls.__name__, (cls,), {"_conv_forward": Conv3d._conv_forward,
+                                                           "lgd_padded_workaround": True, "__module__": __name__})
+    return _PADDED_CLASSES[cls]
 
 
 def _to_channels_last(model: nn.Module) -> None:
@@ -108,6 +144,7 @@ def convert(
     earlier = getattr(model, "conversion_report", None)
     report = ConversionReport()
     claimed: set[int] = set()  # Conv3d modules that a conversion covers
+    report.patched = _patch_padded_convs(model)  # (first: the fused runs below record their modules' classes)
     if isinstance(model, FastLGD3D | FastLGD2D):
         report.left.append(("", f"already the fast {'LGD-3D' if isinstance(model, FastLGD3D) else 'LGD-2D'}"))
         claimed |= {id(m) for m in model.modules()}
@@ -150,6 +187,7 @@ def convert(
     if isinstance(earlier, ConversionReport):  # a second call: what the first converted stays in the report
         mark = " (by an earlier convert call)"
         report.converted[:0] = [(n, what if what.endswith(mark) else what + mark) for n, what in earlier.converted]
+        report.patched[:0] = earlier.patched
     object.__setattr__(model, "conversion_report", report)
     if not isinstance(model, FastLGD3D | FastLGD2D):  # the fast LGD models have the property
         object.__setattr__(model, "execution_plan", planning.ExecutionPlan(model))

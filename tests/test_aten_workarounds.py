@@ -139,3 +139,42 @@ def test_the_models_padded_convs_go_through_the_workaround(monkeypatch):
             with planning.forced(fused=fused) if fused else contextlib.nullcontext():
                 model.train(train)(x)
             assert padded <= {tuple(s) for s in seen}, (fast, train, fused)
+
+
+@pytest.mark.parametrize("builder", ["r3d", "r2plus1d"])
+def test_converted_foreign_models_train_right_in_bf16_on_two_frames(gen, builder, caplog):
+    """lgd_fast.convert gives every padded Conv3d of a foreign model the workaround (a class change only: the same
+    class name, parameters and state_dict; torchvision's Conv3DSimple stays a Conv3DSimple), so its own modules
+    compute right weight gradients too: torchvision-style R3D-18 / R(2+1)D-18 (narrow) on 4-frame clips (two
+    frames and one from layer2 on), under bfloat16 autocast with autograd in eval, against float64."""
+    import copy
+
+    import foreign_models
+    import lgd_fast
+
+    extra = {"stem_mid": 8} if builder == "r2plus1d" else {}
+    model = getattr(foreign_models, builder)(layers=(1, 1, 1, 1), widths=(8, 16, 16, 16), num_classes=5, **extra)
+    randomise_norms(model, gen)
+    ref = copy.deepcopy(model).double()
+    keys = list(model.state_dict())
+    names = {n: type(m).__name__ for n, m in model.named_modules()}
+    lgd_fast.convert(model, plan="default")
+    patched = model.conversion_report.patched
+    assert patched and all(names[n] == type(model.get_submodule(n)).__name__ for n in patched)
+    assert list(model.state_dict()) == keys
+    assert "padded Conv3d given the CPU bf16 weight-gradient workaround" in str(model.conversion_report)
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)
+    y = torch.randint(0, 5, (2,), generator=gen)
+
+    def grads(m, dtype, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m.eval()(x.to(dtype))
+        F.cross_entropy(out.double(), y).backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.dim() == 5}
+
+    want = grads(ref, torch.float64, False)
+    with caplog.at_level("WARNING", logger="lgd_fast"):
+        got = grads(model, torch.float32, True)
+    assert "changed since lgd_fast.convert" not in caplog.text, "the fused runs must have seen the patched classes"
+    errors = {n: _rel(got[n], want[n]) for n in want}
+    assert all(g.isfinite().all() for g in got.values()) and max(errors.values()) < 0.75, errors

@@ -63,9 +63,11 @@ class Conv3d(nn.Conv3d):
     :func:`lgd_fast.ops._common.conv3d`: ``F.conv3d`` except where PyTorch's CPU bfloat16 weight gradient is wrong
     (a padded dimension no longer than the kernel: 3x1x1 convs on two or three frames), which it pads first."""
 
+    lgd_padded_workaround = True  # (lgd_fast.convert gives other padded Conv3d classes this _conv_forward)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            return super()._conv_forward(input, weight, bias)
+            return nn.Conv3d._conv_forward(self, input, weight, bias)
         return conv3d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
