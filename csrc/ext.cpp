@@ -60,6 +60,9 @@ TORCH_LIBRARY(lgd_fast, m) {
   // s = sigmoid(w2 relu(w1 mean(x) + b1) + b2) per (n, c); x's dtype and layout.
   m.def("squeeze_excite(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, bool silu) -> Tensor",
         {at::Tag::pt2_compliant_tag});
+  m.set_python_module("lgd_fast.ops.to_channels_last");
+  // x: contiguous (N, C, T, H, W) -> the same values in channels_last_3d (csrc/cpu/to_channels_last.cpp).
+  m.def("to_channels_last_3d(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.set_python_module("lgd_fast.ops.batch_norm_train");
   // The fused units' training BatchNorm (csrc/cpu/batch_norm_train.cpp). z, y, shortcut, grad: (N, C, T, H, W).
   // -> (2, C) float64: per channel the sum of z and the sum of its squares about the mean.

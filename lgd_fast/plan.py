@@ -75,6 +75,7 @@ from .ops._common import memory_format
 from .ops.conv_bn import uses_batch_stats
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.p3d_conv import resolve_backend
+from .ops.to_channels_last import to_channels_last_3d
 
 __all__ = [
     "CPU_FUSED_MIN_PIXELS",
@@ -116,8 +117,12 @@ class Choice:
     request: str = "auto"  # what the fused convs are asked for: the plan's backend where p3d_conv has it
 
     def to(self, x: torch.Tensor) -> torch.Tensor:
-        """x in this choice's layout."""
-        return x if self.layout == AS_INPUT else x.contiguous(memory_format=_FORMATS[self.layout])
+        """x in this choice's layout (a clip, C <= 4 on the CPU, by :func:`lgd_fast.ops.to_channels_last_3d`)."""
+        if self.layout == AS_INPUT:
+            return x
+        if self.layout == CL and x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu":
+            return to_channels_last_3d(x)
+        return x.contiguous(memory_format=_FORMATS[self.layout])
 
     def label(self, kind: str) -> str:
         if kind == "lgd_block":

@@ -6,6 +6,7 @@ from .global_avg_pool import global_avg_pool, global_avg_pool_reference
 from .global_update import global_update, global_update_reference
 from .p3d_conv import p3d_conv, p3d_conv_reference
 from .squeeze_excite import squeeze_excite, squeeze_excite_reference
+from .to_channels_last import to_channels_last_3d, to_channels_last_3d_reference
 
 __all__ = [
     "choose_backend",
@@ -21,4 +22,6 @@ __all__ = [
     "p3d_conv_reference",
     "squeeze_excite",
     "squeeze_excite_reference",
+    "to_channels_last_3d",
+    "to_channels_last_3d_reference",
 ]
