@@ -6,6 +6,7 @@ times it, on contiguous clips) alternating, order flipped every round; medians.
 
     PYTHONPATH=. python benchmarks/run_to_channels_last_ab.py --model lgd3d_tiny --batch 16 --size 32 \\
         --out benchmarks/results/to_channels_last_ab_tiny_cpu.json
+    PYTHONPATH=. python benchmarks/run_to_channels_last_ab.py --control ...   # A/A: both convert with the op
 """
 
 import argparse
@@ -28,6 +29,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32, help="H = W of the 16-frame clips")
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--control", action="store_true",
+                        help="an A/A control: both models convert with the op (how much two instances differ)")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -40,7 +43,7 @@ def main() -> None:
         model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="measure")
         model.load_state_dict(reference.state_dict())
         call = pass_call("inference", model, model, clips, None, contextlib.nullcontext())
-        if name == "aten":
+        if name == "aten" and not args.control:
             planning.to_channels_last_3d = to_channels_last_3d_reference
         try:
             for _ in range(4):  # plans, records (second call), runs the program
@@ -60,13 +63,15 @@ def main() -> None:
         "model": args.model,
         "input": [args.batch, 3, 16, args.size, args.size],
         "rounds": args.rounds,
+        "control": args.control,  # (then "aten" names the second model, which converts with the op too)
         "machine": machine_info(torch.device("cpu")),
         "git": git_commit(),
         "median_ms": median,
         "speedup_op_over_aten": median["aten"] / median["op"],
         "samples_s": times,
     }
-    print(f"{args.model} inference, batch {args.batch}: clip converted by the op {median['op']:.3f} ms, by ATen "
+    second = "the second model, also by the op (A/A control)" if args.control else "by ATen"
+    print(f"{args.model} inference, batch {args.batch}: clip converted by the op {median['op']:.3f} ms, {second} "
           f"{median['aten']:.3f} ms ({payload['speedup_op_over_aten']:.3f}x)")  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:

@@ -94,8 +94,10 @@ def _patch_padded_convs(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         cls = type(module)
         if (not isinstance(module, nn.Conv3d) or getattr(cls, "lgd_padded_workaround", False)
-                or cls._conv_forward is not nn.Conv3d._conv_forward or module.padding_mode != "zeros"):  # fmt: skip
-            continue
+                or cls._conv_forward is not nn.Conv3d._conv_forward or cls.forward is not nn.Conv3d.forward
+                or module.padding_mode != "zeros" or isinstance(module, nn.modules.lazy.LazyModuleMixin)
+                or nn.utils.parametrize.is_parametrized(module)):  # fmt: skip
+            continue  # (its own forward, a lazy conv that becomes nn.Conv3d, a parametrization's class: left)
         if module.padding == "same" or (not isinstance(module.padding, str) and any(module.padding)):
             module.__class__ = Conv3d if cls is nn.Conv3d else _padded_class(cls)
             patched.append(name)

@@ -117,12 +117,22 @@ class Choice:
     request: str = "auto"  # what the fused convs are asked for: the plan's backend where p3d_conv has it
 
     def to(self, x: torch.Tensor) -> torch.Tensor:
-        """x in this choice's layout (a clip, C <= 4 on the CPU, by :func:`lgd_fast.ops.to_channels_last_3d`)."""
+        """x in this choice's layout (a contiguous clip, C <= 4 on the CPU, by
+        :func:`lgd_fast.ops.to_channels_last_3d`, the layer's backend permitting)."""
         if self.layout == AS_INPUT:
             return x
-        if self.layout == CL and x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu":
-            return to_channels_last_3d(x)
+        if self.layout == CL and _clip_op_takes(x):
+            return to_channels_last_3d(x, backend="reference" if self.request == "reference" else "auto")
         return x.contiguous(memory_format=_FORMATS[self.layout])
+
+
+def _clip_op_takes(x: torch.Tensor) -> bool:
+    """A plain contiguous CPU clip (C <= 4) of a float dtype the op takes; not a functorch-wrapped tensor
+    (``torch.func`` transforms run ATen's conversion)."""
+    if not (x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu" and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)):  # fmt: skip
+        return False
+    return torch.compiler.is_compiling() or not (x.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(x))
 
     def label(self, kind: str) -> str:
         if kind == "lgd_block":

@@ -96,7 +96,7 @@ def test_the_stem_converts_the_clip_with_it(gen, monkeypatch):
     ``Choice.to``), and its output equals the reference model's."""
     calls = []
     real = planning.to_channels_last_3d
-    monkeypatch.setattr(planning, "to_channels_last_3d", lambda t: calls.append(tuple(t.shape)) or real(t))
+    monkeypatch.setattr(planning, "to_channels_last_3d", lambda t, **kw: calls.append(tuple(t.shape)) or real(t, **kw))
     ref = create_model("lgd3d_tiny", 5, dropout=0.0).eval()
     fast = create_model("lgd3d_tiny", 5, dropout=0.0, fast=True).eval()
     fast.load_state_dict(ref.state_dict())
@@ -107,3 +107,30 @@ def test_the_stem_converts_the_clip_with_it(gen, monkeypatch):
     assert ((got - want).norm() / want.norm()).item() < 1e-5
     stem = [c for key, c in fast._lgd_plan.choices.items()]
     assert stem and all(c.layout == planning.CL for c in stem)
+
+
+@pytest.mark.parametrize("env_backend", ["cpp", "reference"])
+def test_the_stem_takes_any_clip_whatever_the_backend_setting(gen, monkeypatch, env_backend):
+    """``LGD_FAST_BACKEND`` naming a backend (read when the model is made) never makes the stem's conversion
+    refuse a clip: a clip in neither layout (an (N, T, C, H, W) loader's, permuted) or a negated view runs ATen's
+    conversion, and the model's output equals the reference's."""
+    monkeypatch.setenv("LGD_FAST_BACKEND", env_backend)
+    ref = create_model("lgd3d_tiny", 5, dropout=0.0).eval()
+    fast = create_model("lgd3d_tiny", 5, dropout=0.0, fast=True).eval()
+    fast.load_state_dict(ref.state_dict())
+    clips = torch.randn(2, 4, 3, 32, 32, generator=gen)
+    for x in (clips.permute(0, 2, 1, 3, 4), torch.neg(clips.permute(0, 2, 1, 3, 4).contiguous()._neg_view())):
+        with torch.no_grad():
+            got, want = fast(x), ref(x.resolve_neg())
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_choice_to_leaves_what_the_op_does_not_take_to_aten(gen):
+    choice = planning.Choice(False, False, planning.CL, "modules", "")
+    x = torch.randn(1, 3, 2, 4, 4, generator=gen)
+    cases = {"permuted": x.transpose(3, 4), "int": x.to(torch.int32), "negated": x._neg_view(), "4 channels+": None}
+    cases["4 channels+"] = torch.randn(1, 5, 2, 4, 4, generator=gen)
+    for name, t in cases.items():
+        assert not planning._clip_op_takes(t), name
+        assert torch.equal(choice.to(t), t.contiguous(memory_format=CL)), name
+    assert planning._clip_op_takes(x)

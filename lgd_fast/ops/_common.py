@@ -126,6 +126,8 @@ def _explicit_padding(kernel, padding, dilation) -> list[tuple[int, int]]:
 
 
 def _bf16_weight_grad_needs_padding(x: torch.Tensor, weight: torch.Tensor, padding, dilation) -> bool:
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):  # (torch.fx symbolic tracing)
+        return False
     if x.device.type != "cpu" or x.dim() != 5 or not (torch.is_grad_enabled() and weight.requires_grad):
         return False
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

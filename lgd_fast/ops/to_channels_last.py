@@ -30,8 +30,10 @@ def to_channels_last_3d_reference(x: torch.Tensor) -> torch.Tensor:
 def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
     if not x.is_contiguous():
         return "x is not contiguous"
-    if x.is_complex() or x.element_size() not in (2, 4, 8):
+    if x.is_complex() or x.is_quantized or x.element_size() not in (2, 4, 8):
         return f"dtype {x.dtype} is not a 2, 4 or 8-byte real type"
+    if not torch.compiler.is_compiling() and x.is_neg():  # (dynamo cannot trace is_neg; fakes have no neg bit)
+        return "x is a negated view (resolve_neg() first)"
     return None
 
 
@@ -50,9 +52,9 @@ def to_channels_last_3d(x: torch.Tensor, *, backend: str | None = None) -> torch
     """
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
     if x.is_contiguous(memory_format=torch.channels_last_3d):
         return x
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
     if choice == "cpp":
         return torch.ops.lgd_fast.to_channels_last_3d(x)
     return to_channels_last_3d_reference(x)
