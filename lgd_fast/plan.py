@@ -125,15 +125,6 @@ class Choice:
             return to_channels_last_3d(x, backend="reference" if self.request == "reference" else "auto")
         return x.contiguous(memory_format=_FORMATS[self.layout])
 
-
-def _clip_op_takes(x: torch.Tensor) -> bool:
-    """A plain contiguous CPU clip (C <= 4) of a float dtype the op takes; not a functorch-wrapped tensor
-    (``torch.func`` transforms run ATen's conversion)."""
-    if not (x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu" and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)):  # fmt: skip
-        return False
-    return torch.compiler.is_compiling() or not (x.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(x))
-
     def label(self, kind: str) -> str:
         if kind == "lgd_block":
             return {(True, True): "convs+end", (False, True): "end only", (False, False): "modules"}.get(
@@ -142,6 +133,15 @@ def _clip_op_takes(x: torch.Tensor) -> bool:
         if kind == "stem":
             return "conv+BN+ReLU fused" if self.fused else "modules"
         return "convs" if self.fused else "modules"
+
+
+def _clip_op_takes(x: torch.Tensor) -> bool:
+    """A plain contiguous CPU clip (C <= 4) of a float dtype the op takes; not a functorch-wrapped tensor
+    (``torch.func`` transforms run ATen's conversion)."""
+    if not (x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu" and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)):  # fmt: skip
+        return False
+    return torch.compiler.is_compiling() or not (x.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 @dataclass
