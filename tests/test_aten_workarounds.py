@@ -42,6 +42,15 @@ def _conv_grads(fn, x, w, gy, padding, stride, fmt, autocast: bool):
     return y, xx.grad, ww.grad
 
 
+def _conv_weight_grads(model, x, y, *, autocast: bool) -> dict[str, torch.Tensor]:
+    """The 5-D weights' gradients of the cross-entropy of ``model``'s eval logits on x (autograd on), under CPU
+    bfloat16 autocast or not."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model.eval()(x)
+    F.cross_entropy(out.double(), y).backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.dim() == 5}
+
+
 def _case(gen, kernel, frames, pixels):
     x = torch.randn(2, 16, frames, pixels, pixels, generator=gen)
     w = torch.randn(16, 16, *kernel, generator=gen)
@@ -107,15 +116,9 @@ def test_lgd3d_bf16_weight_gradients_on_two_frames_are_not_garbage(gen, variant)
     x = torch.randn(2, 3, 4, 32, 32, generator=gen)
     y = torch.randint(0, 5, (2,), generator=gen)
 
-    def grads(m, dtype, autocast):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = m.eval()(x.to(dtype))
-        F.cross_entropy(out.double(), y).backward()
-        return {n: p.grad for n, p in m.named_parameters() if p.dim() == 5}
-
-    want = grads(ref.double(), torch.float64, False)
+    want = _conv_weight_grads(ref.double(), x.double(), y, autocast=False)
     with planning.forced(fused=True) if variant == "fast, fused" else contextlib.nullcontext():
-        got = grads(model, torch.float32, True)
+        got = _conv_weight_grads(model, x, y, autocast=True)
     assert set(got) == set(want) and any("conv1_t" in n for n in got)
     errors = {n: _rel(got[n], want[n]) for n in want}
     assert all(g.isfinite().all() for g in got.values()) and max(errors.values()) < 0.75, errors
@@ -169,15 +172,9 @@ def test_converted_foreign_models_train_right_in_bf16_on_two_frames(gen, builder
     x = torch.randn(2, 3, 4, 32, 32, generator=gen)
     y = torch.randint(0, 5, (2,), generator=gen)
 
-    def grads(m, dtype, autocast):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = m.eval()(x.to(dtype))
-        F.cross_entropy(out.double(), y).backward()
-        return {n: p.grad for n, p in m.named_parameters() if p.dim() == 5}
-
-    want = grads(ref, torch.float64, False)
+    want = _conv_weight_grads(ref, x.double(), y, autocast=False)
     with caplog.at_level("WARNING", logger="lgd_fast"):
-        got = grads(model, torch.float32, True)
+        got = _conv_weight_grads(model, x, y, autocast=True)
     assert "changed since lgd_fast.convert" not in caplog.text, "the fused runs must have seen the patched classes"
     errors = {n: _rel(got[n], want[n]) for n in want}
     assert all(g.isfinite().all() for g in got.values()) and max(errors.values()) < 0.75, errors
