@@ -69,7 +69,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .ops import _backend
+from .ops import _backend, to_channels_last
 from .ops._common import layout as layout_of
 from .ops._common import memory_format
 from .ops.conv_bn import uses_batch_stats
@@ -136,12 +136,11 @@ class Choice:
 
 
 def _clip_op_takes(x: torch.Tensor) -> bool:
-    """A plain contiguous CPU clip (C <= 4) of a float dtype the op takes; not a functorch-wrapped tensor
-    (``torch.func`` transforms run ATen's conversion)."""
-    if not (x.dim() == 5 and x.shape[1] <= 4 and x.device.type == "cpu" and x.is_contiguous()
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16)):  # fmt: skip
-        return False
-    return torch.compiler.is_compiling() or not (x.is_neg() or torch._C._functorch.is_functorch_wrapped_tensor(x))
+    """A float clip (C <= 4) that :func:`lgd_fast.ops.to_channels_last_3d` converts with its compiled op (a plain
+    contiguous CPU tensor: ``to_channels_last.kernel_applies``); anything else takes ATen's conversion, with no
+    fallback warning."""
+    return (x.dim() == 5 and x.shape[1] <= 4 and x.is_floating_point()
+            and to_channels_last.kernel_applies(x))  # fmt: skip
 
 
 @dataclass

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.modules.utils import _triple
 
 from . import _backend
 
@@ -109,10 +110,6 @@ def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         pads = _explicit_padding(weight.shape[2:], padding, dilation)
         x, padding = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair]), 0
     return torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups)
-
-
-def _triple(v) -> tuple[int, int, int]:
-    return (v, v, v) if isinstance(v, int) else tuple(v)
 
 
 def _explicit_padding(kernel, padding, dilation) -> list[tuple[int, int]]:

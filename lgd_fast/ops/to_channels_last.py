@@ -16,7 +16,7 @@ import torch
 from . import _backend
 from ._common import register_compiled_op
 
-__all__ = ["to_channels_last_3d", "to_channels_last_3d_reference"]
+__all__ = ["kernel_applies", "to_channels_last_3d", "to_channels_last_3d_reference"]
 
 OP_NAME = "to_channels_last_3d"
 BACKENDS = ("cpp", "reference")
@@ -32,9 +32,19 @@ def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
         return "x is not contiguous"
     if x.is_complex() or x.is_quantized or x.element_size() not in (2, 4, 8):
         return f"dtype {x.dtype} is not a 2, 4 or 8-byte real type"
-    if not torch.compiler.is_compiling() and x.is_neg():  # (dynamo cannot trace is_neg; fakes have no neg bit)
+    if torch.compiler.is_compiling():  # (dynamo traces neither test; fakes have no neg bit)
+        return None
+    if x.is_neg():
         return "x is a negated view (resolve_neg() first)"
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return "x is wrapped by a torch.func transform"
     return None
+
+
+def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether ``to_channels_last_3d(x)`` with ``auto`` runs the compiled op (no warning logged either way):
+    lgd_fast._C built, a CPU tensor it takes."""
+    return _backend.extension_available() and x.device.type == "cpu" and _cpp_supports("cpp", x) is None
 
 
 def to_channels_last_3d(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
