@@ -12,12 +12,11 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
 from lgd_fast import plan as planning
-from lgd_fast.bench import git_commit, machine_info, pass_call, trained_like
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
 from lgd_fast.models import create_model
 
 
@@ -49,12 +48,7 @@ def main() -> None:
         steps[stay] = step
         layouts[stay] = [(name or "(model)", c.layout) for name, plan in model.execution_plan.layers()
                          for key, c in plan.choices.items() if key[1] == "train"]  # fmt: skip
-    times = {True: [], False: []}
-    for i in range(args.rounds):
-        for stay in (True, False) if i % 2 else (False, True):
-            start = time.perf_counter()
-            steps[stay]()
-            times[stay].append(time.perf_counter() - start)
+    times, _ = time_interleaved(steps, repeats=args.rounds)  # (the order flips every round)
     median = {k: statistics.median(times[k]) * 1e3 for k in (True, False)}
     payload = {
         "benchmark": "plan_layout_ab",

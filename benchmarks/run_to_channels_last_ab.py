@@ -13,12 +13,11 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
 from lgd_fast import plan as planning
-from lgd_fast.bench import git_commit, machine_info, pass_call, trained_like
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
 from lgd_fast.models import create_model
 from lgd_fast.ops import to_channels_last_3d_reference
 
@@ -51,12 +50,7 @@ def main() -> None:
         finally:
             planning.to_channels_last_3d = op
         calls[name] = call
-    times = {k: [] for k in calls}
-    for i in range(args.rounds):
-        for name in ("op", "aten") if i % 2 else ("aten", "op"):
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
+    times, _ = time_interleaved(calls, repeats=args.rounds)  # (the order flips every round)
     median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     payload = {
         "benchmark": "to_channels_last_ab",
