@@ -63,6 +63,11 @@ TORCH_LIBRARY(lgd_fast, m) {
   m.set_python_module("lgd_fast.ops.to_channels_last");
   // x: contiguous (N, C, T, H, W) -> the same values in channels_last_3d (csrc/cpu/to_channels_last.cpp).
   m.def("to_channels_last_3d(Tensor x) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.set_python_module("lgd_fast.ops.stem_conv_pool");
+  // An LGD stem at inference (csrc/cpu/stem_conv_pool.cpp): x (N, C, T, H, W), weight (C_out, C, kt, 7, 7) ->
+  // max_pool 1x3x3 (stride (1, 2, 2), padding (0, 1, 1)) of ReLU(conv(x, weight, stride (stride_t, 2, 2),
+  // padding (0, 3, 3)) + bias), channels_last_3d, x's dtype.
+  m.def("stem_conv_pool(Tensor x, Tensor weight, Tensor? bias, int stride_t) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.set_python_module("lgd_fast.ops.batch_norm_train");
   // The fused units' training BatchNorm (csrc/cpu/batch_norm_train.cpp). z, y, shortcut, grad: (N, C, T, H, W).
   // -> (2, C) float64: per channel the sum of z and the sum of its squares about the mean.

@@ -6,6 +6,7 @@ from .global_avg_pool import global_avg_pool, global_avg_pool_reference
 from .global_update import global_update, global_update_reference
 from .p3d_conv import p3d_conv, p3d_conv_reference
 from .squeeze_excite import squeeze_excite, squeeze_excite_reference
+from .stem_conv_pool import stem_conv_pool, stem_conv_pool_reference
 from .to_channels_last import to_channels_last_3d, to_channels_last_3d_reference
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "p3d_conv_reference",
     "squeeze_excite",
     "squeeze_excite_reference",
+    "stem_conv_pool",
+    "stem_conv_pool_reference",
     "to_channels_last_3d",
     "to_channels_last_3d_reference",
 ]

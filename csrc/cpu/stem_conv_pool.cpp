@@ -1,0 +1,292 @@
+// CPU kernel of lgd_fast::stem_conv_pool: an LGD stem at inference in one pass,
+//   out = max_pool(1x3x3, stride (1, 2, 2), pad (0, 1, 1)) of ReLU(conv(x, weight) + bias),
+//   the conv (kt x 7 x 7, stride (st, 2, 2), padding (0, 3, 3)) over a clip of a few channels (RGB),
+// with the eval BatchNorm folded into weight and bias by the caller (lgd_fast/ops/stem_conv_pool.py).
+//
+// Why a kernel of its own: oneDNN runs this conv (3 input channels, 7x7 taps, stride 2) at 70-85% of the
+// machine's FMA peak here, and the max-pool then reads the conv's output (4x the pooled size) back from memory.
+// Here one task takes one output frame of one video (n, t): it copies the frame's kt input frames, each
+// channel plane zero-padded by 3, into a float32 slab (reading x in any strides and in float32 or bfloat16), then
+// makes the conv's output two rows at a time and pools them while they are in L1, writing only the pooled rows.
+// A conv row is a register tile of P output pixels x V vectors of output channels: per tap, V weight vectors
+// and P broadcast inputs feed P x V fused multiply-adds (the weights are repacked per call into
+// (C_in * kt * 49, C_out) rows, C_out padded to the vector width). Every pooling window holds at least one conv
+// output, every conv output is ReLU'd (>= 0 or NaN), so zeros stand in for the pool's -inf padding, and the max
+// lets NaN through as ATen's max-pool does.
+//
+// Arithmetic: float32 multiply-adds in the tap order (c, dt, kh, kw), bias first; a bfloat16 output is rounded
+// once, at the store (max commutes with rounding). Tasks depend on the shape only, not on the thread count, so
+// results are the same for any number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace lgd_fast {
+
+namespace {
+
+using simd::load;
+using simd::vf;
+
+constexpr int kTaps = 7;  // the stem's 7x7 spatial kernel (stride 2, padding 3)
+
+// What a task needs: the slab geometry and the packed weights, shared by every task.
+struct StemArgs {
+  const float* weight;  // (planes * 49, cpad): planes = C_in * kt
+  const float* bias;    // (cpad,)
+  int64_t planes, kt, st, cout, cpad;
+  int64_t T_out, Hc, Wc, Hp, Wp;  // conv output rows / columns, pooled rows / columns
+  int64_t rs, ps;                 // slab row stride and plane stride (floats)
+};
+
+// NaN-propagating max (ATen's max-pool keeps a NaN it meets).
+template <typename V>
+LGD_INLINE V vmax(V a, V b) {
+  return (a > b || a != a) ? a : b;
+}
+LGD_INLINE float max1(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// P output pixels (ow0 ..) x V vectors of channels (from cb) of conv row oh, ReLU'd, into dst (Wc x cpad).
+template <int W, int P, int V>
+LGD_INLINE void conv_tile(const StemArgs& a, const float* __restrict__ slab, int64_t oh, int64_t ow0, int64_t cb,
+                          float* __restrict__ dst) {
+  using F = vf<W>;
+  F acc[P][V];
+  for (int v = 0; v < V; ++v) {
+    const F b = load<W>(a.bias + cb + W * v);
+    for (int p = 0; p < P; ++p) acc[p][v] = b;
+  }
+  for (int64_t pl = 0; pl < a.planes; ++pl) {
+    for (int kh = 0; kh < kTaps; ++kh) {
+      const float* row = slab + pl * a.ps + (2 * oh + kh) * a.rs + 2 * ow0;
+      const float* wr = a.weight + ((pl * kTaps + kh) * kTaps) * a.cpad + cb;
+#pragma GCC unroll 7
+      for (int kw = 0; kw < kTaps; ++kw) {
+        F w[V];
+        for (int v = 0; v < V; ++v) w[v] = load<W>(wr + kw * a.cpad + W * v);
+        for (int p = 0; p < P; ++p) {
+          const float xv = row[2 * p + kw];
+          for (int v = 0; v < V; ++v) acc[p][v] += xv * w[v];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < V; ++v) {
+      const F r = simd::relu(acc[p][v]);
+      std::memcpy(dst + (ow0 + p) * a.cpad + cb + W * v, &r, sizeof(F));
+    }
+  }
+}
+
+// Pixels of conv row oh for the V vectors from cb: tiles of P, then one pixel at a time.
+template <int W, int P, int V>
+LGD_INLINE void conv_columns(const StemArgs& a, const float* slab, int64_t oh, int64_t cb, float* dst) {
+  int64_t ow = 0;
+  for (; ow + P <= a.Wc; ow += P) conv_tile<W, P, V>(a, slab, oh, ow, cb, dst);
+  for (; ow < a.Wc; ++ow) conv_tile<W, 1, V>(a, slab, oh, ow, cb, dst);
+}
+
+// Conv row oh (all channels) into dst, or zeros past the last row (the pool's padding).
+template <int W>
+LGD_INLINE void conv_row(const StemArgs& a, const float* slab, int64_t oh, float* dst) {
+  if (oh >= a.Hc) {
+    std::fill(dst, dst + a.Wc * a.cpad, 0.f);
+    return;
+  }
+  // Register tiles: AVX-512 has 32 vector registers, AVX2 and SSE 16 (accumulators + weights + a broadcast).
+  constexpr int kMaxV = W == 16 ? 4 : 2;
+  const int64_t vectors = a.cpad / W;
+  for (int64_t v0 = 0; v0 < vectors; v0 += kMaxV) {
+    const int64_t cb = v0 * W;
+    switch (std::min<int64_t>(kMaxV, vectors - v0)) {
+      case 1: conv_columns<W, 8, 1>(a, slab, oh, cb, dst); break;
+      case 2: conv_columns<W, (W == 16 ? 6 : 5), 2>(a, slab, oh, cb, dst); break;
+      case 3: conv_columns<W, 6, (W == 16 ? 3 : 1)>(a, slab, oh, cb, dst); break;
+      default: conv_columns<W, 4, (W == 16 ? 4 : 1)>(a, slab, oh, cb, dst); break;
+    }
+  }
+}
+
+// dst[i] = max(x[i], y[i], z[i]) over n floats (n a multiple of W).
+template <int W>
+LGD_INLINE void max3(float* dst, const float* x, const float* y, const float* z, int64_t n) {
+  for (int64_t i = 0; i < n; i += W) {
+    const vf<W> m = vmax(vmax(load<W>(x + i), load<W>(y + i)), load<W>(z + i));
+    std::memcpy(dst + i, &m, sizeof(m));
+  }
+}
+
+// Copies the kt input frames of output frame t of video n, every channel, into the slab's interiors (the borders
+// stay zero: each task writes the same interior positions).
+template <typename T>
+void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, int64_t n, int64_t t,
+               float* slab) {
+  const int64_t C = size[1], H = size[3], Wd = size[4];
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t dt = 0; dt < a.kt; ++dt) {
+      const T* src = x + n * stride[0] + c * stride[1] + (t * a.st + dt) * stride[2];
+      float* dst = slab + (c * a.kt + dt) * a.ps + 3 * a.rs + 3;
+      for (int64_t h = 0; h < H; ++h) {
+        const T* s = src + h * stride[3];
+        float* d = dst + h * a.rs;
+        if (stride[4] == 1) {
+          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w]);
+        } else {
+          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w * stride[4]]);
+        }
+      }
+    }
+  }
+}
+
+// Tasks [b0, b1) (task = n * T_out + t): conv, ReLU and pool of each, the pooled rows stored into out.
+template <typename T, int W>
+LGD_INLINE void stem_tasks_body(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
+                                const int64_t* ostride, int64_t b0, int64_t b1) {
+  std::vector<float> slab(static_cast<size_t>(a.planes * a.ps), 0.f);
+  const int64_t row = a.Wc * a.cpad;
+  std::vector<float> rows(static_cast<size_t>(4 * row + a.cpad), 0.f);
+  float* prev = rows.data();  // conv row 2ph - 1 (zeros above the first)
+  float* upper = prev + row;  // conv row 2ph
+  float* lower = upper + row;  // conv row 2ph + 1
+  float* colmax = lower + row;  // the three rows' max, column by column
+  const float* zeros = colmax + row;  // a zero pixel (left and right padding)
+  const int64_t cout = a.cout;
+  for (int64_t task = b0; task < b1; ++task) {
+    const int64_t n = task / a.T_out, t = task % a.T_out;
+    fill_slab(x, size, stride, a, n, t, slab.data());
+    std::fill(prev, prev + row, 0.f);
+    T* o = out + n * ostride[0] + t * ostride[2];
+    for (int64_t ph = 0; ph < a.Hp; ++ph) {
+      conv_row<W>(a, slab.data(), 2 * ph, upper);
+      conv_row<W>(a, slab.data(), 2 * ph + 1, lower);
+      max3<W>(colmax, prev, upper, lower, row);
+      std::swap(prev, lower);
+      for (int64_t pw = 0; pw < a.Wp; ++pw) {
+        const float* l = pw > 0 ? colmax + (2 * pw - 1) * a.cpad : zeros;
+        const float* m = colmax + 2 * pw * a.cpad;
+        const float* r = 2 * pw + 1 < a.Wc ? colmax + (2 * pw + 1) * a.cpad : zeros;
+        T* dst = o + ph * ostride[3] + pw * ostride[4];
+        int64_t c = 0;
+        for (; c + W <= cout; c += W) simd::store<W>(dst + c, vmax(vmax(load<W>(l + c), load<W>(m + c)), load<W>(r + c)));
+        for (; c < cout; ++c) simd::store1(dst + c, max1(max1(l[c], m[c]), r[c]));
+      }
+    }
+  }
+}
+
+#define LGD_DEFINE_STEM_TASKS(ISA, TARGET, W)                                                                     \
+  template <typename T>                                                                                         \
+  TARGET void stem_tasks_##ISA(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out, \
+                               const int64_t* ostride, int64_t b0, int64_t b1) {                                \
+    stem_tasks_body<T, W>(x, size, stride, a, out, ostride, b0, b1);                                             \
+  }
+
+LGD_DEFINE_STEM_TASKS(baseline, , 4)
+#ifdef LGD_X86_DISPATCH
+LGD_DEFINE_STEM_TASKS(avx2, LGD_TARGET_AVX2, 8)
+LGD_DEFINE_STEM_TASKS(avx512, LGD_TARGET_AVX512, 16)
+#endif
+
+template <typename T>
+void stem_tasks_isa(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
+                    const int64_t* ostride, int64_t b0, int64_t b1) {
+  LGD_CALL_FOR_ISA(stem_tasks, T, x, size, stride, a, out, ostride, b0, b1);
+}
+
+int vector_width() {
+  switch (current_isa()) {
+    case CpuIsa::kAvx512: return 16;
+    case CpuIsa::kAvx2: return 8;
+    default: return 4;
+  }
+}
+
+#define STEM_CHECK(cond, ...) TORCH_CHECK(cond, "lgd_fast::stem_conv_pool: ", __VA_ARGS__)
+
+at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              int64_t stride_t) {
+  STEM_CHECK(x.dim() == 5, "x must be a 5-D tensor (N, C, T, H, W), got shape ", x.sizes());
+  STEM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+             "x must be float32 or bfloat16, got ", x.scalar_type());
+  STEM_CHECK(weight.dim() == 5 && weight.size(1) == x.size(1) && weight.size(3) == kTaps && weight.size(4) == kTaps,
+             "weight must be (C_out, ", x.size(1), ", kt, 7, 7) for x with ", x.size(1), " channels, got shape ",
+             weight.sizes());
+  STEM_CHECK(weight.is_floating_point() && weight.device() == x.device(), "weight must be a floating tensor on ",
+             x.device(), ", got ", weight.scalar_type(), " on ", weight.device());
+  STEM_CHECK(stride_t >= 1, "stride_t must be at least 1, got ", stride_t);
+  const int64_t kt = weight.size(2), cout = weight.size(0), T = x.size(2), H = x.size(3), Wd = x.size(4);
+  STEM_CHECK(kt >= 1 && T >= kt, "the clip has ", T, " frames, fewer than the kernel's ", kt);
+  STEM_CHECK(cout >= 1 && H >= 1 && Wd >= 1, "empty weight or frames: weight ", weight.sizes(), ", x ", x.sizes());
+  if (bias.has_value()) {
+    STEM_CHECK(bias->dim() == 1 && bias->size(0) == cout && bias->is_floating_point() && bias->device() == x.device(),
+               "bias must be a floating (", cout, ",) tensor on ", x.device(), ", got ", bias->sizes(), " ",
+               bias->scalar_type(), " on ", bias->device());
+  }
+  StemArgs a{};
+  a.kt = kt;
+  a.st = stride_t;
+  a.cout = cout;
+  a.planes = x.size(1) * kt;
+  a.T_out = (T - kt) / stride_t + 1;
+  a.Hc = (H - 1) / 2 + 1;  // (H + 2 * 3 - 7) / 2 + 1
+  a.Wc = (Wd - 1) / 2 + 1;
+  a.Hp = (a.Hc - 1) / 2 + 1;  // (Hc + 2 * 1 - 3) / 2 + 1
+  a.Wp = (a.Wc - 1) / 2 + 1;
+  a.rs = 2 * a.Wc + 6;  // padded columns 0 .. 2 * (Wc - 1) + 6
+  a.ps = a.rs * (2 * a.Hc + 6);
+  const int W = vector_width();
+  a.cpad = (cout + W - 1) / W * W;
+
+  const int64_t N = x.size(0);
+  at::Tensor out = at::empty({N, cout, a.T_out, a.Hp, a.Wp}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  if (out.numel() == 0) {
+    return out;
+  }
+  // weight (C_out, C_in, kt, 7, 7) -> (C_in * kt * 49, cpad) float32, channels padded with zeros.
+  const int64_t taps = a.planes * kTaps * kTaps;
+  std::vector<float> packed(static_cast<size_t>(taps * a.cpad), 0.f);
+  const at::Tensor w2 = weight.to(at::kFloat).reshape({cout, taps});
+  const auto wa = w2.accessor<float, 2>();
+  for (int64_t co = 0; co < cout; ++co) {
+    for (int64_t k = 0; k < taps; ++k) packed[k * a.cpad + co] = wa[co][k];
+  }
+  std::vector<float> b(static_cast<size_t>(a.cpad), 0.f);
+  if (bias.has_value()) {
+    const at::Tensor bf = bias->to(at::kFloat).contiguous();
+    std::copy(bf.const_data_ptr<float>(), bf.const_data_ptr<float>() + cout, b.begin());
+  }
+  a.weight = packed.data();
+  a.bias = b.data();
+
+  const int64_t size[5] = {N, x.size(1), T, H, Wd};
+  const int64_t stride[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
+  const int64_t ostride[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4)};
+  at::parallel_for(0, N * a.T_out, 1, [&](int64_t b0, int64_t b1) {
+    if (x.scalar_type() == at::kFloat) {
+      stem_tasks_isa<float>(x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<float>(), ostride, b0,
+                            b1);
+    } else {
+      stem_tasks_isa<c10::BFloat16>(x.const_data_ptr<c10::BFloat16>(), size, stride, a,
+                                    out.mutable_data_ptr<c10::BFloat16>(), ostride, b0, b1);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lgd_fast, CPU, m) {
+  m.impl("stem_conv_pool", &stem_conv_pool_cpu);
+}
+
+}  // namespace lgd_fast
