@@ -47,84 +47,6 @@ struct StemArgs {
   int64_t rs, ps;                 // slab row stride and plane stride (floats)
 };
 
-// NaN-propagating max (ATen's max-pool keeps a NaN it meets).
-template <typename V>
-LGD_INLINE V vmax(V a, V b) {
-  return (a > b || a != a) ? a : b;
-}
-LGD_INLINE float max1(float a, float b) { return (a > b || a != a) ? a : b; }
-
-// P output pixels (ow0 ..) x V vectors of channels (from cb) of conv row oh, ReLU'd, into dst (Wc x cpad).
-template <int W, int P, int V>
-LGD_INLINE void conv_tile(const StemArgs& a, const float* __restrict__ slab, int64_t oh, int64_t ow0, int64_t cb,
-                          float* __restrict__ dst) {
-  using F = vf<W>;
-  F acc[P][V];
-  for (int v = 0; v < V; ++v) {
-    const F b = load<W>(a.bias + cb + W * v);
-    for (int p = 0; p < P; ++p) acc[p][v] = b;
-  }
-  for (int64_t pl = 0; pl < a.planes; ++pl) {
-    for (int kh = 0; kh < kTaps; ++kh) {
-      const float* row = slab + pl * a.ps + (2 * oh + kh) * a.rs + 2 * ow0;
-      const float* wr = a.weight + ((pl * kTaps + kh) * kTaps) * a.cpad + cb;
-#pragma GCC unroll 7
-      for (int kw = 0; kw < kTaps; ++kw) {
-        F w[V];
-        for (int v = 0; v < V; ++v) w[v] = load<W>(wr + kw * a.cpad + W * v);
-        for (int p = 0; p < P; ++p) {
-          const float xv = row[2 * p + kw];
-          for (int v = 0; v < V; ++v) acc[p][v] += xv * w[v];
-        }
-      }
-    }
-  }
-  for (int p = 0; p < P; ++p) {
-    for (int v = 0; v < V; ++v) {
-      const F r = simd::relu(acc[p][v]);
-      std::memcpy(dst + (ow0 + p) * a.cpad + cb + W * v, &r, sizeof(F));
-    }
-  }
-}
-
-// Pixels of conv row oh for the V vectors from cb: tiles of P, then one pixel at a time.
-template <int W, int P, int V>
-LGD_INLINE void conv_columns(const StemArgs& a, const float* slab, int64_t oh, int64_t cb, float* dst) {
-  int64_t ow = 0;
-  for (; ow + P <= a.Wc; ow += P) conv_tile<W, P, V>(a, slab, oh, ow, cb, dst);
-  for (; ow < a.Wc; ++ow) conv_tile<W, 1, V>(a, slab, oh, ow, cb, dst);
-}
-
-// Conv row oh (all channels) into dst, or zeros past the last row (the pool's padding).
-template <int W>
-LGD_INLINE void conv_row(const StemArgs& a, const float* slab, int64_t oh, float* dst) {
-  if (oh >= a.Hc) {
-    std::fill(dst, dst + a.Wc * a.cpad, 0.f);
-    return;
-  }
-  // Register tiles: AVX-512 has 32 vector registers, AVX2 and SSE 16 (accumulators + weights + a broadcast).
-  constexpr int kMaxV = W == 16 ? 4 : 2;
-  const int64_t vectors = a.cpad / W;
-  for (int64_t v0 = 0; v0 < vectors; v0 += kMaxV) {
-    const int64_t cb = v0 * W;
-    switch (std::min<int64_t>(kMaxV, vectors - v0)) {
-      case 1: conv_columns<W, 8, 1>(a, slab, oh, cb, dst); break;
-      case 2: conv_columns<W, (W == 16 ? 6 : 5), 2>(a, slab, oh, cb, dst); break;
-      case 3: conv_columns<W, 6, (W == 16 ? 3 : 1)>(a, slab, oh, cb, dst); break;
-      default: conv_columns<W, 4, (W == 16 ? 4 : 1)>(a, slab, oh, cb, dst); break;
-    }
-  }
-}
-
-// dst[i] = max(x[i], y[i], z[i]) over n floats (n a multiple of W).
-template <int W>
-LGD_INLINE void max3(float* dst, const float* x, const float* y, const float* z, int64_t n) {
-  for (int64_t i = 0; i < n; i += W) {
-    const vf<W> m = vmax(vmax(load<W>(x + i), load<W>(y + i)), load<W>(z + i));
-    std::memcpy(dst + i, &m, sizeof(m));
-  }
-}
-
 // Copies the kt input frames of output frame t of video n, every channel, into the slab's interiors (the borders
 // stay zero: each task writes the same interior positions).
 template <typename T>
@@ -148,61 +70,42 @@ void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const Ste
   }
 }
 
-// Tasks [b0, b1) (task = n * T_out + t): conv, ReLU and pool of each, the pooled rows stored into out.
-template <typename T, int W>
-LGD_INLINE void stem_tasks_body(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
-                                const int64_t* ostride, int64_t b0, int64_t b1) {
-  std::vector<float> slab(static_cast<size_t>(a.planes * a.ps), 0.f);
-  const int64_t row = a.Wc * a.cpad;
-  std::vector<float> rows(static_cast<size_t>(4 * row + a.cpad), 0.f);
-  float* prev = rows.data();  // conv row 2ph - 1 (zeros above the first)
-  float* upper = prev + row;  // conv row 2ph
-  float* lower = upper + row;  // conv row 2ph + 1
-  float* colmax = lower + row;  // the three rows' max, column by column
-  const float* zeros = colmax + row;  // a zero pixel (left and right padding)
-  const int64_t cout = a.cout;
-  for (int64_t task = b0; task < b1; ++task) {
-    const int64_t n = task / a.T_out, t = task % a.T_out;
-    fill_slab(x, size, stride, a, n, t, slab.data());
-    std::fill(prev, prev + row, 0.f);
-    T* o = out + n * ostride[0] + t * ostride[2];
-    for (int64_t ph = 0; ph < a.Hp; ++ph) {
-      conv_row<W>(a, slab.data(), 2 * ph, upper);
-      conv_row<W>(a, slab.data(), 2 * ph + 1, lower);
-      max3<W>(colmax, prev, upper, lower, row);
-      std::swap(prev, lower);
-      for (int64_t pw = 0; pw < a.Wp; ++pw) {
-        const float* l = pw > 0 ? colmax + (2 * pw - 1) * a.cpad : zeros;
-        const float* m = colmax + 2 * pw * a.cpad;
-        const float* r = 2 * pw + 1 < a.Wc ? colmax + (2 * pw + 1) * a.cpad : zeros;
-        T* dst = o + ph * ostride[3] + pw * ostride[4];
-        int64_t c = 0;
-        for (; c + W <= cout; c += W) simd::store<W>(dst + c, vmax(vmax(load<W>(l + c), load<W>(m + c)), load<W>(r + c)));
-        for (; c < cout; ++c) simd::store1(dst + c, max1(max1(l[c], m[c]), r[c]));
-      }
-    }
-  }
-}
+LGD_INLINE float max1(float a, float b) { return (a > b || a != a) ? a : b; }
 
-#define LGD_DEFINE_STEM_TASKS(ISA, TARGET, W)                                                                     \
-  template <typename T>                                                                                         \
-  TARGET void stem_tasks_##ISA(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out, \
-                               const int64_t* ostride, int64_t b0, int64_t b1) {                                \
-    stem_tasks_body<T, W>(x, size, stride, a, out, ostride, b0, b1);                                             \
-  }
-
-LGD_DEFINE_STEM_TASKS(baseline, , 4)
+// The body once per SIMD path (stem_conv_pool_body.h says why each is a region of its own).
+namespace baseline {
+constexpr int W = 4;
+#include "stem_conv_pool_body.h"
+}  // namespace baseline
 #ifdef LGD_X86_DISPATCH
-LGD_DEFINE_STEM_TASKS(avx2, LGD_TARGET_AVX2, 8)
-LGD_DEFINE_STEM_TASKS(avx512, LGD_TARGET_AVX512, 16)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+constexpr int W = 8;
+#include "stem_conv_pool_body.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+constexpr int W = 16;
+#include "stem_conv_pool_body.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 template <typename T>
 void stem_tasks_isa(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
                     const int64_t* ostride, int64_t b0, int64_t b1) {
-  LGD_CALL_FOR_ISA(stem_tasks, T, x, size, stride, a, out, ostride, b0, b1);
+#ifdef LGD_X86_DISPATCH
+  switch (current_isa()) {
+    case CpuIsa::kAvx512: return avx512::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
+    case CpuIsa::kAvx2: return avx2::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
+    default: break;
+  }
+#endif
+  baseline::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
 }
-
 int vector_width() {
   switch (current_isa()) {
     case CpuIsa::kAvx512: return 16;
