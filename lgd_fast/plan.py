@@ -75,6 +75,7 @@ from .ops._common import memory_format
 from .ops.conv_bn import uses_batch_stats
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.p3d_conv import resolve_backend
+from .ops.stem_conv_pool import kernel_applies as stem_kernel_applies
 from .ops.to_channels_last import to_channels_last_3d
 
 __all__ = [
@@ -131,6 +132,8 @@ class Choice:
                 (self.fused, self.end), "convs, own end"
             )
         if kind == "stem":
+            if self.fused and self.end:
+                return "conv+BN+ReLU+pool kernel"
             return "conv+BN+ReLU fused" if self.fused else "modules"
         return "convs" if self.fused else "modules"
 
@@ -153,6 +156,7 @@ class LayerPlan:
     note: str  # what the layer is and what its fused code covers
     choices: dict[tuple, Choice] = field(default_factory=dict)
     fusable: bool = True  # a stem: its conv, BatchNorm and ReLU can run as one fused conv
+    pooled: bool = False  # a stem: its conv, BatchNorm, ReLU and max-pool can run as one stem_conv_pool kernel
 
 
 def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
@@ -166,13 +170,14 @@ def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
     return backend, mode
 
 
-def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str, fusable: bool = True) -> LayerPlan:
+def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str, fusable: bool = True,
+           pooled: bool = False) -> LayerPlan:  # fmt: skip
     """Gives ``module`` its plan (kept when it already has one of the same kind, so converting twice re-uses it)."""
     existing = getattr(module, "_lgd_plan", None)
     if isinstance(existing, LayerPlan) and existing.kind == kind and (existing.backend, existing.mode) == (
         backend, mode):  # fmt: skip
         return existing
-    plan = LayerPlan(kind, backend, mode, note, fusable=fusable)
+    plan = LayerPlan(kind, backend, mode, note, fusable=fusable, pooled=pooled)
     module._lgd_plan = plan
     return plan
 
@@ -237,7 +242,19 @@ def _conv_backend(layer_backend: str, x: torch.Tensor) -> str:
 
 def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int], request: str):
     """The deterministic rule (module docstring); ``frames``: the (H, W) the rule looks at."""
+    if plan.kind == "stem" and _stem_kernel_takes(plan, x, mode, request):
+        # lgd3d_tiny's and R50's stems, fp32, batch 1 to 16: 1.4-2.1x oneDNN's conv + ReLU + max-pool
+        # (benchmarks/run_stem_conv_pool.py)
+        return Choice(True, True, AS_INPUT, "cpp", "default: eval, conv1+bn1+ReLU+max-pool as one kernel", request)
     return replace(_default_rule(plan, x, mode, backend, frames), request=request)
+
+
+def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
+    """Whether the stem can run as one :func:`~lgd_fast.ops.stem_conv_pool` kernel on x: its modules are such a
+    stem (``plan.pooled``), CPU inference without autograd or autocast, a clip the kernel takes, and no conv backend
+    named (the kernel is none of p3d_conv's)."""
+    return (plan.pooled and mode == "eval" and request == _backend.AUTO and not torch.is_autocast_enabled("cpu")
+            and stem_kernel_applies(x))  # fmt: skip
 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:
@@ -282,11 +299,13 @@ def _forced_choice(plan: LayerPlan, default: Choice, mode: str, backend: str, fo
     return replace(default, fused=fused, end=end, backend=backend if fused else "modules", why=why)
 
 
-def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str) -> list[Choice]:
+def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str, request: str) -> list[Choice]:
     if plan.kind == "stem":
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (AS_INPUT,)
         fusable = plan.fusable and mode == "eval" and x.device.type == "cpu"
         fused = [Choice(True, False, CL, "onednn", "")] if fusable else []
+        if _stem_kernel_takes(plan, x, mode, request):
+            fused.insert(0, Choice(True, True, AS_INPUT, "cpp", ""))
         return fused + [Choice(False, False, lay, "modules", "") for lay in layouts]
     if plan.kind == "lgd_block":
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (CL, AS_INPUT)
@@ -360,7 +379,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
         signature = (_signature(group), plan.kind, plan.backend, str(x.device), key, as_programs)
         choice = _MEASURED.get(signature)
         if choice is None:
-            candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode)]
+            candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode, request)]
             choice = _measure(group, plan, mode, default, candidates, runner, (x, *args), as_programs)
             _MEASURED[signature] = choice
     else:

@@ -33,9 +33,19 @@ from torch import nn
 
 from .. import plan as planning
 from ..arena import backward_in_arena, use_arena
-from ..ops import diffusion_epilogue, global_avg_pool, global_update
+from ..ops import diffusion_epilogue, global_avg_pool, global_update, stem_conv_pool
 from ..ops._common import layout, memory_format
-from ..ops.conv_bn import batch_norm_affine, conv_bn, fusable_reason, norm_reason
+from ..ops.conv_bn import (
+    _dilation,
+    _folded,
+    _kernel,
+    _padding,
+    _strides,
+    batch_norm_affine,
+    conv_bn,
+    fusable_reason,
+    norm_reason,
+)
 from ..ops.diffusion_epilogue import BACKENDS as EPILOGUE_BACKENDS
 from ..ops.global_avg_pool import BACKENDS as POOL_BACKENDS
 from ..ops.global_update import BACKENDS as GLOBAL_BACKENDS
@@ -126,6 +136,34 @@ def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     rows = rows.maximum(padded[..., 2 : 2 * w_out + 1 : 2])
     out = rows[..., 0 : 2 * h_out - 1 : 2, :].maximum(rows[..., 1 : 2 * h_out : 2, :])
     return out.maximum(rows[..., 2 : 2 * h_out + 1 : 2, :])
+
+
+def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
+    """None if the model's stem (conv1, bn1, ReLU, max-pool) is one :func:`~lgd_fast.ops.stem_conv_pool` computes
+    at inference (a kt x 7 x 7 conv of stride (st, 2, 2) and padding (0, 3, 3), or LGD-2D's 7x7 over frames, a
+    BatchNorm that folds, the 1x3x3 max-pool of stride 2 and padding 1), else why not."""
+    conv, pool = model.conv1, model.maxpool
+    reason = fusable_reason(conv) or norm_reason(model.bn1)
+    if reason is not None:
+        return reason
+    kernel, strides = _kernel(conv), _strides(conv)
+    if kernel[1:] != (7, 7) or strides[1:] != (2, 2) or _padding(conv) != [0, 3, 3] or conv.groups != 1:
+        return f"conv1 {kernel} stride {strides} padding {conv.padding} groups {conv.groups} is not the 7x7 stem's"
+    if _dilation(conv) != (1, 1, 1):
+        return f"conv1 dilation {conv.dilation}"
+    settings = [_spatial(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
+    temporal = [tuple(v)[0] for v in (pool.kernel_size, pool.stride, pool.padding) if isinstance(v, tuple)]
+    if (not isinstance(pool, nn.MaxPool3d | nn.MaxPool2d) or settings != [(3, 3), (2, 2), (1, 1), (1, 1)]
+            or pool.ceil_mode or pool.return_indices or temporal not in ([], [1, 1, 0])):  # fmt: skip
+        return f"the stem's pool {pool} is not the 1x3x3 max-pool of stride 2 and padding 1"
+    return None
+
+
+def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
+    """The stem at inference as one kernel: conv1 with bn1 folded in (cached until a parameter or statistic
+    changes), ReLU and max-pool; channels_last_3d videos."""
+    weight, bias = _folded(model.conv1, model.bn1, x.dtype)
+    return stem_conv_pool(x, weight, bias, stride_t=_strides(model.conv1)[0], backend="cpp")
 
 
 def _spatial(setting) -> tuple[int, int]:
@@ -230,6 +268,8 @@ class FastLGD3D(_FastNet, LGD3D):
         2.08 ms, the round trip through channels-last 0.52 ms; on channels-last input ATen's pool is the fastest
         (0.20 ms there, 2.06 ms vs 7.7 ms on R50's (4, 64, 8, 56, 56)).
         """
+        if choice.fused and choice.end and not torch.compiler.is_compiling():  # eval: the whole stem as one kernel
+            return _stem_kernel(self, x)
         if choice.fused:  # eval (the plan's rule): the BatchNorm folded into conv1, the ReLU its post-op
             x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
         else:
@@ -253,6 +293,8 @@ class FastLGD2D(_FastNet, LGD2D):
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
         frames), returned as videos."""
+        if choice.fused and choice.end and not torch.compiler.is_compiling():  # eval: the whole stem as one kernel
+            return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
         clips = choice.to(x)
         if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
             y = frames(conv_bn(clips, self.conv1, self.bn1, relu=True, backend=choice.request))
@@ -290,6 +332,9 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
     else:
         model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
         note = "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv"
-    planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable)
+    pooled = stem_kernel_reason(model) is None
+    if pooled:
+        note += ", or the whole stem as one stem_conv_pool kernel"
+    planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable, pooled=pooled)
     register_for_compile(model)
     return model
