@@ -138,7 +138,8 @@ def test_default_plan_and_compiled_fast_lgd2d_match(gen):
         expected = ref(x)
         assert _rel(fast(x), expected) < 1e-5
         assert "24x24" in str(fast.execution_plan)  # layer1's frames: decided and recorded
-        assert "conv+BN+ReLU fused" in str(fast.execution_plan).splitlines()[2]  # eval: the stem as one conv
+        # eval: the stem (7x7 conv, BatchNorm, ReLU, 3x3 max-pool over every frame) as one stem_conv_pool kernel
+        assert "conv+BN+ReLU+pool kernel" in str(fast.execution_plan).splitlines()[2]
         torch._dynamo.reset()  # a fresh cache: the fast LGD-3D's forward is the same code (test_fast_models)
         compiled = torch.compile(fast, backend="inductor")
         assert _rel(compiled(x), expected) < 1e-5  # the recorded program as one op (tests/test_recorded.py)

@@ -151,11 +151,14 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
         return f"conv1 {kernel} stride {strides} padding {conv.padding} groups {conv.groups} is not the 7x7 stem's"
     if _dilation(conv) != (1, 1, 1):
         return f"conv1 dilation {conv.dilation}"
+    refused = f"the stem's pool {pool} is not the 1x3x3 max-pool of stride 2 and padding 1"
+    if not isinstance(pool, nn.MaxPool3d | nn.MaxPool2d):
+        return refused
     settings = [_spatial(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
     temporal = [tuple(v)[0] for v in (pool.kernel_size, pool.stride, pool.padding) if isinstance(v, tuple)]
-    if (not isinstance(pool, nn.MaxPool3d | nn.MaxPool2d) or settings != [(3, 3), (2, 2), (1, 1), (1, 1)]
-            or pool.ceil_mode or pool.return_indices or temporal not in ([], [1, 1, 0])):  # fmt: skip
-        return f"the stem's pool {pool} is not the 1x3x3 max-pool of stride 2 and padding 1"
+    if (settings != [(3, 3), (2, 2), (1, 1), (1, 1)] or pool.ceil_mode or pool.return_indices
+            or temporal not in ([], [1, 1, 0])):  # fmt: skip
+        return refused
     return None
 
 
@@ -164,6 +167,13 @@ def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
     changes), ReLU and max-pool; channels_last_3d videos."""
     weight, bias = _folded(model.conv1, model.bn1, x.dtype)
     return stem_conv_pool(x, weight, bias, stride_t=_strides(model.conv1)[0], backend="cpp")
+
+
+def _stem_kernel_traced(choice: planning.Choice) -> planning.Choice:
+    """What a stem whose plan chose the kernel runs while torch.compile traces it: the fused conv and the max-pool
+    in channels_last_3d, the kernel's output layout, so that the blocks after it see the input their eager choices
+    were made for. (The kernel's weights are folded in Python, eagerly; a traced conv_bn folds in its own op.)"""
+    return planning.replace(choice, end=False, layout=planning.CL, backend="onednn")
 
 
 def _spatial(setting) -> tuple[int, int]:
@@ -268,14 +278,17 @@ class FastLGD3D(_FastNet, LGD3D):
         2.08 ms, the round trip through channels-last 0.52 ms; on channels-last input ATen's pool is the fastest
         (0.20 ms there, 2.06 ms vs 7.7 ms on R50's (4, 64, 8, 56, 56)).
         """
-        if choice.fused and choice.end and not torch.compiler.is_compiling():  # eval: the whole stem as one kernel
-            return _stem_kernel(self, x)
+        if choice.fused and choice.end:  # eval: the whole stem as one kernel
+            if not torch.compiler.is_compiling():
+                return _stem_kernel(self, x)
+            choice = _stem_kernel_traced(choice)
         if choice.fused:  # eval (the plan's rule): the BatchNorm folded into conv1, the ReLU its post-op
             x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
         else:
             x = torch.relu(self.bn1(self.conv1(choice.to(x))))
-        pool = self.maxpool
-        settings = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        pool = self.maxpool  # (any module: another pool, or an identity, runs as it is)
+        settings = isinstance(pool, nn.MaxPool3d) and (pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                                        pool.ceil_mode)  # fmt: skip
         if not self.training and choice.layout == planning.CONTIGUOUS and settings == _STEM_POOL:
             return max_pool_1x3x3(x)
         return pool(x)
@@ -293,8 +306,10 @@ class FastLGD2D(_FastNet, LGD2D):
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
         """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
         frames), returned as videos."""
-        if choice.fused and choice.end and not torch.compiler.is_compiling():  # eval: the whole stem as one kernel
-            return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
+        if choice.fused and choice.end:  # eval: the whole stem as one kernel
+            if not torch.compiler.is_compiling():
+                return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
+            choice = _stem_kernel_traced(choice)
         clips = choice.to(x)
         if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
             y = frames(conv_bn(clips, self.conv1, self.bn1, relu=True, backend=choice.request))

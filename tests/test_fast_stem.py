@@ -1,0 +1,119 @@
+"""The fast models' eval stem as one stem_conv_pool kernel: where the plan runs it, where it must not, and that the
+model's output is the reference's either way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lgd_fast import create_model
+from lgd_fast.bench import trained_like
+from lgd_fast.models import fast as fast_module
+from lgd_fast.models.fast import stem_kernel_reason
+
+CL = torch.channels_last_3d
+
+
+def _pair(name, gen, **options):
+    ref = trained_like(create_model(name, 7, classifier="two_heads"), generator=gen).eval()
+    fast = create_model(name, 7, fast=True, classifier="two_heads", **options).eval()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The stems that ran the kernel (each call's clip shape)."""
+    calls = []
+    real = fast_module.stem_conv_pool
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(fast_module, "stem_conv_pool", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd3d_r18", "lgd2d_r18"])
+@pytest.mark.parametrize("plan", ["default", "measure"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_eval_stem_runs_as_the_kernel_and_the_model_equals_the_reference(arch, plan, layout, gen, kernel_calls):
+    ref, fast = _pair(arch, gen, plan=plan)
+    x = torch.randn((2, 3, 4, 48, 40), generator=gen)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=CL)
+    with torch.no_grad():
+        want = ref(x)
+        for _ in range(3):  # decided (measured), recorded, run as the program
+            got = fast(x)
+            assert _rel(got, want) < 1e-5
+    assert stem_kernel_reason(fast) is None and fast._lgd_plan.pooled
+    if plan == "default":  # (a measured plan may choose another candidate: it is timed)
+        assert kernel_calls, "the default plan's eval stem did not run the kernel"
+        assert "conv+BN+ReLU+pool kernel" in str(fast.execution_plan)
+
+
+def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(gen, kernel_calls):
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    ref, fast = _pair("lgd3d_tiny", gen, plan="default")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast(x)
+    fast.train()
+    fast(x)[0].sum().backward()  # training: batch statistics, the stem's own modules
+    with torch.no_grad():
+        fast.eval()(x)  # eval with autograd off, no autocast: the kernel
+    assert len(kernel_calls) == 1
+    kernel_calls.clear()
+    _, named = _pair("lgd3d_tiny", gen, plan="default", backend="reference")
+    with torch.no_grad():
+        named(x)
+    assert not kernel_calls  # a conv backend named: the kernel is not one of p3d_conv's
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda m: setattr(m, "maxpool", nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1), ceil_mode=True)), "pool"),
+        (lambda m: setattr(m, "maxpool", nn.MaxPool3d((1, 2, 2), (1, 2, 2))), "pool"),
+        (lambda m: setattr(m, "maxpool", nn.AvgPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))), "pool"),
+        (lambda m: setattr(m.conv1, "dilation", (1, 2, 2)), "dilation"),
+        (lambda m: setattr(m.conv1, "padding", (0, 2, 2)), "padding"),
+        (lambda m: setattr(m, "bn1", nn.GroupNorm(4, 16)), "BatchNorm"),
+    ],
+)
+def test_other_stems_keep_their_modules(change, reason, gen, kernel_calls):
+    """A stem the kernel does not compute is refused with its reason, and runs as before (same output as the
+    reference made the same way)."""
+    ref = trained_like(create_model("lgd3d_tiny", 7, classifier="two_heads"), generator=gen)
+    change(ref)
+    fast = create_model("lgd3d_tiny", 7, classifier="two_heads")
+    change(fast)
+    fast.load_state_dict(ref.state_dict())
+    assert reason in (stem_kernel_reason(fast) or "")
+    fast_module.to_fast(fast, plan="default")
+    assert not fast._lgd_plan.pooled
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    with torch.no_grad():
+        assert _rel(fast.eval()(x), ref.eval()(x)) < 1e-5
+    assert not kernel_calls
+
+
+def test_compiled_model_traces_the_fused_conv_in_the_kernels_layout(gen, kernel_calls):
+    """Under torch.compile (traced layer by layer) the stem whose plan chose the kernel runs the fused conv and the
+    pool in channels_last_3d: the blocks see the input their eager choices were made for."""
+    ref, fast = _pair("lgd3d_tiny", gen, plan="default")
+    fast.recorded_inference = False
+    x = torch.randn((1, 3, 4, 64, 64), generator=gen)
+    with torch.no_grad():
+        eager = fast(x)
+        keys = {k for b in (fast.layer1[0],) for k in b._lgd_plan.choices}
+        torch._dynamo.reset()
+        compiled = torch.compile(fast, backend="aot_eager")(x)
+    assert {k for k in fast.layer1[0]._lgd_plan.choices} == keys  # no new key: the same layout as eagerly
+    assert _rel(compiled, eager) < 1e-5 and _rel(eager, ref(x)) < 1e-5
