@@ -104,16 +104,22 @@ def test_other_stems_keep_their_modules(change, reason, gen, kernel_calls):
     assert not kernel_calls
 
 
-def test_compiled_model_traces_the_fused_conv_in_the_kernels_layout(gen, kernel_calls):
-    """Under torch.compile (traced layer by layer) the stem whose plan chose the kernel runs the fused conv and the
-    pool in channels_last_3d: the blocks see the input their eager choices were made for."""
+@pytest.mark.parametrize("freezing", [False, True], ids=["compiled", "frozen"])
+def test_compiled_model_traces_the_kernel(freezing, gen):
+    """Traced by torch.compile (layer by layer, and with inductor's freezing, which traces the modules), a stem whose
+    plan chose the kernel calls the op with the BatchNorm folded in the graph; the blocks see the input their eager
+    choices were made for (no new key), and the result is the eager one's."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
     ref, fast = _pair("lgd3d_tiny", gen, plan="default")
     fast.recorded_inference = False
     x = torch.randn((1, 3, 4, 64, 64), generator=gen)
-    with torch.no_grad():
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
         eager = fast(x)
-        keys = {k for b in (fast.layer1[0],) for k in b._lgd_plan.choices}
+        keys = set(fast.layer1[0]._lgd_plan.choices)
         torch._dynamo.reset()
-        compiled = torch.compile(fast, backend="aot_eager")(x)
-    assert {k for k in fast.layer1[0]._lgd_plan.choices} == keys  # no new key: the same layout as eagerly
+        compiled, code = run_and_get_code(torch.compile(fast, backend="inductor"), x)
+    assert "lgd_fast.stem_conv_pool" in "\n".join(code), "the compiled graph does not call the stem kernel"
+    assert set(fast.layer1[0]._lgd_plan.choices) == keys  # no new key: the kernel's layout, as eagerly
     assert _rel(compiled, eager) < 1e-5 and _rel(eager, ref(x)) < 1e-5

@@ -37,12 +37,15 @@ from ..ops import diffusion_epilogue, global_avg_pool, global_update, stem_conv_
 from ..ops._common import layout, memory_format
 from ..ops.conv_bn import (
     _dilation,
+    _fold_into,
     _folded,
     _kernel,
     _padding,
     _strides,
+    _weight,
     batch_norm_affine,
     conv_bn,
+    folded_norm,
     fusable_reason,
     norm_reason,
 )
@@ -163,17 +166,16 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
 
 
 def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
-    """The stem at inference as one kernel: conv1 with bn1 folded in (cached until a parameter or statistic
-    changes), ReLU and max-pool; channels_last_3d videos."""
-    weight, bias = _folded(model.conv1, model.bn1, x.dtype)
-    return stem_conv_pool(x, weight, bias, stride_t=_strides(model.conv1)[0], backend="cpp")
-
-
-def _stem_kernel_traced(choice: planning.Choice) -> planning.Choice:
-    """What a stem whose plan chose the kernel runs while torch.compile traces it: the fused conv and the max-pool
-    in channels_last_3d, the kernel's output layout, so that the blocks after it see the input their eager choices
-    were made for. (The kernel's weights are folded in Python, eagerly; a traced conv_bn folds in its own op.)"""
-    return planning.replace(choice, end=False, layout=planning.CL, backend="onednn")
+    """The stem at inference as one kernel: conv1 with bn1 folded in, ReLU and max-pool; channels_last_3d videos.
+    Eagerly the folded weight is cached until a parameter or statistic changes; traced by torch.compile the fold is
+    part of the graph (with inductor's freezing, constants folded once)."""
+    conv, norm = model.conv1, model.bn1
+    if torch.compiler.is_compiling():
+        biases = [] if conv.bias is None else [conv.bias]
+        weight, bias = _fold_into(_weight(conv), *folded_norm(norm, conv.weight), biases, x.dtype, True)
+    else:
+        weight, bias = _folded(conv, norm, x.dtype)
+    return stem_conv_pool(x, weight, bias, stride_t=_strides(conv)[0], backend="cpp")
 
 
 def _spatial(setting) -> tuple[int, int]:
@@ -279,9 +281,7 @@ class FastLGD3D(_FastNet, LGD3D):
         (0.20 ms there, 2.06 ms vs 7.7 ms on R50's (4, 64, 8, 56, 56)).
         """
         if choice.fused and choice.end:  # eval: the whole stem as one kernel
-            if not torch.compiler.is_compiling():
-                return _stem_kernel(self, x)
-            choice = _stem_kernel_traced(choice)
+            return _stem_kernel(self, x)
         if choice.fused:  # eval (the plan's rule): the BatchNorm folded into conv1, the ReLU its post-op
             x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
         else:
@@ -307,9 +307,7 @@ class FastLGD2D(_FastNet, LGD2D):
         """The reference stem on the frames, in the plan's layout (channels_last_3d videos are channels_last
         frames), returned as videos."""
         if choice.fused and choice.end:  # eval: the whole stem as one kernel
-            if not torch.compiler.is_compiling():
-                return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
-            choice = _stem_kernel_traced(choice)
+            return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
         clips = choice.to(x)
         if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
             y = frames(conv_bn(clips, self.conv1, self.bn1, relu=True, backend=choice.request))
