@@ -38,7 +38,10 @@ and kept on the layer, so no forward decides anything again:
   the input comes (the stem on its own modules). On the CPU, inference without autograd (mode ``eval``) on
   oneDNN: every LGD block and P3D unit fused in channels_last_3d, the stem's conv1 + bn1 + ReLU as one conv
   (each conv one oneDNN primitive whose folded weight is packed once into oneDNN's layout: faster than the
-  modules at every R50 frame size, 4x4 included). With gradients: layers whose input frames have at least
+  modules at every R50 frame size, 4x4 included); a float32 clip into the 7x7 stem with its 1x3x3 max-pool
+  (``LayerPlan.pooled``), autocast off and the backend ``auto``: the whole stem as one
+  :func:`~lgd_fast.ops.stem_conv_pool` kernel (``benchmarks/run_stem_conv_pool.py``: 1.17-1.50x the fused conv
+  and pool). With gradients: layers whose input frames have at least
   :data:`CPU_FUSED_MIN_PIXELS` (14x14)
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where

@@ -272,7 +272,8 @@ class FastLGD3D(_FastNet, LGD3D):
         return self._stem_and_blocks(x)
 
     def _run_stem(self, choice: planning.Choice, x: torch.Tensor) -> torch.Tensor:
-        """The reference stem (conv1, bn1, ReLU, max-pool) in the plan's layout.
+        """The reference stem (conv1, bn1, ReLU, max-pool) in the plan's layout, or at inference as one
+        :func:`~lgd_fast.ops.stem_conv_pool` kernel where the plan chose it (``choice.fused and choice.end``).
 
         ATen's 1x3x3 max-pool is about 10x slower on contiguous tensors than on channels_last_3d ones; in eval a
         contiguous stem pools with :func:`max_pool_1x3x3` (a separable max over strided views, exactly equal):
