@@ -39,12 +39,14 @@ from lgd_fast.ops import stem_conv_pool, to_channels_last_3d  # noqa: E402
 from lgd_fast.ops.conv_bn import _folded, conv_bn  # noqa: E402
 
 # name -> (clip shape, stem width, kt): lgd3d_tiny's stem (16 channels, 2x7x7 of temporal stride 2) at batch 16
-# and 1, LGD-3D R50's (64 channels, 1x7x7) at batch 4 and 1 (16x112x112 clips)
+# and 1, LGD-3D R50's (64 channels, 4x7x7 of temporal stride 4: early_stride 4) at batch 4 and 1 (16x112x112
+# clips), LGD-2D R50's (64 channels, 7x7 over each of 3 frames of 224x224: kt 1) at batch 1
 SHAPES = {
     "tiny_b16": ((16, 3, 16, 32, 32), 16, 2),
     "tiny_b1": ((1, 3, 16, 32, 32), 16, 2),
-    "r50_b4": ((4, 3, 16, 112, 112), 64, 1),
-    "r50_b1": ((1, 3, 16, 112, 112), 64, 1),
+    "r50_b4": ((4, 3, 16, 112, 112), 64, 4),
+    "r50_b1": ((1, 3, 16, 112, 112), 64, 4),
+    "lgd2d_b1": ((1, 3, 3, 224, 224), 64, 1),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("cpp", "onednn", "reference", "compiled")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"fp32 conv peak {peak['gflops_per_s']:.0f} GFLOP/s")
     gen = torch.Generator().manual_seed(0)
     results = []
-    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k in ("tiny_b16", "r50_b1")}
+    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k in ("tiny_b16", "r50_b1", "lgd2d_b1")}
     for shape_name, (shape, width, kt) in shapes.items():
         for dtype_name, dtype in DTYPES.items():
             stem = _stem(width, kt, dtype, gen)

@@ -177,8 +177,8 @@ def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str, 
            pooled: bool = False) -> LayerPlan:  # fmt: skip
     """Gives ``module`` its plan (kept when it already has one of the same kind, so converting twice re-uses it)."""
     existing = getattr(module, "_lgd_plan", None)
-    if isinstance(existing, LayerPlan) and existing.kind == kind and (existing.backend, existing.mode) == (
-        backend, mode):  # fmt: skip
+    if isinstance(existing, LayerPlan) and (existing.kind, existing.backend, existing.mode, existing.fusable,
+                                            existing.pooled) == (kind, backend, mode, fusable, pooled):  # fmt: skip
         return existing
     plan = LayerPlan(kind, backend, mode, note, fusable=fusable, pooled=pooled)
     module._lgd_plan = plan
@@ -331,7 +331,9 @@ def _signature(group: Sequence[nn.Module]) -> tuple:
     modules = [m for g in group for m in g.modules()]
     convs = tuple((tuple(m.weight.shape), m.stride, m.bias is not None) for m in modules
                   if isinstance(m, nn.Conv3d | nn.Conv2d))
-    kinds = tuple((type(m).__qualname__, getattr(m, "variant", None)) for m in modules)
+    # (extra_repr: every conv's, pool's and norm's settings, so that a stem whose padding or pool differs, which the
+    # stem kernel does not compute, never takes a measurement made for one it does)
+    kinds = tuple((type(m).__qualname__, getattr(m, "variant", None), m.extra_repr()) for m in modules)
     return kinds, convs, tuple(tuple(p.shape) for m in modules for p in m.parameters(recurse=False))
 
 
@@ -380,7 +382,8 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
         return default
     elif plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         as_programs = mode == "eval" and device == "cpu" and getattr(_RECORDED_NEXT, "depth", 0) > 0
-        signature = (_signature(group), plan.kind, plan.backend, str(x.device), key, as_programs)
+        signature = (_signature(group), plan.kind, plan.backend, plan.fusable, plan.pooled, str(x.device), key,
+                     as_programs)  # fmt: skip
         choice = _MEASURED.get(signature)
         if choice is None:
             candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode, request)]

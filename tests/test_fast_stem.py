@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lgd_fast import create_model
+from lgd_fast import plan as planning
 from lgd_fast.bench import trained_like
 from lgd_fast.models import fast as fast_module
 from lgd_fast.models.fast import stem_kernel_reason
@@ -76,10 +77,12 @@ def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(ge
     assert not kernel_calls  # a conv backend named: the kernel is not one of p3d_conv's
 
 
+@pytest.mark.parametrize("plan", ["default", "measure"])
 @pytest.mark.parametrize(
     "change, reason",
     [
         (lambda m: setattr(m, "maxpool", nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1), ceil_mode=True)), "pool"),
+        (lambda m: setattr(m, "maxpool", nn.MaxPool3d(3, 2, 1)), "pool"),  # (pools over time too)
         (lambda m: setattr(m, "maxpool", nn.MaxPool3d((1, 2, 2), (1, 2, 2))), "pool"),
         (lambda m: setattr(m, "maxpool", nn.AvgPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))), "pool"),
         (lambda m: setattr(m.conv1, "dilation", (1, 2, 2)), "dilation"),
@@ -87,18 +90,28 @@ def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(ge
         (lambda m: setattr(m, "bn1", nn.GroupNorm(4, 16)), "BatchNorm"),
     ],
 )
-def test_other_stems_keep_their_modules(change, reason, gen, kernel_calls):
+def test_other_stems_keep_their_modules(change, reason, plan, gen, kernel_calls, monkeypatch):
     """A stem the kernel does not compute is refused with its reason, and runs as before (same output as the
-    reference made the same way)."""
+    reference made the same way), also where a measurement made on a stem the kernel computes, with the same
+    parameter shapes, is in the process's cache (identical layers share measurements)."""
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    if plan == "measure":  # every measurement picks the first candidate: for a stem the kernel computes, the kernel
+        monkeypatch.setattr(planning, "_measure", lambda group, p, mode, default, candidates, *a, **k: planning.replace(
+            candidates[0], why="test: the first candidate"))  # fmt: skip
+        planning._MEASURED.clear()
+        _, pooled = _pair("lgd3d_tiny", gen, plan="measure")
+        with torch.no_grad():
+            pooled(x)
+        assert kernel_calls, "the first candidate was not the kernel"
+        kernel_calls.clear()
     ref = trained_like(create_model("lgd3d_tiny", 7, classifier="two_heads"), generator=gen)
     change(ref)
     fast = create_model("lgd3d_tiny", 7, classifier="two_heads")
     change(fast)
     fast.load_state_dict(ref.state_dict())
     assert reason in (stem_kernel_reason(fast) or "")
-    fast_module.to_fast(fast, plan="default")
+    fast_module.to_fast(fast, plan=plan)
     assert not fast._lgd_plan.pooled
-    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
     with torch.no_grad():
         assert _rel(fast.eval()(x), ref.eval()(x)) < 1e-5
     assert not kernel_calls
@@ -123,3 +136,11 @@ def test_compiled_model_traces_the_kernel(freezing, gen):
     assert "lgd_fast.stem_conv_pool" in "\n".join(code), "the compiled graph does not call the stem kernel"
     assert set(fast.layer1[0]._lgd_plan.choices) == keys  # no new key: the kernel's layout, as eagerly
     assert _rel(compiled, eager) < 1e-5 and _rel(eager, ref(x)) < 1e-5
+
+
+def test_lgd2d_stem_pool_given_as_pairs_is_taken(gen):
+    """LGD-2D's max-pool over frames written with pairs, MaxPool2d((3, 3), (2, 2), (1, 1)): the same stem."""
+    ref, fast = _pair("lgd2d_r18", gen, plan="default")
+    ref.maxpool = nn.MaxPool2d((3, 3), (2, 2), (1, 1))
+    fast.maxpool = nn.MaxPool2d((3, 3), (2, 2), (1, 1))
+    assert stem_kernel_reason(fast) is None

@@ -45,19 +45,20 @@ struct StemArgs {
   int64_t planes, kt, st, cout, cpad;
   int64_t T_out, Hc, Wc, Hp, Wp;  // conv output rows / columns, pooled rows / columns
   int64_t rs, ps;                 // slab row stride and plane stride (floats)
+  int64_t chunks, chunk_rows;     // each output frame's pooled rows in chunks of chunk_rows (a task each)
 };
 
-// Copies the kt input frames of output frame t of video n, every channel, into the slab's interiors (the borders
-// stay zero: each task writes the same interior positions).
+// Copies rows [h0, h1) of the kt input frames of output frame t of video n, every channel, into the slab's
+// interiors (the borders are never written, so they stay zero; a task reads only the rows it copied).
 template <typename T>
 void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, int64_t n, int64_t t,
-               float* slab) {
-  const int64_t C = size[1], H = size[3], Wd = size[4];
+               int64_t h0, int64_t h1, float* slab) {
+  const int64_t C = size[1], Wd = size[4];
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t dt = 0; dt < a.kt; ++dt) {
       const T* src = x + n * stride[0] + c * stride[1] + (t * a.st + dt) * stride[2];
       float* dst = slab + (c * a.kt + dt) * a.ps + 3 * a.rs + 3;
-      for (int64_t h = 0; h < H; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {
         const T* s = src + h * stride[3];
         float* d = dst + h * a.rs;
         if (stride[4] == 1) {
@@ -95,10 +96,10 @@ constexpr int W = 16;
 #endif
 
 template <typename T>
-void stem_tasks_isa(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
+void stem_tasks_isa(CpuIsa isa, const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
                     const int64_t* ostride, int64_t b0, int64_t b1) {
 #ifdef LGD_X86_DISPATCH
-  switch (current_isa()) {
+  switch (isa) {
     case CpuIsa::kAvx512: return avx512::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
     case CpuIsa::kAvx2: return avx2::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
     default: break;
@@ -106,8 +107,8 @@ void stem_tasks_isa(const T* x, const int64_t* size, const int64_t* stride, cons
 #endif
   baseline::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
 }
-int vector_width() {
-  switch (current_isa()) {
+int vector_width(CpuIsa isa) {
+  switch (isa) {
     case CpuIsa::kAvx512: return 16;
     case CpuIsa::kAvx2: return 8;
     default: return 4;
@@ -147,7 +148,8 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   a.Wp = (a.Wc - 1) / 2 + 1;
   a.rs = 2 * a.Wc + 6;  // padded columns 0 .. 2 * (Wc - 1) + 6
   a.ps = a.rs * (2 * a.Hc + 6);
-  const int W = vector_width();
+  const CpuIsa isa = current_isa();  // (read once: the padded width and the path taken must agree)
+  const int W = vector_width(isa);
   a.cpad = (cout + W - 1) / W * W;
 
   const int64_t N = x.size(0);
@@ -174,12 +176,20 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t size[5] = {N, x.size(1), T, H, Wd};
   const int64_t stride[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
   const int64_t ostride[5] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3), out.stride(4)};
-  at::parallel_for(0, N * a.T_out, 1, [&](int64_t b0, int64_t b1) {
+  // Tasks: (video, output frame, chunk of pooled rows). Where videos x frames are fewer than twice the threads
+  // (batch-1 latency), each frame's rows are split, in chunks of at least 4 pooled rows (a chunk recomputes the
+  // conv row above it). The split moves no value: every output is computed the same way whatever the chunks.
+  const int64_t frames = N * a.T_out, threads = at::get_num_threads();
+  const int64_t wanted = std::max<int64_t>(1, (2 * threads + frames - 1) / frames);
+  a.chunks = std::min<int64_t>(wanted, std::max<int64_t>(1, a.Hp / 4));
+  a.chunk_rows = (a.Hp + a.chunks - 1) / a.chunks;
+  a.chunks = (a.Hp + a.chunk_rows - 1) / a.chunk_rows;
+  at::parallel_for(0, frames * a.chunks, 1, [&](int64_t b0, int64_t b1) {
     if (x.scalar_type() == at::kFloat) {
-      stem_tasks_isa<float>(x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<float>(), ostride, b0,
-                            b1);
+      stem_tasks_isa<float>(isa, x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<float>(), ostride,
+                            b0, b1);
     } else {
-      stem_tasks_isa<c10::BFloat16>(x.const_data_ptr<c10::BFloat16>(), size, stride, a,
+      stem_tasks_isa<c10::BFloat16>(isa, x.const_data_ptr<c10::BFloat16>(), size, stride, a,
                                     out.mutable_data_ptr<c10::BFloat16>(), ostride, b0, b1);
     }
   });

@@ -1,8 +1,10 @@
 // The per-SIMD-path body of csrc/cpu/stem_conv_pool.cpp, included there once per path inside a namespace of its
 // own, under that path's `#pragma GCC target` and with that path's vector width W defined before it (no include
-// guard: it is meant to be included several times). Every function here is compiled for its path: GCC lowers
-// generic vector code in a function compiled for a narrower target (an always-inline helper outside the target
-// region) before inlining it, which made this kernel 2.5-4x slower when its helpers sat outside the region.
+// guard: it is meant to be included several times). Every function here is compiled for its path. Written as
+// the other kernels are (always-inline helpers outside any target region, inlined into one target-marked function
+// per path), GCC 12 compiled the conv's register tiles and the max-pool's selects for the baseline, lane by lane
+// and spilled (helpers two calls below the target function, where the other kernels' bodies are one): the kernel
+// ran at 42 GFLOP/s instead of 183 on lgd3d_tiny's stem (2 threads, AVX-512).
 
 // NaN-propagating max (ATen's max-pool keeps a NaN it meets).
 LGD_INLINE vf<W> vmax(vf<W> a, vf<W> b) {
@@ -79,7 +81,8 @@ LGD_INLINE void max3(float* dst, const float* x, const float* y, const float* z,
   }
 }
 
-// Tasks [b0, b1) (task = n * T_out + t): conv, ReLU and pool of each, the pooled rows stored into out.
+// Tasks [b0, b1) (task = (n * T_out + t) * chunks + chunk): conv, ReLU and pool of the chunk's pooled rows of
+// output frame t of video n, stored into out.
 template <typename T>
 void stem_tasks(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
                 const int64_t* ostride, int64_t b0, int64_t b1) {
@@ -91,13 +94,21 @@ void stem_tasks(const T* x, const int64_t* size, const int64_t* stride, const St
   float* lower = upper + row;  // conv row 2ph + 1
   float* colmax = lower + row;  // the three rows' max, column by column
   const float* zeros = colmax + row;  // a zero pixel (left and right padding)
-  const int64_t cout = a.cout;
+  const int64_t cout = a.cout, H = size[3];
   for (int64_t task = b0; task < b1; ++task) {
-    const int64_t n = task / a.T_out, t = task % a.T_out;
-    fill_slab(x, size, stride, a, n, t, slab.data());
-    std::fill(prev, prev + row, 0.f);
+    const int64_t frame = task / a.chunks, chunk = task % a.chunks;
+    const int64_t n = frame / a.T_out, t = frame % a.T_out;
+    const int64_t ph0 = chunk * a.chunk_rows, ph1 = std::min(a.Hp, ph0 + a.chunk_rows);
+    // conv rows [2 ph0 - 1, 2 ph1 - 1] read padded rows [2 r, 2 r + 6]: input rows [2 r - 3, 2 r + 3]
+    const int64_t r0 = std::max<int64_t>(0, 2 * ph0 - 1), r1 = std::min(a.Hc - 1, 2 * ph1 - 1);
+    fill_slab(x, size, stride, a, n, t, std::max<int64_t>(0, 2 * r0 - 3), std::min(H, 2 * r1 + 4), slab.data());
+    if (ph0 == 0) {
+      std::fill(prev, prev + row, 0.f);
+    } else {
+      conv_row(a, slab.data(), 2 * ph0 - 1, prev);
+    }
     T* o = out + n * ostride[0] + t * ostride[2];
-    for (int64_t ph = 0; ph < a.Hp; ++ph) {
+    for (int64_t ph = ph0; ph < ph1; ++ph) {
       conv_row(a, slab.data(), 2 * ph, upper);
       conv_row(a, slab.data(), 2 * ph + 1, lower);
       max3(colmax, prev, upper, lower, row);

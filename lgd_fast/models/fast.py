@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair, _triple
 
 from .. import plan as planning
 from ..arena import backward_in_arena, use_arena
@@ -154,13 +155,16 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
         return f"conv1 {kernel} stride {strides} padding {conv.padding} groups {conv.groups} is not the 7x7 stem's"
     if _dilation(conv) != (1, 1, 1):
         return f"conv1 dilation {conv.dilation}"
-    refused = f"the stem's pool {pool} is not the 1x3x3 max-pool of stride 2 and padding 1"
-    if not isinstance(pool, nn.MaxPool3d | nn.MaxPool2d):
+    refused = f"the stem's pool {pool} is not the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1)"
+    if isinstance(pool, nn.MaxPool3d):  # (an int setting is all three dimensions': MaxPool3d(3, 2, 1) pools time)
+        settings, want = [_triple(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)], [
+            (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)]  # fmt: skip
+    elif isinstance(pool, nn.MaxPool2d):  # LGD-2D's, over every frame
+        settings, want = [_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)], [
+            (3, 3), (2, 2), (1, 1), (1, 1)]  # fmt: skip
+    else:
         return refused
-    settings = [_spatial(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)]
-    temporal = [tuple(v)[0] for v in (pool.kernel_size, pool.stride, pool.padding) if isinstance(v, tuple)]
-    if (settings != [(3, 3), (2, 2), (1, 1), (1, 1)] or pool.ceil_mode or pool.return_indices
-            or temporal not in ([], [1, 1, 0])):  # fmt: skip
+    if settings != want or pool.ceil_mode or pool.return_indices:
         return refused
     return None
 
