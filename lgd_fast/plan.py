@@ -40,7 +40,7 @@ and kept on the layer, so no forward decides anything again:
   (each conv one oneDNN primitive whose folded weight is packed once into oneDNN's layout: faster than the
   modules at every R50 frame size, 4x4 included); a float32 clip into the 7x7 stem with its 1x3x3 max-pool
   (``LayerPlan.pooled``), autocast off and the backend ``auto``: the whole stem as one
-  :func:`~lgd_fast.ops.stem_conv_pool` kernel (``benchmarks/run_stem_conv_pool.py``: 1.17-1.50x the fused conv
+  :func:`~lgd_fast.ops.stem_conv_pool` kernel (``benchmarks/run_stem_conv_pool.py``: 1.07-1.69x the fused conv
   and pool). With gradients: layers whose input frames have at least
   :data:`CPU_FUSED_MIN_PIXELS` (14x14)
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
@@ -246,9 +246,9 @@ def _conv_backend(layer_backend: str, x: torch.Tensor) -> str:
 def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int], request: str):
     """The deterministic rule (module docstring); ``frames``: the (H, W) the rule looks at."""
     if plan.kind == "stem" and x.dtype == torch.float32 and _stem_kernel_takes(plan, x, mode, request):
-        # lgd3d_tiny's and R50's stems in float32, batch 1 to 16: 1.17-1.50x the fused oneDNN conv and ATen's pool
-        # (benchmarks/run_stem_conv_pool.py). Not bfloat16 by default: the kernel computes in float32, at R50's
-        # stem 0.83-0.89x oneDNN's bfloat16 conv (a measured plan still times it).
+        # lgd3d_tiny's, LGD-2D's and R50's stems in float32, batch 1 to 16: 1.07-1.69x the fused oneDNN conv and
+        # ATen's pool (benchmarks/run_stem_conv_pool.py). Not bfloat16 by default: the kernel computes in float32,
+        # at R50's stem 0.75-0.77x oneDNN's bfloat16 conv (a measured plan still times it).
         return Choice(True, True, AS_INPUT, "cpp", "default: eval, conv1+bn1+ReLU+max-pool as one kernel", request)
     return replace(_default_rule(plan, x, mode, backend, frames), request=request)
 
