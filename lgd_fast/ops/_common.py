@@ -63,6 +63,19 @@ def cpp_float_input_reason(backend: str, x: torch.Tensor) -> str | None:
     return None
 
 
+def raw_view_reason(x: torch.Tensor) -> str | None:
+    """Why a compiled kernel that reads ``x``'s memory as it is cannot take it: a negated view (its memory holds
+    -x) or a tensor wrapped by a torch.func transform; None if it can, and while dynamo traces (which sees neither:
+    fakes have no neg bit). Part of a ``supports`` for ``_backend.choose_backend``."""
+    if torch.compiler.is_compiling():
+        return None
+    if x.is_neg():
+        return "x is a negated view (resolve_neg() first)"
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return "x is wrapped by a torch.func transform"
+    return None
+
+
 def memory_format(t: torch.Tensor) -> torch.memory_format:
     """The ``torch.memory_format`` that keeps ``t``'s layout: channels_last_3d where t is in it (and not also
     contiguous), else contiguous."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import conv3d, register_compiled_op
+from ._common import conv3d, raw_view_reason, register_compiled_op
 
 __all__ = ["kernel_applies", "stem_conv_pool", "stem_conv_pool_reference"]
 
@@ -87,13 +87,7 @@ def _shape_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
     if x.dtype not in _CPP_DTYPES:
         return f"dtype {x.dtype} is not float32 or bfloat16"
-    if torch.compiler.is_compiling():  # (dynamo traces neither test; fakes have no neg bit)
-        return None
-    if x.is_neg():
-        return "x is a negated view (resolve_neg() first)"
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return "x is wrapped by a torch.func transform"
-    return None
+    return raw_view_reason(x)
 
 
 def kernel_applies(x: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import register_compiled_op
+from ._common import raw_view_reason, register_compiled_op
 
 __all__ = ["kernel_applies", "to_channels_last_3d", "to_channels_last_3d_reference"]
 
@@ -32,13 +32,7 @@ def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
         return "x is not contiguous"
     if x.is_complex() or x.is_quantized or x.element_size() not in (2, 4, 8):
         return f"dtype {x.dtype} is not a 2, 4 or 8-byte real type"
-    if torch.compiler.is_compiling():  # (dynamo traces neither test; fakes have no neg bit)
-        return None
-    if x.is_neg():
-        return "x is a negated view (resolve_neg() first)"
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return "x is wrapped by a torch.func transform"
-    return None
+    return raw_view_reason(x)
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
