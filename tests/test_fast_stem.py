@@ -27,6 +27,13 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+class _DoubledPool(nn.MaxPool3d):
+    """The stem's max-pool with a forward of its own (the kernel would skip it)."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """The stems that ran the kernel (each call's clip shape)."""
@@ -88,6 +95,7 @@ def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(ge
         (lambda m: setattr(m.conv1, "dilation", (1, 2, 2)), "dilation"),
         (lambda m: setattr(m.conv1, "padding", (0, 2, 2)), "padding"),
         (lambda m: setattr(m, "bn1", nn.GroupNorm(4, 16)), "BatchNorm"),
+        (lambda m: setattr(m, "maxpool", _DoubledPool((1, 3, 3), (1, 2, 2), (0, 1, 1))), "pool"),
     ],
 )
 def test_other_stems_keep_their_modules(change, reason, plan, gen, kernel_calls, monkeypatch):
@@ -144,3 +152,31 @@ def test_lgd2d_stem_pool_given_as_pairs_is_taken(gen):
     ref.maxpool = nn.MaxPool2d((3, 3), (2, 2), (1, 1))
     fast.maxpool = nn.MaxPool2d((3, 3), (2, 2), (1, 1))
     assert stem_kernel_reason(fast) is None
+
+
+def test_a_2d_pool_on_lgd3d_is_refused(gen):
+    _, fast = _pair("lgd3d_tiny", gen, plan="default")
+    fast.maxpool = nn.MaxPool2d(3, 2, 1)  # (the reference stem would raise on its 5-D input)
+    assert "pool" in stem_kernel_reason(fast)
+
+
+def test_a_stem_changed_after_conversion_is_planned_again(gen, kernel_calls):
+    """A model made fast, run (the kernel chosen and recorded), then given another pool: the stem's plan follows
+    the new module and the output is the reference's with that pool; back to the stem's pool, the kernel again."""
+    ref, fast = _pair("lgd3d_tiny", gen, plan="default")
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    with torch.no_grad():
+        for _ in range(3):
+            fast(x)
+        assert kernel_calls
+        kernel_calls.clear()
+        ref.maxpool = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
+        fast.maxpool = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
+        for _ in range(3):  # eager, recorded, the program
+            assert _rel(fast(x), ref(x)) < 1e-5
+        assert not kernel_calls and not fast._lgd_plan.pooled
+        ref.maxpool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+        fast.maxpool = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
+        for _ in range(3):
+            assert _rel(fast(x), ref(x)) < 1e-5
+        assert kernel_calls and fast._lgd_plan.pooled

@@ -5,9 +5,10 @@
 //
 // Why a kernel of its own: oneDNN runs this conv (3 input channels, 7x7 taps, stride 2) at 70-85% of the
 // machine's FMA peak here, and the max-pool then reads the conv's output (4x the pooled size) back from memory.
-// Here one task takes one output frame of one video (n, t): it copies the frame's kt input frames, each
-// channel plane zero-padded by 3, into a float32 slab (reading x in any strides and in float32 or bfloat16), then
-// makes the conv's output two rows at a time and pools them while they are in L1, writing only the pooled rows.
+// Here one task takes one output frame of one video (n, t), or a chunk of its pooled rows where frames are fewer
+// than twice the threads: it copies the rows it reads of the frame's kt input frames, each channel plane
+// zero-padded by 3, into a float32 slab (reading x in any strides and in float32 or bfloat16), then makes the
+// conv's output two rows at a time and pools them while they are in L1, writing only the pooled rows.
 // A conv row is a register tile of P output pixels x V vectors of output channels: per tap, V weight vectors
 // and P broadcast inputs feed P x V fused multiply-adds (the weights are repacked per call into
 // (C_in * kt * 49, C_out) rows, C_out padded to the vector width). Every pooling window holds at least one conv
@@ -15,8 +16,8 @@
 // lets NaN through as ATen's max-pool does.
 //
 // Arithmetic: float32 multiply-adds in the tap order (c, dt, kh, kw), bias first; a bfloat16 output is rounded
-// once, at the store (max commutes with rounding). Tasks depend on the shape only, not on the thread count, so
-// results are the same for any number of threads.
+// once, at the store (max commutes with rounding). Every output is computed the same way whichever task makes it,
+// so results are the same for any number of threads (which sets how a frame's rows are split).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -142,6 +142,11 @@ def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     return out.maximum(rows[..., 2 : 2 * h_out + 1 : 2, :])
 
 
+def _plain_max_pool(pool: nn.Module) -> bool:
+    """A MaxPool3d or MaxPool2d whose forward is the class's own (a subclass's forward may compute anything)."""
+    return type(pool).forward in (nn.MaxPool3d.forward, nn.MaxPool2d.forward)
+
+
 def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
     """None if the model's stem (conv1, bn1, ReLU, max-pool) is one :func:`~lgd_fast.ops.stem_conv_pool` computes
     at inference (a kt x 7 x 7 conv of stride (st, 2, 2) and padding (0, 3, 3), or LGD-2D's 7x7 over frames, a
@@ -156,10 +161,12 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
     if _dilation(conv) != (1, 1, 1):
         return f"conv1 dilation {conv.dilation}"
     refused = f"the stem's pool {pool} is not the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1)"
+    if not _plain_max_pool(pool):
+        return refused
     if isinstance(pool, nn.MaxPool3d):  # (an int setting is all three dimensions': MaxPool3d(3, 2, 1) pools time)
         settings, want = [_triple(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)], [
             (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)]  # fmt: skip
-    elif isinstance(pool, nn.MaxPool2d):  # LGD-2D's, over every frame
+    elif isinstance(model, LGD2D):  # LGD-2D's MaxPool2d, over every frame (on LGD-3D's 5-D stem it would raise)
         settings, want = [_pair(v) for v in (pool.kernel_size, pool.stride, pool.padding, pool.dilation)], [
             (3, 3), (2, 2), (1, 1), (1, 1)]  # fmt: skip
     else:
@@ -167,6 +174,24 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
     if settings != want or pool.ceil_mode or pool.return_indices:
         return refused
     return None
+
+
+def _stem_flags(model: LGD3D | LGD2D) -> tuple[bool, bool]:
+    """(fusable, pooled) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the kernel's."""
+    return fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None, stem_kernel_reason(model) is None
+
+
+def _replan_changed_stem(model: LGD3D | LGD2D) -> None:
+    """Where the stem's modules changed since the model was made fast (another pool or conv set on it), its plan's
+    flags follow and its choices are decided again: a choice of the kernel must not outlive the stem it was made
+    for. (A few attribute reads per eager call; a recorded program runs none, and is recorded again when a module
+    is replaced: lgd_fast.recorded.module_state.)"""
+    plan = model.__dict__.get("_lgd_plan")
+    if plan is not None and plan.kind == "stem":
+        flags = _stem_flags(model)
+        if (plan.fusable, plan.pooled) != flags:
+            plan.fusable, plan.pooled = flags
+            plan.choices.clear()
 
 
 def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +244,7 @@ class _FastNet:
             return self._stem_and_blocks_in_scope(x)
 
     def _stem_and_blocks_in_scope(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _replan_changed_stem(self)
         stem = planning.decide(self, x, self._run_stem, group=(self.conv1, self.bn1, self.maxpool),
                                frames=self._stem_output_size(*x.shape[3:]), kind="stem")  # fmt: skip
         x = self._run_stem(stem, x)
@@ -292,8 +318,8 @@ class FastLGD3D(_FastNet, LGD3D):
         else:
             x = torch.relu(self.bn1(self.conv1(choice.to(x))))
         pool = self.maxpool  # (any module: another pool, or an identity, runs as it is)
-        settings = isinstance(pool, nn.MaxPool3d) and (pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                                        pool.ceil_mode)  # fmt: skip
+        settings = type(pool) is nn.MaxPool3d and (pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                                    pool.ceil_mode)  # fmt: skip
         if not self.training and choice.layout == planning.CONTIGUOUS and settings == _STEM_POOL:
             return max_pool_1x3x3(x)
         return pool(x)
@@ -343,14 +369,13 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
             to_fast_unit(module, name, backend=backend, plan=mode)
         note = f"LGD block, {unit_note(module)}; block end as one diffusion_epilogue"
         planning.attach(module, "lgd_block", note, backend=backend, mode=mode)
-    fusable = fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None
+    fusable, pooled = _stem_flags(model)
     if isinstance(model, LGD2D):
         model.__class__ = FastLGD2D
         note = "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout; in eval conv1+bn1+ReLU as one conv"
     else:
         model.__class__ = FastLGD3D  # adds no state: only forward_features/forward differ
         note = "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv"
-    pooled = stem_kernel_reason(model) is None
     if pooled:
         note += ", or the whole stem as one stem_conv_pool kernel"
     planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable, pooled=pooled)
