@@ -53,8 +53,9 @@ LGD_INLINE void conv_columns(const StemArgs& a, const float* slab, int64_t oh, i
   for (; ow < a.Wc; ++ow) conv_tile<1, V>(a, slab, oh, ow, cb, dst);
 }
 
-// Conv row oh (all channels) into dst, or zeros past the last row (the pool's padding).
-LGD_INLINE void conv_row(const StemArgs& a, const float* slab, int64_t oh, float* dst) {
+// Conv row oh (all channels) into dst, or zeros past the last row (the pool's padding). Not inlined: one copy
+// serves both input dtypes (the tiles are most of this file's code and compile time).
+__attribute__((noinline)) void conv_row(const StemArgs& a, const float* slab, int64_t oh, float* dst) {
   if (oh >= a.Hc) {
     std::fill(dst, dst + a.Wc * a.cpad, 0.f);
     return;
