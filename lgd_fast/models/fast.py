@@ -38,15 +38,13 @@ from ..ops import diffusion_epilogue, global_avg_pool, global_update, stem_conv_
 from ..ops._common import layout, memory_format
 from ..ops.conv_bn import (
     _dilation,
-    _fold_into,
     _folded,
     _kernel,
     _padding,
     _strides,
-    _weight,
     batch_norm_affine,
     conv_bn,
-    folded_norm,
+    fold_norm,
     fusable_reason,
     norm_reason,
 )
@@ -199,11 +197,7 @@ def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
     Eagerly the folded weight is cached until a parameter or statistic changes; traced by torch.compile the fold is
     part of the graph (with inductor's freezing, constants folded once)."""
     conv, norm = model.conv1, model.bn1
-    if torch.compiler.is_compiling():
-        biases = [] if conv.bias is None else [conv.bias]
-        weight, bias = _fold_into(_weight(conv), *folded_norm(norm, conv.weight), biases, x.dtype, True)
-    else:
-        weight, bias = _folded(conv, norm, x.dtype)
+    weight, bias = (fold_norm if torch.compiler.is_compiling() else _folded)(conv, norm, x.dtype)
     return stem_conv_pool(x, weight, bias, stride_t=_strides(conv)[0], backend="cpp")
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "conv_bn",
     "conv_bn_folded",
     "conv_sum_bn",
+    "fold_norm",
     "folded_norm",
     "fusable_reason",
     "norm_reason",
@@ -487,9 +488,18 @@ def _fold_key(*tensors: torch.Tensor) -> tuple:
 _FOLDED: weakref.WeakKeyDictionary[nn.Conv3d, tuple] = weakref.WeakKeyDictionary()
 
 
-def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, extra_bias=(), *, shift: bool = True):
+def fold_norm(conv: nn.Module, norm: nn.Module | None, dtype: torch.dtype, extra_bias=(), *, shift: bool = True):
     """(weight * scale, shift + scale * biases, or None) of ``norm`` (eval; None: the identity) folded into
-    ``conv``, in ``dtype``; ``extra_bias``: other convs' biases summed into this one's output (variant B)."""
+    ``conv``, in ``dtype``; ``extra_bias``: other convs' biases summed into this one's output (variant B). Computed
+    on every call, with autograd as the caller has it (traced by torch.compile, the fold is part of the graph);
+    :func:`_folded` caches it."""
+    biases = [b for b in (conv.bias, *extra_bias) if b is not None] if shift else []
+    scale, bias = (None, None) if norm is None else folded_norm(norm, conv.weight)
+    return _fold_into(_weight(conv), scale, bias, biases, dtype, shift)
+
+
+def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, extra_bias=(), *, shift: bool = True):
+    """:func:`fold_norm`, cached until a parameter or running statistic of the two changes."""
     biases = [b for b in (conv.bias, *extra_bias) if b is not None] if shift else []
     # num_batches_tracked: nn.BatchNorm's training forward updates the running statistics in place without a new
     # version; only its counter's add_ makes one (folds were stale after training through the modules)
@@ -500,8 +510,7 @@ def _folded(conv: nn.Conv3d, norm: nn.BatchNorm3d | None, dtype: torch.dtype, ex
     cached = _FOLDED.get(conv)
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            scale, bias = (None, None) if norm is None else folded_norm(norm, conv.weight)
-            cached = (key, *_fold_into(_weight(conv), scale, bias, biases, dtype, shift))
+            cached = (key, *fold_norm(conv, norm, dtype, extra_bias, shift=shift))
         _FOLDED[conv] = cached
     return cached[1], cached[2]
 
