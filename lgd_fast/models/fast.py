@@ -123,10 +123,6 @@ def run_block(
                                op_backend=op_backend)  # fmt: skip
 
 
-# nn.MaxPool3d's settings in the LGD-3D stem, which max_pool_1x3x3 computes.
-_STEM_POOL = ((1, 3, 3), (1, 2, 2), (0, 1, 1), 1, False)
-
-
 def max_pool_1x3x3(x: torch.Tensor) -> torch.Tensor:
     """``F.max_pool3d(x, (1, 3, 3), (1, 2, 2), (0, 1, 1))`` as a max over three strided views along W, then
     three along H (-inf padding). The same values (max is exact); for inference (under autograd, ties would
@@ -149,7 +145,7 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
     """None if the model's stem (conv1, bn1, ReLU, max-pool) is one :func:`~lgd_fast.ops.stem_conv_pool` computes
     at inference (a kt x 7 x 7 conv of stride (st, 2, 2) and padding (0, 3, 3), or LGD-2D's 7x7 over frames, a
     BatchNorm that folds, the 1x3x3 max-pool of stride 2 and padding 1), else why not."""
-    conv, pool = model.conv1, model.maxpool
+    conv = model.conv1
     reason = fusable_reason(conv) or norm_reason(model.bn1)
     if reason is not None:
         return reason
@@ -158,6 +154,13 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
         return f"conv1 {kernel} stride {strides} padding {conv.padding} groups {conv.groups} is not the 7x7 stem's"
     if _dilation(conv) != (1, 1, 1):
         return f"conv1 dilation {conv.dilation}"
+    return _stem_pool_reason(model)
+
+
+def _stem_pool_reason(model: LGD3D | LGD2D) -> str | None:
+    """None if the model's stem pool is the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1) (LGD-2D's 3x3
+    of stride 2 and padding 1 over frames), computing nothing else, else why not."""
+    pool = model.maxpool
     refused = f"the stem's pool {pool} is not the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1)"
     if not _plain_max_pool(pool):
         return refused
@@ -175,8 +178,10 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
 
 
 def _stem_flags(model: LGD3D | LGD2D) -> tuple[bool, bool]:
-    """(fusable, pooled) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the kernel's."""
-    return fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None, stem_kernel_reason(model) is None
+    """(fusable, pooled) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the kernel's
+    (which includes the first)."""
+    pooled = stem_kernel_reason(model) is None
+    return pooled or (fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None), pooled
 
 
 def _replan_changed_stem(model: LGD3D | LGD2D) -> None:
@@ -311,12 +316,9 @@ class FastLGD3D(_FastNet, LGD3D):
             x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
         else:
             x = torch.relu(self.bn1(self.conv1(choice.to(x))))
-        pool = self.maxpool  # (any module: another pool, or an identity, runs as it is)
-        settings = type(pool) is nn.MaxPool3d and (pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                                    pool.ceil_mode)  # fmt: skip
-        if not self.training and choice.layout == planning.CONTIGUOUS and settings == _STEM_POOL:
+        if not self.training and choice.layout == planning.CONTIGUOUS and _stem_pool_reason(self) is None:
             return max_pool_1x3x3(x)
-        return pool(x)
+        return self.maxpool(x)  # (any module: another pool, or an identity, runs as it is)
 
 
 class FastLGD2D(_FastNet, LGD2D):
