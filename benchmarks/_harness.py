@@ -310,6 +310,23 @@ def start_op_run(args) -> dict[str, Any]:
 # ---- result files ----------------------------------------------------------------------------------
 
 
+def op_payload(benchmark: str, args, setup: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+    """An op script's result file: its name, the machine (with the CPU kernels' SIMD path), the common flags'
+    settings, the copy bandwidth and other processes' load before timing (from :func:`start_op_run`), then
+    ``fields`` (notes, results, ...)."""
+    from lgd_fast import _C
+
+    return {
+        "benchmark": benchmark,
+        "machine": {**machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
+        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
+                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
+        "copy_bandwidth": setup["copy_bandwidth"],
+        "foreign_load_before_cores": setup["foreign_load_before_cores"],
+        **fields,
+    }
+
+
 def grouped_barh(
     ax,
     labels: Sequence[str],

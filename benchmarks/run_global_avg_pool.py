@@ -75,7 +75,6 @@ def make_candidates(pass_: str) -> dict[str, Callable[[Any], Any]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -95,18 +94,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         h.measure_op_row(candidates, inputs, args, describe=describe, nbytes=nbytes,
                                          bytes_per_s=bandwidth["bytes_per_s"], others=IMPLS[1:])
                     )
-    return {
-        "benchmark": "global_avg_pool",
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {
-            "quick": args.quick,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "steady_malloc": setup["steady_malloc"],
-        },
-        "copy_bandwidth": bandwidth,
-        "foreign_load_before_cores": setup["foreign_load_before_cores"],
-        "notes": [
+    return h.op_payload(
+        "global_avg_pool",
+        args,
+        setup,
+        notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
             "candidates: cpp = global_avg_pool(x, backend='cpp'); reference = global_avg_pool_reference (eager; "
             "bf16 is averaged in float32); compiled = torch.compile(reference, inductor); torch_mean = x.mean(dim="
@@ -119,8 +111,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "them now and then, depending on what ran before",
             "foreign_load_cores: CPU cores other processes kept busy while that row was timed (shared machine)",
         ],
-        "results": results,
-    }
+        results=results,
+    )
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

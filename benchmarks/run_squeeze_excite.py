@@ -67,7 +67,6 @@ def make_candidates(module: SqueezeExciteSiLU) -> dict[str, Callable[[Any], Any]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -87,14 +86,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.append(h.measure_op_row(make_candidates(module), inputs, args, describe=describe,
                                                     nbytes=nbytes, bytes_per_s=bandwidth["bytes_per_s"],
                                                     others=IMPLS[1:]))  # fmt: skip
-    return {
-        "benchmark": "squeeze_excite",
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
-        "copy_bandwidth": bandwidth,
-        "foreign_load_before_cores": setup["foreign_load_before_cores"],
-        "notes": [
+    return h.op_payload(
+        "squeeze_excite",
+        args,
+        setup,
+        notes=[
             "timings: median seconds per call over interleaved repeats, under torch.inference_mode; speedup = "
             "other's median / cpp median",
             "candidates: cpp = squeeze_excite(x, ..., silu=True, backend='cpp'); reference = "
@@ -104,8 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "copy_bw_fraction = roofline_s / median, roofline_s = bytes_moved / copy bandwidth, bytes_moved = two "
             "reads of x and one write of the output",
         ],
-        "results": results,
-    }
+        results=results,
+    )
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

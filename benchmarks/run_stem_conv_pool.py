@@ -79,7 +79,6 @@ def _stem(width: int, kt: int, dtype: torch.dtype, gen: torch.Generator) -> Stem
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -138,16 +137,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shares = ", ".join(f"{n} {f:.0%}" for n, f in row["peak_fraction"].items())
             print(f"    share of the fp32 conv peak: {shares}")
             results.append(row)
-    return {
-        "benchmark": "stem_conv_pool",
-        "command": "python benchmarks/run_stem_conv_pool.py" + (" --quick" if args.quick else ""),
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
-        "copy_bandwidth": bandwidth,
-        "conv_peak_fp32": peak,
-        "foreign_load_before_cores": setup["foreign_load_before_cores"],
-        "notes": [
+    return h.op_payload(
+        "stem_conv_pool",
+        args,
+        setup,
+        command="python benchmarks/run_stem_conv_pool.py" + (" --quick" if args.quick else ""),
+        conv_peak_fp32=peak,
+        notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
             "cpp = stem_conv_pool on the contiguous clip; onednn = to_channels_last_3d + conv_bn (one oneDNN conv, "
             "folded packed weight, ReLU post-op) + ATen max-pool (the fast models' stem before the op); reference = "
@@ -156,8 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "peak_fraction = compute floor (2 * conv multiply-adds / the fp32 conv peak) / median; copy_bw_fraction = "
             "(read the clip + write the output) / copy bandwidth / median",
         ],
-        "results": results,
-    }
+        results=results,
+    )
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

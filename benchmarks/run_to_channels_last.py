@@ -32,7 +32,6 @@ COLORS = {"cpp": "tab:blue", "reference": "tab:gray", "compiled": "tab:orange"}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -53,22 +52,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "memory_format": "contiguous", "pass": "forward"}  # fmt: skip
             results.append(h.measure_op_row(candidates, inputs, args, describe=describe, nbytes=nbytes,
                                             bytes_per_s=bandwidth["bytes_per_s"], others=IMPLS[1:]))  # fmt: skip
-    return {
-        "benchmark": "to_channels_last",
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-                     "steady_malloc": setup["steady_malloc"]},  # fmt: skip
-        "copy_bandwidth": bandwidth,
-        "foreign_load_before_cores": setup["foreign_load_before_cores"],
-        "notes": [
+    return h.op_payload(
+        "to_channels_last",
+        args,
+        setup,
+        notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
             "candidates: cpp = to_channels_last_3d(x, backend='cpp'); reference = x.contiguous(memory_format="
             "channels_last_3d); compiled = torch.compile(reference, inductor)",
             "copy_bw_fraction = roofline_s / median, roofline_s = (read x + write x) / copy bandwidth of "
             "dst.copy_(src) on 256 MiB",
         ],
-        "results": results,
-    }
+        results=results,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
