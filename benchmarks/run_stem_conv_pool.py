@@ -12,10 +12,13 @@ Candidates, each from the contiguous clip a model is given, forward only, measur
 - ``compiled``: ``torch.compile`` with inductor's freezing of those modules in channels_last_3d, given the clip
   already in channels_last_3d (as ``lgd-fast bench`` gives the frozen reference its clips: its best case).
 
-bf16: the clip, conv and BatchNorm in bfloat16 (the op computes in float32 and rounds once). Floors: the convs'
-multiply-adds at the measured fp32 conv peak (``lgd_fast.bench.conv_peak``; the op computes in float32 for bf16
-too) and the clip's read plus the output's write at the copy bandwidth; ``peak_fraction`` = compute floor /
-median. Writes benchmarks/results/stem_conv_pool_cpu.{json,png}.
+bf16: the clip, conv and BatchNorm in bfloat16, the op given the weight folded in bfloat16; autocast: float32
+modules and clips, every candidate called under bf16 autocast, the op given the weight folded in bfloat16 (it
+rounds the clip itself). With a bfloat16 weight the op's products are bfloat16 ones, on AVX512_BF16's dot
+products where the CPU has them (``bf16_dot_products`` in the result). Floors: the convs' multiply-adds at the
+conv peak measured in the run in the products' dtype (``lgd_fast.bench.conv_peak``: fp32 for fp32, bf16 for bf16
+and autocast) and the clip's read plus the output's write at the copy bandwidth; ``peak_fraction`` = compute
+floor / median. Writes benchmarks/results/stem_conv_pool_cpu.{json,png}.
 
     PYTHONPATH=. python benchmarks/run_stem_conv_pool.py            # about 2 minutes on 2 cores
     PYTHONPATH=. python benchmarks/run_stem_conv_pool.py --quick    # fewer repeats
@@ -37,6 +40,7 @@ import _harness as h  # noqa: E402
 from lgd_fast.bench import _compiled, conv_peak, write_json  # noqa: E402
 from lgd_fast.ops import stem_conv_pool, to_channels_last_3d  # noqa: E402
 from lgd_fast.ops.conv_bn import _folded, conv_bn  # noqa: E402
+from lgd_fast.ops.stem_conv_pool import bf16_dot_products  # noqa: E402
 
 # name -> (clip shape, stem width, kt): lgd3d_tiny's stem (16 channels, 2x7x7 of temporal stride 2) at batch 16
 # and 1, LGD-3D R50's (64 channels, 4x7x7 of temporal stride 4: early_stride 4) at batch 4 and 1 (16x112x112
@@ -48,9 +52,17 @@ SHAPES = {
     "r50_b1": ((1, 3, 16, 112, 112), 64, 4),
     "lgd2d_b1": ((1, 3, 3, 224, 224), 64, 1),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "autocast": torch.float32}  # (autocast: float32 modules)
 IMPLS = ("cpp", "onednn", "reference", "compiled")
 COLORS = {"cpp": "tab:blue", "onednn": "tab:green", "reference": "tab:gray", "compiled": "tab:orange"}
+
+
+def _under_autocast(fn):
+    def call(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(x)
+
+    return call
 
 
 class Stem(nn.Sequential):
@@ -83,7 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
     peak = conv_peak(torch.device("cpu"), "fp32")
-    print(f"fp32 conv peak {peak['gflops_per_s']:.0f} GFLOP/s")
+    peak_bf16 = conv_peak(torch.device("cpu"), "bf16")
+    print(f"conv peak fp32 {peak['gflops_per_s']:.0f}, bf16 {peak_bf16['gflops_per_s']:.0f} GFLOP/s; "
+          f"bf16 dot products: {bf16_dot_products()}")  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     results = []
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k in ("tiny_b16", "r50_b1", "lgd2d_b1")}
@@ -106,8 +120,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch._dynamo.reset()
             frozen = _compiled(cl_stem, freezing=True, compile_mode=None)  # (lgd-fast bench's frozen reference)
 
-            def cpp(x, conv=conv, bn=bn):
-                weight, bias = _folded(conv, bn, x.dtype)
+            low = torch.bfloat16 if dtype_name != "fp32" else torch.float32  # the products' dtype
+
+            def cpp(x, conv=conv, bn=bn, low=low):
+                weight, bias = _folded(conv, bn, low)
                 return stem_conv_pool(x, weight, bias, stride_t=conv.stride[0], backend="cpp")
 
             def onednn(x, conv=conv, bn=bn, pool=pool):
@@ -120,6 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return frozen(cl_clips[id(x)])
 
             candidates = {"cpp": cpp, "onednn": onednn, "reference": reference, "compiled": compiled}
+            if dtype_name == "autocast":
+                candidates = {name: _under_autocast(fn) for name, fn in candidates.items()}
             with torch.inference_mode():
                 want = reference(clips[0]).float()
                 for name, fn in candidates.items():  # the same stem, within each dtype's rounding
@@ -130,12 +148,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "memory_format": "contiguous", "pass": "forward"}  # fmt: skip
                 row = h.measure_op_row(candidates, clips, args, describe=describe, nbytes=nbytes,
                                        bytes_per_s=bandwidth["bytes_per_s"], others=IMPLS[1:])  # fmt: skip
-            compute_floor = flops / (peak["gflops_per_s"] * 1e9)
+            compute_floor = flops / ((peak if low == torch.float32 else peak_bf16)["gflops_per_s"] * 1e9)
             row["flops"] = flops
             row["compute_floor_s"] = compute_floor
             row["peak_fraction"] = {n: compute_floor / t["median_s"] for n, t in row["timings"].items()}
             shares = ", ".join(f"{n} {f:.0%}" for n, f in row["peak_fraction"].items())
-            print(f"    share of the fp32 conv peak: {shares}")
+            print(f"    share of the {'fp32' if low == torch.float32 else 'bf16'} conv peak: {shares}")
             results.append(row)
     return h.op_payload(
         "stem_conv_pool",
@@ -143,13 +161,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup,
         command="python benchmarks/run_stem_conv_pool.py" + (" --quick" if args.quick else ""),
         conv_peak_fp32=peak,
+        conv_peak_bf16=peak_bf16,
+        bf16_dot_products=bf16_dot_products(),
         notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp median",
             "cpp = stem_conv_pool on the contiguous clip; onednn = to_channels_last_3d + conv_bn (one oneDNN conv, "
             "folded packed weight, ReLU post-op) + ATen max-pool (the fast models' stem before the op); reference = "
             "the modules in channels_last_3d, eager, the clip converted in the call; compiled = torch.compile with "
             "freezing of the channels_last_3d modules, given the clip already in channels_last_3d",
-            "peak_fraction = compute floor (2 * conv multiply-adds / the fp32 conv peak) / median; copy_bw_fraction = "
+            "bf16 rows: bfloat16 clip and modules, the op's weight folded in bfloat16; autocast rows: float32 clip and "
+            "modules called under bf16 autocast, the op's weight folded in bfloat16 (bfloat16 products)",
+            "peak_fraction = compute floor (2 * conv multiply-adds / the conv peak in the products' dtype) / median; "
+            "copy_bw_fraction = "
             "(read the clip + write the output) / copy bandwidth / median",
         ],
         results=results,

@@ -38,10 +38,11 @@ and kept on the layer, so no forward decides anything again:
   the input comes (the stem on its own modules). On the CPU, inference without autograd (mode ``eval``) on
   oneDNN: every LGD block and P3D unit fused in channels_last_3d, the stem's conv1 + bn1 + ReLU as one conv
   (each conv one oneDNN primitive whose folded weight is packed once into oneDNN's layout: faster than the
-  modules at every R50 frame size, 4x4 included); a float32 clip into the 7x7 stem with its 1x3x3 max-pool
-  (``LayerPlan.pooled``), autocast off and the backend ``auto``: the whole stem as one
-  :func:`~lgd_fast.ops.stem_conv_pool` kernel (``benchmarks/run_stem_conv_pool.py``: 1.07-1.69x the fused conv
-  and pool). With gradients: layers whose input frames have at least
+  modules at every R50 frame size, 4x4 included); into the 7x7 stem with its 1x3x3 max-pool
+  (``LayerPlan.pooled``), with the backend ``auto``, a float32 clip (autocast off), or bfloat16 (clips or
+  autocast) on a CPU with AVX512_BF16: the whole stem as one :func:`~lgd_fast.ops.stem_conv_pool` kernel
+  (``benchmarks/run_stem_conv_pool.py``: 1.07-1.69x the fused conv and pool in float32). With gradients: layers
+  whose input frames have at least
   :data:`CPU_FUSED_MIN_PIXELS` (14x14)
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
@@ -78,6 +79,7 @@ from .ops._common import memory_format
 from .ops.conv_bn import uses_batch_stats
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.p3d_conv import resolve_backend
+from .ops.stem_conv_pool import bf16_dot_products as stem_bf16_dot_products
 from .ops.stem_conv_pool import kernel_applies as stem_kernel_applies
 from .ops.to_channels_last import to_channels_last_3d
 
@@ -245,20 +247,28 @@ def _conv_backend(layer_backend: str, x: torch.Tensor) -> str:
 
 def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int], request: str):
     """The deterministic rule (module docstring); ``frames``: the (H, W) the rule looks at."""
-    if plan.kind == "stem" and x.dtype == torch.float32 and _stem_kernel_takes(plan, x, mode, request):
+    if plan.kind == "stem" and _stem_kernel_takes(plan, x, mode, request) and (
+            _stem_dtype(x) == torch.float32 or stem_bf16_dot_products()):  # fmt: skip
         # lgd3d_tiny's, LGD-2D's and R50's stems in float32, batch 1 to 16: 1.07-1.69x the fused oneDNN conv and
-        # ATen's pool (benchmarks/run_stem_conv_pool.py). Not bfloat16 by default: the kernel computes in float32,
-        # at R50's stem 0.75-0.77x oneDNN's bfloat16 conv (a measured plan still times it).
+        # ATen's pool (benchmarks/run_stem_conv_pool.py). In bfloat16 (autocast or bfloat16 clips) where the CPU has
+        # AVX512_BF16's dot products; without them the kernel multiplies in float32, 0.75-0.77x oneDNN's bfloat16
+        # conv at R50's stem (a measured plan still times it).
         return Choice(True, True, AS_INPUT, "cpp", "default: eval, conv1+bn1+ReLU+max-pool as one kernel", request)
     return replace(_default_rule(plan, x, mode, backend, frames), request=request)
 
 
+def _stem_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the stem computes in: autocast's on x's device where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
     """Whether the stem can run as one :func:`~lgd_fast.ops.stem_conv_pool` kernel on x: its modules are such a
-    stem (``plan.pooled``), CPU inference without autograd or autocast, a clip the kernel takes, and no conv backend
-    named (the kernel is none of p3d_conv's)."""
-    return (plan.pooled and mode == "eval" and request == _backend.AUTO and not torch.is_autocast_enabled("cpu")
-            and stem_kernel_applies(x))  # fmt: skip
+    stem (``plan.pooled``), CPU inference without autograd, a clip the kernel takes in a dtype it computes in
+    (float32, or bfloat16 clips or autocast), and no conv backend named (the kernel is none of p3d_conv's)."""
+    return (plan.pooled and mode == "eval" and request == _backend.AUTO
+            and stem_kernel_applies(x, _stem_dtype(x)))  # fmt: skip
 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:

@@ -3,6 +3,8 @@ model's output is the reference's either way."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from lgd_fast import plan as planning
 from lgd_fast.bench import trained_like
 from lgd_fast.models import fast as fast_module
 from lgd_fast.models.fast import stem_kernel_reason
+from lgd_fast.models.p3d import frames
 
 CL = torch.channels_last_3d
 
@@ -67,11 +70,11 @@ def test_eval_stem_runs_as_the_kernel_and_the_model_equals_the_reference(arch, p
         assert "conv+BN+ReLU+pool kernel" in str(fast.execution_plan)
 
 
-def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(gen, kernel_calls):
+def test_the_kernel_is_not_used_in_training_under_float16_autocast_or_another_backend(gen, kernel_calls):
     x = torch.randn((2, 3, 4, 32, 32), generator=gen)
     ref, fast = _pair("lgd3d_tiny", gen, plan="default")
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        fast(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        fast(x)  # (the kernel computes in float32 or with bfloat16 products)
     fast.train()
     fast(x)[0].sum().backward()  # training: batch statistics, the stem's own modules
     with torch.no_grad():
@@ -82,6 +85,43 @@ def test_the_kernel_is_not_used_in_training_under_autocast_or_another_backend(ge
     with torch.no_grad():
         named(x)
     assert not kernel_calls  # a conv backend named: the kernel is not one of p3d_conv's
+
+
+@pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd2d_r18"])
+@pytest.mark.parametrize("clips", ["autocast", "bf16"])
+def test_bf16_stem_runs_the_kernel_where_the_cpu_has_bf16_dot_products(arch, clips, gen, kernel_calls):
+    """Under bf16 autocast (a float32 clip) and with bfloat16 weights and clips, the default plan's eval stem runs
+    the kernel with a bfloat16 weight where AVX512_BF16 is there (else oneDNN's bf16 conv, as before), and the
+    stem's output is within twice PyTorch's own bf16 error of float64 (the stem's modules under autocast, or in
+    bfloat16)."""
+    from lgd_fast.ops.stem_conv_pool import bf16_dot_products
+
+    ref, fast = _pair(arch, gen, plan="default")
+    x = torch.randn((2, 3, 4, 48, 40), generator=gen)
+    if clips == "bf16":
+        ref, fast, x = ref.bfloat16(), fast.bfloat16(), x.bfloat16()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=clips == "autocast")
+    outputs, run_stem = [], fast._run_stem
+
+    def recording(choice, clip):  # the stem's output as the fast model hands it to its first block
+        outputs.append(run_stem(choice, clip))
+        return outputs[-1]
+
+    fast._run_stem = recording
+    fast.recorded_inference = False
+    as_input = (lambda t: t) if arch.startswith("lgd3d") else frames  # LGD-2D's stem runs over frames
+    with torch.no_grad():
+        with amp:
+            fast(x)
+            plain = ref.maxpool(torch.relu(ref.bn1(ref.conv1(as_input(x)))))
+        ref64 = copy.deepcopy(ref).double()
+        exact = ref64.maxpool(torch.relu(ref64.bn1(ref64.conv1(as_input(x.double())))))
+    got = as_input(outputs[0])
+    plain = plain.bfloat16()  # (CPU autocast runs BatchNorm in float32; the first block's conv takes it in bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+    assert bool(kernel_calls) == bf16_dot_products()
+    err, err_torch = _rel(got, exact), _rel(plain, exact)
+    assert 0 < err <= 2 * err_torch, (err, err_torch)
 
 
 @pytest.mark.parametrize("plan", ["default", "measure"])

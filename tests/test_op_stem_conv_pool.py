@@ -12,6 +12,8 @@ that they are exactly those, and that they reach every input.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,8 +70,11 @@ def _params(cout, C, kt, dtype, gen):
 
 
 def _plain(x, w, b, st):
-    """The modules' arithmetic in x's dtype: what a user's eager stem computes at inference."""
-    y = torch.relu(F.conv3d(x, w.to(x.dtype), b.to(x.dtype), stride=(st, 2, 2), padding=(0, 3, 3)))
+    """The modules' arithmetic in x's dtype (under autocast, autocast's): what a user's eager stem computes at
+    inference."""
+    if not torch.is_autocast_enabled("cpu"):
+        w, b = w.to(x.dtype), b.to(x.dtype)
+    y = torch.relu(F.conv3d(x, w, b, stride=(st, 2, 2), padding=(0, 3, 3)))
     return F.max_pool3d(y, (1, 3, 3), (1, 2, 2), (0, 1, 1))
 
 
@@ -85,15 +90,23 @@ def _err(a, ref) -> float:
 
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"], ids=["fp32", "bf16", "autocast"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_output_within_twice_pytorch_error(shape, dtype, layout, isa, gen, poisoned):
+    """fp32 and bf16: x in that dtype, a float32 weight; autocast: a float32 x and a bfloat16 weight, the stem under
+    bf16 autocast (x rounded in the op: bfloat16 products, on AVX512_BF16's dot products on the avx512 path of a
+    CPU that has them), against PyTorch's conv under autocast."""
     N, C, T, H, W, cout, kt, st = shape
-    x = _clip((N, C, T, H, W), dtype, layout, gen)
+    amp = dtype == "autocast"
+    dtype = torch.bfloat16 if amp else dtype
+    x = _clip((N, C, T, H, W), torch.float32 if amp else dtype, layout, gen)
     w, b = _params(cout, C, kt, torch.float32, gen)
+    if amp:
+        w = w.bfloat16()
     got = stem_conv_pool(x, w, b, stride_t=st, backend="cpp")
     exact = _plain(x.double(), w.double(), b.double(), st)
-    plain = _plain(x, w, b, st)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        plain = _plain(x, w, b, st).to(dtype)  # (autocast's max-pool returns float32: the bfloat16 conv's values)
 
     assert got.shape == plain.shape and got.dtype == dtype
     assert_layout(got, CL)
@@ -151,12 +164,14 @@ def test_bfloat16_weights_and_no_bias(gen):
     assert _err(got, exact) <= 2 * _err(plain, exact), (_err(got, exact), _err(plain, exact))
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("isa", ISAS, indirect=True)
-def test_nan_and_infinity_as_pytorch(isa, gen):
+def test_nan_and_infinity_as_pytorch(isa, wdtype, gen):
     """A NaN in the clip makes every conv output that reads it NaN, and the max-pool lets NaN through, as
-    ATen's does; an infinity gives infinities and, past the ReLU, zeros as in PyTorch."""
+    ATen's does; an infinity gives infinities and, past the ReLU, zeros as in PyTorch (a bfloat16 weight: through
+    the dot products too, whose pairs of planes and padded channels hold zeros, never a value of another tap)."""
     x = _clip((1, 3, 2, 15, 15), torch.float32, "contiguous", gen)
-    w, b = _params(16, 3, 1, torch.float32, gen)
+    w, b = _params(16, 3, 1, wdtype, gen)
     x[0, 1, 0, 7, 7] = float("nan")
     x[0, 2, 1, 3, 11] = float("inf")
     got = stem_conv_pool(x, w, b, backend="cpp")
@@ -165,7 +180,38 @@ def test_nan_and_infinity_as_pytorch(isa, gen):
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.isinf(), want.isinf())
     finite = want.isfinite()
-    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if wdtype == torch.float32 else 1e-2  # (the bfloat16 output's rounding)
+    torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=tol)
+
+
+def test_a_bfloat16_weight_rounds_the_clip_and_other_weight_dtypes_take_the_reference(gen):
+    """The weight's dtype sets the products' precision (the reference: x rounded to it first); the cpp backend
+    takes float32 and bfloat16 weights, ``auto`` sends a float64 one to the reference."""
+    x = _clip((1, 3, 2, 11, 12), torch.float32, "contiguous", gen)
+    w, b = _params(16, 3, 1, torch.float32, gen)
+    wb = w.bfloat16()
+    assert torch.equal(stem_conv_pool_reference(x, wb, b), stem_conv_pool_reference(x.bfloat16(), wb, b))
+    assert stem_conv_pool(x, wb, b, backend="cpp").dtype == torch.bfloat16
+    assert torch.equal(stem_conv_pool(x, wb, b, backend="cpp"), stem_conv_pool(x.bfloat16(), wb, b, backend="cpp"))
+    assert not kernel_applies(x, torch.float64) and kernel_applies(x, torch.bfloat16)
+    torch.testing.assert_close(stem_conv_pool(x, w.double(), b, backend="auto"),
+                               stem_conv_pool_reference(x, w.double(), b), rtol=0, atol=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match="weight must be a float32 or bfloat16 tensor on cpu, got Double"):
+        torch.ops.lgd_fast.stem_conv_pool(x, w.double(), b, 1)
+
+
+def test_bf16_dot_products_follow_the_cpu_and_the_path():
+    """The dot products are used exactly where the AVX-512 path runs on a CPU with AVX512_BF16."""
+    from lgd_fast import _C
+    from lgd_fast.ops.stem_conv_pool import bf16_dot_products
+
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    for name in ISAS:
+        _C._set_cpu_isa(name)
+        try:
+            assert bf16_dot_products() == (name == "avx512" and "avx512_bf16" in flags), name
+        finally:
+            _C._set_cpu_isa("auto")
 
 
 def test_auto_takes_the_reference_where_the_kernel_does_not_apply(gen):
@@ -181,24 +227,26 @@ def test_auto_takes_the_reference_where_the_kernel_does_not_apply(gen):
 # ---- torch.library contract and torch.compile ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_opcheck(layout, dtype, gen):
+def test_opcheck(layout, dtype, wdtype, gen):
     x = _clip((2, 3, 4, 9, 8), dtype, layout, gen).requires_grad_()
-    w, b = (t.requires_grad_() for t in _params(16, 3, 2, torch.float32, gen))
+    w, b = (t.requires_grad_() for t in _params(16, 3, 2, wdtype, gen))
     torch.library.opcheck(torch.ops.lgd_fast.stem_conv_pool.default, (x, w, b, 2))
     torch.library.opcheck(torch.ops.lgd_fast.stem_conv_pool.default, (x, w, None, 1))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 9, 8, 16, 2, 2), (1, 1, 3, 1, 2, 5, 1, 2)], ids=_id)
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_fake_kernel_matches_the_real_sizes_and_strides(layout, dtype, shape, gen):
+def test_fake_kernel_matches_the_real_sizes_and_strides(layout, dtype, wdtype, shape, gen):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     N, C, T, H, W, cout, kt, st = shape
     x = _clip((N, C, T, H, W), dtype, layout, gen)
-    w, b = _params(cout, C, kt, torch.float32, gen)
+    w, b = _params(cout, C, kt, wdtype, gen)
     real = torch.ops.lgd_fast.stem_conv_pool(x, w, b, st)
     with FakeTensorMode() as mode:
         fake = torch.ops.lgd_fast.stem_conv_pool(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), st)

@@ -33,6 +33,15 @@ CpuIsa hardware_isa() {
   return CpuIsa::kBaseline;
 }
 
+bool hardware_avx512_bf16() {
+#ifdef LGD_X86_DISPATCH
+  __builtin_cpu_init();
+  return hardware_isa() == CpuIsa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 CpuIsa detect_isa() {
@@ -59,6 +68,11 @@ CpuIsa current_isa() {
 }
 
 std::string cpu_isa() { return isa_name(current_isa()); }
+
+bool bf16_dot_products() {
+  static const bool hardware = hardware_avx512_bf16();
+  return hardware && current_isa() == CpuIsa::kAvx512;
+}
 
 void set_cpu_isa(const std::string& name) {
   if (name == "auto") {

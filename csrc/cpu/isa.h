@@ -35,6 +35,14 @@ CpuIsa current_isa();
 // The path the CPU kernels use, by name (lgd_fast._C.cpu_isa()).
 std::string cpu_isa();
 
+// Whether this CPU has AVX512_BF16 (vdpbf16ps: bfloat16 pair products summed into float32 lanes), whatever the
+// path chosen.
+bool hardware_avx512_bf16();
+
+// Whether bfloat16 kernels use those dot products now: the AVX-512 path is taken and the CPU has them
+// (lgd_fast._C.bf16_dot_products()).
+bool bf16_dot_products();
+
 // Forces a path ("avx512", "avx2", "baseline"), or "auto" to detect again; errors if the CPU lacks it.
 void set_cpu_isa(const std::string& name);
 

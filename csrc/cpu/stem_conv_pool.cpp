@@ -16,7 +16,12 @@
 // lets NaN through as ATen's max-pool does.
 //
 // Arithmetic: float32 multiply-adds in the tap order (c, dt, kh, kw), bias first; a bfloat16 output is rounded
-// once, at the store (max commutes with rounding). Every output is computed the same way whichever task makes it,
+// once, at the store (max commutes with rounding). A bfloat16 weight makes the products bfloat16 ones, as a conv
+// under bf16 autocast computes them: x rounded to bfloat16, each product exact in float32, the sums in float32, the
+// output bfloat16. On a CPU with AVX512_BF16 (the AVX-512 path) those run as vdpbf16ps dot products, two input
+// planes (c, dt) per instruction in the order (plane pair, kh, kw), each pair's two products added in turn (round
+// to nearest even; subnormal inputs and results flushed to zero, as the instruction does); elsewhere as the
+// float32 tiles on the rounded x. Every output is computed the same way whichever task makes it,
 // so results are the same for any number of threads (which sets how a frame's rows are split).
 
 #include <ATen/ATen.h>
@@ -24,10 +29,15 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the AVX512_BF16 dot products
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 namespace lgd_fast {
@@ -41,9 +51,11 @@ constexpr int kTaps = 7;  // the stem's 7x7 spatial kernel (stride 2, padding 3)
 
 // What a task needs: the slab geometry and the packed weights, shared by every task.
 struct StemArgs {
-  const float* weight;  // (planes * 49, cpad): planes = C_in * kt
-  const float* bias;    // (cpad,)
-  int64_t planes, kt, st, cout, cpad;
+  const float* weight;     // (planes * 49, cpad): planes = C_in * kt (the float32 tiles)
+  const uint32_t* wpair;   // (pairs * 49, cpad) bfloat16 pairs of planes (2q, 2q + 1) (the dot-product tiles)
+  const float* bias;       // (cpad,)
+  bool round_x;            // x rounded to bfloat16 in the slab (a bfloat16 weight on the float32 tiles)
+  int64_t planes, pairs, kt, st, cout, cpad;
   int64_t T_out, Hc, Wc, Hp, Wp;  // conv output rows / columns, pooled rows / columns
   int64_t rs, ps;                 // slab row stride and plane stride (floats)
   int64_t chunks, chunk_rows;     // each output frame's pooled rows in chunks of chunk_rows (a task each)
@@ -62,12 +74,33 @@ void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const Ste
       for (int64_t h = h0; h < h1; ++h) {
         const T* s = src + h * stride[3];
         float* d = dst + h * a.rs;
-        if (stride[4] == 1) {
+        if (a.round_x) {
+          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(c10::BFloat16(static_cast<float>(s[w * stride[4]])));
+        } else if (stride[4] == 1) {
           for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w]);
         } else {
           for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w * stride[4]]);
         }
       }
+    }
+  }
+}
+
+// The same rows for the dot-product tiles: x rounded to bfloat16, planes (c * kt + dt) in pairs, plane 2q in the
+// low half of pair q's 32-bit words and 2q + 1 in the high half (an odd last plane's partner stays zero).
+template <typename T>
+void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, int64_t n, int64_t t,
+               int64_t h0, int64_t h1, uint32_t* slab) {
+  const int64_t Wd = size[4];
+  uint16_t* halves = reinterpret_cast<uint16_t*>(slab);
+  for (int64_t pl = 0; pl < a.planes; ++pl) {
+    const int64_t c = pl / a.kt, dt = pl % a.kt;
+    const T* src = x + n * stride[0] + c * stride[1] + (t * a.st + dt) * stride[2];
+    uint16_t* dst = halves + 2 * ((pl / 2) * a.ps + 3 * a.rs + 3) + (pl & 1);
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* s = src + h * stride[3];
+      uint16_t* d = dst + 2 * h * a.rs;
+      for (int64_t w = 0; w < Wd; ++w) d[2 * w] = c10::BFloat16(static_cast<float>(s[w * stride[4]])).x;
     }
   }
 }
@@ -94,19 +127,31 @@ constexpr int W = 16;
 #include "stem_conv_pool_body.h"
 }  // namespace avx512
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
+namespace avx512_bf16 {
+constexpr int W = 16;
+#define LGD_STEM_DOT 1
+#include "stem_conv_pool_body.h"
+#undef LGD_STEM_DOT
+}  // namespace avx512_bf16
+#pragma GCC pop_options
 #endif
 
-template <typename T>
-void stem_tasks_isa(CpuIsa isa, const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, T* out,
-                    const int64_t* ostride, int64_t b0, int64_t b1) {
+// dot: the bfloat16 dot-product tiles (a bfloat16 weight on the AVX-512 path of a CPU with AVX512_BF16).
+template <typename T, typename TOut>
+void stem_tasks_isa(CpuIsa isa, bool dot, const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a,
+                    TOut* out, const int64_t* ostride, int64_t b0, int64_t b1) {
 #ifdef LGD_X86_DISPATCH
+  if (dot) return avx512_bf16::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
   switch (isa) {
-    case CpuIsa::kAvx512: return avx512::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
-    case CpuIsa::kAvx2: return avx2::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
+    case CpuIsa::kAvx512: return avx512::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
+    case CpuIsa::kAvx2: return avx2::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
     default: break;
   }
 #endif
-  baseline::stem_tasks<T>(x, size, stride, a, out, ostride, b0, b1);
+  TORCH_CHECK(!dot, "lgd_fast::stem_conv_pool: internal error: no bfloat16 dot-product path in this build");
+  baseline::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
 }
 int vector_width(CpuIsa isa) {
   switch (isa) {
@@ -126,8 +171,10 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   STEM_CHECK(weight.dim() == 5 && weight.size(1) == x.size(1) && weight.size(3) == kTaps && weight.size(4) == kTaps,
              "weight must be (C_out, ", x.size(1), ", kt, 7, 7) for x with ", x.size(1), " channels, got shape ",
              weight.sizes());
-  STEM_CHECK(weight.is_floating_point() && weight.device() == x.device(), "weight must be a floating tensor on ",
-             x.device(), ", got ", weight.scalar_type(), " on ", weight.device());
+  STEM_CHECK((weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16) &&
+                 weight.device() == x.device(),
+             "weight must be a float32 or bfloat16 tensor on ", x.device(), ", got ", weight.scalar_type(), " on ",
+             weight.device());
   STEM_CHECK(stride_t >= 1, "stride_t must be at least 1, got ", stride_t);
   const int64_t kt = weight.size(2), cout = weight.size(0), T = x.size(2), H = x.size(3), Wd = x.size(4);
   STEM_CHECK(kt >= 1 && T >= kt, "the clip has ", T, " frames, fewer than the kernel's ", kt);
@@ -152,19 +199,41 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const CpuIsa isa = current_isa();  // (read once: the padded width and the path taken must agree)
   const int W = vector_width(isa);
   a.cpad = (cout + W - 1) / W * W;
+  // A bfloat16 weight sets the products' precision: x rounded to bfloat16 (as under autocast), each product exact in
+  // float32; AVX512_BF16's dot products where the CPU has them, else the float32 tiles on the rounded x.
+  const bool low = weight.scalar_type() == at::kBFloat16;
+  const bool dot = low && isa == CpuIsa::kAvx512 && bf16_dot_products();
+  a.round_x = low && !dot;
+  a.pairs = (a.planes + 1) / 2;
 
   const int64_t N = x.size(0);
-  at::Tensor out = at::empty({N, cout, a.T_out, a.Hp, a.Wp}, x.options().memory_format(at::MemoryFormat::ChannelsLast3d));
+  const auto out_dtype = (low || x.scalar_type() == at::kBFloat16) ? at::kBFloat16 : at::kFloat;
+  at::Tensor out = at::empty({N, cout, a.T_out, a.Hp, a.Wp},
+                             x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast3d));
   if (out.numel() == 0) {
     return out;
   }
-  // weight (C_out, C_in, kt, 7, 7) -> (C_in * kt * 49, cpad) float32, channels padded with zeros.
   const int64_t taps = a.planes * kTaps * kTaps;
-  std::vector<float> packed(static_cast<size_t>(taps * a.cpad), 0.f);
-  const at::Tensor w2 = weight.to(at::kFloat).reshape({cout, taps});
-  const auto wa = w2.accessor<float, 2>();
-  for (int64_t co = 0; co < cout; ++co) {
-    for (int64_t k = 0; k < taps; ++k) packed[k * a.cpad + co] = wa[co][k];
+  std::vector<float> packed;
+  std::vector<uint32_t> pairs;
+  const at::Tensor w2 = weight.contiguous().reshape({cout, taps});
+  if (dot) {  // weight -> (pairs * 49, cpad) words: planes (2q, 2q + 1) at one tap, channels padded with zeros
+    pairs.assign(static_cast<size_t>(a.pairs * kTaps * kTaps * a.cpad), 0u);
+    const auto wa = w2.accessor<c10::BFloat16, 2>();
+    for (int64_t co = 0; co < cout; ++co) {
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t pl = k / (kTaps * kTaps), tap = k % (kTaps * kTaps);
+        const uint32_t bits = wa[co][k].x;
+        pairs[((pl / 2) * kTaps * kTaps + tap) * a.cpad + co] |= (pl & 1) ? bits << 16 : bits;
+      }
+    }
+  } else {  // weight -> (C_in * kt * 49, cpad) float32, channels padded with zeros
+    packed.assign(static_cast<size_t>(taps * a.cpad), 0.f);
+    const at::Tensor wf = w2.to(at::kFloat);
+    const auto wa = wf.accessor<float, 2>();
+    for (int64_t co = 0; co < cout; ++co) {
+      for (int64_t k = 0; k < taps; ++k) packed[k * a.cpad + co] = wa[co][k];
+    }
   }
   std::vector<float> b(static_cast<size_t>(a.cpad), 0.f);
   if (bias.has_value()) {
@@ -172,6 +241,7 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
     std::copy(bf.const_data_ptr<float>(), bf.const_data_ptr<float>() + cout, b.begin());
   }
   a.weight = packed.data();
+  a.wpair = pairs.data();
   a.bias = b.data();
 
   const int64_t size[5] = {N, x.size(1), T, H, Wd};
@@ -186,12 +256,15 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   a.chunk_rows = (a.Hp + a.chunks - 1) / a.chunks;
   a.chunks = (a.Hp + a.chunk_rows - 1) / a.chunk_rows;
   at::parallel_for(0, frames * a.chunks, 1, [&](int64_t b0, int64_t b1) {
-    if (x.scalar_type() == at::kFloat) {
-      stem_tasks_isa<float>(isa, x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<float>(), ostride,
-                            b0, b1);
+    if (x.scalar_type() == at::kBFloat16) {
+      stem_tasks_isa(isa, dot, x.const_data_ptr<c10::BFloat16>(), size, stride, a,
+                     out.mutable_data_ptr<c10::BFloat16>(), ostride, b0, b1);
+    } else if (out_dtype == at::kBFloat16) {  // float32 clips, a bfloat16 weight (autocast's stem)
+      stem_tasks_isa(isa, dot, x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<c10::BFloat16>(),
+                     ostride, b0, b1);
     } else {
-      stem_tasks_isa<c10::BFloat16>(isa, x.const_data_ptr<c10::BFloat16>(), size, stride, a,
-                                    out.mutable_data_ptr<c10::BFloat16>(), ostride, b0, b1);
+      stem_tasks_isa(isa, dot, x.const_data_ptr<float>(), size, stride, a, out.mutable_data_ptr<float>(), ostride,
+                     b0, b1);
     }
   });
   return out;

@@ -7,7 +7,12 @@ of stride (1, 2, 2). At inference the BatchNorm folds into the conv's weight and
     out = max_pool3d(y, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
 
 ``stem_conv_pool_reference`` is that, in plain PyTorch: the specification (in float32 for bfloat16 inputs, rounded
-once at the end). The compiled op (``csrc/cpu/stem_conv_pool.cpp``) makes the conv's output two rows at a time in
+once at the end). The weight's dtype sets the products' precision: a bfloat16 weight multiplies x rounded to
+bfloat16, as a conv under bf16 autocast does (each product exact in float32, the sums in float32, a bfloat16
+output); so ``stem_conv_pool(x, w.bfloat16(), b)`` on a float32 clip is the stem under autocast, with x's rounding
+and layout change made inside the op. On a CPU with AVX512_BF16 those products run as its dot products
+(``lgd_fast._C.bf16_dot_products()``), at twice the float32 rate. The compiled op
+(``csrc/cpu/stem_conv_pool.cpp``) makes the conv's output two rows at a time in
 a register-tiled loop and pools them while they are in L1: the conv output, four times the pooled size, is never
 written, and with three input channels its multiply-adds run closer to the FMA peak than oneDNN's conv does
 (``benchmarks/run_stem_conv_pool.py``). It reads x in any strides (the contiguous clip needs no conversion) and
@@ -26,13 +31,14 @@ import torch.nn.functional as F
 from . import _backend
 from ._common import conv3d, raw_view_reason, register_compiled_op
 
-__all__ = ["kernel_applies", "stem_conv_pool", "stem_conv_pool_reference"]
+__all__ = ["bf16_dot_products", "kernel_applies", "output_dtype", "stem_conv_pool", "stem_conv_pool_reference"]
 
 OP_NAME = "stem_conv_pool"
 BACKENDS = ("cpp", "reference")
 TAPS = 7  # the stem's 7x7 spatial kernel, stride 2, padding 3
 POOL = ((1, 3, 3), (1, 2, 2), (0, 1, 1))  # the max-pool's kernel, stride, padding
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
+_LOW = (torch.bfloat16, torch.float16)
 
 
 def _stride_t(weight: torch.Tensor, stride_t: int | None) -> int:
@@ -46,19 +52,27 @@ def stem_conv_pool_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
     Args:
         x: (N, C, T, H, W), any float dtype, device and strides.
-        weight: (C_out, C, kt, 7, 7); bias: (C_out,) or None. Any float dtype.
+        weight: (C_out, C, kt, 7, 7); bias: (C_out,) or None. Any float dtype; a bfloat16 or float16 weight rounds
+            x to its dtype first (the products of a conv under autocast).
         stride_t: the conv's temporal stride; None: kt (the LGD stem's).
 
     Returns:
-        (N, C_out, (T - kt) // st + 1, H', W') in x's dtype, channels_last_3d, H' = ((H - 1) // 2) // 2 + 1 (W'
-        alike). bfloat16/float16 inputs are computed in float32 and rounded once at the end.
+        (N, C_out, (T - kt) // st + 1, H', W'), channels_last_3d, H' = ((H - 1) // 2) // 2 + 1 (W' alike), in
+        :func:`output_dtype`. bfloat16/float16 inputs are computed in float32 and rounded once at the end.
     """
-    work = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if weight.dtype in _LOW:
+        x = x.to(weight.dtype)
+    work = x.float() if x.dtype in _LOW else x
     b = None if bias is None else bias.to(work.dtype)
     y = torch.relu(conv3d(work, weight.to(work.dtype), b, stride=(_stride_t(weight, stride_t), 2, 2),
                           padding=(0, 3, 3)))  # fmt: skip
     out = F.max_pool3d(y, *POOL)
-    return out.to(x.dtype).contiguous(memory_format=torch.channels_last_3d)
+    return out.to(output_dtype(x, weight)).contiguous(memory_format=torch.channels_last_3d)
+
+
+def output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The op's output dtype: the weight's where it is bfloat16 or float16 (autocast's conv), else x's."""
+    return weight.dtype if weight.dtype in _LOW else x.dtype
 
 
 def _shape_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride_t: int) -> str | None:
@@ -84,16 +98,33 @@ def _shape_problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return None
 
 
+def _weight_reason(weight: torch.Tensor) -> str | None:
+    return None if weight.dtype in _CPP_DTYPES else f"weight dtype {weight.dtype} is not float32 or bfloat16"
+
+
 def _cpp_supports(backend: str, x: torch.Tensor) -> str | None:
     if x.dtype not in _CPP_DTYPES:
         return f"dtype {x.dtype} is not float32 or bfloat16"
     return raw_view_reason(x)
 
 
-def kernel_applies(x: torch.Tensor) -> bool:
-    """Whether ``stem_conv_pool(x, ...)`` with ``auto`` runs the compiled op (no warning logged either way):
-    lgd_fast._C built, a float32 or bfloat16 CPU tensor it takes."""
-    return _backend.extension_available() and x.device.type == "cpu" and _cpp_supports("cpp", x) is None
+def kernel_applies(x: torch.Tensor, weight_dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``stem_conv_pool(x, weight, ...)`` with ``auto`` and a weight of ``weight_dtype`` runs the compiled
+    op (no warning logged either way): lgd_fast._C built, a float32 or bfloat16 CPU tensor it takes, a float32 or
+    bfloat16 weight."""
+    return (_backend.extension_available() and x.device.type == "cpu" and weight_dtype in _CPP_DTYPES
+            and _cpp_supports("cpp", x) is None)  # fmt: skip
+
+
+@torch.compiler.assume_constant_result  # (torch.compile traces the plan's default rule: a constant of the trace)
+def bf16_dot_products() -> bool:
+    """Whether a bfloat16 weight runs on AVX512_BF16's dot products here (the AVX-512 path of a CPU that has
+    them); elsewhere the op multiplies the rounded values in float32, about half as fast."""
+    if not _backend.extension_available():
+        return False
+    from lgd_fast import _C
+
+    return bool(_C.bf16_dot_products())
 
 
 def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -103,12 +134,14 @@ def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Args:
         x: (N, C, T, H, W) clips, any strides. The cpp backend takes float32 and bfloat16 CPU tensors; ``auto``
             sends anything else to the reference.
-        weight: (C_out, C, kt, 7, 7), the conv's weight (an eval BatchNorm folded in); bias: (C_out,) or None.
+        weight: (C_out, C, kt, 7, 7), the conv's weight (an eval BatchNorm folded in); bias: (C_out,) or None. The
+            cpp backend takes float32 and bfloat16 weights; a bfloat16 one multiplies x rounded to bfloat16.
         stride_t: the temporal stride; None: kt. The spatial stride is 2, the padding (0, 3, 3).
         backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``.
 
     Returns:
-        (N, C_out, (T - kt) // stride_t + 1, H', W'), x's dtype, channels_last_3d (see the reference).
+        (N, C_out, (T - kt) // stride_t + 1, H', W'), channels_last_3d, bfloat16 if the weight or x is, else x's
+        dtype (see the reference).
         Differentiable (by recomputing the reference: the op is for inference).
 
     Raises:
@@ -120,7 +153,10 @@ def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     problem = _shape_problem(x, weight, bias, st)
     if problem is not None:
         raise ValueError(f"{OP_NAME}: {problem}")
-    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
+    def supports(name: str, t: torch.Tensor) -> str | None:
+        return _weight_reason(weight) or _cpp_supports(name, t)
+
+    choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=supports)
     if choice == "cpp":
         return torch.ops.lgd_fast.stem_conv_pool(x, weight, bias, st)
     return stem_conv_pool_reference(x, weight, bias, st)
@@ -133,12 +169,14 @@ def _fake(x, weight, bias, stride_t):
     problem = _shape_problem(x, weight, bias, stride_t)
     if problem is None and x.dtype not in _CPP_DTYPES:
         problem = f"x must be float32 or bfloat16, got {x.dtype}"
+    if problem is None and weight.dtype not in _CPP_DTYPES:
+        problem = f"weight must be float32 or bfloat16, got {weight.dtype}"
     if problem is not None:
         raise RuntimeError(f"{OP_NAME}: {problem}")
     N, _, T, H, W = x.shape
     conv_h, conv_w = (H - 1) // 2 + 1, (W - 1) // 2 + 1
     shape = (N, weight.shape[0], (T - weight.shape[2]) // stride_t + 1, (conv_h - 1) // 2 + 1, (conv_w - 1) // 2 + 1)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+    return torch.empty(shape, dtype=output_dtype(x, weight), device=x.device, memory_format=torch.channels_last_3d)
 
 
 def _setup_context(ctx, inputs, output) -> None:
