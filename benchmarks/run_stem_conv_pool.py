@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 want = reference(clips[0]).float()
                 for name, fn in candidates.items():  # the same stem, within each dtype's rounding
                     err = ((fn(clips[0]).float() - want).norm() / want.norm()).item()
-                    if err > (1e-5 if dtype == torch.float32 else 2e-2):
+                    if err > (1e-5 if low == torch.float32 else 2e-2):
                         raise SystemExit(f"{shape_name} {dtype_name}: {name} differs from the reference by {err:.2e}")
                 describe = {"shape_name": shape_name, "shape": list(shape), "dtype": dtype_name,
                             "memory_format": "contiguous", "pass": "forward"}  # fmt: skip
