@@ -15,6 +15,7 @@ namespace lgd_fast {
 std::string cpu_isa();                      // csrc/cpu/isa.cpp
 void set_cpu_isa(const std::string& name);  // csrc/cpu/isa.cpp
 bool bf16_dot_products();                   // csrc/cpu/isa.cpp
+void set_bf16_dot_products(bool allowed);   // csrc/cpu/isa.cpp
 bool arena_install();                       // csrc/cpu/activation_arena.cpp, wrapped by lgd_fast/arena.py
 void arena_enter();
 void arena_exit();
@@ -29,6 +30,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &lgd_fast::cpu_isa, "The SIMD path the CPU kernels use: avx512, avx2 or baseline.");
   m.def("bf16_dot_products", &lgd_fast::bf16_dot_products,
         "Whether bfloat16 CPU kernels use AVX512_BF16 dot products now (the avx512 path on a CPU that has them).");
+  m.def("_set_bf16_dot_products", &lgd_fast::set_bf16_dot_products,
+        "Allows (True) or forbids the AVX512_BF16 dot products (tests: the AVX-512 float32 tiles on bf16 weights).");
   m.def("_set_cpu_isa", &lgd_fast::set_cpu_isa, "Forces a SIMD path (avx512, avx2, baseline) or 'auto'; for tests.");
   // The activation arena (lgd_fast.arena is the interface).
   m.def("_arena_install", &lgd_fast::arena_install, "Makes the arena the CPU allocator; true if it is.");

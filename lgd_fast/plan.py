@@ -76,7 +76,7 @@ from torch import nn
 from .ops import _backend, to_channels_last
 from .ops._common import layout as layout_of
 from .ops._common import memory_format
-from .ops.conv_bn import uses_batch_stats
+from .ops.conv_bn import compute_dtype, uses_batch_stats
 from .ops.p3d_conv import BACKENDS as CONV_BACKENDS
 from .ops.p3d_conv import resolve_backend
 from .ops.stem_conv_pool import bf16_dot_products as stem_bf16_dot_products
@@ -248,7 +248,7 @@ def _conv_backend(layer_backend: str, x: torch.Tensor) -> str:
 def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int], request: str):
     """The deterministic rule (module docstring); ``frames``: the (H, W) the rule looks at."""
     if plan.kind == "stem" and _stem_kernel_takes(plan, x, mode, request) and (
-            _stem_dtype(x) == torch.float32 or stem_bf16_dot_products()):  # fmt: skip
+            compute_dtype(x) == torch.float32 or stem_bf16_dot_products()):  # fmt: skip
         # lgd3d_tiny's, LGD-2D's and R50's stems in float32, batch 1 to 16: 1.07-1.69x the fused oneDNN conv and
         # ATen's pool (benchmarks/run_stem_conv_pool.py). In bfloat16 (autocast or bfloat16 clips) where the CPU has
         # AVX512_BF16's dot products; without them the kernel multiplies in float32, 0.75-0.77x oneDNN's bfloat16
@@ -257,18 +257,12 @@ def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: 
     return replace(_default_rule(plan, x, mode, backend, frames), request=request)
 
 
-def _stem_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the stem computes in: autocast's on x's device where it is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
     """Whether the stem can run as one :func:`~lgd_fast.ops.stem_conv_pool` kernel on x: its modules are such a
     stem (``plan.pooled``), CPU inference without autograd, a clip the kernel takes in a dtype it computes in
     (float32, or bfloat16 clips or autocast), and no conv backend named (the kernel is none of p3d_conv's)."""
     return (plan.pooled and mode == "eval" and request == _backend.AUTO
-            and stem_kernel_applies(x, _stem_dtype(x)))  # fmt: skip
+            and stem_kernel_applies(x, compute_dtype(x)))  # fmt: skip
 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:

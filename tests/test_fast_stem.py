@@ -124,6 +124,41 @@ def test_bf16_stem_runs_the_kernel_where_the_cpu_has_bf16_dot_products(arch, cli
     assert 0 < err <= 2 * err_torch, (err, err_torch)
 
 
+def test_without_bf16_dot_products_the_bf16_stem_stays_on_onednn(gen, kernel_calls, monkeypatch):
+    """Where bfloat16 products would run on the float32 tiles (no AVX512_BF16), the default plan keeps the fused
+    oneDNN stem under bf16 autocast (0.75-0.77x oneDNN's bf16 conv at R50 there), and the float32 stem the kernel."""
+    monkeypatch.setattr(planning, "stem_bf16_dot_products", lambda: False)
+    _, fast = _pair("lgd3d_tiny", gen, plan="default")
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast(x)
+        assert not kernel_calls
+        fast(x)
+    assert len(kernel_calls) == 1
+    assert "conv+BN+ReLU fused" in str(fast.execution_plan)
+
+
+def test_compiled_model_under_bf16_autocast_calls_the_kernel_as_eager(gen):
+    """torch.compile of the fast model under bf16 autocast (layer by layer, no recorded program): the stem is the op
+    with a bfloat16 weight folded in the graph, and the result is the eager one's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from lgd_fast.ops.stem_conv_pool import bf16_dot_products
+
+    if not bf16_dot_products():
+        pytest.skip("the default plan takes the bf16 stem kernel only with AVX512_BF16")
+    _, fast = _pair("lgd3d_tiny", gen, plan="default")
+    fast.recorded_inference = False
+    x = torch.randn((2, 3, 8, 32, 32), generator=gen)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = fast(x)
+        got, code = run_and_get_code(torch.compile(fast), x)
+    assert "lgd_fast.stem_conv_pool" in "\n".join(code)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, eager)
+
+
 @pytest.mark.parametrize("plan", ["default", "measure"])
 @pytest.mark.parametrize(
     "change, reason",

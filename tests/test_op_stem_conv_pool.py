@@ -184,7 +184,8 @@ def test_nan_and_infinity_as_pytorch(isa, wdtype, gen):
     torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=tol)
 
 
-def test_a_bfloat16_weight_rounds_the_clip_and_other_weight_dtypes_take_the_reference(gen):
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_a_bfloat16_weight_rounds_the_clip_and_other_weight_dtypes_take_the_reference(isa, gen):
     """The weight's dtype sets the products' precision (the reference: x rounded to it first); the cpp backend
     takes float32 and bfloat16 weights, ``auto`` sends a float64 one to the reference."""
     x = _clip((1, 3, 2, 11, 12), torch.float32, "contiguous", gen)
@@ -200,6 +201,48 @@ def test_a_bfloat16_weight_rounds_the_clip_and_other_weight_dtypes_take_the_refe
         torch.ops.lgd_fast.stem_conv_pool(x, w.double(), b, 1)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_bf16_weights_without_dot_products_are_the_float32_tiles_on_the_rounded_clip(shape, layout, gen, poisoned):
+    """Where the AVX-512 path runs without AVX512_BF16's dot products (forbidden here, as a CPU without them runs),
+    a bfloat16 weight multiplies the rounded clip in the float32 tiles: the same values as the AVX2 tiles (each lane
+    adds its products in the same order whatever the vector width) and as the op on the clip rounded beforehand; the
+    dot products (where this CPU has them) within twice PyTorch's autocast error of float64 too."""
+    from lgd_fast import _C
+
+    if "avx512" not in ISAS or "avx2" not in ISAS:
+        pytest.skip("needs the AVX-512 and AVX2 paths")
+    N, C, T, H, W, cout, kt, st = shape
+    x = _clip((N, C, T, H, W), torch.float32, layout, gen)
+    w, b = _params(cout, C, kt, torch.bfloat16, gen)
+    try:
+        _C._set_cpu_isa("avx512")
+        _C._set_bf16_dot_products(False)
+        tiles = stem_conv_pool(x, w, b, stride_t=st, backend="cpp")
+        rounded = stem_conv_pool(x.bfloat16(), w, b, stride_t=st, backend="cpp")
+        _C._set_cpu_isa("avx2")
+        avx2 = stem_conv_pool(x, w, b, stride_t=st, backend="cpp")
+    finally:
+        _C._set_bf16_dot_products(True)
+        _C._set_cpu_isa("auto")
+    assert tiles.dtype == torch.bfloat16 and torch.equal(tiles, avx2) and torch.equal(tiles, rounded)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
+def test_bitwise_reproducible_across_thread_counts_with_either_weight(wdtype, gen):
+    x = _clip((1, 3, 2, 64, 60), torch.float32, "contiguous", gen)
+    w, b = _params(32, 3, 2, wdtype, gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        several = stem_conv_pool(x, w, b, backend="cpp")
+        torch.set_num_threads(1)
+        single = stem_conv_pool(x, w, b, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(several, single)
+
+
 def test_bf16_dot_products_follow_the_cpu_and_the_path():
     """The dot products are used exactly where the AVX-512 path runs on a CPU with AVX512_BF16."""
     from lgd_fast import _C
@@ -209,9 +252,13 @@ def test_bf16_dot_products_follow_the_cpu_and_the_path():
     for name in ISAS:
         _C._set_cpu_isa(name)
         try:
-            assert bf16_dot_products() == (name == "avx512" and "avx512_bf16" in flags), name
+            assert _C.bf16_dot_products() == (name == "avx512" and "avx512_bf16" in flags), name
+            _C._set_bf16_dot_products(False)
+            assert not _C.bf16_dot_products()
         finally:
+            _C._set_bf16_dot_products(True)
             _C._set_cpu_isa("auto")
+    assert bf16_dot_products() == _C.bf16_dot_products()
 
 
 def test_auto_takes_the_reference_where_the_kernel_does_not_apply(gen):

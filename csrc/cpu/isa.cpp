@@ -69,10 +69,20 @@ CpuIsa current_isa() {
 
 std::string cpu_isa() { return isa_name(current_isa()); }
 
+namespace {
+std::atomic<bool> g_bf16_dot_allowed{true};
+}  // namespace
+
 bool bf16_dot_products() {
+#ifdef LGD_BF16_DOT
   static const bool hardware = hardware_avx512_bf16();
-  return hardware && current_isa() == CpuIsa::kAvx512;
+  return hardware && current_isa() == CpuIsa::kAvx512 && g_bf16_dot_allowed.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
 }
+
+void set_bf16_dot_products(bool allowed) { g_bf16_dot_allowed.store(allowed); }
 
 void set_cpu_isa(const std::string& name) {
   if (name == "auto") {

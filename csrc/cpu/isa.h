@@ -18,6 +18,11 @@
 #define LGD_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #endif
 #define LGD_INLINE inline __attribute__((always_inline))
+// The AVX512_BF16 dot-product code needs the intrinsics inside a GCC target region (clang ignores
+// `#pragma GCC target`): built with GCC only; with clang bf16_dot_products() is false.
+#if defined(LGD_X86_DISPATCH) && !defined(__clang__)
+#define LGD_BF16_DOT 1
+#endif
 
 namespace lgd_fast {
 
@@ -39,9 +44,13 @@ std::string cpu_isa();
 // path chosen.
 bool hardware_avx512_bf16();
 
-// Whether bfloat16 kernels use those dot products now: the AVX-512 path is taken and the CPU has them
-// (lgd_fast._C.bf16_dot_products()).
+// Whether bfloat16 kernels use those dot products now: built with them (LGD_BF16_DOT), the AVX-512 path is taken,
+// the CPU has them and set_bf16_dot_products(false) was not called (lgd_fast._C.bf16_dot_products()).
 bool bf16_dot_products();
+
+// Allows (true, the default) or forbids the dot products where bf16_dot_products() would say yes: tests run the
+// AVX-512 float32 tiles on bfloat16 weights with it, as a CPU without AVX512_BF16 runs them.
+void set_bf16_dot_products(bool allowed);
 
 // Forces a path ("avx512", "avx2", "baseline"), or "auto" to detect again; errors if the CPU lacks it.
 void set_cpu_isa(const std::string& name);

@@ -29,7 +29,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
+#include "isa.h"  // (LGD_BF16_DOT)
+#ifdef LGD_BF16_DOT
 #include <immintrin.h>  // the AVX512_BF16 dot products
 #endif
 
@@ -37,7 +38,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "isa.h"
 #include "simd.h"
 
 namespace lgd_fast {
@@ -127,6 +127,8 @@ constexpr int W = 16;
 #include "stem_conv_pool_body.h"
 }  // namespace avx512
 #pragma GCC pop_options
+#endif
+#ifdef LGD_BF16_DOT
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")
 namespace avx512_bf16 {
@@ -142,8 +144,10 @@ constexpr int W = 16;
 template <typename T, typename TOut>
 void stem_tasks_isa(CpuIsa isa, bool dot, const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a,
                     TOut* out, const int64_t* ostride, int64_t b0, int64_t b1) {
-#ifdef LGD_X86_DISPATCH
+#ifdef LGD_BF16_DOT
   if (dot) return avx512_bf16::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
+#endif
+#ifdef LGD_X86_DISPATCH
   switch (isa) {
     case CpuIsa::kAvx512: return avx512::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
     case CpuIsa::kAvx2: return avx2::stem_tasks<T, TOut>(x, size, stride, a, out, ostride, b0, b1);
@@ -203,7 +207,7 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   // float32; AVX512_BF16's dot products where the CPU has them, else the float32 tiles on the rounded x.
   const bool low = weight.scalar_type() == at::kBFloat16;
   const bool dot = low && isa == CpuIsa::kAvx512 && bf16_dot_products();
-  a.round_x = low && !dot;
+  a.round_x = low && !dot && x.scalar_type() == at::kFloat;  // (a bfloat16 clip is rounded already)
   a.pairs = (a.planes + 1) / 2;
 
   const int64_t N = x.size(0);

@@ -75,7 +75,7 @@ void fill_pairs(const T* x, const int64_t* size, const int64_t* stride, const St
         const __m512i hi = r1 == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(bf16_row(r1 + w));
         _mm512_storeu_si512(d + w, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
-      if (w < Wd) {  // the last columns as 16 through a masked load and store (no scalar rounding of its own)
+      if (w < Wd) {  // the last columns copied into a zeroed block of 16, converted as one, stored masked
         const __mmask16 m = static_cast<__mmask16>((1u << (Wd - w)) - 1);
         alignas(64) T tail[2][W] = {};
         std::memcpy(tail[0], r0 + w, (Wd - w) * sizeof(T));

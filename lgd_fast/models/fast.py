@@ -43,6 +43,7 @@ from ..ops.conv_bn import (
     _padding,
     _strides,
     batch_norm_affine,
+    compute_dtype,
     conv_bn,
     fold_norm,
     fusable_reason,
@@ -202,15 +203,9 @@ def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
     Eagerly the folded weight is cached until a parameter or statistic changes; traced by torch.compile the fold is
     part of the graph (with inductor's freezing, constants folded once)."""
     conv, norm = model.conv1, model.bn1
-    dtype = stem_compute_dtype(x)  # under bf16 autocast a bfloat16 weight: the op rounds the float32 clip itself
+    dtype = compute_dtype(x)  # under bf16 autocast a bfloat16 weight: the op rounds the float32 clip itself
     weight, bias = (fold_norm if torch.compiler.is_compiling() else _folded)(conv, norm, dtype)
     return stem_conv_pool(x, weight, bias, stride_t=_strides(conv)[0], backend="cpp")
-
-
-def stem_compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the stem's conv computes in on x: autocast's where it is on for x's device, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _spatial(setting) -> tuple[int, int]:

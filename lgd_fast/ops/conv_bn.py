@@ -757,7 +757,7 @@ def conv_bn(
                          "no shortcut")  # fmt: skip
     if (reason := fusable_reason(conv)) is not None:
         raise ValueError(f"conv_bn: this conv cannot be fused: {reason}")
-    if shortcut is not None and shortcut.dtype != (computed := _compute_dtype(x)):
+    if shortcut is not None and shortcut.dtype != (computed := compute_dtype(x)):
         if torch.promote_types(computed, shortcut.dtype) != computed:  # a wider shortcut: `branch + shortcut`
             out = conv_bn(x, conv, norm, residual=residual, backend=backend)  # promotes, as the modules' sum
             out = out + shortcut
@@ -793,8 +793,9 @@ def conv_bn(
                     backend=backend)  # fmt: skip
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the conv computes in: the autocast dtype for x's device where autocast is on, else x's."""
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a conv computes in on x: the autocast dtype for x's device where autocast is on, else x's (the fast
+    models' stem kernel and the plan's rule for it read it too)."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 

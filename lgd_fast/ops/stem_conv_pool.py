@@ -11,7 +11,10 @@ once at the end). The weight's dtype sets the products' precision: a bfloat16 we
 bfloat16, as a conv under bf16 autocast does (each product exact in float32, the sums in float32, a bfloat16
 output); so ``stem_conv_pool(x, w.bfloat16(), b)`` on a float32 clip is the stem under autocast, with x's rounding
 and layout change made inside the op. On a CPU with AVX512_BF16 those products run as its dot products
-(``lgd_fast._C.bf16_dot_products()``), at twice the float32 rate. The compiled op
+(``lgd_fast._C.bf16_dot_products()``), at twice the float32 rate; these treat subnormal bfloat16 values and sums as
+zero (as the instruction does), where the float32 tiles of other CPUs keep them. The cpp backend takes float32 and
+bfloat16 weights only (``auto`` sends others to the reference; before bfloat16 products it converted any weight to
+float32). The compiled op
 (``csrc/cpu/stem_conv_pool.cpp``) makes the conv's output two rows at a time in
 a register-tiled loop and pools them while they are in L1: the conv output, four times the pooled size, is never
 written, and with three input channels its multiply-adds run closer to the FMA peak than oneDNN's conv does
@@ -116,7 +119,9 @@ def kernel_applies(x: torch.Tensor, weight_dtype: torch.dtype = torch.float32) -
             and _cpp_supports("cpp", x) is None)  # fmt: skip
 
 
-@torch.compiler.assume_constant_result  # (torch.compile traces the plan's default rule: a constant of the trace)
+# torch.compile traces the plan's default rule: a constant of the trace. A graph compiled before the SIMD path was
+# forced another way keeps its choice (the op itself reads the path on every call, so only the speed is stale).
+@torch.compiler.assume_constant_result
 def bf16_dot_products() -> bool:
     """Whether a bfloat16 weight runs on AVX512_BF16's dot products here (the AVX-512 path of a CPU that has
     them); elsewhere the op multiplies the rounded values in float32, about half as fast."""
@@ -140,8 +145,8 @@ def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``.
 
     Returns:
-        (N, C_out, (T - kt) // stride_t + 1, H', W'), channels_last_3d, bfloat16 if the weight or x is, else x's
-        dtype (see the reference).
+        (N, C_out, (T - kt) // stride_t + 1, H', W'), channels_last_3d, in :func:`output_dtype` (bfloat16 if the
+        weight or x is; the reference's float16 for a float16 weight).
         Differentiable (by recomputing the reference: the op is for inference).
 
     Raises:
