@@ -23,6 +23,7 @@ int64_t arena_release();
 void arena_poison();
 void arena_configure(int64_t min_bytes, int64_t idle_scopes);
 std::unordered_map<std::string, int64_t> arena_stats();
+pybind11::object module_state(pybind11::handle module);  // csrc/module_state.cpp
 }  // namespace lgd_fast
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -30,6 +31,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &lgd_fast::cpu_isa, "The SIMD path the CPU kernels use: avx512, avx2 or baseline.");
   m.def("bf16_dot_products", &lgd_fast::bf16_dot_products,
         "Whether bfloat16 CPU kernels use AVX512_BF16 dot products now (the avx512 path on a CPU that has them).");
+  m.def("module_state", &lgd_fast::module_state,
+        "What lgd_fast.recorded.module_state reads, packed into bytes (equal where its tuples are equal); None for "
+        "inference tensors; NotImplemented where the Python function must run.");
   m.def("_set_bf16_dot_products", &lgd_fast::set_bf16_dot_products,
         "Allows (True) or forbids the AVX512_BF16 dot products (tests: the AVX-512 float32 tiles on bf16 weights).");
   m.def("_set_cpu_isa", &lgd_fast::set_cpu_isa, "Forces a SIMD path (avx512, avx2, baseline) or 'auto'; for tests.");

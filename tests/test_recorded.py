@@ -565,3 +565,65 @@ def test_a_pure_hook_swapped_for_another_hook_is_a_change(gen, monkeypatch):
         inner.register_forward_hook(lambda m, a, o: seen.append(o.shape) or o * 3)
         out = runner(x)
     assert seen == [(2, 3)] and torch.equal(out, torch.relu(3 * plain))  # the new hook ran: no stale program
+
+
+def _changes(model):
+    """Changes a recorded program's guard must see, and ones it must not (name, function, seen)."""
+    conv, norm = model.layer2[0].conv2, model.layer3[0].bn1
+
+    class Subclass(type(norm)):
+        pass
+
+    return [
+        ("nothing", lambda: None, False),
+        ("a forward of the same module read", lambda: model(torch.randn(1, 3, 4, 16, 16)), False),
+        ("in-place weight", lambda: conv.weight.mul_(1.5), True),
+        ("new parameter", lambda: setattr(conv, "weight", torch.nn.Parameter(conv.weight * 0.5)), True),
+        ("p.data = other", lambda: setattr(conv.weight, "data", conv.weight.detach() * 2), True),
+        ("running statistics", lambda: norm.running_var.mul_(3.0), True),
+        ("a buffer set to None", lambda: setattr(norm, "num_batches_tracked", None), True),
+        ("submodule mode", lambda: norm.train(), True),
+        ("submodule swapped", lambda: setattr(model.layer1[0], "relu", torch.nn.ReLU()), True),
+        ("class changed", lambda: setattr(norm, "__class__", Subclass), True),
+        ("instance forward", lambda: setattr(norm, "forward", lambda x: x), True),
+        ("forward hook", lambda: conv.register_forward_hook(lambda *a: None), True),
+        ("pre-hook", lambda: conv.register_forward_pre_hook(lambda *a: None), True),
+        ("global hook", lambda: torch.nn.modules.module.register_module_forward_hook(lambda *a: None), True),
+        ("plan replaced", lambda: setattr(model.layer1[0], "_lgd_plan", None), True),
+    ]
+
+
+@pytest.mark.parametrize("index", range(15))
+def test_the_packed_guard_sees_what_module_state_sees(index, gen):
+    """lgd_fast._C.module_state (what a recorded call compares) changes exactly where lgd_fast.recorded.module_state
+    (its specification) does, for each change a program depends on and for none it does not."""
+    from lgd_fast import _C
+    from lgd_fast.recorded import _state, module_state
+
+    model = create_model("lgd3d_tiny", num_classes=7, fast=True).eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 4, 16, 16, generator=gen))
+    name, change, seen = _changes(model)[index]
+    assert _C.module_state(torch.nn.Linear(2, 2)) is NotImplemented  # (no stamps yet: the Python function gives them)
+    tuple_before, packed_before = module_state(model), _C.module_state(model)
+    assert isinstance(packed_before, bytes) and _state(model) == packed_before
+    handles = []
+    try:
+        with torch.no_grad():
+            handles.append(change())
+        tuple_after, packed_after = module_state(model), _C.module_state(model)
+    finally:
+        for h in handles:
+            if isinstance(h, torch.utils.hooks.RemovableHandle):
+                h.remove()
+    assert (tuple_after != tuple_before) == seen, name
+    assert (packed_after != packed_before) == seen, name
+
+
+def test_the_packed_guard_is_none_for_inference_tensors():
+    from lgd_fast import _C
+    from lgd_fast.recorded import _state, module_state
+
+    with torch.inference_mode():
+        model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    assert module_state(model) is None and _C.module_state(model) is None and _state(model) is None

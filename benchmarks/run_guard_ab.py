@@ -1,0 +1,92 @@
+"""The recorded program's guard packed by the extension (``lgd_fast._C.module_state``, bytes) against the Python
+function it implements (``lgd_fast.recorded.module_state``, a tuple), as a fast model runs inference: two fast models
+of the same weights, the second guarded by the Python function, recorded; then their calls
+(``lgd_fast.bench.pass_call``'s inference, on contiguous clips) alternate, the order flipped every round; medians.
+``--control`` is the A/A run: both guarded by the extension. Also times each guard alone on the first model.
+
+    PYTHONPATH=. python benchmarks/run_guard_ab.py --model lgd3d_tiny --batch 1 --size 32 \\
+        --out benchmarks/results/guard_ab_tiny_b1_cpu.json
+    PYTHONPATH=. python benchmarks/run_guard_ab.py --control ...   # A/A: both packed
+"""
+
+import argparse
+import contextlib
+import json
+import statistics
+import timeit
+
+import torch
+
+from lgd_fast import _C
+from lgd_fast import recorded as rec
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
+from lgd_fast.models import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="lgd3d_tiny")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--size", type=int, default=32, help="H = W of the 16-frame clips")
+    parser.add_argument("--rounds", type=int, default=1000)
+    parser.add_argument("--control", action="store_true", help="an A/A control: both models guarded by the extension")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    reference = trained_like(create_model(args.model, 400, classifier="two_heads"))
+    gen = torch.Generator().manual_seed(0)
+    clips = [torch.randn(args.batch, 3, 16, args.size, args.size, generator=gen) for _ in range(2)]  # never zeros
+    models = {}
+    for name in ("packed", "python"):
+        models[name] = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")
+        models[name].load_state_dict(reference.state_dict())
+    packed_state = rec._state
+    tuple_model = None if args.control else models["python"]
+
+    def guard(module):
+        return rec.module_state(module) if module is tuple_model else packed_state(module)
+
+    rec._state = guard
+    try:
+        calls = {k: pass_call("inference", m, m, clips, None, contextlib.nullcontext()) for k, m in models.items()}
+        for call in calls.values():
+            for _ in range(4):  # plans, records (second call), runs the program
+                call()
+        kinds = {k: type(rec._state(m)).__name__ for k, m in models.items()}
+        times, _ = time_interleaved(calls, repeats=args.rounds)  # (the order flips every round)
+    finally:
+        rec._state = packed_state
+    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    first = models["packed"]
+    guards_us = {
+        "python": timeit.timeit(lambda: rec.module_state(first), number=300) / 300 * 1e6,
+        "packed": timeit.timeit(lambda: _C.module_state(first), number=3000) / 3000 * 1e6,
+    }
+    payload = {
+        "benchmark": "guard_ab",
+        "model": args.model,
+        "input": [args.batch, 3, 16, args.size, args.size],
+        "rounds": args.rounds,
+        "control": args.control,  # (then "python" names the second model, which is guarded by the extension too)
+        "guard_types": kinds,
+        "modules": sum(1 for _ in first.modules()),
+        "tensors": sum(1 for _ in first.parameters()) + sum(1 for _ in first.buffers()),
+        "guard_alone_us": guards_us,
+        "median_ms": median,
+        "speedup_packed_vs_python": median["python"] / median["packed"],
+        "machine": {**machine_info(torch.device("cpu")), **git_commit()},
+        "command": "python benchmarks/run_guard_ab.py "
+        + " ".join(f"--{k} {getattr(args, k)}" for k in ("model", "batch", "size", "rounds"))
+        + (" --control" if args.control else ""),
+    }
+    print(f"guards {kinds}; alone: python {guards_us['python']:.1f} us, packed {guards_us['packed']:.1f} us")
+    print(f"packed {median['packed']:.3f} ms, python {median['python']:.3f} ms: "
+          f"{payload['speedup_packed_vs_python']:.3f}x")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
