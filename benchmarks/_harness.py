@@ -436,3 +436,49 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
 
     plt.close(fig)
     return path
+
+
+# ---- A/B runs of two fast models in one process ------------------------------------------------------------
+
+
+def ab_arguments(description: str, *, batch: int, size: int, rounds: int, control: str):
+    """The command line every model A/B script here shares: --model, --batch, --size (H = W of 16-frame clips),
+    --rounds, --control (the A/A run, ``control`` says what it is) and --out; the script adds its own."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="lgd3d_tiny")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--size", type=int, default=size, help="H = W of the 16-frame clips")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--control", action="store_true", help=control)
+    parser.add_argument("--out")
+    return parser
+
+
+def ab_reference_and_clips(args, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """The weights both models load (``trained_like`` of ``args.model`` with 400 classes and both heads, seed 0) and
+    two random clips (N, 3, 16, S, S) in ``dtype`` (never zeros), the same in every run."""
+    from lgd_fast.models import create_model
+
+    torch.manual_seed(0)
+    reference = _bench.trained_like(create_model(args.model, 400, classifier="two_heads"))
+    gen = torch.Generator().manual_seed(0)
+    clips = [torch.randn(args.batch, 3, 16, args.size, args.size, generator=gen).to(dtype) for _ in range(2)]
+    return reference, clips
+
+
+def ab_command(script: str, args, names: Sequence[str]) -> str:
+    """The command line that made a run: ``python benchmarks/<script>`` with ``args``' options ``names``."""
+    return (f"python benchmarks/{script} " + " ".join(f"--{n} {getattr(args, n)}" for n in names)
+            + (" --control" if args.control else ""))  # fmt: skip
+
+
+def write_ab(payload: Mapping[str, Any], out: str | None) -> None:
+    """Writes an A/B run's payload where ``--out`` says (nothing without it)."""
+    if out:
+        import json
+
+        with open(out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {out}")

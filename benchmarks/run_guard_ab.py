@@ -9,33 +9,28 @@ of the same weights, the second guarded by the Python function, recorded; then t
     PYTHONPATH=. python benchmarks/run_guard_ab.py --control ...   # A/A: both packed
 """
 
-import argparse
 import contextlib
-import json
 import statistics
+import sys
 import timeit
+from pathlib import Path
 
 import torch
 
-from lgd_fast import _C
-from lgd_fast import recorded as rec
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
-from lgd_fast.models import create_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast import _C  # noqa: E402
+from lgd_fast import recorded as rec  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
+from lgd_fast.models import create_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lgd3d_tiny")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--size", type=int, default=32, help="H = W of the 16-frame clips")
-    parser.add_argument("--rounds", type=int, default=1000)
-    parser.add_argument("--control", action="store_true", help="an A/A control: both models guarded by the extension")
-    parser.add_argument("--out")
+    parser = h.ab_arguments(__doc__.splitlines()[0], batch=1, size=32, rounds=1000,
+                            control="an A/A control: both models guarded by the extension")  # fmt: skip
     args = parser.parse_args()
-    torch.manual_seed(0)
-    reference = trained_like(create_model(args.model, 400, classifier="two_heads"))
-    gen = torch.Generator().manual_seed(0)
-    clips = [torch.randn(args.batch, 3, 16, args.size, args.size, generator=gen) for _ in range(2)]  # never zeros
+    reference, clips = h.ab_reference_and_clips(args)
     models = {}
     for name in ("packed", "python"):
         models[name] = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")
@@ -75,17 +70,12 @@ def main() -> None:
         "median_ms": median,
         "speedup_packed_vs_python": median["python"] / median["packed"],
         "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": "python benchmarks/run_guard_ab.py "
-        + " ".join(f"--{k} {getattr(args, k)}" for k in ("model", "batch", "size", "rounds"))
-        + (" --control" if args.control else ""),
+        "command": h.ab_command("run_guard_ab.py", args, ("model", "batch", "size", "rounds")),
     }
     print(f"guards {kinds}; alone: python {guards_us['python']:.1f} us, packed {guards_us['packed']:.1f} us")
     print(f"packed {median['packed']:.3f} ms, python {median['python']:.3f} ms: "
           f"{payload['speedup_packed_vs_python']:.3f}x")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+    h.write_ab(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -11,36 +11,31 @@ of one plan differ).
     PYTHONPATH=. python benchmarks/run_stem_kernel_ab.py --control ...   # A/A: both run the kernel
 """
 
-import argparse
 import contextlib
-import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from lgd_fast import plan as planning
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
-from lgd_fast.models import create_model
-from lgd_fast.ops.stem_conv_pool import bf16_dot_products
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast import plan as planning  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
+from lgd_fast.models import create_model  # noqa: E402
+from lgd_fast.ops.stem_conv_pool import bf16_dot_products  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "bf16-weights")  # bf16: autocast on float32 models; bf16-weights: bfloat16 models, clips
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lgd3d_tiny")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=32, help="H = W of the 16-frame clips")
+    parser = h.ab_arguments(__doc__.splitlines()[0], batch=16, size=32, rounds=60,
+                            control="an A/A control: both models run the kernel")  # fmt: skip
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--control", action="store_true", help="an A/A control: both models run the kernel")
-    parser.add_argument("--out")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    reference = trained_like(create_model(args.model, 400, classifier="two_heads"))
-    gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16-weights" else torch.float32
-    clips = [torch.randn(args.batch, 3, 16, args.size, args.size, generator=gen).to(dtype) for _ in range(2)]
+    reference, clips = h.ab_reference_and_clips(args, dtype)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
     calls, plans, takes = {}, {}, planning._stem_kernel_takes
     for name in ("kernel", "onednn"):
@@ -79,16 +74,11 @@ def main() -> None:
         "median_ms": median,
         "speedup_kernel_vs_onednn": median["onednn"] / median["kernel"],
         "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": "python benchmarks/run_stem_kernel_ab.py "
-        + " ".join(f"--{k} {getattr(args, k)}" for k in ("model", "batch", "size", "dtype", "rounds"))
-        + (" --control" if args.control else ""),
+        "command": h.ab_command("run_stem_kernel_ab.py", args, ("model", "batch", "size", "dtype", "rounds")),
     }
     print(f"kernel {median['kernel']:.2f} ms, onednn {median['onednn']:.2f} ms: "
           f"{payload['speedup_kernel_vs_onednn']:.3f}x (logits differ by {difference:.2e})")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+    h.write_ab(payload, args.out)
 
 
 if __name__ == "__main__":

@@ -9,33 +9,27 @@ times it, on contiguous clips) alternating, order flipped every round; medians.
     PYTHONPATH=. python benchmarks/run_to_channels_last_ab.py --control ...   # A/A: both convert with the op
 """
 
-import argparse
 import contextlib
-import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
-from lgd_fast import plan as planning
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved, trained_like
-from lgd_fast.models import create_model
-from lgd_fast.ops import to_channels_last_3d_reference
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
+from lgd_fast import plan as planning  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
+from lgd_fast.models import create_model  # noqa: E402
+from lgd_fast.ops import to_channels_last_3d_reference  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="lgd3d_tiny")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=32, help="H = W of the 16-frame clips")
-    parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument("--control", action="store_true",
-                        help="an A/A control: both models convert with the op (how much two instances differ)")
-    parser.add_argument("--out")
+    control = "an A/A control: both models convert with the op (how much two instances differ)"
+    parser = h.ab_arguments(__doc__.splitlines()[0], batch=16, size=32, rounds=200, control=control)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    reference = trained_like(create_model(args.model, 400, classifier="two_heads"))
-    gen = torch.Generator().manual_seed(0)
-    clips = [torch.randn(args.batch, 3, 16, args.size, args.size, generator=gen) for _ in range(2)]  # never zeros
+    reference, clips = h.ab_reference_and_clips(args)
     calls = {}
     op = planning.to_channels_last_3d
     for name in ("op", "aten"):
@@ -67,10 +61,7 @@ def main() -> None:
     second = "the second model, also by the op (A/A control)" if args.control else "by ATen"
     print(f"{args.model} inference, batch {args.batch}: clip converted by the op {median['op']:.3f} ms, {second} "
           f"{median['aten']:.3f} ms ({payload['speedup_op_over_aten']:.3f}x)")  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=1)
-        print("wrote", args.out)
+    h.write_ab(payload, args.out)
 
 
 if __name__ == "__main__":

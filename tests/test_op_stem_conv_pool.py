@@ -135,12 +135,13 @@ def test_every_gradient_is_the_references(layout, dtype, gen):
     assert torch.equal(gw, torch.autograd.grad(stem_conv_pool_reference(x2, w, None), (w,), g)[0])
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("shape", [(3, 3, 4, 30, 26), (1, 3, 2, 64, 60)], ids=["many-frames", "one-frame"])
-def test_bitwise_reproducible_across_thread_counts(shape, gen):
+def test_bitwise_reproducible_across_thread_counts(shape, wdtype, gen):
     """The same values whatever the threads, also where one output frame's rows are split into more chunks for
-    more threads (one-frame: 4 chunks for 3 threads, 2 for 1)."""
+    more threads (one-frame: 4 chunks for 3 threads, 2 for 1); with a float32 weight and with a bfloat16 one."""
     x = _clip(shape, torch.float32, "contiguous", gen)
-    w, b = _params(32, 3, 2, torch.float32, gen)
+    w, b = _params(32, 3, 2, wdtype, gen)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)  # (over this machine's cores: the split differs from one thread's all the same)
@@ -150,8 +151,8 @@ def test_bitwise_reproducible_across_thread_counts(shape, gen):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(several, single)
-    want = stem_conv_pool_reference(x, w, b)
-    assert ((single - want).norm() / want.norm()).item() < 1e-6
+    want = stem_conv_pool_reference(x, w, b).float()
+    assert ((single.float() - want).norm() / want.norm()).item() < (1e-6 if wdtype == torch.float32 else 1e-2)
 
 
 def test_bfloat16_weights_and_no_bias(gen):
@@ -226,21 +227,6 @@ def test_bf16_weights_without_dot_products_are_the_float32_tiles_on_the_rounded_
         _C._set_bf16_dot_products(True)
         _C._set_cpu_isa("auto")
     assert tiles.dtype == torch.bfloat16 and torch.equal(tiles, avx2) and torch.equal(tiles, rounded)
-
-
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
-def test_bitwise_reproducible_across_thread_counts_with_either_weight(wdtype, gen):
-    x = _clip((1, 3, 2, 64, 60), torch.float32, "contiguous", gen)
-    w, b = _params(32, 3, 2, wdtype, gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        several = stem_conv_pool(x, w, b, backend="cpp")
-        torch.set_num_threads(1)
-        single = stem_conv_pool(x, w, b, backend="cpp")
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(several, single)
 
 
 def test_bf16_dot_products_follow_the_cpu_and_the_path():
