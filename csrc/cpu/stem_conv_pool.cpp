@@ -53,6 +53,7 @@ constexpr int kTaps = 7;  // the stem's 7x7 spatial kernel (stride 2, padding 3)
 struct StemArgs {
   const float* weight;     // (planes * 49, cpad): planes = C_in * kt (the float32 tiles)
   const uint32_t* wpair;   // (pairs * 49, cpad) bfloat16 pairs of planes (2q, 2q + 1) (the dot-product tiles)
+  const uint32_t* wcols;   // (7 * 3, cpad): an odd last plane's taps (kh, 2j) and (kh, 2j + 1) in pairs, j < 3
   const float* bias;       // (cpad,)
   bool round_x;            // x rounded to bfloat16 in the slab (a bfloat16 weight on the float32 tiles)
   int64_t planes, pairs, kt, st, cout, cpad;
@@ -208,7 +209,7 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const bool low = weight.scalar_type() == at::kBFloat16;
   const bool dot = low && isa == CpuIsa::kAvx512 && bf16_dot_products();
   a.round_x = low && !dot && x.scalar_type() == at::kFloat;  // (a bfloat16 clip is rounded already)
-  a.pairs = (a.planes + 1) / 2;
+  a.pairs = (a.planes + 1) / 2;  // (an odd last plane: a pair of its own with zeros, plus its column pairs)
 
   const int64_t N = x.size(0);
   const auto out_dtype = (low || x.scalar_type() == at::kBFloat16) ? at::kBFloat16 : at::kFloat;
@@ -219,7 +220,7 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   }
   const int64_t taps = a.planes * kTaps * kTaps;
   std::vector<float> packed;
-  std::vector<uint32_t> pairs;
+  std::vector<uint32_t> pairs, cols;
   const at::Tensor w2 = weight.contiguous().reshape({cout, taps});
   if (dot) {  // weight -> (pairs * 49, cpad) words: planes (2q, 2q + 1) at one tap, channels padded with zeros
     pairs.assign(static_cast<size_t>(a.pairs * kTaps * kTaps * a.cpad), 0u);
@@ -229,6 +230,18 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
         const int64_t pl = k / (kTaps * kTaps), tap = k % (kTaps * kTaps);
         const uint32_t bits = wa[co][k].x;
         pairs[((pl / 2) * kTaps * kTaps + tap) * a.cpad + co] |= (pl & 1) ? bits << 16 : bits;
+      }
+    }
+    if (a.planes % 2 == 1) {  // the odd last plane's taps (kh, 2j), (kh, 2j + 1), j < 3, in pairs
+      cols.assign(static_cast<size_t>(kTaps * 3 * a.cpad), 0u);
+      const int64_t last = (a.planes - 1) * kTaps * kTaps;
+      for (int64_t co = 0; co < cout; ++co) {
+        for (int64_t kh = 0; kh < kTaps; ++kh) {
+          for (int64_t j = 0; j < 3; ++j) {
+            const uint32_t lo = wa[co][last + kh * kTaps + 2 * j].x, hi = wa[co][last + kh * kTaps + 2 * j + 1].x;
+            cols[(kh * 3 + j) * a.cpad + co] = lo | hi << 16;
+          }
+        }
       }
     }
   } else {  // weight -> (C_in * kt * 49, cpad) float32, channels padded with zeros
@@ -246,6 +259,7 @@ at::Tensor stem_conv_pool_cpu(const at::Tensor& x, const at::Tensor& weight, con
   }
   a.weight = packed.data();
   a.wpair = pairs.data();
+  a.wcols = cols.data();
   a.bias = b.data();
 
   const int64_t size[5] = {N, x.size(1), T, H, Wd};

@@ -15,7 +15,11 @@ LGD_INLINE vf<W> vmax(vf<W> a, vf<W> b) {
 #ifdef LGD_STEM_DOT
 // The bfloat16 dot-product path (AVX512_BF16, W = 16): the slab holds pairs of input planes (2q, 2q + 1) as one
 // 32-bit word per position, the weights the same pairs per output channel, and one vdpbf16ps adds both planes'
-// products to a float32 lane: half the instructions of the float32 tiles for the same multiply-adds.
+// products to a float32 lane: half the instructions of the float32 tiles for the same multiply-adds. An odd last
+// plane (LGD-2D's three: kt = 1) pairs its own neighbouring columns instead: after the pairs, a slab plane of words
+// (x[col], x[col + 1]) serves its taps (kw, kw + 1) for kw = 0, 2, 4 (both inside the pixel's window, so no value
+// of another window meets a zero weight: an infinity there would make NaN), and its half-empty pair word (x[col], 0)
+// the tap kw = 6: 4 instructions a row instead of 7.
 using Slab = uint32_t;
 
 template <int P, int V>
@@ -26,19 +30,30 @@ LGD_INLINE void conv_tile(const StemArgs& a, const uint32_t* __restrict__ slab, 
     const __m512 b = _mm512_loadu_ps(a.bias + cb + W * v);
     for (int p = 0; p < P; ++p) acc[p][v] = b;
   }
-  for (int64_t q = 0; q < a.pairs; ++q) {
+  // one tap's step: V weight words from wr, P input words row[2 p] (stride 2), P x V dot products
+  const auto step = [&](const uint32_t* row, const uint32_t* wr) __attribute__((always_inline)) {
+    __m512bh w[V];
+    for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wr + W * v);
+    for (int p = 0; p < P; ++p) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(row[2 * p]));
+      for (int v = 0; v < V; ++v) acc[p][v] = _mm512_dpbf16_ps(acc[p][v], xv, w[v]);
+    }
+  };
+  const int64_t full = a.planes / 2;  // pairs of two planes
+  for (int64_t q = 0; q < full; ++q) {
     for (int kh = 0; kh < kTaps; ++kh) {
       const uint32_t* row = slab + q * a.ps + (2 * oh + kh) * a.rs + 2 * ow0;
       const uint32_t* wr = a.wpair + ((q * kTaps + kh) * kTaps) * a.cpad + cb;
 #pragma GCC unroll 7
-      for (int kw = 0; kw < kTaps; ++kw) {
-        __m512bh w[V];
-        for (int v = 0; v < V; ++v) w[v] = (__m512bh)_mm512_loadu_si512(wr + kw * a.cpad + W * v);
-        for (int p = 0; p < P; ++p) {
-          const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(row[2 * p + kw]));
-          for (int v = 0; v < V; ++v) acc[p][v] = _mm512_dpbf16_ps(acc[p][v], xv, w[v]);
-        }
-      }
+      for (int kw = 0; kw < kTaps; ++kw) step(row + kw, wr + kw * a.cpad);
+    }
+  }
+  if (full < a.pairs) {  // the odd last plane: its column pairs, then its tap kw = 6 from its half-empty pair
+    for (int kh = 0; kh < kTaps; ++kh) {
+      const int64_t at = (2 * oh + kh) * a.rs + 2 * ow0;
+      const uint32_t* cols = slab + a.pairs * a.ps + at;
+      for (int j = 0; j < 3; ++j) step(cols + 2 * j, a.wcols + (kh * 3 + j) * a.cpad + cb);
+      step(slab + full * a.ps + at + 6, a.wpair + ((full * kTaps + kh) * kTaps + 6) * a.cpad + cb);
     }
   }
   for (int p = 0; p < P; ++p) {
@@ -85,6 +100,19 @@ void fill_pairs(const T* x, const int64_t* size, const int64_t* stride, const St
         _mm512_mask_storeu_epi32(d + w, m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
       }
     }
+  }
+}
+
+// The odd last plane's column pairs for input rows [h0, h1): word (x[col], x[col + 1]) from its half-empty pair
+// words (x[col], 0) (the row's last word has no right neighbour: its high half stays zero).
+LGD_INLINE void column_pairs(const StemArgs& a, int64_t h0, int64_t h1, uint32_t* slab) {
+  const uint32_t* half = slab + (a.pairs - 1) * a.ps;
+  uint32_t* cols = slab + a.pairs * a.ps;
+  for (int64_t h = h0 + 3; h < h1 + 3; ++h) {
+    const uint32_t* src = half + h * a.rs;
+    uint32_t* dst = cols + h * a.rs;
+    for (int64_t c = 0; c + 1 < a.rs; ++c) dst[c] = src[c] | src[c + 1] << 16;
+    dst[a.rs - 1] = src[a.rs - 1];
   }
 }
 #else
@@ -167,7 +195,7 @@ template <typename T, typename TOut>
 void stem_tasks(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, TOut* out,
                 const int64_t* ostride, int64_t b0, int64_t b1) {
 #ifdef LGD_STEM_DOT
-  std::vector<Slab> slab(static_cast<size_t>(a.pairs * a.ps), 0u);
+  std::vector<Slab> slab(static_cast<size_t>((a.pairs + a.planes % 2) * a.ps), 0u);  // (+ the column pairs)
 #else
   std::vector<Slab> slab(static_cast<size_t>(a.planes * a.ps), 0.f);
 #endif
@@ -187,6 +215,7 @@ void stem_tasks(const T* x, const int64_t* size, const int64_t* stride, const St
     const int64_t r0 = std::max<int64_t>(0, 2 * ph0 - 1), r1 = std::min(a.Hc - 1, 2 * ph1 - 1);
 #ifdef LGD_STEM_DOT
     fill_pairs(x, size, stride, a, n, t, std::max<int64_t>(0, 2 * r0 - 3), std::min(H, 2 * r1 + 4), slab.data());
+    if (a.planes % 2 == 1) column_pairs(a, std::max<int64_t>(0, 2 * r0 - 3), std::min(H, 2 * r1 + 4), slab.data());
 #else
     fill_slab(x, size, stride, a, n, t, std::max<int64_t>(0, 2 * r0 - 3), std::min(H, 2 * r1 + 4), slab.data());
 #endif
