@@ -468,6 +468,36 @@ def ab_reference_and_clips(args, dtype: torch.dtype = torch.float32) -> tuple[to
     return reference, clips
 
 
+def ab_fast_calls(args, reference: torch.nn.Module, clips: Sequence[torch.Tensor], names: tuple[str, str], *,
+                  plan: str, dtype: torch.dtype = torch.float32, autocast=None, second=None):
+    """(name -> a call, name -> its model) for two fast ``args.model``s with ``reference``'s weights in ``dtype`` and
+    plan ``plan``: each call is ``lgd_fast.bench.pass_call``'s inference (as ``lgd-fast bench`` times it) on
+    ``clips`` under ``autocast`` (None: off), each model planned and recorded by four calls; the second's under
+    ``second()`` (a context manager: what makes it differ) unless ``args.control`` (the A/A run)."""
+    import contextlib
+
+    from lgd_fast.models import create_model
+
+    calls, models = {}, {}
+    for name in names:
+        model = models[name] = create_model(args.model, 400, classifier="two_heads", fast=True, plan=plan)
+        model.load_state_dict(reference.state_dict())
+        model.to(dtype)
+        call = _bench.pass_call("inference", model, model, clips, None, autocast or contextlib.nullcontext())
+        differs = name == names[1] and second is not None and not args.control
+        with second() if differs else contextlib.nullcontext():
+            for _ in range(4):  # plans, records (second call), runs the program
+                call()
+        calls[name] = call
+    return calls, models
+
+
+def ab_medians(calls: Mapping[str, Callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The calls alternating for ``rounds`` rounds, the order flipped every round: (seconds per call, median ms)."""
+    times, _ = _bench.time_interleaved(calls, repeats=rounds)
+    return times, {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def ab_command(script: str, args, names: Sequence[str]) -> str:
     """The command line that made a run: ``python benchmarks/<script>`` with ``args``' options ``names``."""
     return (f"python benchmarks/{script} " + " ".join(f"--{n} {getattr(args, n)}" for n in names)

@@ -10,7 +10,6 @@ of the same weights, the second guarded by the Python function, recorded; then t
 """
 
 import contextlib
-import statistics
 import sys
 import timeit
 from pathlib import Path
@@ -22,7 +21,7 @@ import _harness as h  # noqa: E402
 
 from lgd_fast import _C  # noqa: E402
 from lgd_fast import recorded as rec  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info, pass_call  # noqa: E402
 from lgd_fast.models import create_model  # noqa: E402
 
 
@@ -48,10 +47,9 @@ def main() -> None:
             for _ in range(4):  # plans, records (second call), runs the program
                 call()
         kinds = {k: type(rec._state(m)).__name__ for k, m in models.items()}
-        times, _ = time_interleaved(calls, repeats=args.rounds)  # (the order flips every round)
+        _, median = h.ab_medians(calls, args.rounds)
     finally:
         rec._state = packed_state
-    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     first = models["packed"]
     guards_us = {
         "python": timeit.timeit(lambda: rec.module_state(first), number=300) / 300 * 1e6,

@@ -12,9 +12,10 @@ of one plan differ).
 """
 
 import contextlib
-import statistics
+import functools
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -22,8 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import plan as planning  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
-from lgd_fast.models import create_model  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info  # noqa: E402
 from lgd_fast.ops.stem_conv_pool import bf16_dot_products  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "bf16-weights")  # bf16: autocast on float32 models; bf16-weights: bfloat16 models, clips
@@ -37,21 +37,10 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16-weights" else torch.float32
     reference, clips = h.ab_reference_and_clips(args, dtype)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16" else contextlib.nullcontext()
-    calls, plans, takes = {}, {}, planning._stem_kernel_takes
-    for name in ("kernel", "onednn"):
-        model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")
-        model.load_state_dict(reference.state_dict())
-        model.to(dtype)
-        call = pass_call("inference", model, model, clips, None, autocast)
-        if name == "onednn" and not args.control:
-            planning._stem_kernel_takes = lambda *a, **k: False
-        try:
-            for _ in range(4):  # plans, records (second call), runs the program
-                call()
-        finally:
-            planning._stem_kernel_takes = takes
-        calls[name] = call
-        plans[name] = str(model.execution_plan).splitlines()[2]  # the stem's choice
+    refused = functools.partial(mock.patch.object, planning, "_stem_kernel_takes", lambda *a, **k: False)
+    calls, models = h.ab_fast_calls(args, reference, clips, ("kernel", "onednn"), plan="default", dtype=dtype,
+                                    autocast=autocast, second=refused)  # fmt: skip
+    plans = {name: str(m.execution_plan).splitlines()[2] for name, m in models.items()}  # the stem's choice
     for name, line in plans.items():
         print(f"{name}: {line.strip()}")
     if not args.control and "kernel" not in plans["kernel"]:
@@ -59,8 +48,7 @@ def main() -> None:
     with torch.inference_mode(), autocast:
         a, b = (calls[n]().float() for n in ("kernel", "onednn"))
     difference = ((a - b).norm() / b.norm()).item()
-    times, _ = time_interleaved(calls, repeats=args.rounds)  # (the order flips every round)
-    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    _, median = h.ab_medians(calls, args.rounds)
     payload = {
         "benchmark": "stem_kernel_ab",
         "model": args.model,

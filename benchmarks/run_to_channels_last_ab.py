@@ -9,10 +9,10 @@ times it, on contiguous clips) alternating, order flipped every round; medians.
     PYTHONPATH=. python benchmarks/run_to_channels_last_ab.py --control ...   # A/A: both convert with the op
 """
 
-import contextlib
-import statistics
+import functools
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import plan as planning  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info, pass_call, time_interleaved  # noqa: E402
-from lgd_fast.models import create_model  # noqa: E402
+from lgd_fast.bench import git_commit, machine_info  # noqa: E402
 from lgd_fast.ops import to_channels_last_3d_reference  # noqa: E402
 
 
@@ -30,22 +29,10 @@ def main() -> None:
     parser = h.ab_arguments(__doc__.splitlines()[0], batch=16, size=32, rounds=200, control=control)
     args = parser.parse_args()
     reference, clips = h.ab_reference_and_clips(args)
-    calls = {}
-    op = planning.to_channels_last_3d
-    for name in ("op", "aten"):
-        model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="measure")
-        model.load_state_dict(reference.state_dict())
-        call = pass_call("inference", model, model, clips, None, contextlib.nullcontext())
-        if name == "aten" and not args.control:
-            planning.to_channels_last_3d = lambda x, backend=None: to_channels_last_3d_reference(x)
-        try:
-            for _ in range(4):  # plans, records (second call), runs the program
-                call()
-        finally:
-            planning.to_channels_last_3d = op
-        calls[name] = call
-    times, _ = time_interleaved(calls, repeats=args.rounds)  # (the order flips every round)
-    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    aten = functools.partial(mock.patch.object, planning, "to_channels_last_3d",
+                             lambda x, backend=None: to_channels_last_3d_reference(x))  # fmt: skip
+    calls, _ = h.ab_fast_calls(args, reference, clips, ("op", "aten"), plan="measure", second=aten)
+    times, median = h.ab_medians(calls, args.rounds)
     payload = {
         "benchmark": "to_channels_last_ab",
         "model": args.model,

@@ -62,26 +62,31 @@ struct StemArgs {
   int64_t chunks, chunk_rows;     // each output frame's pooled rows in chunks of chunk_rows (a task each)
 };
 
+// Input plane pl = c * kt + dt of output frame t of video n: its first row.
+template <typename T>
+LGD_INLINE const T* input_plane(const T* x, const int64_t* stride, const StemArgs& a, int64_t n, int64_t t,
+                                int64_t pl) {
+  return x + n * stride[0] + (pl / a.kt) * stride[1] + (t * a.st + pl % a.kt) * stride[2];
+}
+
 // Copies rows [h0, h1) of the kt input frames of output frame t of video n, every channel, into the slab's
 // interiors (the borders are never written, so they stay zero; a task reads only the rows it copied).
 template <typename T>
 void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const StemArgs& a, int64_t n, int64_t t,
                int64_t h0, int64_t h1, float* slab) {
-  const int64_t C = size[1], Wd = size[4];
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t dt = 0; dt < a.kt; ++dt) {
-      const T* src = x + n * stride[0] + c * stride[1] + (t * a.st + dt) * stride[2];
-      float* dst = slab + (c * a.kt + dt) * a.ps + 3 * a.rs + 3;
-      for (int64_t h = h0; h < h1; ++h) {
-        const T* s = src + h * stride[3];
-        float* d = dst + h * a.rs;
-        if (a.round_x) {
-          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(c10::BFloat16(static_cast<float>(s[w * stride[4]])));
-        } else if (stride[4] == 1) {
-          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w]);
-        } else {
-          for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w * stride[4]]);
-        }
+  const int64_t Wd = size[4];
+  for (int64_t pl = 0; pl < a.planes; ++pl) {
+    const T* src = input_plane(x, stride, a, n, t, pl);
+    float* dst = slab + pl * a.ps + 3 * a.rs + 3;
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* s = src + h * stride[3];
+      float* d = dst + h * a.rs;
+      if (a.round_x) {
+        for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(c10::BFloat16(static_cast<float>(s[w * stride[4]])));
+      } else if (stride[4] == 1) {
+        for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w]);
+      } else {
+        for (int64_t w = 0; w < Wd; ++w) d[w] = static_cast<float>(s[w * stride[4]]);
       }
     }
   }
@@ -95,8 +100,7 @@ void fill_slab(const T* x, const int64_t* size, const int64_t* stride, const Ste
   const int64_t Wd = size[4];
   uint16_t* halves = reinterpret_cast<uint16_t*>(slab);
   for (int64_t pl = 0; pl < a.planes; ++pl) {
-    const int64_t c = pl / a.kt, dt = pl % a.kt;
-    const T* src = x + n * stride[0] + c * stride[1] + (t * a.st + dt) * stride[2];
+    const T* src = input_plane(x, stride, a, n, t, pl);
     uint16_t* dst = halves + 2 * ((pl / 2) * a.ps + 3 * a.rs + 3) + (pl & 1);
     for (int64_t h = h0; h < h1; ++h) {
       const T* s = src + h * stride[3];

@@ -74,12 +74,9 @@ void fill_pairs(const T* x, const int64_t* size, const int64_t* stride, const St
                 int64_t h0, int64_t h1, uint32_t* slab) {
   if (stride[4] != 1) return fill_slab(x, size, stride, a, n, t, h0, h1, slab);
   const int64_t Wd = size[4];
-  const auto plane = [&](int64_t pl) {
-    return x + n * stride[0] + (pl / a.kt) * stride[1] + (t * a.st + pl % a.kt) * stride[2];
-  };
   for (int64_t q = 0; q < a.pairs; ++q) {
-    const T* s0 = plane(2 * q);
-    const T* s1 = 2 * q + 1 < a.planes ? plane(2 * q + 1) : nullptr;
+    const T* s0 = input_plane(x, stride, a, n, t, 2 * q);
+    const T* s1 = 2 * q + 1 < a.planes ? input_plane(x, stride, a, n, t, 2 * q + 1) : nullptr;
     for (int64_t h = h0; h < h1; ++h) {
       const T* r0 = s0 + h * stride[3];
       const T* r1 = s1 == nullptr ? nullptr : s1 + h * stride[3];

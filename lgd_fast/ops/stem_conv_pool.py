@@ -14,9 +14,8 @@ and layout change made inside the op. On a CPU with AVX512_BF16 those products r
 (``lgd_fast._C.bf16_dot_products()``), at twice the float32 rate; these treat subnormal bfloat16 values and sums as
 zero (as the instruction does), where the float32 tiles of other CPUs keep them. The cpp backend takes float32 and
 bfloat16 weights only (``auto`` sends others to the reference; before bfloat16 products it converted any weight to
-float32). The compiled op
-(``csrc/cpu/stem_conv_pool.cpp``) makes the conv's output two rows at a time in
-a register-tiled loop and pools them while they are in L1: the conv output, four times the pooled size, is never
+float32). The compiled op (``csrc/cpu/stem_conv_pool.cpp``) makes the conv's output two rows at a time in a
+register-tiled loop and pools them while they are in L1: the conv output, four times the pooled size, is never
 written, and with three input channels its multiply-adds run closer to the FMA peak than oneDNN's conv does
 (``benchmarks/run_stem_conv_pool.py``). It reads x in any strides (the contiguous clip needs no conversion) and
 writes channels_last_3d.
@@ -158,6 +157,7 @@ def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     problem = _shape_problem(x, weight, bias, st)
     if problem is not None:
         raise ValueError(f"{OP_NAME}: {problem}")
+
     def supports(name: str, t: torch.Tensor) -> str | None:
         return _weight_reason(weight) or _cpp_supports(name, t)
 
