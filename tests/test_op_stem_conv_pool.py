@@ -116,12 +116,13 @@ def test_output_within_twice_pytorch_error(shape, dtype, layout, isa, gen, poiso
     assert err <= 2 * err_torch + floor, f"error {err:.3g} vs PyTorch {err_torch:.3g}, floor {floor:.3g} (seed {SEED})"
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w-fp32", "w-bf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_every_gradient_is_the_references(layout, dtype, gen):
+def test_every_gradient_is_the_references(layout, dtype, wdtype, gen):
     x = _clip((2, 3, 4, 11, 10), dtype, layout, gen).requires_grad_()
-    w, b = (t.requires_grad_() for t in _params(24, 3, 2, torch.float32, gen))
-    g = torch.randn((2, 24, 2, 3, 3), generator=gen).to(dtype)
+    w, b = (t.requires_grad_() for t in _params(24, 3, 2, wdtype, gen))
+    g = torch.randn((2, 24, 2, 3, 3), generator=gen).to(torch.bfloat16 if wdtype == torch.bfloat16 else dtype)
     got = torch.autograd.grad(stem_conv_pool(x, w, b, backend="cpp"), (x, w, b), g)
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     want = torch.autograd.grad(stem_conv_pool_reference(*leaves), leaves, g)
