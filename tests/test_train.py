@@ -230,6 +230,19 @@ def test_a_wrong_model_name_is_reported_before_any_video_is_read(tmp_path, capsy
     assert "unknown model 'lgd3d_r05'" in err and "lgd3d_r50" in err
 
 
+@pytest.mark.parametrize("value", ["false", "true", "auto", "False", "'false'"])
+def test_tensorboard_switch_takes_true_and_false(tmp_path, value):
+    """README: --set tensorboard=false turns the scalars off, true makes a missing package an error; YAML reads the
+    bare words as booleans, which the string key takes as the words (from --set and from a config file alike)."""
+    word = value.strip("'").lower()
+    assert load_config(None, [f"tensorboard={value}"]).tensorboard == word
+    path = tmp_path / "c.yaml"
+    path.write_text(f"tensorboard: {value}\n")
+    assert load_config(path).tensorboard == word
+    with pytest.raises(ConfigError, match="tensorboard must be auto, true or false"):
+        load_config(None, ["tensorboard=maybe"])
+
+
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 7\noptim:\n  lr: 0.5\n  batch_size: 4\nmodel:\n  name: lgd3d_r18\n")

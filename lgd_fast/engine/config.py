@@ -133,6 +133,9 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_SWITCHES = {"tensorboard"}  # string keys whose values include the words true and false (auto | true | false)
+
+
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """``value`` as type ``hint`` (bool, int, float, str); strings from the command line are parsed."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
@@ -159,6 +162,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ValueError:
                 pass
     elif hint is str:
+        if isinstance(value, bool) and key in _SWITCHES:  # YAML reads true / false as booleans
+            return "true" if value else "false"
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(f"{key} (from {source}) must be {getattr(hint, '__name__', hint)}, got {value!r}")
