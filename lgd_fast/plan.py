@@ -363,12 +363,26 @@ def decide(
     return _decide(plan, owner, x, runner, args, group, frames)
 
 
+def _check_backend_runs(plan: LayerPlan, x: torch.Tensor) -> None:
+    """A backend asked for by name that cannot run on x's device is an error, not auto's choice: an op that lacks
+    the backend takes ``auto``, so a model of such ops alone (a converted conv run under ``backend="cuda"`` on
+    CPU clips) would otherwise run on another backend than the one asked for, with no word."""
+    if plan.backend in (_backend.AUTO, "reference"):
+        return
+    reason = _backend.backend_unavailable_reason(plan.backend, x.device.type, anywhere=("cpp",))
+    if reason is not None:
+        raise RuntimeError(f"this fast model was made with backend={plan.backend!r}, which cannot run on its input "
+                           f"({x.device.type} tensors): {reason}. Make it with backend='auto' (the default) to let "
+                           "each op take the fastest backend for the device")  # fmt: skip
+
+
 def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     group = (owner,) if group is None else group
     mode = _mode(group)
     frames = tuple(x.shape[-2:]) if frames is None else frames
     request = op_backend(plan.backend, CONV_BACKENDS)
     if _FORCED:
+        _check_backend_runs(plan, x)
         backend = _conv_backend(plan.backend, x)
         return _forced_choice(plan, _default(plan, x, mode, backend, frames, request), mode, backend, _FORCED[-1])
     device = x.device.type
@@ -378,6 +392,7 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
     choice = plan.choices.get(key)
     if choice is not None:
         return choice
+    _check_backend_runs(plan, x)
     backend = _conv_backend(plan.backend, x)
     default = _default(plan, x, mode, backend, frames, request)
     if plan.mode == "fused":

@@ -1,5 +1,6 @@
 """Reference models: shapes, parameter counts, the P3D cycle, initialisation, heads and bad input."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -338,10 +339,16 @@ def test_bf16_autocast_forward():
         (torch.randn(1, 3, 8, 32, 32, dtype=torch.float64), TypeError, "float64 does not match.*float32"),
         (torch.randn(1, 3, 1, 32, 32), ValueError, "1 frames but the stem's early temporal stride is 2"),
         ([1, 2, 3], TypeError, "expected a torch.Tensor"),
+        (torch.randn(0, 3, 8, 32, 32), ValueError, r"every size >= 1, got an empty batch \(N = 0\)"),
+        (torch.randn(1, 3, 8, 0, 32), ValueError, r"every size >= 1, got no frames or pixels"),
+        (torch.randn(1, 3, 8, 32, 0), ValueError, r"every size >= 1, got no frames or pixels"),
     ],
 )
-def test_bad_input_is_named(x, error, match):
-    model = create_model("lgd3d_tiny", 3)
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_bad_input_is_named(x, error, match, fast):
+    """Reference and fast models name the problem (the fast one before its arena or recorded program looks at x;
+    an empty batch made the kernel classifier's FFT fail with oneMKL's 'Inconsistent configuration parameters')."""
+    model = create_model("lgd3d_tiny", 3, fast=fast)
     with pytest.raises(error, match=match):
         model(x)
 
@@ -351,6 +358,10 @@ def test_bad_construction_arguments():
         create_model("lgd3d_tiny", 3, classifier="bilinear")
     with pytest.raises(ValueError, match="num_classes must be positive"):
         create_model("lgd3d_tiny", 0)
+    for wrong in (2.5, "10", True):
+        with pytest.raises(TypeError, match="num_classes must be an int"):
+            create_model("lgd3d_tiny", wrong)
+    assert create_model("lgd3d_tiny", np.int64(5)).num_classes == 5
     with pytest.raises(ValueError, match="no hidden units"):
         create_model("lgd3d_tiny", 3, global_reduction=64)
     with pytest.raises(ValueError, match="variant must be one of"):

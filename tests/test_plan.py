@@ -198,6 +198,27 @@ def test_forced_overrides_and_backend_argument(gen, no_measuring):
         create_model("lgd3d_tiny", 5, plan="default")
 
 
+@pytest.mark.parametrize("make", ["convert", "create_model"])
+def test_a_backend_asked_for_that_cannot_run_on_the_input_is_an_error(gen, make, no_measuring):
+    """backend="cuda" on CPU clips: an op without a cuda backend takes auto, so a converted conv run (no op with a
+    cuda backend) ran on oneDNN while its plan said cuda, with no word. Now the first call per input key says so;
+    a backend that does run there (cpp: the extension's ops, auto for the convs) still runs."""
+    x = torch.randn(1, 3, 4, 16, 16, generator=gen)
+    if make == "convert":
+        run = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU()).eval()
+        model, works = lgd_fast.convert(run, backend="cuda", plan="default"), None
+    else:
+        model = create_model("lgd3d_tiny", 5, fast=True, backend="cuda", plan="default").eval()
+        works = create_model("lgd3d_tiny", 5, fast=True, backend="cpp", plan="default").eval()
+        x = torch.randn(1, 3, 4, 32, 32, generator=gen)
+    message = r"made with backend='cuda', which cannot run on its input \(cpu tensors\): the cuda backend runs on CUDA"
+    with torch.no_grad(), pytest.raises(RuntimeError, match=message):
+        model(x)
+    if works is not None:
+        with torch.no_grad():
+            assert torch.isfinite(works(x)).all()
+
+
 def test_environment_sets_the_mode_when_the_model_is_made(monkeypatch):
     monkeypatch.setenv(planning.ENV_VAR, "measure")
     assert create_model("lgd3d_tiny", 5, fast=True).layer1[0]._lgd_plan.mode == "measure"

@@ -275,6 +275,7 @@ class _FastNet:
         return local_map, g
 
     def forward(self, x: torch.Tensor):
+        self.check_input(x)  # (before the arena and the recorded program look at x)
         if traced_as_one_op(self, x):  # torch.compile of CPU inference: the eager program as one op (lgd_fast.recorded)
             return torch.ops.lgd_fast.recorded_inference(x, id(self))
         return self._eager_forward(x)

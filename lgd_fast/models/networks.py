@@ -16,6 +16,7 @@ Heads (``classifier=``):
 from __future__ import annotations
 
 import abc
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,8 +54,11 @@ class LGDNet(nn.Module, abc.ABC):
         super().__init__()
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} {num_classes!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        num_classes = int(num_classes)  # (a numpy or torch integer as a Python int)
         self.num_classes, self.classifier, self.feature_dim = num_classes, classifier, feature_dim
         self.drop = nn.Dropout(dropout)
         self.drop_g = nn.Dropout(dropout)
@@ -114,6 +118,10 @@ class LGDNet(nn.Module, abc.ABC):
             )
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point video batch, got dtype {x.dtype} (convert and normalise first)")
+        if x.shape[0] == 0 or 0 in x.shape[2:]:
+            what = "an empty batch (N = 0)" if x.shape[0] == 0 else "no frames or pixels (T, H or W is 0)"
+            raise ValueError(f"expected a video batch of shape (N, 3, T, H, W) with every size >= 1, got {what}: "
+                             f"shape {tuple(x.shape)}")  # fmt: skip
         param = self.fc.weight
         if x.device != param.device:
             raise ValueError(f"input is on {x.device} but the model is on {param.device}")
