@@ -190,6 +190,7 @@ def test_kinetics_header_errors(tmp_path):
         ("a,,0,10,train,0", "empty youtube_id"),
         ("a,aaa,-1,10,train,0", "negative"),
         ("a,aaa,0.5,10,train,0", "whole number"),
+        ("a,aaa,10,5,train,0", "time_end 5 is before time_start 10"),
     ],
 )
 def test_kinetics_malformed_rows(tmp_path, row, reason):
@@ -202,6 +203,49 @@ def test_kinetics_malformed_rows(tmp_path, row, reason):
 def test_kinetics_unknown_label_names_line(tmp_path):
     path = _write(tmp_path / "k.csv", KINETICS_HEADER + "a,x,0,10,train,0\nb,y,0,10,train,0\n")
     assert "not in the class index" in _expect_error(path, 3, class_index=["a"]).reason
+
+
+def test_kinetics_split_not_in_the_file_names_its_splits(tmp_path):
+    """A misspelt split (``tset``) kept no row and returned [] without a word."""
+    path = _write(tmp_path / "k.csv", KINETICS_HEADER + "a,x,0,10,train,0\nb,y,0,10,val,0\n")
+    with pytest.raises(AnnotationError, match=r"k\.csv: no row of split 'tset'; the file's splits are 'train', 'val'"):
+        read_annotations(path, split="tset")
+    assert [r.label for r in read_annotations(path, split="val")] == [1]
+    assert read_annotations(_write(tmp_path / "header_only.csv", KINETICS_HEADER), split="train") == []
+
+
+@pytest.mark.parametrize(
+    "rows,line_no",
+    [
+        ('"a,x,0,10,train,0\n', 2),  # the quote opens the row: everything after is one field
+        ('a,x,0,10,train,0\nb,y,0,10,"train,0\nc,z,0,10,val,0\n', 3),  # in a later field: the row's count is right
+        ('"a\nb",x,0,10,train,0\n"c,y,0,10,train,0', 4),  # after a quoted label over two lines; no final newline
+        ('a,x,0,10,train,0\n"b,y,0,10,train,0\n' + "c,z,0,10,train,0\n" * 10_000, 3),  # past the csv field limit
+    ],
+    ids=["opens_the_row", "in_a_later_field", "after_a_field_over_two_lines", "past_the_field_size_limit"],
+)
+def test_kinetics_unterminated_quote_names_the_line_it_opens(tmp_path, rows, line_no):
+    """A quote left open swallows the rest of the file: the error said "k.csv:3: 1 fields where the header has 6: ''"
+    about a line that does not exist (or a raw csv.Error naming no file), not the quote."""
+    path = _write(tmp_path / "k.csv", KINETICS_HEADER + rows)
+    error = _expect_error(path, line_no)
+    assert "unterminated quote" in error.reason
+    assert error.line.count('"') == 1
+
+
+def test_kinetics_quoted_field_over_two_lines_is_no_unterminated_quote(tmp_path):
+    path = _write(tmp_path / "k.csv", KINETICS_HEADER + 'a,x,0,10,train,0\n"b\nc",y,0,10,"val",0\n')
+    assert [os.path.basename(r.path) for r in read_annotations(path)] == ["x_000000_000010.mp4", "y_000000_000010.mp4"]
+
+
+def test_kinetics_class_index_list_checked_as_a_file_is(tmp_path):
+    """A repeated name in a class index file was an error, in a list it was accepted."""
+    path = _write(tmp_path / "k.csv", KINETICS_HEADER + "abc,x,0,10,train,0\n")
+    with pytest.raises(ValueError, match=r"class_index: class 'abc' at position 1 repeats position 0"):
+        read_annotations(path, class_index=["abc", "abc"])
+    with pytest.raises(TypeError, match=r"class_index must hold class names \(str\), got 1 \(int\) at position 1"):
+        read_annotations(path, class_index=["abc", 1])
+    assert read_annotations(path, class_index=("zzz", "abc"))[0].label == 1
 
 
 def test_kinetics_float_times_and_crlf(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +121,34 @@ def test_bad_indices_and_backend(videos):
         read_clip(videos["vp9"], [])
     with pytest.raises(ValueError, match="backend must be one of"):
         read_clip(videos["vp9"], [0], backend="opencv")
+
+
+def test_frame_indices_must_be_integers(videos):
+    """numpy read 1.7 as frame 1 and True as frame 1; a bare int failed with "'int' object is not iterable"."""
+    for bad, shown in [([1.7], "1.7"), (["1"], "'1'"), ([True, False], "True"), (np.array([0.0, 2.5]), "0.0"),
+                       (torch.tensor([1, 0]).bool(), "True")]:  # fmt: skip
+        with pytest.raises(TypeError, match=rf"frame_indices must be integers, got .*{re.escape(shown)}"):
+            read_clip(videos["mjpeg"], bad, backend="pyav")
+    for bad in (3, "13"):
+        with pytest.raises(TypeError, match=rf"frame_indices must be a sequence of frame numbers, got \w+ {bad!r}"):
+            read_clip(videos["mjpeg"], bad, backend="pyav")
+    expected = read_clip(videos["mjpeg"], [3, 0, 3], backend="pyav")  # numpy and torch integers still work
+    for indices in (np.array([3, 0, 3]), np.array([3, 0, 3], dtype=np.uint8), torch.tensor([3, 0, 3]),
+                    [np.int64(3), torch.tensor(0), np.int32(3)]):  # fmt: skip
+        assert torch.equal(read_clip(videos["mjpeg"], indices, backend="pyav"), expected)
+    assert read_clip(videos["mjpeg"], range(9), backend="pyav").shape == (9, 48, 64, 3)  # as check-data reads
+
+
+def test_info_of_another_file_is_refused(videos, tmp_path):
+    """read_clip(a, ..., info=probe(b)) decoded b, checking the indices against b's length."""
+    info = probe(videos["vp9"])
+    with pytest.raises(ValueError, match="info describes .*clip_vp9.*, not path .*clip_mjpeg") as error:
+        read_clip(videos["mjpeg"], [5], backend="pyav", info=info)
+    assert videos["vp9"] in str(error.value) and videos["mjpeg"] in str(error.value)
+    with pytest.raises(TypeError, match="info must be a VideoInfo .* got str"):
+        read_clip(videos["vp9"], [1], backend="pyav", info="x")
+    link = tmp_path / "link.webm"  # the same file by another name: a link, a Path
+    link.symlink_to(videos["vp9"])
+    expected = read_clip(videos["vp9"], [1], backend="pyav")
+    assert torch.equal(read_clip(link, [1], backend="pyav", info=info), expected)
+    assert torch.equal(read_clip(Path(videos["vp9"]), [1], backend="pyav", info=info), expected)

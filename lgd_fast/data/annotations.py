@@ -151,8 +151,9 @@ def read_annotations(
     """Records of an annotation file or folder; see the module docstring for formats and rules.
 
     ``root``: where relative video paths start (default: the file's directory; a folder source is its own
-    root). ``class_index``: class names, or the path of a class index file. ``split``: keeps the Kinetics rows
-    of that split only. Missing video files are kept (see ``missing_videos``).
+    root). ``class_index``: class names (no repeats), or the path of a class index file. ``split``: keeps the
+    Kinetics rows of that split only (a split that no row has is an error). Missing video files are kept (see
+    ``missing_videos``).
     """
     if fmt == "auto":
         fmt = detect_format(source)
@@ -163,7 +164,7 @@ def read_annotations(
     if isinstance(class_index, (str, os.PathLike)):
         class_index = read_class_index(class_index)
     elif class_index is not None:
-        class_index = list(class_index)
+        class_index = _class_names(class_index)
     if fmt == "folder":
         if root is not None and os.path.abspath(root) != os.path.abspath(source):
             raise ValueError(f"a folder source is its own root; got root={os.fspath(root)!r} for {os.fspath(source)!r}")
@@ -191,6 +192,20 @@ def shard(records: Sequence, shard_id: int, num_shards: int) -> list:
     if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be an int in [0, {num_shards}), got {shard_id!r}")
     return list(records[shard_id::num_shards])
+
+
+def _class_names(class_index: Sequence[str]) -> list[str]:
+    """A ``class_index`` given as names, checked as ``read_class_index`` checks a file: strings, none repeated."""
+    names = list(class_index)
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names):
+        if not isinstance(name, str):
+            raise TypeError(f"class_index must hold class names (str), got {name!r} ({type(name).__name__}) "
+                            f"at position {position}")  # fmt: skip
+        if name in seen:
+            raise ValueError(f"class_index: class {name!r} at position {position} repeats position {seen[name]}")
+        seen[name] = position
+    return names
 
 
 def _label_lookup(class_index: Sequence[str]) -> dict[str, int]:
@@ -296,6 +311,28 @@ def _parse_time(text: str) -> int:
     return value
 
 
+def _open_quote_line(lines: list[str], start: int) -> int | None:
+    """The 1-based line where a quoted field of the CSV record starting on line ``start`` opens and is never closed
+    (it runs to the end of the file), read as ``csv.reader`` reads quotes; None when the record's quotes close."""
+    opened = None
+    state = "start"  # of a field; "plain": in an unquoted field; "quoted"; "quote": a quote inside a quoted field
+    for line_no in range(start, len(lines) + 1):
+        for char in lines[line_no - 1]:
+            if state == "quoted":
+                state = "quote" if char == '"' else "quoted"
+            elif state == "quote" and char == '"':
+                state = "quoted"  # a doubled quote
+            elif char == ",":
+                state = "start"
+            elif state == "start" and char == '"':
+                state, opened = "quoted", line_no
+            else:
+                state = "plain"
+        if state != "quoted":
+            return None  # the line ends the record
+    return opened
+
+
 def _read_kinetics_csv(path, root: str, class_index: list[str] | None, split: str | None) -> list[VideoRecord]:
     text = _text(path)
     lines = re.split(r"\r\n|\n|\r", text)  # physical lines, numbered as csv.reader counts them
@@ -313,9 +350,26 @@ def _read_kinetics_csv(path, root: str, class_index: list[str] | None, split: st
 
     rows = []  # (line_no, line text, label name, file stem) of the rows kept
     all_labels = set()
-    for fields in reader:
+    splits = set()
+    while True:
+        start = reader.line_num + 1  # the record's first line (a quoted field may run over several)
+        try:
+            fields = next(reader, None)
+        except csv.Error as e:  # (a quote left open runs into the field size limit)
+            quote_line = _open_quote_line(lines, start)
+            if quote_line is not None:
+                raise AnnotationError(f"unterminated quote: the quoted field opened here never closes ({e})",
+                                      path=path, line_no=quote_line, line=lines[quote_line - 1]) from None
+            raise AnnotationError(str(e), path=path, line_no=start, line=lines[start - 1]) from None
+        if fields is None:
+            break
         line_no = reader.line_num
         line = lines[line_no - 1]
+        if line_no == len(lines):  # the last record: a quote left open anywhere above ends here
+            quote_line = _open_quote_line(lines, start)
+            if quote_line is not None:
+                raise AnnotationError("unterminated quote: the quoted field opened here runs to the end of the file",
+                                      path=path, line_no=quote_line, line=lines[quote_line - 1])
         if not any(field.strip() for field in fields):
             continue
         try:
@@ -329,12 +383,19 @@ def _read_kinetics_csv(path, root: str, class_index: list[str] | None, split: st
                 raise ValueError("empty youtube_id")
             time_start = _parse_time(fields[column["time_start"]])
             time_end = _parse_time(fields[column["time_end"]])
+            if time_end < time_start:
+                raise ValueError(f"time_end {time_end} is before time_start {time_start}")
             stem = f"{youtube_id}_{time_start:06d}_{time_end:06d}"
         except ValueError as e:
             raise AnnotationError(str(e), path=path, line_no=line_no, line=line) from None
         all_labels.add(label_name)
+        if split is not None:
+            splits.add(fields[column["split"]].strip())
         if split is None or fields[column["split"]].strip() == split:
             rows.append((line_no, line, label_name, stem))
+    if split is not None and splits and split not in splits:
+        shown = ", ".join(repr(name) for name in sorted(splits)[:10]) + (" ..." if len(splits) > 10 else "")
+        raise AnnotationError(f"no row of split {split!r}; the file's splits are {shown}", path=path)
 
     lookup = _label_lookup(sorted(all_labels) if class_index is None else class_index)
     listings = _Listings()

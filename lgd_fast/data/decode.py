@@ -16,9 +16,10 @@ otherwise, saying so once in the log; ``backend="dali"`` on a file DALI cannot d
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -280,6 +281,35 @@ def _read_pyav(path: str, indices: np.ndarray) -> torch.Tensor:
 _said: set[str] = set()
 
 
+def _frame_numbers(frame_indices) -> np.ndarray:
+    """``frame_indices`` as int64 numbers; anything but integers (a float, bool, str) is a TypeError naming it (numpy
+    would truncate 1.7 to frame 1 and read True as frame 1)."""
+    if isinstance(frame_indices, torch.Tensor):
+        frame_indices = frame_indices.detach().cpu().numpy()
+    if isinstance(frame_indices, np.ndarray) and frame_indices.dtype.kind in "iu":
+        return frame_indices.astype(np.int64)
+    if isinstance(frame_indices, (str, bytes)) or not isinstance(frame_indices, Iterable):
+        raise TypeError(f"frame_indices must be a sequence of frame numbers, got {type(frame_indices).__name__} "
+                        f"{frame_indices!r}")  # fmt: skip
+    numbers = []
+    for i in frame_indices:
+        number = None
+        if not isinstance(i, (bool, np.bool_)) and not (isinstance(i, torch.Tensor) and i.dtype == torch.bool):
+            try:
+                number = operator.index(i)
+            except TypeError:
+                pass
+        if number is None:
+            raise TypeError(f"frame_indices must be integers, got {i!r} ({type(i).__name__})")
+        numbers.append(number)
+    return np.asarray(numbers, dtype=np.int64)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: equal strings, equal absolute paths or equal resolved links."""
+    return a == b or os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b)
+
+
 def read_clip(
     path: str | os.PathLike, frame_indices: Sequence[int], backend: str = "auto", *, info: VideoInfo | None = None
 ) -> torch.Tensor:
@@ -287,23 +317,29 @@ def read_clip(
 
     Args:
         path: a video file.
-        frame_indices: 0-based frame numbers, each in [0, number of frames).
+        frame_indices: 0-based frame numbers, each in [0, number of frames): ints, or numpy/torch integers.
         backend: ``"dali"``, ``"pyav"`` or ``"auto"`` (DALI where it decodes the codec here, else PyAV).
         info: the file's ``probe`` result, if already known (saves reading the container again).
 
     Raises:
         VideoError: the file is unusable, an index is out of range, or DALI was asked for a codec it cannot
             decode here.
-        ValueError: unknown backend or an empty/negative index list.
+        TypeError: ``frame_indices`` is not a sequence of integers, or ``info`` is not a ``VideoInfo``.
+        ValueError: unknown backend, an empty/negative index list, or ``info`` describing another file.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    indices = np.asarray(list(frame_indices), dtype=np.int64)
+    indices = _frame_numbers(frame_indices)
     if indices.ndim != 1 or indices.size == 0:
         raise ValueError("frame_indices must be a non-empty list of frame numbers")
     if (indices < 0).any():
         raise ValueError(f"frame_indices must be >= 0, got {indices.min()}")
-    info = info or probe(path)
+    if info is None:
+        info = probe(path)
+    elif not isinstance(info, VideoInfo):
+        raise TypeError(f"info must be a VideoInfo (probe's result) or None, got {type(info).__name__}")
+    elif not _same_file(os.fspath(path), info.path):
+        raise ValueError(f"info describes {info.path!r}, not path {os.fspath(path)!r}: pass probe(path) or no info")
     if indices.max() >= info.num_frames:
         raise VideoError(info.path, f"frame {int(indices.max())} asked for, the video has {info.num_frames} frames")
     if backend == "pyav":
