@@ -14,10 +14,13 @@ the GEMM runs on ``wgmma`` (Hopper), ``mma`` (mma.sync) or FMA units, and the wi
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
+import pickle
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -272,17 +275,21 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
         raise RuntimeError(f"aot_compile: {_backend.triton_error()}")
     for target in targets:
         _capability(target)  # a bad target fails before any compile
-    builds = []  # (row so far, what failed if it fails, the cubin's usage being read)
-    # Compiles run one after the other; reading each cubin's SASS (a third of a second) overlaps them.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        for target, name, kernel, args, constexprs, num_warps, num_stages, dtype in _aot_builds(targets, dtypes):
+    targets, dtypes = tuple(targets), tuple(dtypes)
+    builds = _builds(targets, dtypes)
+    # A compile holds the GIL (Triton's passes) but for ptxas, so threads did not overlap them (91 against 102 s
+    # for the 60 builds here); processes do, one per core. Reading each cubin's SASS (a third of a second,
+    # cuobjdump) overlaps in threads.
+    compiled = _compile_all(targets, dtypes, min(len(builds), _cores(), 8))
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as readers:
+        reads = []
+        for (target, name, _, _, constexprs, num_warps, _, dtype), done in zip(builds, compiled, strict=True):
             config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
             what = f"{name} [{config}, {num_warps} warps, {dtype}] failed for {target}"
-            start = time.perf_counter()
-            try:
-                fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
-            except Exception as exc:
-                raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
+            if isinstance(done, str):
+                raise RuntimeError(f"aot_compile: {what}: {done}")
+            fields, cubin, has_dot, seconds = done
             row = {
                 "kernel": name,
                 "config": config,
@@ -294,16 +301,79 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
                 "target": target,
                 "arch": fields.pop("arch"),
                 **fields,
-                "seconds": round(time.perf_counter() - start, 2),  # the compile
+                "seconds": seconds,  # the compile
             }
-            builds.append((row, what, pool.submit(_cubin_usage, cubin, has_dot)))
-    rows = []
-    for row, what, usage in builds:
-        try:
-            rows.append({**row, **usage.result()})
-        except Exception as exc:
-            raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
+            reads.append((row, what, readers.submit(_cubin_usage, cubin, has_dot)))
+        for row, what, usage in reads:
+            try:
+                rows.append({**row, **usage.result()})
+            except Exception as exc:
+                raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _builds(targets: tuple[str, ...], dtypes: tuple[str, ...]) -> list[tuple]:
+    return list(_aot_builds(targets, dtypes))
+
+
+def _compile_build(targets: tuple[str, ...], dtypes: tuple[str, ...], index: int):
+    """Build ``index`` of ``_aot_builds(targets, dtypes)`` (in a worker process, which lists them again: kernels do
+    not pickle): (row fields from the compile, cubin, has a dot, seconds)."""
+    target, _, kernel, args, constexprs, num_warps, num_stages, dtype = _builds(targets, dtypes)[index]
+    start = time.perf_counter()
+    fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
+    return fields, cubin, has_dot, round(time.perf_counter() - start, 2)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every platform)
+        return os.cpu_count() or 1
+
+
+def _compile_all(targets: tuple[str, ...], dtypes: tuple[str, ...], workers: int) -> list:
+    """Every build's ``_compile_build`` result, or the text of what it raised, in ``workers`` processes (each a
+    share of the builds; here, with one). Plain subprocesses, not multiprocessing: a spawned pool re-runs the
+    caller's main module, which a script without a ``__main__`` guard does not survive."""
+    count = len(_builds(targets, dtypes))
+    if workers <= 1:
+        return [_compile_or_error(targets, dtypes, i) for i in range(count)]
+    shares = [list(range(w, count, workers)) for w in range(workers)]
+    command = [sys.executable, "-c", "from lgd_fast.doctor import _compile_worker; _compile_worker()"]
+    processes = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in shares]  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # (a full pipe would stall a worker)
+        answers = list(pool.map(lambda p, share: p.communicate(pickle.dumps((targets, dtypes, share))),
+                                processes, shares))  # fmt: skip
+    results: list = [None] * count
+    for process, (out, err) in zip(processes, answers, strict=True):
+        if process.returncode != 0:
+            tail = err.decode(errors="replace").strip()[-2000:]
+            raise RuntimeError(f"aot_compile: a compile process exited with code {process.returncode}:\n{tail}")
+        for index, result in pickle.loads(out).items():
+            results[index] = result
+    return results
+
+
+def _compile_or_error(targets: tuple[str, ...], dtypes: tuple[str, ...], index: int):
+    try:
+        return _compile_build(targets, dtypes, index)
+    except Exception as exc:  # (reported with the build's name by aot_compile)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _compile_worker() -> None:
+    """A compile process: (targets, dtypes, indices) pickled on stdin -> {index: result or error text} on stdout.
+    Anything else written to stdout (by Triton or a tool it runs) goes to stderr."""
+    results_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    targets, dtypes, indices = pickle.load(sys.stdin.buffer)
+    results = {i: _compile_or_error(targets, dtypes, i) for i in indices}
+    results_out.write(pickle.dumps(results))
+    results_out.close()
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -299,6 +299,22 @@ def test_triton_kernels_compile_for_sm80_and_sm90a_as_the_jit_does_without_spill
 
 
 @needs_triton
+def test_aot_compile_names_the_build_that_failed(monkeypatch):
+    """The compiles run in worker processes where there are cores (the test above, on this machine's two); a
+    build that raises there, or here on one core, is named with its kernel, config, dtype and target."""
+    from lgd_fast import doctor
+
+    def fail(targets, dtypes, index):
+        raise ValueError(f"no build {index} today")
+
+    monkeypatch.setattr(doctor, "_compile_build", fail)
+    monkeypatch.setattr(doctor, "_cores", lambda: 1)  # (a worker process would import the unpatched module)
+    with pytest.raises(RuntimeError, match=r"aot_compile: forward_rows \[BLOCK_R=.*, 4 warps, bf16\] failed for "
+                                           r"sm_90a: ValueError: no build 0 today"):  # fmt: skip
+        doctor.aot_compile(targets=("sm_90a",), dtypes=("bf16",))
+
+
+@needs_triton
 def test_aot_build_without_the_hints_reads_scalars():
     """The control for the test above: the bf16 forward with a misaligned tensor and channel counts that are
     not multiples of 16 (what the old doctor compiled) loads 2-byte scalars; the load widths tell them apart."""
