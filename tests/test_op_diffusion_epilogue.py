@@ -189,6 +189,8 @@ def test_torch_compile_calls_the_op(gen):
         (lambda a: [a[0].int(), *a[1:]], TypeError, "r must be a floating-point tensor"),
         (lambda a: [a[0], a[1].double(), *a[2:]], TypeError, "s has dtype torch.float64 but r has dtype"),
         (lambda a: [a[0], a[1], None, *a[3:]], TypeError, "d must be a tensor"),
+        (lambda a: [a[0][:, :, :0], a[1][:, :, :0], *a[2:]], ValueError, r"r has T\*H\*W = 0 positions"),
+        (lambda a: [a[0][..., :0], a[1][..., :0], *a[2:]], ValueError, r"r has T\*H\*W = 0 positions"),
     ],
 )
 def test_bad_inputs_are_named(change, error, match, gen):
@@ -215,6 +217,23 @@ def test_auto_sends_unsupported_inputs_to_the_reference(gen, monkeypatch):
     torch.testing.assert_close(mixed, ref)
     out64, _ = diffusion_epilogue(r.double(), s.double(), d, scale, shift)  # float64: reference
     assert out64.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name,dtype", [("d", torch.float64), ("scale", torch.float16), ("scale", torch.float64),
+                                        ("shift", torch.float64)])  # fmt: skip
+def test_auto_sends_small_arguments_the_kernel_does_not_take_to_the_reference(name, dtype, gen, monkeypatch):
+    """d, scale and shift may be any float dtype: auto takes the reference for those the cpp kernel refuses, and
+    the cpp backend asked for by name says which."""
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    inputs = [t.detach() for t in _inputs((2, 5, 3, 7, 7), torch.float32, "contiguous", gen)]
+    index = {"d": 2, "scale": 3, "shift": 4}[name]
+    inputs[index] = inputs[index].to(dtype)
+    out, mean = diffusion_epilogue(*inputs)
+    ref_out, ref_mean = diffusion_epilogue_reference(*inputs)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"{name} must be float32 or bfloat16"):
+        diffusion_epilogue(*inputs, backend="cpp")
 
 
 def test_env_var_selects_the_reference(gen, monkeypatch):

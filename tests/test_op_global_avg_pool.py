@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lgd_fast.ops import _backend
-from lgd_fast.ops.global_avg_pool import global_avg_pool, global_avg_pool_reference
+from lgd_fast.ops.global_avg_pool import BACKENDS, global_avg_pool, global_avg_pool_reference
 from op_testing import SEED, assert_layout, max_err, random_input, usable_isas
 
 # The module itself (the package attribute of the same name is the function).
@@ -131,8 +131,6 @@ def test_bitwise_reproducible_across_thread_counts(fmt, gen):
 
 
 def test_degenerate_shapes(gen):
-    empty_thw = torch.randn(2, 3, 0, 4, 4)
-    torch.testing.assert_close(global_avg_pool(empty_thw, backend="cpp"), empty_thw.mean(dim=(2, 3, 4)), equal_nan=True)
     assert global_avg_pool(torch.randn(0, 3, 2, 2, 2), backend="cpp").shape == (0, 3)
     # C == 1 makes a tensor both contiguous and channels_last_3d: served as contiguous.
     one_c = random_input((2, 1, 3, 5, 5), torch.float32, CL, gen)
@@ -192,8 +190,38 @@ def test_rejects_dtype(dtype):
     x = torch.randint(1, 9, (2, 3, 2, 3, 3)).to(dtype)
     with pytest.raises(RuntimeError, match="dtype float32, bfloat16 or float64"):
         torch.ops.lgd_fast.global_avg_pool(x)
-    with pytest.raises(RuntimeError, match="dtype float32, bfloat16 or float64"):
-        global_avg_pool(x, backend="cpp")
+    if dtype.is_floating_point:  # (an integer x is a TypeError first: test_rejects_what_has_no_floating_mean)
+        with pytest.raises(RuntimeError, match="dtype float32, bfloat16 or float64"):
+            global_avg_pool(x, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda gen: [[1.0]], TypeError, "global_avg_pool: x must be a tensor, got list"),
+        (lambda gen: torch.randint(0, 9, (2, 3, 2, 3, 3), generator=gen, dtype=torch.int32), TypeError,
+         "global_avg_pool: x must be a floating-point tensor, got dtype torch.int32"),
+        (lambda gen: torch.randn(2, 3, 2, 3, 3, generator=gen) > 0, TypeError, "x must be a floating-point tensor"),
+        (lambda gen: torch.randn(2, 3, 0, 5, 6, generator=gen), ValueError, r"x has T\*H\*W = 0 positions"),
+        (lambda gen: torch.randn(2, 3, 4, 5, 0, generator=gen), ValueError, r"x has T\*H\*W = 0 positions"),
+    ],
+    ids=["list", "int32", "bool", "T=0", "W=0"],
+)  # fmt: skip
+def test_rejects_what_has_no_floating_mean(make, error, match, backend, gen, fresh_backend_state):
+    """A non-tensor or an integer x is a TypeError naming x, on every backend (not a fallback warning and then
+    torch's "could not infer output dtype"); no positions (T*H*W = 0) a ValueError, not a mean of NaN."""
+    with pytest.raises(error, match=match):
+        global_avg_pool(make(gen), backend=backend)
+
+
+@pytest.mark.parametrize("backend", [3, b"cpp", ["cpp"]])
+def test_backend_must_be_a_string(backend, fresh_backend_state):
+    x = torch.randn(1, 2, 2, 2, 2)
+    with pytest.raises(TypeError, match="backend argument must be a str, one of: cpp, reference, auto"):
+        global_avg_pool(x, backend=backend)
+    with pytest.raises(TypeError, match="backend argument must be a str"):
+        _backend.choose_backend("global_avg_pool", x, backend, backends=BACKENDS)
 
 
 def test_rejects_strided_layout(gen):

@@ -267,14 +267,50 @@ def test_bad_inputs_are_named(gen):
     m, g, *w = [t.detach() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
     with pytest.raises(ValueError, match="expected 12 weight tensors"):
         global_update(m, g, *w[:-1])
+    # the compiled op checks them itself (global_update checks the same first, test_every_backend_checks_its_inputs)
     with pytest.raises(RuntimeError, match="fc1 weight must have shape"):
-        global_update(m[:, :5], g[:, :5], *w, backend="cpp")
+        torch.ops.lgd_fast.global_update(m[:, :5], g[:, :5], *w)
     with pytest.raises(RuntimeError, match="g must have m's shape"):
-        global_update(m, g[:1], *w, backend="cpp")
+        torch.ops.lgd_fast.global_update(m, g[:1], *w)
     with pytest.raises(RuntimeError, match="fc3 has dtype"):
-        global_update(m, g, *w[:4], w[4].double(), *w[5:], backend="cpp")
+        torch.ops.lgd_fast.global_update(m, g, *w[:4], w[4].double(), *w[5:])
     with pytest.raises(ValueError, match="nonsense"):
         global_update(m, g, *w, backend="nonsense")
+
+
+def _replace(i, value):
+    """A change of global_update's arguments (m, g, w1, b1, ..., w6, b6): argument i replaced by value(it)."""
+    return lambda args: [value(t) if j == i else t for j, t in enumerate(args)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto", "$LGD_FAST_BACKEND=reference"])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (_replace(1, lambda g: g[:1]), ValueError, r"g must have m's shape \(2, 16\), got \(1, 16\)"),
+        (_replace(1, lambda g: g[0]), ValueError, r"g must have m's shape \(2, 16\), got \(16,\)"),
+        (_replace(3, lambda b1: b1[:1]), ValueError, r"fc1 weight must have shape \(2, 16\) and bias \(2,\), got "
+         r"\(2, 16\) and \(1,\)"),
+        (_replace(2, lambda w1: w1[:, :15]), ValueError, r"fc1 weight must have shape \(2, 16\) and bias \(2,\), got "
+         r"\(2, 15\)"),
+        (lambda a: [a[0].double(), a[1].double(), *a[2:]], ValueError, "fc1 is torch.float32 on cpu but m is "
+         "torch.float64"),
+        (_replace(0, lambda m: m.tolist()), TypeError, "global_update: m must be a tensor, got list"),
+        (_replace(0, lambda m: m.int()), TypeError, "global_update: m must be a floating-point tensor"),
+        (lambda a: [*a[:2], *[1.0] * 12], TypeError, "global_update: w1 must be a tensor, got float"),
+        (_replace(5, lambda b2: None), TypeError, "global_update: b2 must be a tensor, got NoneType"),
+    ],
+    ids=["g-one-row", "g-1d", "b1-one", "w1-columns", "m-float64", "m-list", "m-int", "float-weights", "b2-None"],
+)  # fmt: skip
+def test_every_backend_checks_its_inputs(change, error, match, backend, gen, monkeypatch):
+    """The C++ op's checks, on every backend: the reference would broadcast g (1, C_in) or a (1,) bias into a
+    wrong (N, C_out) result, or fail inside a matmul."""
+    if backend.startswith("$"):
+        monkeypatch.setenv("LGD_FAST_BACKEND", backend.split("=")[1])
+        backend = None
+    args = [t.detach() for t in _case(P3DBasicBlock(16, 32, variant="A"), 2, gen)]
+    with pytest.raises(error, match=match):
+        global_update(*change(args), backend=backend)
 
 
 def test_backend_choice(monkeypatch, gen):

@@ -154,12 +154,32 @@ def _bad(**changes):
         (_bad(backend="triton"), RuntimeError, "backend 'triton' was requested but cannot run"),
         (_bad(x=torch.randn(2, 4, 3, 7, 7, dtype=torch.float64), weight=torch.randn(5, 4, 1, 3, 3, dtype=torch.float64),
               backend="onednn"), TypeError, "backend 'onednn' does not take this input: dtype torch.float64"),
+        (_bad(backend=3), TypeError, "backend argument must be a str, one of: triton, onednn, reference, auto"),
+        # flags: a truthy string is no bool (the reference took "no" as True, the oneDNN op failed to cast it)
+        (_bad(relu="no", backend="reference"), TypeError, "p3d_conv: relu must be a bool, got str 'no'"),
+        (_bad(relu="no", backend="onednn"), TypeError, "p3d_conv: relu must be a bool, got str 'no'"),
+        (_bad(stats=1), TypeError, "p3d_conv: stats must be a bool, got int 1"),
+        (_bad(allow_tf32="yes"), TypeError, "p3d_conv: allow_tf32 must be a bool, got str 'yes'"),
+        # empty extents, named before ATen's or oneDNN's own messages (an empty batch is an empty output)
+        (_bad(x=torch.randn(2, 4, 0, 7, 7)), ValueError, r"x must have C_in, T, H and W > 0, got shape \(2, 4, 0, 7"),
+        (_bad(x=torch.randn(2, 4, 3, 0, 7)), ValueError, r"x must have C_in, T, H and W > 0"),
+        (_bad(x=torch.randn(2, 0, 3, 7, 7), weight=torch.randn(5, 0, 1, 3, 3)), ValueError,
+         r"x must have C_in, T, H and W > 0, got shape \(2, 0, 3, 7, 7\)"),
+        (_bad(weight=torch.randn(0, 4, 1, 3, 3)), ValueError, r"weight must have C_out > 0, got shape \(0, 4, 1, 3"),
+        (_bad(x=None), TypeError, "p3d_conv: x must be a tensor, got NoneType"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_clear_error(call, error, match, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", ["onednn", "reference"])
+def test_empty_batch_is_an_empty_output(backend, gen):
+    out = p3d_conv(torch.randn(0, 4, 3, 7, 7, generator=gen), torch.randn(5, 4, 1, 3, 3, generator=gen), stride=2,
+                   backend=backend)  # fmt: skip
+    assert out.shape == (0, 5, 3, 4, 4)
 
 
 def test_auto_picks_onednn_on_cpu_and_the_reference_for_float64(gen, caplog):

@@ -279,6 +279,30 @@ def test_rejects_bad_shapes_dtypes_and_layouts(gen):
                                squeeze_excite_reference(strided, w1, b1, w2, b2))  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference", "auto"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda a: {**a, "x": a["x"].tolist()}, "squeeze_excite: x must be a tensor, got list"),
+        (lambda a: {**a, "x": (a["x"] * 4).int()}, "squeeze_excite: x must be a floating-point tensor, got dtype "
+         "torch.int32"),
+        (lambda a: {**a, "w1": 1.0}, "squeeze_excite: w1 must be a tensor, got float"),
+        (lambda a: {**a, "b1": 0.5}, "squeeze_excite: b1 must be a tensor, got float"),
+        (lambda a: {**a, "w2": None}, "squeeze_excite: w2 must be a tensor, got NoneType"),
+        (lambda a: {**a, "silu": "no"}, "squeeze_excite: silu must be a bool, got str 'no'"),
+    ],
+    ids=["x-list", "x-int32", "w1-float", "b1-float", "w2-None", "silu-str"],
+)  # fmt: skip
+def test_rejects_arguments_of_the_wrong_type(change, match, backend, gen):
+    """Named TypeErrors on every backend: not AttributeErrors, the C++ "tensor does not have a device", a fallback
+    warning and then torch's "could not infer output dtype", or "no" taken as True."""
+    x = random_input((2, 6, 3, 4, 5), torch.float32, torch.contiguous_format, gen)
+    w1, b1, w2, b2 = [p.detach() for p in _params(6, 2, torch.float32, gen)]
+    args = change(dict(x=x, w1=w1, b1=b1, w2=w2, b2=b2, silu=True))
+    with pytest.raises(TypeError, match=match):
+        squeeze_excite(args["x"], args["w1"], args["b1"], args["w2"], args["b2"], silu=args["silu"], backend=backend)
+
+
 @pytest.mark.parametrize("shape", [(0, 4, 2, 3, 3), (2, 4, 0, 3, 3)], ids=_id)
 @pytest.mark.parametrize("fmt", FORMATS, ids=list(FORMATS))
 def test_empty_input(shape, fmt):

@@ -334,6 +334,26 @@ def test_rejects_what_is_not_such_a_stem(gen):
         stem_conv_pool(x, w, b, backend="winograd")
 
 
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(stride_t=1.5), "stride_t must be an int .*, got float 1.5"),  # (was run with stride 1)
+        (dict(stride_t="2"), "stride_t must be an int .*, got str '2'"),
+        (dict(stride_t=True), "stride_t must be an int .*, got bool True"),
+        (dict(x=[[1.0]]), "stem_conv_pool: x must be a tensor, got list"),
+        (dict(weight=1.0), "stem_conv_pool: weight must be a tensor, got float"),
+        (dict(bias=0.5), "stem_conv_pool: bias must be a tensor, got float"),
+    ],
+    ids=["stride-float", "stride-str", "stride-bool", "x-list", "weight-float", "bias-float"],
+)
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_rejects_arguments_of_the_wrong_type(change, match, backend, gen):
+    w, b = _params(16, 3, 2, torch.float32, gen)
+    args = dict(x=_clip((1, 3, 4, 9, 9), torch.float32, "contiguous", gen), weight=w, bias=b, stride_t=2) | change
+    with pytest.raises(TypeError, match=match):
+        stem_conv_pool(args["x"], args["weight"], args["bias"], stride_t=args["stride_t"], backend=backend)
+
+
 def test_empty_batch():
     x = torch.randn(0, 3, 2, 8, 8)
     got = stem_conv_pool(x, torch.randn(16, 3, 2, 7, 7), None, backend="cpp")

@@ -74,6 +74,8 @@ def test_compiles_without_a_graph_break(gen):
 def test_errors_and_inputs_it_leaves_to_the_reference(gen):
     with pytest.raises(ValueError, match="5-D"):
         to_channels_last_3d(torch.randn(2, 3, 4, 4))
+    with pytest.raises(TypeError, match="to_channels_last_3d: x must be a tensor, got list"):
+        to_channels_last_3d([1.0])
     x = _draw((2, 3, 4, 5, 6), torch.float32, gen)
     already = to_channels_last_3d_reference(x)
     assert to_channels_last_3d(already) is already, "channels-last input is returned as it is"

@@ -176,9 +176,15 @@ def requested_backend(requested: str | None = None, backends: Sequence[str] = BA
     """The backend asked for: ``requested`` if given, else ``$LGD_FAST_BACKEND``, else ``"auto"``.
 
     A ``requested`` name outside ``backends`` (the op's own) raises ``ValueError``; so does an environment
-    value that is no backend at all, while one naming a backend the op lacks gives ``"auto"``.
+    value that is no backend at all, while one naming a backend the op lacks gives ``"auto"``. A ``requested``
+    that is not a string raises ``TypeError``.
     """
     source = "backend argument"
+    if requested is not None and not isinstance(requested, str):
+        raise TypeError(
+            f"{source} must be a str, one of: {', '.join((*backends, AUTO))}; got {type(requested).__name__} "
+            f"{requested!r}"
+        )
     if requested is None:
         requested, source = os.environ.get(ENV_VAR, AUTO), f"${ENV_VAR}"
     value = requested.strip().lower() or AUTO
@@ -228,6 +234,7 @@ def choose_backend(
     Raises:
         RuntimeError: a backend was named that cannot run here.
         ValueError: the name is not one of the op's backends (or, from the environment, no backend at all).
+        TypeError: ``requested`` is neither a string nor None.
     """
     choice = requested_backend(requested, backends)
     device_type = tensor.device.type

@@ -1,5 +1,5 @@
-"""What the op modules share: the memory-layout probe, the registration of a compiled op's Python parts, and the
-tag that keys torch.compile's caches to the ops' code."""
+"""What the op modules share: the argument checks, the memory-layout probe, the registration of a compiled op's
+Python parts, and the tag that keys torch.compile's caches to the ops' code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from torch.nn.modules.utils import _triple
 
 from . import _backend
 
-__all__ = ["compile_cache_tag", "conv3d", "layout", "memory_format", "register_compiled_op"]
+__all__ = [
+    "check_flag",
+    "check_tensor",
+    "compile_cache_tag",
+    "conv3d",
+    "layout",
+    "memory_format",
+    "register_compiled_op",
+]
 
 
 def compile_cache_tag() -> str:
@@ -47,6 +55,21 @@ def layout(t: torch.Tensor) -> str | None:
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return "channels_last_3d"
     return None
+
+
+def check_tensor(op: str, name: str, t, *, floating: bool = False) -> None:
+    """Raises TypeError naming ``op`` and ``name`` unless ``t`` is a tensor (a floating-point one if ``floating``):
+    a public op's first check of each tensor argument (an optional one only when it is not None)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_flag(op: str, name: str, value) -> None:
+    """Raises TypeError naming ``op`` and ``name`` unless ``value`` is a bool (a string such as "no" is truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 CPP_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)

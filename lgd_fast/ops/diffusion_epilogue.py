@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import layout, register_compiled_op
+from ._common import check_tensor, layout, register_compiled_op
 
 __all__ = ["diffusion_epilogue", "diffusion_epilogue_reference"]
 
@@ -36,6 +36,8 @@ _DTYPES = {
     "cuda": (torch.float32, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.bfloat16, torch.float16),
 }
+# The dtypes of d, scale and shift each kernel takes (it computes in float32); the others take any float dtype.
+_SMALL_DTYPES = {"cpp": (torch.float32, torch.bfloat16)}
 
 
 def diffusion_epilogue_reference(
@@ -62,14 +64,13 @@ def diffusion_epilogue_reference(
 
 def _check(r, s, d, scale, shift) -> None:
     for name, t in (("r", r), ("s", s), ("d", d), ("scale", scale), ("shift", shift)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{OP_NAME}: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{OP_NAME}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        check_tensor(OP_NAME, name, t, floating=True)
         if t.device != r.device:
             raise ValueError(f"{OP_NAME}: {name} is on {t.device} but r is on {r.device}")
     if r.dim() != 5:
         raise ValueError(f"{OP_NAME}: r must be 5-D (N, C, T, H, W), got shape {tuple(r.shape)}")
+    if 0 in r.shape[2:]:
+        raise ValueError(f"{OP_NAME}: r has T*H*W = 0 positions to average over, got shape {tuple(r.shape)}")
     if s.shape != r.shape:
         raise ValueError(f"{OP_NAME}: s has shape {tuple(s.shape)} but r has shape {tuple(r.shape)}")
     if s.dtype != r.dtype:
@@ -82,11 +83,16 @@ def _check(r, s, d, scale, shift) -> None:
             raise ValueError(f"{OP_NAME}: {name} must have shape (C,) = ({c},), got {tuple(t.shape)}")
 
 
-def _kernel_supports(backend: str, r: torch.Tensor, s: torch.Tensor) -> str | None:
+def _kernel_supports(backend: str, r, s, d, scale, shift) -> str | None:
     if r.dtype not in _DTYPES[backend]:
         return f"dtype {r.dtype} is not one of {', '.join(map(str, _DTYPES[backend]))}"
     if layout(r) is None or layout(r) != layout(s):
         return "r and s are not both contiguous or both channels_last_3d"
+    small = _SMALL_DTYPES.get(backend)
+    if small is not None:
+        for name, t in (("d", d), ("scale", scale), ("shift", shift)):
+            if t.dtype not in small:
+                return f"{name} has dtype {t.dtype}, not one of {', '.join(map(str, small))}"
     return None
 
 
@@ -102,9 +108,10 @@ def diffusion_epilogue(
     """out = ReLU(r * scale + shift + s + d) and its mean over (T, H, W), differentiable in all five inputs.
 
     Args:
-        r, s: (N, C, T, H, W), same dtype, both contiguous or both channels_last_3d for the kernels (float32
+        r, s: (N, C, T, H, W), T*H*W > 0, same dtype, both contiguous or both channels_last_3d for the kernels (float32
             or bfloat16 on CPU, also float16 on CUDA); ``auto`` sends anything else to the reference.
-        d: (N, C); scale, shift: (C,); any float dtype (computed in float32).
+        d: (N, C); scale, shift: (C,); any float dtype (computed in float32; the cpp kernel takes float32 or
+            bfloat16, ``auto`` sends others to the reference).
         backend: ``"cuda"``, ``"cpp"``, ``"triton"``, ``"reference"``, ``"auto"``, or None to read
             ``$LGD_FAST_BACKEND``.
 
@@ -117,7 +124,7 @@ def diffusion_epilogue(
     """
     _check(r, s, d, scale, shift)
     choice = _backend.choose_backend(
-        OP_NAME, r, backend, backends=BACKENDS, supports=lambda b, t: _kernel_supports(b, t, s)
+        OP_NAME, r, backend, backends=BACKENDS, supports=lambda b, t: _kernel_supports(b, t, s, d, scale, shift)
     )
     if choice in ("cpp", "cuda"):
         return torch.ops.lgd_fast.diffusion_epilogue(r, s, d, scale, shift)

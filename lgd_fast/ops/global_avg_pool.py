@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import CPP_FLOAT_DTYPES, cpp_float_input_reason, layout, register_compiled_op
+from ._common import CPP_FLOAT_DTYPES, check_tensor, cpp_float_input_reason, layout, register_compiled_op
 
 __all__ = ["global_avg_pool", "global_avg_pool_reference"]
 
@@ -39,8 +39,8 @@ def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
     """Mean of x over (T, H, W), differentiable.
 
     Args:
-        x: (N, C, T, H, W). The cpp backend takes float32, bfloat16 or float64 CPU tensors that are
-            contiguous or channels_last_3d; ``auto`` sends anything else to the reference.
+        x: (N, C, T, H, W), floating point, T*H*W > 0. The cpp backend takes float32, bfloat16 or float64 CPU
+            tensors that are contiguous or channels_last_3d; ``auto`` sends anything else to the reference.
         backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``
             (default ``auto``: the compiled kernel where it can run, else the reference).
 
@@ -48,11 +48,15 @@ def global_avg_pool(x: torch.Tensor, *, backend: str | None = None) -> torch.Ten
         (N, C), x's dtype, contiguous.
 
     Raises:
-        ValueError: x is not 5-D, or the backend name is unknown.
+        TypeError: x is not a floating-point tensor.
+        ValueError: x is not 5-D or has no positions (T*H*W = 0), or the backend name is unknown.
         RuntimeError: the backend asked for cannot run here.
     """
+    check_tensor(OP_NAME, "x", x, floating=True)
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
+    if 0 in x.shape[2:]:
+        raise ValueError(f"{OP_NAME}: x has T*H*W = 0 positions to average over, got shape {tuple(x.shape)}")
     choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=cpp_float_input_reason)
     if choice == "cpp":
         return torch.ops.lgd_fast.global_avg_pool(x)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
-from ._common import register_compiled_op, traced_for_freezing
+from ._common import check_tensor, register_compiled_op, traced_for_freezing
 
 __all__ = ["global_update", "global_update_reference"]
 
@@ -43,14 +43,21 @@ def global_update(m: torch.Tensor, g: torch.Tensor, *weights: torch.Tensor, back
     """(g', d) of an LGD block's global path, differentiable in every input.
 
     Args:
-        m, g: (N, C_in); weights: w1, b1, ..., w6, b6 (see :func:`block_weights`), m's dtype and device.
+        m, g: (N, C_in), floating point; weights: w1, b1, ..., w6, b6 (see :func:`block_weights`), m's dtype
+            and device, checked (shapes, dtypes, devices) whichever backend runs.
         backend: ``"triton"`` (one kernel launch; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``),
             ``"cpp"`` (one call of ATen GEMMs, any device), ``"reference"``, ``"auto"`` or None
             (``$LGD_FAST_BACKEND``). ``auto``: triton on CUDA tensors where triton imports, else cpp where
             ``lgd_fast._C`` imported, else the reference with one warning.
+
+    Raises:
+        TypeError: an argument that is not a tensor, or m not floating point.
+        ValueError: a shape, dtype or device that does not fit, naming the argument; an unknown backend name.
+        RuntimeError: the backend asked for cannot run here.
     """
     if len(weights) != 12:
         raise ValueError(f"{OP_NAME}: expected 12 weight tensors (w1, b1, ..., w6, b6), got {len(weights)}")
+    _check(m, g, weights)
     if m.device.type == "cpu" and traced_for_freezing() and _backend.requested_backend(backend, BACKENDS) == "auto":
         # traced for inductor's freezing: six linears, whose weights freezing packs. Two interleaved A/B runs on
         # R50 compiled with freezing: batch 4 145.4 / 155.6 ms against 154.3 / 161.0 with the op; batch 1 51.8 /
@@ -86,26 +93,40 @@ _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_for_triton(m: torch.Tensor, g: torch.Tensor, weights) -> None:
-    """The shape, dtype and device checks the C++ op makes, for the Triton path (which has no C++ of its own)."""
+    """:func:`_check`, and the Triton kernel's dtypes."""
+    _check(m, g, weights)
+    if m.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"{OP_NAME} (triton): m must be float32, bfloat16 or float16, got {m.dtype}")
+
+
+def _check(m: torch.Tensor, g: torch.Tensor, weights) -> None:
+    """The shape, dtype and device checks the C++ op makes, for every backend (the reference would broadcast a
+    (1, C_in) g or a (1,) bias, and the Triton path has no C++ of its own): one exception type and message
+    whichever runs. About 14 us a call, eager only (recorded programs and compiled graphs call the op)."""
+    check_tensor(OP_NAME, "m", m, floating=True)
+    check_tensor(OP_NAME, "g", g)
+    for i, t in enumerate(weights):
+        if not isinstance(t, torch.Tensor):
+            check_tensor(OP_NAME, f"{'wb'[i % 2]}{i // 2 + 1}", t)
     if m.dim() != 2:
         raise ValueError(f"{OP_NAME}: m must be (N, C_in), got shape {tuple(m.shape)}")
     if g.shape != m.shape:
         raise ValueError(f"{OP_NAME}: g must have m's shape {tuple(m.shape)}, got {tuple(g.shape)}")
-    if m.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"{OP_NAME} (triton): m must be float32, bfloat16 or float16, got {m.dtype}")
     c_in = m.shape[1]
     hidden, c_out = (w.shape[0] if w.dim() else -1 for w in (weights[0], weights[2]))
-    expected = [(hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden)]
+    expected = ((hidden, c_in), (c_out, hidden), (hidden, c_in), (c_out, hidden), (hidden, c_out), (c_out, hidden))
     for i, want in enumerate(expected):
         w, b = weights[2 * i], weights[2 * i + 1]
-        if tuple(w.shape) != want or tuple(b.shape) != (want[0],):
+        if w.shape != want or b.shape != want[:1]:
             raise ValueError(
                 f"{OP_NAME}: fc{i + 1} weight must have shape {want} and bias ({want[0]},), "
                 f"got {tuple(w.shape)} and {tuple(b.shape)}"
             )
-    for name, t in [("g", g), *((f"fc{i // 2 + 1}", w) for i, w in enumerate(weights))]:
-        if t.dtype != m.dtype or t.device != m.device:
-            raise ValueError(f"{OP_NAME}: {name} is {t.dtype} on {t.device} but m is {m.dtype} on {m.device}")
+    dtype, device = m.dtype, m.device
+    for i, t in enumerate((g, *weights)):
+        if t.dtype != dtype or t.device != device:
+            name = f"fc{(i - 1) // 2 + 1}" if i else "g"
+            raise ValueError(f"{OP_NAME}: {name} is {t.dtype} on {t.device} but m is {dtype} on {device}")
 
 
 def _fake(m, g, w1, b1, w2, b2, w3, b3, w4, b4, w5, b5, w6, b6):

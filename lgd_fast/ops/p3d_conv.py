@@ -30,7 +30,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from . import _backend, batch_norm_train
-from ._common import conv3d
+from ._common import check_flag, check_tensor, conv3d
 
 __all__ = ["autocast_inputs", "p3d_conv", "p3d_conv_reference", "resolve_backend", "uses_tf32"]
 
@@ -121,18 +121,21 @@ def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
 
 def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
     for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift), ("residual", residual)):
-        if t is None:
+        if t is None:  # (x and weight: checked first by p3d_conv, Tensor in the Triton op's schema)
             continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{OP_NAME}: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{OP_NAME}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        check_tensor(OP_NAME, name, t, floating=True)
         if t.device != x.device:
             raise ValueError(f"{OP_NAME}: {name} is on {t.device} but x is on {x.device}")
+    check_flag(OP_NAME, "relu", relu)
+    check_flag(OP_NAME, "stats", stats)
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be 5-D (N, C, T, H, W), got shape {tuple(x.shape)}")
+    if 0 in x.shape[1:]:  # (an empty batch is an empty output)
+        raise ValueError(f"{OP_NAME}: x must have C_in, T, H and W > 0, got shape {tuple(x.shape)}")
     if weight.dim() != 5:
         raise ValueError(f"{OP_NAME}: weight must be 5-D (C_out, C_in, KT, KH, KW), got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{OP_NAME}: weight must have C_out > 0, got shape {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"{OP_NAME}: weight takes {weight.shape[1]} input channels but x has {x.shape[1]} (shape {tuple(x.shape)})"
@@ -250,9 +253,15 @@ def p3d_conv(
         ValueError / TypeError: a shape, dtype, device or option that does not fit, naming the argument.
         RuntimeError: the backend asked for cannot run here.
     """
-    if isinstance(x, torch.Tensor):  # autocast first, as for a conv: x, weight and residual in its dtype
-        x, weight, residual = autocast_inputs(x.device.type, x, weight, residual)
+    check_tensor(OP_NAME, "x", x)
+    check_tensor(OP_NAME, "weight", weight)
+    if residual is not None:
+        check_tensor(OP_NAME, "residual", residual)
+    # autocast first, as for a conv: x, weight and residual in its dtype
+    x, weight, residual = autocast_inputs(x.device.type, x, weight, residual)
     _check(x, weight, stride, scale, shift, residual, relu, stats)
+    if allow_tf32 is not None:
+        check_flag(OP_NAME, "allow_tf32", allow_tf32)
     choice = resolve_backend(x, backend)
     if choice != "reference" and (reason := _supports(choice, x)) is not None:
         raise TypeError(f"{OP_NAME}: backend {choice!r} does not take this input: {reason}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _backend
-from ._common import CPP_FLOAT_DTYPES, cpp_float_input_reason, layout, register_compiled_op
+from ._common import CPP_FLOAT_DTYPES, check_flag, check_tensor, cpp_float_input_reason, layout, register_compiled_op
 
 __all__ = ["squeeze_excite", "squeeze_excite_convs", "squeeze_excite_reference"]
 
@@ -72,7 +72,14 @@ def squeeze_excite_reference(x, w1, b1, w2, b2, *, silu: bool = True) -> torch.T
     return out.to(x.dtype)
 
 
-def _check(x, w1, b1, w2, b2) -> None:
+def _check(x, w1, b1, w2, b2, silu) -> None:
+    check_tensor(OP_NAME, "x", x, floating=True)
+    check_tensor(OP_NAME, "w1", w1)
+    check_tensor(OP_NAME, "w2", w2)
+    for name, t in (("b1", b1), ("b2", b2)):  # (None: no bias)
+        if t is not None:
+            check_tensor(OP_NAME, name, t)
+    check_flag(OP_NAME, "silu", silu)
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
     C = x.shape[1]
@@ -110,11 +117,12 @@ def squeeze_excite(x, w1, b1, w2, b2, *, silu: bool = True, backend: str | None 
         x's shape, dtype and memory format.
 
     Raises:
+        TypeError: x, w1 or w2 (or b1, b2 when given) is not a tensor, x not floating point, or silu not a bool.
         ValueError: a shape, device or dtype does not fit (named in the message), or the backend name is
             unknown.
         RuntimeError: the backend asked for cannot run here.
     """
-    _check(x, w1, b1, w2, b2)
+    _check(x, w1, b1, w2, b2, silu)
     choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=cpp_float_input_reason)
     if choice == "cpp":
         return torch.ops.lgd_fast.squeeze_excite(x, w1, b1, w2, b2, silu)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._common import conv3d, raw_view_reason, register_compiled_op
+from ._common import check_tensor, conv3d, raw_view_reason, register_compiled_op
 
 __all__ = ["bf16_dot_products", "kernel_applies", "output_dtype", "stem_conv_pool", "stem_conv_pool_reference"]
 
@@ -149,10 +149,18 @@ def stem_conv_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         Differentiable (by recomputing the reference: the op is for inference).
 
     Raises:
+        TypeError: x, weight or bias (when given) is not a tensor, or stride_t not an int.
         ValueError: shapes, dtypes or devices that are not such a stem (the message names the problem), or an
             unknown backend name.
         RuntimeError: the backend asked for cannot run here.
     """
+    check_tensor(OP_NAME, "x", x)
+    check_tensor(OP_NAME, "weight", weight)
+    if bias is not None:
+        check_tensor(OP_NAME, "bias", bias)
+    if stride_t is not None and (not isinstance(stride_t, int) or isinstance(stride_t, bool)):
+        raise TypeError(f"{OP_NAME}: stride_t must be an int (or None: kt), got {type(stride_t).__name__} "
+                        f"{stride_t!r}")  # fmt: skip
     st = _stride_t(weight, stride_t)
     problem = _shape_problem(x, weight, bias, st)
     if problem is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend
-from ._common import raw_view_reason, register_compiled_op
+from ._common import check_tensor, raw_view_reason, register_compiled_op
 
 __all__ = ["kernel_applies", "to_channels_last_3d", "to_channels_last_3d_reference"]
 
@@ -51,9 +51,11 @@ def to_channels_last_3d(x: torch.Tensor, *, backend: str | None = None) -> torch
         backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``.
 
     Raises:
+        TypeError: x is not a tensor.
         ValueError: x is not 5-D, or the backend name is unknown.
         RuntimeError: the backend asked for cannot run here.
     """
+    check_tensor(OP_NAME, "x", x)
     if x.dim() != 5:
         raise ValueError(f"{OP_NAME}: x must be a 5-D tensor (N, C, T, H, W), got shape {tuple(x.shape)}")
     choice = _backend.choose_backend(OP_NAME, x, backend, backends=BACKENDS, supports=_cpp_supports)
