@@ -168,6 +168,8 @@ def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
     """(backend, plan mode) from the arguments, else ``$LGD_FAST_BACKEND`` / ``$LGD_FAST_PLAN``, else auto /
     measure. Read once, when a model is made fast."""
     backend = _backend.requested_backend(backend)
+    if plan is not None and not isinstance(plan, str):
+        raise TypeError(f"plan argument must be a str, one of: {', '.join(MODES)}; got {type(plan).__name__} {plan!r}")
     mode = (plan if plan is not None else os.environ.get(ENV_VAR, "measure")).strip().lower() or "measure"
     if mode not in MODES:
         source = "plan argument" if plan is not None else f"${ENV_VAR}"

@@ -194,6 +194,10 @@ def test_forced_overrides_and_backend_argument(gen, no_measuring):
         create_model("lgd3d_tiny", 5, fast=True, backend="bogus")
     with pytest.raises(ValueError, match="plan argument is 'sometimes'"):
         create_model("lgd3d_tiny", 5, fast=True, plan="sometimes")
+    with pytest.raises(TypeError, match="plan argument must be a str, one of: measure, default, fused; got int 3"):
+        create_model("lgd3d_tiny", 5, fast=True, plan=3)
+    with pytest.raises(TypeError, match="backend argument must be a str"):
+        create_model("lgd3d_tiny", 5, fast=True, backend=3)
     with pytest.raises(ValueError, match="options of the fast model"):
         create_model("lgd3d_tiny", 5, plan="default")
 
