@@ -371,7 +371,7 @@ def _check_backend_runs(plan: LayerPlan, x: torch.Tensor) -> None:
     CPU clips) would otherwise run on another backend than the one asked for, with no word."""
     if plan.backend in (_backend.AUTO, "reference"):
         return
-    reason = _backend.backend_unavailable_reason(plan.backend, x.device.type, anywhere=("cpp",))
+    reason = _backend.backend_unavailable_reason(plan.backend, x.device.type)
     if reason is not None:
         raise RuntimeError(f"this fast model was made with backend={plan.backend!r}, which cannot run on its input "
                            f"({x.device.type} tensors): {reason}. Make it with backend='auto' (the default) to let "

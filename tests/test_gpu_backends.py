@@ -315,6 +315,34 @@ def test_aot_compile_names_the_build_that_failed(monkeypatch):
 
 
 @needs_triton
+def test_aot_compile_worker_process_reports_each_build_or_its_error(tmp_path):
+    """The worker protocol, without a compile: a worker started from another directory imports this lgd_fast, keeps
+    its results stream clean of what is printed, and answers a build it lists differently (another package's
+    kernels) or an index it does not have with the error's text, for aot_compile to name the build."""
+    import pickle
+    import subprocess
+
+    from lgd_fast import doctor
+
+    targets, dtypes = ("sm_80",), ("bf16",)
+    key = doctor._build_key(doctor._builds(targets, dtypes)[0])
+    wrong = (*key[:3], key[3] + 1, *key[4:])  # another warp count
+    share = [(0, wrong), (10**6, key)]
+    command = doctor._worker_command()
+    redirected = "sys.stdout = sys.stderr; "  # written after it, by Python or a tool: kept out of the results
+    assert redirected in command[-1]
+    command[-1] = command[-1].replace(redirected, redirected + "print('noise'); os.system('echo more noise'); ")
+    done = subprocess.run(command, input=pickle.dumps((targets, dtypes, share)), capture_output=True, cwd=tmp_path,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    results = pickle.loads(done.stdout)
+    assert set(results) == {0, 10**6}
+    assert results[0].startswith("RuntimeError: this process lists another build at that index")
+    assert results[10**6].startswith("IndexError")
+    assert b"noise" in done.stderr and b"more noise" in done.stderr
+
+
+@needs_triton
 def test_aot_build_without_the_hints_reads_scalars():
     """The control for the test above: the bf16 forward with a misaligned tensor and channel counts that are
     not multiples of 16 (what the old doctor compiled) loads 2-byte scalars; the load widths tell them apart."""

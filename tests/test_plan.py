@@ -221,6 +221,8 @@ def test_a_backend_asked_for_that_cannot_run_on_the_input_is_an_error(gen, make,
     if works is not None:
         with torch.no_grad():
             assert torch.isfinite(works(x)).all()
+        with pytest.raises(RuntimeError, match="backend='cpp', which cannot run on its input \\(meta tensors\\)"):
+            planning._check_backend_runs(works.layer1[0]._lgd_plan, torch.empty(1, device="meta"))  # (no CUDA here)
 
 
 def test_environment_sets_the_mode_when_the_model_is_made(monkeypatch):

@@ -306,8 +306,13 @@ def _frame_numbers(frame_indices) -> np.ndarray:
 
 
 def _same_file(a: str, b: str) -> bool:
-    """Whether two paths name one file: equal strings, equal absolute paths or equal resolved links."""
-    return a == b or os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b)
+    """Whether two paths name one file: equal strings, or one file on disk (links, relative and absolute spellings)."""
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # (one of them is no file here: not the same one)
+        return False
 
 
 def read_clip(
