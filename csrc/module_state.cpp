@@ -11,7 +11,8 @@
 // meets what it does not read the same way (a parameter or buffer that is not a torch.Tensor, a hook key that is
 // not an int).
 
-#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cstdint>
 #include <vector>

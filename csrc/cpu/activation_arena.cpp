@@ -13,7 +13,7 @@
 // Blocks no scope has taken for `idle_scopes` outermost scopes are freed at the end of one, and release()
 // frees every free block at once. Memory held by the pool is reported by stats().
 
-#include <torch/extension.h>
+#include <c10/util/Exception.h>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
