@@ -14,13 +14,10 @@ the GEMM runs on ``wgmma`` (Hopper), ``mma`` (mma.sync) or FMA units, and the wi
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import os
-import pickle
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -275,122 +272,38 @@ def aot_compile(targets=("sm_90a", "sm_80"), dtypes=("bf16",)) -> list[dict]:
         raise RuntimeError(f"aot_compile: {_backend.triton_error()}")
     for target in targets:
         _capability(target)  # a bad target fails before any compile
-    targets, dtypes = tuple(targets), tuple(dtypes)
-    builds = _builds(targets, dtypes)
-    # A compile holds the GIL (Triton's passes) but for ptxas: threads overlapped little (91.2 against 101.9 s in
-    # one run); processes, one per core, each compiling its share and reading its cubins' SASS (cuobjdump, a third
-    # of a second each), did better (88.6 against 107.7 s in another; README).
-    compiled = _compile_all(targets, dtypes, min(len(builds), _cores(), 8))
+    builds = []  # (row so far, what failed if it fails, the cubin's usage being read)
+    # Compiles run one after the other; reading each cubin's SASS (a third of a second) overlaps them.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for target, name, kernel, args, constexprs, num_warps, num_stages, dtype in _aot_builds(targets, dtypes):
+            config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
+            what = f"{name} [{config}, {num_warps} warps, {dtype}] failed for {target}"
+            start = time.perf_counter()
+            try:
+                fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
+            except Exception as exc:
+                raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
+            row = {
+                "kernel": name,
+                "config": config,
+                "constexprs": dict(constexprs),
+                "num_warps": num_warps,
+                "num_stages": fields.pop("num_stages"),
+                "dtype": dtype,
+                "tf32": dtype == "fp32" and bool(constexprs.get("TF32", False)),
+                "target": target,
+                "arch": fields.pop("arch"),
+                **fields,
+                "seconds": round(time.perf_counter() - start, 2),  # the compile
+            }
+            builds.append((row, what, pool.submit(_cubin_usage, cubin, has_dot)))
     rows = []
-    for (target, name, _, _, constexprs, num_warps, _, dtype), done in zip(builds, compiled, strict=True):
-        config = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK_"))
-        what = f"{name} [{config}, {num_warps} warps, {dtype}] failed for {target}"
-        if isinstance(done, str):
-            raise RuntimeError(f"aot_compile: {what}: {done}")
-        fields, usage, seconds = done
-        rows.append({
-            "kernel": name,
-            "config": config,
-            "constexprs": dict(constexprs),
-            "num_warps": num_warps,
-            "num_stages": fields.pop("num_stages"),
-            "dtype": dtype,
-            "tf32": dtype == "fp32" and bool(constexprs.get("TF32", False)),
-            "target": target,
-            "arch": fields.pop("arch"),
-            **fields,
-            "seconds": seconds,  # the compile
-            **usage,
-        })  # fmt: skip
+    for row, what, usage in builds:
+        try:
+            rows.append({**row, **usage.result()})
+        except Exception as exc:
+            raise RuntimeError(f"aot_compile: {what}: {exc}") from exc
     return rows
-
-
-@functools.lru_cache(maxsize=4)
-def _builds(targets: tuple[str, ...], dtypes: tuple[str, ...]) -> list[tuple]:
-    return list(_aot_builds(targets, dtypes))
-
-
-def _build_key(build: tuple) -> tuple:
-    """What names a build across processes (a worker lists the builds again: kernels do not pickle)."""
-    target, name, _, _, constexprs, num_warps, num_stages, dtype = build
-    return target, name, tuple(constexprs.items()), num_warps, num_stages, dtype
-
-
-def _compile_build(targets: tuple[str, ...], dtypes: tuple[str, ...], index: int):
-    """Build ``index`` of ``_aot_builds(targets, dtypes)``: (row fields from the compile, what its cubin holds,
-    the compile's seconds)."""
-    target, _, kernel, args, constexprs, num_warps, num_stages, dtype = _builds(targets, dtypes)[index]
-    start = time.perf_counter()
-    fields, cubin, has_dot = _compile(kernel, args, constexprs, num_warps, num_stages, dtype, target)
-    seconds = round(time.perf_counter() - start, 2)
-    return fields, _cubin_usage(cubin, has_dot), seconds
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on every platform)
-        return os.cpu_count() or 1
-
-
-def _worker_command() -> list[str]:
-    """A compile process: stdout kept for the results before anything is imported (whatever else writes to it goes
-    to stderr), and this lgd_fast first on the path (not one the working directory holds)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import os, sys; results = os.dup(1); os.dup2(2, 1); sys.stdout = sys.stderr; "
-            f"sys.path.insert(0, {root!r}); "
-            "from lgd_fast.doctor import _compile_worker; _compile_worker(results)")  # fmt: skip
-    return [sys.executable, "-c", code]
-
-
-def _compile_all(targets: tuple[str, ...], dtypes: tuple[str, ...], workers: int) -> list:
-    """Every build's ``_compile_build`` result, or the text of what it raised, in ``workers`` processes (each a
-    share of the builds; here, with one). Plain subprocesses, not multiprocessing: a spawned pool re-runs the
-    caller's main module, which a script without a ``__main__`` guard does not survive. The workers are killed if
-    this call ends early (an error, Ctrl-C)."""
-    builds = _builds(targets, dtypes)
-    if workers <= 1:
-        return [_compile_or_error(targets, dtypes, i) for i in range(len(builds))]
-    shares = [list(range(w, len(builds), workers)) for w in range(workers)]
-    processes = []
-    try:
-        for _ in shares:
-            processes.append(subprocess.Popen(_worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE))  # fmt: skip
-        payloads = [pickle.dumps((targets, dtypes, [(i, _build_key(builds[i])) for i in share])) for share in shares]
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # (a full pipe would stall a worker)
-            answers = list(pool.map(lambda p, payload: p.communicate(payload), processes, payloads))
-    except BaseException:
-        for process in processes:
-            process.kill()
-            process.wait()
-        raise
-    results: list = [None] * len(builds)
-    for process, (out, err) in zip(processes, answers, strict=True):
-        if process.returncode != 0:
-            tail = err.decode(errors="replace").strip()[-2000:]
-            raise RuntimeError(f"aot_compile: a compile process exited with code {process.returncode}:\n{tail}")
-        for index, result in pickle.loads(out).items():
-            results[index] = result
-    return results
-
-
-def _compile_or_error(targets: tuple[str, ...], dtypes: tuple[str, ...], index: int, key: tuple | None = None):
-    try:
-        if key is not None and _build_key(_builds(targets, dtypes)[index]) != key:
-            raise RuntimeError("this process lists another build at that index (another lgd_fast's kernels?)")
-        return _compile_build(targets, dtypes, index)
-    except Exception as exc:  # (reported with the build's name by aot_compile)
-        return f"{type(exc).__name__}: {exc}"
-
-
-def _compile_worker(results_fd: int) -> None:
-    """A compile process (``_worker_command``): (targets, dtypes, [(index, build key)]) pickled on stdin ->
-    {index: result or error text} pickled to ``results_fd``."""
-    targets, dtypes, share = pickle.load(sys.stdin.buffer)
-    results = {i: _compile_or_error(targets, dtypes, i, key) for i, key in share}
-    with os.fdopen(results_fd, "wb") as out:
-        out.write(pickle.dumps(results))
 
 
 def format_rows(rows: list[dict]) -> str:
