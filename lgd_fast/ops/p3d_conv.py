@@ -121,7 +121,7 @@ def sums_about_mean(z: torch.Tensor) -> torch.Tensor:
 
 def _check(x, weight, stride, scale, shift, residual, relu, stats) -> None:
     for name, t in (("x", x), ("weight", weight), ("scale", scale), ("shift", shift), ("residual", residual)):
-        if t is None:  # (x and weight: checked first by p3d_conv, Tensor in the Triton op's schema)
+        if t is None:  # (an optional argument not given; x and weight never are)
             continue
         check_tensor(OP_NAME, name, t, floating=True)
         if t.device != x.device:
