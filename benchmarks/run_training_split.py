@@ -30,7 +30,8 @@ def training_split(model: str, batch: int, size: int, rounds: int, gen: torch.Ge
     labels = torch.randint(0, 10, (batch,), generator=gen)
     state = {}
     for name, (module, runner, layout) in models.items():
-        clips = [torch.randn(batch, 3, 16, size, size, generator=gen).contiguous(memory_format=layout) for _ in range(4)]
+        clips = [torch.randn(batch, 3, 16, size, size, generator=gen).contiguous(memory_format=layout)
+                 for _ in range(4)]
         module.train()
         state[name] = (runner, clips, torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9), [], [], [])
 
@@ -72,7 +73,7 @@ def stem_region(shape: tuple[int, ...], rounds: int, gen: torch.Generator) -> di
 
     def forward_backward(fn):
         leaf = y.clone().requires_grad_()
-        upstream = torch.randn(fn(leaf).shape, generator=gen)
+        upstream = torch.empty_like(fn(leaf)).normal_(generator=gen)  # (in the output's layout, as in the model)
 
         def call():
             leaf.grad = None
