@@ -94,4 +94,16 @@ TORCH_LIBRARY(lgd_fast, m) {
   m.def("bn_relu_backward_apply(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor weight, Tensor bias,"
         " Tensor? shortcut, bool relu, Tensor mean_g, Tensor mean_gx, bool shortcut_grad) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  m.set_python_module("lgd_fast.ops.bn_relu_max_pool");
+  // An LGD stem's BatchNorm, ReLU and 1x3x3 max-pool (stride (1, 2, 2), padding (0, 1, 1)) for training
+  // (csrc/cpu/bn_relu_max_pool.cpp). y: (N, C, T, H, W); scale, shift, mean, k, p, q: (C,).
+  // -> out = pool(relu(y * scale + shift)) (y's dtype and layout), arg (uint8, same): each window's tap or 255.
+  m.def("bn_relu_max_pool(Tensor y, Tensor scale, Tensor shift) -> (Tensor, Tensor)", {at::Tag::pt2_compliant_tag});
+  // -> (2, C) float64: sum g' and sum g' * (y - mean) over the taps the pooled gradient reaches.
+  m.def("bn_relu_max_pool_backward_sums(Tensor grad, Tensor arg, Tensor y, Tensor mean) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // -> dx = k * dy + p * (y - mean) + q, dy the pooled gradient routed back to the taps; y's dtype and layout.
+  m.def("bn_relu_max_pool_backward_apply(Tensor grad, Tensor arg, Tensor y, Tensor mean, Tensor k, Tensor p,"
+        " Tensor q) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
 }
