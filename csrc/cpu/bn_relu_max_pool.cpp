@@ -39,6 +39,9 @@
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#ifdef LGD_X86_DISPATCH
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // wide vector types only cross always-inlined calls
@@ -69,8 +72,34 @@ struct Bytes<16> {
   using B = u8x16;
 };
 
+#ifdef LGD_X86_DISPATCH
+// The tap bytes widened to uint32 lanes as one vpmovzxbd. (GCC 12 builds __builtin_convertvector's uint8 to
+// uint32 from scalar inserts, and a byte shuffle through the stack with a stalled store-to-load forward.) Plain
+// inline, not always_inline: GCC inlines these once the generic loops are inlined into their target's function.
+LGD_TARGET_AVX512 inline Vec<16>::U widen_taps16(const uint8_t* p) {
+  const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  Vec<16>::U u;
+  std::memcpy(&u, &wide, sizeof(u));
+  return u;
+}
+
+LGD_TARGET_AVX2 inline Vec<8>::U widen_taps8(const uint8_t* p) {
+  const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  Vec<8>::U u;
+  std::memcpy(&u, &wide, sizeof(u));
+  return u;
+}
+#endif
+
 template <int W>
 LGD_INLINE typename Vec<W>::U load_taps(const uint8_t* p) {
+#ifdef LGD_X86_DISPATCH
+  if constexpr (W == 16) {
+    return widen_taps16(p);
+  } else if constexpr (W == 8) {
+    return widen_taps8(p);
+  }
+#endif
   typename Bytes<W>::B b;
   std::memcpy(&b, p, sizeof(b));
   return __builtin_convertvector(b, typename Vec<W>::U);
@@ -189,8 +218,17 @@ LGD_INLINE void forward_body(const T* y, const Geometry& g, const float* scale, 
   for (int64_t row = begin; row < end; ++row) {
     const int64_t frame = row / g.Ho, ho = row % g.Ho, n = frame / g.T, t = frame % g.T;
     const T* yf = y + frame * g.H * g.W * C;
+    const bool inner_rows = ho >= 1 && 2 * ho + 1 < g.H;
     for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      const int count = window_taps(g, ho, wo, offset, taps);
+      int count;
+      if (inner_rows && wo >= 1 && 2 * wo + 1 < g.W) {  // all nine taps (most windows): no bound checks
+        count = 9;
+        for (int i = 0; i < 9; ++i) {
+          offset[i] = ((2 * ho - 1 + i / 3) * g.W + 2 * wo - 1 + i % 3) * C, taps[i] = static_cast<uint32_t>(i);
+        }
+      } else {
+        count = window_taps(g, ho, wo, offset, taps);
+      }
       const int64_t o = (row * g.Wo + wo) * C;
       int64_t c = 0;
       for (; c + W <= C; c += W) {
@@ -203,8 +241,11 @@ LGD_INLINE void forward_body(const T* y, const Geometry& g, const float* scale, 
           nan = (z != z) ? z : nan;  // a NaN wins the window, as in ATen's max-pool
         }
         m = (nan != nan) ? nan : m;
-        store<W>(out + o + c, (m > V{} || m != m) ? m : V{});
-        store_taps<W>(arg + o + c, __builtin_convertvector((m > V{}) ? tap : V{} + kNoTap, U));
+        // relu keeps a NaN. (Written as two selects, m > 0 then m != m, or with | or ||, GCC took the masks apart
+        // lane by lane.)
+        store<W>(out + o + c, relu(m));
+        tap = (m > V{}) ? tap : V{} + kNoTap;
+        store_taps<W>(arg + o + c, __builtin_convertvector(tap, U));
       }
       for (; c < C; ++c) forward_one(y, g, scale, shift, out, arg, n, c, t, ho, wo);
     }
@@ -254,11 +295,13 @@ LGD_INLINE void apply_body(const T* grad, const uint8_t* arg, const T* y, const 
                            const float* k, const float* p, const float* q, T* dx, int64_t begin, int64_t end) {
   using V = vf<W>;
   const int64_t C = g.C;
+  std::vector<Cover> columns(g.W);
+  for (int64_t w = 0; w < g.W; ++w) columns[w] = cover(w, g.Wo);
   for (int64_t row = begin; row < end; ++row) {
     const int64_t frame = row / g.H, h = row % g.H, n = frame / g.T, t = frame % g.T;
     const Cover rows = cover(h, g.Ho);
     for (int64_t w = 0; w < g.W; ++w) {
-      const Cover cols = cover(w, g.Wo);
+      const Cover& cols = columns[w];
       int64_t at[4];
       uint32_t taps[4];
       int windows = 0;
