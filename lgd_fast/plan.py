@@ -48,7 +48,10 @@ and kept on the layer, so no forward decides anything again:
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
   measuring times that and contiguous); smaller ones run their own modules, contiguous; in training the P3D
   units' convs run as their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units)
-  while the block end stays fused. The stem follows the first block's layout (channels-last in training).
+  while the block end stays fused. The stem follows the first block's layout (channels-last in training); with
+  autograd on the CPU, LGD-3D's stem (``LayerPlan.pool_op``: nn.BatchNorm3d and the 1x3x3 max-pool) runs conv1 on
+  its module, then bn1 + ReLU + max-pool forward and backward as one :func:`~lgd_fast.ops.bn_relu_max_pool` op in
+  channels_last_3d (``benchmarks/run_bn_relu_max_pool.py``, ``benchmarks/run_stem_pool_op_ab.py``).
 
 - ``fused``: every layer takes its fused code (P3D units and conv runs in training too, block ends fused),
   layouts by the default rule: deterministic like ``default``, and the way to run the fused code at any size
@@ -139,6 +142,8 @@ class Choice:
         if kind == "stem":
             if self.fused and self.end:
                 return "conv+BN+ReLU+pool kernel"
+            if self.end:
+                return "conv, BN+ReLU+pool op"
             return "conv+BN+ReLU fused" if self.fused else "modules"
         return "convs" if self.fused else "modules"
 
@@ -162,6 +167,7 @@ class LayerPlan:
     choices: dict[tuple, Choice] = field(default_factory=dict)
     fusable: bool = True  # a stem: its conv, BatchNorm and ReLU can run as one fused conv
     pooled: bool = False  # a stem: its conv, BatchNorm, ReLU and max-pool can run as one stem_conv_pool kernel
+    pool_op: bool = False  # a stem: its BatchNorm, ReLU and max-pool can run as one bn_relu_max_pool op (training)
 
 
 def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
@@ -178,13 +184,14 @@ def resolve_options(backend: str | None, plan: str | None) -> tuple[str, str]:
 
 
 def attach(module: nn.Module, kind: str, note: str, *, backend: str, mode: str, fusable: bool = True,
-           pooled: bool = False) -> LayerPlan:  # fmt: skip
+           pooled: bool = False, pool_op: bool = False) -> LayerPlan:  # fmt: skip
     """Gives ``module`` its plan (kept when it already has one of the same kind, so converting twice re-uses it)."""
     existing = getattr(module, "_lgd_plan", None)
     if isinstance(existing, LayerPlan) and (existing.kind, existing.backend, existing.mode, existing.fusable,
-                                            existing.pooled) == (kind, backend, mode, fusable, pooled):  # fmt: skip
+                                            existing.pooled, existing.pool_op) == (
+                                                kind, backend, mode, fusable, pooled, pool_op):  # fmt: skip
         return existing
-    plan = LayerPlan(kind, backend, mode, note, fusable=fusable, pooled=pooled)
+    plan = LayerPlan(kind, backend, mode, note, fusable=fusable, pooled=pooled, pool_op=pool_op)
     module._lgd_plan = plan
     return plan
 
@@ -256,6 +263,11 @@ def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: 
         # AVX512_BF16's dot products; without them the kernel multiplies in float32, 0.75-0.77x oneDNN's bfloat16
         # conv at R50's stem (a measured plan still times it).
         return Choice(True, True, AS_INPUT, "cpp", "default: eval, conv1+bn1+ReLU+max-pool as one kernel", request)
+    if plan.kind == "stem" and _stem_pool_op_takes(plan, x, mode, request):
+        # With autograd: conv1 on its module, then BatchNorm + ReLU + max-pool forward and backward as one op,
+        # channels_last_3d (benchmarks/run_bn_relu_max_pool.py: faster than ATen's modules and torch.compile of them
+        # at lgd3d_tiny's and R50's stems).
+        return Choice(False, True, CL, "cpp", "default: with autograd, conv1 then bn1+ReLU+max-pool as one op", request)
     return replace(_default_rule(plan, x, mode, backend, frames), request=request)
 
 
@@ -265,6 +277,15 @@ def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str
     (float32, or bfloat16 clips or autocast), and no conv backend named (the kernel is none of p3d_conv's)."""
     return (plan.pooled and mode == "eval" and request == _backend.AUTO
             and stem_kernel_applies(x, compute_dtype(x)))  # fmt: skip
+
+
+def _stem_pool_op_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
+    """Whether the stem's BatchNorm, ReLU and max-pool can run as one :func:`~lgd_fast.ops.bn_relu_max_pool` op after
+    conv1 on x: its modules are such a stem (``plan.pool_op``), on the CPU with autograd (the op's backward is its
+    reason to be: at inference the whole stem is one kernel or a fused conv), a float32 or bfloat16 clip (its
+    kernel's dtypes; under autocast conv1 gives bfloat16), and no backend named."""
+    return (plan.pool_op and mode != "eval" and request == _backend.AUTO and x.device.type == "cpu"
+            and compute_dtype(x) in (torch.float32, torch.bfloat16) and _backend.extension_available())  # fmt: skip
 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:
@@ -316,6 +337,8 @@ def _candidates(plan: LayerPlan, x: torch.Tensor, backend: str, mode: str, reque
         fused = [Choice(True, False, CL, "onednn", "")] if fusable else []
         if _stem_kernel_takes(plan, x, mode, request):
             fused.insert(0, Choice(True, True, AS_INPUT, "cpp", ""))
+        if _stem_pool_op_takes(plan, x, mode, request):
+            fused.append(Choice(False, True, CL, "cpp", ""))
         return fused + [Choice(False, False, lay, "modules", "") for lay in layouts]
     if plan.kind == "lgd_block":
         layouts = (CL, CONTIGUOUS) if x.device.type == "cpu" else (CL, AS_INPUT)
@@ -403,8 +426,8 @@ def _decide(plan, owner, x, runner, args, group, frames) -> Choice:
         return default
     elif plan.mode == "measure" and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         as_programs = mode == "eval" and device == "cpu" and getattr(_RECORDED_NEXT, "depth", 0) > 0
-        signature = (_signature(group), plan.kind, plan.backend, plan.fusable, plan.pooled, str(x.device), key,
-                     as_programs)  # fmt: skip
+        signature = (_signature(group), plan.kind, plan.backend, plan.fusable, plan.pooled, plan.pool_op,
+                     str(x.device), key, as_programs)  # fmt: skip
         choice = _MEASURED.get(signature)
         if choice is None:
             candidates = [replace(c, request=request) for c in _candidates(plan, x, backend, mode, request)]

@@ -255,3 +255,176 @@ def test_a_stem_changed_after_conversion_is_planned_again(gen, kernel_calls):
         for _ in range(3):
             assert _rel(fast(x), ref(x)) < 1e-5
         assert kernel_calls and fast._lgd_plan.pooled
+
+
+# ---- training: bn1 + ReLU + max-pool as one bn_relu_max_pool op after conv1 -----------------------------------------
+
+
+@pytest.fixture
+def pool_op_calls(monkeypatch):
+    """The training stems that ran the bn_relu_max_pool op (each call's conv1 output shape)."""
+    calls = []
+    real = fast_module.bn_relu_max_pool
+
+    def counting(y, *args, **kwargs):
+        calls.append(tuple(y.shape))
+        return real(y, *args, **kwargs)
+
+    monkeypatch.setattr(fast_module, "bn_relu_max_pool", counting)
+    return calls
+
+
+def _grid_pair(gen, **options):
+    """A reference and a fast lgd3d_tiny of one weights, and a clip, such that conv1's output lies on a grid of 1/8
+    steps (integer clips, conv1's weight in eighths: every sum exact in float32): two values of a pool window are
+    then equal or a step apart, so the op and ATen's pool pick the same tap (off a grid, values within rounding of
+    each other are picked by rounding, a whole upstream value's difference in the gradient). bn1's bias puts zero
+    half-way between two grid values' normalised levels (batch statistics), for the same reason at the ReLU."""
+    ref, fast = _pair("lgd3d_tiny", gen, **options)
+    x = torch.randint(-4, 5, (2, 3, 4, 32, 32), generator=gen).float()
+    with torch.no_grad():
+        weight = torch.randint(-2, 3, ref.conv1.weight.shape, generator=gen).float() / 8
+        y = torch.nn.functional.conv3d(x.double(), weight.double(), stride=ref.conv1.stride,
+                                       padding=ref.conv1.padding)  # fmt: skip
+        norm = ref.bn1
+        scale = norm.weight.double() * torch.rsqrt(y.var((0, 2, 3, 4), correction=0) + norm.eps)
+        offset = (norm.bias.double() - y.mean((0, 2, 3, 4)) * scale) / (scale / 8)
+        bias = norm.bias.double() + (0.5 - (offset - offset.floor())) * scale / 8
+        for model in (ref, fast):
+            model.conv1.weight.copy_(weight)
+            model.bn1.bias.copy_(bias.float())
+    return ref.train(), fast.train(), x
+
+
+def _running_statistics_as_float64(ref, fast, twin, x):
+    """Each of bn1's running statistics within 2x the reference's own error against ``twin`` (a float64 bn1 that saw
+    conv1's float64 outputs; ATen's channels-last statistics are seen 1e-6 off float64, the op's 1e-7)."""
+    for key in ("running_mean", "running_var"):
+        exact = getattr(twin, key)
+        ours, theirs = (_rel(getattr(m.bn1, key), exact) for m in (fast, ref))
+        assert ours <= 2 * theirs + 1e-7, (key, ours, theirs)
+    assert fast.bn1.num_batches_tracked == ref.bn1.num_batches_tracked == twin.num_batches_tracked
+
+
+def _twin(ref):
+    twin = nn.BatchNorm3d(ref.bn1.num_features, momentum=ref.bn1.momentum).double().train()
+    twin.load_state_dict(ref.bn1.state_dict())
+    return twin
+
+
+def _conv1_float64(ref, x):
+    with torch.no_grad():
+        return torch.nn.functional.conv3d(x.double(), ref.conv1.weight.double(), stride=ref.conv1.stride,
+                                          padding=ref.conv1.padding)  # fmt: skip
+
+
+def _step(model, x, labels):
+    torch.manual_seed(3)  # the same dropout draws
+    local, global_ = model(x)
+    if model.training:
+        loss = torch.nn.functional.cross_entropy(local, labels) + torch.nn.functional.cross_entropy(global_, labels)
+    else:  # (eval's outputs are the video's class scores of both heads)
+        loss = local.sum() + global_.sum()
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _stem_region(ref, fast, x, gen):
+    """The stem's output and the gradients of conv1's weight and bn1's affine under one upstream gradient: the fast
+    stem's op (``_run_stem`` with the op's choice) within 2x the reference modules' own error against the modules
+    in float64 (a floor of a few float32 roundings: ATen's channels-last statistics are 1e-6 off, the op's 1e-7)."""
+    exact = copy.deepcopy(ref).double()
+    op = planning.Choice(False, True, planning.CL, "cpp", "the op")
+    outs = [m.maxpool(torch.relu(m.bn1(m.conv1(x.to(dtype))))) for m, dtype in ((exact, torch.float64),
+                                                                                  (ref, torch.float32))]  # fmt: skip
+    outs.append(fast._run_stem(op, x))
+    assert outs[2].dtype == outs[1].dtype and outs[2].shape == outs[1].shape
+    upstream = torch.randn(outs[0].shape, generator=gen, dtype=torch.float64)
+    grads = [torch.autograd.grad(out, (m.conv1.weight, m.bn1.weight, m.bn1.bias), upstream.to(out.dtype))
+             for out, m in zip(outs, (exact, ref, fast), strict=True)]  # fmt: skip
+    for name, values in zip(("out", "conv1.weight", "bn1.weight", "bn1.bias"),
+                            [outs, *zip(*grads, strict=True)], strict=True):  # fmt: skip
+        want, theirs, ours = values
+        assert _rel(ours, want) <= 2 * _rel(theirs, want) + 1e-6, (name, _rel(ours, want), _rel(theirs, want))
+
+
+@pytest.mark.parametrize("plan", ["default", "measure"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last_3d"])
+def test_training_stem_runs_the_op_and_equals_the_stems_modules(plan, layout, gen, pool_op_calls):
+    """The fast model's training steps (the plan's choice) against the reference's: the same losses and running
+    statistics; and the stem region itself, op against modules, forward and its parameters' gradients. (Gradients
+    past the stem are the blocks' business: a stem output one rounding away can flip a ReLU downstream.)"""
+    ref, fast, x = _grid_pair(gen, plan=plan)
+    if layout == "channels_last_3d":
+        x = x.contiguous(memory_format=CL)
+    labels = torch.randint(0, 7, (2,), generator=gen)
+    twin = _twin(ref)
+    for _ in range(2):  # (measured on the first call; the running statistics move twice)
+        want_loss, _ = _step(ref, x, labels)
+        got_loss, _ = _step(fast, x, labels)
+        twin(_conv1_float64(ref, x))
+        assert _rel(got_loss, want_loss) < 1e-5
+    _running_statistics_as_float64(ref, fast, twin, x)
+    if plan == "default":  # (a measured plan may choose the modules: it is timed)
+        assert pool_op_calls == [(2, 16, 2, 16, 16)] * 2
+        assert "conv, BN+ReLU+pool op" in str(fast.execution_plan)
+    _stem_region(ref, fast, x, gen)
+
+
+def test_training_stem_op_follows_batchnorms_momentum_none_and_eval_with_gradients(gen, pool_op_calls):
+    """momentum=None (the cumulative average over num_batches_tracked) and eval with autograd on (running statistics,
+    the op's eval backward), as the stem's modules compute them."""
+    ref, fast, x = _grid_pair(gen, plan="default")
+    ref.bn1.momentum = fast.bn1.momentum = None
+    labels = torch.randint(0, 7, (2,), generator=gen)
+    twin = _twin(ref)
+    for _ in range(3):
+        _step(ref, x, labels), _step(fast, x, labels), twin(_conv1_float64(ref, x))
+    _running_statistics_as_float64(ref, fast, twin, x)
+    ref.eval(), fast.eval()
+    _step(fast, x, labels)  # eval with autograd: the plan's key "eval+grad"
+    assert len(pool_op_calls) == 4 and "eval+grad" in str(fast.execution_plan)
+    _stem_region(ref, fast, x, gen)
+
+
+def test_training_stem_op_under_bf16_autocast_gives_the_modules_dtype(gen, pool_op_calls):
+    """Under CPU autocast the stem's modules end in float32 (ATen's max-pool is on autocast's float32 list): the op's
+    bfloat16 output is widened, so the first block sees what the reference's does."""
+    ref, fast, x = _grid_pair(gen, plan="default")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = ref.maxpool(torch.relu(ref.bn1(ref.conv1(x))))
+        got = fast_module._stem_pool_op(fast, fast.conv1(x))
+        torch.manual_seed(3)  # the same dropout draws
+        logits_ref = ref(x)[0]
+        torch.manual_seed(3)
+        logits_fast = fast(x)[0]
+    assert got.dtype == want.dtype == torch.float32
+    assert logits_fast.dtype == logits_ref.dtype
+    assert _rel(logits_fast.float(), logits_ref.float()) < 5e-2  # bfloat16 convs, BatchNorm rounded differently
+    assert len(pool_op_calls) == 2
+
+
+def test_other_training_stems_keep_their_modules(gen, pool_op_calls):
+    """A bn1 of another class (its forward may compute anything), LGD-2D's frames (BatchNorm2d), another pool, a
+    backend named, or float64: the stem's own modules."""
+
+    class _Norm(nn.BatchNorm3d):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    x = torch.randn((2, 3, 4, 32, 32), generator=gen)
+    cases = []
+    _, fast = _pair("lgd3d_tiny", gen, plan="default")
+    fast.bn1 = _Norm(16)
+    cases.append((fast, x))
+    _, fast = _pair("lgd3d_tiny", gen, plan="default")
+    fast.maxpool = nn.MaxPool3d((1, 2, 2), (1, 2, 2))
+    cases.append((fast, x))
+    cases.append((_pair("lgd3d_tiny", gen, plan="default", backend="reference")[1], x))
+    cases.append((_pair("lgd3d_tiny", gen, plan="default")[1].double(), x.double()))
+    cases.append((_pair("lgd2d_r18", gen, plan="default")[1], x[:, :, :2]))
+    for model, clip in cases:
+        model.train()(clip)[0].sum().backward()
+        assert "BN+ReLU+pool op" not in str(model.execution_plan)
+    assert not pool_op_calls

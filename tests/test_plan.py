@@ -60,7 +60,7 @@ def test_r50_plan_prints_every_layer_with_backend_layout_and_why(gen, no_measuri
     for name, row in ((r["layer"], r) for r in plan.to_dict()):
         train = [c for c in row["choices"] if " train " in c["input"]]
         if name == "(model)":
-            assert [(c["runs"], c["layout"]) for c in train] == [("modules", "channels_last_3d")]
+            assert [(c["runs"], c["layout"]) for c in train] == [("conv, BN+ReLU+pool op", "channels_last_3d")]
         elif name.startswith("layer1") or name == "layer2.0":
             assert [(c["runs"], c["layout"]) for c in train] == [("end only", "channels_last_3d")], name
         else:

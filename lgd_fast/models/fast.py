@@ -34,7 +34,7 @@ from torch.nn.modules.utils import _pair, _triple
 
 from .. import plan as planning
 from ..arena import backward_in_arena, use_arena
-from ..ops import diffusion_epilogue, global_avg_pool, global_update, stem_conv_pool
+from ..ops import bn_relu_max_pool, diffusion_epilogue, global_avg_pool, global_update, stem_conv_pool
 from ..ops._common import layout, memory_format
 from ..ops.conv_bn import (
     _dilation,
@@ -178,11 +178,22 @@ def _stem_pool_reason(model: LGD3D | LGD2D) -> str | None:
     return None
 
 
-def _stem_flags(model: LGD3D | LGD2D) -> tuple[bool, bool]:
-    """(fusable, pooled) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the kernel's
-    (which includes the first)."""
+def stem_pool_op_reason(model: LGD3D | LGD2D) -> str | None:
+    """None if the model's bn1, ReLU and max-pool are what :func:`~lgd_fast.ops.bn_relu_max_pool` computes (LGD-3D's
+    BatchNorm3d, with nn.BatchNorm's own forward, and the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1)),
+    else why not. (LGD-2D's stem normalises frames with BatchNorm2d: not this op's, for now.)"""
+    norm = model.bn1
+    if isinstance(model, LGD2D) or type(norm) is not nn.BatchNorm3d:
+        return f"bn1 is {type(norm).__name__}, not the LGD-3D stem's nn.BatchNorm3d"
+    return _stem_pool_reason(model)
+
+
+def _stem_flags(model: LGD3D | LGD2D) -> tuple[bool, bool, bool]:
+    """(fusable, pooled, pool_op) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the
+    kernel's (which includes the first); bn1 + ReLU + max-pool are the training op's."""
     pooled = stem_kernel_reason(model) is None
-    return pooled or (fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None), pooled
+    fusable = pooled or (fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None)
+    return fusable, pooled, stem_pool_op_reason(model) is None
 
 
 def _replan_changed_stem(model: LGD3D | LGD2D) -> None:
@@ -193,8 +204,8 @@ def _replan_changed_stem(model: LGD3D | LGD2D) -> None:
     plan = model.__dict__.get("_lgd_plan")
     if plan is not None and plan.kind == "stem":
         flags = _stem_flags(model)
-        if (plan.fusable, plan.pooled) != flags:
-            plan.fusable, plan.pooled = flags
+        if (plan.fusable, plan.pooled, plan.pool_op) != flags:
+            plan.fusable, plan.pooled, plan.pool_op = flags
             plan.choices.clear()
 
 
@@ -206,6 +217,25 @@ def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
     dtype = compute_dtype(x)  # under bf16 autocast a bfloat16 weight: the op rounds the float32 clip itself
     weight, bias = (fold_norm if torch.compiler.is_compiling() else _folded)(conv, norm, dtype)
     return stem_conv_pool(x, weight, bias, stride_t=_strides(conv)[0], backend="cpp")
+
+
+def _stem_pool_op(model: LGD3D, y: torch.Tensor) -> torch.Tensor:
+    """bn1, ReLU and the max-pool of conv1's output ``y`` as one :func:`~lgd_fast.ops.bn_relu_max_pool` op, with the
+    arguments nn.BatchNorm's forward gives F.batch_norm (its count of batches and momentum, None's cumulative
+    average included). Under CPU autocast ATen's max-pool runs in float32 (autocast's float32 list), so the stem's
+    modules give float32 there: the op's bfloat16 output is widened to match."""
+    norm = model.bn1
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep = not norm.training or norm.track_running_stats
+    out = bn_relu_max_pool(y, norm.running_mean if keep else None, norm.running_var if keep else None, norm.weight,
+                           norm.bias, batch_stats, momentum, norm.eps, backend="cpp")  # fmt: skip
+    if out.dtype != torch.float32 and torch.is_autocast_enabled("cpu"):
+        out = out.float()
+    return out
 
 
 def _spatial(setting) -> tuple[int, int]:
@@ -315,6 +345,8 @@ class FastLGD3D(_FastNet, LGD3D):
         """
         if choice.fused and choice.end:  # eval: the whole stem as one kernel
             return _stem_kernel(self, x)
+        if choice.end:  # with autograd: conv1, then bn1 + ReLU + max-pool as one op
+            return _stem_pool_op(self, self.conv1(choice.to(x)))
         if choice.fused:  # eval (the plan's rule): the BatchNorm folded into conv1, the ReLU its post-op
             x = conv_bn(choice.to(x), self.conv1, self.bn1, relu=True, backend=choice.request)
         else:
@@ -368,7 +400,7 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
             to_fast_unit(module, name, backend=backend, plan=mode)
         note = f"LGD block, {unit_note(module)}; block end as one diffusion_epilogue"
         planning.attach(module, "lgd_block", note, backend=backend, mode=mode)
-    fusable, pooled = _stem_flags(model)
+    fusable, pooled, pool_op = _stem_flags(model)
     if isinstance(model, LGD2D):
         model.__class__ = FastLGD2D
         note = "stem (conv1, bn1, ReLU, max-pool) on the frames: its layout; in eval conv1+bn1+ReLU as one conv"
@@ -377,6 +409,8 @@ def to_fast(model: nn.Module, *, backend: str | None = None, plan: str | None = 
         note = "stem (conv1, bn1, ReLU, max-pool): its layout; in eval conv1+bn1+ReLU as one conv"
     if pooled:
         note += ", or the whole stem as one stem_conv_pool kernel"
-    planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable, pooled=pooled)
+    if pool_op:
+        note += "; with autograd bn1+ReLU+max-pool as one bn_relu_max_pool op"
+    planning.attach(model, "stem", note, backend=backend, mode=mode, fusable=fusable, pooled=pooled, pool_op=pool_op)
     register_for_compile(model)
     return model
