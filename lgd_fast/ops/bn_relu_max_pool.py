@@ -26,11 +26,14 @@ module's business: pass the factor it computes, as nn.BatchNorm passes it to ``F
 normalises with the running statistics (the eval forward; the backward is then the pool's and the ReLU's through a
 per-channel scale).
 
-float32 and bfloat16 (statistics and arithmetic in float32, each output rounded once), contiguous or
-channels_last_3d (the output in y's layout); ``auto`` sends anything else (float64, other devices, other strides)
-to the reference. Ties in a window go to the first of the largest values, as ATen's max-pool: the op compares the
-normalised values in float32, before any bfloat16 rounding, so in bfloat16 a window whose largest values round to
-one value may route its gradient to another tap than ATen's (the values are equal to bfloat16's precision).
+float32 and bfloat16 (statistics and arithmetic in float32, each output rounded once), channels_last_3d, where its
+loops run a vector of channels at a time, or contiguous (one value at a time: slower than ATen, so only when the
+cpp backend is named); the output in y's layout. ``auto`` sends anything else (contiguous y, float64, other devices,
+other strides) to the reference.
+
+Ties in a window go to the first of the largest values, as ATen's max-pool: the op compares the normalised values in
+float32, before any bfloat16 rounding, so in bfloat16 a window whose largest values round to one value may route its
+gradient to another tap than ATen's (the values are equal to bfloat16's precision).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def _check(y, running_mean, running_var, weight, bias, training, momentum, eps) 
         raise ValueError(f"{OP_NAME}: expected more than 1 value per channel when training, got {count}")
 
 
-def _cpp_supports(backend: str, y: torch.Tensor) -> str | None:
+def _cpp_takes(y: torch.Tensor) -> str | None:
+    """Why the cpp backend cannot take y (None if it can)."""
     if y.dtype not in _CPP_DTYPES:
         return f"dtype {y.dtype} is not float32 or bfloat16"
     if layout(y) is None:
@@ -115,9 +119,19 @@ def _cpp_supports(backend: str, y: torch.Tensor) -> str | None:
     return None
 
 
+def _cpp_supports(backend: str, y: torch.Tensor) -> str | None:
+    """Why ``auto`` does not run the cpp backend on y: what it cannot take, and contiguous y, whose loops go one value
+    at a time (0.54-1.00x ATen's modules in benchmarks/run_bn_relu_max_pool.py, against 1.33-2.44x in
+    channels_last_3d)."""
+    reason = _cpp_takes(y)
+    if reason is None and layout(y) != "channels_last_3d":
+        return "contiguous y (the kernel is fast in channels_last_3d)"
+    return reason
+
+
 def kernel_applies(y: torch.Tensor) -> bool:
     """Whether ``bn_relu_max_pool(y, ...)`` with ``auto`` runs the compiled op: lgd_fast._C built, a float32 or
-    bfloat16 CPU tensor, contiguous or channels_last_3d."""
+    bfloat16 CPU tensor in channels_last_3d (``backend="cpp"`` takes contiguous ones too, slower than ATen)."""
     return _backend.extension_available() and y.device.type == "cpu" and _cpp_supports("cpp", y) is None
 
 
@@ -194,7 +208,7 @@ def bn_relu_max_pool(
 
     Args:
         y: (N, C, T, H, W), conv1's output. The cpp backend takes float32 and bfloat16 CPU tensors, contiguous or
-            channels_last_3d; ``auto`` sends anything else to the reference.
+            channels_last_3d; ``auto`` runs it on channels_last_3d ones and sends anything else to the reference.
         running_mean, running_var, weight, bias, training, momentum, eps: as ``F.batch_norm`` takes them (C,)
             tensors or None; in training the running statistics (where given) are updated in place.
         backend: ``"cpp"``, ``"reference"``, ``"auto"``, or None to read ``$LGD_FAST_BACKEND``.
@@ -214,7 +228,7 @@ def bn_relu_max_pool(
     choice = _backend.choose_backend(OP_NAME, y, backend, backends=BACKENDS, supports=_cpp_supports)
     if choice == "reference":
         return bn_relu_max_pool_reference(y, running_mean, running_var, weight, bias, training, momentum, eps)
-    reason = _cpp_supports(choice, y)
+    reason = _cpp_takes(y)
     if reason is not None:  # the cpp backend asked for by name
         raise RuntimeError(f"{OP_NAME}: backend 'cpp' cannot take y: {reason}")
     mean, invstd = _statistics(y, running_mean, running_var, training, float(momentum), float(eps))
