@@ -74,3 +74,17 @@ def preactivation_terms(r, s, d, scale, shift) -> list[torch.Tensor]:
     """The ReLU input's four terms in float64, broadcast: r * scale, shift, s, d."""
     r, s, d, scale, shift = (t.detach().double() for t in (r, s, d, scale, shift))
     return [r * scale[:, None, None, None], shift[:, None, None, None], s, d[:, :, None, None, None]]
+
+
+def on_thread_counts(fn, counts=(1, 2)) -> list:
+    """``fn()`` run under each of ``counts`` torch threads (the thread count restored after): for the tests that a
+    kernel's result does not depend on how its work is split."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in counts:
+            torch.set_num_threads(count)
+            results.append(fn())
+        return results
+    finally:
+        torch.set_num_threads(threads)

@@ -37,18 +37,23 @@ class _DoubledPool(nn.MaxPool3d):
         return 2 * super().forward(x)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """The stems that ran the kernel (each call's clip shape)."""
+def _counted(monkeypatch, name: str) -> list[tuple[int, ...]]:
+    """The shapes of the first argument of every call of ``lgd_fast.models.fast.<name>`` from now on."""
     calls = []
-    real = fast_module.stem_conv_pool
+    real = getattr(fast_module, name)
 
     def counting(x, *args, **kwargs):
         calls.append(tuple(x.shape))
         return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(fast_module, "stem_conv_pool", counting)
+    monkeypatch.setattr(fast_module, name, counting)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The stems that ran the kernel (each call's clip shape)."""
+    return _counted(monkeypatch, "stem_conv_pool")
 
 
 @pytest.mark.parametrize("arch", ["lgd3d_tiny", "lgd3d_r18", "lgd2d_r18"])
@@ -263,15 +268,7 @@ def test_a_stem_changed_after_conversion_is_planned_again(gen, kernel_calls):
 @pytest.fixture
 def pool_op_calls(monkeypatch):
     """The training stems that ran the bn_relu_max_pool op (each call's conv1 output shape)."""
-    calls = []
-    real = fast_module.bn_relu_max_pool
-
-    def counting(y, *args, **kwargs):
-        calls.append(tuple(y.shape))
-        return real(y, *args, **kwargs)
-
-    monkeypatch.setattr(fast_module, "bn_relu_max_pool", counting)
-    return calls
+    return _counted(monkeypatch, "bn_relu_max_pool")
 
 
 def _grid_pair(gen, **options):

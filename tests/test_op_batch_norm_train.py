@@ -14,7 +14,7 @@ import torch
 
 from lgd_fast.ops import batch_norm_train as bnt
 from lgd_fast.ops.conv_bn import _normalize_train
-from op_testing import assert_layout, near_zero, random_input, usable_isas
+from op_testing import assert_layout, near_zero, on_thread_counts, random_input, usable_isas
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
@@ -117,14 +117,7 @@ def test_statistics_do_not_depend_on_the_thread_count(gen):
     """The stretches merge in an order fixed by the shape: one thread and two give the same bits."""
     for fmt in FORMATS.values():
         z = random_input((3, 70, 5, 11, 13), torch.float32, fmt, gen)
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            one = torch.ops.lgd_fast.channel_moments(z)
-            torch.set_num_threads(2)
-            two = torch.ops.lgd_fast.channel_moments(z)
-        finally:
-            torch.set_num_threads(threads)
+        one, two = on_thread_counts(lambda z=z: torch.ops.lgd_fast.channel_moments(z))
         assert torch.equal(one, two)
 
 

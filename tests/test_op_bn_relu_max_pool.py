@@ -20,7 +20,7 @@ import torch
 
 from lgd_fast.ops import bn_relu_max_pool, bn_relu_max_pool_reference
 from lgd_fast.ops.bn_relu_max_pool import kernel_applies, pooled_size
-from op_testing import assert_layout, usable_isas
+from op_testing import assert_layout, on_thread_counts, usable_isas
 
 CL = torch.channels_last_3d
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
@@ -129,14 +129,7 @@ def test_sums_do_not_depend_on_the_thread_count(gen):
     out, arg = torch.ops.lgd_fast.bn_relu_max_pool(y, scale, case[4])
     grad = case[5].float().contiguous(memory_format=CL)
     mean = torch.randn(70, generator=gen)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.lgd_fast.bn_relu_max_pool_backward_sums(grad, arg, y, mean)
-        torch.set_num_threads(2)
-        two = torch.ops.lgd_fast.bn_relu_max_pool_backward_sums(grad, arg, y, mean)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_thread_counts(lambda: torch.ops.lgd_fast.bn_relu_max_pool_backward_sums(grad, arg, y, mean))
     assert torch.equal(one, two)
 
 
