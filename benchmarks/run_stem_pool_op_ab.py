@@ -52,8 +52,10 @@ def main() -> None:
     plans = {name: str(m.execution_plan).splitlines()[2].strip() for name, m in models.items()}  # the stem's
     for name, line in plans.items():
         print(f"{name}: {line}")
-    if not args.control and "op" not in plans["op"].split(":")[-1]:
-        raise SystemExit("the default plan did not choose the stem op here: nothing to compare")
+    runs_op = {name: m._lgd_plan.choices and all(c.end and not c.fused for c in m._lgd_plan.choices.values())
+               for name, m in models.items()}  # fmt: skip
+    if not runs_op["op"] or runs_op["modules"] != args.control:
+        raise SystemExit(f"the stems' choices are not the comparison asked for: {plans}")
     _, median = h.ab_medians(calls, args.rounds)
     payload = {
         "benchmark": "stem_pool_op_ab",

@@ -263,12 +263,13 @@ def _default(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: 
         # AVX512_BF16's dot products; without them the kernel multiplies in float32, 0.75-0.77x oneDNN's bfloat16
         # conv at R50's stem (a measured plan still times it).
         return Choice(True, True, AS_INPUT, "cpp", "default: eval, conv1+bn1+ReLU+max-pool as one kernel", request)
-    if plan.kind == "stem" and _stem_pool_op_takes(plan, x, mode, request):
-        # With autograd: conv1 on its module, then BatchNorm + ReLU + max-pool forward and backward as one op,
-        # channels_last_3d (benchmarks/run_bn_relu_max_pool.py: faster than ATen's modules and torch.compile of them
-        # at lgd3d_tiny's and R50's stems).
+    rule = replace(_default_rule(plan, x, mode, backend, frames), request=request)
+    if plan.kind == "stem" and rule.layout == CL and _stem_pool_op_takes(plan, x, mode, request):
+        # Training (or autograd) in channels_last_3d: conv1 on its module, then BatchNorm + ReLU + max-pool forward
+        # and backward as one op (benchmarks/run_bn_relu_max_pool.py: faster than ATen's modules and torch.compile
+        # of them at lgd3d_tiny's and R50's stems; run_stem_pool_op_ab.py: 1.033x on tiny's training step).
         return Choice(False, True, CL, "cpp", "default: with autograd, conv1 then bn1+ReLU+max-pool as one op", request)
-    return replace(_default_rule(plan, x, mode, backend, frames), request=request)
+    return rule
 
 
 def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
@@ -281,11 +282,14 @@ def _stem_kernel_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str
 
 def _stem_pool_op_takes(plan: LayerPlan, x: torch.Tensor, mode: str, request: str) -> bool:
     """Whether the stem's BatchNorm, ReLU and max-pool can run as one :func:`~lgd_fast.ops.bn_relu_max_pool` op after
-    conv1 on x: its modules are such a stem (``plan.pool_op``), on the CPU with autograd (the op's backward is its
-    reason to be: at inference the whole stem is one kernel or a fused conv), a float32 or bfloat16 clip (its
-    kernel's dtypes; under autocast conv1 gives bfloat16), and no backend named."""
+    conv1 on x: its modules are such a stem (``plan.pool_op``), on the CPU, with batch statistics or autograd (the
+    op's statistics and backward are its reason to be: at inference the whole stem is one kernel or a fused conv),
+    a float32 or bfloat16 clip and conv output (its kernel's dtypes: under bf16 autocast conv1 gives bfloat16 for a
+    float32 clip; a float64 clip stays float64 under any autocast, float16 autocast gives float16), and no backend
+    named."""
     return (plan.pool_op and mode != "eval" and request == _backend.AUTO and x.device.type == "cpu"
-            and compute_dtype(x) in (torch.float32, torch.bfloat16) and _backend.extension_available())  # fmt: skip
+            and x.dtype in (torch.float32, torch.bfloat16) and compute_dtype(x) in (torch.float32, torch.bfloat16)
+            and _backend.extension_available())  # fmt: skip
 
 
 def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, frames: tuple[int, int]) -> Choice:

@@ -153,6 +153,7 @@ class _BNReLUMaxPool(torch.autograd.Function):
         return out, arg
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (no double backward: create_graph=True through it is an error)
     def backward(ctx, grad, _):
         y, arg, mean, invstd, w = ctx.saved_tensors
         needs_y, needs_w, needs_b = ctx.needs_input_grad[:3]
