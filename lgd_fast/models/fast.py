@@ -179,12 +179,14 @@ def _stem_pool_reason(model: LGD3D | LGD2D) -> str | None:
 
 
 def stem_pool_op_reason(model: LGD3D | LGD2D) -> str | None:
-    """None if the model's bn1, ReLU and max-pool are what :func:`~lgd_fast.ops.bn_relu_max_pool` computes (LGD-3D's
-    BatchNorm3d, with nn.BatchNorm's own forward, and the 1x3x3 max-pool of stride (1, 2, 2) and padding (0, 1, 1)),
-    else why not. (LGD-2D's stem normalises frames with BatchNorm2d: not this op's, for now.)"""
+    """None if the model's bn1, ReLU and max-pool are what :func:`~lgd_fast.ops.bn_relu_max_pool` computes (an
+    nn.BatchNorm3d, or LGD-2D's nn.BatchNorm2d over frames, whose statistics over (N * T, H, W) are the videos' over
+    (N, T, H, W); each with nn.BatchNorm's own forward; and the 1x3x3 max-pool of stride (1, 2, 2) and padding
+    (0, 1, 1), LGD-2D's 3x3 over frames), else why not."""
     norm = model.bn1
-    if isinstance(model, LGD2D) or type(norm) is not nn.BatchNorm3d:
-        return f"bn1 is {type(norm).__name__}, not the LGD-3D stem's nn.BatchNorm3d"
+    want = nn.BatchNorm2d if isinstance(model, LGD2D) else nn.BatchNorm3d
+    if type(norm) is not want:
+        return f"bn1 is {type(norm).__name__}, not the stem's nn.{want.__name__}"
     return _stem_pool_reason(model)
 
 
@@ -219,11 +221,12 @@ def _stem_kernel(model: LGD3D | LGD2D, x: torch.Tensor) -> torch.Tensor:
     return stem_conv_pool(x, weight, bias, stride_t=_strides(conv)[0], backend="cpp")
 
 
-def _stem_pool_op(model: LGD3D, y: torch.Tensor) -> torch.Tensor:
-    """bn1, ReLU and the max-pool of conv1's output ``y`` as one :func:`~lgd_fast.ops.bn_relu_max_pool` op, with the
-    arguments nn.BatchNorm's forward gives F.batch_norm (its count of batches and momentum, None's cumulative
-    average included). Under CPU autocast ATen's max-pool runs in float32 (autocast's float32 list), so the stem's
-    modules give float32 there: the op's bfloat16 output is widened to match."""
+def _stem_pool_op(model: LGD3D | LGD2D, y: torch.Tensor) -> torch.Tensor:
+    """bn1, ReLU and the max-pool of conv1's output ``y`` (videos (N, C, T, H, W)) as one
+    :func:`~lgd_fast.ops.bn_relu_max_pool` op, with the arguments nn.BatchNorm's forward gives F.batch_norm (its
+    count of batches and momentum, None's cumulative average included). Under CPU autocast ATen's max_pool3d runs in
+    float32 (autocast's float32 list; max_pool2d is not), so LGD-3D's stem modules give float32 there: the op's
+    bfloat16 output is widened to match; LGD-2D's stay bfloat16."""
     norm = model.bn1
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
@@ -233,7 +236,7 @@ def _stem_pool_op(model: LGD3D, y: torch.Tensor) -> torch.Tensor:
     keep = not norm.training or norm.track_running_stats
     out = bn_relu_max_pool(y, norm.running_mean if keep else None, norm.running_var if keep else None, norm.weight,
                            norm.bias, batch_stats, momentum, norm.eps, backend="cpp")  # fmt: skip
-    if out.dtype != torch.float32 and torch.is_autocast_enabled("cpu"):
+    if out.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and not isinstance(model, LGD2D):
         out = out.float()
     return out
 
@@ -371,6 +374,8 @@ class FastLGD2D(_FastNet, LGD2D):
         if choice.fused and choice.end:  # eval: the whole stem as one kernel
             return _stem_kernel(self, x)  # (channels_last_3d videos: the frames in channels_last)
         clips = choice.to(x)
+        if choice.end:  # with autograd: conv1 over the frames, then bn1 + ReLU + max-pool as one op on the videos
+            return _stem_pool_op(self, videos(self.conv1(frames(clips)), x.shape[0]))
         if choice.fused:  # eval (the plan's rule): bn1 folded into conv1 (over every frame), the ReLU its post-op
             y = frames(conv_bn(clips, self.conv1, self.bn1, relu=True, backend=choice.request))
         else:
