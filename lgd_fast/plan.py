@@ -49,9 +49,10 @@ and kept on the layer, so no forward decides anything again:
   measuring times that and contiguous); smaller ones run their own modules, contiguous; in training the P3D
   units' convs run as their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units)
   while the block end stays fused. The stem follows the first block's layout (channels-last in training); with
-  autograd on the CPU, LGD-3D's stem (``LayerPlan.pool_op``: nn.BatchNorm3d and the 1x3x3 max-pool) runs conv1 on
-  its module, then bn1 + ReLU + max-pool forward and backward as one :func:`~lgd_fast.ops.bn_relu_max_pool` op in
-  channels_last_3d (``benchmarks/run_bn_relu_max_pool.py``, ``benchmarks/run_stem_pool_op_ab.py``).
+  autograd on the CPU, where that layout is channels-last, the stem (``LayerPlan.pool_op``: LGD-3D's
+  nn.BatchNorm3d or LGD-2D's nn.BatchNorm2d, and the 1x3x3 max-pool) runs conv1 on its module, then bn1 + ReLU +
+  max-pool forward and backward as one :func:`~lgd_fast.ops.bn_relu_max_pool` op in channels_last_3d
+  (``benchmarks/run_bn_relu_max_pool.py``, ``benchmarks/run_stem_pool_op_ab.py``).
 
 - ``fused``: every layer takes its fused code (P3D units and conv runs in training too, block ends fused),
   layouts by the default rule: deterministic like ``default``, and the way to run the fused code at any size
