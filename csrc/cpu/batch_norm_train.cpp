@@ -517,14 +517,6 @@ void check_large(const char* op, const at::Tensor& t, const char* name, const at
               " must be contiguous or channels_last_3d, got strides ", t.strides());
 }
 
-at::Tensor per_channel(const char* op, const at::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (", C, "), got ", t.sizes());
-  TORCH_CHECK(t.is_floating_point() && t.scalar_type() != at::kDouble, op, ": ", name,
-              " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  return t.to(at::kFloat).contiguous();
-}
-
 // Positions per statistics block in channels_last: its C values of every position fit kBlockBytes.
 int64_t block_rows(int64_t C, int64_t elem_bytes) {
   return std::clamp<int64_t>(kBlockBytes / std::max<int64_t>(C * elem_bytes, 1), 1, kMaxBlockRows);

@@ -192,6 +192,12 @@ inline void apply_one(const T* grad, const uint8_t* arg, const T* y, const Geome
 // The taps of window (ho, wo) inside the frame: their offsets in a channels_last frame and their numbers (kh * 3 +
 // kw), in the window's order; returns how many.
 inline int window_taps(const Geometry& g, int64_t ho, int64_t wo, int64_t* offset, uint32_t* tap) {
+  if (ho >= 1 && 2 * ho + 1 < g.H && wo >= 1 && 2 * wo + 1 < g.W) {  // all nine taps (most windows): no bound checks
+    for (int i = 0; i < 9; ++i) {
+      offset[i] = ((2 * ho - 1 + i / 3) * g.W + 2 * wo - 1 + i % 3) * g.C, tap[i] = static_cast<uint32_t>(i);
+    }
+    return 9;
+  }
   int count = 0;
   for (int kh = 0; kh < 3; ++kh) {
     const int64_t h = 2 * ho - 1 + kh;
@@ -218,17 +224,8 @@ LGD_INLINE void forward_body(const T* y, const Geometry& g, const float* scale, 
   for (int64_t row = begin; row < end; ++row) {
     const int64_t frame = row / g.Ho, ho = row % g.Ho, n = frame / g.T, t = frame % g.T;
     const T* yf = y + frame * g.H * g.W * C;
-    const bool inner_rows = ho >= 1 && 2 * ho + 1 < g.H;
     for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      int count;
-      if (inner_rows && wo >= 1 && 2 * wo + 1 < g.W) {  // all nine taps (most windows): no bound checks
-        count = 9;
-        for (int i = 0; i < 9; ++i) {
-          offset[i] = ((2 * ho - 1 + i / 3) * g.W + 2 * wo - 1 + i % 3) * C, taps[i] = static_cast<uint32_t>(i);
-        }
-      } else {
-        count = window_taps(g, ho, wo, offset, taps);
-      }
+      const int count = window_taps(g, ho, wo, offset, taps);
       const int64_t o = (row * g.Wo + wo) * C;
       int64_t c = 0;
       for (; c + W <= C; c += W) {
@@ -399,13 +396,6 @@ at::MemoryFormat format_of(const Geometry& g) {
 
 std::vector<int64_t> pooled_sizes(const Geometry& g) { return {g.N, g.C, g.T, g.Ho, g.Wo}; }
 
-at::Tensor per_channel(const at::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, kOp, ": ", name, " must have shape (", C, "), got ", t.sizes());
-  TORCH_CHECK(t.is_floating_point(), kOp, ": ", name, " must be floating point, got ", t.scalar_type());
-  return t.to(at::kFloat).contiguous();
-}
-
 // The pooled gradient in y's dtype and the pooled layout (autograd may hand any), and arg checked against it.
 at::Tensor pooled_grad(const at::Tensor& grad, const at::Tensor& arg, const at::Tensor& y, const Geometry& g) {
   const auto sizes = pooled_sizes(g);
@@ -424,7 +414,7 @@ int64_t grain(int64_t per_row) { return std::max<int64_t>(1, kTaskValues / std::
 std::tuple<at::Tensor, at::Tensor> bn_relu_max_pool_cpu(const at::Tensor& y, const at::Tensor& scale,
                                                         const at::Tensor& shift) {
   const Geometry g = geometry(y);
-  const at::Tensor a = per_channel(scale, "scale", g.C), b = per_channel(shift, "shift", g.C);
+  const at::Tensor a = per_channel(kOp, scale, "scale", g.C), b = per_channel(kOp, shift, "shift", g.C);
   at::Tensor out = at::empty(pooled_sizes(g), y.options().memory_format(format_of(g)));
   at::Tensor arg = at::empty(pooled_sizes(g), y.options().dtype(at::kByte).memory_format(format_of(g)));
   const int64_t rows = g.N * g.T * g.Ho;
@@ -454,7 +444,7 @@ at::Tensor bn_relu_max_pool_backward_sums_cpu(const at::Tensor& grad, const at::
                                               const at::Tensor& mean) {
   const Geometry g = geometry(y);
   const at::Tensor gr = pooled_grad(grad, arg, y, g);
-  const at::Tensor mu = per_channel(mean, "mean", g.C);
+  const at::Tensor mu = per_channel(kOp, mean, "mean", g.C);
   const int64_t rows = g.N * g.T * g.Ho;
   at::Tensor part = at::zeros({rows, 2, g.C}, y.options().dtype(at::kDouble));
   dispatch_float_bf16(y.scalar_type(), [&](auto tag) {
@@ -492,8 +482,8 @@ at::Tensor bn_relu_max_pool_backward_apply_cpu(const at::Tensor& grad, const at:
                                                const at::Tensor& q) {
   const Geometry g = geometry(y);
   const at::Tensor gr = pooled_grad(grad, arg, y, g);
-  const at::Tensor mu = per_channel(mean, "mean", g.C), k32 = per_channel(k, "k", g.C);
-  const at::Tensor p32 = per_channel(p, "p", g.C), q32 = per_channel(q, "q", g.C);
+  const at::Tensor mu = per_channel(kOp, mean, "mean", g.C), k32 = per_channel(kOp, k, "k", g.C);
+  const at::Tensor p32 = per_channel(kOp, p, "p", g.C), q32 = per_channel(kOp, q, "q", g.C);
   at::Tensor dx = at::empty_like(y, format_of(g));
   const int64_t rows = g.N * g.T * g.H;
   if (rows * g.C * g.W == 0) return dx;

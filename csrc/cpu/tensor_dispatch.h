@@ -1,4 +1,5 @@
-// What the CPU kernel files share about the tensors they take: the float32 / bfloat16 switch and the layout test.
+// What the CPU kernel files share about the tensors they take: the float32 / bfloat16 switch, the per-channel
+// tensors' check and the layout test.
 
 #pragma once
 
@@ -15,6 +16,15 @@ void dispatch_float_bf16(at::ScalarType dtype, F&& fn) {
   } else {
     fn(c10::BFloat16{});
   }
+}
+
+// A per-channel (C,) CPU tensor of float32, bfloat16 or float16 (op and name for the errors), as float32 contiguous.
+inline at::Tensor per_channel(const char* op, const at::Tensor& t, const char* name, int64_t C) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, op, ": ", name, " must have shape (", C, "), got ", t.sizes());
+  TORCH_CHECK(t.is_floating_point() && t.scalar_type() != at::kDouble, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return t.to(at::kFloat).contiguous();
 }
 
 // channels_last_3d and not also contiguous (C == 1 or one position: both, and then read as contiguous).

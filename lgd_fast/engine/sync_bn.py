@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ops.conv_bn import batch_norm_arguments, uses_batch_stats
+
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
 
@@ -84,14 +86,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        use_batch = self.training or not self.track_running_stats
-        if not use_batch or not (dist.is_available() and dist.is_initialized()):
+        if not uses_batch_stats(self) or not (dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-        momentum = self.momentum
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm
-            momentum = 1.0 / float(self.num_batches_tracked)
+        momentum = batch_norm_arguments(self)[3]  # (counting the batch as nn.BatchNorm does)
         track = self.training and self.track_running_stats
         return _SyncBatchNormFunction.apply(
             x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,

@@ -43,6 +43,7 @@ from ..ops.conv_bn import (
     _padding,
     _strides,
     batch_norm_affine,
+    batch_norm_arguments,
     compute_dtype,
     conv_bn,
     fold_norm,
@@ -146,16 +147,22 @@ def stem_kernel_reason(model: LGD3D | LGD2D) -> str | None:
     """None if the model's stem (conv1, bn1, ReLU, max-pool) is one :func:`~lgd_fast.ops.stem_conv_pool` computes
     at inference (a kt x 7 x 7 conv of stride (st, 2, 2) and padding (0, 3, 3), or LGD-2D's 7x7 over frames, a
     BatchNorm that folds, the 1x3x3 max-pool of stride 2 and padding 1), else why not."""
-    conv = model.conv1
-    reason = fusable_reason(conv) or norm_reason(model.bn1)
-    if reason is not None:
-        return reason
+    return _stem_fold_reason(model) or _stem_conv_reason(model.conv1) or _stem_pool_reason(model)
+
+
+def _stem_fold_reason(model: LGD3D | LGD2D) -> str | None:
+    """None if conv1 and bn1 fold into one conv, else why not."""
+    return fusable_reason(model.conv1) or norm_reason(model.bn1)
+
+
+def _stem_conv_reason(conv: nn.Module) -> str | None:
+    """None if conv1 is the 7x7 stem conv the kernel computes (stride (st, 2, 2), padding (0, 3, 3)), else why not."""
     kernel, strides = _kernel(conv), _strides(conv)
     if kernel[1:] != (7, 7) or strides[1:] != (2, 2) or _padding(conv) != [0, 3, 3] or conv.groups != 1:
         return f"conv1 {kernel} stride {strides} padding {conv.padding} groups {conv.groups} is not the 7x7 stem's"
     if _dilation(conv) != (1, 1, 1):
         return f"conv1 dilation {conv.dilation}"
-    return _stem_pool_reason(model)
+    return None
 
 
 def _stem_pool_reason(model: LGD3D | LGD2D) -> str | None:
@@ -183,19 +190,25 @@ def stem_pool_op_reason(model: LGD3D | LGD2D) -> str | None:
     nn.BatchNorm3d, or LGD-2D's nn.BatchNorm2d over frames, whose statistics over (N * T, H, W) are the videos' over
     (N, T, H, W); each with nn.BatchNorm's own forward; and the 1x3x3 max-pool of stride (1, 2, 2) and padding
     (0, 1, 1), LGD-2D's 3x3 over frames), else why not."""
+    return _stem_norm_class_reason(model) or _stem_pool_reason(model)
+
+
+def _stem_norm_class_reason(model: LGD3D | LGD2D) -> str | None:
     norm = model.bn1
     want = nn.BatchNorm2d if isinstance(model, LGD2D) else nn.BatchNorm3d
     if type(norm) is not want:
         return f"bn1 is {type(norm).__name__}, not the stem's nn.{want.__name__}"
-    return _stem_pool_reason(model)
+    return None
 
 
 def _stem_flags(model: LGD3D | LGD2D) -> tuple[bool, bool, bool]:
     """(fusable, pooled, pool_op) of the model's stem plan: conv1 + bn1 fold into one conv; the whole stem is the
-    kernel's (which includes the first); bn1 + ReLU + max-pool are the training op's."""
-    pooled = stem_kernel_reason(model) is None
-    fusable = pooled or (fusable_reason(model.conv1) is None and norm_reason(model.bn1) is None)
-    return fusable, pooled, stem_pool_op_reason(model) is None
+    kernel's (which includes the first); bn1 + ReLU + max-pool are the training op's. Each part checked once (this
+    runs on every eager call: _replan_changed_stem)."""
+    fusable = _stem_fold_reason(model) is None
+    pool = _stem_pool_reason(model) is None
+    pooled = fusable and pool and _stem_conv_reason(model.conv1) is None
+    return fusable, pooled, pool and _stem_norm_class_reason(model) is None
 
 
 def _replan_changed_stem(model: LGD3D | LGD2D) -> None:
@@ -228,14 +241,9 @@ def _stem_pool_op(model: LGD3D | LGD2D, y: torch.Tensor) -> torch.Tensor:
     float32 (autocast's float32 list; max_pool2d is not), so LGD-3D's stem modules give float32 there: the op's
     bfloat16 output is widened to match; LGD-2D's stay bfloat16."""
     norm = model.bn1
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-    keep = not norm.training or norm.track_running_stats
-    out = bn_relu_max_pool(y, norm.running_mean if keep else None, norm.running_var if keep else None, norm.weight,
-                           norm.bias, batch_stats, momentum, norm.eps, backend="cpp")  # fmt: skip
+    running_mean, running_var, batch_stats, momentum = batch_norm_arguments(norm)
+    out = bn_relu_max_pool(y, running_mean, running_var, norm.weight, norm.bias, batch_stats, momentum, norm.eps,
+                           backend="cpp")  # fmt: skip
     if out.dtype != torch.float32 and torch.is_autocast_enabled("cpu") and not isinstance(model, LGD2D):
         out = out.float()
     return out

@@ -184,6 +184,19 @@ def uses_batch_stats(norm: nn.Module) -> bool:
     return norm.training or not norm.track_running_stats
 
 
+def batch_norm_arguments(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, bool, float]:
+    """(running_mean, running_var, training, momentum): what nn.BatchNorm's forward passes ``F.batch_norm`` for
+    ``norm``, counting the batch as it does (``num_batches_tracked`` in training; ``momentum=None``, the cumulative
+    average, as 1 / that count). For code that normalises as ``norm`` would in a call of its own."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep = not norm.training or norm.track_running_stats
+    return norm.running_mean if keep else None, norm.running_var if keep else None, batch_stats, momentum
+
+
 def batch_norm_affine(
     norm: nn.Module | None, r: torch.Tensor, stats: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
