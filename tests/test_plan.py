@@ -67,6 +67,30 @@ def test_r50_plan_prints_every_layer_with_backend_layout_and_why(gen, no_measuri
             assert [(c["runs"], c["layout"]) for c in train] == [("modules", "contiguous")], name
 
 
+CL3D = "channels_last_3d"
+
+
+@pytest.mark.parametrize(("widths", "layouts"), [((16, 32, 64, 128), (CL3D, CL3D, CL3D, CL3D)),
+                                                 ((32, 64, 128, 256), (CL3D, CL3D, CL3D, "contiguous"))])
+def test_training_default_runs_narrow_small_frame_blocks_channels_last(gen, no_measuring, widths, layouts):
+    """Under 14x14 frames, training blocks of at most 64 input channels run their modules channels_last_3d, wider
+    ones contiguous (benchmarks/run_plan_train_layouts.py); with gradients in eval they stay contiguous."""
+    model = create_model("lgd3d_tiny", 10, fast=True, plan="default", widths=widths, stem_width=widths[0])
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)  # every block's input frames are 8x8 or smaller
+    plan = model.execution_plan.resolve(x, training=True)
+    rows = {r["layer"]: r["choices"] for r in plan.to_dict()}
+    block_inputs = {"layer1.0": widths[0], "layer2.0": widths[0], "layer3.0": widths[1], "layer4.0": widths[2]}
+    for (name, channels), want in zip(block_inputs.items(), layouts, strict=True):
+        (choice,) = rows[name]
+        assert (choice["runs"], choice["layout"]) == ("modules", want), (name, channels)
+        assert f"{channels} <= 64 channels in training" in choice["why"] or want == "contiguous"
+    assert [c["layout"] for c in rows["(model)"]] == [CL3D]  # the stem: channels-last in training
+    model.eval()
+    eval_grad = planning.decide(model.layer1[0], torch.randn(2, widths[0], 2, 8, 8, generator=gen), None,
+                                kind="lgd_block")  # fmt: skip
+    assert (eval_grad.fused, eval_grad.end, eval_grad.layout) == (False, False, "contiguous")
+
+
 def test_choices_are_made_once_per_key(gen, measured):
     reference = randomise_norms(create_model("lgd3d_tiny", 10, classifier="two_heads"), gen).eval()
     model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
