@@ -13,7 +13,7 @@ of the two are recorded (equal up to rounding: the same weights, clips and dropo
     PYTHONPATH=. python benchmarks/run_train_layout_rule_ab.py --control ...    # A/A: both under the new rule
 """
 
-import contextlib
+import functools
 import sys
 from pathlib import Path
 from unittest import mock
@@ -32,10 +32,17 @@ from lgd_fast.models import create_model  # noqa: E402
 NAMES = ("rule", "old_rule")
 
 
-def block_layouts(model) -> dict[str, list[str]]:
-    """The layouts the plan recorded per block (an eager model's; a compiled one records none)."""
-    return {name: sorted({c.layout for c in p.choices.values()}) for name, p in
-            ((n, m._lgd_plan) for n, m in model.named_modules() if hasattr(m, "_lgd_plan")) if p.kind == "lgd_block"}
+def spying_on_block_layouts(seen: list[str]):
+    """A patch of the plan's decision that appends each LGD block's layout to ``seen`` (also while dynamo traces)."""
+    real = planning._decide
+
+    def spy(plan, *args):
+        choice = real(plan, *args)
+        if plan.kind == "lgd_block":
+            seen.append(choice.layout)
+        return choice
+
+    return mock.patch.object(planning, "_decide", spy)
 
 
 def main() -> None:
@@ -50,21 +57,32 @@ def main() -> None:
         model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")
         model.load_state_dict(reference.state_dict())
         runner = bench._compiled(model, freezing=False, compile_mode=None) if args.compiled else model
-        old = name == "old_rule" and not args.control
-        with mock.patch.object(planning, "CPU_TRAIN_CL_MAX_CHANNELS", 0) if old else contextlib.nullcontext():
+        # every call of each model under its rule: dynamo guards on the constant it read while tracing, so a compiled
+        # model called under the other value would be traced again, under that rule
+        value = 0 if name == "old_rule" and not args.control else planning.CPU_TRAIN_CL_MAX_CHANNELS
+        rule = functools.partial(mock.patch.object, planning, "CPU_TRAIN_CL_MAX_CHANNELS", value)
+        layouts[name] = []
+        with rule(), spying_on_block_layouts(layouts[name]):  # the first call plans (and traces) the blocks
             model.train()
             torch.manual_seed(2)  # the same dropout draws in both models' first step
             local, global_ = runner(clips[0])
             losses[name] = (F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)).item()
-            no_autocast = torch.autocast("cpu", enabled=False)
-            calls[name] = bench.pass_call("training", model, runner, clips, labels, no_autocast)
-            for _ in range(3):  # (a compiled model traces its backward on the first step)
-                calls[name]()
-        layouts[name] = block_layouts(model)
-        print(f"{name}: {layouts[name]}")
-    if not args.compiled and (layouts["rule"] == layouts["old_rule"]) != args.control:
+        step = bench.pass_call("training", model, runner, clips, labels, torch.autocast("cpu", enabled=False))
+
+        def call(step=step, rule=rule):
+            with rule():
+                step()
+
+        calls[name] = call
+        for _ in range(3):  # (a compiled model traces its backward on the first step)
+            call()
+        print(f"{name}: blocks {layouts[name]}")
+    if (layouts["rule"] == layouts["old_rule"]) != args.control:
         raise SystemExit(f"the blocks' layouts are not the comparison asked for: {layouts}")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     _, median = h.ab_medians(calls, args.rounds)
+    if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+        raise SystemExit("a model was traced again while timed: the comparison is not the one asked for")
     payload = {
         "benchmark": "train_layout_rule_ab",
         "pass": "training",
@@ -73,7 +91,7 @@ def main() -> None:
         "rounds": args.rounds,
         "compiled": args.compiled,
         "control": args.control,  # (then "old_rule" names the second model, which runs the new rule too)
-        "block_layouts": layouts,  # (empty for compiled models: traced choices are not recorded)
+        "block_layouts": layouts,  # (as each model's first call planned, or traced, them)
         "first_step_losses": losses,
         "median_ms": median,
         "speedup_rule_vs_old_rule": median["old_rule"] / median["rule"],
