@@ -307,6 +307,23 @@ def start_op_run(args) -> dict[str, Any]:
     return setup
 
 
+def op_script_main(argv: list[str] | None, doc: str, run: Callable, *, out: str, repeats: tuple[int, int] = (60, 10),
+                   plot: Callable[[dict, Path], Path] | None = None) -> dict[str, Any]:  # fmt: skip
+    """An op script's ``main``: the common flags (:func:`add_common_arguments`, the description from ``doc``'s
+    first paragraph, results to ``RESULTS_DIR / out``), then ``run(args)``'s payload written as JSON and drawn by
+    ``plot(payload, path)`` (to ``--plot``, else the JSON's path with .png) where given. Returns the payload."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_arguments(parser, default_out=RESULTS_DIR / out, repeats=repeats)
+    args = parser.parse_args(argv)
+    payload = run(args)
+    print("wrote", _bench.write_json(args.out, payload))
+    if plot is not None:
+        print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
+    return payload
+
+
 # ---- result files ----------------------------------------------------------------------------------
 
 

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.ops.batch_norm_train import channel_moments, kernel_applies  # noqa: E402
 from lgd_fast.ops.conv_bn import _normalize_train  # noqa: E402
 
@@ -97,7 +96,6 @@ def make_candidates(shape, pass_: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -117,37 +115,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     results.append(h.measure_op_row(make_candidates(shape, pass_), inputs, args, describe=describe,
                                                     nbytes=nbytes, bytes_per_s=bandwidth["bytes_per_s"],
                                                     others=("aten", "reference", "compiled")))  # fmt: skip
-    return {
-        "benchmark": "batch_norm_train",
-        "fast": "cpp",
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {
-            "quick": args.quick,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "steady_malloc": setup["steady_malloc"],
-        },  # fmt: skip
-        "copy_bandwidth": bandwidth,
-        "notes": [
+    return h.op_payload(
+        "batch_norm_train",
+        args,
+        setup,
+        fast="cpp",
+        notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp's",
             "cpp = conv_bn._normalize_train on batch_norm_train.channel_moments; aten = relu(F.batch_norm + s); "
             "reference = the plain PyTorch composite; compiled = torch.compile(reference)",
             "copy_bw_fraction = (bytes the kernels' passes move / copy bandwidth) / median",
         ],
-        "results": results,
-    }
+        results=results,
+    )
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path:
+    impls = list(payload["results"][0]["timings"])
+    return h.plot_op_benchmark(payload, path, op="batch_norm_train", fast="cpp", impls=impls, colors=COLORS,
+                               extra_speedups=["aten"])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "batch_norm_train_cpu.json", repeats=(30, 10))
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    impls = list(payload["results"][0]["timings"])
-    path = h.plot_op_benchmark(payload, args.plot or args.out.with_suffix(".png"), op="batch_norm_train", fast="cpp",
-                               impls=impls, colors=COLORS, extra_speedups=["aten"])  # fmt: skip
-    print("wrote", path)
+    h.op_script_main(argv, __doc__, run, out="batch_norm_train_cpu.json", repeats=(30, 10), plot=plot)
 
 
 if __name__ == "__main__":

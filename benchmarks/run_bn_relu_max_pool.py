@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.ops.bn_relu_max_pool import _cpp_takes, bn_relu_max_pool, bn_relu_max_pool_reference  # noqa: E402
 
 SHAPES = {"lgd3d_tiny": (16, 16, 8, 16, 16), "lgd3d_r50": (4, 64, 8, 56, 56)}
@@ -93,7 +92,6 @@ def floor_bytes(shape, dtype, pass_: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from lgd_fast import _C
 
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
@@ -113,37 +111,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                     nbytes=floor_bytes(shape, dtype, pass_),
                                                     bytes_per_s=bandwidth["bytes_per_s"],
                                                     others=("reference", "compiled")))  # fmt: skip
-    return {
-        "benchmark": "bn_relu_max_pool",
-        "fast": "cpp",
-        "machine": {**h.machine_info(), "lgd_fast_cpu_isa": _C.cpu_isa()},
-        "settings": {
-            "quick": args.quick,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "steady_malloc": setup["steady_malloc"],
-        },  # fmt: skip
-        "copy_bandwidth": bandwidth,
-        "notes": [
+    return h.op_payload(
+        "bn_relu_max_pool",
+        args,
+        setup,
+        fast="cpp",
+        notes=[
             "timings: median seconds per call over interleaved repeats; speedup = other's median / cpp's",
             "cpp = lgd_fast.ops.bn_relu_max_pool; reference = max_pool3d(relu(F.batch_norm(training))) (the reference, "
             "the stem's modules); compiled = torch.compile of it",
             "copy_bw_fraction = (bytes the op's passes move / copy bandwidth) / median",
         ],
-        "results": results,
-    }
+        results=results,
+    )
+
+
+def plot(payload: dict[str, Any], path: Path) -> Path:
+    impls = list(payload["results"][0]["timings"])
+    return h.plot_op_benchmark(payload, path, op="bn_relu_max_pool", fast="cpp", impls=impls, colors=COLORS)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "bn_relu_max_pool_cpu.json", repeats=(30, 10))
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    impls = list(payload["results"][0]["timings"])
-    path = h.plot_op_benchmark(payload, args.plot or args.out.with_suffix(".png"), op="bn_relu_max_pool", fast="cpp",
-                               impls=impls, colors=COLORS)  # fmt: skip
-    print("wrote", path)
+    h.op_script_main(argv, __doc__, run, out="bn_relu_max_pool_cpu.json", repeats=(30, 10), plot=plot)
 
 
 if __name__ == "__main__":

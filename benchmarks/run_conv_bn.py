@@ -33,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import _compiled, conv_peak, write_json  # noqa: E402
+from lgd_fast.bench import _compiled, conv_peak  # noqa: E402
 from lgd_fast.ops.conv_bn import conv_bn, p3d_geometry_reason  # noqa: E402
 
 # name -> (input N, C, T, H, W; out channels; kernel; stride; groups; with a shortcut)
@@ -128,15 +128,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row["fast_vs_modules_relative_error"] = error
             print("    conv peak share: " + ", ".join(f"{n} {s:.0%}" for n, s in row["conv_peak_share"].items()))
             results.append(row)
-    return {
-        "benchmark": "conv_bn",
-        "command": "python benchmarks/run_conv_bn.py" + (" --quick" if args.quick else ""),
-        "machine": h.machine_info(),
-        "settings": {"quick": args.quick, "warmup": args.warmup, "repeats": args.repeats,
-                     "threads": torch.get_num_threads(), "steady_malloc": setup["steady_malloc"]},  # fmt: skip
-        "conv_peak": peaks,
-        "copy_bandwidth": bandwidth,
-        "notes": [
+    return h.op_payload(
+        "conv_bn",
+        args,
+        setup,
+        command="python benchmarks/run_conv_bn.py" + (" --quick" if args.quick else ""),
+        conv_peak=peaks,
+        notes=[
             "timings: median seconds per call over interleaved repeats, under torch.inference_mode; speedup = "
             "other's median / fast's median",
             "fast = conv_bn eagerly; fast_compiled = torch.compile(conv_bn module) with freezing (conv_bn_folded "
@@ -146,16 +144,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "R50 res2, measured in this run); copy_bw_fraction: bytes (x, shortcut, output) at the copy bandwidth",
             "fast_vs_modules_relative_error: the fast output against the modules' (same dtype), norm relative",
         ],
-        "results": results,
-    }
+        results=results,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "conv_bn_cpu.json", repeats=(40, 10))
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
+    h.op_script_main(argv, __doc__, run, out="conv_bn_cpu.json", repeats=(40, 10))
 
 
 if __name__ == "__main__":

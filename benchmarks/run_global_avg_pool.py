@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.ops import global_avg_pool, global_avg_pool_reference  # noqa: E402
 
 # (N, C, T, H, W) where LGD-3D R50 pools (16x112x112 clips, batch 8): res2 (the brief's shape) and res5.
@@ -123,12 +122,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "global_avg_pool_cpu.json")
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
+    h.op_script_main(argv, __doc__, run, out="global_avg_pool_cpu.json", plot=plot)
 
 
 if __name__ == "__main__":

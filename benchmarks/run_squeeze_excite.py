@@ -24,7 +24,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.ops import squeeze_excite, squeeze_excite_reference  # noqa: E402
 
 # (N, C, T, H, W) of the converted X3D's squeeze-excitations (inner width C, reduced to max(C // 16, 2)).
@@ -110,12 +109,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "squeeze_excite_cpu.json", repeats=(100, 30))
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
+    h.op_script_main(argv, __doc__, run, out="squeeze_excite_cpu.json", repeats=(100, 30), plot=plot)
 
 
 if __name__ == "__main__":

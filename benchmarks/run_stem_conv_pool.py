@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import _compiled, conv_peak, write_json  # noqa: E402
+from lgd_fast.bench import _compiled, conv_peak  # noqa: E402
 from lgd_fast.ops import stem_conv_pool, to_channels_last_3d  # noqa: E402
 from lgd_fast.ops.conv_bn import _folded, conv_bn  # noqa: E402
 from lgd_fast.ops.stem_conv_pool import bf16_dot_products  # noqa: E402
@@ -197,12 +197,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "stem_conv_pool_cpu.json", repeats=(40, 10))
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    print("wrote", plot(payload, args.plot or args.out.with_suffix(".png")))
+    h.op_script_main(argv, __doc__, run, out="stem_conv_pool_cpu.json", repeats=(40, 10), plot=plot)
 
 
 if __name__ == "__main__":

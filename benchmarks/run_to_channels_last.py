@@ -21,7 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
-from lgd_fast.bench import write_json  # noqa: E402
 from lgd_fast.ops import to_channels_last_3d, to_channels_last_3d_reference  # noqa: E402
 
 # clips: lgd3d_tiny at batch 16 (the demo's), LGD-3D R50 at batch 4 and 1 (16x112x112)
@@ -67,15 +66,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def plot(payload: dict[str, Any], path: Path) -> Path:
+    return h.plot_op_benchmark(payload, path, op="to_channels_last_3d", fast="cpp", impls=IMPLS, colors=COLORS)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    h.add_common_arguments(parser, default_out=h.RESULTS_DIR / "to_channels_last_cpu.json")
-    args = parser.parse_args(argv)
-    payload = run(args)
-    print("wrote", write_json(args.out, payload))
-    path = args.plot or args.out.with_suffix(".png")
-    print("wrote", h.plot_op_benchmark(payload, path, op="to_channels_last_3d", fast="cpp", impls=IMPLS,
-                                       colors=COLORS))  # fmt: skip
+    h.op_script_main(argv, __doc__, run, out="to_channels_last_cpu.json", plot=plot)
 
 
 if __name__ == "__main__":
