@@ -96,7 +96,6 @@ def make_candidates(shape, pass_: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
     shapes = {"res2": SHAPES["res2"]} if args.quick else SHAPES

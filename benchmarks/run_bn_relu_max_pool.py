@@ -92,7 +92,6 @@ def floor_bytes(shape, dtype, pass_: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-
     setup = h.start_op_run(args)
     bandwidth = setup["copy_bandwidth"]
     dtypes = {"fp32": torch.float32} if args.quick else DTYPES

@@ -22,9 +22,12 @@ from lgd_fast.models import create_model, to_fast
 from lgd_fast.models.fast import run_block
 from lgd_fast.models.registry import lgd3d_tiny
 
-# (label, the reference model, batch, H = W of the 16-frame clips): widths from lgd3d_tiny's to R18's
+# (label, the reference model, batch, H = W of the 16-frame clips[, bfloat16 autocast]): widths from lgd3d_tiny's to
+# R18's, frames from 12x12 to 2x2, basic and bottleneck blocks, LGD-2D's frame blocks, float32 and bf16 autocast
 CONFIGS = (
     ("lgd3d_tiny", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads"), 16, 32),
+    ("lgd3d_tiny, 48 px", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads"), 16, 48),
+    ("lgd3d_tiny, bf16 autocast", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads"), 16, 32, True),
     ("tiny, widths x2", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads", widths=(32, 64, 128, 256),
                                            stem_width=32), 16, 32),  # fmt: skip
     ("tiny, widths x4", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads", widths=(64, 128, 256, 512),
@@ -32,6 +35,8 @@ CONFIGS = (
     ("tiny, width 128", lambda: lgd3d_tiny(num_classes=10, classifier="two_heads", widths=(128,) * 4,
                                            stem_width=128), 4, 56),  # fmt: skip
     ("lgd3d_r18", lambda: create_model("lgd3d_r18", 10, classifier="two_heads"), 4, 112),
+    ("lgd3d_r50, 32 px", lambda: create_model("lgd3d_r50", 10, classifier="two_heads"), 4, 32),
+    ("lgd2d_r18, 32 px", lambda: create_model("lgd2d_r18", 10, classifier="two_heads"), 4, 32),
 )
 LAYOUTS = (planning.CL, planning.CONTIGUOUS)
 FORMATS = {planning.CL: torch.channels_last_3d, planning.CONTIGUOUS: torch.contiguous_format}
@@ -57,20 +62,23 @@ def block_inputs(model, clip: torch.Tensor) -> list[tuple[str, torch.nn.Module, 
     return [(names[b], b, x, g) for b, x, g in seen]
 
 
-def time_block(block, x: torch.Tensor, g: torch.Tensor, rounds: int, gen: torch.Generator) -> dict[str, float]:
+def time_block(block, x: torch.Tensor, g: torch.Tensor, rounds: int, gen: torch.Generator,
+               autocast: bool) -> dict[str, float]:  # fmt: skip
     """Median ms of the block's forward + backward on its own modules, per layout."""
     calls = {}
     for layout in LAYOUTS:
         choice = planning.Choice(False, False, layout, "modules", "timed")
         leaf = x.contiguous(memory_format=FORMATS[layout]).requires_grad_()
         g_leaf = g.clone().requires_grad_()
-        out, g_out, _ = run_block(block, choice, leaf, g_leaf, None)
-        upstream = (torch.randn(out.shape, generator=gen).contiguous(memory_format=FORMATS[layout]),
-                    torch.randn(g_out.shape, generator=gen))  # fmt: skip
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, g_out, _ = run_block(block, choice, leaf, g_leaf, None)
+        upstream = (torch.randn(out.shape, generator=gen).to(out.dtype).contiguous(memory_format=FORMATS[layout]),
+                    torch.randn(g_out.shape, generator=gen).to(g_out.dtype))  # fmt: skip
 
         def call(leaf=leaf, g_leaf=g_leaf, choice=choice, upstream=upstream):
             leaf.grad = g_leaf.grad = None
-            out, g_out, _ = run_block(block, choice, leaf, g_leaf, None)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out, g_out, _ = run_block(block, choice, leaf, g_leaf, None)
             torch.autograd.backward((out, g_out), upstream)
 
         calls[layout] = call
@@ -85,17 +93,21 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for label, make, batch, size in CONFIGS:
+    for label, make, batch, size, *bf16 in CONFIGS:
+        autocast = bool(bf16 and bf16[0])
         torch.manual_seed(0)
         model = to_fast(bench.trained_like(make()), plan="default").train()
         clip = torch.randn(batch, 3, 16, size, size, generator=gen)
-        for name, block, x, g in block_inputs(model, clip):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            inputs = block_inputs(model, clip)
+        for name, block, x, g in inputs:
             frames = tuple(x.shape[-2:])
             if frames[0] * frames[1] >= planning.CPU_FUSED_MIN_PIXELS:
                 continue
-            ms = time_block(block, x, g, args.rounds, gen)
+            ms = time_block(block, x, g, args.rounds, gen, autocast)
             narrow = x.shape[1] <= planning.CPU_TRAIN_CL_MAX_CHANNELS
-            row = {"model": label, "block": name, "input": list(x.shape), "in_channels": x.shape[1],
+            row = {"model": label, "block": name, "input": list(x.shape), "dtype": str(x.dtype).removeprefix("torch."),
+                   "bf16_autocast": autocast, "in_channels": x.shape[1],
                    "frames": list(frames), "ms": ms,
                    "contiguous_over_channels_last": ms[planning.CONTIGUOUS] / ms[planning.CL],
                    "rule": planning.CL if narrow else planning.CONTIGUOUS}  # fmt: skip

@@ -8,7 +8,7 @@ flipped every round; medians. ``--control`` is the A/A run: both models under th
 of the two are recorded (equal up to rounding: the same weights, clips and dropout draws).
 
     PYTHONPATH=. python benchmarks/run_train_layout_rule_ab.py --model lgd3d_tiny --batch 16 --size 32 \\
-        --out benchmarks/results/train_layout_rule_ab_tiny_cpu.json
+        --out benchmarks/results/train_layout_rule_ab_tiny_b16_cpu.json
     PYTHONPATH=. python benchmarks/run_train_layout_rule_ab.py --compiled ...   # both models under torch.compile
     PYTHONPATH=. python benchmarks/run_train_layout_rule_ab.py --control ...    # A/A: both under the new rule
 """
@@ -62,7 +62,11 @@ def main() -> None:
         value = 0 if name == "old_rule" and not args.control else planning.CPU_TRAIN_CL_MAX_CHANNELS
         rule = functools.partial(mock.patch.object, planning, "CPU_TRAIN_CL_MAX_CHANNELS", value)
         layouts[name] = []
-        with rule(), spying_on_block_layouts(layouts[name]):  # the first call plans (and traces) the blocks
+        # the first call plans (and traces) the blocks under the spy; a compiled model is traced once more in its
+        # warm-up below, the spy gone (dynamo guards on _decide), under the same rule: the same deterministic choices.
+        # (A spy kept on would not do: dynamo guards on its list's length, traces every call and, past its recompile
+        # limit, runs the model eagerly.)
+        with rule(), spying_on_block_layouts(layouts[name]):
             model.train()
             torch.manual_seed(2)  # the same dropout draws in both models' first step
             local, global_ = runner(clips[0])

@@ -47,7 +47,7 @@ and kept on the layer, so no forward decides anything again:
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
   measuring times that and contiguous); smaller ones run their own modules, contiguous, except LGD blocks in
-  training with at most :data:`CPU_TRAIN_CL_MAX_CHANNELS` (64) input channels, channels_last_3d (1.03-1.19x faster at
+  training (batch statistics and gradients) with at most :data:`CPU_TRAIN_CL_MAX_CHANNELS` (64) input channels, channels_last_3d (1.03-1.19x faster at
   8x8 frames, 0.95-1.01x at 4x4 and 2x2; contiguous 1.02-1.68x faster from 128 channels on:
   ``benchmarks/run_plan_train_layouts.py``); in training the P3D
   units' convs run as their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units)
@@ -92,6 +92,7 @@ from .ops.to_channels_last import to_channels_last_3d
 
 __all__ = [
     "CPU_FUSED_MIN_PIXELS",
+    "CPU_TRAIN_CL_MAX_CHANNELS",
     "ENV_VAR",
     "MARGIN",
     "REPEATS",
