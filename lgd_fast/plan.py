@@ -47,8 +47,9 @@ and kept on the layer, so no forward decides anything again:
   pixels run fused in channels_last_3d (fused blocks were 1.07-1.38x faster there, tied at 7x7, 3-22% slower at
   4x4 and below; a converted model's conv runs, :func:`lgd_fast.convert`, take channels_last_3d too, where
   measuring times that and contiguous); smaller ones run their own modules, contiguous, except LGD blocks in
-  training (batch statistics and gradients) with at most :data:`CPU_TRAIN_CL_MAX_CHANNELS` (64) input channels, channels_last_3d (1.03-1.19x faster at
-  8x8 frames, 0.95-1.01x at 4x4 and 2x2; contiguous 1.02-1.68x faster from 128 channels on:
+  training (batch statistics and gradients) with at most :data:`CPU_TRAIN_CL_MAX_CHANNELS` (64) input channels,
+  channels_last_3d (float32: 1.04-1.19x faster at 8x8 frames and larger, 0.91-1.02x at 4x4 and below; bf16
+  autocast: 1.09-1.33x; from 128 channels on contiguous was faster below 8x8 frames in 23 of 25 blocks:
   ``benchmarks/run_plan_train_layouts.py``); in training the P3D
   units' convs run as their own modules (ATen's BatchNorm kernels beat the composite, 6% over R50's units)
   while the block end stays fused. The stem follows the first block's layout (channels-last in training); with
@@ -318,9 +319,10 @@ def _default_rule(plan: LayerPlan, x: torch.Tensor, mode: str, backend: str, fra
         return Choice(False, False, layout, "modules", f"default: the first block's layout ({pixels} after it)")
     if plan.kind == "lgd_block":
         if not big and mode == "train" and x.shape[1] <= CPU_TRAIN_CL_MAX_CHANNELS:
-            # narrow blocks in training: channels_last_3d modules ran 1.03-1.19x faster than contiguous ones at 8x8
-            # frames with 16-64 input channels, 0.95-1.01x at 4x4 and 2x2 (where staying saves a conversion); from 128
-            # channels on contiguous ran 1.02-1.68x faster (benchmarks/results/plan_train_small_frames_cpu.json)
+            # narrow blocks in training: channels_last_3d modules ran 1.04-1.19x faster than contiguous ones at 8x8
+            # frames and larger with 16-64 input channels, 0.91-1.02x at 4x4 and below (where staying saves a
+            # conversion), 1.09-1.33x under bf16 autocast; from 128 channels on contiguous was faster below 8x8 in 23
+            # of 25 blocks (benchmarks/results/plan_train_small_frames_cpu.json)
             return Choice(False, False, CL, "modules",
                           f"default: {pixels}, {x.shape[1]} <= {CPU_TRAIN_CL_MAX_CHANNELS} channels in training: "
                           "own modules, channels_last_3d")  # fmt: skip
