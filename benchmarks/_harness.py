@@ -521,6 +521,27 @@ def ab_command(script: str, args, names: Sequence[str]) -> str:
             + (" --control" if args.control else ""))  # fmt: skip
 
 
+def ab_payload(benchmark: str, script: str, args, median: Mapping[str, float], names: tuple[str, str], *,
+               options: Sequence[str] = ("model", "batch", "size", "rounds"),
+               **fields: Any) -> dict[str, Any]:  # fmt: skip
+    """An A/B script's result file: the run's model, clip shape, rounds and ``--control``, then ``fields``, the
+    medians, ``speedup_<first>_vs_<second>`` of ``names``, the machine with the commit, and the command line (the
+    options ``options`` of ``benchmarks/<script>``)."""
+    first, second = names
+    return {
+        "benchmark": benchmark,
+        "model": args.model,
+        "input": [args.batch, 3, 16, args.size, args.size],
+        "rounds": args.rounds,
+        "control": args.control,  # (then names[1] names the second model, which runs what the first runs)
+        **fields,
+        "median_ms": dict(median),
+        f"speedup_{first}_vs_{second}": median[second] / median[first],
+        "machine": {**_bench.machine_info(torch.device("cpu")), **git_commit()},
+        "command": ab_command(script, args, options),
+    }
+
+
 def write_ab(payload: Mapping[str, Any], out: str | None) -> None:
     """Writes an A/B run's payload where ``--out`` says (nothing without it)."""
     if out:

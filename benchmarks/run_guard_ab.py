@@ -14,14 +14,12 @@ import sys
 import timeit
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import _C  # noqa: E402
 from lgd_fast import recorded as rec  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info, pass_call  # noqa: E402
+from lgd_fast.bench import pass_call  # noqa: E402
 from lgd_fast.models import create_model  # noqa: E402
 
 
@@ -55,21 +53,10 @@ def main() -> None:
         "python": timeit.timeit(lambda: rec.module_state(first), number=300) / 300 * 1e6,
         "packed": timeit.timeit(lambda: _C.module_state(first), number=3000) / 3000 * 1e6,
     }
-    payload = {
-        "benchmark": "guard_ab",
-        "model": args.model,
-        "input": [args.batch, 3, 16, args.size, args.size],
-        "rounds": args.rounds,
-        "control": args.control,  # (then "python" names the second model, which is guarded by the extension too)
-        "guard_types": kinds,
-        "modules": sum(1 for _ in first.modules()),
-        "tensors": sum(1 for _ in first.parameters()) + sum(1 for _ in first.buffers()),
-        "guard_alone_us": guards_us,
-        "median_ms": median,
-        "speedup_packed_vs_python": median["python"] / median["packed"],
-        "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": h.ab_command("run_guard_ab.py", args, ("model", "batch", "size", "rounds")),
-    }
+    payload = h.ab_payload("guard_ab", "run_guard_ab.py", args, median, ("packed", "python"), guard_types=kinds,
+                           modules=sum(1 for _ in first.modules()),
+                           tensors=sum(1 for _ in first.parameters()) + sum(1 for _ in first.buffers()),
+                           guard_alone_us=guards_us)  # fmt: skip
     print(f"guards {kinds}; alone: python {guards_us['python']:.1f} us, packed {guards_us['packed']:.1f} us")
     print(f"packed {median['packed']:.3f} ms, python {median['python']:.3f} ms: "
           f"{payload['speedup_packed_vs_python']:.3f}x")  # fmt: skip

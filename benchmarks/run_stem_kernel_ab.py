@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
 
 from lgd_fast import plan as planning  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info  # noqa: E402
 from lgd_fast.ops.stem_conv_pool import bf16_dot_products  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "bf16-weights")  # bf16: autocast on float32 models; bf16-weights: bfloat16 models, clips
@@ -49,21 +48,10 @@ def main() -> None:
         a, b = (calls[n]().float() for n in ("kernel", "onednn"))
     difference = ((a - b).norm() / b.norm()).item()
     _, median = h.ab_medians(calls, args.rounds)
-    payload = {
-        "benchmark": "stem_kernel_ab",
-        "model": args.model,
-        "input": [args.batch, 3, 16, args.size, args.size],
-        "dtype": args.dtype,
-        "rounds": args.rounds,
-        "control": args.control,  # (then "onednn" names the second model, which runs the kernel too)
-        "bf16_dot_products": bf16_dot_products(),
-        "stem_choices": plans,
-        "logits_relative_difference": difference,
-        "median_ms": median,
-        "speedup_kernel_vs_onednn": median["onednn"] / median["kernel"],
-        "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": h.ab_command("run_stem_kernel_ab.py", args, ("model", "batch", "size", "dtype", "rounds")),
-    }
+    payload = h.ab_payload("stem_kernel_ab", "run_stem_kernel_ab.py", args, median, ("kernel", "onednn"),
+                           options=("model", "batch", "size", "dtype", "rounds"), dtype=args.dtype,
+                           bf16_dot_products=bf16_dot_products(), stem_choices=plans,
+                           logits_relative_difference=difference)  # fmt: skip
     print(f"kernel {median['kernel']:.2f} ms, onednn {median['onednn']:.2f} ms: "
           f"{payload['speedup_kernel_vs_onednn']:.3f}x (logits differ by {difference:.2e})")  # fmt: skip
     h.write_ab(payload, args.out)

@@ -24,7 +24,6 @@ import _harness as h  # noqa: E402
 
 from lgd_fast import bench  # noqa: E402
 from lgd_fast import plan as planning  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info  # noqa: E402
 from lgd_fast.models import create_model  # noqa: E402
 
 NAMES = ("op", "modules")
@@ -57,20 +56,8 @@ def main() -> None:
     if not runs_op["op"] or runs_op["modules"] != args.control:
         raise SystemExit(f"the stems' choices are not the comparison asked for: {plans}")
     _, median = h.ab_medians(calls, args.rounds)
-    payload = {
-        "benchmark": "stem_pool_op_ab",
-        "pass": "training",
-        "model": args.model,
-        "input": [args.batch, 3, 16, args.size, args.size],
-        "rounds": args.rounds,
-        "control": args.control,  # (then "modules" names the second model, which runs the op too)
-        "stem_choices": plans,
-        "first_step_losses": losses,
-        "median_ms": median,
-        "speedup_op_vs_modules": median["modules"] / median["op"],
-        "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": h.ab_command("run_stem_pool_op_ab.py", args, ("model", "batch", "size", "rounds")),
-    }
+    payload = h.ab_payload("stem_pool_op_ab", "run_stem_pool_op_ab.py", args, median, NAMES, **{"pass": "training"},
+                           stem_choices=plans, first_step_losses=losses)  # fmt: skip
     print(f"op {median['op']:.2f} ms, modules {median['modules']:.2f} ms: {payload['speedup_op_vs_modules']:.3f}x "
           f"(first losses {losses['op']:.6f} / {losses['modules']:.6f})")  # fmt: skip
     h.write_ab(payload, args.out)

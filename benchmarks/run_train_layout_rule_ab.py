@@ -26,7 +26,6 @@ import _harness as h  # noqa: E402
 
 from lgd_fast import bench  # noqa: E402
 from lgd_fast import plan as planning  # noqa: E402
-from lgd_fast.bench import git_commit, machine_info  # noqa: E402
 from lgd_fast.models import create_model  # noqa: E402
 
 NAMES = ("rule", "old_rule")
@@ -87,22 +86,10 @@ def main() -> None:
     _, median = h.ab_medians(calls, args.rounds)
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         raise SystemExit("a model was traced again while timed: the comparison is not the one asked for")
-    payload = {
-        "benchmark": "train_layout_rule_ab",
-        "pass": "training",
-        "model": args.model,
-        "input": [args.batch, 3, 16, args.size, args.size],
-        "rounds": args.rounds,
-        "compiled": args.compiled,
-        "control": args.control,  # (then "old_rule" names the second model, which runs the new rule too)
-        "block_layouts": layouts,  # (as each model's first call planned, or traced, them)
-        "first_step_losses": losses,
-        "median_ms": median,
-        "speedup_rule_vs_old_rule": median["old_rule"] / median["rule"],
-        "machine": {**machine_info(torch.device("cpu")), **git_commit()},
-        "command": h.ab_command("run_train_layout_rule_ab.py", args, ("model", "batch", "size", "rounds"))
-        + (" --compiled" if args.compiled else ""),
-    }
+    payload = h.ab_payload("train_layout_rule_ab", "run_train_layout_rule_ab.py", args, median, NAMES,
+                           **{"pass": "training"}, compiled=args.compiled, block_layouts=layouts,
+                           first_step_losses=losses)  # fmt: skip
+    payload["command"] += " --compiled" if args.compiled else ""
     print(f"rule {median['rule']:.2f} ms, old rule {median['old_rule']:.2f} ms: "
           f"{payload['speedup_rule_vs_old_rule']:.3f}x (first losses {losses['rule']:.6f} / {losses['old_rule']:.6f})")
     h.write_ab(payload, args.out)
