@@ -375,6 +375,50 @@ def test_a_failed_validation_keeps_the_epoch_it_follows(dataset, tmp_path, monke
     assert not load_checkpoint(tmp_path / "w" / "checkpoints" / "last.pt")["validation_pending"]
 
 
+def test_fused_sgd_state_follows_the_parameters_layout(gen):
+    """A momentum buffer saved from a channels-last model and loaded for a contiguous one keeps its strides; torch's
+    fused SGD then pairs each weight with another's momentum (no error). match_state_layouts puts it in the
+    parameter's layout: the fused step equals the per-parameter one."""
+    from lgd_fast.engine.train import match_state_layouts
+
+    def step(model, optimizer, x):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+
+    x = torch.randn(2, 3, 4, 6, 6, generator=gen)
+    saved = torch.nn.Conv3d(3, 5, (1, 3, 3), bias=False).to(memory_format=torch.channels_last_3d)
+    first = torch.optim.SGD(saved.parameters(), lr=0.1, momentum=0.9, fused=True)
+    step(saved, first, x.contiguous(memory_format=torch.channels_last_3d))
+    state = first.state_dict()
+    assert not first.state[saved.weight]["momentum_buffer"].is_contiguous()  # (the case: a channels-last buffer)
+    runs = {}
+    for fused in (True, False):
+        model = torch.nn.Conv3d(3, 5, (1, 3, 3), bias=False)
+        model.load_state_dict(saved.state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None, foreach=False)
+        optimizer.load_state_dict(state)
+        assert match_state_layouts(optimizer) == 1
+        assert optimizer.state[model.weight]["momentum_buffer"].stride() == model.weight.stride()
+        step(model, optimizer, x)
+        runs[fused] = model.weight.detach()
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-6, atol=1e-6)
+
+
+def test_resume_across_a_channels_last_switch_keeps_the_optimizer_state_in_layout(dataset, tmp_path):
+    """A run saved with --channels-last and resumed without it (and back): the loaded momentum buffers take the
+    parameters' layout (the fused SGD would otherwise mix them up silently)."""
+    train(_config(dataset, tmp_path / "r", "epochs=1", "stage2_epochs=0", "model.channels_last=true",
+                  "max_steps_per_epoch=2"))  # fmt: skip
+    for epochs, channels_last in ((2, "false"), (3, "true")):
+        train(_config(dataset, tmp_path / "r", f"epochs={epochs}", "stage2_epochs=0",
+                      f"model.channels_last={channels_last}", "max_steps_per_epoch=2"))  # fmt: skip
+        state = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+        buffers = [s.get("momentum_buffer") for s in state["optimizer"]["state"].values()]
+        convs = [b for b in buffers if b is not None and b.dim() == 5 and b.shape[2:] != (1, 1, 1)]
+        assert convs and all(b.is_contiguous() == (channels_last == "false") for b in convs), channels_last
+
+
 def test_resuming_with_another_model_is_refused(dataset, tmp_path):
     train(_config(dataset, tmp_path / "r", "epochs=1", "stage2_epochs=0"))
     with pytest.raises(ValueError, match="model.classifier='kernel'.*another --out"):

@@ -127,6 +127,22 @@ def make_sgd(params: list[torch.nn.Parameter], o: OptimConfig, lr: float) -> tor
                            fused=fused or None)  # fmt: skip
 
 
+def match_state_layouts(optimizer: torch.optim.Optimizer) -> int:
+    """Puts every per-parameter state tensor of ``optimizer`` shaped like its parameter (SGD's momentum buffers) in
+    that parameter's memory layout; returns how many it moved. A loaded state keeps the strides it was saved with,
+    and torch's fused SGD walks parameter, gradient and buffer as flat memory, so a buffer saved from a
+    channels-last model and loaded for a contiguous one (``--channels-last`` switched between runs of one ``--out``,
+    or the other way round) would update each weight with another weight's momentum, with no error."""
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    moved += 1
+    return moved
+
+
 class Trainer:
     """Runs ``config`` to the end (or resumes it); ``run()`` returns the final metrics dict."""
 
@@ -258,6 +274,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.amp == "fp16")
         if state is not None and state["stage"] == stage:
             optimizer.load_state_dict(state["optimizer"])
+            match_state_layouts(optimizer)  # (the model's layout may differ from the saved run's: --channels-last)
             scheduler.load_state_dict(state["scheduler"])
         if state is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
