@@ -537,7 +537,9 @@ def ab_payload(benchmark: str, script: str, args, median: Mapping[str, float], n
         **fields,
         "median_ms": dict(median),
         f"speedup_{first}_vs_{second}": median[second] / median[first],
-        "machine": {**_bench.machine_info(torch.device("cpu")), **git_commit()},
+        # (the commit of the lgd_fast that ran, as the scripts recorded it before: an editable install may point
+        # at another checkout than this folder's)
+        "machine": {**_bench.machine_info(torch.device("cpu")), **_bench.git_commit()},
         "command": ab_command(script, args, options),
     }
 
