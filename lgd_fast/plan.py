@@ -30,7 +30,8 @@ and kept on the layer, so no forward decides anything again:
   8-12% slower than fused blocks once recorded). Where a candidate cannot be recorded, the layer's candidates
   are timed eagerly; where the model's own recording is refused later (:mod:`lgd_fast.recorded` logs why), its
   layers keep the choices timed as programs and run eagerly. Identical layers (same class, variant, parameter
-  shapes and strides) share one measurement, as inductor's autotuning caches a choice by shape.
+  shapes and strides) share one measurement, as inductor's autotuning caches a choice by shape; the parameters'
+  memory layout is part of that (a model converted to channels_last_3d is measured again).
 - ``default``, and whenever measuring is not possible (under ``torch.compile`` tracing, where a choice already
   measured for the key is still used; with ``torch.distributed`` initialised, since ranks could pick
   different code): a deterministic rule, measured once on this project's 2-core CPU
@@ -382,7 +383,9 @@ def _signature(group: Sequence[nn.Module]) -> tuple:
     # (extra_repr: every conv's, pool's and norm's settings, so that a stem whose padding or pool differs, which the
     # stem kernel does not compute, never takes a measurement made for one it does)
     kinds = tuple((type(m).__qualname__, getattr(m, "variant", None), m.extra_repr()) for m in modules)
-    return kinds, convs, tuple(tuple(p.shape) for m in modules for p in m.parameters(recurse=False))
+    # (each parameter's strides too: channels-last conv weights change what runs fastest, and a model converted with
+    # model.to(memory_format=...) must not take a measurement made on contiguous ones)
+    return kinds, convs, tuple((tuple(p.shape), p.stride()) for m in modules for p in m.parameters(recurse=False))
 
 
 def decide(

@@ -91,6 +91,19 @@ def test_training_default_runs_narrow_small_frame_blocks_channels_last(gen, no_m
     assert (eval_grad.fused, eval_grad.end, eval_grad.layout) == (False, False, "contiguous")
 
 
+def test_a_model_with_channels_last_weights_measures_its_own_plan(gen, measured):
+    """Identical layers share one measurement, but not across weight layouts: a model converted to channels_last_3d
+    (its conv weights' strides) is measured again, not given the choices timed on contiguous weights."""
+    x = torch.randn(2, 3, 4, 32, 32, generator=gen)
+    for converted in (False, True, False):
+        model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
+        if converted:
+            model.to(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            model(x)
+    assert measured == (["stem"] + ["lgd_block"] * 4) * 2  # the third model (contiguous again) reuses the first's
+
+
 def test_choices_are_made_once_per_key(gen, measured):
     reference = randomise_norms(create_model("lgd3d_tiny", 10, classifier="two_heads"), gen).eval()
     model = create_model("lgd3d_tiny", 10, fast=True, plan="measure", classifier="two_heads").eval()
