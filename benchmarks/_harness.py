@@ -509,6 +509,18 @@ def ab_fast_calls(args, reference: torch.nn.Module, clips: Sequence[torch.Tensor
     return calls, models
 
 
+def ab_first_step_loss(model: torch.nn.Module, runner: Callable, clip: torch.Tensor, labels: torch.Tensor) -> float:
+    """An A/B training script's first step's loss (both heads' cross-entropy, model in train mode, ``runner`` its
+    call, eager or compiled), under the same dropout draws for every model (seed 2): the two models' first losses,
+    recorded, are equal up to rounding where they compute the same."""
+    import torch.nn.functional as F
+
+    model.train()
+    torch.manual_seed(2)
+    local, global_ = runner(clip)
+    return (F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)).item()
+
+
 def ab_medians(calls: Mapping[str, Callable], rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """The calls alternating for ``rounds`` rounds, the order flipped every round: (seconds per call, median ms)."""
     times, _ = _bench.time_interleaved(calls, repeats=rounds)

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -42,10 +41,7 @@ def main() -> None:
             model.to(memory_format=torch.channels_last_3d)  # (before pass_call makes the optimizer)
         weights[name] = sum(1 for p in model.parameters() if p.dim() == 5 and not p.is_contiguous())
         planning._MEASURED.clear()  # each model measures its own plan (the cache keys on shapes, not weight layouts)
-        model.train()
-        torch.manual_seed(2)  # the same dropout draws in both models' first step
-        local, global_ = model(clips[0])
-        losses[name] = (F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)).item()
+        losses[name] = h.ab_first_step_loss(model, model, clips[0], labels)
         calls[name] = bench.pass_call("training", model, model, clips, labels, torch.autocast("cpu", enabled=False))
         for _ in range(2):
             calls[name]()

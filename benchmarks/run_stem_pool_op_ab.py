@@ -17,7 +17,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -41,10 +40,7 @@ def main() -> None:
         model.load_state_dict(reference.state_dict())
         refuse = name == "modules" and not args.control
         with mock.patch.object(planning, "_stem_pool_op_takes", lambda *a, **k: False) if refuse else mock.MagicMock():
-            model.train()
-            torch.manual_seed(2)  # the same dropout draws in both models' first step
-            local, global_ = model(clips[0])
-            losses[name] = (F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)).item()
+            losses[name] = h.ab_first_step_loss(model, model, clips[0], labels)
         calls[name] = bench.pass_call("training", model, model, clips, labels, torch.autocast("cpu", enabled=False))
         for _ in range(3):
             calls[name]()

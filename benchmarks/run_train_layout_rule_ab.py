@@ -19,7 +19,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
@@ -66,10 +65,7 @@ def main() -> None:
         # (A spy kept on would not do: dynamo guards on its list's length, traces every call and, past its recompile
         # limit, runs the model eagerly.)
         with rule(), spying_on_block_layouts(layouts[name]):
-            model.train()
-            torch.manual_seed(2)  # the same dropout draws in both models' first step
-            local, global_ = runner(clips[0])
-            losses[name] = (F.cross_entropy(local, labels) + F.cross_entropy(global_, labels)).item()
+            losses[name] = h.ab_first_step_loss(model, runner, clips[0], labels)
         step = bench.pass_call("training", model, runner, clips, labels, torch.autocast("cpu", enabled=False))
 
         def call(step=step, rule=rule):
