@@ -473,6 +473,13 @@ def ab_arguments(description: str, *, batch: int, size: int, rounds: int, contro
     return parser
 
 
+def ab_training_inputs(args) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor]:
+    """:func:`ab_reference_and_clips` in float32 and the clips' labels (of 400 classes, seed 1): what a training A/B
+    gives both models, the same in every run."""
+    reference, clips = ab_reference_and_clips(args)
+    return reference, clips, torch.randint(0, 400, (args.batch,), generator=torch.Generator().manual_seed(1))
+
+
 def ab_reference_and_clips(args, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, list[torch.Tensor]]:
     """The weights both models load (``trained_like`` of ``args.model`` with 400 classes and both heads, seed 0) and
     two random clips (N, 3, 16, S, S) in ``dtype`` (never zeros), the same in every run."""
@@ -528,9 +535,11 @@ def ab_medians(calls: Mapping[str, Callable], rounds: int) -> tuple[dict[str, li
 
 
 def ab_command(script: str, args, names: Sequence[str]) -> str:
-    """The command line that made a run: ``python benchmarks/<script>`` with ``args``' options ``names``."""
-    return (f"python benchmarks/{script} " + " ".join(f"--{n} {getattr(args, n)}" for n in names)
-            + (" --control" if args.control else ""))  # fmt: skip
+    """The command line that made a run: ``python benchmarks/<script>`` with ``args``' options ``names`` (a flag, a
+    bool, as itself where set), then ``--control`` where set."""
+    words = [f"--{n}" if getattr(args, n) is True else f"--{n} {getattr(args, n)}" for n in names
+             if getattr(args, n) is not False]  # fmt: skip
+    return " ".join([f"python benchmarks/{script}", *words, *(["--control"] if args.control else [])])
 
 
 def ab_payload(benchmark: str, script: str, args, median: Mapping[str, float], names: tuple[str, str], *,

@@ -31,8 +31,7 @@ def main() -> None:
                             control="an A/A control: both models as made")  # fmt: skip
     parser.add_argument("--plan", default="measure", help="the fast models' plan mode")
     args = parser.parse_args()
-    reference, clips = h.ab_reference_and_clips(args)
-    labels = torch.randint(0, 400, (args.batch,), generator=torch.Generator().manual_seed(1))
+    reference, clips, labels = h.ab_training_inputs(args)
     calls, losses, weights, plans = {}, {}, {}, {}
     for name in NAMES:
         model = create_model(args.model, 400, classifier="two_heads", fast=True, plan=args.plan)

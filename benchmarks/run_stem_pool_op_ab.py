@@ -32,8 +32,7 @@ def main() -> None:
     parser = h.ab_arguments(__doc__.splitlines()[0], batch=16, size=32, rounds=30,
                             control="an A/A control: both models run the op")  # fmt: skip
     args = parser.parse_args()
-    reference, clips = h.ab_reference_and_clips(args)
-    labels = torch.randint(0, 400, (args.batch,), generator=torch.Generator().manual_seed(1))
+    reference, clips, labels = h.ab_training_inputs(args)
     calls, models, losses = {}, {}, {}
     for name in NAMES:
         model = models[name] = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")

@@ -48,8 +48,7 @@ def main() -> None:
                             control="an A/A control: both models under the new rule")  # fmt: skip
     parser.add_argument("--compiled", action="store_true", help="both models under torch.compile (no freezing)")
     args = parser.parse_args()
-    reference, clips = h.ab_reference_and_clips(args)
-    labels = torch.randint(0, 400, (args.batch,), generator=torch.Generator().manual_seed(1))
+    reference, clips, labels = h.ab_training_inputs(args)
     calls, layouts, losses = {}, {}, {}
     for name in NAMES:
         model = create_model(args.model, 400, classifier="two_heads", fast=True, plan="default")
@@ -83,9 +82,8 @@ def main() -> None:
     if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
         raise SystemExit("a model was traced again while timed: the comparison is not the one asked for")
     payload = h.ab_payload("train_layout_rule_ab", "run_train_layout_rule_ab.py", args, median, NAMES,
-                           **{"pass": "training"}, compiled=args.compiled, block_layouts=layouts,
-                           first_step_losses=losses)  # fmt: skip
-    payload["command"] += " --compiled" if args.compiled else ""
+                           options=("model", "batch", "size", "rounds", "compiled"), **{"pass": "training"},
+                           compiled=args.compiled, block_layouts=layouts, first_step_losses=losses)  # fmt: skip
     print(f"rule {median['rule']:.2f} ms, old rule {median['old_rule']:.2f} ms: "
           f"{payload['speedup_rule_vs_old_rule']:.3f}x (first losses {losses['rule']:.6f} / {losses['old_rule']:.6f})")
     h.write_ab(payload, args.out)
